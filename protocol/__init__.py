@@ -1,0 +1,53 @@
+"""Wire contracts shared by the terminal and the sync server.
+
+This package owns everything both sides must agree on byte for byte: the envelope, the payload schemas, the MQTT
+topic scheme and the injected clock. It imports nothing of ours, so `terminal` and `sync_server` can both depend on
+it without depending on each other. It must never grow behaviour that belongs to one side.
+"""
+
+from protocol.clock import Clock, SystemClock
+from protocol.envelope import (
+    MAX_ENVELOPE_BYTES,
+    SCHEMA_VERSION,
+    ContractError,
+    DeviceId,
+    DeviceStatusMessage,
+    Envelope,
+    LinkState,
+    decode_envelope,
+    decode_status,
+)
+from protocol.payloads import (
+    AuditEvent,
+    AuditOutcome,
+    Heartbeat,
+    Payload,
+    PayloadType,
+    PeripheralKind,
+    PeripheralState,
+    PeripheralStatus,
+)
+from protocol.topics import Topics
+
+__all__ = [
+    "MAX_ENVELOPE_BYTES",
+    "SCHEMA_VERSION",
+    "AuditEvent",
+    "AuditOutcome",
+    "Clock",
+    "ContractError",
+    "DeviceId",
+    "DeviceStatusMessage",
+    "Envelope",
+    "Heartbeat",
+    "LinkState",
+    "Payload",
+    "PayloadType",
+    "PeripheralKind",
+    "PeripheralState",
+    "PeripheralStatus",
+    "SystemClock",
+    "Topics",
+    "decode_envelope",
+    "decode_status",
+]

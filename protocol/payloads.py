@@ -1,0 +1,110 @@
+"""Payload schemas carried inside an `Envelope`.
+
+Each payload is a closed pydantic model (`extra="forbid"`): a field the other side does not know is an error, not
+something to ignore silently. Adding a payload type means adding a model here and a `PayloadType` member; changing a
+payload incompatibly means bumping `protocol.envelope.SCHEMA_VERSION`.
+
+Privacy: no payload here may carry a name, a full ID number, a phone number, a face image or a face template.
+Audit events name people only by pseudonymous or masked references.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_Short = Annotated[str, Field(min_length=1, max_length=64)]
+_Version = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]*$")]
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PayloadType(StrEnum):
+    """What an envelope carries; routes ingest and is indexed on the server."""
+
+    HEARTBEAT = "heartbeat"
+    AUDIT_EVENT = "audit_event"
+
+
+class PeripheralKind(StrEnum):
+    CAMERA = "camera"
+    QR_SCANNER = "qr_scanner"
+    ID_CARD_READER = "id_card_reader"
+    SS_CARD_READER = "ss_card_reader"
+    PRINTER = "printer"
+    OTHER = "other"
+
+
+class PeripheralState(StrEnum):
+    """A peripheral's availability as its owner last saw it."""
+
+    OK = "ok"
+    DEGRADED = "degraded"
+    FAULT = "fault"
+    ABSENT = "absent"
+
+
+class PeripheralStatus(_Closed):
+    name: _Short = Field(description="Stable name of the peripheral on this terminal, e.g. 'camera0'.")
+    kind: PeripheralKind = Field(description="What sort of device it is.")
+    state: PeripheralState = Field(description="Availability as last seen by its owner.")
+    simulated: bool = Field(description="True when a hardware simulator stands in for the real device.")
+    detail: str | None = Field(default=None, max_length=200, description="Short reason for a non-ok state.")
+
+
+class Heartbeat(_Closed):
+    """Periodic device health: versions, outbox backlog, peripherals. Drives online state on the server."""
+
+    type: Literal["heartbeat"] = "heartbeat"
+    software_version: _Version = Field(description="Terminal software version.")
+    model_versions: dict[_Short, _Version] = Field(
+        default_factory=dict, description="Version (or sha256 prefix) of each loaded ML model, by model name."
+    )
+    config_version: _Version = Field(description="Version of the terminal configuration bundle in force.")
+    config_schema_version: int = Field(ge=1, description="Schema version of that configuration.")
+    interval_s: float = Field(gt=0, le=3600, description="Seconds until the next heartbeat is due.")
+    uptime_s: float = Field(ge=0, description="Seconds since the terminal process started.")
+    outbox_depth: int = Field(ge=0, description="Records waiting in the outbox (not yet acknowledged).")
+    outbox_oldest_age_s: float | None = Field(
+        ge=0, description="Age in seconds of the oldest waiting record; null when the outbox is empty."
+    )
+    outbox_used_bytes: int = Field(ge=0, description="Bytes the outbox database occupies.")
+    outbox_capacity_bytes: int = Field(gt=0, description="The configured outbox size bound.")
+    alarms: list[_Short] = Field(default_factory=list, description="Active alarm codes, e.g. 'outbox_full'.")
+    peripherals: list[PeripheralStatus] = Field(default_factory=list, description="Each peripheral's status.")
+
+
+class AuditOutcome(StrEnum):
+    SUCCESS = "success"
+    FAILURE = "failure"
+    INFO = "info"
+
+
+AuditDetailValue = str | int | float | bool | None
+
+
+class AuditEvent(_Closed):
+    """Something that happened on the terminal and must reach the server's record (S-09: 'all operations leave a
+    trace'). `actor` and `subject` are pseudonymous references or masked values, never raw personal data."""
+
+    type: Literal["audit_event"] = "audit_event"
+    category: _Short = Field(description="Area, e.g. 'system', 'identity', 'pharmacist', 'admin'.")
+    action: _Short = Field(description="Dotted verb, e.g. 'terminal.started', 'outbox.full'.")
+    outcome: AuditOutcome = Field(description="success, failure or info.")
+    actor: str | None = Field(default=None, max_length=64, description="Who acted (pseudonymous/masked).")
+    subject: str | None = Field(default=None, max_length=64, description="What was acted on (masked).")
+    detail: dict[_Short, AuditDetailValue] = Field(
+        default_factory=dict, max_length=32, description="Small flat key/value context."
+    )
+
+
+Payload = Heartbeat | AuditEvent
+
+PAYLOAD_MODELS: dict[PayloadType, type[Heartbeat] | type[AuditEvent]] = {
+    PayloadType.HEARTBEAT: Heartbeat,
+    PayloadType.AUDIT_EVENT: AuditEvent,
+}

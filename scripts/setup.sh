@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Installs everything the project needs on a fresh Debian 12 / Ubuntu machine with Python 3.11, idempotently:
+# Debian packages (only the missing ones; `apt-get update` first), a virtualenv in .venv, and the Python
+# dependencies from the hash-locked requirements files.  Usage: scripts/setup.sh [--dev]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dev=0
+[ "${1:-}" = "--dev" ] && dev=1
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+# ---------------------------------------------------------------- Debian packages
+apt_pkgs=(mosquitto python3-venv ca-certificates)
+if [ "$dev" = 1 ]; then
+  # PostgreSQL for the server test matrix; Chromium to check the web pages in a real browser.
+  apt_pkgs+=(postgresql chromium)
+fi
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    log "missing Debian packages: ${missing[*]} (run as root, or install them first)"; exit 1
+  fi
+  log "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# ---------------------------------------------------------------- Python 3.11
+py=""
+for cand in python3.11 python3; do
+  if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+    py=$(command -v "$cand"); break
+  fi
+done
+[ -n "$py" ] || { log "Python 3.11 not found (need python3.11 on PATH)"; exit 1; }
+
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+  log "creating .venv with $py"
+  rm -rf .venv
+  "$py" -m venv .venv
+fi
+if [ ! -x .venv/bin/uv ]; then
+  log "installing uv into .venv"
+  .venv/bin/python -m pip install -q --disable-pip-version-check 'uv>=0.13,<0.14'
+fi
+
+lock=requirements/runtime.txt
+[ "$dev" = 1 ] && lock=requirements/dev.txt
+stamp=.venv/.synced-$(sha256sum "$lock" pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  log "installing Python packages from $lock"
+  UV_PYTHON_DOWNLOADS=never .venv/bin/uv pip sync -q --python .venv/bin/python --require-hashes "$lock"
+  UV_PYTHON_DOWNLOADS=never .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .
+  rm -f .venv/.synced-*
+  touch "$stamp"
+fi
+log "ready"
