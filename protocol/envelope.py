@@ -25,7 +25,7 @@ from pydantic import (
 
 from protocol.payloads import PAYLOAD_MODELS, Payload, PayloadType
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Literal[1] = 1
 """Wire schema version; bump on an incompatible change to the envelope or a payload."""
 
 MAX_ENVELOPE_BYTES = 256 * 1024
