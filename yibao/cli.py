@@ -1,0 +1,256 @@
+"""The `yibao` console script: one entry point, one sub-command group per user of the system.
+
+    yibao demo         the whole system on this machine (broker, server, simulated terminal)
+    yibao terminal     run and inspect a terminal (kiosk core)
+    yibao server       run the sync server and manage its database
+    yibao provision    device administration against the server
+    yibao sim          hardware simulators
+    yibao bench        benchmarks; each prints one JSON line
+
+Sub-commands import their heavy dependencies lazily so `yibao --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from provisioning.cli import app as provision_app
+
+if TYPE_CHECKING:
+    from sync_server.settings import ServerSettings
+    from terminal.config import TerminalConfig
+
+app = typer.Typer(
+    name="yibao",
+    help="医保 self-service terminal platform: kiosk core, sync server, simulators and tools.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+terminal_app = typer.Typer(help="Run and inspect a terminal (the kiosk core, without UI).", no_args_is_help=True)
+server_app = typer.Typer(help="Run the sync server and manage its database.", no_args_is_help=True)
+sim_app = typer.Typer(help="Hardware simulators that stand in for real devices.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks. Each prints one JSON line of figures.", no_args_is_help=True)
+app.add_typer(terminal_app, name="terminal")
+app.add_typer(server_app, name="server")
+app.add_typer(provision_app, name="provision")
+app.add_typer(sim_app, name="sim")
+app.add_typer(bench_app, name="bench")
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+@app.callback()
+def _root(
+    log_level: Annotated[
+        str, typer.Option("--log-level", envvar="YIBAO_LOG_LEVEL", help="debug, info, warning or error.")
+    ] = "info",
+) -> None:
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
+    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+
+
+# ---------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    smoke: Annotated[
+        bool, typer.Option("--smoke", help="Run unattended: push records, check them all arrived, print JSON, exit.")
+    ] = False,
+    records: Annotated[int, typer.Option(min=1, help="Records to push in --smoke mode.")] = 1000,
+    database_url: Annotated[
+        str | None, typer.Option(help="Server database URL (default: SQLite in the work directory).")
+    ] = None,
+    port: Annotated[int, typer.Option(help="HTTP port of the server (0 = a free one).")] = 0,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Keep databases and logs here (default: a temporary directory).")
+    ] = None,
+    heartbeat_interval: Annotated[float, typer.Option(min=0.5, help="Terminal heartbeat interval, seconds.")] = 5.0,
+) -> None:
+    """Run the whole system here: Mosquitto on a free port, the server on SQLite, one simulated terminal.
+
+    Prints the web address; Ctrl-C stops every child cleanly. With --smoke, pushes records through the
+    terminal's outbox, verifies through the server API that each was stored exactly once, prints one JSON line
+    and exits 0 only on success.
+    """
+    from yibao.demo import DemoError, DemoOptions, run_interactive, run_smoke, smoke_json
+
+    options = DemoOptions(
+        workdir=workdir,
+        database_url=database_url,
+        http_port=port,
+        heartbeat_interval_s=heartbeat_interval,
+        records=records if smoke else 0,
+    )
+    if smoke:
+        try:
+            result = run_smoke(options)
+        except DemoError as exc:
+            typer.secho(f"smoke failed: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from exc
+        print(smoke_json(result))
+        raise typer.Exit(0 if result["ok"] else 1)
+    raise typer.Exit(run_interactive(options, echo=typer.echo))
+
+
+# ---------------------------------------------------------------- terminal
+
+ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="The terminal's TOML config file.", exists=False)]
+
+
+@terminal_app.command("run")
+def terminal_run(
+    config: ConfigArg,
+    simulated: Annotated[
+        bool, typer.Option("--simulated", help="Use hardware simulators instead of real peripherals.")
+    ] = False,
+    emit: Annotated[int, typer.Option(min=0, help="Enqueue this many demo records at start (for tests).")] = 0,
+) -> None:
+    """Run the terminal core: outbox, MQTT sync and heartbeats, until SIGINT/SIGTERM."""
+    from terminal.runtime import run_terminal
+
+    cfg = _load_config(config)
+    if not simulated:
+        typer.secho(
+            "error: real peripheral drivers arrive with the identity issue; run with --simulated for now",
+            err=True,
+            fg=typer.colors.RED,
+        )
+        raise typer.Exit(2)
+    from hardware_sim.peripherals import simulated_peripherals
+
+    run_terminal(cfg, simulated_peripherals(), emit_records=emit)
+
+
+@terminal_app.command("check-config")
+def terminal_check_config(config: Annotated[Path, typer.Argument(help="The terminal's TOML config file.")]) -> None:
+    """Validate a terminal config file; exits non-zero and names the bad fields if it is invalid."""
+    cfg = _load_config(config)
+    print(f"ok: {config} (schema {cfg.schema_version}, config version {cfg.config_version}, device {cfg.device_id})")
+
+
+def _load_config(path: Path) -> TerminalConfig:
+    from terminal.config import load_terminal_config
+    from terminal.errors import ConfigError
+
+    try:
+        return load_terminal_config(path)
+    except ConfigError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+
+
+# ---------------------------------------------------------------- server
+
+
+@server_app.command("run")
+def server_run(
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from YIBAO_SERVER_DATABASE_URL.")
+    ] = None,
+    http_host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
+    http_port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host.")] = None,
+    mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port.")] = None,
+) -> None:
+    """Run the sync server: database migrations, MQTT ingest, REST API and web pages."""
+    from sync_server.service import serve
+
+    serve(_server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port))
+
+
+@server_app.command("migrate")
+def server_migrate(
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from YIBAO_SERVER_DATABASE_URL.")
+    ] = None,
+) -> None:
+    """Bring the database schema up to date (Alembic upgrade head)."""
+    from sync_server.db.migrate import upgrade
+
+    settings = _server_settings(database_url, None, None, None, None)
+    upgrade(settings.database_url)
+    print(f"database at head: {settings.database_url}")
+
+
+def _server_settings(
+    database_url: str | None,
+    http_host: str | None,
+    http_port: int | None,
+    mqtt_host: str | None,
+    mqtt_port: int | None,
+) -> ServerSettings:
+    """Settings from the environment (YIBAO_SERVER_*), overridden by whichever options were given."""
+    from pydantic import ValidationError
+    from sync_server.settings import ServerSettings
+
+    given = {
+        "database_url": database_url,
+        "http_host": http_host,
+        "http_port": http_port,
+        "mqtt_host": mqtt_host,
+        "mqtt_port": mqtt_port,
+    }
+    try:
+        return ServerSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        typer.secho(f"error: invalid server settings:\n{exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+
+
+# ---------------------------------------------------------------- simulators
+
+
+@sim_app.command("terminal")
+def sim_terminal(
+    mqtt_port: Annotated[int, typer.Option(help="Port of the broker the server listens to.")],
+    mqtt_host: Annotated[str, typer.Option(help="Broker host.")] = "127.0.0.1",
+    device_id: Annotated[str, typer.Option(help="Device id of the simulated terminal.")] = "SIM-0002",
+    workdir: Annotated[Path, typer.Option(help="Where its config and outbox live.")] = Path("var/sim"),
+    heartbeat_interval: Annotated[float, typer.Option(min=0.5, help="Heartbeat interval, seconds.")] = 5.0,
+    emit: Annotated[int, typer.Option(min=0, help="Enqueue this many demo records at start.")] = 0,
+) -> None:
+    """Run one more simulated terminal (simulated peripherals) against a running broker, e.g. a demo's."""
+    from hardware_sim.peripherals import simulated_peripherals
+    from terminal.config import load_terminal_config
+    from terminal.runtime import run_terminal
+
+    home = workdir / device_id
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "terminal.toml"
+    config.write_text(
+        "schema_version = 1\n"
+        'config_version = "sim-1"\n'
+        f'device_id = "{device_id}"\n'
+        f'[mqtt]\nhost = "{mqtt_host}"\nport = {mqtt_port}\n'
+        f'[outbox]\npath = "{(home / "outbox.sqlite3").resolve()}"\n'
+        f"[heartbeat]\ninterval_s = {heartbeat_interval}\n",
+        encoding="utf-8",
+    )
+    run_terminal(load_terminal_config(config), simulated_peripherals(), emit_records=emit)
+
+
+# ---------------------------------------------------------------- benchmarks
+
+
+@bench_app.command("outbox")
+def bench_outbox(
+    records: Annotated[int, typer.Option(min=1, help="Records to push through the outbox.")] = 20_000,
+    batch: Annotated[int, typer.Option(min=1, help="Records per enqueue transaction and per claim.")] = 200,
+) -> None:
+    """Terminal outbox throughput on this disk: enqueue, claim and mark-sent rates (synchronous=FULL)."""
+    from yibao.bench import bench_outbox as run
+
+    print(run(records=records, batch=batch))
+
+
+def main() -> None:
+    app()

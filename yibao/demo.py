@@ -1,0 +1,307 @@
+"""`yibao demo`: the whole system on one machine, on embedded defaults.
+
+Starts a private Mosquitto on a free port, the sync server on SQLite (or a database URL you give), and one
+simulated terminal, each a child process bound to our lifetime; prints where to look; on Ctrl-C stops the terminal
+(which publishes 'offline'), then the server, then the broker, and checks that nothing is left running.
+
+`--smoke` runs the same stack unattended: the terminal pushes N records through its outbox, and the demo checks
+through the server's public API that every one was stored exactly once, then prints one JSON line of figures.
+This module orchestrates processes only; it must never reach into the terminal's or the server's storage.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import httpx
+
+from yibao.broker import MosquittoBroker, free_port
+from yibao.procs import is_alive, spawn, stop, yibao_argv
+
+logger = logging.getLogger(__name__)
+
+DEMO_DEVICE_ID = "SIM-0001"
+DEMO_ACTION = "demo.record"
+
+
+class DemoError(RuntimeError):
+    """A part of the stack did not come up, died, or the smoke check failed."""
+
+
+@dataclass
+class DemoOptions:
+    workdir: Path | None = None
+    database_url: str | None = None
+    http_port: int = 0
+    device_id: str = DEMO_DEVICE_ID
+    heartbeat_interval_s: float = 5.0
+    records: int = 0
+    startup_timeout_s: float = 60.0
+    drain_timeout_s: float = 120.0
+
+
+@dataclass
+class DemoStack:
+    """The running children; `close()` stops them in order and reports leftovers."""
+
+    options: DemoOptions
+    workdir: Path
+    broker: MosquittoBroker
+    http_port: int
+    database_url: str
+    server: subprocess.Popen[bytes] | None = None
+    terminal: subprocess.Popen[bytes] | None = None
+    pids: list[int] = field(default_factory=list)
+    _tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def terminal_config(self) -> str:
+        o = self.options
+        return (
+            "schema_version = 1\n"
+            'config_version = "demo-1"\n'
+            f'device_id = "{o.device_id}"\n'
+            "\n[mqtt]\n"
+            f'host = "{self.broker.host}"\n'
+            f"port = {self.broker.port}\n"
+            "keepalive_s = 10\n"
+            "\n[outbox]\n"
+            f'path = "{self.workdir / "terminal" / "outbox.sqlite3"}"\n'
+            "max_bytes = 268435456\n"
+            "batch_size = 200\n"
+            "\n[heartbeat]\n"
+            f"interval_s = {o.heartbeat_interval_s}\n"
+        )
+
+    def start_server(self) -> None:
+        self.server = spawn(
+            yibao_argv(
+                "server",
+                "run",
+                "--database-url",
+                self.database_url,
+                "--http-port",
+                str(self.http_port),
+                "--mqtt-host",
+                self.broker.host,
+                "--mqtt-port",
+                str(self.broker.port),
+            ),
+            log_path=self.workdir / "server.log",
+        )
+        self.pids.append(self.server.pid)
+        deadline = time.monotonic() + self.options.startup_timeout_s
+        with httpx.Client(base_url=self.base_url, timeout=2.0) as http:
+            while time.monotonic() < deadline:
+                if self.server.poll() is not None:
+                    raise DemoError(f"the server exited with {self.server.returncode}; see {self.workdir}/server.log")
+                try:
+                    health = http.get("/healthz").json()
+                    if health.get("mqtt") == "connected":
+                        return
+                except (httpx.HTTPError, ValueError):
+                    pass
+                time.sleep(0.2)
+        raise DemoError(f"the server did not become healthy; see {self.workdir}/server.log")
+
+    def start_terminal(self) -> None:
+        (self.workdir / "terminal").mkdir(parents=True, exist_ok=True)
+        config = self.workdir / "terminal" / "terminal.toml"
+        config.write_text(self.terminal_config(), encoding="utf-8")
+        argv = ["terminal", "run", "--config", str(config), "--simulated"]
+        if self.options.records:
+            argv += ["--emit", str(self.options.records)]
+        self.terminal = spawn(yibao_argv(*argv), log_path=self.workdir / "terminal.log")
+        self.pids.append(self.terminal.pid)
+
+    def device(self) -> dict[str, Any] | None:
+        with httpx.Client(base_url=self.base_url, timeout=5.0) as http:
+            resp = http.get(f"/api/v1/devices/{self.options.device_id}")
+            if resp.status_code == 404:
+                return None
+            resp.raise_for_status()
+            body: dict[str, Any] = resp.json()
+            return body
+
+    def wait_online(self, want: bool = True) -> float:
+        start = time.monotonic()
+        deadline = start + self.options.startup_timeout_s
+        while time.monotonic() < deadline:
+            self.check_children()
+            dev = self.device()
+            if dev is not None and bool(dev.get("online")) == want:
+                return time.monotonic() - start
+            time.sleep(0.2)
+        raise DemoError(f"the terminal did not show {'online' if want else 'offline'} on the server in time")
+
+    def check_children(self) -> None:
+        for name, proc in (("server", self.server), ("terminal", self.terminal)):
+            if proc is not None and proc.poll() is not None:
+                raise DemoError(f"the {name} exited unexpectedly ({proc.returncode}); see {self.workdir}/{name}.log")
+
+    def close(self) -> list[int]:
+        """Stop terminal, server, broker in that order; return the pids still alive afterwards."""
+        if self.terminal is not None:
+            stop(self.terminal, name="terminal")
+        if self.server is not None:
+            stop(self.server, name="server")
+        broker_pid = self.broker.pid
+        self.broker.stop(keep_workdir=True)
+        pids = [*self.pids, *([broker_pid] if broker_pid else [])]
+        leftovers = [pid for pid in pids if is_alive(pid)]
+        if self._tmp is not None:
+            self._tmp.cleanup()
+        return leftovers
+
+
+def start_stack(options: DemoOptions) -> DemoStack:
+    tmp = None
+    if options.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="yibao-demo-")
+        workdir = Path(tmp.name)
+    else:
+        workdir = options.workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+    database_url = options.database_url or f"sqlite:///{workdir / 'server.sqlite3'}"
+    broker = MosquittoBroker(workdir=workdir / "mosquitto")
+    stack = DemoStack(
+        options=options,
+        workdir=workdir,
+        broker=broker,
+        http_port=options.http_port or free_port(),
+        database_url=database_url,
+        _tmp=tmp,
+    )
+    try:
+        broker.start()
+        stack.start_server()
+        stack.start_terminal()
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def _fetch_demo_records(stack: DemoStack) -> list[dict[str, Any]]:
+    """Every stored demo record of the device, paged through the public events API."""
+    items: list[dict[str, Any]] = []
+    after = 0
+    with httpx.Client(base_url=stack.base_url, timeout=10.0) as http:
+        while True:
+            resp = http.get(
+                f"/api/v1/devices/{stack.options.device_id}/events",
+                params={"payload_type": "audit_event", "after_seq": after, "limit": 1000},
+            )
+            resp.raise_for_status()
+            page = resp.json()
+            items.extend(e for e in page["items"] if e["payload"].get("action") == DEMO_ACTION)
+            if page["next_after_seq"] is None:
+                return items
+            after = page["next_after_seq"]
+
+
+def _stored_total(stack: DemoStack) -> int:
+    with httpx.Client(base_url=stack.base_url, timeout=10.0) as http:
+        resp = http.get(
+            f"/api/v1/devices/{stack.options.device_id}/events",
+            params={"payload_type": "audit_event", "limit": 1},
+        )
+        if resp.status_code == 404:
+            return 0
+        resp.raise_for_status()
+        return int(resp.json()["total"])
+
+
+def run_smoke(options: DemoOptions) -> dict[str, Any]:
+    """Push `options.records` records through a simulated terminal and account for every one on the server."""
+    t0 = time.monotonic()
+    stack = start_stack(options)
+    result: dict[str, Any] = {"sent": options.records, "database": options.database_url or "sqlite"}
+    try:
+        t_up = time.monotonic()
+        result["startup_s"] = round(t_up - t0, 3)
+        # One 'terminal.started' record precedes the demo records.
+        expected_total = options.records + 1
+        deadline = t_up + options.drain_timeout_s
+        while _stored_total(stack) < expected_total and time.monotonic() < deadline:
+            stack.check_children()
+            time.sleep(0.1)
+        drain_s = time.monotonic() - t_up
+        result["drain_s"] = round(drain_s, 3)
+        result["records_per_s"] = round(options.records / drain_s, 1) if drain_s > 0 else None
+        result["online_after_s"] = round(stack.wait_online(True), 3)
+        records = _fetch_demo_records(stack)
+        per_n = Counter(int(e["payload"]["detail"]["n"]) for e in records)
+        result["stored"] = len(per_n)
+        # A record stored twice would show up as a second row with the same `n` (a new seq or message id).
+        result["duplicates"] = len(records) - len(per_n)
+        result["lost"] = sum(1 for n in range(options.records) if n not in per_n)
+        seqs = sorted(int(e["seq"]) for e in records)
+        result["seq_contiguous"] = bool(seqs) and seqs[-1] - seqs[0] + 1 == len(seqs)
+    finally:
+        t_down = time.monotonic()
+        leftovers = stack.close()
+        result["teardown_s"] = round(time.monotonic() - t_down, 3)
+        result["leftover_processes"] = len(leftovers)
+        result["total_s"] = round(time.monotonic() - t0, 3)
+    result["ok"] = (
+        result.get("stored") == options.records
+        and result.get("duplicates") == 0
+        and result.get("lost") == 0
+        and result["leftover_processes"] == 0
+    )
+    return result
+
+
+def run_interactive(options: DemoOptions, echo: Any) -> int:
+    """Run until Ctrl-C (or SIGTERM); returns the process exit code."""
+    stopping = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        stopping.set()
+
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    stack = start_stack(options)
+    code = 0
+    try:
+        echo(f"Broker     mqtt://{stack.broker.host}:{stack.broker.port}")
+        echo(f"Server     {stack.base_url}/   (API: {stack.base_url}/api/v1/devices, docs: {stack.base_url}/docs)")
+        echo(f"Database   {stack.database_url}")
+        echo(f"Logs       {stack.workdir}/server.log, {stack.workdir}/terminal.log")
+        took = stack.wait_online(True)
+        echo(f"Terminal   {options.device_id} is online ({took:.1f} s). Open {stack.base_url}/ in a browser.")
+        echo("Press Ctrl-C to stop everything.")
+        while not stopping.wait(0.5):
+            stack.check_children()
+    except DemoError as exc:
+        echo(f"error: {exc}")
+        code = 1
+    finally:
+        echo("Stopping terminal, server and broker ...")
+        leftovers = stack.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if leftovers:
+            echo(f"warning: processes still running: {leftovers}")
+            code = 1
+        else:
+            echo("Stopped; nothing left running.")
+    return code
+
+
+def smoke_json(result: dict[str, Any]) -> str:
+    return json.dumps(result, ensure_ascii=False, sort_keys=False)
