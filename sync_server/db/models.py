@@ -1,0 +1,143 @@
+"""The ORM schema of the sync server (SQLAlchemy 2 typed declarative).
+
+It owns the tables and their constraints; Alembic migrations in `sync_server/migrations` must produce exactly this
+schema (a test compares them). Types are portable on purpose (`JSON`, `Uuid`, plain strings for enums, no
+PostgreSQL-only features) because the buyer's databases are Dameng/Kingbase-class. It must never contain query
+logic or behaviour beyond small derived properties.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, ClassVar
+
+from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Integer, MetaData, String, UniqueConstraint, Uuid
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from sync_server.db.types import UtcDateTime
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
+"""Deterministic constraint names, so migrations can drop or alter them on every database."""
+
+# BIGINT everywhere except SQLite, where only INTEGER PRIMARY KEY is the auto-incrementing rowid.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map: ClassVar[dict[Any, Any]] = {dict[str, Any]: JSON(), datetime: UtcDateTime(), uuid.UUID: Uuid()}
+
+
+def _str_enum(enum: type[StrEnum], length: int) -> Enum:
+    """Store enum values (not names) as VARCHAR without a database enum type or CHECK constraint, so adding a
+    member later needs no migration on any database."""
+    return Enum(
+        enum,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda members: [m.value for m in members],
+        validate_strings=True,
+    )
+
+
+class InstitutionKind(StrEnum):
+    """What sort of 定点医药机构 (designated medical institution) a terminal stands in."""
+
+    PHARMACY = "pharmacy"
+    CLINIC = "clinic"
+    HOSPITAL = "hospital"
+    SERVICE_HALL = "service_hall"
+    OTHER = "other"
+
+
+class RegistrationState(StrEnum):
+    """Where a device is in its life cycle on the server.
+
+    Only UNPROVISIONED is reached today (auto-registration on first message). Enrolment with SM2 keys and
+    revocation come with the provisioning issue.
+    """
+
+    UNPROVISIONED = "unprovisioned"
+    ENROLLED = "enrolled"
+    REVOKED = "revoked"
+
+
+class LinkStateColumn(StrEnum):
+    """Mirror of `protocol.LinkState`, kept here so the schema does not change when the wire enum grows."""
+
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class Institution(Base):
+    __tablename__ = "institutions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True, comment="医保 institution code (定点机构编码).")
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[InstitutionKind] = mapped_column(_str_enum(InstitutionKind, 32))
+    region_code: Mapped[str] = mapped_column(String(6), comment="6-digit 医保区划 (administrative division) code.")
+    created_at: Mapped[datetime]
+
+    devices: Mapped[list[Device]] = relationship(back_populates="institution")
+
+
+class Device(Base):
+    __tablename__ = "devices"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    institution_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("institutions.id", ondelete="SET NULL"), index=True
+    )
+    registration: Mapped[RegistrationState] = mapped_column(_str_enum(RegistrationState, 16))
+    link_state: Mapped[LinkStateColumn] = mapped_column(
+        _str_enum(LinkStateColumn, 16), comment="Last retained status (online on connect, offline as last will)."
+    )
+    link_state_at: Mapped[datetime | None] = mapped_column(comment="When the server received the last status.")
+    online: Mapped[bool] = mapped_column(
+        comment="Derived: link_state is online and the last heartbeat has not timed out. Kept by ingest + sweeper."
+    )
+    first_seen_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime | None] = mapped_column(comment="Server time of the last envelope received.")
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(comment="Server time the last heartbeat arrived.")
+    heartbeat_expires_at: Mapped[datetime | None] = mapped_column(
+        index=True, comment="last_heartbeat_at + timeout factor x interval_s; the sweeper's key."
+    )
+    last_heartbeat_seq: Mapped[int | None] = mapped_column(
+        BigInteger, comment="seq of the stored heartbeat; only a higher seq replaces it (redelivery is unordered)."
+    )
+    last_heartbeat: Mapped[dict[str, Any] | None] = mapped_column(comment="The last heartbeat payload as JSON.")
+    software_version: Mapped[str | None] = mapped_column(String(64))
+    config_version: Mapped[str | None] = mapped_column(String(64))
+    boot_id: Mapped[uuid.UUID | None] = mapped_column(comment="boot_id of the last heartbeat.")
+    last_seq: Mapped[int] = mapped_column(BigInteger, default=0, comment="Highest envelope seq received.")
+    created_at: Mapped[datetime]
+
+    institution: Mapped[Institution | None] = relationship(back_populates="devices")
+
+
+class Event(Base):
+    """One uplink envelope, stored exactly once (unique by message_id and by (device_id, seq))."""
+
+    __tablename__ = "events"
+    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    message_id: Mapped[uuid.UUID] = mapped_column(unique=True)
+    payload_type: Mapped[str] = mapped_column(String(32), index=True)
+    device_time: Mapped[datetime]
+    received_at: Mapped[datetime]
+    boot_id: Mapped[uuid.UUID]
+    monotonic_ns: Mapped[int] = mapped_column(BigInteger)
+    payload: Mapped[dict[str, Any]]

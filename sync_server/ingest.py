@@ -1,0 +1,516 @@
+"""The MQTT ingest worker: uplink envelopes and device statuses from the broker into the database, exactly once.
+
+It owns the broker session of this server process (paho-mqtt 2, MQTT 5, a persistent session with
+`clean_start=False` and a session expiry, so the broker queues uplinks while the server is down) and the
+receive → decode → store → acknowledge pipeline:
+
+* paho's network thread only enqueues (`on_message` never blocks, never touches the database);
+* one worker thread drains the queue in batches (`ingest_batch_size` / `ingest_flush_interval_s`), decodes and
+  checks each message, stores the batch in ONE transaction, and only after the commit sends the PUBACKs
+  (`manual_ack=True`), in the order the messages arrived. A crash anywhere before the commit loses nothing: the
+  broker still holds the unacknowledged messages and redelivers them, and the unique keys make the redelivery
+  harmless;
+* a message that cannot be a valid envelope or status (garbage, wrong shape, topic naming another device) is
+  rejected: logged with its topic, size and the reason, counted, and acknowledged so it cannot loop. It never
+  reaches the database, so it cannot disturb stored rows;
+* when the database fails, the batch is kept unacknowledged and retried with back-off (the broker stops sending
+  once our Receive Maximum of unacknowledged messages is reached, which bounds memory); a batch the database
+  refuses for what it contains is split so a single poison message is rejected instead of blocking ingest.
+
+It must never log payload contents (they may reference people), never hold a lock or do IO inside a paho
+callback, and never acknowledge a message before the transaction that stores it has committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum
+from typing import Any, Protocol
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from sqlalchemy import Engine
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, SQLAlchemyError, StatementError
+from sqlalchemy.orm import Session
+
+from protocol import (
+    Clock,
+    ContractError,
+    DeviceStatusMessage,
+    Envelope,
+    SystemClock,
+    Topics,
+    decode_envelope,
+    decode_status,
+)
+from sync_server.db.engine import session_factory
+from sync_server.errors import IngestError
+from sync_server.settings import ServerSettings
+from sync_server.store import (
+    StoreResult,
+    apply_statuses,
+    known_devices,
+    record_device_activity,
+    register_devices,
+    store_envelopes,
+)
+
+logger = logging.getLogger(__name__)
+
+# paho leaves `Properties.__init__` unannotated; this states the signature it has, so calls stay type-checked.
+_new_properties: Callable[[int], Properties] = Properties
+
+MAX_RETRY_DELAY_S = 30.0
+REJECT_LOG_LINES_PER_BATCH = 5
+
+
+class StoreBatch(Protocol):
+    """The seam through which ingest inserts envelopes; `sync_server.store.store_envelopes` in production."""
+
+    def __call__(self, session: Session, envelopes: Sequence[Envelope], *, received_at: datetime) -> StoreResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class IngestStats:
+    """Counters since the worker started. A redelivered message is received (and stored or counted) again."""
+
+    started_at: datetime | None
+    connected: bool
+    received: int = 0
+    """Messages taken from the broker (uplinks and statuses, including redeliveries)."""
+    stored: int = 0
+    """Envelopes newly inserted."""
+    duplicates: int = 0
+    """Envelopes already stored (redeliveries, repeats) and therefore not inserted again."""
+    conflicts: int = 0
+    """Subset of duplicates that reused a stored key for a different record (a broken terminal outbox)."""
+    statuses: int = 0
+    """Device status messages applied."""
+    rejected: int = 0
+    """Messages refused and acknowledged without storing: malformed, topic/device mismatch, unknown device."""
+    batches: int = 0
+    """Transactions committed."""
+    store_failures: int = 0
+    """Attempts to store a batch that failed (the batch was retried, not acknowledged)."""
+    last_commit_at: datetime | None = None
+
+
+class _Kind(Enum):
+    ENVELOPE = "envelope"
+    STATUS = "status"
+    IGNORED = "ignored"
+    REJECTED = "rejected"
+
+
+@dataclass(slots=True)
+class _Inbound:
+    """One message as paho delivered it; `generation` names the broker connection its `mid` belongs to."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    generation: int
+    received_at: datetime
+    kind: _Kind = _Kind.IGNORED
+    envelope: Envelope | None = None
+    status: DeviceStatusMessage | None = None
+    reason: str = ""
+
+    @property
+    def device_id(self) -> str | None:
+        if self.envelope is not None:
+            return self.envelope.device_id
+        if self.status is not None:
+            return self.status.device_id
+        return None
+
+
+@dataclass
+class _Counters:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    received: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    statuses: int = 0
+    rejected: int = 0
+    batches: int = 0
+    store_failures: int = 0
+    last_commit_at: datetime | None = None
+
+
+def _describe_db_error(exc: SQLAlchemyError) -> str:
+    """Short text for logs: the driver's own message (engines hide bound parameters), first line only."""
+    detail = str(exc.orig) if isinstance(exc, DBAPIError) else str(exc)
+    first_line = detail.strip().splitlines()[0] if detail.strip() else ""
+    return f"{type(exc).__name__}: {first_line[:300]}"
+
+
+def _is_poison(exc: SQLAlchemyError) -> bool:
+    """True when the database refused the data itself, so retrying the same batch cannot help."""
+    if isinstance(exc, IntegrityError | DataError):
+        return True
+    return isinstance(exc, StatementError) and not isinstance(exc, DBAPIError)
+
+
+class IngestWorker:
+    """One broker session and one storing thread. `start()` returns at once (the broker may be unreachable; it is
+    retried in the background); `stop()` finishes the batch in hand and disconnects, keeping the broker session."""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        engine: Engine,
+        *,
+        clock: Clock | None = None,
+        store: StoreBatch = store_envelopes,
+    ) -> None:
+        self._settings = settings
+        self._sessions = session_factory(engine, write_intent=True)
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._store = store
+        self._topics = Topics(prefix=settings.topic_prefix)
+        self._broker = f"{settings.mqtt_host}:{settings.mqtt_port}"
+        self._inbox: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
+        self._counters = _Counters()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._client: mqtt.Client | None = None
+        self._generation = 0
+        self._connected = False
+        self._broker_lost = False
+        self._ever_connected = False
+        self._stopping = False
+        self._failing_since: int = 0
+        self._started_at: datetime | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def connected(self) -> bool:
+        """True while the broker session is up."""
+        return self._connected
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stop.clear()
+        self._stopping = False
+        client = self._make_client()
+        props = _new_properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = self._settings.mqtt_session_expiry_s
+        # Bounds how many unacknowledged messages the broker hands us, hence our memory while the database is slow.
+        props.ReceiveMaximum = min(65535, max(20, 2 * self._settings.ingest_batch_size))
+        try:
+            client.connect_async(
+                self._settings.mqtt_host,
+                self._settings.mqtt_port,
+                keepalive=self._settings.mqtt_keepalive_s,
+                clean_start=False,
+                properties=props,
+            )
+            client.loop_start()
+        except (OSError, ValueError) as exc:
+            raise IngestError(f"cannot start the MQTT client for {self._broker}: {exc}") from exc
+        self._client = client
+        self._started_at = self._clock.now()
+        self._thread = threading.Thread(target=self._run, name="yibao-ingest", daemon=True)
+        self._thread.start()
+        logger.info(
+            "ingest started: broker %s, client id %s, topics %s and %s",
+            self._broker,
+            self._settings.mqtt_client_id,
+            self._topics.all_uplinks_shared,
+            self._topics.all_statuses,
+        )
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop storing, then disconnect. Messages received but not yet committed stay unacknowledged, so the
+        broker redelivers them to the next session with this client id."""
+        self._stopping = True
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                logger.warning("ingest thread did not finish within %.1f s; disconnecting anyway", timeout_s)
+        client, self._client = self._client, None
+        if client is not None:
+            client.disconnect()
+            client.loop_stop()
+        self._connected = False
+        if thread is not None:
+            logger.info("ingest stopped")
+
+    def stats(self) -> IngestStats:
+        c = self._counters
+        with c.lock:
+            return IngestStats(
+                started_at=self._started_at,
+                connected=self._connected,
+                received=c.received,
+                stored=c.stored,
+                duplicates=c.duplicates,
+                conflicts=c.conflicts,
+                statuses=c.statuses,
+                rejected=c.rejected,
+                batches=c.batches,
+                store_failures=c.store_failures,
+                last_commit_at=c.last_commit_at,
+            )
+
+    # ------------------------------------------------------------------ paho callbacks (network thread; no IO)
+
+    def _make_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self._settings.mqtt_client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=True,
+        )
+        client.reconnect_delay_set(min_delay=1, max_delay=int(MAX_RETRY_DELAY_S))
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        return client
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            if not self._broker_lost:
+                logger.warning("MQTT broker %s refused the connection: %s; retrying", self._broker, reason_code)
+                self._broker_lost = True
+            return
+        # New connection: packet ids of messages from the previous one must never be acknowledged on this one.
+        self._generation += 1
+        self._connected = True
+        client.subscribe(
+            [
+                (self._topics.all_uplinks_shared, SubscribeOptions(qos=1)),
+                (self._topics.all_statuses, SubscribeOptions(qos=1)),
+            ]
+        )
+        if self._broker_lost:
+            logger.info("MQTT broker %s reachable again; ingest resumed", self._broker)
+        elif not self._ever_connected:
+            logger.info("connected to MQTT broker %s (session present: %s)", self._broker, flags.session_present)
+        self._broker_lost = False
+        self._ever_connected = True
+
+    def _on_connect_fail(self, _client: mqtt.Client, _userdata: Any) -> None:
+        if not self._broker_lost:
+            logger.warning("cannot reach MQTT broker %s; ingest paused, retrying in the background", self._broker)
+            self._broker_lost = True
+
+    def _on_disconnect(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        self._connected = False
+        if not self._stopping and not self._broker_lost:
+            logger.warning("lost MQTT broker %s (%s); ingest paused, reconnecting", self._broker, reason_code)
+            self._broker_lost = True
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        _mid: int,
+        reason_codes: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        refused = [str(rc) for rc in reason_codes if rc.is_failure]
+        if refused:
+            logger.error(
+                "MQTT broker %s refused our subscriptions: %s; nothing will be ingested", self._broker, refused
+            )
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = "(topic is not UTF-8)"
+        self._inbox.put(
+            _Inbound(
+                topic=topic,
+                payload=bytes(message.payload),
+                mid=message.mid,
+                qos=message.qos,
+                generation=self._generation,
+                received_at=self._clock.now(),
+            )
+        )
+        with self._counters.lock:
+            self._counters.received += 1
+
+    # ------------------------------------------------------------------ storing thread
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            batch = self._collect_batch()
+            if not batch:
+                continue
+            for item in batch:
+                self._classify(item)
+            self._store_until_done(batch)
+
+    def _collect_batch(self) -> list[_Inbound]:
+        try:
+            first = self._inbox.get(timeout=0.2)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = self._clock.monotonic() + self._settings.ingest_flush_interval_s
+        while len(batch) < self._settings.ingest_batch_size:
+            remaining = deadline - self._clock.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._inbox.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _classify(self, item: _Inbound) -> None:
+        device_in_topic = self._topics.device_of(item.topic)
+        try:
+            if device_in_topic is not None and item.topic.endswith("/up"):
+                envelope = decode_envelope(item.payload)
+                if envelope.device_id != device_in_topic:
+                    raise ContractError(f"envelope names device {envelope.device_id}, topic names {device_in_topic}")
+                item.kind, item.envelope = _Kind.ENVELOPE, envelope
+            elif device_in_topic is not None and item.topic.endswith("/status"):
+                if not item.payload:  # a retained status being cleared
+                    item.kind = _Kind.IGNORED
+                    return
+                status = decode_status(item.payload)
+                if status.device_id != device_in_topic:
+                    raise ContractError(f"status names device {status.device_id}, topic names {device_in_topic}")
+                item.kind, item.status = _Kind.STATUS, status
+            else:
+                raise ContractError("topic is not an uplink or status topic of ours")
+        except ContractError as exc:
+            item.kind, item.reason = _Kind.REJECTED, str(exc)
+
+    def _store_until_done(self, batch: list[_Inbound]) -> None:
+        """Commit `batch`, retrying transient failures until it succeeds or the worker stops; then acknowledge."""
+        delay = self._settings.ingest_retry_delay_s
+        while True:
+            try:
+                result = self._commit(batch)
+            except IngestError as exc:
+                if not exc.transient:
+                    if len(batch) == 1:
+                        self._reject(batch[0], f"refused by the database ({exc})")
+                        self._finish(batch, StoreResult(0, 0))
+                    else:
+                        for item in batch:  # isolate the message the database refuses
+                            self._store_until_done([item])
+                    return
+                self._note_failure(exc, len(batch))
+                if self._stop.wait(delay):
+                    return  # stopping: leave the batch unacknowledged for redelivery
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+                continue
+            self._note_recovery()
+            self._finish(batch, result)
+            return
+
+    def _commit(self, batch: Sequence[_Inbound]) -> StoreResult:
+        """Store the batch in one transaction. SQLAlchemy errors are translated here, once."""
+        received_at = batch[0].received_at
+        try:
+            with self._sessions.begin() as session:
+                live = [i for i in batch if i.kind in (_Kind.ENVELOPE, _Kind.STATUS)]
+                device_ids = {d for i in live if (d := i.device_id) is not None}
+                if self._settings.auto_register_devices:
+                    register_devices(session, device_ids, now=received_at)
+                else:
+                    unknown = device_ids - known_devices(session, device_ids)
+                    for item in live:
+                        if item.device_id in unknown:
+                            item.kind, item.reason = _Kind.REJECTED, "device is not registered"
+                envelopes = [i.envelope for i in batch if i.kind is _Kind.ENVELOPE and i.envelope is not None]
+                statuses = [i.status for i in batch if i.kind is _Kind.STATUS and i.status is not None]
+                result = self._store(session, envelopes, received_at=received_at)
+                record_device_activity(
+                    session,
+                    envelopes,
+                    received_at=received_at,
+                    heartbeat_timeout_factor=self._settings.heartbeat_timeout_factor,
+                )
+                apply_statuses(session, statuses, received_at=received_at)
+        except SQLAlchemyError as exc:
+            raise IngestError(
+                f"storing {len(batch)} messages failed: {_describe_db_error(exc)}", transient=not _is_poison(exc)
+            ) from exc
+        return result
+
+    def _reject(self, item: _Inbound, reason: str) -> None:
+        item.kind, item.reason = _Kind.REJECTED, reason
+
+    def _finish(self, batch: Sequence[_Inbound], result: StoreResult) -> None:
+        """After the commit: count, log rejections, and acknowledge in arrival order."""
+        rejected = [i for i in batch if i.kind is _Kind.REJECTED]
+        for item in rejected[:REJECT_LOG_LINES_PER_BATCH]:
+            logger.warning("rejected message on %s (%d bytes): %s", item.topic, len(item.payload), item.reason)
+        if len(rejected) > REJECT_LOG_LINES_PER_BATCH:
+            logger.warning(
+                "... and %d more rejected messages in this batch", len(rejected) - REJECT_LOG_LINES_PER_BATCH
+            )
+        c = self._counters
+        with c.lock:
+            c.stored += result.stored
+            c.duplicates += result.duplicates
+            c.conflicts += result.conflicts
+            c.statuses += sum(1 for i in batch if i.kind is _Kind.STATUS)
+            c.rejected += len(rejected)
+            c.batches += 1
+            c.last_commit_at = self._clock.now()
+        client = self._client
+        if client is None:
+            return
+        generation = self._generation
+        for item in batch:
+            # A message from an earlier connection is redelivered on this one under a new packet id; its old id
+            # must not be acknowledged here (it could name a different message).
+            if item.qos > 0 and item.generation == generation:
+                client.ack(item.mid, item.qos)
+
+    def _note_failure(self, exc: IngestError, size: int) -> None:
+        with self._counters.lock:
+            self._counters.store_failures += 1
+        if self._failing_since == 0:
+            logger.warning("%s; keeping %d messages unacknowledged and retrying", exc, size)
+        self._failing_since += 1
+
+    def _note_recovery(self) -> None:
+        if self._failing_since:
+            logger.info("database writes recovered after %d failed attempts", self._failing_since)
+            self._failing_since = 0

@@ -1,0 +1,171 @@
+"""Typed, fail-closed configuration of the sync server.
+
+`ServerSettings` is read from the environment (prefix `YIBAO_SERVER_`) or built in code. It owns validation of every
+knob (addresses, topic prefix, database URL shape, timeouts) and refuses placeholder secrets in production. It must
+never open connections or start anything: building settings has no side effects.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+PLACEHOLDER_SECRETS = frozenset({"", "changeme", "changethis", "change-me", "secret", "password", "dev", "test"})
+"""Secret values that are refused when `environment` is "prod" (compared case-insensitively, stripped)."""
+
+MIN_PROD_SECRET_LENGTH = 32
+
+
+def _default_client_id() -> str:
+    return f"yibao-ingest-{socket.gethostname()}"
+
+
+class ServerSettings(BaseSettings):
+    """Everything the sync server needs to start. Unknown keys are an error, not something to ignore."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="YIBAO_SERVER_",
+        extra="forbid",
+        frozen=True,
+        validate_default=True,
+    )
+
+    environment: Literal["dev", "prod"] = Field(
+        default="dev",
+        description="'dev' allows placeholder secrets (with a warning at start-up); 'prod' refuses them.",
+    )
+    database_url: str = Field(
+        default="sqlite:///./var/yibao-server.sqlite3",
+        description=(
+            "SQLAlchemy URL of the database. SQLite (embedded demo default; its directory is created) or "
+            "PostgreSQL as 'postgresql+psycopg://user@host:5432/dbname'."
+        ),
+    )
+    http_host: str = Field(default="127.0.0.1", min_length=1, description="Address the HTTP API listens on.")
+    http_port: int = Field(default=8000, ge=0, le=65535, description="HTTP port; 0 lets the OS choose a free one.")
+    mqtt_host: str = Field(default="127.0.0.1", min_length=1, description="MQTT broker host name or address.")
+    mqtt_port: int = Field(default=1883, ge=1, le=65535, description="MQTT broker TCP port.")
+    mqtt_client_id: str = Field(
+        default_factory=_default_client_id,
+        min_length=1,
+        max_length=128,
+        description=(
+            "MQTT client id of this ingest worker. It names the persistent broker session that queues uplinks "
+            "while the server is down, so it must be stable across restarts and unique per worker process."
+        ),
+    )
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keep-alive interval in seconds.")
+    mqtt_session_expiry_s: int = Field(
+        default=7 * 24 * 3600,
+        ge=60,
+        le=0xFFFFFFFE,
+        description="How long the broker keeps this worker's session (and queues its messages) while disconnected.",
+    )
+    topic_prefix: str = Field(
+        default="yibao/v1",
+        min_length=1,
+        max_length=100,
+        description="Prefix of every topic (see protocol.topics); lets tenants or test runs share one broker.",
+    )
+    heartbeat_timeout_factor: float = Field(
+        default=3.0,
+        ge=1.0,
+        le=100.0,
+        description=(
+            "A device stays online while its last heartbeat is younger than this factor times the heartbeat's own "
+            "`interval_s`."
+        ),
+    )
+    presence_sweep_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="How often the sweeper marks devices whose heartbeat timed out as offline.",
+    )
+    ingest_batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="Most messages stored (and acknowledged to the broker) in one database transaction.",
+    )
+    ingest_flush_interval_s: float = Field(
+        default=0.05,
+        gt=0,
+        le=10,
+        description="Longest a received message waits for its batch to fill before the batch is stored anyway.",
+    )
+    ingest_retry_delay_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description=(
+            "After a batch could not be stored, wait this long before reconnecting to the broker, which then "
+            "redelivers the unacknowledged messages."
+        ),
+    )
+    auto_register_devices: bool = Field(
+        default=True,
+        description=(
+            "Register an unknown device id on its first message with registration state 'unprovisioned'. Until "
+            "device enrolment with keys exists (a later issue), anything that may publish on the broker can create "
+            "a device this way; confine publishers with the broker ACL. When false, messages from unknown devices "
+            "are rejected (acknowledged, counted and logged, not stored)."
+        ),
+    )
+    display_timezone: str = Field(
+        default="Asia/Shanghai",
+        description="IANA time zone used to show times on the web pages (the API always speaks UTC).",
+    )
+    secret_key: SecretStr = Field(
+        default=SecretStr("changeme"),
+        description=(
+            "Key for signing web sessions and tokens. Placeholders such as 'changeme' are refused when "
+            f"environment is 'prod', as is anything shorter than {MIN_PROD_SECRET_LENGTH} characters."
+        ),
+    )
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str) -> str:
+        try:
+            make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"not a database URL: {exc}") from exc
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix_is_plain(cls, value: str) -> str:
+        if any(ch in value for ch in "+#\x00") or value.startswith(("/", "$")) or value.endswith("/"):
+            raise ValueError("topic prefix must not contain wildcards, start with '/' or '$', or end with '/'")
+        return value
+
+    @field_validator("display_timezone")
+    @classmethod
+    def _timezone_exists(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _no_placeholder_secret_in_prod(self) -> ServerSettings:
+        if self.environment == "prod" and self.secret_key_is_placeholder:
+            raise ValueError(
+                "secret_key is a placeholder or shorter than "
+                f"{MIN_PROD_SECRET_LENGTH} characters; set YIBAO_SERVER_SECRET_KEY to a random value in prod "
+                '(for example: python -c "import secrets; print(secrets.token_urlsafe(32))")'
+            )
+        return self
+
+    @property
+    def secret_key_is_placeholder(self) -> bool:
+        raw = self.secret_key.get_secret_value().strip()
+        return raw.lower() in PLACEHOLDER_SECRETS or len(raw) < MIN_PROD_SECRET_LENGTH

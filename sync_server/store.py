@@ -1,0 +1,381 @@
+"""Database writes of ingest: envelopes stored exactly once, device registry and presence updates.
+
+Owns the rules that make redelivery harmless: an envelope is identified by `message_id` and by
+(`device_id`, `seq`) and is stored at most once under unique constraints on both; a device's heartbeat, versions and
+`last_seq` only move forward by `seq`, whatever order redelivered messages arrive in. Every function works inside
+the caller's transaction (it never commits) and lets SQLAlchemy errors propagate to the caller, which owns the
+transaction and translates them at its boundary. It must never know about MQTT or HTTP, and never log payload
+contents (they may reference people).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from sqlalchemy import Table, and_, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from protocol import DeviceStatusMessage, Envelope, Heartbeat, LinkState, SystemClock
+from sync_server.db.models import Base, Device, Event, LinkStateColumn, RegistrationState
+
+logger = logging.getLogger(__name__)
+
+IN_CHUNK = 500
+"""Most values in one SQL IN list (Oracle-class databases refuse more than 1000)."""
+
+_T = TypeVar("_T")
+
+
+class StoreMethod(StrEnum):
+    """How `store_envelopes` inserts."""
+
+    AUTO = "auto"
+    """The fast path where the dialect has INSERT … ON CONFLICT DO NOTHING (SQLite, PostgreSQL), else portable."""
+    FAST = "fast"
+    """One INSERT … ON CONFLICT DO NOTHING … RETURNING per batch."""
+    PORTABLE = "portable"
+    """Pre-select existing keys, then insert each new row in its own SAVEPOINT (any SQL database)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoreResult:
+    """What one `store_envelopes` call did. `stored + duplicates == len(envelopes)`."""
+
+    stored: int
+    """Envelopes inserted now."""
+    duplicates: int
+    """Envelopes not inserted because their `message_id` or (`device_id`, `seq`) is already taken (by an earlier
+    delivery, or earlier in the same batch)."""
+    conflicts: int = 0
+    """The subset of `duplicates` whose key is taken by a *different* record: same `seq` with another `message_id`,
+    or the same `message_id` under another `seq`. A terminal that does this has a broken outbox; the first record
+    stays stored and the conflicting one is logged."""
+
+    def __add__(self, other: StoreResult) -> StoreResult:
+        return StoreResult(
+            self.stored + other.stored, self.duplicates + other.duplicates, self.conflicts + other.conflicts
+        )
+
+
+def _chunks(items: Sequence[_T], size: int = IN_CHUNK) -> Iterator[Sequence[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _dialect_insert(session: Session, table: Table) -> Any:
+    """The dialect's INSERT that has `on_conflict_do_nothing()`, or None when the dialect has none."""
+    name = session.get_bind().dialect.name
+    if name == "sqlite":
+        return sqlite.insert(table)
+    if name == "postgresql":
+        return postgresql.insert(table)
+    return None
+
+
+def _event_row(envelope: Envelope, received_at: datetime) -> dict[str, Any]:
+    return {
+        "device_id": envelope.device_id,
+        "seq": envelope.seq,
+        "message_id": envelope.message_id,
+        "payload_type": envelope.payload_type.value,
+        "device_time": envelope.device_time,
+        "received_at": received_at,
+        "boot_id": envelope.boot_id,
+        "monotonic_ns": envelope.monotonic_ns,
+        "payload": envelope.payload.model_dump(mode="json"),
+    }
+
+
+def _new_device_row(device_id: str, now: datetime) -> dict[str, Any]:
+    return {
+        "device_id": device_id,
+        "institution_id": None,
+        "registration": RegistrationState.UNPROVISIONED,
+        "link_state": LinkStateColumn.OFFLINE,
+        "link_state_at": None,
+        "online": False,
+        "first_seen_at": now,
+        "last_seq": 0,
+        "created_at": now,
+    }
+
+
+def known_devices(session: Session, device_ids: Collection[str]) -> set[str]:
+    """Which of `device_ids` are registered."""
+    found: set[str] = set()
+    ids = sorted(set(device_ids))
+    for chunk in _chunks(ids):
+        found.update(session.scalars(select(Device.device_id).where(Device.device_id.in_(chunk))))
+    return found
+
+
+def register_devices(session: Session, device_ids: Collection[str], *, now: datetime) -> list[str]:
+    """Register every device in `device_ids` that is not yet known, as 'unprovisioned'. Safe against another
+    worker registering the same device concurrently. Returns the ids registered by this call."""
+    missing = sorted(set(device_ids) - known_devices(session, device_ids))
+    if not missing:
+        return []
+    table = Base.metadata.tables[Device.__tablename__]
+    stmt = _dialect_insert(session, table)
+    registered: list[str] = []
+    if stmt is not None:
+        result = session.execute(
+            stmt.on_conflict_do_nothing().returning(table.c.device_id), [_new_device_row(d, now) for d in missing]
+        )
+        registered = list(result.scalars())
+    else:
+        for device_id in missing:
+            try:
+                with session.begin_nested():
+                    session.execute(insert(table).values(_new_device_row(device_id, now)))
+                registered.append(device_id)
+            except IntegrityError:
+                logger.debug("device %s was registered concurrently", device_id)
+    for device_id in registered:
+        logger.info("registered new device %s (unprovisioned)", device_id)
+    return registered
+
+
+def _dedupe_batch(envelopes: Iterable[Envelope]) -> tuple[list[Envelope], int, int]:
+    """First occurrence wins. Returns (unique envelopes, internal duplicates, internal conflicts)."""
+    by_id: dict[uuid.UUID, Envelope] = {}
+    by_key: dict[tuple[str, int], Envelope] = {}
+    unique: list[Envelope] = []
+    duplicates = conflicts = 0
+    for env in envelopes:
+        key = (env.device_id, env.seq)
+        first = by_id.get(env.message_id) or by_key.get(key)
+        if first is not None:
+            duplicates += 1
+            if first.message_id != env.message_id or (first.device_id, first.seq) != key:
+                conflicts += 1
+                _log_conflict(env, first.message_id, first.device_id, first.seq)
+            continue
+        by_id[env.message_id] = env
+        by_key[key] = env
+        unique.append(env)
+    return unique, duplicates, conflicts
+
+
+def _log_conflict(env: Envelope, other_id: uuid.UUID | None, other_device: str, other_seq: int) -> None:
+    logger.warning(
+        "device %s sent seq %d as message %s, but %s/%d is already message %s; kept the first, refused this one",
+        env.device_id,
+        env.seq,
+        env.message_id,
+        other_device,
+        other_seq,
+        other_id if other_id is not None else "(unknown)",
+    )
+
+
+def _stored_keys_by_id(session: Session, message_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, tuple[str, int]]:
+    found: dict[uuid.UUID, tuple[str, int]] = {}
+    for chunk in _chunks(message_ids):
+        rows = session.execute(select(Event.message_id, Event.device_id, Event.seq).where(Event.message_id.in_(chunk)))
+        found.update({mid: (dev, seq) for mid, dev, seq in rows})
+    return found
+
+
+def _stored_ids_by_key(session: Session, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], uuid.UUID]:
+    """Existing rows by (device_id, seq), queried per device with `seq IN (…)` (row-value IN is not portable)."""
+    seqs_by_device: dict[str, list[int]] = {}
+    for device_id, seq in keys:
+        seqs_by_device.setdefault(device_id, []).append(seq)
+    found: dict[tuple[str, int], uuid.UUID] = {}
+    for device_id, seqs in seqs_by_device.items():
+        for chunk in _chunks(sorted(seqs)):
+            rows = session.execute(
+                select(Event.seq, Event.message_id).where(Event.device_id == device_id, Event.seq.in_(chunk))
+            )
+            found.update({(device_id, seq): mid for seq, mid in rows})
+    return found
+
+
+def _classify_refused(session: Session, refused: Sequence[Envelope]) -> int:
+    """Count (and log) the refused envelopes that collide with a different stored record."""
+    if not refused:
+        return 0
+    by_id = _stored_keys_by_id(session, [e.message_id for e in refused])
+    by_key = _stored_ids_by_key(session, [(e.device_id, e.seq) for e in refused])
+    conflicts = 0
+    for env in refused:
+        key = (env.device_id, env.seq)
+        if by_id.get(env.message_id) == key:
+            continue  # the very same record, delivered again
+        conflicts += 1
+        if env.message_id in by_id:
+            other_device, other_seq = by_id[env.message_id]
+            _log_conflict(env, env.message_id, other_device, other_seq)
+        else:
+            _log_conflict(env, by_key.get(key), env.device_id, env.seq)
+    return conflicts
+
+
+def store_envelopes(
+    session: Session,
+    envelopes: Sequence[Envelope],
+    *,
+    received_at: datetime | None = None,
+    method: StoreMethod = StoreMethod.AUTO,
+) -> StoreResult:
+    """Insert each envelope exactly once; envelopes whose `message_id` or (`device_id`, `seq`) is already stored are
+    counted as duplicates and left alone. Devices not yet registered are registered as 'unprovisioned' (callers
+    enforce any registration policy before calling). Runs in the caller's transaction and never commits."""
+    if not envelopes:
+        return StoreResult(0, 0)
+    when = received_at if received_at is not None else SystemClock().now()
+    unique, batch_dups, batch_conflicts = _dedupe_batch(envelopes)
+    register_devices(session, {e.device_id for e in unique}, now=when)
+    table = Base.metadata.tables[Event.__tablename__]
+    fast_insert = _dialect_insert(session, table) if method is not StoreMethod.PORTABLE else None
+    if method is StoreMethod.FAST and fast_insert is None:
+        raise ValueError(f"dialect {session.get_bind().dialect.name!r} has no INSERT … ON CONFLICT DO NOTHING")
+    if fast_insert is not None:
+        result = _store_fast(session, fast_insert, table, unique, when)
+    else:
+        result = _store_portable(session, table, unique, when)
+    return result + StoreResult(0, batch_dups, batch_conflicts)
+
+
+def _store_fast(session: Session, stmt: Any, table: Table, unique: Sequence[Envelope], when: datetime) -> StoreResult:
+    rows = [_event_row(e, when) for e in unique]
+    inserted = set(session.execute(stmt.on_conflict_do_nothing().returning(table.c.message_id), rows).scalars())
+    refused = [e for e in unique if e.message_id not in inserted]
+    return StoreResult(len(inserted), len(refused), _classify_refused(session, refused))
+
+
+def _store_portable(session: Session, table: Table, unique: Sequence[Envelope], when: datetime) -> StoreResult:
+    by_id = _stored_keys_by_id(session, [e.message_id for e in unique])
+    by_key = _stored_ids_by_key(session, [(e.device_id, e.seq) for e in unique])
+    refused: list[Envelope] = []
+    stored = 0
+    for env in unique:
+        if env.message_id in by_id or (env.device_id, env.seq) in by_key:
+            refused.append(env)
+            continue
+        try:
+            # A concurrent worker may insert the same record between our SELECT and this INSERT.
+            with session.begin_nested():
+                session.execute(insert(table).values(_event_row(env, when)))
+            stored += 1
+        except IntegrityError:
+            refused.append(env)
+    return StoreResult(stored, len(refused), _classify_refused(session, refused))
+
+
+def is_online(link_state: LinkStateColumn | str, heartbeat_expires_at: datetime | None, now: datetime) -> bool:
+    """The presence rule: connected according to the retained status AND the last heartbeat has not timed out."""
+    return link_state == LinkStateColumn.ONLINE and heartbeat_expires_at is not None and heartbeat_expires_at > now
+
+
+def _lock_devices(session: Session, device_ids: Collection[str]) -> dict[str, Device]:
+    """Load and row-lock devices in a fixed order (no deadlocks between workers; FOR UPDATE is a no-op on SQLite,
+    where the write lock is taken at BEGIN IMMEDIATE)."""
+    devices: dict[str, Device] = {}
+    for chunk in _chunks(sorted(set(device_ids))):
+        stmt = select(Device).where(Device.device_id.in_(chunk)).order_by(Device.device_id).with_for_update()
+        devices.update({d.device_id: d for d in session.scalars(stmt)})
+    return devices
+
+
+def record_device_activity(
+    session: Session,
+    envelopes: Sequence[Envelope],
+    *,
+    received_at: datetime,
+    heartbeat_timeout_factor: float,
+) -> None:
+    """Move each device's `last_seen_at` and `last_seq` forward, and take its newest heartbeat (by `seq`).
+
+    Call after `store_envelopes` in the same transaction (the devices exist then). Applying the same envelopes
+    twice changes nothing the second time."""
+    if not envelopes:
+        return
+    newest_heartbeat: dict[str, tuple[Envelope, Heartbeat]] = {}
+    max_seq: dict[str, int] = {}
+    for env in envelopes:
+        max_seq[env.device_id] = max(max_seq.get(env.device_id, 0), env.seq)
+        if isinstance(env.payload, Heartbeat):
+            best = newest_heartbeat.get(env.device_id)
+            if best is None or env.seq > best[0].seq:
+                newest_heartbeat[env.device_id] = (env, env.payload)
+    for device_id, device in _lock_devices(session, max_seq).items():
+        device.last_seq = max(device.last_seq, max_seq[device_id])
+        if device.last_seen_at is None or device.last_seen_at < received_at:
+            device.last_seen_at = received_at
+        newest = newest_heartbeat.get(device_id)
+        if newest is not None and newest[0].seq > (device.last_heartbeat_seq or 0):
+            _apply_heartbeat(device, newest[0], newest[1], received_at, heartbeat_timeout_factor)
+        device.online = is_online(device.link_state, device.heartbeat_expires_at, received_at)
+    session.flush()
+
+
+def _apply_heartbeat(device: Device, env: Envelope, heartbeat: Heartbeat, received_at: datetime, factor: float) -> None:
+    device.last_heartbeat_seq = env.seq
+    device.last_heartbeat = heartbeat.model_dump(mode="json")
+    device.last_heartbeat_at = received_at
+    device.heartbeat_expires_at = received_at + timedelta(seconds=factor * heartbeat.interval_s)
+    device.software_version = heartbeat.software_version
+    device.config_version = heartbeat.config_version
+    device.boot_id = env.boot_id
+
+
+def apply_statuses(session: Session, statuses: Sequence[DeviceStatusMessage], *, received_at: datetime) -> None:
+    """Apply retained status messages in arrival order (the broker keeps per-topic order; the last one wins).
+    The devices must exist."""
+    if not statuses:
+        return
+    devices = _lock_devices(session, {s.device_id for s in statuses})
+    for status in statuses:
+        device = devices.get(status.device_id)
+        if device is None:
+            raise LookupError(f"device {status.device_id} is not registered")
+        new_state = LinkStateColumn(status.state.value)
+        if device.link_state != new_state:
+            logger.debug("device %s link %s -> %s", device.device_id, device.link_state.value, new_state.value)
+        device.link_state = new_state
+        device.link_state_at = received_at
+        if status.state is LinkState.OFFLINE:
+            device.online = False
+        else:
+            device.online = is_online(new_state, device.heartbeat_expires_at, received_at)
+    session.flush()
+
+
+def sweep_offline(session: Session, *, now: datetime) -> list[str]:
+    """Mark devices offline whose last heartbeat timed out (or who never sent one). Returns their ids."""
+    expired = or_(Device.heartbeat_expires_at.is_(None), Device.heartbeat_expires_at <= now)
+    ids = list(
+        session.scalars(select(Device.device_id).where(Device.online.is_(True), expired).order_by(Device.device_id))
+    )
+    for chunk in _chunks(ids):
+        session.execute(
+            update(Device)
+            .where(and_(Device.device_id.in_(chunk), Device.online.is_(True), expired))
+            .values(online=False)
+            .execution_options(synchronize_session=False)
+        )
+    return ids
+
+
+def device_counts(session: Session, *, now: datetime) -> Mapping[str, int]:
+    """Registered devices and how many are online now (by the presence rule, not just the stored flag)."""
+    total = session.scalar(select(func.count()).select_from(Device)) or 0
+    online = (
+        session.scalar(
+            select(func.count())
+            .select_from(Device)
+            .where(Device.link_state == LinkStateColumn.ONLINE, Device.heartbeat_expires_at > now)
+        )
+        or 0
+    )
+    return {"devices": total, "devices_online": online}
