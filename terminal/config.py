@@ -1,0 +1,200 @@
+"""The terminal's configuration: a typed model that fails closed, loaded from one TOML file.
+
+Owns the shape of `terminal.toml`, its `schema_version` and the ordered migrations that bring an older file up to
+the current shape. Every field is typed strictly (a quoted "1883" is not a port), every table forbids unknown keys, and
+any problem raises `ConfigError` naming the file and the offending field(s), so a terminal never starts on a guess.
+
+It must never read environment variables or other files behind the caller's back, never fill a missing required
+field with a default that changes behaviour silently, and never hold secrets (device keys live in provisioning).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from protocol import DeviceId
+from terminal.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CURRENT_SCHEMA_VERSION: Final = 1
+"""Shape of the config file this code understands; bump it together with a new entry in `MIGRATIONS`."""
+
+RawConfig = dict[str, Any]
+Migration = Callable[[RawConfig], RawConfig]
+
+MIGRATIONS: Final[Mapping[int, Migration]] = {}
+"""`from_version -> function` turning a raw config of `from_version` into one of `from_version + 1`.
+
+Applied in ascending order until the file reaches `CURRENT_SCHEMA_VERSION`; the loader stamps the new version after
+each step, so a migration only reshapes keys. Empty while version 1 is the only version ever shipped."""
+
+_VersionString = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]*$")]
+_TopicPrefix = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")]
+
+
+def installed_software_version() -> str:
+    """Version of the installed `yibao` distribution, or "0.0.0" when running from an uninstalled tree."""
+    try:
+        return importlib.metadata.version("yibao")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+class _Strict(BaseModel):
+    # strict: TOML already gives typed values, so coercing "30" into 30 would only hide a mistake in the file.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class MqttConfig(_Strict):
+    """How the terminal reaches the MQTT broker in front of the sync server."""
+
+    host: str = Field(min_length=1, max_length=253, description="Broker host name or IP address.")
+    port: int = Field(ge=1, le=65535, description="Broker TCP port.")
+    keepalive_s: int = Field(
+        ge=5, le=3600, description="MQTT keep-alive in seconds; the broker fires our last will after 1.5x this."
+    )
+    topic_prefix: _TopicPrefix = Field(description="Topic prefix shared with the server, e.g. 'yibao/v1'.")
+    reconnect_min_s: float = Field(
+        gt=0,
+        le=3600,
+        description="First reconnect delay after losing the broker; paho schedules whole seconds, so it rounds up.",
+    )
+    reconnect_max_s: float = Field(gt=0, le=3600, description="Cap of the doubling reconnect delay.")
+
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> MqttConfig:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class OutboxConfig(_Strict):
+    """The local SQLite outbox every record passes through before it is synced."""
+
+    path: Annotated[Path, Field(strict=False)] = Field(
+        description="SQLite file of the outbox; a relative path is taken relative to the config file's folder."
+    )
+    max_bytes: int = Field(
+        ge=128 * 1024,
+        le=64 * 1024**3,
+        description="Disk bound of the outbox database; SQLite refuses to grow past it (alarm 'outbox_full').",
+    )
+    high_water_ratio: float = Field(
+        gt=0,
+        lt=1,
+        description="Fraction of the space records may fill (max_bytes less a small bookkeeping reserve) above "
+        "which the 'outbox_high_water' alarm is raised.",
+    )
+    batch_size: int = Field(
+        ge=1, le=1000, description="Records claimed and published per round; also the MQTT in-flight window."
+    )
+    publish_timeout_s: float = Field(
+        gt=0, le=3600, description="A record without PUBACK after this many seconds is released for retry."
+    )
+    retry_initial_s: float = Field(gt=0, le=3600, description="Back-off after the first failed delivery attempt.")
+    retry_max_s: float = Field(gt=0, le=86400, description="Cap of the exponential back-off between attempts.")
+    sent_retention_s: float = Field(
+        ge=0, le=90 * 86400, description="Delivered records are kept this long for diagnosis, then pruned."
+    )
+
+    @model_validator(mode="after")
+    def _retry_ordered(self) -> OutboxConfig:
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must be >= retry_initial_s")
+        return self
+
+
+class HeartbeatConfig(_Strict):
+    """Periodic health record sent through the outbox."""
+
+    interval_s: float = Field(gt=0, le=3600, description="Seconds between heartbeats.")
+
+
+class TerminalConfig(_Strict):
+    """Everything a terminal needs to start: identity, versions, broker, outbox bounds and heartbeat."""
+
+    schema_version: Literal[1] = Field(description="Shape of this file; older shapes are migrated on load.")
+    config_version: _VersionString = Field(description="Version of this configuration bundle, reported upstream.")
+    device_id: DeviceId
+    software_version: _VersionString = Field(
+        default_factory=installed_software_version,
+        description="Terminal software version reported in heartbeats; defaults to the installed package version.",
+    )
+    mqtt: MqttConfig = Field(description="MQTT broker connection.")
+    outbox: OutboxConfig = Field(description="Local outbox.")
+    heartbeat: HeartbeatConfig = Field(description="Heartbeat timer.")
+
+
+def migrate(raw: RawConfig, *, source: str, migrations: Mapping[int, Migration] = MIGRATIONS) -> RawConfig:
+    """Bring a raw config dict up to `CURRENT_SCHEMA_VERSION`, one registered step at a time.
+
+    A version newer than this code, a non-integer version or a gap in the registry is refused: guessing what a newer
+    file means is how a terminal ends up syncing to the wrong place.
+    """
+    version = raw.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ConfigError(f"{source}: schema_version: must be an integer (current is {CURRENT_SCHEMA_VERSION})")
+    if version > CURRENT_SCHEMA_VERSION:
+        raise ConfigError(
+            f"{source}: schema_version: {version} is newer than this software understands "
+            f"({CURRENT_SCHEMA_VERSION}); upgrade the terminal software first"
+        )
+    while version < CURRENT_SCHEMA_VERSION:
+        step = migrations.get(version)
+        if step is None:
+            raise ConfigError(f"{source}: schema_version: no migration registered from version {version}")
+        try:
+            raw = step(dict(raw))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: schema_version: migration from version {version} failed: {exc}") from exc
+        version += 1
+        raw["schema_version"] = version
+        logger.info("config %s migrated to schema version %d", source, version)
+    return raw
+
+
+def _describe(exc: ValidationError) -> str:
+    # Only locations and messages: the input values are left out so a typo'd secret never reaches a log.
+    parts = []
+    for err in exc.errors(include_url=False, include_input=False):
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_terminal_config(
+    raw: RawConfig, *, source: str, base_dir: Path | None = None, migrations: Mapping[int, Migration] = MIGRATIONS
+) -> TerminalConfig:
+    """Validate an already-parsed config dict (after migration); `source` names it in errors."""
+    raw = migrate(raw, source=source, migrations=migrations)
+    try:
+        config = TerminalConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_describe(exc)}") from exc
+    if base_dir is not None and not config.outbox.path.is_absolute():
+        outbox = config.outbox.model_copy(update={"path": base_dir / config.outbox.path})
+        config = config.model_copy(update={"outbox": outbox})
+    return config
+
+
+def load_terminal_config(path: Path | str, *, migrations: Mapping[int, Migration] = MIGRATIONS) -> TerminalConfig:
+    """Read, migrate and validate the TOML config at `path`; any problem raises `ConfigError`."""
+    path = Path(path)
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_terminal_config(raw, source=str(path), base_dir=path.parent, migrations=migrations)

@@ -1,0 +1,670 @@
+"""The terminal's SQLite outbox: every uplink record is stored here before anything tries to send it.
+
+Owns one SQLite file and the life of each record in it, as an explicit state machine enforced by the database itself
+(a CHECK constraint and triggers generated from `TRANSITIONS`):
+
+    PENDING ──claim──► INFLIGHT ──mark_sent──► SENT ──prune_sent──► (deleted)
+       ▲                  │
+       └──release/crash───┤  (attempts+1, exponential back-off with jitter; crash recovery at open)
+                          └──undecodable──► QUARANTINED  (kept, reported in stats and by an audit event)
+
+The row id *is* the per-device sequence number `seq` (`INTEGER PRIMARY KEY AUTOINCREMENT`, so a pruned number is
+never handed out again), assigned in the same transaction that stores the record's envelope as JSON. One writer
+connection, guarded by a lock, in WAL mode with `synchronous=FULL`: a record `enqueue` returned is on disk. The disk
+bound `max_bytes` is enforced by SQLite (`max_page_count`); new records may fill it up to a reserve that keeps the
+delivery bookkeeping of held records possible. When new records hit their limit, delivered rows are pruned and, if
+that is not enough, `OutboxFull` is raised and the `outbox_full` alarm set.
+
+It must never drop, rewrite or reorder a record it accepted (only SENT rows may be deleted — a trigger refuses any
+other delete), never unpickle anything (payloads are JSON validated against `protocol`), never talk to the network,
+and never let a `sqlite3` exception escape: they are translated into `terminal.errors` here.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Final
+
+from protocol import (
+    MAX_ENVELOPE_BYTES,
+    AuditEvent,
+    AuditOutcome,
+    Clock,
+    ContractError,
+    Envelope,
+    Payload,
+    PayloadType,
+    decode_envelope,
+)
+from terminal.config import OutboxConfig
+from terminal.errors import InvalidRecordError, OutboxError, OutboxFull
+
+logger = logging.getLogger(__name__)
+
+OUTBOX_SCHEMA_VERSION: Final = 1
+"""Stored in `PRAGMA user_version`; a file written by newer software is refused rather than guessed at."""
+
+BUSY_TIMEOUT_MS: Final = 5000
+JOURNAL_SIZE_LIMIT_BYTES: Final = 4 * 1024 * 1024
+RESERVE_FRACTION: Final = 0.10
+MIN_RESERVE_PAGES: Final = 8
+"""Pages of `max_bytes` that new records may not use. Claiming, acknowledging and releasing a record rewrite its row
+a few bytes longer (status, timestamps, attempt count, a short error); the reserve guarantees that an outbox which
+has just refused a new record can still deliver, and so drain, the ones it holds."""
+MAX_ERROR_CHARS: Final = 64
+"""Failure reasons are stored truncated: short enough to keep the reserve honest, long enough to diagnose."""
+JITTER_FRACTION: Final = 0.5
+"""A retry waits between (1 - JITTER_FRACTION) and 1 times its exponential delay, so terminals that lost the same
+broker at the same moment do not all come back in the same second."""
+
+ALARM_OUTBOX_FULL: Final = "outbox_full"
+ALARM_OUTBOX_HIGH_WATER: Final = "outbox_high_water"
+ALARM_OUTBOX_QUARANTINED: Final = "outbox_quarantined"
+
+Jitter = Callable[[], float]
+"""Returns a number in [0, 1); injected so tests can pin the back-off."""
+
+
+class OutboxStatus(StrEnum):
+    PENDING = "pending"
+    """Waiting to be claimed (possibly not before `next_attempt_at`)."""
+    INFLIGHT = "inflight"
+    """Claimed by the sync worker and being published; back to PENDING on failure or after a crash."""
+    SENT = "sent"
+    """The broker acknowledged it (PUBACK); kept for `sent_retention_s`, then pruned."""
+    QUARANTINED = "quarantined"
+    """Its stored envelope no longer decodes; kept for inspection and never published."""
+
+
+TRANSITIONS: Final[Mapping[OutboxStatus, frozenset[OutboxStatus]]] = {
+    OutboxStatus.PENDING: frozenset({OutboxStatus.INFLIGHT}),
+    OutboxStatus.INFLIGHT: frozenset({OutboxStatus.SENT, OutboxStatus.PENDING, OutboxStatus.QUARANTINED}),
+    OutboxStatus.SENT: frozenset(),
+    OutboxStatus.QUARANTINED: frozenset(),
+}
+
+
+def _quoted(values: Iterable[str]) -> str:
+    return ", ".join(f"'{v}'" for v in sorted(values))
+
+
+_ALLOWED_MOVES: Final = _quoted(f"{a.value}>{b.value}" for a, targets in TRANSITIONS.items() for b in targets)
+
+_SCHEMA: Final = f"""
+CREATE TABLE outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id      TEXT    NOT NULL UNIQUE,
+    payload_type    TEXT    NOT NULL,
+    envelope        TEXT    NOT NULL,
+    status          TEXT    NOT NULL DEFAULT 'pending' CHECK (status IN ({_quoted(s.value for s in OutboxStatus)})),
+    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    created_at      REAL    NOT NULL,
+    next_attempt_at REAL    NOT NULL,
+    claimed_at      REAL,
+    sent_at         REAL,
+    last_error      TEXT
+);
+CREATE INDEX outbox_by_status ON outbox (status, seq);
+CREATE TABLE outbox_counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO outbox_counter (name, value) VALUES ('sent_total', 0);
+CREATE TRIGGER outbox_legal_transition BEFORE UPDATE OF status ON outbox
+WHEN OLD.status <> NEW.status AND OLD.status || '>' || NEW.status NOT IN ({_ALLOWED_MOVES})
+BEGIN
+    SELECT RAISE(ABORT, 'illegal outbox status transition');
+END;
+CREATE TRIGGER outbox_only_delivered_are_deleted BEFORE DELETE ON outbox
+WHEN OLD.status <> 'sent'
+BEGIN
+    SELECT RAISE(ABORT, 'only delivered outbox records may be deleted');
+END;
+PRAGMA user_version = {OUTBOX_SCHEMA_VERSION};
+"""  # noqa: S608 - built from our own enum values at import time, no input
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedRecord:
+    """A record the sync worker now owns until it calls `mark_sent` or `release` for its `seq`."""
+
+    seq: int
+    envelope: Envelope
+    wire: bytes
+    """The exact bytes to publish: the JSON stored at enqueue time."""
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """Bookkeeping of one stored record, for diagnosis and tests (no payload)."""
+
+    seq: int
+    message_id: str
+    payload_type: str
+    status: OutboxStatus
+    attempts: int
+    next_attempt_at: datetime
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    """What the heartbeat reports about the outbox."""
+
+    depth: int
+    """Records not yet acknowledged by the broker (PENDING + INFLIGHT)."""
+    oldest_age_s: float | None
+    """Age of the oldest unacknowledged record; None when `depth` is 0."""
+    used_bytes: int
+    """Bytes of live pages; pages freed by pruning are reused before the file grows."""
+    capacity_bytes: int
+    inflight: int
+    sent_total: int
+    """Records acknowledged over the life of this outbox file (survives pruning)."""
+    quarantined: int = 0
+    alarms: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
+
+
+class Outbox:
+    """The outbox of one terminal. Thread-safe; open it once per process with `Outbox.open(...)`."""
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        config: OutboxConfig,
+        *,
+        device_id: str,
+        boot_id: uuid.UUID,
+        clock: Clock,
+        jitter: Jitter,
+    ) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._config = config
+        self._device_id = device_id
+        self._boot_id = boot_id
+        self._clock = clock
+        self._jitter = jitter
+        self._lock = threading.Lock()
+        self._work = threading.Event()
+        self._page_size = 4096
+        self._hard_pages = 1
+        self._record_pages = 1
+        self._page_limit: int | None = None
+        self._full_latched = False
+
+    # ------------------------------------------------------------------ life cycle
+
+    @classmethod
+    def open(
+        cls,
+        config: OutboxConfig,
+        *,
+        device_id: str,
+        boot_id: uuid.UUID,
+        clock: Clock,
+        jitter: Jitter | None = None,
+    ) -> Outbox:
+        """Open (creating if needed) the outbox file, apply the PRAGMAs and recover records a crash left INFLIGHT."""
+        path = Path(config.path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+        except (OSError, sqlite3.Error) as exc:
+            raise OutboxError(f"cannot open outbox {path}: {exc}") from exc
+        outbox = cls(
+            conn,
+            config,
+            device_id=device_id,
+            boot_id=boot_id,
+            clock=clock,
+            jitter=jitter if jitter is not None else secrets.SystemRandom().random,
+        )
+        try:
+            with outbox._translated(f"open {path}"):
+                outbox._prepare(path)
+            outbox._recover_inflight()
+        except BaseException:
+            outbox.close()
+            raise
+        return outbox
+
+    def _prepare(self, path: Path) -> None:
+        conn = self._require_conn()
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise OutboxError(f"outbox {path}: WAL journal mode unavailable (got {mode!r}); refusing to run")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT_BYTES}")
+        self._page_size = int(conn.execute("PRAGMA page_size").fetchone()[0])
+        self._hard_pages = max(1, self._config.max_bytes // self._page_size)
+        self._record_pages = max(1, self._hard_pages - max(MIN_RESERVE_PAGES, int(self._hard_pages * RESERVE_FRACTION)))
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if version > OUTBOX_SCHEMA_VERSION:
+            raise OutboxError(
+                f"outbox {path} has schema version {version}, newer than this software ({OUTBOX_SCHEMA_VERSION})"
+            )
+        if version == 0:
+            # executescript() would COMMIT on its own; run the statements inside our own immediate transaction.
+            with self._transaction() as tx:
+                for statement in _split_sql(_SCHEMA):
+                    tx.execute(statement)
+
+    def _recover_inflight(self) -> None:
+        """A previous process died between claim and ack: its INFLIGHT rows may or may not have reached the broker,
+        so they go back to PENDING and are sent again (the server deduplicates by seq and message_id)."""
+        now = self._now_ts()
+        with self._lock, self._translated("recover in-flight records"), self._transaction() as tx:
+            recovered = tx.execute(
+                "UPDATE outbox SET status = ?, claimed_at = NULL, next_attempt_at = ? WHERE status = ?",
+                (OutboxStatus.PENDING.value, now, OutboxStatus.INFLIGHT.value),
+            ).rowcount
+        if recovered:
+            logger.warning("outbox: %d record(s) were in flight when the terminal stopped; queued again", recovered)
+
+    def close(self) -> None:
+        """Checkpoint the WAL into the main file and close; idempotent."""
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            logger.warning("outbox: WAL checkpoint at close failed: %s", exc)
+        finally:
+            conn.close()
+
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def config(self) -> OutboxConfig:
+        return self._config
+
+    @property
+    def record_capacity_bytes(self) -> int:
+        """Bytes new records may fill: `max_bytes` less the bookkeeping reserve."""
+        return self._record_pages * self._page_size
+
+    # ------------------------------------------------------------------ producing records
+
+    def enqueue(self, payload: Payload) -> Envelope:
+        """Store one record and return its envelope; when this returns, the record is durable."""
+        return self.enqueue_many([payload])[0]
+
+    def enqueue_many(self, payloads: Sequence[Payload]) -> list[Envelope]:
+        """Store several records in ONE transaction (all or none), with consecutive sequence numbers."""
+        if not payloads:
+            return []
+        with self._lock:
+            try:
+                envelopes = self._insert_locked(payloads)
+            except OutboxFull:
+                pruned = self._prune_locked(before_ts=None)
+                try:
+                    envelopes = self._insert_locked(payloads)
+                except OutboxFull:
+                    if not self._full_latched:
+                        logger.error(
+                            "outbox: full at its %d-byte bound (pruned %d delivered); refusing new records",
+                            self._config.max_bytes,
+                            pruned,
+                        )
+                    self._full_latched = True
+                    raise
+            if self._full_latched:
+                # The alarm stays up until the outbox accepts again, so the first heartbeat that gets through
+                # still reports that records were refused.
+                self._full_latched = False
+                logger.info("outbox: accepting records again")
+        self._work.set()
+        return envelopes
+
+    def _insert_locked(self, payloads: Sequence[Payload]) -> list[Envelope]:
+        with self._translated("enqueue"), self._transaction(new_records=True) as tx:
+            return self._insert_in(tx, payloads)
+
+    def _insert_in(self, tx: sqlite3.Connection, payloads: Sequence[Payload]) -> list[Envelope]:
+        # Within BEGIN IMMEDIATE we are the only writer, so the next AUTOINCREMENT value is knowable up front and the
+        # envelope can carry its own seq without a second write of every row.
+        row = tx.execute(
+            "SELECT max(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+            " COALESCE((SELECT max(seq) FROM outbox), 0))"
+        ).fetchone()
+        next_seq = int(row[0]) + 1
+        envelopes: list[Envelope] = []
+        rows: list[tuple[int, str, str, str, float, float]] = []
+        for offset, payload in enumerate(payloads):
+            now = self._clock.now()
+            envelope = Envelope(
+                device_id=self._device_id,
+                seq=next_seq + offset,
+                message_id=uuid.uuid4(),
+                payload_type=PayloadType(payload.type),
+                device_time=now,
+                boot_id=self._boot_id,
+                monotonic_ns=self._clock.monotonic_ns(),
+                payload=payload,
+            )
+            text = envelope.model_dump_json()
+            if len(text.encode("utf-8")) > MAX_ENVELOPE_BYTES:
+                raise InvalidRecordError(
+                    f"{envelope.payload_type.value} record exceeds the {MAX_ENVELOPE_BYTES}-byte envelope limit"
+                )
+            envelopes.append(envelope)
+            ts = now.timestamp()
+            rows.append((envelope.seq, str(envelope.message_id), envelope.payload_type.value, text, ts, ts))
+        tx.executemany(
+            "INSERT INTO outbox (seq, message_id, payload_type, envelope, created_at, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        return envelopes
+
+    # ------------------------------------------------------------------ delivering records
+
+    def claim(self, limit: int | None = None) -> list[ClaimedRecord]:
+        """Atomically move up to `limit` due PENDING records (lowest seq first) to INFLIGHT and return them.
+
+        A row whose stored JSON no longer decodes into an envelope of this device with this seq is QUARANTINED in the
+        same transaction instead of being returned, and an audit event about it is enqueued afterwards.
+        """
+        limit = self._config.batch_size if limit is None else limit
+        if limit < 1:
+            return []
+        now = self._now_ts()
+        quarantined: list[int] = []
+        with self._lock, self._translated("claim"), self._transaction() as tx:
+            # A due time further ahead than the longest back-off means the wall clock went backwards; such rows are
+            # due now rather than stuck until the clock catches up.
+            returned = tx.execute(
+                "UPDATE outbox SET status = 'inflight', claimed_at = :now"
+                " WHERE seq IN (SELECT seq FROM outbox WHERE status = 'pending'"
+                "   AND (next_attempt_at <= :now OR next_attempt_at > :horizon) ORDER BY seq LIMIT :limit)"
+                " RETURNING seq, envelope, attempts",
+                {"now": now, "horizon": now + self._config.retry_max_s, "limit": limit},
+            ).fetchall()
+            claimed: list[ClaimedRecord] = []
+            for seq, stored, attempts in sorted(returned, key=lambda r: int(r[0])):
+                record, problem = self._decode_stored(int(seq), stored, int(attempts))
+                if record is not None:
+                    claimed.append(record)
+                else:
+                    tx.execute(
+                        "UPDATE outbox SET status = 'quarantined', last_error = ? WHERE seq = ?",
+                        (problem[:MAX_ERROR_CHARS], int(seq)),
+                    )
+                    quarantined.append(int(seq))
+        if quarantined:
+            logger.error("outbox: quarantined undecodable record(s) seq=%s; they will not be sent", quarantined)
+            self._report_quarantine(quarantined)
+        return claimed
+
+    def _decode_stored(self, seq: int, stored: object, attempts: int) -> tuple[ClaimedRecord | None, str]:
+        if isinstance(stored, str):
+            wire = stored.encode("utf-8")
+        elif isinstance(stored, bytes):
+            wire = stored
+        else:
+            return None, "stored envelope is not text"
+        try:
+            envelope = decode_envelope(wire)
+        except ContractError as exc:
+            return None, str(exc)[:MAX_ERROR_CHARS]
+        if envelope.seq != seq or envelope.device_id != self._device_id:
+            return None, "stored envelope does not match its row (seq or device id)"
+        return ClaimedRecord(seq=seq, envelope=envelope, wire=wire, attempts=attempts), ""
+
+    def _report_quarantine(self, seqs: list[int]) -> None:
+        """Tell the server why these seqs will never arrive, so its gap detection has an explanation.
+
+        Best-effort and in its own transaction: a full outbox must not undo the claim (and with it stop delivery).
+        The reason is generic on purpose; the stored text could contain anything, including personal data."""
+        notices: list[Payload] = [
+            AuditEvent(
+                category="system",
+                action="outbox.record_quarantined",
+                outcome=AuditOutcome.FAILURE,
+                detail={"seq": seq, "reason": "undecodable stored envelope"},
+            )
+            for seq in seqs
+        ]
+        try:
+            with self._lock:
+                self._insert_locked(notices)
+        except OutboxError as exc:
+            logger.warning("outbox: could not record the quarantine notice for seq=%s: %s", seqs, exc)
+            return
+        self._work.set()
+
+    def mark_sent(self, seqs: Iterable[int]) -> int:
+        """INFLIGHT -> SENT for records the broker acknowledged; returns how many moved."""
+        batch = sorted(set(seqs))
+        if not batch:
+            return 0
+        now = self._now_ts()
+        with self._lock, self._translated("mark sent"), self._transaction() as tx:
+            moved = 0
+            for seq in batch:
+                moved += tx.execute(
+                    "UPDATE outbox SET status = 'sent', sent_at = ?, last_error = NULL"
+                    " WHERE seq = ? AND status = 'inflight'",
+                    (now, seq),
+                ).rowcount
+            tx.execute("UPDATE outbox_counter SET value = value + ? WHERE name = 'sent_total'", (moved,))
+        if moved != len(batch):
+            logger.debug("outbox: %d of %d acknowledged record(s) were not in flight", len(batch) - moved, len(batch))
+        return moved
+
+    def release(self, seqs: Iterable[int], error: str, *, backoff: bool = True) -> int:
+        """INFLIGHT -> PENDING after a failed attempt: attempts+1 and, with `backoff`, a jittered exponential delay.
+
+        `backoff=False` is for records that never got a fair attempt (the link dropped, the worker is stopping):
+        the connection's own reconnect back-off already paces those.
+        """
+        batch = sorted(set(seqs))
+        if not batch:
+            return 0
+        now = self._now_ts()
+        reason = error[:MAX_ERROR_CHARS]
+        with self._lock, self._translated("release"), self._transaction() as tx:
+            updates: list[tuple[float, str, int]] = []
+            for seq in batch:
+                row = tx.execute("SELECT attempts FROM outbox WHERE seq = ? AND status = 'inflight'", (seq,)).fetchone()
+                if row is None:
+                    continue
+                attempts = int(row[0]) + 1
+                due = now + self.retry_delay_s(attempts) if backoff else now
+                updates.append((due, reason, seq))
+            tx.executemany(
+                "UPDATE outbox SET status = 'pending', attempts = attempts + 1, claimed_at = NULL,"
+                " next_attempt_at = ?, last_error = ? WHERE seq = ? AND status = 'inflight'",
+                updates,
+            )
+        if updates:
+            self._work.set()
+        return len(updates)
+
+    def retry_delay_s(self, attempts: int) -> float:
+        """Delay before attempt `attempts + 1`: retry_initial_s doubling per attempt, capped at retry_max_s, jittered
+        down by up to JITTER_FRACTION."""
+        exponent = min(max(attempts, 1) - 1, 60)
+        ceiling = min(self._config.retry_max_s, self._config.retry_initial_s * 2.0**exponent)
+        return ceiling * (1.0 - JITTER_FRACTION * self._jitter())
+
+    def prune_sent(self, now: datetime | None = None) -> int:
+        """Delete SENT records older than `sent_retention_s`; returns how many. Never touches undelivered rows."""
+        current = (now or self._clock.now()).timestamp()
+        with self._lock:
+            return self._prune_locked(before_ts=current - self._config.sent_retention_s)
+
+    def _prune_locked(self, before_ts: float | None) -> int:
+        with self._translated("prune delivered records"), self._transaction() as tx:
+            if before_ts is None:
+                pruned = tx.execute("DELETE FROM outbox WHERE status = 'sent'").rowcount
+            else:
+                pruned = tx.execute("DELETE FROM outbox WHERE status = 'sent' AND sent_at <= ?", (before_ts,)).rowcount
+        if pruned:
+            logger.debug("outbox: pruned %d delivered record(s)", pruned)
+        return int(pruned)
+
+    def wake(self) -> None:
+        """Wake a thread blocked in `wait_for_work` (used when stopping)."""
+        self._work.set()
+
+    def wait_for_work(self, timeout_s: float) -> bool:
+        """Block until something was enqueued or released (or `timeout_s` passed); True if woken by work."""
+        woken = self._work.wait(timeout_s)
+        self._work.clear()
+        return woken
+
+    # ------------------------------------------------------------------ observing
+
+    def stats(self) -> OutboxStats:
+        now = self._now_ts()
+        with self._lock, self._translated("stats"):
+            conn = self._require_conn()
+            counts = dict(conn.execute("SELECT status, count(*) FROM outbox GROUP BY status").fetchall())
+            oldest = conn.execute(
+                "SELECT min(created_at) FROM outbox WHERE seq IN ("
+                " SELECT min(seq) FROM outbox WHERE status = 'pending'"
+                " UNION ALL SELECT min(seq) FROM outbox WHERE status = 'inflight')"
+            ).fetchone()[0]
+            sent_total = int(conn.execute("SELECT value FROM outbox_counter WHERE name = 'sent_total'").fetchone()[0])
+            page_count = int(conn.execute("PRAGMA page_count").fetchone()[0])
+            free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
+            used = (page_count - free_pages) * self._page_size
+            high_water = used >= self._config.high_water_ratio * self.record_capacity_bytes
+            alarms: list[str] = []
+            if self._full_latched:
+                alarms.append(ALARM_OUTBOX_FULL)
+            if high_water:
+                alarms.append(ALARM_OUTBOX_HIGH_WATER)
+            quarantined = int(counts.get(OutboxStatus.QUARANTINED.value, 0))
+            if quarantined:
+                alarms.append(ALARM_OUTBOX_QUARANTINED)
+        pending = int(counts.get(OutboxStatus.PENDING.value, 0))
+        inflight = int(counts.get(OutboxStatus.INFLIGHT.value, 0))
+        return OutboxStats(
+            depth=pending + inflight,
+            oldest_age_s=None if oldest is None else max(0.0, now - float(oldest)),
+            used_bytes=used,
+            capacity_bytes=self._config.max_bytes,
+            inflight=inflight,
+            sent_total=sent_total,
+            quarantined=quarantined,
+            alarms=tuple(alarms),
+        )
+
+    def rows(self, statuses: Iterable[OutboxStatus] | None = None) -> list[OutboxRow]:
+        """Bookkeeping of stored records (no payloads), lowest seq first."""
+        wanted = list(statuses) if statuses is not None else list(OutboxStatus)
+        found: list[tuple[int, str, str, str, int, float, str | None]] = []
+        with self._lock, self._translated("list records"):
+            conn = self._require_conn()
+            for status in wanted:
+                found.extend(
+                    conn.execute(
+                        "SELECT seq, message_id, payload_type, status, attempts, next_attempt_at, last_error"
+                        " FROM outbox WHERE status = ? ORDER BY seq",
+                        (status.value,),
+                    ).fetchall()
+                )
+        found.sort(key=lambda row: row[0])
+        return [
+            OutboxRow(
+                seq=int(seq),
+                message_id=str(message_id),
+                payload_type=str(payload_type),
+                status=OutboxStatus(status),
+                attempts=int(attempts),
+                next_attempt_at=datetime.fromtimestamp(float(due), UTC),
+                last_error=last_error,
+            )
+            for seq, message_id, payload_type, status, attempts, due, last_error in found
+        ]
+
+    def integrity_check(self) -> list[str]:
+        """SQLite's own consistency check; `["ok"]` when the file is sound."""
+        with self._lock, self._translated("integrity check"):
+            return [str(r[0]) for r in self._require_conn().execute("PRAGMA integrity_check").fetchall()]
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _now_ts(self) -> float:
+        return self._clock.now().timestamp()
+
+    def _require_conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise OutboxError("outbox is closed")
+        return self._conn
+
+    @contextmanager
+    def _transaction(self, *, new_records: bool = False) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error; the caller holds `_lock` (or is opening).
+
+        SQLite enforces the disk bound itself through `max_page_count`: transactions that add records may only grow
+        the file to `_record_pages`; bookkeeping of records already held may use the reserve up to `_hard_pages`.
+        """
+        conn = self._require_conn()
+        limit = self._record_pages if new_records else self._hard_pages
+        if limit != self._page_limit:
+            conn.execute(f"PRAGMA max_page_count = {limit}")
+            self._page_limit = limit
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error as rollback_exc:
+                    logger.error("outbox: rollback failed: %s", rollback_exc)
+            raise
+
+    @contextmanager
+    def _translated(self, operation: str) -> Iterator[None]:
+        """The one place sqlite3 errors become terminal errors."""
+        try:
+            yield
+        except sqlite3.Error as exc:
+            if _is_full(exc):
+                raise OutboxFull(
+                    f"outbox {self._config.path} is full ({self._config.max_bytes}-byte bound) during {operation}"
+                ) from exc
+            raise OutboxError(f"outbox {self._config.path}: {operation} failed: {exc}") from exc
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split our own schema script into statements (trigger bodies contain ';', so split on complete statements)."""
+    statements: list[str] = []
+    current = ""
+    for line in script.strip().splitlines():
+        current += line + "\n"
+        if sqlite3.complete_statement(current):
+            statements.append(current.strip())
+            current = ""
+    if current.strip():
+        raise ValueError(f"incomplete SQL statement in outbox schema: {current!r}")
+    return statements

@@ -1,0 +1,241 @@
+"""The terminal's one composition root: builds the typed runtime container and runs it.
+
+Owns the wiring of config, clock, outbox, MQTT link, delivery loop, heartbeat and peripherals into a
+`TerminalRuntime`, the start/stop order, and the use-case entry point `record_audit` that the kiosk and the demo call
+to put records into the outbox. `run_terminal` is the process-level loop (signals, demo records, clean exit with the
+retained 'offline' status published).
+
+It must never choose concrete peripherals (the CLI or a test passes simulators or real drivers in; `terminal` never
+imports `hardware_sim`), never keep state in module globals, and never bypass the outbox to send a record.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import FrameType
+
+from pydantic import ValidationError
+
+from drivers.peripherals import Peripheral
+from protocol import AuditEvent, AuditOutcome, Clock, Envelope, Heartbeat, SystemClock, Topics
+from protocol.payloads import AuditDetailValue
+from terminal.config import TerminalConfig
+from terminal.errors import InvalidRecordError, OutboxFull
+from terminal.health import PeripheralWatch, compose_heartbeat
+from terminal.outbox import Outbox
+from terminal.sync import HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TerminalRuntime:
+    """Everything one running terminal is made of. Built by `build_runtime`; `stop()` is final."""
+
+    config: TerminalConfig
+    clock: Clock
+    boot_id: uuid.UUID
+    outbox: Outbox
+    sync: SyncWorker
+    peripherals: list[Peripheral]
+    health: PeripheralWatch
+    started_monotonic: float
+
+    def start(self) -> None:
+        """Connect in the background and start delivery and heartbeats; returns at once, works offline."""
+        self.sync.start()
+        logger.info(
+            "terminal %s started: software %s, config %s (schema %d), boot %s",
+            self.config.device_id,
+            self.config.software_version,
+            self.config.config_version,
+            self.config.schema_version,
+            self.boot_id,
+        )
+
+    def stop(self) -> None:
+        """Stop heartbeats and delivery, publish the retained 'offline' status, disconnect, close the outbox."""
+        self.sync.stop()
+        self.outbox.close()
+        logger.info("terminal %s stopped", self.config.device_id)
+
+    def uptime_s(self) -> float:
+        return self.clock.monotonic() - self.started_monotonic
+
+    def heartbeat(self) -> Heartbeat:
+        """The heartbeat for this moment (what the timer enqueues)."""
+        return compose_heartbeat(
+            self.config, stats=self.outbox.stats(), peripherals=self.health.snapshot(), uptime_s=self.uptime_s()
+        )
+
+    def record_audit(
+        self,
+        category: str,
+        action: str,
+        outcome: AuditOutcome | str,
+        *,
+        actor: str | None = None,
+        subject: str | None = None,
+        **detail: AuditDetailValue,
+    ) -> Envelope:
+        """Put one audit event into the outbox (durable when this returns) and return its envelope.
+
+        `actor` and `subject` must already be pseudonymous or masked; `detail` is small flat context. Raises
+        `InvalidRecordError` if the event breaks the wire contract and `OutboxFull` if the outbox refuses it; in both
+        cases the caller must treat the operation as not recorded.
+        """
+        try:
+            event = AuditEvent(
+                category=category,
+                action=action,
+                outcome=AuditOutcome(outcome),
+                actor=actor,
+                subject=subject,
+                detail=detail,
+            )
+        except (ValidationError, ValueError) as exc:
+            raise InvalidRecordError(f"audit event {category}/{action} rejected: {_fields_of(exc)}") from exc
+        return self.outbox.enqueue(event)
+
+    def record_audits(self, events: Sequence[AuditEvent]) -> list[Envelope]:
+        """Put several audit events into the outbox in one transaction (all or none)."""
+        return self.outbox.enqueue_many(list(events))
+
+
+def _fields_of(exc: Exception) -> str:
+    # Field names only: the rejected values could be personal data.
+    if isinstance(exc, ValidationError):
+        return ", ".join(".".join(str(p) for p in err["loc"]) or "(root)" for err in exc.errors()) or "invalid"
+    return "invalid outcome"
+
+
+def build_runtime(
+    config: TerminalConfig,
+    peripherals: Sequence[Peripheral],
+    clock: Clock | None = None,
+    *,
+    boot_id: uuid.UUID | None = None,
+    link: UplinkLink | None = None,
+) -> TerminalRuntime:
+    """Wire a terminal from its config and the peripherals the caller chose. Nothing runs until `start()`.
+
+    `link` replaces the MQTT connection (tests pass a fake); by default it is an `MqttUplink` to `config.mqtt`.
+    """
+    clock = clock if clock is not None else SystemClock()
+    boot_id = boot_id if boot_id is not None else uuid.uuid4()
+    health = PeripheralWatch(peripherals)
+    started = clock.monotonic()
+    outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
+    try:
+        if link is None:
+            link = MqttUplink(
+                config.mqtt,
+                device_id=config.device_id,
+                boot_id=boot_id,
+                clock=clock,
+                inflight_window=config.outbox.batch_size,
+            )
+        delivery = UplinkDelivery(
+            outbox,
+            link,
+            topic=Topics(prefix=config.mqtt.topic_prefix).uplink(config.device_id),
+            batch_size=config.outbox.batch_size,
+            publish_timeout_s=config.outbox.publish_timeout_s,
+            clock=clock,
+        )
+
+        def compose() -> Heartbeat:
+            return compose_heartbeat(
+                config, stats=outbox.stats(), peripherals=health.snapshot(), uptime_s=clock.monotonic() - started
+            )
+
+        heartbeat = HeartbeatTimer(outbox, compose, interval_s=config.heartbeat.interval_s)
+    except BaseException:
+        outbox.close()
+        raise
+    return TerminalRuntime(
+        config=config,
+        clock=clock,
+        boot_id=boot_id,
+        outbox=outbox,
+        sync=SyncWorker(link, delivery, heartbeat),
+        peripherals=list(peripherals),
+        health=health,
+        started_monotonic=started,
+    )
+
+
+def run_terminal(
+    config: TerminalConfig,
+    peripherals: Sequence[Peripheral],
+    *,
+    emit_records: int = 0,
+    stop_event: threading.Event | None = None,
+) -> None:
+    """Run a terminal until SIGINT/SIGTERM (main thread only) or `stop_event`, then stop cleanly.
+
+    Records one `terminal.started` audit event, then `emit_records` demo events (category 'system', action
+    'demo.record', detail {'n': i}) in outbox-sized batches, each batch one transaction.
+    """
+    stop = stop_event if stop_event is not None else threading.Event()
+    restore_signals = _stop_on_signals(stop)
+    try:
+        runtime = build_runtime(config, peripherals)
+        try:
+            runtime.start()
+            runtime.record_audit(
+                "system",
+                "terminal.started",
+                AuditOutcome.INFO,
+                software_version=config.software_version,
+                config_version=config.config_version,
+            )
+            _emit_demo_records(runtime, emit_records, stop)
+            # A bounded wait keeps the main thread responsive to signal handlers on every platform.
+            while not stop.wait(0.5):
+                pass
+        finally:
+            runtime.stop()
+    finally:
+        restore_signals()
+
+
+def _emit_demo_records(runtime: TerminalRuntime, count: int, stop: threading.Event) -> None:
+    batch_size = runtime.config.outbox.batch_size
+    emitted = 0
+    while emitted < count and not stop.is_set():
+        batch = [
+            AuditEvent(category="system", action="demo.record", outcome=AuditOutcome.INFO, detail={"n": n})
+            for n in range(emitted, min(count, emitted + batch_size))
+        ]
+        try:
+            runtime.record_audits(batch)
+        except OutboxFull:
+            logger.error("demo: outbox full after %d of %d records; not emitting the rest", emitted, count)
+            return
+        emitted += len(batch)
+    if count:
+        logger.info("demo: enqueued %d record(s)", emitted)
+
+
+def _stop_on_signals(stop: threading.Event) -> Callable[[], None]:
+    """Make SIGINT/SIGTERM set `stop`; returns a function restoring the previous handlers (no-op off main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        # Only set the event: logging from a signal handler can re-enter a handler lock the main thread holds.
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore

@@ -1,0 +1,594 @@
+"""The sync worker: moves records from the outbox to the MQTT broker, and the heartbeat timer.
+
+Owns three things:
+
+* `MqttUplink` — the thin paho-mqtt 2 adapter (the only code here that imports paho). MQTT v5, client id = device id,
+  a persistent session (`clean_start=False` + session expiry), a retained last will 'offline' on the device's status
+  topic and a retained 'online' published on every connect, paho's own network thread and reconnect back-off. Its
+  callbacks only flip an event, record a broker refusal or log; they never block and never touch the outbox.
+* `UplinkDelivery` — the worker thread: claim a batch, publish each envelope at QoS 1, correlate acknowledgements by
+  OUR record (the `MQTTMessageInfo` each publish returned, never paho's recycled `mid` alone), mark SENT only what the
+  broker PUBACKed, release the rest. Offline it sleeps on the connection event instead of spinning.
+* `HeartbeatTimer` — enqueues a `protocol.Heartbeat` through the outbox every interval and prunes delivered rows.
+
+`SyncWorker` composes them with a graceful `stop()`: retained 'offline', disconnect, threads joined.
+
+It must never mark a record SENT without a PUBACK for it, never hold an application lock across `publish()`, never let
+a paho exception escape (they become `terminal.errors.SyncError`), and never log a payload or personal data: log lines
+carry sequence numbers, counts and reasons only. Connection loss and recovery are logged once each, not per retry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import threading
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Final, Protocol
+
+from paho.mqtt.client import (
+    MQTT_LOG_ERR,
+    MQTT_LOG_WARNING,
+    Client,
+    ConnectFlags,
+    DisconnectFlags,
+    MQTTMessageInfo,
+)
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from protocol import Clock, DeviceStatusMessage, Envelope, Heartbeat, LinkState, Topics
+from terminal.config import MqttConfig
+from terminal.errors import NotConnectedError, OutboxError, OutboxFull, PublishError, SyncError
+from terminal.outbox import ClaimedRecord, Outbox
+
+logger = logging.getLogger(__name__)
+_paho_logger = logging.getLogger(f"{__name__}.paho")
+
+SESSION_EXPIRY_S: Final = 7 * 24 * 3600
+"""How long the broker keeps our session (and queued downlink commands) while we are away; matches the broker's
+`persistent_client_expiration` in `yibao.broker`."""
+STATUS_PUBLISH_TIMEOUT_S: Final = 5.0
+"""How long `close()` waits for the broker to acknowledge the retained 'offline' before disconnecting anyway."""
+QUEUE_WINDOWS: Final = 4
+"""paho's outgoing queue holds this many batches: enough for one batch in flight plus stragglers re-sent after a
+reconnect; beyond it publish() fails fast instead of growing memory while the broker does not acknowledge."""
+POLL_SLICE_S: Final = 0.25
+"""Longest uninterrupted sleep of the worker, so stop() and a dropped link are noticed promptly."""
+IDLE_POLL_S: Final = 1.0
+
+_connect_properties: Callable[[int], Properties] = Properties
+"""paho's `Properties.__init__(packetType)` is unannotated; this alias states the signature it has."""
+"""With nothing due, re-check at least this often (records released with back-off become due on their own)."""
+
+
+# ---------------------------------------------------------------------- the transport seam
+
+
+class DeliveryState(Enum):
+    WAITING = "waiting"
+    """Published, no PUBACK yet."""
+    ACKED = "acked"
+    """The broker acknowledged it with a success reason code."""
+    REJECTED = "rejected"
+    """The broker answered with a failure reason code (quota, not authorised, ...)."""
+    FAILED = "failed"
+    """The client library could not send it."""
+    LINK_DOWN = "link_down"
+    """The connection was not up, so no real attempt was made."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    state: DeliveryState
+    reason: str = ""
+
+
+class PublishTicket(Protocol):
+    """Tracks one published record until the broker acknowledges it."""
+
+    def poll(self) -> Delivery:
+        """Current state, without blocking."""
+        ...
+
+    def wait(self, timeout_s: float) -> Delivery:
+        """Block up to `timeout_s` for a final state; returns the state then (maybe still WAITING)."""
+        ...
+
+
+class UplinkLink(Protocol):
+    """The MQTT connection as the delivery loop sees it; `MqttUplink` in production, a fake in unit tests."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None:
+        """Publish the retained 'offline' status if possible, disconnect, stop the network thread; idempotent."""
+        ...
+
+    def is_connected(self) -> bool: ...
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Block until connected or `timeout_s` passed; True if connected."""
+        ...
+
+    def publish(self, topic: str, payload: bytes) -> PublishTicket:
+        """Queue a QoS 1 publish; raises `NotConnectedError` or `PublishError` instead of queueing blindly."""
+        ...
+
+
+# ---------------------------------------------------------------------- paho adapter
+
+
+class _PahoTicket:
+    def __init__(self, info: MQTTMessageInfo, uplink: MqttUplink) -> None:
+        self._info = info
+        self._uplink = uplink
+
+    def poll(self) -> Delivery:
+        try:
+            published = self._info.is_published()
+        except ValueError:
+            return Delivery(DeliveryState.FAILED, "client queue full")
+        except RuntimeError:
+            if self._info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
+                return Delivery(DeliveryState.LINK_DOWN, "not connected")
+            return Delivery(DeliveryState.FAILED, f"publish failed: {MQTTErrorCode(self._info.rc).name}")
+        if not published:
+            return Delivery(DeliveryState.WAITING)
+        refusal = self._uplink.take_refusal(self._info.mid)
+        if refusal is not None:
+            return Delivery(DeliveryState.REJECTED, f"rejected by broker: {refusal}")
+        return Delivery(DeliveryState.ACKED)
+
+    def wait(self, timeout_s: float) -> Delivery:
+        with contextlib.suppress(ValueError, RuntimeError):  # poll() classifies the same condition
+            self._info.wait_for_publish(max(0.0, timeout_s))
+        return self.poll()
+
+
+class MqttUplink:
+    """The terminal's MQTT connection (paho-mqtt 2, MQTT v5); see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        device_id: str,
+        boot_id: uuid.UUID,
+        clock: Clock,
+        inflight_window: int,
+    ) -> None:
+        self._config = config
+        self._device_id = device_id
+        self._boot_id = boot_id
+        self._clock = clock
+        self._topics = Topics(prefix=config.topic_prefix)
+        self._status_topic = self._topics.status(device_id)
+        self._connected = threading.Event()
+        self._closing = False
+        self._started = False
+        self._state_lock = threading.Lock()
+        self._available: bool | None = None  # None until the first connect attempt resolves
+        self._unavailable_since = 0.0
+        self._refusals: dict[int, str] = {}
+        self._refusals_lock = threading.Lock()
+
+        client = Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=device_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        client.on_log = self._on_log
+        client.will_set(self._status_topic, self._status(LinkState.OFFLINE, stamped=False), qos=1, retain=True)
+        # paho schedules reconnects in whole seconds; round the configured fractions up rather than busy-retry.
+        client.reconnect_delay_set(
+            min_delay=max(1, math.ceil(config.reconnect_min_s)),
+            max_delay=max(1, math.ceil(config.reconnect_max_s)),
+        )
+        client.max_inflight_messages_set(inflight_window)
+        client.max_queued_messages_set(inflight_window * QUEUE_WINDOWS)
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        self._client = client
+
+    # -- life cycle
+
+    def start(self) -> None:
+        """Begin connecting in the background; returns at once (the terminal works offline from the first second)."""
+        if self._started:
+            return
+        properties = _connect_properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        try:
+            self._client.connect_async(
+                self._config.host,
+                self._config.port,
+                keepalive=self._config.keepalive_s,
+                clean_start=False,
+                properties=properties,
+            )
+            rc = self._client.loop_start()
+        except (ValueError, OSError) as exc:
+            raise SyncError(f"cannot start MQTT client for {self._config.host}:{self._config.port}: {exc}") from exc
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            raise SyncError(f"cannot start the MQTT network thread: {MQTTErrorCode(rc).name}")
+        self._started = True
+
+    def close(self) -> None:
+        if not self._started or self._closing:
+            return
+        self._closing = True
+        if self._connected.is_set():
+            try:
+                info = self._client.publish(
+                    self._status_topic, self._status(LinkState.OFFLINE, stamped=True), qos=1, retain=True
+                )
+                info.wait_for_publish(STATUS_PUBLISH_TIMEOUT_S)
+                if not info.is_published():
+                    logger.warning("mqtt: broker did not acknowledge the offline status before disconnect")
+            except (ValueError, RuntimeError) as exc:
+                logger.warning("mqtt: could not publish the offline status: %s", exc)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+        logger.info("mqtt: disconnected from %s:%d", self._config.host, self._config.port)
+
+    # -- what the delivery loop uses
+
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def publish(self, topic: str, payload: bytes) -> PublishTicket:
+        if not self._connected.is_set():
+            raise NotConnectedError("not connected to the broker")
+        try:
+            info = self._client.publish(topic, payload, qos=1, retain=False)
+        except (ValueError, TypeError) as exc:
+            raise PublishError(f"publish refused by the MQTT client: {exc}") from exc
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise PublishError("MQTT client queue is full")
+        return _PahoTicket(info, self)
+
+    def take_refusal(self, mid: int) -> str | None:
+        """The failure reason the broker gave in the PUBACK for `mid`, if any (consumed on read)."""
+        with self._refusals_lock:
+            return self._refusals.pop(mid, None)
+
+    # -- paho callbacks: run on paho's network thread; flip state, log, return
+
+    def _on_connect(
+        self,
+        client: Client,
+        userdata: object,
+        flags: ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._became_unavailable(f"broker refused the connection: {reason_code}")
+            return
+        # publish() only queues the packet; it does not wait for the network.
+        client.publish(self._status_topic, self._status(LinkState.ONLINE, stamped=True), qos=1, retain=True)
+        self._connected.set()
+        self._became_available(session_present=flags.session_present)
+
+    def _on_connect_fail(self, client: Client, userdata: object) -> None:
+        self._became_unavailable("broker unreachable")
+
+    def _on_disconnect(
+        self,
+        client: Client,
+        userdata: object,
+        flags: DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        if not self._closing:
+            self._became_unavailable(f"connection lost: {reason_code}")
+
+    def _on_publish(
+        self, client: Client, userdata: object, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
+        # paho marks the message published whatever the PUBACK's reason code, so remember refusals here; the
+        # ticket holding this mid reads them once `is_published()` is true (paho calls us before setting that).
+        if reason_code.is_failure:
+            with self._refusals_lock:
+                if len(self._refusals) > 4096:  # refusals for messages nobody waits for any more
+                    self._refusals.clear()
+                self._refusals[mid] = str(reason_code)
+
+    def _on_log(self, client: Client, userdata: object, level: int, message: str) -> None:
+        # paho 2.2 logs "Client is not connected" at ERROR from its loop after every disconnect, including our own
+        # orderly one; it is not actionable, so it goes to DEBUG with paho's chatter. Real errors (an exception in
+        # one of our callbacks) stay errors.
+        if level == MQTT_LOG_ERR and not message.startswith("Client is not connected"):
+            _paho_logger.error("%s", message)
+        elif level == MQTT_LOG_WARNING:
+            _paho_logger.warning("%s", message)
+        else:
+            _paho_logger.debug("%s", message)
+
+    # -- availability: log once on loss, once on recovery
+
+    def _became_unavailable(self, reason: str) -> None:
+        with self._state_lock:
+            if self._available is False:
+                logger.debug("mqtt: still unavailable (%s)", reason)
+                return
+            self._available = False
+            self._unavailable_since = self._clock.monotonic()
+        logger.warning(
+            "mqtt: %s (%s:%d); records wait in the outbox until the link is back",
+            reason,
+            self._config.host,
+            self._config.port,
+        )
+
+    def _became_available(self, *, session_present: bool) -> None:
+        with self._state_lock:
+            previously, self._available = self._available, True
+            down_for = self._clock.monotonic() - self._unavailable_since
+        if previously is False:
+            logger.info("mqtt: connection restored after %.1f s (session present: %s)", down_for, session_present)
+        else:
+            logger.info("mqtt: connected to %s:%d as %s", self._config.host, self._config.port, self._device_id)
+
+    def _status(self, state: LinkState, *, stamped: bool) -> bytes:
+        return DeviceStatusMessage(
+            device_id=self._device_id,
+            state=state,
+            boot_id=self._boot_id,
+            at=self._clock.now() if stamped else None,
+        ).to_bytes()
+
+
+# ---------------------------------------------------------------------- the delivery loop
+
+
+@dataclass(slots=True)
+class _Outcome:
+    acked: list[int]
+    retry: dict[str, list[int]]
+    """Reason -> seqs that had a fair attempt and failed: released with back-off."""
+    requeue: dict[str, list[int]]
+    """Reason -> seqs that never had a fair attempt (link down, stopping): released without back-off."""
+
+    def is_empty(self) -> bool:
+        return not (self.acked or self.retry or self.requeue)
+
+
+class UplinkDelivery:
+    """The worker thread that drains the outbox into the uplink topic."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        link: UplinkLink,
+        *,
+        topic: str,
+        batch_size: int,
+        publish_timeout_s: float,
+        clock: Clock,
+    ) -> None:
+        self._outbox = outbox
+        self._link = link
+        self._topic = topic
+        self._batch_size = batch_size
+        self._publish_timeout_s = publish_timeout_s
+        self._clock = clock
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._unsettled: _Outcome | None = None
+        self._outbox_failing = False
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="outbox-delivery", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Ask the loop to finish its batch (unacked records go back to PENDING) and join it."""
+        self._stopping.set()
+        self._outbox.wake()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+            if thread.is_alive():
+                logger.error("delivery: worker did not stop within %.1f s", timeout_s)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if not self._link.wait_connected(POLL_SLICE_S):
+                    continue
+                if self.deliver_batch() == 0:
+                    self._outbox.wait_for_work(IDLE_POLL_S)
+            except Exception:  # the worker must outlive any single bad batch; the outbox keeps the records
+                logger.exception("delivery: unexpected error; retrying in 1 s")
+                self._stopping.wait(1.0)
+        self._settle_leftovers()
+
+    def deliver_batch(self) -> int:
+        """One round: settle what a failed round left, claim, publish, await PUBACKs, settle. Returns records claimed.
+
+        Public so unit tests can drive the loop step by step with a fake link."""
+        if not self._settle_leftovers():
+            self._stopping.wait(1.0)
+            return 0
+        try:
+            batch = self._outbox.claim(self._batch_size)
+        except OutboxError as exc:
+            self._report_outbox_failure(exc)
+            self._stopping.wait(1.0)
+            return 0
+        if not batch:
+            return 0
+        self._unsettled = self._publish_and_await(batch)
+        self._settle_leftovers()
+        return len(batch)
+
+    def _publish_and_await(self, batch: Sequence[ClaimedRecord]) -> _Outcome:
+        outcome = _Outcome(acked=[], retry={}, requeue={})
+        tickets: list[tuple[int, PublishTicket]] = []
+        for record in batch:
+            if self._stopping.is_set():
+                outcome.requeue.setdefault("terminal stopping", []).append(record.seq)
+                continue
+            try:
+                tickets.append((record.seq, self._link.publish(self._topic, record.wire)))
+            except NotConnectedError:
+                outcome.requeue.setdefault("not connected", []).append(record.seq)
+            except SyncError as exc:
+                outcome.retry.setdefault(str(exc), []).append(record.seq)
+
+        deadline = self._clock.monotonic() + self._publish_timeout_s
+        for seq, ticket in tickets:
+            delivery = ticket.poll()
+            while delivery.state is DeliveryState.WAITING:
+                remaining = deadline - self._clock.monotonic()
+                if remaining <= 0 or self._stopping.is_set() or not self._link.is_connected():
+                    break
+                delivery = ticket.wait(min(remaining, POLL_SLICE_S))
+            self._classify(seq, delivery, outcome)
+        return outcome
+
+    def _classify(self, seq: int, delivery: Delivery, outcome: _Outcome) -> None:
+        state = delivery.state
+        if state is DeliveryState.ACKED:
+            outcome.acked.append(seq)
+        elif state in (DeliveryState.REJECTED, DeliveryState.FAILED):
+            outcome.retry.setdefault(delivery.reason, []).append(seq)
+        elif state is DeliveryState.LINK_DOWN:
+            outcome.requeue.setdefault("connection lost", []).append(seq)
+        elif self._stopping.is_set():
+            outcome.requeue.setdefault("terminal stopping", []).append(seq)
+        elif not self._link.is_connected():
+            outcome.requeue.setdefault("connection lost", []).append(seq)
+        else:
+            outcome.retry.setdefault(f"no PUBACK within {self._publish_timeout_s:g} s", []).append(seq)
+
+    def _settle_leftovers(self) -> bool:
+        """Write the last round's outcome to the outbox; kept and retried if the outbox fails. True when settled."""
+        outcome = self._unsettled
+        if outcome is None or outcome.is_empty():
+            self._unsettled = None
+            return True
+        try:
+            if outcome.acked:
+                self._outbox.mark_sent(outcome.acked)
+                outcome.acked = []
+            for reason in list(outcome.retry):
+                self._outbox.release(outcome.retry.pop(reason), reason, backoff=True)
+            for reason in list(outcome.requeue):
+                self._outbox.release(outcome.requeue.pop(reason), reason, backoff=False)
+        except OutboxError as exc:
+            self._report_outbox_failure(exc)
+            return False
+        self._unsettled = None
+        if self._outbox_failing:
+            self._outbox_failing = False
+            logger.info("delivery: outbox bookkeeping works again")
+        return True
+
+    def _report_outbox_failure(self, exc: OutboxError) -> None:
+        if not self._outbox_failing:
+            self._outbox_failing = True
+            logger.error("delivery: outbox failed (%s); retrying every second", exc)
+
+
+# ---------------------------------------------------------------------- heartbeat
+
+
+class HeartbeatTimer:
+    """Enqueues a heartbeat at start and then every `interval_s`, and prunes delivered records on the same tick."""
+
+    def __init__(self, outbox: Outbox, compose: Callable[[], Heartbeat], *, interval_s: float) -> None:
+        self._outbox = outbox
+        self._compose = compose
+        self._interval_s = interval_s
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._refusing = False
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.beat()
+            except Exception:  # a failed beat must not end all future beats
+                logger.exception("heartbeat: unexpected error")
+            self._stopping.wait(self._interval_s)
+
+    def beat(self) -> Envelope | None:
+        """One tick: prune, compose, enqueue. Returns the heartbeat's envelope, or None if the outbox refused it."""
+        try:
+            self._outbox.prune_sent()
+            envelope = self._outbox.enqueue(self._compose())
+        except OutboxFull:
+            if not self._refusing:
+                self._refusing = True
+                logger.warning("heartbeat: outbox is full; heartbeats are skipped until it drains")
+            return None
+        except OutboxError as exc:
+            logger.error("heartbeat: could not enqueue: %s", exc)
+            return None
+        if self._refusing:
+            self._refusing = False
+            logger.info("heartbeat: enqueued again")
+        return envelope
+
+
+# ---------------------------------------------------------------------- composition
+
+
+class SyncWorker:
+    """The MQTT link, the delivery loop and the heartbeat timer, started and stopped in the right order."""
+
+    def __init__(self, link: UplinkLink, delivery: UplinkDelivery, heartbeat: HeartbeatTimer) -> None:
+        self.link = link
+        self.delivery = delivery
+        self.heartbeat = heartbeat
+        self._running = False
+
+    def start(self) -> None:
+        if self._running:
+            return
+        self.link.start()
+        self.delivery.start()
+        self.heartbeat.start()
+        self._running = True
+
+    def stop(self) -> None:
+        """Stop heartbeats, let the delivery loop requeue what it holds, publish retained 'offline', disconnect."""
+        if not self._running:
+            return
+        self._running = False
+        self.heartbeat.stop()
+        self.delivery.stop()
+        self.link.close()
