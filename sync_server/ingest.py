@@ -188,6 +188,7 @@ class IngestWorker:
         self._client: mqtt.Client | None = None
         self._generation = 0
         self._connected = False
+        self._subscribed = False
         self._broker_lost = False
         self._ever_connected = False
         self._stopping = False
@@ -200,6 +201,11 @@ class IngestWorker:
     def connected(self) -> bool:
         """True while the broker session is up."""
         return self._connected
+
+    @property
+    def ready(self) -> bool:
+        """True once the broker granted our subscriptions on the current connection."""
+        return self._connected and self._subscribed
 
     @property
     def running(self) -> bool:
@@ -253,6 +259,7 @@ class IngestWorker:
             client.disconnect()
             client.loop_stop()
         self._connected = False
+        self._subscribed = False
         if thread is not None:
             logger.info("ingest stopped")
 
@@ -306,6 +313,7 @@ class IngestWorker:
         # New connection: packet ids of messages from the previous one must never be acknowledged on this one.
         self._generation += 1
         self._connected = True
+        self._subscribed = False
         client.subscribe(
             [
                 (self._topics.all_uplinks_shared, SubscribeOptions(qos=1)),
@@ -333,6 +341,7 @@ class IngestWorker:
         _properties: Properties | None,
     ) -> None:
         self._connected = False
+        self._subscribed = False
         if not self._stopping and not self._broker_lost:
             logger.warning("lost MQTT broker %s (%s); ingest paused, reconnecting", self._broker, reason_code)
             self._broker_lost = True
@@ -350,6 +359,8 @@ class IngestWorker:
             logger.error(
                 "MQTT broker %s refused our subscriptions: %s; nothing will be ingested", self._broker, refused
             )
+            return
+        self._subscribed = True
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         try:

@@ -1,0 +1,139 @@
+"""`/api/v1/devices`: the device registry and each device's stored events (read-only).
+
+Owns filtering and keyset pagination (events are paged by `seq`, so a page never shifts when new events arrive).
+It must never write.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, Query
+from pydantic import AwareDatetime
+from sqlalchemy import ColumnElement, and_, func, or_, select
+from sqlalchemy.orm import Session, selectinload
+
+from protocol import PayloadType
+from sync_server.api.deps import ClockDep, SessionDep
+from sync_server.api.schemas import DeviceList, DeviceOut, ErrorOut, EventOut, EventPage
+from sync_server.db.models import Device, Event, LinkStateColumn
+
+router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{2,63}$"
+DeviceIdPath = Annotated[str, Path(pattern=DEVICE_ID_PATTERN, description="The terminal's device id.")]
+MAX_PAGE = 1000
+
+
+def online_clause(now: datetime) -> ColumnElement[bool]:
+    """SQL form of `sync_server.store.is_online`, evaluated at `now`."""
+    return and_(Device.link_state == LinkStateColumn.ONLINE, Device.heartbeat_expires_at > now)
+
+
+def get_device_or_404(session: Session, device_id: str) -> Device:
+    device = session.scalar(
+        select(Device).options(selectinload(Device.institution)).where(Device.device_id == device_id)
+    )
+    if device is None:
+        raise HTTPException(status_code=404, detail=f"device {device_id!r} is not known to this server")
+    return device
+
+
+@router.get("", response_model=DeviceList)
+def list_devices(
+    session: SessionDep,
+    clock: ClockDep,
+    online: Annotated[bool | None, Query(description="Only devices that are (or are not) online now.")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 500,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> DeviceList:
+    """Devices ordered by device id."""
+    now = clock.now()
+    conditions: list[ColumnElement[bool]] = []
+    if online is True:
+        conditions.append(online_clause(now))
+    elif online is False:
+        conditions.append(
+            or_(
+                Device.link_state != LinkStateColumn.ONLINE,
+                Device.heartbeat_expires_at.is_(None),
+                Device.heartbeat_expires_at <= now,
+            )
+        )
+    total = session.scalar(select(func.count()).select_from(Device).where(*conditions)) or 0
+    rows = session.scalars(
+        select(Device)
+        .options(selectinload(Device.institution))
+        .where(*conditions)
+        .order_by(Device.device_id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return DeviceList(items=[DeviceOut.of(row, now=now) for row in rows], total=total)
+
+
+@router.get("/{device_id}", response_model=DeviceOut, responses={404: {"model": ErrorOut}})
+def get_device(device_id: DeviceIdPath, session: SessionDep, clock: ClockDep) -> DeviceOut:
+    return DeviceOut.of(get_device_or_404(session, device_id), now=clock.now())
+
+
+def event_page(
+    session: Session,
+    device_id: str,
+    *,
+    payload_type: PayloadType | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    after_seq: int = 0,
+    limit: int = 100,
+) -> EventPage:
+    """One page of a device's events in `seq` order; shared by the API and the web page."""
+    filters: list[ColumnElement[bool]] = [Event.device_id == device_id]
+    if payload_type is not None:
+        filters.append(Event.payload_type == payload_type.value)
+    if since is not None:
+        filters.append(Event.device_time >= since)
+    if until is not None:
+        filters.append(Event.device_time < until)
+    total = session.scalar(select(func.count()).select_from(Event).where(*filters)) or 0
+    rows = list(
+        session.scalars(select(Event).where(*filters, Event.seq > after_seq).order_by(Event.seq).limit(limit + 1))
+    )
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return EventPage(
+        items=[EventOut.of(row) for row in rows],
+        next_after_seq=rows[-1].seq if more else None,
+        total=total,
+    )
+
+
+@router.get("/{device_id}/events", response_model=EventPage, responses={404: {"model": ErrorOut}})
+def list_events(
+    device_id: DeviceIdPath,
+    session: SessionDep,
+    payload_type: Annotated[PayloadType | None, Query(description="Only events of this payload type.")] = None,
+    since: Annotated[
+        AwareDatetime | None, Query(description="Only events whose device_time is at or after this (ISO 8601).")
+    ] = None,
+    until: Annotated[
+        AwareDatetime | None, Query(description="Only events whose device_time is before this (ISO 8601).")
+    ] = None,
+    after_seq: Annotated[int, Query(ge=0, description="Keyset cursor: events with seq greater than this.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+) -> EventPage:
+    """A device's stored events in `seq` order. `total` counts every event matching the filters (all pages);
+    follow `next_after_seq` until it is null."""
+    if since is not None and until is not None and since >= until:
+        raise HTTPException(status_code=422, detail="'since' must be earlier than 'until'")
+    get_device_or_404(session, device_id)
+    return event_page(
+        session,
+        device_id,
+        payload_type=payload_type,
+        since=since,
+        until=until,
+        after_seq=after_seq,
+        limit=limit,
+    )

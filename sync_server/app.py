@@ -1,0 +1,77 @@
+"""The FastAPI application factory of the sync server.
+
+`create_app(settings, engine=None, start_ingest=True)` wires routers, static files, templates and error handlers;
+its lifespan builds the process's `ServerRuntime`, starts the ingest worker and the presence sweeper, and stops them
+(and disposes an engine it created) at shutdown. Database errors during a request are translated once, here, into
+HTTP 503 with a JSON body. It must never run migrations (that is `sync_server.service.serve` / `yibao server
+migrate`) or keep state outside the app instance.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.concurrency import run_in_threadpool
+
+from protocol import Clock
+from sync_server.api import devices, health, ingest, institutions
+from sync_server.runtime import ServerRuntime
+from sync_server.settings import ServerSettings
+from sync_server.web import pages
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    settings: ServerSettings,
+    *,
+    engine: Engine | None = None,
+    start_ingest: bool = True,
+    clock: Clock | None = None,
+) -> FastAPI:
+    """Build the app. With `engine=None` the lifespan creates one from `settings.database_url` (and disposes it);
+    a given engine stays the caller's. `start_ingest=False` serves the API and pages only (no broker session, no
+    sweeper). `clock` is injected into ingest, presence and the pages' notion of "now"."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = ServerRuntime.build(settings, engine=engine, clock=clock, start_ingest=start_ingest)
+        app.state.runtime = runtime
+        try:
+            runtime.start()
+        except BaseException:
+            await run_in_threadpool(runtime.stop)
+            raise
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runtime.stop)
+            del app.state.runtime
+
+    app = FastAPI(
+        title="医保 sync server",
+        summary="Device registry, MQTT ingest and operator pages of the 医保 self-service terminal platform.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.templates = pages.make_templates(settings)
+    app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
+    app.include_router(health.router)
+    app.include_router(devices.router)
+    app.include_router(ingest.router)
+    app.include_router(institutions.router)
+    app.include_router(pages.router)
+    app.add_exception_handler(SQLAlchemyError, _database_unavailable)
+    return app
+
+
+async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("request failed on the database: %s", type(exc).__name__)
+    return JSONResponse(status_code=503, content={"detail": "the database is unavailable; try again shortly"})

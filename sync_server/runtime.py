@@ -1,0 +1,86 @@
+"""The typed runtime container of one server process: settings, engine, session factory, clock, background workers.
+
+`create_app`'s lifespan builds one `ServerRuntime`, starts it, and stops it at shutdown; request handlers reach it
+through `sync_server.api.deps`. It owns the start/stop order (ingest before the sweeper, stopped in reverse; the
+engine disposed last, and only when this runtime created it). It must never be a module-level global.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from protocol import Clock, SystemClock
+from sync_server.db.engine import create_db_engine, session_factory
+from sync_server.ingest import IngestWorker
+from sync_server.presence import PresenceSweeper
+from sync_server.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+MqttState = Literal["connected", "disconnected", "disabled"]
+
+
+@dataclass
+class ServerRuntime:
+    settings: ServerSettings
+    engine: Engine
+    clock: Clock
+    owns_engine: bool
+    ingest: IngestWorker | None = None
+    sweeper: PresenceSweeper | None = None
+    sessions: sessionmaker[Session] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sessions = session_factory(self.engine)
+
+    @classmethod
+    def build(
+        cls,
+        settings: ServerSettings,
+        *,
+        engine: Engine | None = None,
+        clock: Clock | None = None,
+        start_ingest: bool = True,
+    ) -> ServerRuntime:
+        """Assemble the runtime; nothing is started yet. With `engine=None` one is created from the settings and
+        disposed by `stop()`."""
+        owns_engine = engine is None
+        the_engine = engine if engine is not None else create_db_engine(settings.database_url)
+        the_clock: Clock = clock if clock is not None else SystemClock()
+        runtime = cls(settings=settings, engine=the_engine, clock=the_clock, owns_engine=owns_engine)
+        if start_ingest:
+            runtime.ingest = IngestWorker(settings, the_engine, clock=the_clock)
+            runtime.sweeper = PresenceSweeper(
+                the_engine, interval_s=settings.presence_sweep_interval_s, clock=the_clock
+            )
+        return runtime
+
+    def start(self) -> None:
+        if self.settings.secret_key_is_placeholder:
+            logger.warning("secret_key is a placeholder; acceptable in dev only (set YIBAO_SERVER_SECRET_KEY)")
+        if self.settings.auto_register_devices and self.settings.environment == "prod":
+            logger.warning("auto_register_devices is on in prod: any publisher the broker admits creates a device")
+        if self.ingest is not None:
+            self.ingest.start()
+        if self.sweeper is not None:
+            self.sweeper.start()
+
+    def stop(self) -> None:
+        if self.sweeper is not None:
+            self.sweeper.stop()
+        if self.ingest is not None:
+            self.ingest.stop()
+        if self.owns_engine:
+            self.engine.dispose()
+
+    @property
+    def mqtt_state(self) -> MqttState:
+        """'connected', 'disconnected', or 'disabled' when this process runs no ingest."""
+        if self.ingest is None:
+            return "disabled"
+        return "connected" if self.ingest.connected else "disconnected"

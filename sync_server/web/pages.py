@@ -1,0 +1,110 @@
+"""The operator pages: `GET /` (device list, auto-refreshing) and `GET /devices/{device_id}` (one device and its
+events, paged by seq).
+
+Owns building the page context from the API's query functions and schemas. It must never write or duplicate
+query logic the API already has.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import func, select
+from sqlalchemy.orm import selectinload
+
+from protocol import PayloadType
+from sync_server.api.deps import ClockDep, SessionDep, SettingsDep
+from sync_server.api.devices import DeviceIdPath, event_page, get_device_or_404, online_clause
+from sync_server.api.schemas import DeviceOut
+from sync_server.db.models import Device
+from sync_server.settings import ServerSettings
+from sync_server.web.format import ago, duration, local_time, peripheral_state_words
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+REFRESH_S = 5
+PAGE_DEVICES = 500
+PAGE_EVENTS = 50
+
+router = APIRouter(include_in_schema=False)
+
+
+def make_templates(settings: ServerSettings) -> Jinja2Templates:
+    templates = Jinja2Templates(directory=TEMPLATES_DIR)
+    tz = ZoneInfo(settings.display_timezone)
+    templates.env.filters["localtime"] = lambda value: local_time(value, tz)
+    templates.env.filters["duration"] = duration
+    templates.env.globals["ago"] = ago
+    templates.env.globals["peripheral_state_words"] = peripheral_state_words
+    templates.env.globals["tz_name"] = settings.display_timezone
+    return templates
+
+
+def _templates(request: Request) -> Jinja2Templates:
+    templates = getattr(request.app.state, "templates", None)
+    if not isinstance(templates, Jinja2Templates):
+        raise RuntimeError("templates are not configured; build the app with create_app()")
+    return templates
+
+
+@router.get("/", response_class=HTMLResponse)
+def devices_page(
+    request: Request,
+    session: SessionDep,
+    clock: ClockDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> HTMLResponse:
+    now = clock.now()
+    total = session.scalar(select(func.count()).select_from(Device)) or 0
+    online_count = session.scalar(select(func.count()).select_from(Device).where(online_clause(now))) or 0
+    rows = session.scalars(
+        select(Device)
+        .options(selectinload(Device.institution))
+        .order_by(Device.device_id)
+        .limit(PAGE_DEVICES)
+        .offset(offset)
+    )
+    context: dict[str, Any] = {
+        "devices": [DeviceOut.of(row, now=now) for row in rows],
+        "total": total,
+        "online_count": online_count,
+        "offset": offset,
+        "page_size": PAGE_DEVICES,
+        "now": now,
+        "refresh": REFRESH_S,
+    }
+    return _templates(request).TemplateResponse(request, "devices.html", context)
+
+
+@router.get("/devices/{device_id}", response_class=HTMLResponse)
+def device_page(
+    request: Request,
+    device_id: DeviceIdPath,
+    session: SessionDep,
+    clock: ClockDep,
+    settings: SettingsDep,
+    payload_type: Annotated[PayloadType | None, Query()] = None,
+    after_seq: Annotated[int, Query(ge=0)] = 0,
+) -> HTMLResponse:
+    now = clock.now()
+    try:
+        device = get_device_or_404(session, device_id)
+    except HTTPException:
+        context = {"device_id": device_id, "now": now}
+        return _templates(request).TemplateResponse(request, "not_found.html", context, status_code=404)
+    page = event_page(session, device_id, payload_type=payload_type, after_seq=after_seq, limit=PAGE_EVENTS)
+    context = {
+        "d": DeviceOut.of(device, now=now),
+        "page": page,
+        "payload_type": payload_type.value if payload_type is not None else None,
+        "payload_types": [t.value for t in PayloadType],
+        "after_seq": after_seq,
+        "now": now,
+        "timeout_factor": settings.heartbeat_timeout_factor,
+    }
+    return _templates(request).TemplateResponse(request, "device.html", context)
