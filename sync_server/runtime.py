@@ -80,7 +80,8 @@ class ServerRuntime:
 
     @property
     def mqtt_state(self) -> MqttState:
-        """'connected', 'disconnected', or 'disabled' when this process runs no ingest."""
+        """'connected' (broker session up and subscriptions granted), 'disconnected', or 'disabled' when this
+        process runs no ingest."""
         if self.ingest is None:
             return "disabled"
-        return "connected" if self.ingest.connected else "disconnected"
+        return "connected" if self.ingest.ready else "disconnected"

@@ -1,0 +1,280 @@
+"""Layered fixtures for the sync server tests.
+
+* `pg_database` (session): one fresh, uniquely named PostgreSQL database per test session, dropped at the end.
+  PostgreSQL unreachable is a FAILURE with a clear message, never a skip (CI makes it reachable).
+* `db_url` (per test, parametrised over SQLite and PostgreSQL): an empty database; on PostgreSQL a fresh schema
+  inside the session database, selected through `search_path`.
+* `engine`: `db_url` migrated to head, with an engine that is disposed afterwards.
+* `broker`: a private Mosquitto on a free port (`yibao.broker`).
+* `clock`: a `protocol.Clock` whose wall time tests set and advance.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import OperationalError
+
+from protocol import (
+    AuditEvent,
+    AuditOutcome,
+    Envelope,
+    Heartbeat,
+    PayloadType,
+    PeripheralKind,
+    PeripheralState,
+    PeripheralStatus,
+)
+from sync_server.db.engine import create_db_engine
+from sync_server.db.migrate import upgrade
+from yibao.broker import MosquittoBroker
+
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
+
+
+# ---------------------------------------------------------------- hermetic settings
+
+
+@pytest.fixture(autouse=True)
+def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ServerSettings reads YIBAO_SERVER_* from the environment; tests must not depend on the caller's shell."""
+    for key in list(os.environ):
+        if key.startswith("YIBAO_SERVER_"):
+            monkeypatch.delenv(key)
+
+
+# ---------------------------------------------------------------- databases
+
+
+def _admin_url() -> URL:
+    return make_url(os.environ.get("YIBAO_TEST_PG_URL", DEFAULT_PG_URL))
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[URL]:
+    admin_url = _admin_url()
+    name = f"yibao_t_{secrets.token_hex(5)}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    except OperationalError as exc:
+        admin.dispose()
+        pytest.fail(
+            f"PostgreSQL is unreachable at {admin_url.render_as_string(hide_password=True)} "
+            f"(start it with scripts/ensure_postgres.sh or set YIBAO_TEST_PG_URL): {exc.orig}",
+            pytrace=False,
+        )
+    try:
+        yield admin_url.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_database: URL) -> Iterator[str]:
+    """An empty schema in the session's PostgreSQL database, as a URL whose search_path selects it."""
+    schema = f"s_{secrets.token_hex(5)}"
+    admin = create_engine(pg_database, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE SCHEMA "{schema}"')
+        url = pg_database.update_query_dict({"options": f"-csearch_path={schema}"})
+        yield url.render_as_string(hide_password=False)
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def sqlite_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'server.sqlite3'}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest) -> str:
+    name = "sqlite_url" if request.param == "sqlite" else "pg_url"
+    url: str = request.getfixturevalue(name)
+    return url
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    upgrade(db_url)
+    eng = create_db_engine(db_url)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+@pytest.fixture
+def sqlite_engine(sqlite_url: str) -> Iterator[Engine]:
+    upgrade(sqlite_url)
+    eng = create_db_engine(sqlite_url)
+    try:
+        yield eng
+    finally:
+        eng.dispose()
+
+
+# ---------------------------------------------------------------- time
+
+
+class FakeClock:
+    """Wall time set by the test; monotonic time is real (worker threads wait on it)."""
+
+    def __init__(self, start: datetime = T0) -> None:
+        self._now = start
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        with self._lock:
+            return self._now
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self._now += timedelta(seconds=seconds)
+
+    def set(self, when: datetime) -> None:
+        with self._lock:
+            self._now = when
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def monotonic_ns(self) -> int:
+        return time.monotonic_ns()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+# ---------------------------------------------------------------- envelopes
+
+BOOT = uuid.UUID("00000000-0000-4000-8000-000000000001")
+
+
+def heartbeat(
+    *,
+    interval_s: float = 10.0,
+    outbox_depth: int = 0,
+    oldest_age_s: float | None = None,
+    software_version: str = "1.2.3",
+    alarms: list[str] | None = None,
+    peripherals: list[PeripheralStatus] | None = None,
+) -> Heartbeat:
+    return Heartbeat(
+        software_version=software_version,
+        config_version="cfg-7",
+        config_schema_version=1,
+        interval_s=interval_s,
+        uptime_s=12.5,
+        outbox_depth=outbox_depth,
+        outbox_oldest_age_s=oldest_age_s,
+        outbox_used_bytes=4096,
+        outbox_capacity_bytes=1 << 28,
+        alarms=alarms or [],
+        peripherals=peripherals
+        if peripherals is not None
+        else [
+            PeripheralStatus(name="camera0", kind=PeripheralKind.CAMERA, state=PeripheralState.OK, simulated=True),
+            PeripheralStatus(
+                name="qr0",
+                kind=PeripheralKind.QR_SCANNER,
+                state=PeripheralState.FAULT,
+                simulated=True,
+                detail="no answer",
+            ),
+        ],
+    )
+
+
+def audit(action: str = "terminal.started", n: int = 0) -> AuditEvent:
+    return AuditEvent(category="system", action=action, outcome=AuditOutcome.INFO, detail={"n": n})
+
+
+def envelope(
+    device_id: str,
+    seq: int,
+    payload: Heartbeat | AuditEvent | None = None,
+    *,
+    message_id: uuid.UUID | None = None,
+    device_time: datetime | None = None,
+) -> Envelope:
+    body = payload if payload is not None else audit(n=seq)
+    return Envelope(
+        device_id=device_id,
+        seq=seq,
+        message_id=message_id or uuid.uuid4(),
+        payload_type=PayloadType(body.type),
+        device_time=device_time or T0 + timedelta(seconds=seq),
+        boot_id=BOOT,
+        monotonic_ns=seq * 1_000_000,
+        payload=body,
+    )
+
+
+# ---------------------------------------------------------------- MQTT
+
+
+@pytest.fixture
+def broker() -> Iterator[MosquittoBroker]:
+    with MosquittoBroker() as b:
+        yield b
+
+
+class Publisher:
+    """A plain paho client standing in for terminals: QoS 1 publishes that wait for the broker's PUBACK."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"pub-{secrets.token_hex(4)}", protocol=MQTTProtocolVersion.MQTTv5
+        )
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        info.wait_for_publish(timeout=5)
+        assert info.is_published(), f"broker did not acknowledge a publish on {topic}"
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def publisher(broker: MosquittoBroker) -> Iterator[Publisher]:
+    pub = Publisher(broker)
+    try:
+        yield pub
+    finally:
+        pub.close()
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
