@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -192,7 +192,7 @@ def _server_settings(
     from pydantic import ValidationError
     from sync_server.settings import ServerSettings
 
-    given = {
+    given: dict[str, Any] = {
         "database_url": database_url,
         "http_host": http_host,
         "http_port": http_port,
