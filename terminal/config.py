@@ -3,6 +3,8 @@
 Owns the shape of `terminal.toml`, its `schema_version` and the ordered migrations that bring an older file up to
 the current shape. Every field is typed strictly (a quoted "1883" is not a port), every table forbids unknown keys, and
 any problem raises `ConfigError` naming the file and the offending field(s), so a terminal never starts on a guess.
+What identifies the terminal and where it connects (`device_id`, `config_version`, broker host and port, outbox path)
+is required; tuning knobs have the documented defaults below.
 
 It must never read environment variables or other files behind the caller's back, never fill a missing required
 field with a default that changes behaviour silently, and never hold secrets (device keys live in provisioning).
@@ -59,15 +61,21 @@ class MqttConfig(_Strict):
     host: str = Field(min_length=1, max_length=253, description="Broker host name or IP address.")
     port: int = Field(ge=1, le=65535, description="Broker TCP port.")
     keepalive_s: int = Field(
-        ge=5, le=3600, description="MQTT keep-alive in seconds; the broker fires our last will after 1.5x this."
+        default=30,
+        ge=5,
+        le=3600,
+        description="MQTT keep-alive in seconds; the broker fires our last will after 1.5x this.",
     )
-    topic_prefix: _TopicPrefix = Field(description="Topic prefix shared with the server, e.g. 'yibao/v1'.")
+    topic_prefix: _TopicPrefix = Field(
+        default="yibao/v1", description="Topic prefix shared with the server, e.g. 'yibao/v1'."
+    )
     reconnect_min_s: float = Field(
+        default=0.5,
         gt=0,
         le=3600,
         description="First reconnect delay after losing the broker; paho schedules whole seconds, so it rounds up.",
     )
-    reconnect_max_s: float = Field(gt=0, le=3600, description="Cap of the doubling reconnect delay.")
+    reconnect_max_s: float = Field(default=30.0, gt=0, le=3600, description="Cap of the doubling reconnect delay.")
 
     @model_validator(mode="after")
     def _delays_ordered(self) -> MqttConfig:
@@ -83,26 +91,41 @@ class OutboxConfig(_Strict):
         description="SQLite file of the outbox; a relative path is taken relative to the config file's folder."
     )
     max_bytes: int = Field(
+        default=256 * 1024 * 1024,
         ge=128 * 1024,
         le=64 * 1024**3,
         description="Disk bound of the outbox database; SQLite refuses to grow past it (alarm 'outbox_full').",
     )
     high_water_ratio: float = Field(
+        default=0.8,
         gt=0,
         lt=1,
         description="Fraction of the space records may fill (max_bytes less a small bookkeeping reserve) above "
         "which the 'outbox_high_water' alarm is raised.",
     )
     batch_size: int = Field(
-        ge=1, le=1000, description="Records claimed and published per round; also the MQTT in-flight window."
+        default=200,
+        ge=1,
+        le=1000,
+        description="Records claimed and published per round; also the MQTT in-flight window.",
     )
     publish_timeout_s: float = Field(
-        gt=0, le=3600, description="A record without PUBACK after this many seconds is released for retry."
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="A record without PUBACK after this many seconds is released for retry.",
     )
-    retry_initial_s: float = Field(gt=0, le=3600, description="Back-off after the first failed delivery attempt.")
-    retry_max_s: float = Field(gt=0, le=86400, description="Cap of the exponential back-off between attempts.")
+    retry_initial_s: float = Field(
+        default=1.0, gt=0, le=3600, description="Back-off after the first failed delivery attempt."
+    )
+    retry_max_s: float = Field(
+        default=300.0, gt=0, le=86400, description="Cap of the exponential back-off between attempts."
+    )
     sent_retention_s: float = Field(
-        ge=0, le=90 * 86400, description="Delivered records are kept this long for diagnosis, then pruned."
+        default=86400.0,
+        ge=0,
+        le=90 * 86400,
+        description="Delivered records are kept this long for diagnosis, then pruned.",
     )
 
     @model_validator(mode="after")
@@ -115,7 +138,7 @@ class OutboxConfig(_Strict):
 class HeartbeatConfig(_Strict):
     """Periodic health record sent through the outbox."""
 
-    interval_s: float = Field(gt=0, le=3600, description="Seconds between heartbeats.")
+    interval_s: float = Field(default=30.0, gt=0, le=3600, description="Seconds between heartbeats.")
 
 
 class TerminalConfig(_Strict):
@@ -130,7 +153,7 @@ class TerminalConfig(_Strict):
     )
     mqtt: MqttConfig = Field(description="MQTT broker connection.")
     outbox: OutboxConfig = Field(description="Local outbox.")
-    heartbeat: HeartbeatConfig = Field(description="Heartbeat timer.")
+    heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig, description="Heartbeat timer.")
 
 
 def migrate(raw: RawConfig, *, source: str, migrations: Mapping[int, Migration] = MIGRATIONS) -> RawConfig:

@@ -525,9 +525,12 @@ class HeartbeatTimer:
         self._refusing = False
 
     def start(self) -> None:
+        """Beat once right here, so the first heartbeat precedes every record enqueued after start, then keep time
+        on a thread."""
         if self._thread is not None:
             return
         self._stopping.clear()
+        self._safe_beat()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
         self._thread.start()
 
@@ -538,12 +541,14 @@ class HeartbeatTimer:
             thread.join(timeout_s)
 
     def _run(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                self.beat()
-            except Exception:  # a failed beat must not end all future beats
-                logger.exception("heartbeat: unexpected error")
-            self._stopping.wait(self._interval_s)
+        while not self._stopping.wait(self._interval_s):
+            self._safe_beat()
+
+    def _safe_beat(self) -> None:
+        try:
+            self.beat()
+        except Exception:  # a failed beat must not end all future beats
+            logger.exception("heartbeat: unexpected error")
 
     def beat(self) -> Envelope | None:
         """One tick: prune, compose, enqueue. Returns the heartbeat's envelope, or None if the outbox refused it."""

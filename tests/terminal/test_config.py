@@ -1,0 +1,222 @@
+"""The terminal config fails closed: every problem is a ConfigError naming the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from terminal.config import (
+    CURRENT_SCHEMA_VERSION,
+    MIGRATIONS,
+    RawConfig,
+    TerminalConfig,
+    installed_software_version,
+    load_terminal_config,
+)
+from terminal.errors import ConfigError
+from tests.terminal.conftest import terminal_raw_config, to_toml
+
+DEMO_FILE = """\
+schema_version = 1
+config_version = "demo-1"
+device_id = "SIM-0001"          # pattern as protocol.DeviceId
+software_version = "0.1.0"
+[mqtt]
+host = "127.0.0.1"
+port = 1883
+keepalive_s = 30
+topic_prefix = "yibao/v1"
+reconnect_min_s = 0.5
+reconnect_max_s = 30
+[outbox]
+path = "/var/lib/yibao/outbox.sqlite3"
+max_bytes = 268435456           # disk bound
+high_water_ratio = 0.8          # alarm 'outbox_high_water' above this
+batch_size = 200
+publish_timeout_s = 30          # no PUBACK within this -> row released for retry
+retry_initial_s = 1.0
+retry_max_s = 300.0
+sent_retention_s = 86400        # sent rows kept this long, then pruned
+[heartbeat]
+interval_s = 30
+"""
+
+
+def write(tmp_path: Path, raw: dict[str, Any]) -> Path:
+    path = tmp_path / "terminal.toml"
+    path.write_text(to_toml(raw), encoding="utf-8")
+    return path
+
+
+def load_error(path: Path) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_terminal_config(path)
+    return str(info.value)
+
+
+def test_the_documented_file_loads(tmp_path: Path) -> None:
+    path = tmp_path / "terminal.toml"
+    path.write_text(DEMO_FILE, encoding="utf-8")
+    config = load_terminal_config(path)
+    assert config.schema_version == CURRENT_SCHEMA_VERSION
+    assert config.device_id == "SIM-0001"
+    assert config.mqtt.port == 1883
+    assert config.mqtt.reconnect_max_s == 30.0
+    assert config.outbox.path == Path("/var/lib/yibao/outbox.sqlite3")
+    assert config.outbox.max_bytes == 268435456
+    assert config.heartbeat.interval_s == 30.0
+
+
+def test_minimal_file_takes_documented_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "terminal.toml"
+    path.write_text(
+        'schema_version = 1\nconfig_version = "sim-1"\ndevice_id = "SIM-0002"\n'
+        '[mqtt]\nhost = "127.0.0.1"\nport = 1884\n[outbox]\npath = "outbox.sqlite3"\n',
+        encoding="utf-8",
+    )
+    config = load_terminal_config(path)
+    assert config.software_version == installed_software_version()
+    assert config.mqtt.topic_prefix == "yibao/v1"
+    assert config.outbox.batch_size == 200
+    assert config.heartbeat.interval_s == 30.0
+    # A relative outbox path is anchored at the config file, not at whatever the working directory is.
+    assert config.outbox.path == tmp_path / "outbox.sqlite3"
+
+
+def test_every_field_is_described() -> None:
+    def undescribed(model: type[Any], where: str) -> list[str]:
+        missing = []
+        for name, info in model.model_fields.items():
+            if not info.description:
+                missing.append(f"{where}{name}")
+            annotation = info.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                missing += undescribed(annotation, f"{where}{name}.")
+        return missing
+
+    assert undescribed(TerminalConfig, "") == []
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda raw: raw["mqtt"].update(colour="blue"), "mqtt.colour"),
+        (lambda raw: raw.update(unknown_top_level=1), "unknown_top_level"),
+        (lambda raw: raw["mqtt"].update(port="1883"), "mqtt.port"),
+        (lambda raw: raw["outbox"].update(batch_size=2.5), "outbox.batch_size"),
+        (lambda raw: raw["outbox"].update(high_water_ratio=1.5), "outbox.high_water_ratio"),
+        (lambda raw: raw["mqtt"].pop("host"), "mqtt.host"),
+        (lambda raw: raw.pop("device_id"), "device_id"),
+        (lambda raw: raw["outbox"].pop("path"), "outbox.path"),
+        (lambda raw: raw.update(device_id="bad id!"), "device_id"),
+        (lambda raw: raw.update(device_id="ab"), "device_id"),
+        (lambda raw: raw["outbox"].update(max_bytes=1024), "outbox.max_bytes"),
+        (lambda raw: raw["mqtt"].update(topic_prefix="yibao/#"), "mqtt.topic_prefix"),
+    ],
+    ids=[
+        "unknown-key",
+        "unknown-top-level-key",
+        "port-as-string",
+        "float-batch",
+        "ratio-out-of-range",
+        "missing-host",
+        "missing-device-id",
+        "missing-outbox-path",
+        "bad-device-id",
+        "short-device-id",
+        "tiny-outbox",
+        "wildcard-prefix",
+    ],
+)
+def test_invalid_files_name_the_file_and_field(tmp_path: Path, mutate: Any, field: str) -> None:
+    raw = terminal_raw_config(tmp_path)
+    mutate(raw)
+    path = write(tmp_path, raw)
+    message = load_error(path)
+    assert str(path) in message
+    assert field in message
+
+
+def test_cross_field_rule_is_reported(tmp_path: Path) -> None:
+    raw = terminal_raw_config(tmp_path, outbox={"retry_initial_s": 10.0, "retry_max_s": 5.0})
+    message = load_error(write(tmp_path, raw))
+    assert "outbox" in message
+    assert "retry_max_s" in message
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    raw = terminal_raw_config(tmp_path)
+    raw["schema_version"] = CURRENT_SCHEMA_VERSION + 1
+    message = load_error(write(tmp_path, raw))
+    assert "schema_version" in message
+    assert "newer" in message
+
+
+@pytest.mark.parametrize("version", ['"1"', "true", "1.0"])
+def test_non_integer_schema_version_is_refused(tmp_path: Path, version: str) -> None:
+    path = tmp_path / "terminal.toml"
+    path.write_text(DEMO_FILE.replace("schema_version = 1", f"schema_version = {version}"), encoding="utf-8")
+    assert "schema_version" in load_error(path)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    assert "not found" in load_error(tmp_path / "absent.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("schema_version = \n", encoding="utf-8")
+    message = load_error(broken)
+    assert str(broken) in message
+    assert "TOML" in message
+
+
+def test_migrations_apply_in_order_up_to_current(tmp_path: Path) -> None:
+    applied: list[int] = []
+
+    def from_minus_one(raw: RawConfig) -> RawConfig:
+        applied.append(-1)
+        raw["device_id"] = raw.pop("terminal_id")  # an old name for the same thing
+        return raw
+
+    def from_zero(raw: RawConfig) -> RawConfig:
+        applied.append(0)
+        assert "device_id" in raw, "migrations must run in order"
+        raw["mqtt"]["keepalive_s"] = raw["mqtt"].pop("keepalive")
+        return raw
+
+    raw = terminal_raw_config(tmp_path)
+    raw["schema_version"] = -1
+    raw["terminal_id"] = raw.pop("device_id")
+    raw["mqtt"]["keepalive"] = raw["mqtt"].pop("keepalive_s")
+    path = write(tmp_path, raw)
+
+    # Registered out of order on purpose: the loader walks versions, not dict order.
+    config = load_terminal_config(path, migrations={0: from_zero, -1: from_minus_one})
+    assert applied == [-1, 0]
+    assert config.schema_version == CURRENT_SCHEMA_VERSION
+    assert config.device_id == "SIM-0001"
+    assert config.mqtt.keepalive_s == 5
+
+
+def test_gap_in_migrations_is_refused(tmp_path: Path) -> None:
+    raw = terminal_raw_config(tmp_path)
+    raw["schema_version"] = -1
+    path = write(tmp_path, raw)
+    with pytest.raises(ConfigError, match="no migration registered from version -1"):
+        load_terminal_config(path, migrations={0: lambda r: r})
+
+
+def test_failing_migration_is_a_config_error(tmp_path: Path) -> None:
+    raw = terminal_raw_config(tmp_path)
+    raw["schema_version"] = 0
+    path = write(tmp_path, raw)
+
+    def broken(raw: RawConfig) -> RawConfig:
+        raise KeyError("old_field")
+
+    with pytest.raises(ConfigError, match="migration from version 0 failed"):
+        load_terminal_config(path, migrations={0: broken})
+
+
+def test_shipped_registry_reaches_current_version() -> None:
+    assert all(v < CURRENT_SCHEMA_VERSION for v in MIGRATIONS)

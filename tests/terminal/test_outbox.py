@@ -1,0 +1,409 @@
+"""The outbox state machine, its sequence numbers, its crash safety and its disk bound, on real SQLite files."""
+
+from __future__ import annotations
+
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from protocol import AuditEvent, AuditOutcome, PayloadType, decode_envelope
+from terminal.errors import InvalidRecordError, OutboxError, OutboxFull
+from terminal.outbox import (
+    ALARM_OUTBOX_FULL,
+    ALARM_OUTBOX_HIGH_WATER,
+    ALARM_OUTBOX_QUARANTINED,
+    TRANSITIONS,
+    Outbox,
+    OutboxStatus,
+)
+from tests.terminal.conftest import DEVICE_ID, FakeClock, fill_until_full, open_outbox
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def event(n: int, **detail: str | int) -> AuditEvent:
+    return AuditEvent(category="system", action="test.record", outcome=AuditOutcome.INFO, detail={"n": n, **detail})
+
+
+def statuses(outbox: Outbox) -> dict[int, OutboxStatus]:
+    return {row.seq: row.status for row in outbox.rows()}
+
+
+@contextmanager
+def raw_db(path: Path) -> Iterator[sqlite3.Connection]:
+    """A second, independent connection, as an operator's sqlite3 shell (or a bug) would have."""
+    with closing(sqlite3.connect(path, isolation_level=None)) as conn:
+        yield conn
+
+
+@pytest.fixture
+def outbox(tmp_path: Path, clock: FakeClock) -> Iterator[Outbox]:
+    with open_outbox(tmp_path / "outbox.sqlite3", clock) as ob:
+        yield ob
+
+
+# ---------------------------------------------------------------------- state machine
+
+
+def test_record_moves_pending_inflight_sent(outbox: Outbox) -> None:
+    envelope = outbox.enqueue(event(1))
+    assert envelope.device_id == DEVICE_ID
+    assert envelope.payload_type is PayloadType.AUDIT_EVENT
+    assert statuses(outbox) == {envelope.seq: OutboxStatus.PENDING}
+
+    [claimed] = outbox.claim()
+    assert claimed.envelope == envelope
+    assert decode_envelope(claimed.wire) == envelope
+    assert statuses(outbox) == {envelope.seq: OutboxStatus.INFLIGHT}
+    assert outbox.claim() == [], "an in-flight record is not claimed twice"
+
+    assert outbox.mark_sent([envelope.seq]) == 1
+    assert statuses(outbox) == {envelope.seq: OutboxStatus.SENT}
+    stats = outbox.stats()
+    assert (stats.depth, stats.inflight, stats.sent_total, stats.oldest_age_s) == (0, 0, 1, None)
+
+
+def test_release_returns_to_pending_with_attempt_counted(outbox: Outbox, clock: FakeClock) -> None:
+    seq = outbox.enqueue(event(1)).seq
+    outbox.claim()
+    assert outbox.release([seq], "no PUBACK within 2 s") == 1
+    [row] = outbox.rows()
+    assert (row.status, row.attempts, row.last_error) == (OutboxStatus.PENDING, 1, "no PUBACK within 2 s")
+    assert row.next_attempt_at == clock.now() + timedelta(seconds=1)
+
+
+def test_only_inflight_records_can_be_acked_or_released(outbox: Outbox) -> None:
+    seq = outbox.enqueue(event(1)).seq
+    assert outbox.mark_sent([seq]) == 0, "a PENDING record was never published"
+    assert outbox.release([seq], "x") == 0
+    outbox.claim()
+    outbox.mark_sent([seq])
+    assert outbox.release([seq], "late failure") == 0, "a SENT record stays sent"
+    assert statuses(outbox) == {seq: OutboxStatus.SENT}
+
+
+def test_database_refuses_illegal_transitions_and_deleting_undelivered(tmp_path: Path, outbox: Outbox) -> None:
+    seq = outbox.enqueue(event(1)).seq
+    with raw_db(tmp_path / "outbox.sqlite3") as db:
+        for illegal in (OutboxStatus.SENT, OutboxStatus.QUARANTINED):
+            assert illegal not in TRANSITIONS[OutboxStatus.PENDING]
+            with pytest.raises(sqlite3.IntegrityError, match="illegal outbox status transition"):
+                db.execute("UPDATE outbox SET status = ? WHERE seq = ?", (illegal.value, seq))
+        with pytest.raises(sqlite3.IntegrityError, match="only delivered"):
+            db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+        with pytest.raises(sqlite3.IntegrityError):
+            db.execute("UPDATE outbox SET status = 'lost' WHERE seq = ?", (seq,))
+    assert statuses(outbox) == {seq: OutboxStatus.PENDING}
+
+
+def test_pragmas_and_schema_version(tmp_path: Path, outbox: Outbox) -> None:
+    with raw_db(tmp_path / "outbox.sqlite3") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'outbox'").fetchone()[0]
+        assert "INTEGER PRIMARY KEY AUTOINCREMENT" in sql
+
+
+def test_file_from_newer_software_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "future.sqlite3"
+    with raw_db(path) as db:
+        db.execute("PRAGMA user_version = 99")
+    with pytest.raises(OutboxError, match="newer than this software"):
+        open_outbox(path)
+
+
+# ---------------------------------------------------------------------- sequence numbers
+
+
+def test_seq_is_monotonic_and_never_reused_after_pruning(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with open_outbox(path, clock, sent_retention_s=0.0) as outbox:
+        first = [outbox.enqueue(event(n)).seq for n in range(3)]
+        assert first == [1, 2, 3]
+        many = [e.seq for e in outbox.enqueue_many([event(n) for n in range(4)])]
+        assert many == [4, 5, 6, 7]
+        outbox.mark_sent(r.seq for r in outbox.claim(100))
+        clock.advance(1)
+        assert outbox.prune_sent() == 7
+        assert outbox.rows() == []
+        assert outbox.enqueue(event(8)).seq == 8, "the highest seq was pruned but is not handed out again"
+    with open_outbox(path, clock) as reopened:
+        assert reopened.enqueue(event(9)).seq == 9
+        assert reopened.stats().sent_total == 7, "the delivered count survives pruning and reopening"
+
+
+def test_prune_keeps_recent_and_undelivered_records(outbox: Outbox, clock: FakeClock) -> None:
+    seqs = [e.seq for e in outbox.enqueue_many([event(n) for n in range(4)])]
+    outbox.claim(2)
+    outbox.mark_sent(seqs[:2])
+    clock.advance(3599)
+    assert outbox.prune_sent() == 0, "retention is 3600 s"
+    clock.advance(2)
+    assert outbox.prune_sent() == 2
+    assert [r.seq for r in outbox.rows()] == seqs[2:]
+
+
+def test_enqueue_many_is_all_or_nothing(outbox: Outbox) -> None:
+    outbox.enqueue(event(0))
+    oversized = event(1, blob="x" * (300 * 1024))
+    with pytest.raises(InvalidRecordError, match="envelope limit"):
+        outbox.enqueue_many([event(2), oversized, event(3)])
+    assert [r.seq for r in outbox.rows()] == [1]
+    assert outbox.enqueue(event(4)).seq == 2, "a refused batch consumes no sequence numbers"
+
+
+def test_envelope_carries_clock_boot_and_ids(outbox: Outbox, clock: FakeClock) -> None:
+    a = outbox.enqueue(event(1))
+    clock.advance(5)
+    b = outbox.enqueue(event(2))
+    assert a.boot_id == b.boot_id
+    assert a.message_id != b.message_id
+    assert b.device_time - a.device_time == timedelta(seconds=5)
+    assert b.monotonic_ns - a.monotonic_ns == 5_000_000_000
+
+
+# ---------------------------------------------------------------------- claiming
+
+
+def test_claim_takes_lowest_seq_first_up_to_limit(outbox: Outbox) -> None:
+    outbox.enqueue_many([event(n) for n in range(10)])
+    assert [r.seq for r in outbox.claim(4)] == [1, 2, 3, 4]
+    assert [r.seq for r in outbox.claim(4)] == [5, 6, 7, 8]
+    assert outbox.claim(0) == []
+
+
+def test_concurrent_claims_never_share_a_record(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    total = 600
+    with open_outbox(path) as first:
+        first.enqueue_many([event(n) for n in range(total)])
+        # Two claimers on the shared connection and one on a second connection to the same file, all at once.
+        with open_outbox(path) as second:
+            claimers = [first, first, second]
+            got: list[list[int]] = [[] for _ in claimers]
+            start = threading.Barrier(len(claimers))
+
+            def run(index: int) -> None:
+                start.wait()
+                while batch := claimers[index].claim(3):
+                    got[index].extend(r.seq for r in batch)
+                    time.sleep(0.001)  # let the other claimers in between our transactions
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(claimers))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+    everything = [seq for part in got for seq in part]
+    assert len(everything) == len(set(everything)) == total
+    assert sorted(everything) == list(range(1, total + 1))
+    assert sum(1 for part in got if part) >= 2, "claims really interleaved"
+
+
+# ---------------------------------------------------------------------- back-off
+
+
+def test_backoff_doubles_then_caps(tmp_path: Path, clock: FakeClock) -> None:
+    with open_outbox(tmp_path / "o.sqlite3", clock, retry_initial_s=1.0, retry_max_s=8.0) as outbox:
+        seq = outbox.enqueue(event(1)).seq
+        waits = []
+        for _ in range(6):
+            [record] = outbox.claim()
+            outbox.release([record.seq], "no PUBACK")
+            [row] = outbox.rows()
+            wait = (row.next_attempt_at - clock.now()).total_seconds()
+            waits.append(wait)
+            clock.advance(wait - 0.01)
+            assert outbox.claim() == [], "not due before its back-off has passed"
+            clock.advance(0.01)
+        assert waits == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+        assert outbox.rows()[0].attempts == 6
+        assert outbox.claim()[0].seq == seq
+
+
+def test_backoff_jitter_stays_within_bounds(tmp_path: Path, clock: FakeClock) -> None:
+    rng = random.Random(7)
+    with open_outbox(tmp_path / "o.sqlite3", clock, jitter=rng.random, retry_initial_s=2.0, retry_max_s=30.0) as ob:
+        for attempts in range(1, 12):
+            ceiling = min(30.0, 2.0 * 2 ** (attempts - 1))
+            for _ in range(20):
+                assert ceiling / 2 <= ob.retry_delay_s(attempts) <= ceiling
+
+
+def test_release_without_backoff_is_due_at_once(outbox: Outbox) -> None:
+    seq = outbox.enqueue(event(1)).seq
+    outbox.claim()
+    outbox.release([seq], "connection lost", backoff=False)
+    assert [r.seq for r in outbox.claim()] == [seq]
+
+
+def test_wall_clock_jumping_back_does_not_strand_records(outbox: Outbox, clock: FakeClock) -> None:
+    seq = outbox.enqueue(event(1)).seq
+    outbox.claim()
+    outbox.release([seq], "no PUBACK")
+    clock.set_wall(clock.now() - timedelta(hours=6))
+    assert [r.seq for r in outbox.claim()] == [seq]
+
+
+# ---------------------------------------------------------------------- crashes
+
+
+def _child(command: str, db: Path, number: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.terminal.outbox_child", command, str(db), str(number)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _kill(proc: subprocess.Popen[str]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert proc.returncode == -signal.SIGKILL
+    if proc.stdout is not None:
+        proc.stdout.close()
+    if proc.stderr is not None:
+        proc.stderr.close()
+
+
+def _read_line(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        err = proc.stderr.read() if proc.stderr is not None else ""
+        raise AssertionError(f"child ended early: {err[-2000:]}")
+    return line.strip()
+
+
+def test_crash_between_claim_and_ack_requeues_every_record(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.sqlite3"
+    proc = _child("claim", db, 25)
+    try:
+        enqueued = [int(s) for s in _read_line(proc).split()[1:]]
+        claimed = [int(s) for s in _read_line(proc).split()[1:]]
+    finally:
+        _kill(proc)
+    assert claimed == enqueued == list(range(1, 26))
+    with raw_db(db) as raw:
+        in_flight = raw.execute("SELECT count(*) FROM outbox WHERE status = 'inflight'").fetchone()[0]
+    assert in_flight == 25, "the child died holding its claim"
+
+    with open_outbox(db) as reopened:
+        assert set(statuses(reopened).values()) == {OutboxStatus.PENDING}
+        again = reopened.claim(100)
+        assert [r.seq for r in again] == enqueued
+        assert [r.envelope.payload.detail["n"] for r in again if r.envelope.payload.type == "audit_event"] == list(
+            range(25)
+        )
+
+
+def test_repeated_kills_mid_enqueue_lose_nothing_committed(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.sqlite3"
+    rng = random.Random(2026)
+    committed = 0
+    for _round in range(5):
+        proc = _child("fill", db, 40)
+        try:
+            for _ in range(rng.randint(1, 6)):
+                committed = max(committed, int(_read_line(proc).split()[1]))
+        finally:
+            _kill(proc)  # almost certainly in the middle of the next transaction
+        with open_outbox(db) as reopened:
+            assert reopened.integrity_check() == ["ok"]
+            seqs = [r.seq for r in reopened.rows()]
+            assert seqs == list(range(1, len(seqs) + 1)), "seqs are contiguous: no hole, no half batch"
+            assert len(seqs) % 40 == 0, "batches are all-or-nothing"
+            assert len(seqs) >= committed, "every batch the child saw committed survived the kill"
+        with raw_db(db) as raw:
+            for seq, stored in raw.execute("SELECT seq, envelope FROM outbox"):
+                assert decode_envelope(stored.encode()).seq == seq
+    assert committed >= 5 * 40
+
+
+# ---------------------------------------------------------------------- disk bound
+
+
+def test_full_outbox_refuses_new_records_but_keeps_and_delivers_old_ones(tmp_path: Path, clock: FakeClock) -> None:
+    with open_outbox(tmp_path / "small.sqlite3", clock, max_bytes=128 * 1024, high_water_ratio=0.5) as outbox:
+        accepted = fill_until_full(outbox, lambda n: event(n, note="x" * 200))
+        assert len(accepted) > 50
+        stats = outbox.stats()
+        assert ALARM_OUTBOX_FULL in stats.alarms
+        assert ALARM_OUTBOX_HIGH_WATER in stats.alarms
+        assert stats.depth == len(accepted)
+        assert stats.used_bytes <= stats.capacity_bytes == 128 * 1024
+        assert outbox.integrity_check() == ["ok"]
+        with pytest.raises(OutboxFull):
+            outbox.enqueue(event(10_000, note="x" * 200))
+
+        # Everything accepted is intact and deliverable (the bookkeeping reserve makes claim/ack possible).
+        delivered = []
+        while batch := outbox.claim(17):
+            delivered.extend(batch)
+            outbox.mark_sent(r.seq for r in batch)
+        assert [r.envelope for r in delivered] == accepted
+
+        # Delivered rows are pruned before refusing, so the outbox accepts again and the alarm clears.
+        later = outbox.enqueue(event(10_001))
+        assert later.seq == accepted[-1].seq + 1
+        assert ALARM_OUTBOX_FULL not in outbox.stats().alarms
+        assert outbox.integrity_check() == ["ok"]
+
+
+def test_high_water_alarm(tmp_path: Path, clock: FakeClock) -> None:
+    with open_outbox(tmp_path / "o.sqlite3", clock, max_bytes=256 * 1024, high_water_ratio=0.3) as outbox:
+        assert outbox.stats().alarms == ()
+        while ALARM_OUTBOX_HIGH_WATER not in outbox.stats().alarms:
+            outbox.enqueue_many([event(n, note="y" * 300) for n in range(10)])
+        stats = outbox.stats()
+        assert stats.used_bytes >= 0.3 * outbox.record_capacity_bytes
+        assert ALARM_OUTBOX_FULL not in stats.alarms
+
+
+# ---------------------------------------------------------------------- corrupt rows
+
+
+def test_undecodable_rows_are_quarantined_and_reported(tmp_path: Path, outbox: Outbox) -> None:
+    seqs = [e.seq for e in outbox.enqueue_many([event(n) for n in range(4)])]
+    with raw_db(tmp_path / "outbox.sqlite3") as db:
+        db.execute("UPDATE outbox SET envelope = '{not json' WHERE seq = ?", (seqs[1],))
+        first = db.execute("SELECT envelope FROM outbox WHERE seq = ?", (seqs[0],)).fetchone()[0]
+        # Valid JSON of another row: decodes, but is not this row's record.
+        db.execute("UPDATE outbox SET envelope = ? WHERE seq = ?", (first, seqs[2]))
+
+    claimed = outbox.claim(100)
+    assert [r.seq for r in claimed] == [seqs[0], seqs[3]]
+    rows = {r.seq: r for r in outbox.rows()}
+    assert rows[seqs[1]].status is OutboxStatus.QUARANTINED
+    assert rows[seqs[2]].status is OutboxStatus.QUARANTINED
+    assert "does not match" in (rows[seqs[2]].last_error or "")
+
+    stats = outbox.stats()
+    assert stats.quarantined == 2
+    assert ALARM_OUTBOX_QUARANTINED in stats.alarms
+    assert stats.depth == 2 + 2, "the two good records in flight plus the two quarantine notices"
+
+    notices = outbox.claim(100)
+    assert [r.envelope.payload.type for r in notices] == ["audit_event", "audit_event"]
+    details = [r.envelope.payload.detail for r in notices if isinstance(r.envelope.payload, AuditEvent)]
+    assert sorted(d["seq"] for d in details if isinstance(d["seq"], int)) == [seqs[1], seqs[2]]
+
+
+def test_closed_outbox_raises_outbox_error(tmp_path: Path) -> None:
+    outbox = open_outbox(tmp_path / "o.sqlite3")
+    outbox.close()
+    outbox.close()
+    with pytest.raises(OutboxError, match="closed"):
+        outbox.enqueue(event(1))
