@@ -17,11 +17,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import httpx
 import paho.mqtt.client as mqtt
 import pytest
+import uvicorn
+from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
@@ -86,8 +90,8 @@ def pg_database() -> Iterator[URL]:
         admin.dispose()
 
 
-@pytest.fixture
-def pg_url(pg_database: URL) -> Iterator[str]:
+@contextmanager
+def pg_schema(pg_database: URL) -> Iterator[str]:
     """An empty schema in the session's PostgreSQL database, as a URL whose search_path selects it."""
     schema = f"s_{secrets.token_hex(5)}"
     admin = create_engine(pg_database, isolation_level="AUTOCOMMIT")
@@ -100,6 +104,12 @@ def pg_url(pg_database: URL) -> Iterator[str]:
             conn.exec_driver_sql(f'DROP SCHEMA "{schema}" CASCADE')
     finally:
         admin.dispose()
+
+
+@pytest.fixture
+def pg_url(pg_database: URL) -> Iterator[str]:
+    with pg_schema(pg_database) as url:
+        yield url
 
 
 @pytest.fixture
@@ -278,3 +288,75 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float = 10.0, what: str
             return
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+# ---------------------------------------------------------------- a small fleet for API and page tests
+
+INSTITUTION_CODE = "H31011500001"
+FLEET_NOW = T0 + timedelta(seconds=5)
+"""Wall time of the fleet tests: kiosk-001 is online (heartbeat at T0, 10 s interval, factor 3)."""
+
+
+def seed_fleet(engine: Engine) -> None:
+    """kiosk-001 online at an institution with alarms; kiosk-002 offline (stale heartbeat); kiosk-003 with 250
+    events (every 10th a heartbeat) and no status."""
+    from protocol import DeviceStatusMessage, LinkState
+    from sync_server.db.engine import session_factory
+    from sync_server.db.models import Device, Institution, InstitutionKind
+    from sync_server.store import apply_statuses, record_device_activity, store_envelopes
+
+    sessions = session_factory(engine, write_intent=True)
+    with sessions.begin() as session:
+        inst = Institution(
+            code=INSTITUTION_CODE,
+            name="浦东新区示例大药房",
+            kind=InstitutionKind.PHARMACY,
+            region_code="310115",
+            created_at=T0,
+        )
+        session.add(inst)
+        session.flush()
+        hb1 = envelope("kiosk-001", 1, heartbeat(outbox_depth=7, oldest_age_s=125.0, alarms=["outbox_high"]))
+        hb2 = envelope("kiosk-002", 1, heartbeat(software_version="1.0.0"))
+        early = T0 - timedelta(hours=2)
+        store_envelopes(session, [hb2], received_at=early)
+        record_device_activity(session, [hb2], received_at=early, heartbeat_timeout_factor=3.0)
+        store_envelopes(session, [hb1], received_at=T0)
+        record_device_activity(session, [hb1], received_at=T0, heartbeat_timeout_factor=3.0)
+        statuses = [
+            DeviceStatusMessage(device_id=d, state=LinkState.ONLINE, boot_id=BOOT, at=early)
+            for d in ("kiosk-001", "kiosk-002")
+        ]
+        apply_statuses(session, statuses, received_at=early)
+        kiosk1 = session.get(Device, "kiosk-001")
+        assert kiosk1 is not None
+        kiosk1.institution_id = inst.id
+        many = [envelope("kiosk-003", seq, heartbeat() if seq % 10 == 0 else audit(n=seq)) for seq in range(1, 251)]
+        store_envelopes(session, many, received_at=T0)
+        record_device_activity(session, many, received_at=T0, heartbeat_timeout_factor=3.0)
+
+
+# ---------------------------------------------------------------- HTTP
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[httpx.Client]:
+    """Run `app` (lifespan included) under uvicorn on a free loopback port in a thread; yield an httpx client.
+
+    Real HTTP instead of starlette's TestClient, whose import warns (it wants the `httpx2` package)."""
+    from sync_server.service import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started or not thread.is_alive(), what="uvicorn to start")
+        assert server.started, "the app failed to start; see the log"
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as client:
+            yield client
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
