@@ -279,7 +279,9 @@ class MqttUplink:
             self._became_unavailable(f"broker refused the connection: {reason_code}")
             return
         # publish() only queues the packet; it does not wait for the network.
-        client.publish(self._status_topic, self._status(LinkState.ONLINE, stamped=True), qos=1, retain=True)
+        info = client.publish(self._status_topic, self._status(LinkState.ONLINE, stamped=True), qos=1, retain=True)
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            logger.warning("mqtt: could not queue the online status: %s", MQTTErrorCode(info.rc).name)
         self._connected.set()
         self._became_available(session_present=flags.session_present)
 
@@ -437,7 +439,11 @@ class UplinkDelivery:
             return 0
         if not batch:
             return 0
-        self._unsettled = self._publish_and_await(batch)
+        try:
+            self._unsettled = self._publish_and_await(batch)
+        except Exception:  # a bug here must not strand the claimed rows INFLIGHT until the next restart
+            logger.exception("delivery: unexpected error while publishing seq %d..%d", batch[0].seq, batch[-1].seq)
+            self._unsettled = _Outcome(acked=[], retry={"internal error": [r.seq for r in batch]}, requeue={})
         self._settle_leftovers()
         return len(batch)
 

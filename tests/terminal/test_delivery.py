@@ -241,3 +241,13 @@ def test_heartbeat_timer_beats_at_start_and_survives_a_full_outbox(tmp_path: Pat
         assert len(outbox.rows()) >= 3
         fill_until_full(outbox, event)
         assert timer.beat() is None, "a refused heartbeat is skipped, not raised"
+
+
+def test_unexpected_error_releases_the_claimed_batch(outbox: Outbox, clock: FakeClock) -> None:
+    outbox.enqueue_many([event(n) for n in range(3)])
+    link = ScriptedLink(clock)
+    link.fail_publish_with = RuntimeError("bug in a transport")
+    delivery(outbox, link, clock).deliver_batch()
+    rows = outbox.rows()
+    assert {r.status for r in rows} == {OutboxStatus.PENDING}, "nothing stranded INFLIGHT"
+    assert {r.last_error for r in rows} == {"internal error"}

@@ -282,3 +282,20 @@ def test_terminal_starts_offline_and_connects_when_the_broker_appears(tmp_path: 
     finally:
         rt.stop()
         late.stop()
+
+
+def test_stop_is_prompt_when_the_broker_never_answered(tmp_path: Path) -> None:
+    with MosquittoBroker() as probe:
+        closed_port = probe.port  # nothing listens here any more
+    rt = build_runtime(terminal_config(tmp_path, None, mqtt={"port": closed_port}), simulated_peripherals())
+    rt.start()
+    rt.record_audit("system", "offline.record", AuditOutcome.INFO)
+    time.sleep(0.3)
+    began = time.monotonic()
+    rt.stop()
+    assert time.monotonic() - began < 3
+    reopened = build_runtime(terminal_config(tmp_path, None), simulated_peripherals())
+    try:
+        assert {r.status for r in reopened.outbox.rows()} == {OutboxStatus.PENDING}, "kept for the next run"
+    finally:
+        reopened.stop()
