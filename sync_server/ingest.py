@@ -17,6 +17,9 @@ receive → decode → store → acknowledge pipeline:
   once our Receive Maximum of unacknowledged messages is reached, which bounds memory); a batch the database
   refuses for what it contains is split so a single poison message is rejected instead of blocking ingest.
 
+Several workers (distinct `mqtt_client_id`s) split the uplink stream through the shared subscription; each also
+receives every status message and applies it, which is idempotent.
+
 It must never log payload contents (they may reference people), never hold a lock or do IO inside a paho
 callback, and never acknowledge a message before the transaction that stores it has committed.
 """

@@ -165,3 +165,16 @@ def test_without_a_database_the_api_answers_503() -> None:
             assert "database is unavailable" in resp.json()["detail"]
     finally:
         dead.dispose()
+
+
+def test_openapi_describes_the_endpoints(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    assert {
+        "/healthz",
+        "/api/v1/devices",
+        "/api/v1/devices/{device_id}",
+        "/api/v1/devices/{device_id}/events",
+        "/api/v1/ingest/stats",
+        "/api/v1/institutions",
+    } <= set(spec["paths"])
+    assert "/" not in spec["paths"]  # pages are not API
