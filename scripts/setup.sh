@@ -11,7 +11,8 @@ dev=0
 log() { printf '[setup] %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------- Debian packages
-apt_pkgs=(mosquitto python3-venv ca-certificates)
+# fonts-noto-cjk: Chinese text on the kiosk and in browser screenshots.
+apt_pkgs=(mosquitto python3-venv ca-certificates fonts-noto-cjk)
 if [ "$dev" = 1 ]; then
   # PostgreSQL for the server test matrix; Chromium to check the web pages in a real browser.
   apt_pkgs+=(postgresql chromium)

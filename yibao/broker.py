@@ -133,10 +133,12 @@ class MosquittoBroker:
 
     def kill(self) -> None:
         """SIGKILL the broker, as a crash would; queued messages survive only through persistence."""
-        if self._proc is not None:
-            self._proc.kill()
-            self._proc.wait()
-            self._proc = None
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            if proc.stderr is not None:
+                proc.stderr.close()
 
     def restart(self, timeout_s: float = 10.0) -> None:
         self.stop(keep_workdir=True)

@@ -190,6 +190,7 @@ def _server_settings(
 ) -> ServerSettings:
     """Settings from the environment (YIBAO_SERVER_*), overridden by whichever options were given."""
     from pydantic import ValidationError
+
     from sync_server.settings import ServerSettings
 
     given: dict[str, Any] = {
