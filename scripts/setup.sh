@@ -50,14 +50,16 @@ if [ ! -x .venv/bin/uv ]; then
   .venv/bin/python -m pip install -q --disable-pip-version-check 'uv>=0.13,<0.14'
 fi
 
+# The dev lock is a superset of the runtime lock: a venv synced to it serves the demo too, so running the demo
+# after the tests does not strip the test tools (and the other way round re-syncs to the superset).
+stamp_of() { echo ".venv/.synced-$(basename "$1" .txt)-$(sha256sum "$1" pyproject.toml | sha256sum | cut -c1-16)"; }
 lock=requirements/runtime.txt
 [ "$dev" = 1 ] && lock=requirements/dev.txt
-stamp=.venv/.synced-$(sha256sum "$lock" pyproject.toml | sha256sum | cut -c1-16)
-if [ ! -f "$stamp" ]; then
+if [ ! -f "$(stamp_of "$lock")" ] && { [ "$dev" = 1 ] || [ ! -f "$(stamp_of requirements/dev.txt)" ]; }; then
   log "installing Python packages from $lock"
   UV_PYTHON_DOWNLOADS=never .venv/bin/uv pip sync -q --python .venv/bin/python --require-hashes "$lock"
   UV_PYTHON_DOWNLOADS=never .venv/bin/uv pip install -q --python .venv/bin/python --no-deps -e .
   rm -f .venv/.synced-*
-  touch "$stamp"
+  touch "$(stamp_of "$lock")"
 fi
 log "ready"
