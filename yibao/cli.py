@@ -55,6 +55,9 @@ def _root(
     if not isinstance(level, int):
         raise typer.BadParameter(f"unknown log level {log_level!r}", param_hint="--log-level")
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr)
+    # One line per HTTP request is noise for an admin at a prompt; keep httpx/httpcore to warnings.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 # ---------------------------------------------------------------- demo
