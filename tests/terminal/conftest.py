@@ -212,6 +212,7 @@ class UplinkRecorder:
         self._uplinks: list[Envelope] = []
         self._statuses: list[tuple[DeviceStatusMessage, bool]] = []
         self._subscribed = threading.Event()
+        self._subacks = 0
         self._client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=f"recorder-{uuid.uuid4().hex[:8]}",
@@ -238,7 +239,15 @@ class UplinkRecorder:
     def _on_subscribe(
         self, client: Client, userdata: object, mid: int, rcs: list[ReasonCode], props: Properties | None
     ) -> None:
+        with self._lock:
+            self._subacks += 1
         self._subscribed.set()
+
+    @property
+    def subscriptions(self) -> int:
+        """How many times the recorder has (re)subscribed: once per connection."""
+        with self._lock:
+            return self._subacks
 
     def _on_message(self, client: Client, userdata: object, message: MQTTMessage) -> None:
         with self._lock:
@@ -302,7 +311,8 @@ class ReplyHoldingProxy:
     """A TCP relay between MQTT clients and the broker that can hold back the broker's replies.
 
     While `hold_replies()` is in force, client -> broker bytes still flow (the broker receives and routes every
-    PUBLISH) but broker -> client bytes wait (no PUBACK reaches the client). `release_replies()` lets them through."""
+    PUBLISH) but broker -> client bytes wait (no PUBACK reaches the client). `release_replies()` lets them through.
+    `refuse_connections()` hangs up on new clients, to decide when a client may come back after a broker restart."""
 
     def __init__(self, broker: MosquittoBroker) -> None:
         self._target = (broker.host, broker.port)
@@ -313,6 +323,7 @@ class ReplyHoldingProxy:
         self.port = int(self._listener.getsockname()[1])
         self._replies_flow = threading.Event()
         self._replies_flow.set()
+        self._refusing = False
         self._closed = False
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
@@ -323,6 +334,13 @@ class ReplyHoldingProxy:
 
     def release_replies(self) -> None:
         self._replies_flow.set()
+
+    def refuse_connections(self) -> None:
+        """New clients are hung up on at once, as if the broker were still down."""
+        self._refusing = True
+
+    def accept_connections(self) -> None:
+        self._refusing = False
 
     def _spawn(self, target: Callable[..., None], *args: Any) -> None:
         thread = threading.Thread(target=target, args=args, daemon=True)
@@ -335,7 +353,14 @@ class ReplyHoldingProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(self._target)
+            try:
+                if self._refusing:
+                    raise ConnectionRefusedError("proxy refusing")
+                upstream = socket.create_connection(self._target, timeout=2)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
             self._sockets += [client, upstream]
             self._spawn(self._pump, client, upstream, None)
             self._spawn(self._pump, upstream, client, self._replies_flow)

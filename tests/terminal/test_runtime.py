@@ -17,7 +17,7 @@ from terminal.health import PeripheralWatch
 from terminal.outbox import OutboxStatus
 from terminal.runtime import TerminalRuntime, build_runtime
 from tests.terminal.conftest import FakeClock, terminal_config
-from tests.terminal.test_delivery import ScriptedLink
+from tests.terminal.fakes import ScriptedLink
 
 
 @pytest.fixture

@@ -106,14 +106,17 @@ def test_broker_crash_queues_records_and_restart_delivers_them(
     tmp_path: Path, broker: MosquittoBroker, recorder: UplinkRecorder, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="terminal.sync")
-    rt = build_runtime(terminal_config(tmp_path, broker), simulated_peripherals())
+    # The terminal reaches the broker through a relay, so the test decides when it may reconnect: only after the
+    # recorder has re-subscribed, since a crashed broker may have lost the recorder's session (and the server's).
+    relay = ReplyHoldingProxy(broker)
+    rt = build_runtime(terminal_config(tmp_path, broker, mqtt={"port": relay.port}), simulated_peripherals())
     try:
         rt.start()
         first = rt.record_audits(demo_events(20))
         assert wait_until(lambda: {e.seq for e in first} <= recorder.seqs())
         assert wait_until(lambda: all_sent(rt))
-        time.sleep(1.2)  # let Mosquitto autosave the recorder's persistent session before we crash it
 
+        relay.refuse_connections()
         crash(broker)
         assert wait_until(lambda: not rt.sync.link.is_connected(), timeout_s=10)
         sent_before = rt.outbox.stats().sent_total
@@ -124,7 +127,10 @@ def test_broker_crash_queues_records_and_restart_delivers_them(
         assert rt.outbox.rows([OutboxStatus.INFLIGHT]) == []
         assert rt.outbox.stats().sent_total == sent_before, "nothing is marked sent while the broker is down"
 
+        subscribed_before = recorder.subscriptions
         broker.restart()
+        assert wait_until(lambda: recorder.subscriptions > subscribed_before, timeout_s=15)
+        relay.accept_connections()
         wanted = {e.seq for e in [*first, *offline]}
         assert wait_until(lambda: wanted <= recorder.seqs(), timeout_s=20)
         assert wait_until(lambda: all_sent(rt), timeout_s=10)
@@ -132,6 +138,7 @@ def test_broker_crash_queues_records_and_restart_delivers_them(
         assert [received[e.seq] for e in offline] == offline
     finally:
         rt.stop()
+        relay.close()
     lost = [r for r in caplog.records if r.name == "terminal.sync" and "records wait in the outbox" in r.getMessage()]
     restored = [r for r in caplog.records if r.name == "terminal.sync" and "connection restored" in r.getMessage()]
     assert len(lost) == 1, "connection loss is logged once, not once per reconnect attempt"
