@@ -13,7 +13,8 @@ never handed out again), assigned in the same transaction that stores the record
 connection, guarded by a lock, in WAL mode with `synchronous=FULL`: a record `enqueue` returned is on disk. The disk
 bound `max_bytes` is enforced by SQLite (`max_page_count`); new records may fill it up to a reserve that keeps the
 delivery bookkeeping of held records possible. When new records hit their limit, delivered rows are pruned and, if
-that is not enough, `OutboxFull` is raised and the `outbox_full` alarm set.
+that is not enough, `OutboxFull` is raised and the `outbox_full` alarm set; when records are accepted again, an
+`outbox.full` audit event saying how many were refused is stored for the server.
 
 It must never drop, rewrite or reorder a record it accepted (only SENT rows may be deleted — a trigger refuses any
 other delete), never unpickle anything (payloads are JSON validated against `protocol`), never talk to the network,
@@ -204,6 +205,7 @@ class Outbox:
         self._record_pages = 1
         self._page_limit: int | None = None
         self._full_latched = False
+        self._refused_records = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -331,14 +333,32 @@ class Outbox:
                             pruned,
                         )
                     self._full_latched = True
+                    self._refused_records += len(payloads)
                     raise
             if self._full_latched:
-                # The alarm stays up until the outbox accepts again, so the first heartbeat that gets through
-                # still reports that records were refused.
-                self._full_latched = False
-                logger.info("outbox: accepting records again")
+                self._record_refusals_locked()
         self._work.set()
         return envelopes
+
+    def _record_refusals_locked(self) -> None:
+        """The outbox accepts again after refusing records: leave a durable trace of the refusal for the server.
+
+        A heartbeat alarm alone could be lost, because heartbeats are refused too while the outbox is full; this
+        audit event is stored right after the first records accepted again and travels like any other record."""
+        notice = AuditEvent(
+            category="system",
+            action="outbox.full",
+            outcome=AuditOutcome.FAILURE,
+            detail={"refused_records": self._refused_records, "max_bytes": self._config.max_bytes},
+        )
+        try:
+            self._insert_locked([notice])
+        except OutboxError as exc:
+            logger.warning("outbox: accepting again, but the refusal notice could not be stored yet: %s", exc)
+            return
+        logger.info("outbox: accepting records again after refusing %d", self._refused_records)
+        self._full_latched = False
+        self._refused_records = 0
 
     def _insert_locked(self, payloads: Sequence[Payload]) -> list[Envelope]:
         with self._translated("enqueue"), self._transaction(new_records=True) as tx:

@@ -355,11 +355,17 @@ def test_full_outbox_refuses_new_records_but_keeps_and_delivers_old_ones(tmp_pat
             outbox.mark_sent(r.seq for r in batch)
         assert [r.envelope for r in delivered] == accepted
 
-        # Delivered rows are pruned before refusing, so the outbox accepts again and the alarm clears.
+        # Delivered rows are pruned before refusing, so the outbox accepts again and the alarm clears...
         later = outbox.enqueue(event(10_001))
         assert later.seq == accepted[-1].seq + 1
         assert ALARM_OUTBOX_FULL not in outbox.stats().alarms
         assert outbox.integrity_check() == ["ok"]
+        # ...leaving a durable record of how many records were refused, right after the first one accepted again.
+        [first_back, notice] = outbox.claim(10)
+        assert first_back.envelope == later
+        assert isinstance(notice.envelope.payload, AuditEvent)
+        assert notice.envelope.payload.action == "outbox.full"
+        assert notice.envelope.payload.detail == {"refused_records": 2, "max_bytes": 128 * 1024}
 
 
 def test_high_water_alarm(tmp_path: Path, clock: FakeClock) -> None:
