@@ -176,6 +176,8 @@ class OutboxStats:
 
 
 def _is_full(exc: sqlite3.Error) -> bool:
+    # The primary result code is the low byte of the extended code SQLite reports. Errors raised by the sqlite3
+    # module itself (e.g. a closed connection) carry no code at all.
     return (getattr(exc, "sqlite_errorcode", 0) & 0xFF) == sqlite3.SQLITE_FULL
 
 

@@ -497,10 +497,13 @@ class UplinkDelivery:
             if outcome.acked:
                 self._outbox.mark_sent(outcome.acked)
                 outcome.acked = []
-            for reason in list(outcome.retry):
-                self._outbox.release(outcome.retry.pop(reason), reason, backoff=True)
-            for reason in list(outcome.requeue):
-                self._outbox.release(outcome.requeue.pop(reason), reason, backoff=False)
+            # Each group leaves the outcome only once the outbox has taken it, so a failure keeps the rest.
+            for reason, seqs in list(outcome.retry.items()):
+                self._outbox.release(seqs, reason, backoff=True)
+                del outcome.retry[reason]
+            for reason, seqs in list(outcome.requeue.items()):
+                self._outbox.release(seqs, reason, backoff=False)
+                del outcome.requeue[reason]
         except OutboxError as exc:
             self._report_outbox_failure(exc)
             return False
