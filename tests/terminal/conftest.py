@@ -6,8 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import threading
 import time
@@ -73,22 +71,6 @@ def broker() -> Iterator[MosquittoBroker]:
     """A private Mosquitto for one test (tests kill and restart it)."""
     with MosquittoBroker() as b:
         yield b
-
-
-def crash(broker: MosquittoBroker) -> None:
-    """SIGKILL the broker as a crash would. `MosquittoBroker.kill()` does the same but leaves its stderr pipe open,
-    which warnings-as-errors turns into a test error; `restart()` reaps the dead process and closes the pipe."""
-    pid = broker.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection((broker.host, broker.port), timeout=0.2).close()
-        except OSError:
-            return
-        time.sleep(0.02)
-    raise AssertionError("broker still accepting connections after SIGKILL")
 
 
 def outbox_config(path: Path, **overrides: Any) -> OutboxConfig:

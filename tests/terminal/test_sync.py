@@ -22,7 +22,6 @@ from tests.terminal.conftest import (
     DEVICE_ID,
     ReplyHoldingProxy,
     UplinkRecorder,
-    crash,
     retained_status,
     terminal_config,
     terminal_raw_config,
@@ -117,7 +116,7 @@ def test_broker_crash_queues_records_and_restart_delivers_them(
         assert wait_until(lambda: all_sent(rt))
 
         relay.refuse_connections()
-        crash(broker)
+        broker.kill()
         assert wait_until(lambda: not rt.sync.link.is_connected(), timeout_s=10)
         sent_before = rt.outbox.stats().sent_total
         offline = rt.record_audits(demo_events(50, start=20))
