@@ -72,7 +72,9 @@ class Heartbeat(_Closed):
     outbox_oldest_age_s: float | None = Field(
         ge=0, description="Age in seconds of the oldest waiting record; null when the outbox is empty."
     )
-    outbox_used_bytes: int = Field(ge=0, description="Bytes the outbox database occupies.")
+    outbox_used_bytes: int = Field(
+        ge=0, description="Bytes of live pages in the outbox database (freed pages are reused, not counted)."
+    )
     outbox_capacity_bytes: int = Field(gt=0, description="The configured outbox size bound.")
     alarms: list[_Short] = Field(default_factory=list, description="Active alarm codes, e.g. 'outbox_full'.")
     peripherals: list[PeripheralStatus] = Field(default_factory=list, description="Each peripheral's status.")
@@ -84,7 +86,8 @@ class AuditOutcome(StrEnum):
     INFO = "info"
 
 
-AuditDetailValue = str | int | float | bool | None
+AuditDetailValue = Annotated[str, Field(max_length=256)] | int | float | bool | None
+"""Detail values are short and flat so that any valid audit event fits well inside MAX_ENVELOPE_BYTES."""
 
 
 class AuditEvent(_Closed):

@@ -9,7 +9,7 @@ message may carry personal data (names, ID numbers, face data): messages name fi
     ├── ConfigError          the terminal config file is missing, unreadable or invalid (fail closed at start-up)
     ├── InvalidRecordError   a record breaks the wire contract (invalid field, too large) and was not stored
     ├── OutboxError          the local outbox database failed
-    │   └── OutboxFull       the outbox reached its disk bound; already accepted records are intact
+    │   └── OutboxFullError       the outbox reached its disk bound; already accepted records are intact
     └── SyncError            the MQTT link failed
         ├── NotConnectedError  no broker connection right now; the record stays in the outbox
         └── PublishError       the client library refused to queue a publish
@@ -34,7 +34,7 @@ class OutboxError(TerminalError):
     """The local SQLite outbox failed (I/O, corruption, locked past the busy timeout, unknown schema)."""
 
 
-class OutboxFull(OutboxError):  # noqa: N818 - the name callers and the issue use; it names a state
+class OutboxFullError(OutboxError):
     """The outbox is at its configured disk bound even after pruning delivered records.
 
     Records accepted earlier are untouched and still deliverable; the caller must refuse the new operation (fail

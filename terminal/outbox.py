@@ -13,7 +13,7 @@ never handed out again), assigned in the same transaction that stores the record
 connection, guarded by a lock, in WAL mode with `synchronous=FULL`: a record `enqueue` returned is on disk. The disk
 bound `max_bytes` is enforced by SQLite (`max_page_count`); new records may fill it up to a reserve that keeps the
 delivery bookkeeping of held records possible. When new records hit their limit, delivered rows are pruned and, if
-that is not enough, `OutboxFull` is raised and the `outbox_full` alarm set; when records are accepted again, an
+that is not enough, `OutboxFullError` is raised and the `outbox_full` alarm set; when records are accepted again, an
 `outbox.full` audit event saying how many were refused is stored for the server.
 
 It must never drop, rewrite or reorder a record it accepted (only SENT rows may be deleted — a trigger refuses any
@@ -23,7 +23,9 @@ and never let a `sqlite3` exception escape: they are translated into `terminal.e
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import secrets
 import sqlite3
 import threading
@@ -49,7 +51,7 @@ from protocol import (
     decode_envelope,
 )
 from terminal.config import OutboxConfig
-from terminal.errors import InvalidRecordError, OutboxError, OutboxFull
+from terminal.errors import InvalidRecordError, OutboxError, OutboxFullError
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +195,10 @@ class Outbox:
         boot_id: uuid.UUID,
         clock: Clock,
         jitter: Jitter,
+        owner_fd: int | None = None,
     ) -> None:
         self._conn: sqlite3.Connection | None = conn
+        self._owner_fd = owner_fd
         self._config = config
         self._device_id = device_id
         self._boot_id = boot_id
@@ -223,10 +227,11 @@ class Outbox:
     ) -> Outbox:
         """Open (creating if needed) the outbox file, apply the PRAGMAs and recover records a crash left INFLIGHT."""
         path = Path(config.path)
+        owner_fd = _take_ownership(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            os.close(owner_fd)
             raise OutboxError(f"cannot open outbox {path}: {exc}") from exc
         outbox = cls(
             conn,
@@ -235,6 +240,7 @@ class Outbox:
             boot_id=boot_id,
             clock=clock,
             jitter=jitter if jitter is not None else secrets.SystemRandom().random,
+            owner_fd=owner_fd,
         )
         try:
             with outbox._translated(f"open {path}"):
@@ -284,14 +290,18 @@ class Outbox:
         """Checkpoint the WAL into the main file and close; idempotent."""
         with self._lock:
             conn, self._conn = self._conn, None
-        if conn is None:
-            return
+            owner_fd, self._owner_fd = self._owner_fd, None
         try:
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        except sqlite3.Error as exc:
-            logger.warning("outbox: WAL checkpoint at close failed: %s", exc)
+            if conn is not None:
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:
+                    logger.warning("outbox: WAL checkpoint at close failed: %s", exc)
+                finally:
+                    conn.close()
         finally:
-            conn.close()
+            if owner_fd is not None:
+                os.close(owner_fd)  # releases the ownership lock
 
     def __enter__(self) -> Outbox:
         return self
@@ -323,11 +333,11 @@ class Outbox:
         with self._lock:
             try:
                 envelopes = self._insert_locked(payloads)
-            except OutboxFull:
+            except OutboxFullError:
                 pruned = self._prune_locked(before_ts=None)
                 try:
                     envelopes = self._insert_locked(payloads)
-                except OutboxFull:
+                except OutboxFullError:
                     if not self._full_latched:
                         logger.error(
                             "outbox: full at its %d-byte bound (pruned %d delivered); refusing new records",
@@ -672,10 +682,29 @@ class Outbox:
             yield
         except sqlite3.Error as exc:
             if _is_full(exc):
-                raise OutboxFull(
+                raise OutboxFullError(
                     f"outbox {self._config.path} is full ({self._config.max_bytes}-byte bound) during {operation}"
                 ) from exc
             raise OutboxError(f"outbox {self._config.path}: {operation} failed: {exc}") from exc
+
+
+def _take_ownership(path: Path) -> int:
+    """Lock `<outbox>.lock` exclusively for this process's lifetime (the kernel drops it if the process dies).
+
+    Two processes on one outbox would each recover the other's in-flight rows at start and publish them twice;
+    refusing the second opener keeps the outbox single-writer. Returns the lock's file descriptor."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise OutboxError(f"cannot open outbox {path}: {exc}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError as exc:
+        os.close(fd)
+        raise OutboxError(f"outbox {path} is already in use by another process (lock {lock_path})") from exc
+    return fd
 
 
 def _split_sql(script: str) -> list[str]:

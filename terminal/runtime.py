@@ -25,7 +25,7 @@ from drivers.peripherals import Peripheral
 from protocol import AuditEvent, AuditOutcome, Clock, Envelope, Heartbeat, SystemClock, Topics
 from protocol.payloads import AuditDetailValue
 from terminal.config import TerminalConfig
-from terminal.errors import InvalidRecordError, OutboxFull
+from terminal.errors import InvalidRecordError, OutboxFullError
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
 from terminal.sync import HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
@@ -86,8 +86,8 @@ class TerminalRuntime:
         """Put one audit event into the outbox (durable when this returns) and return its envelope.
 
         `actor` and `subject` must already be pseudonymous or masked; `detail` is small flat context. Raises
-        `InvalidRecordError` if the event breaks the wire contract and `OutboxFull` if the outbox refuses it; in both
-        cases the caller must treat the operation as not recorded.
+        `InvalidRecordError` if the event breaks the wire contract and `OutboxFullError` if the outbox refuses it;
+        in both cases the caller must treat the operation as not recorded.
         """
         try:
             event = AuditEvent(
@@ -215,7 +215,7 @@ def _emit_demo_records(runtime: TerminalRuntime, count: int, stop: threading.Eve
         ]
         try:
             runtime.record_audits(batch)
-        except OutboxFull:
+        except OutboxFullError:
             logger.error("demo: outbox full after %d of %d records; not emitting the rest", emitted, count)
             return
         emitted += len(batch)

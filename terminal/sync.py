@@ -45,7 +45,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from protocol import Clock, DeviceStatusMessage, Envelope, Heartbeat, LinkState, Topics
 from terminal.config import MqttConfig
-from terminal.errors import NotConnectedError, OutboxError, OutboxFull, PublishError, SyncError
+from terminal.errors import NotConnectedError, OutboxError, OutboxFullError, PublishError, SyncError
 from terminal.outbox import ClaimedRecord, Outbox
 
 logger = logging.getLogger(__name__)
@@ -564,7 +564,7 @@ class HeartbeatTimer:
         try:
             self._outbox.prune_sent()
             envelope = self._outbox.enqueue(self._compose())
-        except OutboxFull:
+        except OutboxFullError:
             if not self._refusing:
                 self._refusing = True
                 logger.warning("heartbeat: outbox is full; heartbeats are skipped until it drains")

@@ -119,6 +119,23 @@ def test_unknown_payload_field_is_refused() -> None:
         decode_envelope(json.dumps(doc).encode())
 
 
+def test_audit_detail_values_are_bounded() -> None:
+    with pytest.raises(ValueError, match="256"):
+        AuditEvent(category="system", action="x.y", outcome=AuditOutcome.INFO, detail={"note": "x" * 257})
+
+
+def test_largest_valid_audit_event_fits_in_an_envelope() -> None:
+    event = AuditEvent(
+        category="c" * 64,
+        action="a" * 64,
+        outcome=AuditOutcome.FAILURE,
+        actor="p" * 64,
+        subject="s" * 64,
+        detail={f"k{i:02d}" + "k" * 60: "\u9fa5" * 256 for i in range(32)},
+    )
+    assert len(envelope(event).to_bytes()) < MAX_ENVELOPE_BYTES
+
+
 def test_oversized_message_is_refused_before_parsing() -> None:
     with pytest.raises(ContractError, match="exceeds"):
         decode_envelope(b" " * (MAX_ENVELOPE_BYTES + 1))

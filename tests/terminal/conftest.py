@@ -24,7 +24,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from protocol import DeviceStatusMessage, Envelope, Payload, PayloadType, Topics, decode_envelope, decode_status
 from terminal.config import OutboxConfig, TerminalConfig, parse_terminal_config
-from terminal.errors import OutboxFull
+from terminal.errors import OutboxFullError
 from terminal.outbox import Outbox
 from yibao.broker import MosquittoBroker
 
@@ -101,12 +101,12 @@ def open_outbox(
 
 
 def fill_until_full(outbox: Outbox, make: Callable[[int], Payload], limit: int = 100_000) -> list[Envelope]:
-    """Enqueue records one by one until the outbox refuses with OutboxFull; returns what it accepted."""
+    """Enqueue records one by one until the outbox refuses with OutboxFullError; returns what it accepted."""
     accepted: list[Envelope] = []
     for n in range(limit):
         try:
             accepted.append(outbox.enqueue(make(n)))
-        except OutboxFull:
+        except OutboxFullError:
             return accepted
     raise AssertionError(f"outbox still accepting after {limit} records")
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from protocol import AuditEvent, AuditOutcome, PayloadType, decode_envelope
-from terminal.errors import InvalidRecordError, OutboxError, OutboxFull
+from terminal.errors import InvalidRecordError, OutboxError, OutboxFullError
 from terminal.outbox import (
     ALARM_OUTBOX_FULL,
     ALARM_OUTBOX_HIGH_WATER,
@@ -185,29 +185,61 @@ def test_claim_takes_lowest_seq_first_up_to_limit(outbox: Outbox) -> None:
 def test_concurrent_claims_never_share_a_record(tmp_path: Path) -> None:
     path = tmp_path / "outbox.sqlite3"
     total = 600
-    with open_outbox(path) as first:
-        first.enqueue_many([event(n) for n in range(total)])
-        # Two claimers on the shared connection and one on a second connection to the same file, all at once.
-        with open_outbox(path) as second:
-            claimers = [first, first, second]
-            got: list[list[int]] = [[] for _ in claimers]
-            start = threading.Barrier(len(claimers))
+    with open_outbox(path) as outbox:
+        outbox.enqueue_many([event(n) for n in range(total)])
+        claimers = 3
+        got: list[list[int]] = [[] for _ in range(claimers)]
+        start = threading.Barrier(claimers)
 
-            def run(index: int) -> None:
-                start.wait()
-                while batch := claimers[index].claim(3):
-                    got[index].extend(r.seq for r in batch)
-                    time.sleep(0.001)  # let the other claimers in between our transactions
+        def run(index: int) -> None:
+            start.wait()
+            while batch := outbox.claim(3):
+                got[index].extend(r.seq for r in batch)
+                time.sleep(0.001)  # let the other claimers in between our transactions
 
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(claimers))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join(30)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(claimers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
     everything = [seq for part in got for seq in part]
     assert len(everything) == len(set(everything)) == total
     assert sorted(everything) == list(range(1, total + 1))
     assert sum(1 for part in got if part) >= 2, "claims really interleaved"
+
+
+def test_a_second_owner_is_refused_until_the_first_is_gone(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with open_outbox(path) as first:
+        first.enqueue(event(1))
+        with pytest.raises(OutboxError, match="already in use"):
+            open_outbox(path)
+        assert [r.seq for r in first.rows()] == [1], "the refused opener touched nothing"
+    # A holder that dies without closing releases the lock too (the kernel drops it with the process).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OUTBOX, str(path)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "holding"
+    with pytest.raises(OutboxError, match="already in use"):
+        open_outbox(path)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    holder.stdout.close()
+    with open_outbox(path) as again:
+        assert [r.seq for r in again.rows()] == [1]
+
+
+_HOLD_OUTBOX = """
+import sys, time, uuid
+from pathlib import Path
+from protocol import SystemClock
+from terminal.config import OutboxConfig
+from terminal.outbox import Outbox
+ob = Outbox.open(OutboxConfig(path=Path(sys.argv[1])), device_id="SIM-0001", boot_id=uuid.uuid4(), clock=SystemClock())
+print("holding", flush=True)
+time.sleep(60)
+"""
 
 
 # ---------------------------------------------------------------------- back-off
@@ -345,7 +377,7 @@ def test_full_outbox_refuses_new_records_but_keeps_and_delivers_old_ones(tmp_pat
         assert stats.depth == len(accepted)
         assert stats.used_bytes <= stats.capacity_bytes == 128 * 1024
         assert outbox.integrity_check() == ["ok"]
-        with pytest.raises(OutboxFull):
+        with pytest.raises(OutboxFullError):
             outbox.enqueue(event(10_000, note="x" * 200))
 
         # Everything accepted is intact and deliverable (the bookkeeping reserve makes claim/ack possible).
