@@ -1,11 +1,10 @@
 """Layered fixtures for the sync server tests.
 
-* `pg_database` (session): one fresh, uniquely named PostgreSQL database per test session, dropped at the end.
-  PostgreSQL unreachable is a FAILURE with a clear message, never a skip (CI makes it reachable).
+* `pg_database` (session, from tests/conftest.py): the session's PostgreSQL database.
 * `db_url` (per test, parametrised over SQLite and PostgreSQL): an empty database; on PostgreSQL a fresh schema
   inside the session database, selected through `search_path`.
 * `engine`: `db_url` migrated to head, with an engine that is disposed afterwards.
-* `broker`: a private Mosquitto on a free port (`yibao.broker`).
+* `broker` (from tests/conftest.py): a private Mosquitto on a free port.
 * `clock`: a `protocol.Clock` whose wall time tests set and advance.
 """
 
@@ -28,8 +27,7 @@ import uvicorn
 from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import Engine, create_engine
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.engine import URL
 
 from protocol import (
     AuditEvent,
@@ -45,7 +43,6 @@ from sync_server.db.engine import create_db_engine
 from sync_server.db.migrate import upgrade
 from yibao.broker import MosquittoBroker
 
-DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 
 
@@ -61,33 +58,6 @@ def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # ---------------------------------------------------------------- databases
-
-
-def _admin_url() -> URL:
-    return make_url(os.environ.get("YIBAO_TEST_PG_URL", DEFAULT_PG_URL))
-
-
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[URL]:
-    admin_url = _admin_url()
-    name = f"yibao_t_{secrets.token_hex(5)}"
-    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
-    try:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
-    except OperationalError as exc:
-        admin.dispose()
-        pytest.fail(
-            f"PostgreSQL is unreachable at {admin_url.render_as_string(hide_password=True)} "
-            f"(start it with scripts/ensure_postgres.sh or set YIBAO_TEST_PG_URL): {exc.orig}",
-            pytrace=False,
-        )
-    try:
-        yield admin_url.set(database=name)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        admin.dispose()
 
 
 @contextmanager
@@ -244,12 +214,6 @@ def envelope(
 
 
 # ---------------------------------------------------------------- MQTT
-
-
-@pytest.fixture
-def broker() -> Iterator[MosquittoBroker]:
-    with MosquittoBroker() as b:
-        yield b
 
 
 class Publisher:

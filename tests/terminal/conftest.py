@@ -1,6 +1,7 @@
 """Fixtures for the terminal core: a private Mosquitto, an injectable clock, config builders, an uplink recorder.
 
-`broker`, `FakeClock` and `UplinkRecorder` are meant to be hoisted to `tests/conftest.py` once other packages need them.
+`broker` comes from tests/conftest.py. This FakeClock drives both wall and monotonic time (the server tests' clock
+keeps monotonic time real because their worker threads wait on it).
 """
 
 from __future__ import annotations
@@ -64,13 +65,6 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
-
-
-@pytest.fixture
-def broker() -> Iterator[MosquittoBroker]:
-    """A private Mosquitto for one test (tests kill and restart it)."""
-    with MosquittoBroker() as b:
-        yield b
 
 
 def outbox_config(path: Path, **overrides: Any) -> OutboxConfig:

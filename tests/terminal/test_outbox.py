@@ -155,7 +155,10 @@ def test_prune_keeps_recent_and_undelivered_records(outbox: Outbox, clock: FakeC
 
 def test_enqueue_many_is_all_or_nothing(outbox: Outbox) -> None:
     outbox.enqueue(event(0))
-    oversized = event(1, blob="x" * (300 * 1024))
+    # The contract bounds audit details, so build the oversized record the way a buggy caller could: unvalidated.
+    oversized = AuditEvent.model_construct(
+        category="system", action="test.record", outcome=AuditOutcome.INFO, detail={"blob": "x" * (300 * 1024)}
+    )
     with pytest.raises(InvalidRecordError, match="envelope limit"):
         outbox.enqueue_many([event(2), oversized, event(3)])
     assert [r.seq for r in outbox.rows()] == [1]
@@ -404,7 +407,7 @@ def test_high_water_alarm(tmp_path: Path, clock: FakeClock) -> None:
     with open_outbox(tmp_path / "o.sqlite3", clock, max_bytes=256 * 1024, high_water_ratio=0.3) as outbox:
         assert outbox.stats().alarms == ()
         while ALARM_OUTBOX_HIGH_WATER not in outbox.stats().alarms:
-            outbox.enqueue_many([event(n, note="y" * 300) for n in range(10)])
+            outbox.enqueue_many([event(n, note="y" * 250) for n in range(12)])
         stats = outbox.stats()
         assert stats.used_bytes >= 0.3 * outbox.record_capacity_bytes
         assert ALARM_OUTBOX_FULL not in stats.alarms
