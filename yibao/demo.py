@@ -25,6 +25,7 @@ from types import FrameType
 from typing import Any
 
 import httpx
+from sqlalchemy.engine import make_url
 
 from yibao.broker import MosquittoBroker, free_port
 from yibao.procs import is_alive, spawn, stop, yibao_argv
@@ -196,6 +197,11 @@ def start_stack(options: DemoOptions) -> DemoStack:
     return stack
 
 
+def redacted(database_url: str) -> str:
+    """The URL with any password masked, fit for a terminal or a log."""
+    return make_url(database_url).render_as_string(hide_password=True)
+
+
 def _fetch_demo_records(stack: DemoStack) -> list[dict[str, Any]]:
     """Every stored demo record of the device, paged through the public events API."""
     items: list[dict[str, Any]] = []
@@ -230,7 +236,7 @@ def run_smoke(options: DemoOptions) -> dict[str, Any]:
     """Push `options.records` records through a simulated terminal and account for every one on the server."""
     t0 = time.monotonic()
     stack = start_stack(options)
-    result: dict[str, Any] = {"sent": options.records, "database": options.database_url or "sqlite"}
+    result: dict[str, Any] = {"sent": options.records, "database": redacted(stack.database_url)}
     try:
         t_up = time.monotonic()
         result["startup_s"] = round(t_up - t0, 3)
@@ -280,7 +286,7 @@ def run_interactive(options: DemoOptions, echo: Any) -> int:
     try:
         echo(f"Broker     mqtt://{stack.broker.host}:{stack.broker.port}")
         echo(f"Server     {stack.base_url}/   (API: {stack.base_url}/api/v1/devices, docs: {stack.base_url}/docs)")
-        echo(f"Database   {stack.database_url}")
+        echo(f"Database   {redacted(stack.database_url)}")
         echo(f"Logs       {stack.workdir}/server.log, {stack.workdir}/terminal.log")
         took = stack.wait_online(True)
         echo(f"Terminal   {options.device_id} is online ({took:.1f} s). Open {stack.base_url}/ in a browser.")

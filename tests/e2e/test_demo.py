@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from yibao.demo import DemoOptions, start_stack
 from yibao.procs import is_alive
@@ -18,7 +19,7 @@ from yibao.procs import is_alive
 pytestmark = pytest.mark.e2e
 
 
-def _smoke(yibao_cmd: list[str], *extra: str) -> dict[str, object]:
+def _smoke(yibao_cmd: list[str], *extra: str, secret: str | None = None) -> dict[str, object]:
     proc = subprocess.run(
         [*yibao_cmd, "--log-level", "warning", "demo", "--smoke", *extra],
         capture_output=True,
@@ -26,6 +27,8 @@ def _smoke(yibao_cmd: list[str], *extra: str) -> dict[str, object]:
         timeout=240,
         check=False,
     )
+    if secret:
+        assert secret not in proc.stdout + proc.stderr, "a database password reached the output"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, f"expected one JSON line; stdout={proc.stdout!r} stderr={proc.stderr[-3000:]!r}"
     result: dict[str, object] = json.loads(lines[0])
@@ -46,7 +49,10 @@ def test_smoke_on_sqlite_stores_every_record_exactly_once(yibao_cmd: list[str]) 
 
 @pytest.mark.postgres
 def test_smoke_on_postgresql_stores_every_record_exactly_once(yibao_cmd: list[str], pg_database_url: str) -> None:
-    result = _smoke(yibao_cmd, "--records", "1000", "--database-url", pg_database_url)
+    password = make_url(pg_database_url).password
+    result = _smoke(
+        yibao_cmd, "--records", "1000", "--database-url", pg_database_url, secret=password and f":{password}@"
+    )
     assert (result["sent"], result["stored"], result["duplicates"], result["lost"]) == (1000, 1000, 0, 0)
     assert result["leftover_processes"] == 0
 
