@@ -12,7 +12,7 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------- Debian packages
 # fonts-noto-cjk: Chinese text on the kiosk and in browser screenshots.
-apt_pkgs=(mosquitto python3-venv ca-certificates fonts-noto-cjk)
+apt_pkgs=(python3 python3-venv mosquitto ca-certificates fonts-noto-cjk)
 if [ "$dev" = 1 ]; then
   # PostgreSQL for the server test matrix; Chromium to check the web pages in a real browser.
   apt_pkgs+=(postgresql chromium)
