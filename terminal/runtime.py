@@ -198,7 +198,7 @@ def run_terminal(
             _emit_demo_records(runtime, emit_records, stop)
             # A bounded wait keeps the main thread responsive to signal handlers on every platform.
             while not stop.wait(0.5):
-                pass
+                continue
         finally:
             runtime.stop()
     finally:

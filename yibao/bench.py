@@ -6,6 +6,7 @@ docs/benchmarks.md together with the command and the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -22,13 +23,11 @@ from terminal.outbox import Outbox
 
 def machine() -> dict[str, Any]:
     cpu = "unknown"
-    try:
+    with contextlib.suppress(OSError):  # not Linux, or /proc hidden: the figure is informative only
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    except OSError:
-        pass
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 

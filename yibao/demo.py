@@ -115,7 +115,7 @@ class DemoStack:
                     if health.get("mqtt") == "connected":
                         return
                 except (httpx.HTTPError, ValueError):
-                    pass
+                    logger.debug("server not answering yet")
                 time.sleep(0.2)
         raise DemoError(f"the server did not become healthy; see {self.workdir}/server.log")
 

@@ -48,7 +48,7 @@ class ScriptedLink:
         self.fail_publish_with: Exception | None = None
 
     def start(self) -> None:
-        pass
+        """Nothing to start: the test scripts connectivity through `connected`."""
 
     def close(self) -> None:
         self.connected = False
