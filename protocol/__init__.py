@@ -1,11 +1,13 @@
 """Wire contracts shared by the terminal and the sync server.
 
-This package owns everything both sides must agree on byte for byte: the envelope, the payload schemas, the MQTT
-topic scheme and the injected clock. It imports nothing of ours, so `terminal` and `sync_server` can both depend on
-it without depending on each other. It must never grow behaviour that belongs to one side.
+This package owns everything both sides must agree on byte for byte: the envelope, the payload schemas, the downlink
+messages (server acknowledgements), the MQTT topic scheme and the injected clock. It imports nothing of ours, so
+`terminal` and `sync_server` can both depend on it without depending on each other. It must never grow
+behaviour that belongs to one side.
 """
 
 from protocol.clock import Clock, SystemClock
+from protocol.downlink import MAX_DOWNLINK_BYTES, DownlinkMessage, UplinkAck, decode_downlink
 from protocol.envelope import (
     MAX_ENVELOPE_BYTES,
     SCHEMA_VERSION,
@@ -30,6 +32,7 @@ from protocol.payloads import (
 from protocol.topics import Topics
 
 __all__ = [
+    "MAX_DOWNLINK_BYTES",
     "MAX_ENVELOPE_BYTES",
     "SCHEMA_VERSION",
     "AuditEvent",
@@ -38,6 +41,7 @@ __all__ = [
     "ContractError",
     "DeviceId",
     "DeviceStatusMessage",
+    "DownlinkMessage",
     "Envelope",
     "Heartbeat",
     "LinkState",
@@ -48,6 +52,8 @@ __all__ = [
     "PeripheralStatus",
     "SystemClock",
     "Topics",
+    "UplinkAck",
+    "decode_downlink",
     "decode_envelope",
     "decode_status",
 ]

@@ -94,7 +94,8 @@ class DeviceStatusMessage(BaseModel):
         return self.model_dump_json().encode("utf-8")
 
 
-def _summarise(exc: ValidationError) -> str:
+def summarise_validation_error(exc: ValidationError) -> str:
+    """The first few field errors of `exc` as one line (field paths and messages, never the input values)."""
     parts = []
     for err in exc.errors()[:5]:
         where = ".".join(str(p) for p in err["loc"]) or "(root)"
@@ -110,7 +111,7 @@ def decode_envelope(raw: bytes) -> Envelope:
     try:
         return Envelope.model_validate_json(raw)
     except ValidationError as exc:
-        raise ContractError(f"invalid envelope: {_summarise(exc)}") from exc
+        raise ContractError(f"invalid envelope: {summarise_validation_error(exc)}") from exc
 
 
 def decode_status(raw: bytes) -> DeviceStatusMessage:
@@ -120,4 +121,4 @@ def decode_status(raw: bytes) -> DeviceStatusMessage:
     try:
         return DeviceStatusMessage.model_validate_json(raw)
     except ValidationError as exc:
-        raise ContractError(f"invalid status message: {_summarise(exc)}") from exc
+        raise ContractError(f"invalid status message: {summarise_validation_error(exc)}") from exc

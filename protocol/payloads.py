@@ -68,9 +68,20 @@ class Heartbeat(_Closed):
     config_schema_version: int = Field(ge=1, description="Schema version of that configuration.")
     interval_s: float = Field(gt=0, le=3600, description="Seconds until the next heartbeat is due.")
     uptime_s: float = Field(ge=0, description="Seconds since the terminal process started.")
-    outbox_depth: int = Field(ge=0, description="Records waiting in the outbox (not yet acknowledged).")
+    outbox_depth: int = Field(
+        ge=0,
+        description="Records in the outbox the server has not yet acknowledged as stored (pending, in flight, or "
+        "published to the broker but not yet covered by an uplink_ack).",
+    )
     outbox_oldest_age_s: float | None = Field(
-        ge=0, description="Age in seconds of the oldest waiting record; null when the outbox is empty."
+        ge=0,
+        description="Age in seconds of the oldest record the server has not yet acknowledged; null when there is none.",
+    )
+    outbox_sent_total: int = Field(
+        default=0,
+        ge=0,
+        description="Records the server acknowledged as stored over the outbox file's life (survives pruning); "
+        "0 from terminals that predate server acknowledgements.",
     )
     outbox_used_bytes: int = Field(
         ge=0, description="Bytes of live pages in the outbox database (freed pages are reused, not counted)."
