@@ -125,7 +125,14 @@ class OutboxConfig(_Strict):
         default=86400.0,
         ge=0,
         le=90 * 86400,
-        description="Delivered records are kept this long for diagnosis, then pruned.",
+        description="Records the server acknowledged as stored are kept this long for diagnosis, then pruned.",
+    )
+    server_ack_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86400,
+        description="A record the broker acknowledged (PUBACK) but the server has not acknowledged as stored within "
+        "this many seconds is published again; the server deduplicates.",
     )
 
     @model_validator(mode="after")

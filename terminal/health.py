@@ -100,6 +100,7 @@ def compose_heartbeat(
         interval_s=config.heartbeat.interval_s,
         uptime_s=max(0.0, uptime_s),
         outbox_depth=stats.depth,
+        outbox_sent_total=stats.acked_total,
         outbox_oldest_age_s=stats.oldest_age_s,
         outbox_used_bytes=stats.used_bytes,
         outbox_capacity_bytes=stats.capacity_bytes,

@@ -3,10 +3,14 @@
 Owns one SQLite file and the life of each record in it, as an explicit state machine enforced by the database itself
 (a CHECK constraint and triggers generated from `TRANSITIONS`):
 
-    PENDING ──claim──► INFLIGHT ──mark_sent──► SENT ──prune_sent──► (deleted)
-       ▲                  │
-       └──release/crash───┤  (attempts+1, exponential back-off with jitter; crash recovery at open)
+    PENDING ──claim──► INFLIGHT ──mark_sent──► SENT ──mark_acked_through──► ACKED ──prune_acked──► (deleted)
+       ▲                  │                     │
+       ├──release/crash───┤                     │  (PUBACK = the broker has it; ACKED = the server stored it)
+       └──────────────────┼── requeue_unacked ──┘  (no server ack within server_ack_timeout_s: publish again)
                           └──undecodable──► QUARANTINED  (kept, reported in stats and by an audit event)
+
+    Any PENDING, INFLIGHT or SENT row at or below the server's `acked_through_seq` becomes ACKED at once: the server
+    has it, whatever our own bookkeeping says (an ack may overtake the PUBACK of the same record, or a re-send).
 
 The row id *is* the per-device sequence number `seq` (`INTEGER PRIMARY KEY AUTOINCREMENT`, so a pruned number is
 never handed out again), assigned in the same transaction that stores the record's envelope as JSON. One writer
@@ -16,9 +20,10 @@ delivery bookkeeping of held records possible. When new records hit their limit,
 that is not enough, `OutboxFullError` is raised and the `outbox_full` alarm set; when records are accepted again, an
 `outbox.full` audit event saying how many were refused is stored for the server.
 
-It must never drop, rewrite or reorder a record it accepted (only SENT rows may be deleted — a trigger refuses any
-other delete), never unpickle anything (payloads are JSON validated against `protocol`), never talk to the network,
-and never let a `sqlite3` exception escape: they are translated into `terminal.errors` here.
+It must never drop, rewrite or reorder a record it accepted (only ACKED rows — those the server acknowledged as
+stored — may be deleted; a trigger refuses any other delete), never unpickle anything (payloads are JSON validated
+against `protocol`), never talk to the network, and never let a `sqlite3` exception escape: they are translated into
+`terminal.errors` here.
 """
 
 from __future__ import annotations
@@ -55,8 +60,9 @@ from terminal.errors import InvalidRecordError, OutboxError, OutboxFullError
 
 logger = logging.getLogger(__name__)
 
-OUTBOX_SCHEMA_VERSION: Final = 1
-"""Stored in `PRAGMA user_version`; a file written by newer software is refused rather than guessed at."""
+OUTBOX_SCHEMA_VERSION: Final = 2
+"""Stored in `PRAGMA user_version`; a file written by newer software is refused rather than guessed at. Version 1
+had no ACKED status; `_migrate_v1_to_v2` rebuilds such a file in place."""
 
 BUSY_TIMEOUT_MS: Final = 5000
 JOURNAL_SIZE_LIMIT_BYTES: Final = 4 * 1024 * 1024
@@ -85,17 +91,28 @@ class OutboxStatus(StrEnum):
     INFLIGHT = "inflight"
     """Claimed by the sync worker and being published; back to PENDING on failure or after a crash."""
     SENT = "sent"
-    """The broker acknowledged it (PUBACK); kept for `sent_retention_s`, then pruned."""
+    """The broker acknowledged it (PUBACK); waits for the server's ack, or goes back to PENDING after
+    `server_ack_timeout_s` (a broker with no server session drops what it cannot route)."""
+    ACKED = "acked"
+    """The server acknowledged it as stored (its seq is at or below `acked_through_seq`); kept for
+    `sent_retention_s`, then pruned. The only status that may be deleted."""
     QUARANTINED = "quarantined"
     """Its stored envelope no longer decodes; kept for inspection and never published."""
 
 
 TRANSITIONS: Final[Mapping[OutboxStatus, frozenset[OutboxStatus]]] = {
-    OutboxStatus.PENDING: frozenset({OutboxStatus.INFLIGHT}),
-    OutboxStatus.INFLIGHT: frozenset({OutboxStatus.SENT, OutboxStatus.PENDING, OutboxStatus.QUARANTINED}),
-    OutboxStatus.SENT: frozenset(),
+    # ACKED is reachable from every live status: an ack for seq <= N proves the server has the record, and it may
+    # overtake our PUBACK bookkeeping or arrive for a record we re-queued after an ack timeout.
+    OutboxStatus.PENDING: frozenset({OutboxStatus.INFLIGHT, OutboxStatus.ACKED}),
+    OutboxStatus.INFLIGHT: frozenset(
+        {OutboxStatus.SENT, OutboxStatus.PENDING, OutboxStatus.QUARANTINED, OutboxStatus.ACKED}
+    ),
+    OutboxStatus.SENT: frozenset({OutboxStatus.ACKED, OutboxStatus.PENDING}),
+    OutboxStatus.ACKED: frozenset(),
     OutboxStatus.QUARANTINED: frozenset(),
 }
+LIVE_STATUSES: Final = frozenset({OutboxStatus.PENDING, OutboxStatus.INFLIGHT, OutboxStatus.SENT})
+"""Statuses of records the server has not acknowledged yet: the heartbeat's `outbox_depth`."""
 
 
 def _quoted(values: Iterable[str]) -> str:
@@ -104,8 +121,8 @@ def _quoted(values: Iterable[str]) -> str:
 
 _ALLOWED_MOVES: Final = _quoted(f"{a.value}>{b.value}" for a, targets in TRANSITIONS.items() for b in targets)
 
-_SCHEMA: Final = f"""
-CREATE TABLE outbox (
+_TABLE_V2: Final = f"""
+CREATE TABLE {{name}} (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     message_id      TEXT    NOT NULL UNIQUE,
     payload_type    TEXT    NOT NULL,
@@ -116,23 +133,38 @@ CREATE TABLE outbox (
     next_attempt_at REAL    NOT NULL,
     claimed_at      REAL,
     sent_at         REAL,
+    acked_at        REAL,
     last_error      TEXT
 );
+"""
+
+_COLUMNS_V1: Final = (
+    "seq, message_id, payload_type, envelope, status, attempts, created_at, next_attempt_at, claimed_at, sent_at,"
+    " last_error"
+)
+
+_INDEX_AND_TRIGGERS: Final = f"""
 CREATE INDEX outbox_by_status ON outbox (status, seq);
-CREATE TABLE outbox_counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
-INSERT INTO outbox_counter (name, value) VALUES ('sent_total', 0);
 CREATE TRIGGER outbox_legal_transition BEFORE UPDATE OF status ON outbox
 WHEN OLD.status <> NEW.status AND OLD.status || '>' || NEW.status NOT IN ({_ALLOWED_MOVES})
 BEGIN
     SELECT RAISE(ABORT, 'illegal outbox status transition');
 END;
-CREATE TRIGGER outbox_only_delivered_are_deleted BEFORE DELETE ON outbox
-WHEN OLD.status <> 'sent'
+CREATE TRIGGER outbox_only_acked_are_deleted BEFORE DELETE ON outbox
+WHEN OLD.status <> 'acked'
 BEGIN
-    SELECT RAISE(ABORT, 'only delivered outbox records may be deleted');
+    SELECT RAISE(ABORT, 'only outbox records the server acknowledged may be deleted');
 END;
-PRAGMA user_version = {OUTBOX_SCHEMA_VERSION};
-"""  # noqa: S608 - built from our own enum values at import time, no input
+"""
+
+_SCHEMA: Final = (
+    _TABLE_V2.format(name="outbox")
+    + _INDEX_AND_TRIGGERS
+    + """
+CREATE TABLE outbox_counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO outbox_counter (name, value) VALUES ('sent_total', 0), ('acked_total', 0);
+"""
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,15 +196,19 @@ class OutboxStats:
     """What the heartbeat reports about the outbox."""
 
     depth: int
-    """Records not yet acknowledged by the broker (PENDING + INFLIGHT)."""
+    """Records the server has not acknowledged yet (PENDING + INFLIGHT + SENT)."""
     oldest_age_s: float | None
-    """Age of the oldest unacknowledged record; None when `depth` is 0."""
+    """Age of the oldest record the server has not acknowledged; None when `depth` is 0."""
     used_bytes: int
     """Bytes of live pages; pages freed by pruning are reused before the file grows."""
     capacity_bytes: int
     inflight: int
     sent_total: int
-    """Records acknowledged over the life of this outbox file (survives pruning)."""
+    """PUBACKs received over the life of this outbox file (a re-sent record counts again; survives pruning)."""
+    unpublished: int = 0
+    """Records the broker has not acknowledged yet (PENDING + INFLIGHT)."""
+    acked_total: int = 0
+    """Records the server acknowledged as stored over the life of this outbox file (survives pruning)."""
     quarantined: int = 0
     alarms: tuple[str, ...] = field(default_factory=tuple)
 
@@ -273,6 +309,35 @@ class Outbox:
             with self._transaction() as tx:
                 for statement in _split_sql(_SCHEMA):
                     tx.execute(statement)
+                tx.execute(f"PRAGMA user_version = {OUTBOX_SCHEMA_VERSION}")
+        elif version == 1:
+            self._migrate_v1_to_v2(path)
+
+    def _migrate_v1_to_v2(self, path: Path) -> None:
+        """Version 1 had no ACKED status, and SQLite cannot alter a CHECK constraint: rebuild the table.
+
+        One immediate transaction: copy every row (seq and status unchanged) into a table with the new CHECK,
+        swap it in, restore the AUTOINCREMENT high-water mark (`sqlite_sequence`, which may be above every remaining
+        row after pruning), recreate the index and the triggers from the new `TRANSITIONS`, and bump `user_version`.
+        A crash before COMMIT leaves the v1 file untouched. Rows that were SENT (PUBACKed) stay SENT and are re-sent
+        after `server_ack_timeout_s` unless the server acknowledges them first: v1 never knew whether the server had
+        them."""
+        with self._transaction() as tx:
+            high_water = tx.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+            rows = int(tx.execute("SELECT count(*) FROM outbox").fetchone()[0])
+            tx.execute(_TABLE_V2.format(name="outbox_v2"))
+            tx.execute(f"INSERT INTO outbox_v2 ({_COLUMNS_V1}) SELECT {_COLUMNS_V1} FROM outbox ORDER BY seq")  # noqa: S608 - our own column list
+            tx.execute("DROP TABLE outbox")  # drops its index and triggers too
+            tx.execute("ALTER TABLE outbox_v2 RENAME TO outbox")
+            if high_water is not None:
+                tx.execute("UPDATE sqlite_sequence SET seq = max(seq, ?) WHERE name = 'outbox'", (int(high_water[0]),))
+                if tx.execute("SELECT changes()").fetchone()[0] == 0:
+                    tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (int(high_water[0]),))
+            for statement in _split_sql(_INDEX_AND_TRIGGERS):
+                tx.execute(statement)
+            tx.execute("INSERT OR IGNORE INTO outbox_counter (name, value) VALUES ('acked_total', 0)")
+            tx.execute(f"PRAGMA user_version = {OUTBOX_SCHEMA_VERSION}")
+        logger.info("outbox %s: migrated schema 1 -> %d (%d record(s) kept)", path, OUTBOX_SCHEMA_VERSION, rows)
 
     def _recover_inflight(self) -> None:
         """A previous process died between claim and ack: its INFLIGHT rows may or may not have reached the broker,
@@ -508,6 +573,55 @@ class Outbox:
             logger.debug("outbox: %d of %d acknowledged record(s) were not in flight", len(batch) - moved, len(batch))
         return moved
 
+    def mark_acked_through(self, acked_through_seq: int) -> int:
+        """The server stored every seq 1..`acked_through_seq`: each not yet ACKED row at or below it becomes ACKED,
+        in one transaction. Returns how many moved (0 for a repeated or stale ack)."""
+        if acked_through_seq < 1:
+            return 0
+        now = self._now_ts()
+        with self._lock, self._translated("mark acknowledged"), self._transaction() as tx:
+            moved = int(
+                tx.execute(
+                    "UPDATE outbox SET status = 'acked', acked_at = ?, claimed_at = NULL, last_error = NULL"
+                    " WHERE seq <= ? AND status IN ('pending', 'inflight', 'sent')",
+                    (now, acked_through_seq),
+                ).rowcount
+            )
+            if moved:
+                tx.execute("UPDATE outbox_counter SET value = value + ? WHERE name = 'acked_total'", (moved,))
+        if moved:
+            logger.debug("outbox: server acknowledged %d record(s) through seq %d", moved, acked_through_seq)
+        return moved
+
+    def requeue_unacked(self) -> int:
+        """SENT rows without a server ack for `server_ack_timeout_s` go back to PENDING (attempts+1, back-off).
+
+        This closes the gap PUBACK leaves open: a broker with no server session routes a record nowhere yet still
+        acknowledges it. Publishing again is harmless because the server deduplicates by seq and message_id."""
+        now = self._now_ts()
+        cutoff = now - self._config.server_ack_timeout_s
+        reason = f"no server ack within {self._config.server_ack_timeout_s:g} s"[:MAX_ERROR_CHARS]
+        with self._lock, self._translated("requeue unacknowledged"), self._transaction() as tx:
+            stale = tx.execute(
+                "SELECT seq, attempts FROM outbox WHERE status = 'sent' AND sent_at <= ? ORDER BY seq", (cutoff,)
+            ).fetchall()
+            updates = [(now + self.retry_delay_s(int(attempts) + 1), reason, int(seq)) for seq, attempts in stale]
+            tx.executemany(
+                "UPDATE outbox SET status = 'pending', attempts = attempts + 1, claimed_at = NULL,"
+                " next_attempt_at = ?, last_error = ? WHERE seq = ? AND status = 'sent'",
+                updates,
+            )
+        if updates:
+            logger.warning(
+                "outbox: %d published record(s) (seq %d..%d) got no server ack within %g s; publishing again",
+                len(updates),
+                updates[0][2],
+                updates[-1][2],
+                self._config.server_ack_timeout_s,
+            )
+            self._work.set()
+        return len(updates)
+
     def release(self, seqs: Iterable[int], error: str, *, backoff: bool = True) -> int:
         """INFLIGHT -> PENDING after a failed attempt: attempts+1 and, with `backoff`, a jittered exponential delay.
 
@@ -544,8 +658,9 @@ class Outbox:
         ceiling = min(self._config.retry_max_s, self._config.retry_initial_s * 2.0**exponent)
         return ceiling * (1.0 - JITTER_FRACTION * self._jitter())
 
-    def prune_sent(self, now: datetime | None = None) -> int:
-        """Delete SENT records older than `sent_retention_s`; returns how many. Never touches undelivered rows."""
+    def prune_acked(self, now: datetime | None = None) -> int:
+        """Delete ACKED records acknowledged more than `sent_retention_s` ago; returns how many. Never touches a
+        record the server has not acknowledged."""
         current = (now or self._clock.now()).timestamp()
         with self._lock:
             return self._prune_locked(before_ts=current - self._config.sent_retention_s)
@@ -553,11 +668,13 @@ class Outbox:
     def _prune_locked(self, before_ts: float | None) -> int:
         with self._translated("prune delivered records"), self._transaction() as tx:
             if before_ts is None:
-                pruned = tx.execute("DELETE FROM outbox WHERE status = 'sent'").rowcount
+                pruned = tx.execute("DELETE FROM outbox WHERE status = 'acked'").rowcount
             else:
-                pruned = tx.execute("DELETE FROM outbox WHERE status = 'sent' AND sent_at <= ?", (before_ts,)).rowcount
+                pruned = tx.execute(
+                    "DELETE FROM outbox WHERE status = 'acked' AND acked_at <= ?", (before_ts,)
+                ).rowcount
         if pruned:
-            logger.debug("outbox: pruned %d delivered record(s)", pruned)
+            logger.debug("outbox: pruned %d acknowledged record(s)", pruned)
         return int(pruned)
 
     def wake(self) -> None:
@@ -580,9 +697,10 @@ class Outbox:
             oldest = conn.execute(
                 "SELECT min(created_at) FROM outbox WHERE seq IN ("
                 " SELECT min(seq) FROM outbox WHERE status = 'pending'"
-                " UNION ALL SELECT min(seq) FROM outbox WHERE status = 'inflight')"
+                " UNION ALL SELECT min(seq) FROM outbox WHERE status = 'inflight'"
+                " UNION ALL SELECT min(seq) FROM outbox WHERE status = 'sent')"
             ).fetchone()[0]
-            sent_total = int(conn.execute("SELECT value FROM outbox_counter WHERE name = 'sent_total'").fetchone()[0])
+            counters = dict(conn.execute("SELECT name, value FROM outbox_counter").fetchall())
             page_count = int(conn.execute("PRAGMA page_count").fetchone()[0])
             free_pages = int(conn.execute("PRAGMA freelist_count").fetchone()[0])
             used = (page_count - free_pages) * self._page_size
@@ -597,13 +715,16 @@ class Outbox:
                 alarms.append(ALARM_OUTBOX_QUARANTINED)
         pending = int(counts.get(OutboxStatus.PENDING.value, 0))
         inflight = int(counts.get(OutboxStatus.INFLIGHT.value, 0))
+        sent = int(counts.get(OutboxStatus.SENT.value, 0))
         return OutboxStats(
-            depth=pending + inflight,
+            depth=pending + inflight + sent,
             oldest_age_s=None if oldest is None else max(0.0, now - float(oldest)),
             used_bytes=used,
             capacity_bytes=self._config.max_bytes,
             inflight=inflight,
-            sent_total=sent_total,
+            sent_total=int(counters.get("sent_total", 0)),
+            unpublished=pending + inflight,
+            acked_total=int(counters.get("acked_total", 0)),
             quarantined=quarantined,
             alarms=tuple(alarms),
         )

@@ -562,7 +562,7 @@ class HeartbeatTimer:
     def beat(self) -> Envelope | None:
         """One tick: prune, compose, enqueue. Returns the heartbeat's envelope, or None if the outbox refused it."""
         try:
-            self._outbox.prune_sent()
+            self._outbox.prune_acked()
             envelope = self._outbox.enqueue(self._compose())
         except OutboxFullError:
             if not self._refusing:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from datetime import timedelta
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from protocol import AuditEvent, AuditOutcome, PayloadType, decode_envelope
+from protocol import AuditEvent, AuditOutcome, Envelope, PayloadType, decode_envelope
 from terminal.errors import InvalidRecordError, OutboxError, OutboxFullError
 from terminal.outbox import (
     ALARM_OUTBOX_FULL,
@@ -55,7 +56,7 @@ def outbox(tmp_path: Path, clock: FakeClock) -> Iterator[Outbox]:
 # ---------------------------------------------------------------------- state machine
 
 
-def test_record_moves_pending_inflight_sent(outbox: Outbox) -> None:
+def test_record_moves_pending_inflight_sent_acked(outbox: Outbox, clock: FakeClock) -> None:
     envelope = outbox.enqueue(event(1))
     assert envelope.device_id == DEVICE_ID
     assert envelope.payload_type is PayloadType.AUDIT_EVENT
@@ -69,8 +70,16 @@ def test_record_moves_pending_inflight_sent(outbox: Outbox) -> None:
 
     assert outbox.mark_sent([envelope.seq]) == 1
     assert statuses(outbox) == {envelope.seq: OutboxStatus.SENT}
+    clock.advance(2)
     stats = outbox.stats()
-    assert (stats.depth, stats.inflight, stats.sent_total, stats.oldest_age_s) == (0, 0, 1, None)
+    assert (stats.depth, stats.unpublished, stats.inflight, stats.sent_total) == (1, 0, 0, 1)
+    assert stats.oldest_age_s == 2.0, "a record the server has not acknowledged still counts as waiting"
+
+    assert outbox.mark_acked_through(envelope.seq) == 1
+    assert statuses(outbox) == {envelope.seq: OutboxStatus.ACKED}
+    stats = outbox.stats()
+    assert (stats.depth, stats.acked_total, stats.oldest_age_s) == (0, 1, None)
+    assert outbox.mark_acked_through(envelope.seq) == 0, "a repeated ack changes nothing"
 
 
 def test_release_returns_to_pending_with_attempt_counted(outbox: Outbox, clock: FakeClock) -> None:
@@ -99,7 +108,7 @@ def test_database_refuses_illegal_transitions_and_deleting_undelivered(tmp_path:
             assert illegal not in TRANSITIONS[OutboxStatus.PENDING]
             with pytest.raises(sqlite3.IntegrityError, match="illegal outbox status transition"):
                 db.execute("UPDATE outbox SET status = ? WHERE seq = ?", (illegal.value, seq))
-        with pytest.raises(sqlite3.IntegrityError, match="only delivered"):
+        with pytest.raises(sqlite3.IntegrityError, match="only outbox records the server acknowledged"):
             db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
         with pytest.raises(sqlite3.IntegrityError):
             db.execute("UPDATE outbox SET status = 'lost' WHERE seq = ?", (seq,))
@@ -109,7 +118,7 @@ def test_database_refuses_illegal_transitions_and_deleting_undelivered(tmp_path:
 def test_pragmas_and_schema_version(tmp_path: Path, outbox: Outbox) -> None:
     with raw_db(tmp_path / "outbox.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
         sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'outbox'").fetchone()[0]
         assert "INTEGER PRIMARY KEY AUTOINCREMENT" in sql
 
@@ -120,6 +129,162 @@ def test_file_from_newer_software_is_refused(tmp_path: Path) -> None:
         db.execute("PRAGMA user_version = 99")
     with pytest.raises(OutboxError, match="newer than this software"):
         open_outbox(path)
+
+
+def test_server_ack_may_overtake_the_puback_and_covers_every_live_row_below_it(outbox: Outbox) -> None:
+    seqs = [e.seq for e in outbox.enqueue_many([event(n) for n in range(5)])]
+    outbox.claim(3)  # 1..3 in flight, 4..5 pending
+    outbox.mark_sent([seqs[0]])
+    assert outbox.mark_acked_through(seqs[3]) == 4, "SENT, INFLIGHT and PENDING rows at or below N"
+    assert statuses(outbox) == {
+        seqs[0]: OutboxStatus.ACKED,
+        seqs[1]: OutboxStatus.ACKED,
+        seqs[2]: OutboxStatus.ACKED,
+        seqs[3]: OutboxStatus.ACKED,
+        seqs[4]: OutboxStatus.PENDING,
+    }
+    # The PUBACK bookkeeping of the in-flight batch arrives after the ack: nothing moves back.
+    assert outbox.mark_sent(seqs[1:3]) == 0
+    assert outbox.release(seqs[1:3], "late") == 0
+    assert [r.seq for r in outbox.claim()] == [seqs[4]], "an acknowledged PENDING row is never published again"
+    assert outbox.mark_acked_through(1000) == 1, "an ack beyond our highest seq only covers what exists"
+    assert outbox.stats().depth == 0
+
+
+def test_transition_table_allows_ack_from_every_live_status_and_nothing_leaves_acked() -> None:
+    for status in (OutboxStatus.PENDING, OutboxStatus.INFLIGHT, OutboxStatus.SENT):
+        assert OutboxStatus.ACKED in TRANSITIONS[status]
+    assert TRANSITIONS[OutboxStatus.ACKED] == frozenset()
+    assert OutboxStatus.ACKED not in TRANSITIONS[OutboxStatus.QUARANTINED]
+
+
+def test_sent_without_server_ack_goes_back_to_pending_after_the_timeout(tmp_path: Path, clock: FakeClock) -> None:
+    with open_outbox(tmp_path / "o.sqlite3", clock, server_ack_timeout_s=120.0) as outbox:
+        seqs = [e.seq for e in outbox.enqueue_many([event(n) for n in range(3)])]
+        outbox.mark_sent(r.seq for r in outbox.claim())
+        outbox.mark_acked_through(seqs[0])
+        clock.advance(119)
+        assert outbox.requeue_unacked() == 0
+        clock.advance(1)
+        assert outbox.requeue_unacked() == 2
+        rows = {r.seq: r for r in outbox.rows()}
+        assert rows[seqs[0]].status is OutboxStatus.ACKED
+        assert [rows[s].status for s in seqs[1:]] == [OutboxStatus.PENDING, OutboxStatus.PENDING]
+        assert rows[seqs[1]].last_error == "no server ack within 120 s"
+        assert rows[seqs[1]].attempts == 1
+        clock.advance(outbox.config.retry_max_s)
+        assert [r.seq for r in outbox.claim()] == seqs[1:], "published again; the server deduplicates"
+
+
+def test_database_refuses_deleting_a_record_the_server_has_not_acknowledged(tmp_path: Path, outbox: Outbox) -> None:
+    seq = outbox.enqueue(event(1)).seq
+    outbox.claim()
+    outbox.mark_sent([seq])
+    with (
+        raw_db(tmp_path / "outbox.sqlite3") as db,
+        pytest.raises(sqlite3.IntegrityError, match="only outbox records the server acknowledged"),
+    ):
+        db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+    outbox.mark_acked_through(seq)
+    with raw_db(tmp_path / "outbox.sqlite3") as db:
+        with pytest.raises(sqlite3.IntegrityError, match="illegal outbox status transition"):
+            db.execute("UPDATE outbox SET status = 'pending' WHERE seq = ?", (seq,))
+        db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+
+
+# ---------------------------------------------------------------------- schema migration
+
+V1_DDL = """
+CREATE TABLE outbox (
+    seq             INTEGER PRIMARY KEY AUTOINCREMENT,
+    message_id      TEXT    NOT NULL UNIQUE,
+    payload_type    TEXT    NOT NULL,
+    envelope        TEXT    NOT NULL,
+    status          TEXT    NOT NULL DEFAULT 'pending' CHECK (status IN ('inflight', 'pending', 'quarantined', 'sent')),
+    attempts        INTEGER NOT NULL DEFAULT 0 CHECK (attempts >= 0),
+    created_at      REAL    NOT NULL,
+    next_attempt_at REAL    NOT NULL,
+    claimed_at      REAL,
+    sent_at         REAL,
+    last_error      TEXT
+);
+CREATE INDEX outbox_by_status ON outbox (status, seq);
+CREATE TABLE outbox_counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO outbox_counter (name, value) VALUES ('sent_total', 0);
+CREATE TRIGGER outbox_legal_transition BEFORE UPDATE OF status ON outbox
+WHEN OLD.status <> NEW.status AND OLD.status || '>' || NEW.status NOT IN ('inflight>pending', 'inflight>quarantined',
+    'inflight>sent', 'pending>inflight')
+BEGIN
+    SELECT RAISE(ABORT, 'illegal outbox status transition');
+END;
+CREATE TRIGGER outbox_only_delivered_are_deleted BEFORE DELETE ON outbox
+WHEN OLD.status <> 'sent'
+BEGIN
+    SELECT RAISE(ABORT, 'only delivered outbox records may be deleted');
+END;
+PRAGMA user_version = 1;
+"""
+"""The outbox DDL of schema version 1, verbatim as that software wrote it (copied, not imported: it is history)."""
+
+
+def _v1_file(path: Path, clock: FakeClock) -> dict[int, str]:
+    """A version-1 outbox as the old software left it: seq 1 and 6 delivered and pruned (so sqlite_sequence is
+    above every row), 2..3 SENT, 4 INFLIGHT (a crash), 5 PENDING. Returns the stored envelope text by seq."""
+    texts: dict[int, str] = {}
+    ts = clock.now().timestamp()
+    with raw_db(path) as db:
+        db.executescript(V1_DDL)
+        for seq, status in [(1, "sent"), (2, "sent"), (3, "sent"), (4, "inflight"), (5, "pending"), (6, "sent")]:
+            env = Envelope(
+                device_id=DEVICE_ID,
+                seq=seq,
+                message_id=uuid.uuid4(),
+                payload_type=PayloadType.AUDIT_EVENT,
+                device_time=clock.now(),
+                boot_id=uuid.uuid4(),
+                monotonic_ns=seq,
+                payload=event(seq),
+            )
+            texts[seq] = env.model_dump_json()
+            db.execute(
+                "INSERT INTO outbox (seq, message_id, payload_type, envelope, status, created_at, next_attempt_at,"
+                " sent_at) VALUES (?, ?, 'audit_event', ?, ?, ?, ?, ?)",
+                (seq, str(env.message_id), texts[seq], status, ts, ts, ts if status == "sent" else None),
+            )
+        db.execute("UPDATE outbox_counter SET value = 4 WHERE name = 'sent_total'")
+        db.execute("DELETE FROM outbox WHERE seq IN (1, 6)")
+        assert db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()[0] == 6
+    return {seq: text for seq, text in texts.items() if seq not in (1, 6)}
+
+
+def test_version_1_file_is_migrated_keeping_every_row_and_the_sequence(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "v1.sqlite3"
+    texts = _v1_file(path, clock)
+    with open_outbox(path, clock) as outbox:
+        assert statuses(outbox) == {
+            2: OutboxStatus.SENT,
+            3: OutboxStatus.SENT,
+            4: OutboxStatus.PENDING,  # recovered from the crash, as always
+            5: OutboxStatus.PENDING,
+        }
+        stats = outbox.stats()
+        assert (stats.sent_total, stats.acked_total, stats.depth) == (4, 0, 4)
+        assert outbox.enqueue(event(7)).seq == 7, "AUTOINCREMENT's high-water mark survived the rebuild"
+        assert outbox.mark_acked_through(3) == 2, "the new status works on migrated rows"
+        assert [r.seq for r in outbox.claim()] == [4, 5, 7]
+        assert outbox.integrity_check() == ["ok"]
+    with raw_db(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        stored = dict(db.execute("SELECT seq, envelope FROM outbox WHERE seq IN (2, 3, 4, 5)").fetchall())
+        assert stored == texts, "envelopes kept byte for byte"
+        names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index', 'table')")}
+        assert {"outbox_legal_transition", "outbox_only_acked_are_deleted", "outbox_by_status"} <= names
+        assert "outbox_only_delivered_are_deleted" not in names
+        assert "outbox_v2" not in names
+        with pytest.raises(sqlite3.IntegrityError, match="only outbox records the server acknowledged"):
+            db.execute("DELETE FROM outbox WHERE seq = 5")
+    with open_outbox(path, clock) as again:
+        assert again.enqueue(event(8)).seq == 8, "opening a migrated file again is a no-op"
 
 
 # ---------------------------------------------------------------------- sequence numbers
@@ -134,22 +299,27 @@ def test_seq_is_monotonic_and_never_reused_after_pruning(tmp_path: Path, clock: 
         assert many == [4, 5, 6, 7]
         outbox.mark_sent(r.seq for r in outbox.claim(100))
         clock.advance(1)
-        assert outbox.prune_sent() == 7
+        assert outbox.prune_acked() == 0, "PUBACKed is not enough to delete"
+        outbox.mark_acked_through(7)
+        clock.advance(1)
+        assert outbox.prune_acked() == 7
         assert outbox.rows() == []
         assert outbox.enqueue(event(8)).seq == 8, "the highest seq was pruned but is not handed out again"
     with open_outbox(path, clock) as reopened:
         assert reopened.enqueue(event(9)).seq == 9
-        assert reopened.stats().sent_total == 7, "the delivered count survives pruning and reopening"
+        assert reopened.stats().sent_total == 7, "the PUBACK count survives pruning and reopening"
+        assert reopened.stats().acked_total == 7, "so does the server-acknowledged count"
 
 
 def test_prune_keeps_recent_and_undelivered_records(outbox: Outbox, clock: FakeClock) -> None:
     seqs = [e.seq for e in outbox.enqueue_many([event(n) for n in range(4)])]
-    outbox.claim(2)
-    outbox.mark_sent(seqs[:2])
+    outbox.claim(3)
+    outbox.mark_sent(seqs[:3])
+    outbox.mark_acked_through(seqs[1])
     clock.advance(3599)
-    assert outbox.prune_sent() == 0, "retention is 3600 s"
+    assert outbox.prune_acked() == 0, "retention is 3600 s"
     clock.advance(2)
-    assert outbox.prune_sent() == 2
+    assert outbox.prune_acked() == 2, "only the acknowledged ones; the SENT one waits for its server ack"
     assert [r.seq for r in outbox.rows()] == seqs[2:]
 
 
@@ -389,8 +559,9 @@ def test_full_outbox_refuses_new_records_but_keeps_and_delivers_old_ones(tmp_pat
             delivered.extend(batch)
             outbox.mark_sent(r.seq for r in batch)
         assert [r.envelope for r in delivered] == accepted
+        assert outbox.mark_acked_through(accepted[-1].seq) == len(accepted), "acking fits in the reserve too"
 
-        # Delivered rows are pruned before refusing, so the outbox accepts again and the alarm clears...
+        # Acknowledged rows are pruned before refusing, so the outbox accepts again and the alarm clears...
         later = outbox.enqueue(event(10_001))
         assert later.seq == accepted[-1].seq + 1
         assert ALARM_OUTBOX_FULL not in outbox.stats().alarms
