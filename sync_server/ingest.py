@@ -17,11 +17,18 @@ receive → decode → store → acknowledge pipeline:
   once our Receive Maximum of unacknowledged messages is reached, which bounds memory); a batch the database
   refuses for what it contains is split so a single poison message is rejected instead of blocking ingest.
 
+After each commit (never before), the worker tells every device the batch touched how far its records are stored:
+one `protocol.UplinkAck` (QoS 1) per device per batch on the device's downlink topic, carrying `acked_through_seq`
+(the highest contiguous stored seq, advanced in the same transaction). A device whose batch held only duplicates
+gets the ack again (a duplicate means it missed one), as does a device announcing itself `online`. A lost ack costs
+nothing but a re-send: the terminal publishes again after its ack timeout, the duplicate triggers a new ack.
+
 Several workers (distinct `mqtt_client_id`s) split the uplink stream through the shared subscription; each also
 receives every status message and applies it, which is idempotent.
 
 It must never log payload contents (they may reference people), never hold a lock or do IO inside a paho
-callback, and never acknowledge a message before the transaction that stores it has committed.
+callback, and never acknowledge a message (to the broker or to the device) before the transaction that stores it has
+committed.
 """
 
 from __future__ import annotations
@@ -50,8 +57,10 @@ from protocol import (
     ContractError,
     DeviceStatusMessage,
     Envelope,
+    LinkState,
     SystemClock,
     Topics,
+    UplinkAck,
     decode_envelope,
     decode_status,
 )
@@ -59,9 +68,12 @@ from sync_server.db.engine import session_factory
 from sync_server.errors import IngestError
 from sync_server.settings import ServerSettings
 from sync_server.store import (
+    AckState,
     StoreResult,
+    advance_acks,
     apply_statuses,
     known_devices,
+    log_seq_gap_changes,
     record_device_activity,
     register_devices,
     store_envelopes,
@@ -105,6 +117,8 @@ class IngestStats:
     store_failures: int = 0
     """Attempts to store a batch that failed (the batch was retried, not acknowledged)."""
     last_commit_at: datetime | None = None
+    acks_sent: int = 0
+    """`uplink_ack` messages handed to the MQTT client (after their batch committed)."""
 
 
 class _Kind(Enum):
@@ -150,6 +164,7 @@ class _Counters:
     batches: int = 0
     store_failures: int = 0
     last_commit_at: datetime | None = None
+    acks_sent: int = 0
 
 
 def _describe_db_error(exc: SQLAlchemyError) -> str:
@@ -281,6 +296,7 @@ class IngestWorker:
                 batches=c.batches,
                 store_failures=c.store_failures,
                 last_commit_at=c.last_commit_at,
+                acks_sent=c.acks_sent,
             )
 
     # ------------------------------------------------------------------ paho callbacks (network thread; no IO)
@@ -442,7 +458,7 @@ class IngestWorker:
                 if not exc.transient:
                     if len(batch) == 1:
                         self._reject(batch[0], f"refused by the database ({exc})")
-                        self._finish(batch, StoreResult(0, 0))
+                        self._finish(batch, StoreResult(0, 0), [])
                     else:
                         for item in batch:  # isolate the message the database refuses
                             self._store_until_done([item])
@@ -453,10 +469,10 @@ class IngestWorker:
                 delay = min(delay * 2, MAX_RETRY_DELAY_S)
                 continue
             self._note_recovery()
-            self._finish(batch, result)
+            self._finish(batch, *result)
             return
 
-    def _commit(self, batch: Sequence[_Inbound]) -> StoreResult:
+    def _commit(self, batch: Sequence[_Inbound]) -> tuple[StoreResult, list[AckState]]:
         """Store the batch in one transaction. SQLAlchemy errors are translated here, once."""
         received_at = batch[0].received_at
         try:
@@ -480,17 +496,29 @@ class IngestWorker:
                     heartbeat_timeout_factor=self._settings.heartbeat_timeout_factor,
                 )
                 apply_statuses(session, statuses, received_at=received_at)
+                # Coalesced: one ack per device per batch, for stored records and duplicates alike, and for a
+                # device that just came online (it may have missed the last ack while away).
+                ack_devices = {e.device_id for e in envelopes}
+                ack_devices |= {s.device_id for s in statuses if s.state is LinkState.ONLINE}
+                acks = advance_acks(
+                    session,
+                    ack_devices,
+                    now=self._clock.now(),
+                    gap_alarm_after_s=self._settings.seq_gap_alarm_after_s,
+                )
         except SQLAlchemyError as exc:
             raise IngestError(
                 f"storing {len(batch)} messages failed: {_describe_db_error(exc)}", transient=not _is_poison(exc)
             ) from exc
-        return result
+        return result, acks
 
     def _reject(self, item: _Inbound, reason: str) -> None:
         item.kind, item.reason = _Kind.REJECTED, reason
 
-    def _finish(self, batch: Sequence[_Inbound], result: StoreResult) -> None:
-        """After the commit: count, log rejections, and acknowledge in arrival order."""
+    def _finish(self, batch: Sequence[_Inbound], result: StoreResult, acks: Sequence[AckState]) -> None:
+        """After the commit: count, log rejections and gap alarms, acknowledge to the broker in arrival order, then
+        tell each touched device how far its records are stored."""
+        log_seq_gap_changes(acks)
         rejected = [i for i in batch if i.kind is _Kind.REJECTED]
         for item in rejected[:REJECT_LOG_LINES_PER_BATCH]:
             logger.warning("rejected message on %s (%d bytes): %s", item.topic, len(item.payload), item.reason)
@@ -516,6 +544,22 @@ class IngestWorker:
             # must not be acknowledged here (it could name a different message).
             if item.qos > 0 and item.generation == generation:
                 client.ack(item.mid, item.qos)
+        self._publish_acks(client, acks)
+
+    def _publish_acks(self, client: mqtt.Client, acks: Sequence[AckState]) -> None:
+        """Queue one QoS 1 `uplink_ack` per device; never waits (paho sends it from its network thread)."""
+        sent = 0
+        now = self._clock.now()
+        for state in acks:
+            ack = UplinkAck(device_id=state.device_id, acked_through_seq=state.acked_through_seq, server_time=now)
+            info = client.publish(self._topics.downlink(state.device_id), ack.to_bytes(), qos=1)
+            if info.rc == mqtt.MQTT_ERR_SUCCESS:
+                sent += 1
+            else:
+                # Not fatal: the terminal publishes again after its ack timeout, and the duplicate brings a new ack.
+                logger.debug("uplink_ack for %s not queued: %s", state.device_id, mqtt.error_string(info.rc))
+        with self._counters.lock:
+            self._counters.acks_sent += sent
 
     def _note_failure(self, exc: IngestError, size: int) -> None:
         with self._counters.lock:

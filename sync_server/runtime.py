@@ -56,7 +56,10 @@ class ServerRuntime:
         if start_ingest:
             runtime.ingest = IngestWorker(settings, the_engine, clock=the_clock)
             runtime.sweeper = PresenceSweeper(
-                the_engine, interval_s=settings.presence_sweep_interval_s, clock=the_clock
+                the_engine,
+                interval_s=settings.presence_sweep_interval_s,
+                clock=the_clock,
+                gap_alarm_after_s=settings.seq_gap_alarm_after_s,
             )
         return runtime
 

@@ -88,6 +88,15 @@ class ServerSettings(BaseSettings):
         le=3600,
         description="How often the sweeper marks devices whose heartbeat timed out as offline.",
     )
+    seq_gap_alarm_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=30 * 86400,
+        description=(
+            "A hole in a device's stored sequence numbers (a seq above the acknowledged range is stored, one below "
+            "it is missing) that persists this long raises the 'seq_gap' alarm; it clears when the hole fills."
+        ),
+    )
     ingest_batch_size: int = Field(
         default=500,
         ge=1,

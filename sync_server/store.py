@@ -2,7 +2,10 @@
 
 Owns the rules that make redelivery harmless: an envelope is identified by `message_id` and by
 (`device_id`, `seq`) and is stored at most once under unique constraints on both; a device's heartbeat, versions and
-`last_seq` only move forward by `seq`, whatever order redelivered messages arrive in. Every function works inside
+`last_seq` only move forward by `seq`, whatever order redelivered messages arrive in. Owns too each device's
+`acked_through_seq` (the highest contiguous stored seq, advanced from its stored value through the unique
+(device_id, seq) index, never by scanning the table) and the bookkeeping of a hole above it (`seq_gap_*`, the
+`seq_gap` alarm). Every function works inside
 the caller's transaction (it never commits) and lets SQLAlchemy errors propagate to the caller, which owns the
 transaction and translates them at its boundary. It must never know about MQTT or HTTP, and never log payload
 contents (they may reference people).
@@ -30,6 +33,10 @@ logger = logging.getLogger(__name__)
 
 IN_CHUNK = 500
 """Most values in one SQL IN list (Oracle-class databases refuse more than 1000)."""
+ACK_WALK_CHUNK = 1000
+"""Stored seqs read per step when advancing `acked_through_seq`; one step covers a typical batch."""
+ALARM_SEQ_GAP = "seq_gap"
+"""Server-side alarm: a hole in a device's stored seqs outlived `seq_gap_alarm_after_s`."""
 
 _T = TypeVar("_T")
 
@@ -379,3 +386,151 @@ def device_counts(session: Session, *, now: datetime) -> Mapping[str, int]:
         or 0
     )
     return {"devices": total, "devices_online": online}
+
+
+# ---------------------------------------------------------------------- acknowledgements and gaps
+
+
+@dataclass(frozen=True, slots=True)
+class AckState:
+    """A device's acknowledgement after `advance_acks`, and what changed about its sequence hole."""
+
+    device_id: str
+    acked_through_seq: int
+    """Every seq 1..N is stored: what the device is told in its `uplink_ack`."""
+    gap_from: int | None = None
+    """First missing seq of the open hole (None when there is none)."""
+    gap_to: int | None = None
+    """Last missing seq of the open hole (the next stored seq - 1)."""
+    gap_opened: bool = False
+    """This call found a new hole (first seen now)."""
+    alarm_raised: bool = False
+    """This call raised the `seq_gap` alarm (the hole outlived the alarm delay)."""
+    alarm_cleared: bool = False
+    """A hole with a raised alarm is filled (or superseded) as of this call."""
+    gap_since: datetime | None = None
+
+
+def _contiguous_through(session: Session, device_id: str, start: int) -> tuple[int, int | None]:
+    """Walk the stored seqs above `start` in index order: (N, the next stored seq above N + 1 or None).
+
+    Reads only rows above the stored acknowledgement, ACK_WALK_CHUNK at a time, and stops at the first hole."""
+    n = start
+    while True:
+        seqs = list(
+            session.scalars(
+                select(Event.seq)
+                .where(Event.device_id == device_id, Event.seq > n)
+                .order_by(Event.seq)
+                .limit(ACK_WALK_CHUNK)
+            )
+        )
+        for seq in seqs:
+            if seq != n + 1:
+                return n, seq
+            n = seq
+        if len(seqs) < ACK_WALK_CHUNK:
+            return n, None
+
+
+def advance_acks(
+    session: Session, device_ids: Collection[str], *, now: datetime, gap_alarm_after_s: float
+) -> list[AckState]:
+    """Advance each device's `acked_through_seq` over the seqs stored now, and track the hole above it.
+
+    Call after `store_envelopes` in the same transaction; the devices are row-locked first, so two workers storing
+    the same device serialise here and the second sees the first one's rows. Devices not registered are skipped.
+    Returns one `AckState` per device, in device id order; the caller publishes acks and logs alarm changes only
+    after its commit."""
+    states: list[AckState] = []
+    for device_id, device in sorted(_lock_devices(session, device_ids).items()):
+        through, next_stored = _contiguous_through(session, device_id, device.acked_through_seq)
+        device.acked_through_seq = through
+        had_alarm = device.seq_gap_alarm_at is not None
+        if next_stored is None:
+            cleared = had_alarm
+            device.seq_gap_from = device.seq_gap_to = None
+            device.seq_gap_since = device.seq_gap_alarm_at = None
+            states.append(AckState(device_id, through, alarm_cleared=cleared))
+            continue
+        gap_from, gap_to = through + 1, next_stored - 1
+        opened = device.seq_gap_since is None or device.seq_gap_from != gap_from
+        cleared = False
+        if opened:
+            # The previous hole (if any) is filled; what remains above it is a new hole with its own clock.
+            cleared = had_alarm
+            device.seq_gap_since = now
+            device.seq_gap_alarm_at = None
+        device.seq_gap_from, device.seq_gap_to = gap_from, gap_to
+        raised = _raise_if_due(device, now=now, after_s=gap_alarm_after_s)
+        states.append(
+            AckState(
+                device_id,
+                through,
+                gap_from=gap_from,
+                gap_to=gap_to,
+                gap_opened=opened,
+                alarm_raised=raised,
+                alarm_cleared=cleared,
+                gap_since=device.seq_gap_since,
+            )
+        )
+    session.flush()
+    return states
+
+
+def _raise_if_due(device: Device, *, now: datetime, after_s: float) -> bool:
+    since = device.seq_gap_since
+    if since is None or device.seq_gap_alarm_at is not None:
+        return False
+    if now - since < timedelta(seconds=after_s):
+        return False
+    device.seq_gap_alarm_at = now
+    return True
+
+
+def raise_due_gap_alarms(session: Session, *, now: datetime, gap_alarm_after_s: float) -> list[AckState]:
+    """Raise `seq_gap` on devices whose open hole is older than the alarm delay (a silent device sends no batch
+    that would do it). Returns the states of the devices raised now; the caller logs them after its commit."""
+    cutoff = now - timedelta(seconds=gap_alarm_after_s)
+    ids = list(
+        session.scalars(
+            select(Device.device_id)
+            .where(Device.seq_gap_since.is_not(None), Device.seq_gap_since <= cutoff, Device.seq_gap_alarm_at.is_(None))
+            .order_by(Device.device_id)
+        )
+    )
+    raised: list[AckState] = []
+    for device_id, device in sorted(_lock_devices(session, ids).items()):
+        if _raise_if_due(device, now=now, after_s=gap_alarm_after_s):
+            raised.append(
+                AckState(
+                    device_id,
+                    device.acked_through_seq,
+                    gap_from=device.seq_gap_from,
+                    gap_to=device.seq_gap_to,
+                    alarm_raised=True,
+                    gap_since=device.seq_gap_since,
+                )
+            )
+    session.flush()
+    return raised
+
+
+def log_seq_gap_changes(states: Sequence[AckState]) -> None:
+    """Log each raised and each cleared `seq_gap` alarm once; call after the transaction that changed them commits."""
+    for state in states:
+        if state.alarm_cleared:
+            logger.info(
+                "device %s: seq gap alarm cleared (acknowledged through seq %d)",
+                state.device_id,
+                state.acked_through_seq,
+            )
+        if state.alarm_raised:
+            logger.warning(
+                "device %s: seq gap alarm: seq %s..%s missing since %s while later records are stored",
+                state.device_id,
+                state.gap_from,
+                state.gap_to,
+                state.gap_since.isoformat() if state.gap_since is not None else "?",
+            )

@@ -1,22 +1,35 @@
-"""`/api/v1/devices`: the device registry and each device's stored events (read-only).
+"""`/api/v1/devices`: the device registry, each device's stored events, and its daily reconciliation (read-only).
 
-Owns filtering and keyset pagination (events are paged by `seq`, so a page never shifts when new events arrive).
-It must never write.
+Owns filtering, keyset pagination (events are paged by `seq`, so a page never shifts when new events arrive) and the
+reconciliation of one device and one local day: what the server stored next to what the terminal's heartbeats say
+the server acknowledged. It must never write.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime, time, timedelta
 from typing import Annotated
+from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, HTTPException, Path, Query
 from pydantic import AwareDatetime
 from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
-from protocol import PayloadType
-from sync_server.api.deps import ClockDep, SessionDep
-from sync_server.api.schemas import DeviceList, DeviceOut, ErrorOut, EventOut, EventPage
+from protocol import Heartbeat, PayloadType
+from sync_server.api.deps import ClockDep, SessionDep, SettingsDep
+from sync_server.api.schemas import (
+    DeviceList,
+    DeviceOut,
+    ErrorOut,
+    EventOut,
+    EventPage,
+    ReconciliationOut,
+    SeqGapOut,
+    StoredDayOut,
+    TerminalDayOut,
+    device_alarms,
+)
 from sync_server.db.models import Device, Event, LinkStateColumn
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
@@ -137,3 +150,71 @@ def list_events(
         after_seq=after_seq,
         limit=limit,
     )
+
+
+def _sent_total(payload: dict[str, object]) -> tuple[int, int] | None:
+    """(outbox_sent_total, outbox_depth) of a stored heartbeat payload, or None if it no longer validates."""
+    try:
+        heartbeat = Heartbeat.model_validate(payload)
+    except ValueError:
+        return None
+    return heartbeat.outbox_sent_total, heartbeat.outbox_depth
+
+
+def reconcile_day(session: Session, device: Device, day: date, tz: ZoneInfo) -> ReconciliationOut:
+    """The reconciliation of one device for one local day (shared by the API and, later, reports)."""
+    start = datetime.combine(day, time.min, tzinfo=tz)
+    end = datetime.combine(day + timedelta(days=1), time.min, tzinfo=tz)
+    on_day = and_(Event.device_id == device.device_id, Event.device_time >= start, Event.device_time < end)
+    count, min_seq, max_seq = session.execute(
+        select(func.count(), func.min(Event.seq), func.max(Event.seq)).where(on_day)
+    ).one()
+    count = int(count or 0)
+    heartbeat_on_day = and_(on_day, Event.payload_type == PayloadType.HEARTBEAT.value)
+    heartbeats = session.scalar(select(func.count()).select_from(Event).where(heartbeat_on_day)) or 0
+    first = session.scalar(select(Event.payload).where(heartbeat_on_day).order_by(Event.seq).limit(1))
+    last = session.scalar(select(Event.payload).where(heartbeat_on_day).order_by(Event.seq.desc()).limit(1))
+    first_counts = _sent_total(first) if first is not None else None
+    last_counts = _sent_total(last) if last is not None else None
+    return ReconciliationOut(
+        device_id=device.device_id,
+        day=day,
+        timezone=str(tz),
+        day_start=start,
+        day_end=end,
+        stored=StoredDayOut(
+            count=count,
+            min_seq=min_seq,
+            max_seq=max_seq,
+            missing_in_range=(int(max_seq) - int(min_seq) + 1 - count) if count else 0,
+        ),
+        terminal=TerminalDayOut(
+            heartbeats=heartbeats,
+            first_sent_total=first_counts[0] if first_counts else None,
+            last_sent_total=last_counts[0] if last_counts else None,
+            acked_during_day=last_counts[0] - first_counts[0] if first_counts and last_counts else None,
+            last_outbox_depth=last_counts[1] if last_counts else None,
+        ),
+        acked_through_seq=device.acked_through_seq,
+        last_seq=device.last_seq,
+        open_gap=SeqGapOut.of(device),
+        alarms=device_alarms(device),
+    )
+
+
+@router.get(
+    "/{device_id}/reconciliation",
+    response_model=ReconciliationOut,
+    responses={404: {"model": ErrorOut}},
+)
+def get_reconciliation(
+    device_id: DeviceIdPath,
+    session: SessionDep,
+    settings: SettingsDep,
+    day: Annotated[date, Query(description="The local day (YYYY-MM-DD) in the server's display_timezone.")],
+) -> ReconciliationOut:
+    """Per-device daily reconciliation: records stored with a device_time on `day` (count, min/max seq), the
+    terminal's own acknowledged-record counter from that day's heartbeats, and the device's acknowledged range and
+    open hole now."""
+    device = get_device_or_404(session, device_id)
+    return reconcile_day(session, device, day, ZoneInfo(settings.display_timezone))

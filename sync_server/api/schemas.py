@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -18,7 +18,7 @@ from protocol import Heartbeat
 from sync_server.db.models import Device, Event, Institution, InstitutionKind, RegistrationState
 from sync_server.ingest import IngestStats
 from sync_server.runtime import MqttState
-from sync_server.store import is_online
+from sync_server.store import ALARM_SEQ_GAP, is_online
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,28 @@ class InstitutionList(_Out):
     total: int
 
 
+class SeqGapOut(_Out):
+    """An open hole in a device's stored sequence numbers: records above it are stored, these are not (yet)."""
+
+    missing_from: int = Field(description="First missing seq (acked_through_seq + 1).")
+    missing_to: int | None = Field(description="Last missing seq when last computed (the next stored seq - 1).")
+    since: datetime = Field(description="When the server first saw this hole.")
+    alarm: bool = Field(description="True once the hole outlived seq_gap_alarm_after_s (alarm 'seq_gap').")
+    alarm_at: datetime | None = Field(description="When the alarm was raised.")
+
+    @classmethod
+    def of(cls, row: Device) -> SeqGapOut | None:
+        if row.seq_gap_from is None or row.seq_gap_since is None:
+            return None
+        return cls(
+            missing_from=row.seq_gap_from,
+            missing_to=row.seq_gap_to,
+            since=row.seq_gap_since,
+            alarm=row.seq_gap_alarm_at is not None,
+            alarm_at=row.seq_gap_alarm_at,
+        )
+
+
 class DeviceOut(_Out):
     device_id: str
     institution: InstitutionOut | None = Field(description="The institution the device is bound to, if any.")
@@ -85,6 +107,11 @@ class DeviceOut(_Out):
     software_version: str | None
     config_version: str | None
     last_seq: int = Field(description="Highest envelope sequence number received.")
+    acked_through_seq: int = Field(
+        description="Every seq 1..N of this device is stored; the value of the last uplink_ack sent to it."
+    )
+    seq_gap: SeqGapOut | None = Field(description="The open hole above acked_through_seq, if any.")
+    alarms: list[str] = Field(description="Server-side alarms of this device, e.g. 'seq_gap'.")
     heartbeat: Heartbeat | None = Field(
         description="The last heartbeat: outbox depth and oldest age, peripherals, alarms, versions."
     )
@@ -105,8 +132,16 @@ class DeviceOut(_Out):
             software_version=row.software_version,
             config_version=row.config_version,
             last_seq=row.last_seq,
+            acked_through_seq=row.acked_through_seq,
+            seq_gap=SeqGapOut.of(row),
+            alarms=device_alarms(row),
             heartbeat=stored_heartbeat(row),
         )
+
+
+def device_alarms(row: Device) -> list[str]:
+    """The server-side alarms of a device now (the terminal's own travel in its heartbeat)."""
+    return [ALARM_SEQ_GAP] if row.seq_gap_alarm_at is not None else []
 
 
 def stored_heartbeat(row: Device) -> Heartbeat | None:
@@ -166,6 +201,7 @@ class IngestCountersOut(_Out):
     batches: int
     store_failures: int
     last_commit_at: datetime | None
+    acks_sent: int = Field(description="uplink_ack messages queued to devices after their batch committed.")
 
     @classmethod
     def of(cls, stats: IngestStats | None, *, mqtt: MqttState) -> IngestCountersOut:
@@ -187,6 +223,7 @@ class IngestCountersOut(_Out):
             batches=stats.batches,
             store_failures=stats.store_failures,
             last_commit_at=stats.last_commit_at,
+            acks_sent=stats.acks_sent,
         )
 
 
@@ -200,3 +237,45 @@ class DatabaseTotalsOut(_Out):
 class IngestStatsOut(_Out):
     ingest: IngestCountersOut = Field(description="Counters of this process's ingest worker since it started.")
     database: DatabaseTotalsOut = Field(description="Totals in the database (all workers, all time).")
+
+
+class StoredDayOut(_Out):
+    """What the server stored of one device for one local day (by the record's device_time)."""
+
+    count: int = Field(description="Records stored whose device_time falls on the day.")
+    min_seq: int | None = Field(description="Lowest seq among them; null when there are none.")
+    max_seq: int | None = Field(description="Highest seq among them; null when there are none.")
+    missing_in_range: int = Field(
+        description="Seqs between min_seq and max_seq not stored with a device_time on this day (holes, or records "
+        "whose clock put them on another day)."
+    )
+
+
+class TerminalDayOut(_Out):
+    """What the terminal itself reported for the day, from its heartbeats (cumulative outbox counters)."""
+
+    heartbeats: int = Field(description="Heartbeats stored whose device_time falls on the day.")
+    first_sent_total: int | None = Field(description="outbox_sent_total in the first heartbeat of the day.")
+    last_sent_total: int | None = Field(description="outbox_sent_total in the last heartbeat of the day.")
+    acked_during_day: int | None = Field(
+        description="last_sent_total - first_sent_total: records the server acknowledged between those heartbeats."
+    )
+    last_outbox_depth: int | None = Field(
+        description="Records the server had not acknowledged, as of the last heartbeat of the day."
+    )
+
+
+class ReconciliationOut(_Out):
+    """One device, one day: the server's count next to the terminal's own, and what is still open."""
+
+    device_id: str
+    day: date = Field(description="The local day reconciled.")
+    timezone: str = Field(description="The time zone of that day (the server's display_timezone).")
+    day_start: datetime
+    day_end: datetime
+    stored: StoredDayOut
+    terminal: TerminalDayOut
+    acked_through_seq: int = Field(description="Every seq 1..N of the device is stored (all days).")
+    last_seq: int = Field(description="Highest seq stored (all days).")
+    open_gap: SeqGapOut | None = Field(description="The open hole above acked_through_seq, if any.")
+    alarms: list[str] = Field(description="Server-side alarms of the device now.")

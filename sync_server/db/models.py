@@ -13,7 +13,18 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from sqlalchemy import JSON, BigInteger, Enum, ForeignKey, Integer, MetaData, String, UniqueConstraint, Uuid
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    UniqueConstraint,
+    Uuid,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from sync_server.db.types import UtcDateTime
@@ -120,6 +131,24 @@ class Device(Base):
     config_version: Mapped[str | None] = mapped_column(String(64))
     boot_id: Mapped[uuid.UUID | None] = mapped_column(comment="boot_id of the last heartbeat.")
     last_seq: Mapped[int] = mapped_column(BigInteger, default=0, comment="Highest envelope seq received.")
+    acked_through_seq: Mapped[int] = mapped_column(
+        BigInteger,
+        default=0,
+        server_default="0",
+        comment="Every seq 1..N of this device is stored; the value of the last uplink_ack sent to it.",
+    )
+    seq_gap_from: Mapped[int | None] = mapped_column(
+        BigInteger, comment="First missing seq of the open hole (acked_through_seq + 1); null when there is none."
+    )
+    seq_gap_to: Mapped[int | None] = mapped_column(
+        BigInteger, comment="Last missing seq of that hole (the next stored seq - 1) when it was last computed."
+    )
+    seq_gap_since: Mapped[datetime | None] = mapped_column(
+        comment="Server time the open hole was first seen; null when there is none."
+    )
+    seq_gap_alarm_at: Mapped[datetime | None] = mapped_column(
+        comment="When the 'seq_gap' alarm was raised (the hole outlived seq_gap_alarm_after_s); null when not raised."
+    )
     created_at: Mapped[datetime]
 
     institution: Mapped[Institution | None] = relationship(back_populates="devices")
@@ -129,7 +158,11 @@ class Event(Base):
     """One uplink envelope, stored exactly once (unique by message_id and by (device_id, seq))."""
 
     __tablename__ = "events"
-    __table_args__ = (UniqueConstraint("device_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("device_id", "seq"),
+        # Per-device daily reconciliation counts a device's events by device_time.
+        Index(None, "device_id", "device_time"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
