@@ -21,7 +21,10 @@ import fcntl
 import json
 import os
 import stat
+import threading
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -94,11 +97,11 @@ def _break_detail(reason: BreakReason, *, expected_index: int, found_index: obje
 def verify_chain(path: Path, key: bytes) -> ChainReport:
     """Check every link of the chain in `path` and name the first broken one."""
     _check_key(key)
-    data = path.read_bytes()
-    lines = data.split(b"\n")
-    complete_last = data.endswith(b"\n") or not data
-    if complete_last:
-        lines.pop()  # the empty string after the final newline
+    with path.open("rb") as fh:  # streamed: a segment may be larger than we want in memory
+        return _verify_lines(fh, key)
+
+
+def _verify_lines(lines: Iterable[bytes], key: bytes) -> ChainReport:
     expected_index = 0
     prev = GENESIS_PREV
     intact = 0
@@ -120,8 +123,7 @@ def verify_chain(path: Path, key: bytes) -> ChainReport:
         )
 
     for line_no, raw in enumerate(lines, start=1):
-        is_last = line_no == len(lines)
-        if is_last and not complete_last:
+        if not raw.endswith(b"\n"):  # only the last line can lack it: the writer ends every entry with one
             return broken(line_no, "truncated")
         try:
             entry = json.loads(raw)
@@ -198,6 +200,8 @@ class AuditChainWriter:
         self._clock = clock
         self._next_index = next_index
         self._prev = prev
+        self._append_lock = threading.Lock()  # flows on several threads may record; lines must not interleave
+        self._failed = False
 
     @classmethod
     def open(cls, path: Path, key: bytes, clock: Clock) -> Self:
@@ -256,34 +260,43 @@ class AuditChainWriter:
         return self._prev
 
     def append(self, event: dict[str, Any]) -> dict[str, Any]:
-        """Append one event durably; returns the entry written (with its index and mac)."""
-        if self._fd is None:
-            raise AuditChainError("audit chain writer is closed")
+        """Append one event durably (written and fsynced before this returns); returns the entry written.
+
+        After a failed write or fsync the writer refuses further appends: the file may end in a partial line, and
+        only a new segment (after a restart) may continue the chain.
+        """
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             raise AuditChainError('an audit event is a JSON object with a string "type"')
         if len(canonical_json(event)) > MAX_EVENT_BYTES:
             raise AuditChainError(f"audit event over {MAX_EVENT_BYTES} bytes")
-        now = self._clock.now()
-        entry: dict[str, Any] = {
-            "index": self._next_index,
-            "time": now.isoformat(timespec="microseconds").replace("+00:00", "Z"),
-            "event": event,
-            "prev": self._prev,
-        }
-        entry["mac"] = entry_mac(self._key, entry)
-        line = canonical_json(entry) + b"\n"
-        written = os.write(self._fd, line)
-        if written != len(line):  # a short write leaves a truncated tail, which the next open refuses
-            raise AuditChainError(f"short write to {self.path}: {written} of {len(line)} bytes")
-        os.fsync(self._fd)
-        self._next_index += 1
-        self._prev = entry["mac"]
-        return entry
+        with self._append_lock:
+            if self._fd is None or self._failed:
+                raise AuditChainError(f"audit chain writer for {self.path} is closed or failed")
+            entry: dict[str, Any] = {
+                "index": self._next_index,
+                "time": self._clock.now().astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "event": event,
+                "prev": self._prev,
+            }
+            entry["mac"] = entry_mac(self._key, entry)
+            line = canonical_json(entry) + b"\n"
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):
+                    raise OSError(f"short write: {written} of {len(line)} bytes")
+                os.fsync(self._fd)
+            except OSError as exc:
+                self._failed = True
+                raise AuditChainError(f"cannot append to {self.path}: {exc}") from exc
+            self._next_index += 1
+            self._prev = entry["mac"]
+            return entry
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing releases the flock
-            self._fd = None
+        with self._append_lock:
+            if self._fd is not None:
+                os.close(self._fd)  # closing releases the flock
+                self._fd = None
 
     def __enter__(self) -> Self:
         return self

@@ -211,7 +211,8 @@ def signature_from_der(der: bytes) -> bytes:
             raise InvalidSignature("malformed DER SM2 signature")
         size = der[pos + 1]
         body = der[pos + 2 : pos + 2 + size]
-        if size == 0 or len(body) != size or body[0] & 0x80:
+        non_minimal = size > 1 and body[0] == 0 and not body[1] & 0x80
+        if size == 0 or len(body) != size or body[0] & 0x80 or non_minimal:
             raise InvalidSignature("malformed DER SM2 signature")
         values.append(int.from_bytes(body, "big"))
         pos += 2 + size

@@ -6,7 +6,8 @@ import json
 import os
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+import threading
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -193,6 +194,47 @@ def test_events_must_be_small_typed_objects(tmp_path: Path) -> None:
             writer.append({"type": "x", "blob": "a" * 5000})
     with pytest.raises(KeyFormatError):
         AuditChainWriter.open(tmp_path / "b.jsonl", b"short", StepClock())
+
+
+def test_concurrent_appends_from_threads_keep_the_chain_intact(tmp_path: Path) -> None:
+    path = tmp_path / "threads.jsonl"
+    with AuditChainWriter.open(path, KEY, StepClock()) as writer:
+
+        def record(worker: int) -> None:
+            for n in range(50):
+                writer.append({"type": "flow.step", "worker": worker, "n": n})
+
+        threads = [threading.Thread(target=record, args=(w,)) for w in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    report = verify_chain(path, KEY)
+    assert report.ok
+    assert report.entries == 200
+
+
+def test_a_failed_write_stops_the_writer(tmp_path: Path) -> None:
+    path = tmp_path / "fail.jsonl"
+    writer = AuditChainWriter.open(path, KEY, StepClock())
+    writer.append({"type": "flow.step"})
+    os.close(writer._fd)  # type: ignore[arg-type] # the disk "goes away" under the writer
+    with pytest.raises(AuditChainError, match="cannot append"):
+        writer.append({"type": "flow.step"})
+    with pytest.raises(AuditChainError, match="failed"):
+        writer.append({"type": "flow.step"})
+    writer._fd = None  # already closed above
+
+
+def test_times_are_written_in_utc(tmp_path: Path) -> None:
+    class BeijingClock(StepClock):
+        def now(self) -> datetime:
+            return datetime(2026, 11, 23, 16, 0, tzinfo=timezone(timedelta(hours=8)))
+
+    path = tmp_path / "tz.jsonl"
+    with AuditChainWriter.open(path, KEY, BeijingClock()) as writer:
+        entry = writer.append({"type": "flow.step"})
+    assert entry["time"] == "2026-11-23T08:00:00.000000Z"
 
 
 # ---------------------------------------------------------------- the CLI, end to end

@@ -112,6 +112,10 @@ def test_der_round_trip(key: SM2PrivateKey) -> None:
     assert gm_sm2.signature_from_der(der) == signature
     with pytest.raises(InvalidSignature):
         gm_sm2.signature_from_der(der + b"\x00")
+    r_body = (1).to_bytes(2, "big")  # 00 01: a non-minimal INTEGER
+    non_minimal = b"\x30\x07\x02\x02" + r_body + b"\x02\x01\x01"
+    with pytest.raises(InvalidSignature):
+        gm_sm2.signature_from_der(non_minimal)
 
 
 def test_public_key_encoding_and_validation(key: SM2PrivateKey) -> None:
