@@ -28,7 +28,7 @@ from terminal.config import TerminalConfig
 from terminal.errors import InvalidRecordError, OutboxFullError
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
-from terminal.sync import HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
+from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def build_runtime(
     started = clock.monotonic()
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
     try:
+        topics = Topics(prefix=config.mqtt.topic_prefix)
+        downlink = DownlinkReceiver(outbox, device_id=config.device_id, topics=topics)
         if link is None:
             link = MqttUplink(
                 config.mqtt,
@@ -139,11 +141,12 @@ def build_runtime(
                 boot_id=boot_id,
                 clock=clock,
                 inflight_window=config.outbox.batch_size,
+                downlink_sink=downlink.offer,
             )
         delivery = UplinkDelivery(
             outbox,
             link,
-            topic=Topics(prefix=config.mqtt.topic_prefix).uplink(config.device_id),
+            topic=topics.uplink(config.device_id),
             batch_size=config.outbox.batch_size,
             publish_timeout_s=config.outbox.publish_timeout_s,
             clock=clock,
@@ -163,7 +166,7 @@ def build_runtime(
         clock=clock,
         boot_id=boot_id,
         outbox=outbox,
-        sync=SyncWorker(link, delivery, heartbeat),
+        sync=SyncWorker(link, delivery, heartbeat, downlink),
         peripherals=list(peripherals),
         health=health,
         started_monotonic=started,

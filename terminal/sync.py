@@ -1,21 +1,28 @@
-"""The sync worker: moves records from the outbox to the MQTT broker, and the heartbeat timer.
+"""The sync worker: moves records from the outbox to the MQTT broker, applies the server's acks, and the heartbeat.
 
-Owns three things:
+Owns four things:
 
 * `MqttUplink` — the thin paho-mqtt 2 adapter (the only code here that imports paho). MQTT v5, client id = device id,
   a persistent session (`clean_start=False` + session expiry), a retained last will 'offline' on the device's status
-  topic and a retained 'online' published on every connect, paho's own network thread and reconnect back-off. Its
-  callbacks only flip an event, record a broker refusal or log; they never block and never touch the outbox.
+  topic and a retained 'online' published on every connect, a QoS 1 subscription to the device's downlink topic,
+  paho's own network thread and reconnect back-off. Its callbacks only flip an event, record a broker refusal, hand a
+  downlink message to a queue or log; they never block and never touch the outbox.
 * `UplinkDelivery` — the worker thread: claim a batch, publish each envelope at QoS 1, correlate acknowledgements by
   OUR record (the `MQTTMessageInfo` each publish returned, never paho's recycled `mid` alone), mark SENT only what the
-  broker PUBACKed, release the rest. Offline it sleeps on the connection event instead of spinning.
-* `HeartbeatTimer` — enqueues a `protocol.Heartbeat` through the outbox every interval and prunes delivered rows.
+  broker PUBACKed, release the rest; and, about once a second, put SENT records the server never acknowledged back
+  to PENDING (`Outbox.requeue_unacked`). Offline it sleeps on the connection event instead of spinning.
+* `DownlinkReceiver` — the worker thread that drains downlink messages: decodes each with
+  `protocol.decode_downlink`, refuses (counts, logs once) a malformed one or one for another device, and applies the
+  highest `uplink_ack` of what is waiting with `Outbox.mark_acked_through`. An ack may overtake the PUBACK of the
+  same records; the outbox's transition table lets INFLIGHT (and PENDING) rows become ACKED directly.
+* `HeartbeatTimer` — enqueues a `protocol.Heartbeat` through the outbox every interval and prunes acknowledged rows.
 
 `SyncWorker` composes them with a graceful `stop()`: retained 'offline', disconnect, threads joined.
 
-It must never mark a record SENT without a PUBACK for it, never hold an application lock across `publish()`, never let
-a paho exception escape (they become `terminal.errors.SyncError`), and never log a payload or personal data: log lines
-carry sequence numbers, counts and reasons only. Connection loss and recovery are logged once each, not per retry.
+It must never mark a record SENT without a PUBACK for it, never mark one ACKED without a server ack covering it, never
+hold an application lock across `publish()`, never let a paho exception escape (they become
+`terminal.errors.SyncError`), and never log a payload or personal data: log lines carry sequence numbers, counts and
+reasons only. Connection loss and recovery are logged once each, not per retry.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import queue
 import threading
 import uuid
 from collections.abc import Callable, Sequence
@@ -36,6 +44,7 @@ from paho.mqtt.client import (
     Client,
     ConnectFlags,
     DisconnectFlags,
+    MQTTMessage,
     MQTTMessageInfo,
 )
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -43,7 +52,16 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from protocol import Clock, DeviceStatusMessage, Envelope, Heartbeat, LinkState, Topics
+from protocol import (
+    Clock,
+    ContractError,
+    DeviceStatusMessage,
+    Envelope,
+    Heartbeat,
+    LinkState,
+    Topics,
+    decode_downlink,
+)
 from terminal.config import MqttConfig
 from terminal.errors import NotConnectedError, OutboxError, OutboxFullError, PublishError, SyncError
 from terminal.outbox import ClaimedRecord, Outbox
@@ -61,6 +79,11 @@ QUEUE_WINDOWS: Final = 4
 reconnect; beyond it publish() fails fast instead of growing memory while the broker does not acknowledge."""
 POLL_SLICE_S: Final = 0.25
 """Longest uninterrupted sleep of the worker, so stop() and a dropped link are noticed promptly."""
+REQUEUE_CHECK_S: Final = 1.0
+"""How often the delivery loop looks for SENT records whose server ack is overdue."""
+MAX_DOWNLINK_QUEUE: Final = 10_000
+"""Downlink messages waiting for the receiver thread; beyond this they are dropped (acks are cumulative, so a
+later one makes up for a dropped one)."""
 IDLE_POLL_S: Final = 1.0
 
 _connect_properties: Callable[[int], Properties] = Properties
@@ -163,13 +186,18 @@ class MqttUplink:
         boot_id: uuid.UUID,
         clock: Clock,
         inflight_window: int,
+        downlink_sink: Callable[[str, bytes], None] | None = None,
     ) -> None:
+        """`downlink_sink(topic, payload)` receives each message on the device's downlink topic, on paho's network
+        thread: it must only enqueue (`DownlinkReceiver.offer`)."""
         self._config = config
         self._device_id = device_id
+        self._downlink_sink = downlink_sink
         self._boot_id = boot_id
         self._clock = clock
         self._topics = Topics(prefix=config.topic_prefix)
         self._status_topic = self._topics.status(device_id)
+        self._downlink_topic = self._topics.downlink(device_id)
         self._connected = threading.Event()
         self._closing = False
         self._started = False
@@ -197,6 +225,7 @@ class MqttUplink:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         self._client = client
 
     # -- life cycle
@@ -282,6 +311,11 @@ class MqttUplink:
         info = client.publish(self._status_topic, self._status(LinkState.ONLINE, stamped=True), qos=1, retain=True)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.warning("mqtt: could not queue the online status: %s", MQTTErrorCode(info.rc).name)
+        if self._downlink_sink is not None:
+            # Every connect: the persistent session keeps the subscription, but a broker that lost its state has not.
+            rc, _mid = client.subscribe(self._downlink_topic, qos=1)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                logger.warning("mqtt: could not subscribe to the downlink topic: %s", MQTTErrorCode(rc).name)
         self._connected.set()
         self._became_available(session_present=flags.session_present)
 
@@ -310,6 +344,16 @@ class MqttUplink:
                 if len(self._refusals) > 4096:  # refusals for messages nobody waits for any more
                     self._refusals.clear()
                 self._refusals[mid] = str(reason_code)
+
+    def _on_message(self, client: Client, userdata: object, message: MQTTMessage) -> None:
+        sink = self._downlink_sink
+        if sink is None:
+            return
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            topic = "(topic is not UTF-8)"
+        sink(topic, bytes(message.payload))
 
     def _on_log(self, client: Client, userdata: object, level: int, message: str) -> None:
         # paho 2.2 logs "Client is not connected" at ERROR from its loop after every disconnect, including our own
@@ -394,6 +438,7 @@ class UplinkDelivery:
         self._thread: threading.Thread | None = None
         self._unsettled: _Outcome | None = None
         self._outbox_failing = False
+        self._last_requeue_check: float | None = None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -432,6 +477,7 @@ class UplinkDelivery:
             self._stopping.wait(1.0)
             return 0
         try:
+            self._requeue_overdue()
             batch = self._outbox.claim(self._batch_size)
         except OutboxError as exc:
             self._report_outbox_failure(exc)
@@ -446,6 +492,14 @@ class UplinkDelivery:
             self._unsettled = _Outcome(acked=[], retry={"internal error": [r.seq for r in batch]}, requeue={})
         self._settle_leftovers()
         return len(batch)
+
+    def _requeue_overdue(self) -> None:
+        """About once every REQUEUE_CHECK_S: SENT records without a server ack in time go back to PENDING."""
+        now = self._clock.monotonic()
+        if self._last_requeue_check is not None and now - self._last_requeue_check < REQUEUE_CHECK_S:
+            return
+        self._last_requeue_check = now
+        self._outbox.requeue_unacked()
 
     def _publish_and_await(self, batch: Sequence[ClaimedRecord]) -> _Outcome:
         outcome = _Outcome(acked=[], retry={}, requeue={})
@@ -519,6 +573,130 @@ class UplinkDelivery:
             logger.error("delivery: outbox failed (%s); retrying every second", exc)
 
 
+# ---------------------------------------------------------------------- downlink
+
+
+@dataclass(frozen=True, slots=True)
+class DownlinkStats:
+    received: int
+    """Downlink messages taken from the MQTT client."""
+    acks_applied: int
+    """Acks that moved at least one record to ACKED."""
+    refused: int
+    """Messages refused: malformed, for another device, or on a topic that is not ours."""
+    dropped: int
+    """Messages dropped because the queue was full (a later cumulative ack makes up for them)."""
+    highest_ack: int
+    """The highest acked_through_seq received so far in this run."""
+
+
+class DownlinkReceiver:
+    """Drains the device's downlink topic on its own thread and applies the server's acks to the outbox."""
+
+    def __init__(self, outbox: Outbox, *, device_id: str, topics: Topics) -> None:
+        self._outbox = outbox
+        self._device_id = device_id
+        self._topic = topics.downlink(device_id)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=MAX_DOWNLINK_QUEUE)
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._received = 0
+        self._applied = 0
+        self._refused = 0
+        self._dropped = 0
+        self._highest_ack = 0
+        self._refusal_logged = False
+        self._outbox_failing = False
+
+    def offer(self, topic: str, payload: bytes) -> None:
+        """Hand one message over; called on paho's network thread, so it never blocks."""
+        try:
+            self._inbox.put_nowait((topic, payload))
+        except queue.Full:
+            with self._lock:
+                self._dropped += 1
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="downlink", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stopping.set()
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def stats(self) -> DownlinkStats:
+        with self._lock:
+            return DownlinkStats(self._received, self._applied, self._refused, self._dropped, self._highest_ack)
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                first = self._inbox.get(timeout=POLL_SLICE_S)
+            except queue.Empty:
+                continue
+            waiting = [first]
+            with contextlib.suppress(queue.Empty):
+                while len(waiting) < MAX_DOWNLINK_QUEUE:
+                    waiting.append(self._inbox.get_nowait())
+            try:
+                self.process(waiting)
+            except Exception:  # the receiver must outlive any single bad message; acks are cumulative
+                logger.exception("downlink: unexpected error")
+
+    def process(self, messages: Sequence[tuple[str, bytes]]) -> int:
+        """Decode `messages` and apply the highest valid ack among them; returns the records that became ACKED.
+
+        Public so tests can drive it without a broker."""
+        highest = 0
+        for topic, payload in messages:
+            with self._lock:
+                self._received += 1
+            try:
+                if topic != self._topic:
+                    raise ContractError("not this device's downlink topic")
+                message = decode_downlink(payload)
+                if message.device_id != self._device_id:
+                    raise ContractError("ack names another device")
+            except ContractError as exc:
+                self._refuse(topic, len(payload), str(exc))
+                continue
+            highest = max(highest, message.acked_through_seq)
+        if highest == 0:
+            return 0
+        with self._lock:
+            self._highest_ack = max(self._highest_ack, highest)
+        try:
+            moved = self._outbox.mark_acked_through(highest)
+        except OutboxError as exc:
+            # Not lost: the records stay SENT, are published again after the ack timeout, and bring a new ack.
+            if not self._outbox_failing:
+                self._outbox_failing = True
+                logger.error("downlink: could not apply the server ack through seq %d: %s", highest, exc)
+            return 0
+        if self._outbox_failing:
+            self._outbox_failing = False
+            logger.info("downlink: applying server acks works again")
+        if moved:
+            with self._lock:
+                self._applied += 1
+        return moved
+
+    def _refuse(self, topic: str, size: int, reason: str) -> None:
+        with self._lock:
+            self._refused += 1
+            first = not self._refusal_logged
+            self._refusal_logged = True
+        if first:
+            # Logged once per run; the count is in stats(). The payload itself is never logged.
+            logger.warning("downlink: refused a message on %s (%d bytes): %s", topic, size, reason[:200])
+
+
 # ---------------------------------------------------------------------- heartbeat
 
 
@@ -582,17 +760,27 @@ class HeartbeatTimer:
 
 
 class SyncWorker:
-    """The MQTT link, the delivery loop and the heartbeat timer, started and stopped in the right order."""
+    """The MQTT link, the delivery loop, the downlink receiver and the heartbeat timer, started and stopped in the
+    right order."""
 
-    def __init__(self, link: UplinkLink, delivery: UplinkDelivery, heartbeat: HeartbeatTimer) -> None:
+    def __init__(
+        self,
+        link: UplinkLink,
+        delivery: UplinkDelivery,
+        heartbeat: HeartbeatTimer,
+        downlink: DownlinkReceiver | None = None,
+    ) -> None:
         self.link = link
         self.delivery = delivery
         self.heartbeat = heartbeat
+        self.downlink = downlink
         self._running = False
 
     def start(self) -> None:
         if self._running:
             return
+        if self.downlink is not None:
+            self.downlink.start()
         self.link.start()
         self.delivery.start()
         self.heartbeat.start()
@@ -606,3 +794,5 @@ class SyncWorker:
         self.heartbeat.stop()
         self.delivery.stop()
         self.link.close()
+        if self.downlink is not None:
+            self.downlink.stop()
