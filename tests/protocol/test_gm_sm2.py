@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 from gmssl import sm2 as pure_sm2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.gm import (
     InvalidSignature,
@@ -207,3 +209,17 @@ def test_ecdh_point_matches_pure_gmssl_and_kdf_is_gm_t_0003() -> None:
     a, b = Party(mine.public_key), Party(peer.public_key)
     z = ours + gm_sm2.user_hash(mine.public_key) + gm_sm2.user_hash(peer.public_key) + b"i"
     assert agree_session_key(mine, peer.public_key, initiator=a, responder=b, info=b"i") == sm3_kdf(z, 16)
+
+
+@settings(max_examples=40, deadline=None)
+@given(message=st.binary(min_size=1, max_size=512), data=st.data())
+def test_any_message_signs_and_any_flipped_message_bit_is_refused(
+    key: SM2PrivateKey, message: bytes, data: st.DataObject
+) -> None:
+    signature = sign(key, message)
+    verify(key.public_key, message, signature)
+    bit = data.draw(st.integers(0, len(message) * 8 - 1))
+    altered = bytearray(message)
+    altered[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(InvalidSignature):
+        verify(key.public_key, bytes(altered), signature)
