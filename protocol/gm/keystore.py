@@ -90,10 +90,11 @@ def decrypt_private_key(data: bytes, passphrase: str) -> SM2PrivateKey:
 def save_private_key(
     path: Path, key: SM2PrivateKey, passphrase: str, *, iterations: int = DEFAULT_ITERATIONS, overwrite: bool = False
 ) -> None:
-    """Write the encrypted key file with mode 0600, atomically (temp file, fsync, rename, fsync directory)."""
+    """Write the encrypted key file with mode 0600, atomically (temp file, fsync, link/rename, fsync directory).
+
+    Without `overwrite`, an existing file is never replaced, even by a concurrent writer (hard link, not rename).
+    """
     data = encrypt_private_key(key, passphrase, iterations=iterations)
-    if path.exists() and not overwrite:
-        raise KeyFormatError(f"{path} exists; refusing to overwrite a key file")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
@@ -101,10 +102,15 @@ def save_private_key(
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        tmp.replace(path)
-    except BaseException:
+        if overwrite:
+            tmp.replace(path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError as exc:
+                raise KeyFormatError(f"{path} exists; refusing to overwrite a key file") from exc
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

@@ -159,7 +159,12 @@ def test_key_file_round_trip_with_mode_0600(tmp_path: Path, key: SM2PrivateKey) 
     assert loaded.secret_bytes() == key.secret_bytes()
     assert loaded.public_key == key.public_key
     with pytest.raises(KeyFormatError, match="exists"):
-        save_private_key(path, key, PASS, iterations=1000)
+        save_private_key(path, SM2PrivateKey.generate(), PASS, iterations=1000)
+    assert load_private_key(path, PASS).public_key == key.public_key
+    replacement = SM2PrivateKey.generate()
+    save_private_key(path, replacement, PASS, iterations=1000, overwrite=True)
+    assert load_private_key(path, PASS).public_key == replacement.public_key
+    assert [p.name for p in tmp_path.iterdir()] == ["device.key"]  # no temp files left behind
 
 
 def test_key_file_wrong_passphrase_and_tampering(tmp_path: Path, key: SM2PrivateKey) -> None:
