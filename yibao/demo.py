@@ -5,12 +5,15 @@ simulated terminal, each a child process bound to our lifetime; prints where to 
 (which publishes 'offline'), then the server, then the broker, and checks that nothing is left running.
 
 `--smoke` runs the same stack unattended: the terminal pushes N records through its outbox, and the demo checks
-through the server's public API that every one was stored exactly once, then prints one JSON line of figures.
+through the server's public API that every one was stored exactly once, then waits until the terminal itself reports
+(a heartbeat composed after the records, with `outbox_depth` 0) that the server acknowledged everything, and prints
+one JSON line of figures.
 This module orchestrates processes only; it must never reach into the terminal's or the server's storage.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import signal
@@ -34,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 DEMO_DEVICE_ID = "SIM-0001"
 DEMO_ACTION = "demo.record"
+SMOKE_HEARTBEAT_S = 1.0
+"""Heartbeat interval in smoke mode: the ack check reads the terminal's outbox depth from its heartbeats."""
 
 
 class DemoError(RuntimeError):
@@ -232,8 +237,28 @@ def _stored_total(stack: DemoStack) -> int:
         return int(resp.json()["total"])
 
 
+def _acked_heartbeat(stack: DemoStack, after_seq: int) -> bool:
+    """True once a heartbeat with seq above `after_seq` (so composed after those records were enqueued) reports an
+    outbox with nothing the server has not acknowledged."""
+    with httpx.Client(base_url=stack.base_url, timeout=10.0) as http:
+        while True:
+            resp = http.get(
+                f"/api/v1/devices/{stack.options.device_id}/events",
+                params={"payload_type": "heartbeat", "after_seq": after_seq, "limit": 1000},
+            )
+            resp.raise_for_status()
+            page = resp.json()
+            if any(e["payload"].get("outbox_depth") == 0 for e in page["items"]):
+                return True
+            if page["next_after_seq"] is None:
+                return False
+            after_seq = page["next_after_seq"]
+
+
 def run_smoke(options: DemoOptions) -> dict[str, Any]:
-    """Push `options.records` records through a simulated terminal and account for every one on the server."""
+    """Push `options.records` records through a simulated terminal and account for every one on the server, then
+    wait for the terminal's own word that the server acknowledged them all."""
+    options = dataclasses.replace(options, heartbeat_interval_s=min(options.heartbeat_interval_s, SMOKE_HEARTBEAT_S))
     t0 = time.monotonic()
     stack = start_stack(options)
     result: dict[str, Any] = {"sent": options.records, "database": redacted(stack.database_url)}
@@ -258,6 +283,14 @@ def run_smoke(options: DemoOptions) -> dict[str, Any]:
         result["lost"] = sum(1 for n in range(options.records) if n not in per_n)
         seqs = sorted(int(e["seq"]) for e in records)
         result["seq_contiguous"] = bool(seqs) and seqs[-1] - seqs[0] + 1 == len(seqs)
+        t_ack = time.monotonic()
+        ack_deadline = t_ack + options.drain_timeout_s
+        acked = False
+        while not (acked := _acked_heartbeat(stack, seqs[-1] if seqs else 0)) and time.monotonic() < ack_deadline:
+            stack.check_children()
+            time.sleep(0.2)
+        result["server_acked"] = acked
+        result["ack_wait_s"] = round(time.monotonic() - t_ack, 3)
     finally:
         t_down = time.monotonic()
         leftovers = stack.close()
@@ -268,6 +301,7 @@ def run_smoke(options: DemoOptions) -> dict[str, Any]:
         result.get("stored") == options.records
         and result.get("duplicates") == 0
         and result.get("lost") == 0
+        and result.get("server_acked") is True
         and result["leftover_processes"] == 0
     )
     return result

@@ -43,6 +43,7 @@ def test_smoke_on_sqlite_stores_every_record_exactly_once(yibao_cmd: list[str]) 
     assert result["duplicates"] == 0
     assert result["lost"] == 0
     assert result["seq_contiguous"] is True
+    assert result["server_acked"] is True, "the terminal reported every record acknowledged by the server"
     assert result["leftover_processes"] == 0
     assert result["ok"] is True
 
@@ -54,6 +55,7 @@ def test_smoke_on_postgresql_stores_every_record_exactly_once(yibao_cmd: list[st
         yibao_cmd, "--records", "1000", "--database-url", pg_database_url, secret=password and f":{password}@"
     )
     assert (result["sent"], result["stored"], result["duplicates"], result["lost"]) == (1000, 1000, 0, 0)
+    assert result["server_acked"] is True
     assert result["leftover_processes"] == 0
 
 
