@@ -593,6 +593,19 @@ class Outbox:
             logger.debug("outbox: server acknowledged %d record(s) through seq %d", moved, acked_through_seq)
         return moved
 
+    def highest_seq(self) -> int:
+        """The highest seq this outbox file has ever assigned (0 for a new file); pruning does not lower it."""
+        with self._lock, self._translated("highest seq"):
+            row = (
+                self._require_conn()
+                .execute(
+                    "SELECT max(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+                    " COALESCE((SELECT max(seq) FROM outbox), 0))"
+                )
+                .fetchone()
+            )
+        return int(row[0])
+
     def requeue_unacked(self) -> int:
         """SENT rows without a server ack for `server_ack_timeout_s` go back to PENDING (attempts+1, back-off).
 

@@ -14,7 +14,9 @@ Owns four things:
 * `DownlinkReceiver` — the worker thread that drains downlink messages: decodes each with
   `protocol.decode_downlink`, refuses (counts, logs once) a malformed one or one for another device, and applies the
   highest `uplink_ack` of what is waiting with `Outbox.mark_acked_through`. An ack may overtake the PUBACK of the
-  same records; the outbox's transition table lets INFLIGHT (and PENDING) rows become ACKED directly.
+  same records; the outbox's transition table lets INFLIGHT (and PENDING) rows become ACKED directly. An ack beyond
+  the highest seq this outbox ever assigned is refused: the server then holds records under our id that we never
+  made (a replaced outbox file, a cloned device id), and applying it would drop records it does not have.
 * `HeartbeatTimer` — enqueues a `protocol.Heartbeat` through the outbox every interval and prunes acknowledged rows.
 
 `SyncWorker` composes them with a graceful `stop()`: retained 'offline', disconnect, threads joined.
@@ -669,9 +671,15 @@ class DownlinkReceiver:
             highest = max(highest, message.acked_through_seq)
         if highest == 0:
             return 0
-        with self._lock:
-            self._highest_ack = max(self._highest_ack, highest)
         try:
+            assigned = self._outbox.highest_seq()
+            if highest > assigned:
+                # The server holds records under our id that this outbox never made: the outbox file was replaced
+                # or another terminal uses our id. Applying the ack would drop records the server does not have.
+                self._refuse(self._topic, 0, f"ack through seq {highest} is beyond our highest seq {assigned}")
+                return 0
+            with self._lock:
+                self._highest_ack = max(self._highest_ack, highest)
             moved = self._outbox.mark_acked_through(highest)
         except OutboxError as exc:
             # Not lost: the records stay SENT, are published again after the ack timeout, and bring a new ack.

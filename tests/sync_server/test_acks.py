@@ -267,3 +267,28 @@ def test_reconciliation_of_one_device_and_one_local_day(engine: Engine, db_url: 
     assert body["open_gap"]["missing_from"] == 4
     assert body["open_gap"]["missing_to"] == 4
     assert body["alarms"] == []
+
+
+def test_device_api_and_pages_show_the_gap_alarm_in_words(engine: Engine, db_url: str) -> None:
+    store_and_ack(engine, [envelope("kiosk-030", s) for s in (1, 2, 5)], now=T0)
+    store_and_ack(engine, [envelope("kiosk-030", 6)], now=T0 + timedelta(seconds=301))
+    app = create_app(
+        ServerSettings(database_url=db_url),
+        engine=engine,
+        start_ingest=False,
+        clock=FakeClock(T0 + timedelta(seconds=302)),
+    )
+    with serving(app) as client:
+        body = client.get("/api/v1/devices/kiosk-030").json()
+        detail = client.get("/devices/kiosk-030").text
+        listing = client.get("/").text
+    assert body["acked_through_seq"] == 2
+    assert body["alarms"] == ["seq_gap"]
+    assert body["seq_gap"]["missing_from"] == 3
+    assert body["seq_gap"]["missing_to"] == 4
+    assert body["seq_gap"]["alarm"] is True
+    for page in (detail, listing):
+        assert "序号缺口告警" in page
+        assert "records 3–4 missing while later ones arrived" in page
+        assert 'data-alarm="seq_gap"' in page
+    assert "every record 1..2 is stored" in detail

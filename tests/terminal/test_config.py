@@ -38,7 +38,7 @@ batch_size = 200
 publish_timeout_s = 30          # no PUBACK within this -> row released for retry
 retry_initial_s = 1.0
 retry_max_s = 300.0
-sent_retention_s = 86400        # sent rows kept this long, then pruned
+sent_retention_s = 86400        # server-acknowledged rows kept this long, then pruned
 [heartbeat]
 interval_s = 30
 """

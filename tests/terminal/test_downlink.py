@@ -70,6 +70,19 @@ def test_receiver_applies_the_highest_ack_and_refuses_the_rest(
     assert receiver.process([(own, ack(4))]) == 0, "a repeated ack is harmless"
 
 
+def test_an_ack_beyond_our_highest_seq_is_refused(outbox: Outbox, caplog: pytest.LogCaptureFixture) -> None:
+    """A server that stored more than this outbox ever made talks about other records (a replaced outbox file or a
+    cloned device id): applying its ack would drop records it does not have."""
+    caplog.set_level(logging.WARNING, logger="terminal.sync")
+    seqs = [e.seq for e in outbox.enqueue_many([event(n) for n in range(3)])]
+    receiver = DownlinkReceiver(outbox, device_id=DEVICE_ID, topics=TOPICS)
+    assert receiver.process([(TOPICS.downlink(DEVICE_ID), ack(500))]) == 0
+    assert {r.status for r in outbox.rows()} == {OutboxStatus.PENDING}
+    assert receiver.stats().refused == 1
+    assert "beyond our highest seq 3" in caplog.text
+    assert receiver.process([(TOPICS.downlink(DEVICE_ID), ack(seqs[-1]))]) == 3
+
+
 def test_terminal_applies_acks_from_its_downlink_topic(
     tmp_path: Path, broker: MosquittoBroker, recorder: UplinkRecorder
 ) -> None:
