@@ -248,6 +248,10 @@ class Outbox:
         self._page_limit: int | None = None
         self._full_latched = False
         self._refused_records = 0
+        # True when a server ack moved rows since the last re-send: the server is there, re-send all that is overdue.
+        self._acked_since_requeue = False
+        self._last_probe_ts: float | None = None
+        self._server_silent = False
 
     # ------------------------------------------------------------------ life cycle
 
@@ -589,6 +593,12 @@ class Outbox:
             )
             if moved:
                 tx.execute("UPDATE outbox_counter SET value = value + ? WHERE name = 'acked_total'", (moved,))
+            recovered = bool(moved) and self._server_silent
+            if moved:
+                self._acked_since_requeue = True
+                self._server_silent = False
+        if recovered:
+            logger.info("outbox: the server acknowledges again (through seq %d)", acked_through_seq)
         if moved:
             logger.debug("outbox: server acknowledged %d record(s) through seq %d", moved, acked_through_seq)
         return moved
@@ -607,33 +617,67 @@ class Outbox:
         return int(row[0])
 
     def requeue_unacked(self) -> int:
-        """SENT rows without a server ack for `server_ack_timeout_s` go back to PENDING (attempts+1, back-off).
+        """SENT rows without a server ack for `server_ack_timeout_s` go back to PENDING (attempts+1), due at once.
 
         This closes the gap PUBACK leaves open: a broker with no server session routes a record nowhere yet still
-        acknowledges it. Publishing again is harmless because the server deduplicates by seq and message_id."""
+        acknowledges it. Publishing again is harmless because the server deduplicates by seq and message_id.
+
+        Paced so that a server that is down for days is not sent the whole backlog again every timeout (a broker
+        holding the server's session would queue every copy): while no server ack has arrived since the last
+        re-send, only the oldest `batch_size` overdue rows go back, at most once per timeout (a probe). As soon as an
+        ack moves rows again, the next call re-sends every overdue row. Returns how many rows went back."""
         now = self._now_ts()
-        cutoff = now - self._config.server_ack_timeout_s
-        reason = f"no server ack within {self._config.server_ack_timeout_s:g} s"[:MAX_ERROR_CHARS]
-        with self._lock, self._translated("requeue unacknowledged"), self._transaction() as tx:
-            stale = tx.execute(
-                "SELECT seq, attempts FROM outbox WHERE status = 'sent' AND sent_at <= ? ORDER BY seq", (cutoff,)
-            ).fetchall()
-            updates = [(now + self.retry_delay_s(int(attempts) + 1), reason, int(seq)) for seq, attempts in stale]
-            tx.executemany(
-                "UPDATE outbox SET status = 'pending', attempts = attempts + 1, claimed_at = NULL,"
-                " next_attempt_at = ?, last_error = ? WHERE seq = ? AND status = 'sent'",
-                updates,
-            )
-        if updates:
+        timeout = self._config.server_ack_timeout_s
+        reason = f"no server ack within {timeout:g} s"[:MAX_ERROR_CHARS]
+        with self._lock:
+            if self._acked_since_requeue:
+                limit = -1  # SQLite: no limit
+            elif self._last_probe_ts is None or now - self._last_probe_ts >= timeout:
+                limit = self._config.batch_size
+            else:
+                return 0
+            with self._translated("requeue unacknowledged"), self._transaction() as tx:
+                stale = [
+                    int(seq)
+                    for (seq,) in tx.execute(
+                        "SELECT seq FROM outbox WHERE status = 'sent' AND sent_at <= ? ORDER BY seq LIMIT ?",
+                        (now - timeout, limit),
+                    )
+                ]
+                tx.executemany(
+                    "UPDATE outbox SET status = 'pending', attempts = attempts + 1, claimed_at = NULL,"
+                    " next_attempt_at = ?, last_error = ? WHERE seq = ? AND status = 'sent'",
+                    [(now, reason, seq) for seq in stale],
+                )
+            if not stale:
+                return 0
+            probing = limit != -1
+            first_probe = probing and not self._server_silent
+            if probing:
+                self._last_probe_ts = now
+                self._server_silent = True
+            self._acked_since_requeue = False
+        if first_probe:
             logger.warning(
-                "outbox: %d published record(s) (seq %d..%d) got no server ack within %g s; publishing again",
-                len(updates),
-                updates[0][2],
-                updates[-1][2],
-                self._config.server_ack_timeout_s,
+                "outbox: no server ack within %g s; re-sending the oldest %d record(s) (seq %d..%d) once per %g s "
+                "until the server answers",
+                timeout,
+                len(stale),
+                stale[0],
+                stale[-1],
+                timeout,
             )
-            self._work.set()
-        return len(updates)
+        elif not probing:
+            logger.info(
+                "outbox: re-sending %d record(s) (seq %d..%d) the server did not acknowledge",
+                len(stale),
+                stale[0],
+                stale[-1],
+            )
+        else:
+            logger.debug("outbox: probing the server again with seq %d..%d", stale[0], stale[-1])
+        self._work.set()
+        return len(stale)
 
     def release(self, seqs: Iterable[int], error: str, *, backoff: bool = True) -> int:
         """INFLIGHT -> PENDING after a failed attempt: attempts+1 and, with `backoff`, a jittered exponential delay.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import signal
 import sqlite3
@@ -172,8 +173,34 @@ def test_sent_without_server_ack_goes_back_to_pending_after_the_timeout(tmp_path
         assert [rows[s].status for s in seqs[1:]] == [OutboxStatus.PENDING, OutboxStatus.PENDING]
         assert rows[seqs[1]].last_error == "no server ack within 120 s"
         assert rows[seqs[1]].attempts == 1
-        clock.advance(outbox.config.retry_max_s)
-        assert [r.seq for r in outbox.claim()] == seqs[1:], "published again; the server deduplicates"
+        assert [r.seq for r in outbox.claim()] == seqs[1:], "due at once; the server deduplicates"
+
+
+def test_while_the_server_is_silent_only_one_batch_per_timeout_is_sent_again(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server down for days must not receive the whole backlog again every timeout: one batch probes, once per
+    timeout; when its ack comes back, everything overdue goes at once."""
+    caplog.set_level(logging.INFO, logger="terminal.outbox")
+    with open_outbox(tmp_path / "o.sqlite3", clock, server_ack_timeout_s=120.0, batch_size=2) as outbox:
+        seqs = [e.seq for e in outbox.enqueue_many([event(n) for n in range(7)])]
+        while batch := outbox.claim(10):
+            outbox.mark_sent(r.seq for r in batch)
+        clock.advance(120)
+        assert outbox.requeue_unacked() == 2, "a probe: the oldest batch"
+        assert [r.seq for r in outbox.rows([OutboxStatus.PENDING])] == seqs[:2]
+        clock.advance(60)
+        assert outbox.requeue_unacked() == 0, "no more until a timeout has passed without an answer"
+        outbox.mark_sent(r.seq for r in outbox.claim(10))  # the probe is published again
+        clock.advance(60)
+        assert outbox.requeue_unacked() == 2, "the next probe"
+        outbox.mark_sent(r.seq for r in outbox.claim(10))
+        assert outbox.mark_acked_through(seqs[1]) == 2, "the server answers the first probe"
+        assert outbox.requeue_unacked() == 3, "the server is there: everything overdue goes again"
+        assert [r.seq for r in outbox.rows([OutboxStatus.PENDING])] == seqs[4:]
+    warnings = [r for r in caplog.records if "no server ack within" in r.getMessage()]
+    assert len(warnings) == 1, "the silence is logged once"
+    assert any("acknowledges again" in r.getMessage() for r in caplog.records), "and the recovery once"
 
 
 def test_database_refuses_deleting_a_record_the_server_has_not_acknowledged(tmp_path: Path, outbox: Outbox) -> None:
