@@ -143,15 +143,18 @@ class DemoStack:
             body: dict[str, Any] = resp.json()
             return body
 
-    def wait_online(self, want: bool = True) -> float:
+    def wait_online(self, want: bool = True, *, interrupted: threading.Event | None = None) -> float:
+        """Seconds until the server shows the terminal online (or offline); `interrupted` cuts the wait short."""
         start = time.monotonic()
         deadline = start + self.options.startup_timeout_s
+        stop = interrupted or threading.Event()
         while time.monotonic() < deadline:
             self.check_children()
             dev = self.device()
             if dev is not None and bool(dev.get("online")) == want:
                 return time.monotonic() - start
-            time.sleep(0.2)
+            if stop.wait(0.2):
+                raise DemoError("interrupted while waiting for the terminal")
         raise DemoError(f"the terminal did not show {'online' if want else 'offline'} on the server in time")
 
     def check_children(self) -> None:
@@ -322,14 +325,17 @@ def run_interactive(options: DemoOptions, echo: Any) -> int:
         echo(f"Server     {stack.base_url}/   (API: {stack.base_url}/api/v1/devices, docs: {stack.base_url}/docs)")
         echo(f"Database   {redacted(stack.database_url)}")
         echo(f"Logs       {stack.workdir}/server.log, {stack.workdir}/terminal.log")
-        took = stack.wait_online(True)
+        took = stack.wait_online(True, interrupted=stopping)
         echo(f"Terminal   {options.device_id} is online ({took:.1f} s). Open {stack.base_url}/ in a browser.")
         echo("Press Ctrl-C to stop everything.")
         while not stopping.wait(0.5):
             stack.check_children()
     except DemoError as exc:
-        echo(f"error: {exc}")
-        code = 1
+        if stopping.is_set():  # Ctrl-C during start-up is a normal stop, not a failure
+            echo("Interrupted during start-up.")
+        else:
+            echo(f"error: {exc}")
+            code = 1
     finally:
         echo("Stopping terminal, server and broker ...")
         leftovers = stack.close()
