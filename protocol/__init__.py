@@ -1,13 +1,26 @@
 """Wire contracts shared by the terminal and the sync server.
 
 This package owns everything both sides must agree on byte for byte: the envelope, the payload schemas, the downlink
-messages (server acknowledgements), the MQTT topic scheme and the injected clock. It imports nothing of ours, so
-`terminal` and `sync_server` can both depend on it without depending on each other. It must never grow
-behaviour that belongs to one side.
+messages (server acknowledgements and device commands), the MQTT topic scheme and the injected clock. It imports
+nothing of ours, so `terminal` and `sync_server` can both depend on it without depending on each other. It must never
+grow behaviour that belongs to one side.
 """
 
 from protocol.clock import Clock, SystemClock
-from protocol.downlink import MAX_DOWNLINK_BYTES, DownlinkMessage, UplinkAck, decode_downlink
+from protocol.downlink import (
+    COMMAND_ARGS_MODELS,
+    MAX_COMMAND_ARGS,
+    MAX_DOWNLINK_BYTES,
+    CommandArgs,
+    CommandKind,
+    DeviceCommand,
+    DownlinkMessage,
+    LogRequestArgs,
+    PingArgs,
+    UplinkAck,
+    decode_downlink,
+    parse_command_args,
+)
 from protocol.envelope import (
     MAX_ENVELOPE_BYTES,
     SCHEMA_VERSION,
@@ -22,6 +35,8 @@ from protocol.envelope import (
 from protocol.payloads import (
     AuditEvent,
     AuditOutcome,
+    CommandOutcome,
+    CommandResult,
     Heartbeat,
     Payload,
     PayloadType,
@@ -32,28 +47,38 @@ from protocol.payloads import (
 from protocol.topics import Topics
 
 __all__ = [
+    "COMMAND_ARGS_MODELS",
+    "MAX_COMMAND_ARGS",
     "MAX_DOWNLINK_BYTES",
     "MAX_ENVELOPE_BYTES",
     "SCHEMA_VERSION",
     "AuditEvent",
     "AuditOutcome",
     "Clock",
+    "CommandArgs",
+    "CommandKind",
+    "CommandOutcome",
+    "CommandResult",
     "ContractError",
+    "DeviceCommand",
     "DeviceId",
     "DeviceStatusMessage",
     "DownlinkMessage",
     "Envelope",
     "Heartbeat",
     "LinkState",
+    "LogRequestArgs",
     "Payload",
     "PayloadType",
     "PeripheralKind",
     "PeripheralState",
     "PeripheralStatus",
+    "PingArgs",
     "SystemClock",
     "Topics",
     "UplinkAck",
     "decode_downlink",
     "decode_envelope",
     "decode_status",
+    "parse_command_args",
 ]

@@ -1,21 +1,40 @@
 """Messages the server sends to one terminal on `Topics.downlink(device_id)`.
 
-A downlink message is a closed pydantic model chosen by its `type` field (a discriminated union), so server-to-device
-commands can join `DownlinkMessage` later without changing how terminals decode. Today there is one member:
+A downlink message is a closed pydantic model chosen by its `type` field (a discriminated union):
 
 * `UplinkAck` — "every record of this device with seq 1..`acked_through_seq` is stored on the server". The server
   only ever sends the highest *contiguous* stored sequence, so a terminal may drop every record at or below it and
   must keep (and eventually re-send) everything above it.
+* `DeviceCommand` — "do this once": identified by `command_id` (the idempotency key; a terminal remembers every id it
+  answered and never carries one out twice), valid between `issued_at` and `expires_at`. The terminal answers each
+  command exactly once with a `protocol.CommandResult` uplink record.
 
-This module owns those shapes and `decode_downlink`. It must never grow behaviour of either side, and it must never
-carry personal data (acks name a device and a number, nothing else).
+Command arguments travel as a small bounded flat dict (`CommandArgs`) and are checked against the kind's closed model
+(`COMMAND_ARGS_MODELS`, `parse_command_args`) by the server before it queues a command and by the terminal's handler
+before it acts. Not a per-kind union on the wire, on purpose: a terminal running older software than the server must
+still *decode* a command whose arguments grew, so that it can answer `rejected` naming the argument instead of dropping
+the message as malformed and leaving the command unanswered until it expires.
+
+This module owns those shapes, `decode_downlink` and `parse_command_args`. It must never grow behaviour of either
+side, and it must never carry personal data (acks name a device and a number; commands carry operational settings).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Final, Literal
+import uuid
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Final, Literal, Self
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from protocol.envelope import SCHEMA_VERSION, ContractError, DeviceId, summarise_validation_error
 
@@ -40,14 +59,95 @@ class UplinkAck(BaseModel):
         return self.model_dump_json().encode("utf-8")
 
 
-DownlinkMessage = Annotated[UplinkAck, Field(discriminator="type")]
-"""Everything that travels on a device's downlink topic, chosen by `type`. Commands join this union later
-(`Annotated[UplinkAck | DeviceCommand, Field(discriminator="type")]`)."""
+class CommandKind(StrEnum):
+    """What a `DeviceCommand` asks for. Only `ping` and `log_request` are carried out today; terminals answer the
+    others `rejected` ("not supported yet") until the issues that bring them land."""
 
-_DOWNLINK: Final[TypeAdapter[UplinkAck]] = TypeAdapter(DownlinkMessage)
+    CONFIG_UPDATE = "config_update"
+    UNBIND = "unbind"
+    ROTATE_KEYS = "rotate_keys"
+    LOG_REQUEST = "log_request"
+    ROSTER_UPDATE = "roster_update"
+    TEMPLATE_UPDATE = "template_update"
+    PING = "ping"
 
 
-def decode_downlink(raw: bytes) -> UplinkAck:
+MAX_COMMAND_ARGS: Final = 16
+"""At most this many argument keys: commands carry settings and references, never bulk data."""
+
+_ArgKey = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z][a-z0-9_]*$")]
+CommandArgValue = Annotated[str, Field(max_length=256)] | int | float | bool | None
+CommandArgs = dict[_ArgKey, CommandArgValue]
+"""A command's arguments on the wire: flat, at most `MAX_COMMAND_ARGS` keys, scalar values, strings <= 256 chars."""
+
+
+class _ClosedArgs(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PingArgs(_ClosedArgs):
+    """`ping` takes no arguments: the answer itself is the point (is the device there, does the command path work)."""
+
+
+class LogRequestArgs(_ClosedArgs):
+    """`log_request`: the terminal sends a summary of its recent state (outbox figures, versions; no personal data)."""
+
+    window_s: int = Field(
+        default=3600, ge=60, le=7 * 24 * 3600, description="How far back the summary looks, in seconds."
+    )
+
+
+COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
+    CommandKind.PING: PingArgs,
+    CommandKind.LOG_REQUEST: LogRequestArgs,
+}
+"""The closed argument model of each kind that has one today; the others accept any `CommandArgs` on the wire (their
+terminals answer `rejected` for now)."""
+
+
+def parse_command_args(kind: CommandKind, args: Mapping[str, object]) -> _ClosedArgs | None:
+    """Check `args` against the closed model of `kind`: the model, `None` for a kind without one yet, or
+    `ContractError` naming the offending argument (never its value)."""
+    model = COMMAND_ARGS_MODELS.get(kind)
+    if model is None:
+        return None
+    try:
+        return model.model_validate(dict(args))
+    except ValidationError as exc:
+        raise ContractError(f"invalid {kind.value} arguments: {summarise_validation_error(exc)}") from exc
+
+
+class DeviceCommand(BaseModel):
+    """One command to one terminal, to be carried out at most once and answered exactly once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = Field(default=SCHEMA_VERSION, description="Wire schema version.")
+    type: Literal["command"] = "command"
+    command_id: uuid.UUID = Field(description="Idempotency key: a terminal never carries out one id twice.")
+    device_id: DeviceId
+    kind: CommandKind
+    issued_at: AwareDatetime = Field(description="Server wall clock when the command was queued.")
+    expires_at: AwareDatetime = Field(description="Not to be carried out at or after this instant (terminal clock).")
+    args: CommandArgs = Field(default_factory=dict, max_length=MAX_COMMAND_ARGS, description="Flat arguments.")
+
+    @model_validator(mode="after")
+    def _expires_after_issue(self) -> Self:
+        if self.expires_at <= self.issued_at:
+            raise ValueError("expires_at must be after issued_at")
+        return self
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json().encode("utf-8")
+
+
+DownlinkMessage = Annotated[UplinkAck | DeviceCommand, Field(discriminator="type")]
+"""Everything that travels on a device's downlink topic, chosen by `type`."""
+
+_DOWNLINK: Final[TypeAdapter[UplinkAck | DeviceCommand]] = TypeAdapter(DownlinkMessage)
+
+
+def decode_downlink(raw: bytes) -> UplinkAck | DeviceCommand:
     """Parse wire bytes from a downlink topic into a `DownlinkMessage` or raise `ContractError` saying why not."""
     if len(raw) > MAX_DOWNLINK_BYTES:
         raise ContractError(f"downlink message of {len(raw)} bytes exceeds the {MAX_DOWNLINK_BYTES}-byte limit")

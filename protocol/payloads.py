@@ -10,10 +10,11 @@ Audit events name people only by pseudonymous or masked references.
 
 from __future__ import annotations
 
+import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 _Short = Annotated[str, Field(min_length=1, max_length=64)]
 _Version = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]*$")]
@@ -28,6 +29,7 @@ class PayloadType(StrEnum):
 
     HEARTBEAT = "heartbeat"
     AUDIT_EVENT = "audit_event"
+    COMMAND_RESULT = "command_result"
 
 
 class PeripheralKind(StrEnum):
@@ -116,9 +118,35 @@ class AuditEvent(_Closed):
     )
 
 
-Payload = Heartbeat | AuditEvent
+class CommandOutcome(StrEnum):
+    """What a terminal did with a `protocol.DeviceCommand`."""
 
-PAYLOAD_MODELS: dict[PayloadType, type[Heartbeat] | type[AuditEvent]] = {
+    APPLIED = "applied"
+    """Carried out (for `ping`: received and answered)."""
+    REJECTED = "rejected"
+    """Understood but refused: a kind this software cannot carry out yet, or arguments it does not accept."""
+    EXPIRED = "expired"
+    """Arrived after its `expires_at` by the terminal's clock; not carried out."""
+    FAILED = "failed"
+    """Tried and failed; `detail` says why (never with personal data)."""
+
+
+class CommandResult(_Closed):
+    """The terminal's one answer to one downlink command, sent through the outbox like any record (so it reaches the
+    server exactly once). A command redelivered after it was answered gets no second answer: the first one is
+    (re-)sent instead."""
+
+    type: Literal["command_result"] = "command_result"
+    command_id: uuid.UUID = Field(description="The command's idempotency key, as the server issued it.")
+    outcome: CommandOutcome = Field(description="applied, rejected, expired or failed.")
+    detail: str = Field(default="", max_length=200, description="Short reason or summary; no personal data.")
+    applied_at: AwareDatetime = Field(description="Terminal wall clock when the command was answered.")
+
+
+Payload = Heartbeat | AuditEvent | CommandResult
+
+PAYLOAD_MODELS: dict[PayloadType, type[Heartbeat] | type[AuditEvent] | type[CommandResult]] = {
     PayloadType.HEARTBEAT: Heartbeat,
     PayloadType.AUDIT_EVENT: AuditEvent,
+    PayloadType.COMMAND_RESULT: CommandResult,
 }

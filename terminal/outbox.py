@@ -12,6 +12,11 @@ Owns one SQLite file and the life of each record in it, as an explicit state mac
     Any PENDING, INFLIGHT or SENT row at or below the server's `acked_through_seq` becomes ACKED at once: the server
     has it, whatever our own bookkeeping says (an ack may overtake the PUBACK of the same record, or a re-send).
 
+It also owns `applied_commands`: every downlink command id this terminal ever answered, with its outcome and the seq of
+the `CommandResult` record that carries the answer. The answer row, the result record and any records the command
+produced are written in ONE transaction (`answer_command`), so "applied" and "result queued" can never diverge, and
+the table survives restarts (a trigger refuses deletes: a forgotten id could be carried out twice).
+
 The row id *is* the per-device sequence number `seq` (`INTEGER PRIMARY KEY AUTOINCREMENT`, so a pruned number is
 never handed out again), assigned in the same transaction that stores the record's envelope as JSON. One writer
 connection, guarded by a lock, in WAL mode with `synchronous=FULL`: a record `enqueue` returned is on disk. The disk
@@ -49,6 +54,8 @@ from protocol import (
     AuditEvent,
     AuditOutcome,
     Clock,
+    CommandOutcome,
+    CommandResult,
     ContractError,
     Envelope,
     Payload,
@@ -60,9 +67,10 @@ from terminal.errors import InvalidRecordError, OutboxError, OutboxFullError
 
 logger = logging.getLogger(__name__)
 
-OUTBOX_SCHEMA_VERSION: Final = 2
+OUTBOX_SCHEMA_VERSION: Final = 3
 """Stored in `PRAGMA user_version`; a file written by newer software is refused rather than guessed at. Version 1
-had no ACKED status; `_migrate_v1_to_v2` rebuilds such a file in place."""
+had no ACKED status (`_migrate_v1_to_v2` rebuilds such a file in place); version 2 had no `applied_commands`
+(`_migrate_v2_to_v3` adds it). Migrations run in order, each in its own transaction."""
 
 BUSY_TIMEOUT_MS: Final = 5000
 JOURNAL_SIZE_LIMIT_BYTES: Final = 4 * 1024 * 1024
@@ -157,6 +165,23 @@ BEGIN
 END;
 """
 
+_APPLIED_COMMANDS: Final = f"""
+CREATE TABLE applied_commands (
+    command_id  TEXT    PRIMARY KEY,
+    kind        TEXT    NOT NULL,
+    outcome     TEXT    NOT NULL CHECK (outcome IN ({_quoted(o.value for o in CommandOutcome)})),
+    detail      TEXT    NOT NULL,
+    result_seq  INTEGER NOT NULL,
+    answered_at REAL    NOT NULL
+) WITHOUT ROWID;
+CREATE TRIGGER applied_commands_are_never_forgotten BEFORE DELETE ON applied_commands
+BEGIN
+    SELECT RAISE(ABORT, 'an answered command id is never forgotten');
+END;
+"""
+"""Schema version 3: the command ids this terminal answered. Kept for the file's life: commands are few (an operator
+issues them), and forgetting one would let a redelivery carry it out a second time."""
+
 _SCHEMA: Final = (
     _TABLE_V2.format(name="outbox")
     + _INDEX_AND_TRIGGERS
@@ -164,6 +189,7 @@ _SCHEMA: Final = (
 CREATE TABLE outbox_counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
 INSERT INTO outbox_counter (name, value) VALUES ('sent_total', 0), ('acked_total', 0);
 """
+    + _APPLIED_COMMANDS
 )
 
 
@@ -189,6 +215,30 @@ class OutboxRow:
     attempts: int
     next_attempt_at: datetime
     last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandAnswer:
+    """What this terminal answered to one command id (one row of `applied_commands`)."""
+
+    command_id: uuid.UUID
+    kind: str
+    outcome: CommandOutcome
+    detail: str
+    result_seq: int
+    """Seq of the `CommandResult` record carrying the answer (pruned once the server acknowledged it)."""
+    answered_at: datetime
+
+
+class ResultDelivery(StrEnum):
+    """Where the stored answer of a redelivered command is, after `resend_command_result`."""
+
+    REQUEUED = "requeued"
+    """It had reached the broker but the server had not acknowledged it: published again now."""
+    UNDERWAY = "underway"
+    """Still pending or in flight: it goes out with the next batch anyway."""
+    STORED_ON_SERVER = "stored_on_server"
+    """The server acknowledged it (ACKED, or pruned after that): nothing to send."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,8 +364,12 @@ class Outbox:
                 for statement in _split_sql(_SCHEMA):
                     tx.execute(statement)
                 tx.execute(f"PRAGMA user_version = {OUTBOX_SCHEMA_VERSION}")
-        elif version == 1:
-            self._migrate_v1_to_v2(path)
+        else:
+            if version == 1:
+                self._migrate_v1_to_v2(path)
+                version = 2
+            if version == 2:
+                self._migrate_v2_to_v3(path)
 
     def _migrate_v1_to_v2(self, path: Path) -> None:
         """Version 1 had no ACKED status, and SQLite cannot alter a CHECK constraint: rebuild the table.
@@ -340,8 +394,17 @@ class Outbox:
             for statement in _split_sql(_INDEX_AND_TRIGGERS):
                 tx.execute(statement)
             tx.execute("INSERT OR IGNORE INTO outbox_counter (name, value) VALUES ('acked_total', 0)")
-            tx.execute(f"PRAGMA user_version = {OUTBOX_SCHEMA_VERSION}")
-        logger.info("outbox %s: migrated schema 1 -> %d (%d record(s) kept)", path, OUTBOX_SCHEMA_VERSION, rows)
+            tx.execute("PRAGMA user_version = 2")
+        logger.info("outbox %s: migrated schema 1 -> 2 (%d record(s) kept)", path, rows)
+
+    def _migrate_v2_to_v3(self, path: Path) -> None:
+        """Version 2 had no memory of downlink commands: add `applied_commands` (empty: a v2 terminal never carried
+        out a command) in one immediate transaction; records and their statuses are untouched."""
+        with self._transaction() as tx:
+            for statement in _split_sql(_APPLIED_COMMANDS):
+                tx.execute(statement)
+            tx.execute("PRAGMA user_version = 3")
+        logger.info("outbox %s: migrated schema 2 -> 3 (applied_commands added)", path)
 
     def _recover_inflight(self) -> None:
         """A previous process died between claim and ack: its INFLIGHT rows may or may not have reached the broker,
@@ -481,6 +544,111 @@ class Outbox:
             rows,
         )
         return envelopes
+
+    # ------------------------------------------------------------------ answering commands
+
+    def command_answer(self, command_id: uuid.UUID) -> CommandAnswer | None:
+        """The answer this terminal already gave to `command_id`, or None if it never answered it."""
+        with self._lock, self._translated("look up a command answer"):
+            row = (
+                self._require_conn()
+                .execute(
+                    "SELECT kind, outcome, detail, result_seq, answered_at FROM applied_commands WHERE command_id = ?",
+                    (str(command_id),),
+                )
+                .fetchone()
+            )
+        if row is None:
+            return None
+        kind, outcome, detail, result_seq, answered_at = row
+        return CommandAnswer(
+            command_id=command_id,
+            kind=str(kind),
+            outcome=CommandOutcome(outcome),
+            detail=str(detail),
+            result_seq=int(result_seq),
+            answered_at=datetime.fromtimestamp(float(answered_at), UTC),
+        )
+
+    def answer_command(
+        self, *, kind: str, result: CommandResult, records: Sequence[Payload] = ()
+    ) -> tuple[CommandAnswer, list[Envelope]]:
+        """Remember the answer to `result.command_id` and queue `records` (what the command produced) followed by the
+        `CommandResult` itself, all in ONE transaction: either the id is remembered and its answer is on its way, or
+        neither. Raises `OutboxError` if the id was already answered (the caller checks `command_answer` first; the
+        primary key makes a second answer impossible anyway) and `OutboxFullError` when there is no room even after
+        pruning acknowledged rows (then nothing is remembered, and a redelivery will try again)."""
+        payloads: list[Payload] = [*records, result]
+        with self._lock:
+            try:
+                envelopes = self._answer_locked(kind, result, payloads)
+            except OutboxFullError:
+                self._prune_locked(before_ts=None)
+                envelopes = self._answer_locked(kind, result, payloads)
+        self._work.set()
+        answer = CommandAnswer(
+            command_id=result.command_id,
+            kind=kind,
+            outcome=result.outcome,
+            detail=result.detail,
+            result_seq=envelopes[-1].seq,
+            answered_at=result.applied_at,
+        )
+        return answer, envelopes
+
+    def _answer_locked(self, kind: str, result: CommandResult, payloads: Sequence[Payload]) -> list[Envelope]:
+        with self._translated("answer a command"), self._transaction(new_records=True) as tx:
+            envelopes = self._insert_in(tx, payloads)
+            tx.execute(
+                "INSERT INTO applied_commands (command_id, kind, outcome, detail, result_seq, answered_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    str(result.command_id),
+                    kind,
+                    result.outcome.value,
+                    result.detail,
+                    envelopes[-1].seq,
+                    result.applied_at.timestamp(),
+                ),
+            )
+            return envelopes
+
+    def resend_command_result(self, result_seq: int) -> ResultDelivery:
+        """A command was delivered again: the server has not seen our answer yet (or the two crossed). Send the SAME
+        record again (same seq and message_id, so the server stores it once) if it only reached the broker."""
+        now = self._now_ts()
+        with self._lock, self._translated("re-send a command result"), self._transaction() as tx:
+            row = tx.execute("SELECT status FROM outbox WHERE seq = ?", (result_seq,)).fetchone()
+            if row is None or row[0] == OutboxStatus.ACKED.value:
+                return ResultDelivery.STORED_ON_SERVER  # only ACKED rows are ever deleted
+            if row[0] != OutboxStatus.SENT.value:
+                return ResultDelivery.UNDERWAY
+            tx.execute(
+                "UPDATE outbox SET status = 'pending', attempts = attempts + 1, claimed_at = NULL,"
+                " next_attempt_at = ?, last_error = ? WHERE seq = ? AND status = 'sent'",
+                (now, "command delivered again", result_seq),
+            )
+        self._work.set()
+        return ResultDelivery.REQUEUED
+
+    def answered_commands(self) -> int:
+        """How many command ids this outbox file has answered over its life."""
+        with self._lock, self._translated("count command answers"):
+            return int(self._require_conn().execute("SELECT count(*) FROM applied_commands").fetchone()[0])
+
+    def created_since(self, since: datetime) -> dict[str, int]:
+        """Held records created at or after `since`, counted by payload type (acknowledged rows pruned earlier are not
+        counted). No payloads are read."""
+        with self._lock, self._translated("count recent records"):
+            rows = (
+                self._require_conn()
+                .execute(
+                    "SELECT payload_type, count(*) FROM outbox WHERE created_at >= ? GROUP BY payload_type",
+                    (since.timestamp(),),
+                )
+                .fetchall()
+            )
+        return {str(kind): int(n) for kind, n in rows}
 
     # ------------------------------------------------------------------ delivering records
 

@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from drivers.peripherals import Peripheral
 from protocol import AuditEvent, AuditOutcome, Clock, Envelope, Heartbeat, SystemClock, Topics
 from protocol.payloads import AuditDetailValue
+from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
 from terminal.errors import InvalidRecordError, OutboxFullError
 from terminal.health import PeripheralWatch, compose_heartbeat
@@ -133,7 +134,11 @@ def build_runtime(
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
     try:
         topics = Topics(prefix=config.mqtt.topic_prefix)
-        downlink = DownlinkReceiver(outbox, device_id=config.device_id, topics=topics)
+        facts = TerminalFacts(software_version=config.software_version, config_version=config.config_version)
+        commands = CommandApplier(
+            outbox, device_id=config.device_id, clock=clock, handlers=default_handlers(outbox, facts, clock)
+        )
+        downlink = DownlinkReceiver(outbox, device_id=config.device_id, topics=topics, commands=commands)
         if link is None:
             link = MqttUplink(
                 config.mqtt,

@@ -12,9 +12,11 @@ Owns four things:
   broker PUBACKed, release the rest; and, about once a second, put SENT records the server never acknowledged back
   to PENDING (`Outbox.requeue_unacked`). Offline it sleeps on the connection event instead of spinning.
 * `DownlinkReceiver` — the worker thread that drains downlink messages: decodes each with
-  `protocol.decode_downlink`, refuses (counts, logs once) a malformed one or one for another device, and applies the
-  highest `uplink_ack` of what is waiting with `Outbox.mark_acked_through`. An ack may overtake the PUBACK of the
-  same records; the outbox's transition table lets INFLIGHT (and PENDING) rows become ACKED directly. An ack beyond
+  `protocol.decode_downlink`, refuses (counts, logs once) a malformed one or one for another device, hands each
+  `protocol.DeviceCommand` to the `terminal.commands.CommandApplier` (once per command id, answered through the
+  outbox), and applies the highest `uplink_ack` of what is waiting with `Outbox.mark_acked_through`. An ack may
+  overtake the PUBACK of the same records; the outbox's transition table lets INFLIGHT (and PENDING) rows become
+  ACKED directly. An ack beyond
   the highest seq this outbox ever assigned is refused: the server then holds records under our id that we never
   made (a replaced outbox file, a cloned device id), and applying it would drop records it does not have.
 * `HeartbeatTimer` — enqueues a `protocol.Heartbeat` through the outbox every interval and prunes acknowledged rows.
@@ -57,6 +59,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from protocol import (
     Clock,
     ContractError,
+    DeviceCommand,
     DeviceStatusMessage,
     Envelope,
     Heartbeat,
@@ -64,6 +67,7 @@ from protocol import (
     Topics,
     decode_downlink,
 )
+from terminal.commands import CommandApplier, Disposition
 from terminal.config import MqttConfig
 from terminal.errors import NotConnectedError, OutboxError, OutboxFullError, PublishError, SyncError
 from terminal.outbox import ClaimedRecord, Outbox
@@ -590,13 +594,23 @@ class DownlinkStats:
     """Messages dropped because the queue was full (a later cumulative ack makes up for them)."""
     highest_ack: int
     """The highest acked_through_seq received so far in this run."""
+    commands_answered: int = 0
+    """Commands carried out (or answered rejected/expired) for the first time in this run."""
+    commands_redelivered: int = 0
+    """Commands delivered again after they were answered: not carried out again."""
 
 
 class DownlinkReceiver:
     """Drains the device's downlink topic on its own thread and applies the server's acks to the outbox."""
 
-    def __init__(self, outbox: Outbox, *, device_id: str, topics: Topics) -> None:
+    def __init__(
+        self, outbox: Outbox, *, device_id: str, topics: Topics, commands: CommandApplier | None = None
+    ) -> None:
+        """Without `commands`, every command is refused (counted, logged once) and left unanswered."""
         self._outbox = outbox
+        self._commands = commands
+        self._commands_answered = 0
+        self._commands_redelivered = 0
         self._device_id = device_id
         self._topic = topics.downlink(device_id)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=MAX_DOWNLINK_QUEUE)
@@ -634,7 +648,15 @@ class DownlinkReceiver:
 
     def stats(self) -> DownlinkStats:
         with self._lock:
-            return DownlinkStats(self._received, self._applied, self._refused, self._dropped, self._highest_ack)
+            return DownlinkStats(
+                self._received,
+                self._applied,
+                self._refused,
+                self._dropped,
+                self._highest_ack,
+                self._commands_answered,
+                self._commands_redelivered,
+            )
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -652,10 +674,12 @@ class DownlinkReceiver:
                 logger.exception("downlink: unexpected error")
 
     def process(self, messages: Sequence[tuple[str, bytes]]) -> int:
-        """Decode `messages` and apply the highest valid ack among them; returns the records that became ACKED.
+        """Decode `messages`, carry out the commands among them in order, and apply the highest valid ack among them;
+        returns the records that became ACKED.
 
         Public so tests can drive it without a broker."""
         highest = 0
+        commands: list[DeviceCommand] = []
         for topic, payload in messages:
             with self._lock:
                 self._received += 1
@@ -664,11 +688,18 @@ class DownlinkReceiver:
                     raise ContractError("not this device's downlink topic")
                 message = decode_downlink(payload)
                 if message.device_id != self._device_id:
-                    raise ContractError("ack names another device")
+                    raise ContractError(f"{message.type} names another device")
+                if isinstance(message, DeviceCommand) and self._commands is None:
+                    raise ContractError("this terminal carries out no commands")
             except ContractError as exc:
                 self._refuse(topic, len(payload), str(exc))
                 continue
-            highest = max(highest, message.acked_through_seq)
+            if isinstance(message, DeviceCommand):
+                commands.append(message)
+            else:
+                highest = max(highest, message.acked_through_seq)
+        for command in commands:
+            self._carry_out(command)
         if highest == 0:
             return 0
         try:
@@ -694,6 +725,21 @@ class DownlinkReceiver:
             with self._lock:
                 self._applied += 1
         return moved
+
+    def _carry_out(self, command: DeviceCommand) -> None:
+        if self._commands is None:
+            return
+        try:
+            disposition = self._commands.apply(command)
+        except OutboxError as exc:
+            # Nothing was remembered: the server re-publishes the command (on reconnect or after its interval).
+            logger.error("downlink: could not record the answer to command %s: %s", command.command_id, exc)
+            return
+        with self._lock:
+            if disposition is Disposition.ANSWERED:
+                self._commands_answered += 1
+            elif disposition is Disposition.REDELIVERED:
+                self._commands_redelivered += 1
 
     def _refuse(self, topic: str, size: int, reason: str) -> None:
         with self._lock:

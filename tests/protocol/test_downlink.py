@@ -37,7 +37,9 @@ def test_uplink_ack_round_trip() -> None:
 
 
 def test_nothing_stored_yet_is_ack_zero() -> None:
-    assert decode_downlink(json.dumps(ack_doc(acked_through_seq=0)).encode()).acked_through_seq == 0
+    decoded = decode_downlink(json.dumps(ack_doc(acked_through_seq=0)).encode())
+    assert isinstance(decoded, UplinkAck)
+    assert decoded.acked_through_seq == 0
 
 
 @pytest.mark.parametrize(

@@ -145,6 +145,8 @@ class AckListener:
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         ack = decode_downlink(bytes(message.payload))
+        if not isinstance(ack, UplinkAck):
+            return  # commands share the topic; this listener counts acks
         assert message.topic == TOPICS.downlink(ack.device_id)
         with self._lock:
             self._acks.append(ack)

@@ -119,7 +119,7 @@ def test_database_refuses_illegal_transitions_and_deleting_undelivered(tmp_path:
 def test_pragmas_and_schema_version(tmp_path: Path, outbox: Outbox) -> None:
     with raw_db(tmp_path / "outbox.sqlite3") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         sql = db.execute("SELECT sql FROM sqlite_master WHERE name = 'outbox'").fetchone()[0]
         assert "INTEGER PRIMARY KEY AUTOINCREMENT" in sql
 
@@ -301,7 +301,7 @@ def test_version_1_file_is_migrated_keeping_every_row_and_the_sequence(tmp_path:
         assert [r.seq for r in outbox.claim()] == [4, 5, 7]
         assert outbox.integrity_check() == ["ok"]
     with raw_db(path) as db:
-        assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert db.execute("PRAGMA user_version").fetchone()[0] == 3
         stored = dict(db.execute("SELECT seq, envelope FROM outbox WHERE seq IN (2, 3, 4, 5)").fetchall())
         assert stored == texts, "envelopes kept byte for byte"
         names = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('trigger', 'index', 'table')")}
