@@ -8,19 +8,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
+import queue
+import subprocess
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from protocol import AuditEvent, AuditOutcome, SystemClock
+from protocol import AuditEvent, AuditOutcome, SystemClock, Topics
 from terminal.config import OutboxConfig
 from terminal.outbox import Outbox
+from yibao.procs import spawn, stop, yibao_argv
+
+if TYPE_CHECKING:
+    from hardware_sim.fleet import Fleet
 
 
 def machine() -> dict[str, Any]:
@@ -167,3 +177,388 @@ def _bench_pure_gmssl(key: Any, message: bytes, seconds: float) -> dict[str, Any
         ),
         "pure_gmssl_sm2_verify_per_s": round(_rate(lambda: crypt.verify_with_sm3(signature, message), seconds), 1),
     }
+
+
+# ---------------------------------------------------------------------- sync throughput and fleet
+
+
+@dataclass(frozen=True)
+class SyncBenchOptions:
+    terminals: int
+    events: int
+    database_url: str | None = None
+    """None: SQLite in the run's temp dir. A PostgreSQL URL names a server where we may CREATE DATABASE: the run
+    gets a fresh database there and drops it afterwards."""
+    duration_s: float = 300.0
+    """Upper bound on waiting for every record to be stored (the run stops by itself then, reporting `lost`)."""
+    hold_s: float = 0.0
+    """After the records are stored (or with --events 0), keep the fleet connected this long to count heartbeats."""
+    heartbeat_interval_s: float = 30.0
+    network_threads: int = 2
+    connect_timeout_s: float = 120.0
+    ceiling: bool = False
+    """Instead of the server, a bare paho subscriber COPYing the same payloads into PostgreSQL (the ceiling)."""
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """utime + stime of `pid` in seconds, from /proc/PID/stat (0.0 if unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _utc(value: Any) -> datetime:
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if not isinstance(value, datetime):
+        raise TypeError(f"not a timestamp: {value!r}")
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, round(q * (len(sorted_values) - 1)))]
+
+
+@contextlib.contextmanager
+def _bench_database(url: str | None, workdir: Path) -> Iterator[str]:
+    """The database URL for one run: SQLite in `workdir`, or a fresh PostgreSQL database dropped afterwards."""
+    if url is None:
+        yield f"sqlite:///{workdir / 'server.sqlite3'}"
+        return
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    admin_url = make_url(url)
+    if not admin_url.get_backend_name().startswith("postgresql"):
+        yield url
+        return
+    name = f"yibao_bench_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        try:
+            yield admin_url.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        admin.dispose()
+
+
+class _Sampler:
+    """Once a second: terminals connected (fleet side and the server's devices_online) and a CPU snapshot."""
+
+    def __init__(self, fleet: Fleet, base_url: str | None) -> None:
+        self._fleet = fleet
+        self._base_url = base_url
+        self._stop = threading.Event()
+        self.fleet_connected_peak = 0
+        self.server_online_peak = 0
+        self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10.0)
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self.sample()
+
+    def sample(self) -> None:
+        import httpx
+
+        self.fleet_connected_peak = max(self.fleet_connected_peak, self._fleet.connected())
+        if self._base_url is None:
+            return
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            body = httpx.get(f"{self._base_url}/api/v1/ingest/stats", timeout=10.0).json()
+            self.server_online_peak = max(self.server_online_peak, int(body["database"]["devices_online"]))
+
+
+def bench_sync(options: SyncBenchOptions) -> str:
+    """Broker + server (child process) + fleet on loopback; every terminal enqueues events/terminals audit records."""
+    from hardware_sim.fleet import FDS_PER_TERMINAL, Fleet, FleetOptions, raise_open_file_limit
+    from yibao.broker import MosquittoBroker, free_port
+
+    per_terminal = options.events // options.terminals if options.terminals else 0
+    total = per_terminal * options.terminals
+    nofile = raise_open_file_limit(options.terminals * FDS_PER_TERMINAL + 4096)
+    # One start/stop line per terminal is noise at fleet scale; warnings and errors still show.
+    logging.getLogger("terminal.runtime").setLevel(logging.WARNING)
+    figures: dict[str, Any] = {"bench": "sync_ceiling" if options.ceiling else "sync"}
+    with tempfile.TemporaryDirectory(prefix="yibao-bench-sync-") as tmp:
+        workdir = Path(tmp)
+        with _bench_database(options.database_url, workdir) as database_url:
+            broker = MosquittoBroker(workdir=workdir / "mosquitto", max_queued_messages=1_000_000)
+            broker.start()
+            server: subprocess.Popen[bytes] | None = None
+            ceiling: _CeilingSubscriber | None = None
+            fleet: Fleet | None = None
+            try:
+                base_url: str | None = None
+                if options.ceiling:
+                    ceiling = _CeilingSubscriber(broker.host, broker.port, database_url)
+                    ceiling.start()
+                else:
+                    http_port = free_port()
+                    base_url = f"http://127.0.0.1:{http_port}"
+                    server = start_server_child(database_url, http_port, broker, workdir)
+                fleet = Fleet(
+                    FleetOptions(
+                        terminals=options.terminals,
+                        broker_host=broker.host,
+                        broker_port=broker.port,
+                        workdir=workdir / "fleet",
+                        heartbeat_interval_s=options.heartbeat_interval_s,
+                        network_threads=options.network_threads,
+                    )
+                )
+                sampler = _Sampler(fleet, base_url)
+                sampler.start()
+                t_start = time.monotonic()
+                fleet.start()
+                connected = fleet.wait_connected(options.connect_timeout_s)
+                connect_s = time.monotonic() - t_start
+                sampler.sample()
+                pids = {"server": server.pid if server else None, "broker": broker.pid, "fleet": os.getpid()}
+                cpu0 = {name: _proc_cpu_s(pid) for name, pid in pids.items() if pid is not None}
+                if ceiling is not None:
+                    cpu0["ceiling_subscriber"] = cpu0["fleet"]
+                t0 = time.monotonic()
+                wall0 = datetime.now(UTC)
+                fleet.enqueue_audits(per_terminal, action="bench.record")
+                enqueue_s = time.monotonic() - t0
+                stored_now = _wait_stored(options, database_url, total, t0, ceiling)
+                drain_s = time.monotonic() - t0
+                sampler.sample()
+                cpu1 = {name: _proc_cpu_s(pid) for name, pid in pids.items() if pid is not None}
+                hold_from = datetime.now(UTC)
+                if options.hold_s > 0:
+                    time.sleep(options.hold_s)
+                hold_to = datetime.now(UTC)
+                sampler.stop()
+                figures |= {
+                    "terminals": options.terminals,
+                    "events": total,
+                    "connected_after_start": connected,
+                    "connect_s": round(connect_s, 1),
+                    "enqueue_s": round(enqueue_s, 2),
+                    "drain_s": round(drain_s, 2),
+                    "stored_seen": stored_now,
+                }
+                if ceiling is not None:
+                    figures |= ceiling.figures(total, wall0)
+                else:
+                    figures |= read_sync_results(database_url, total, wall0, hold_from, hold_to)
+                    figures["connected_peak"] = sampler.server_online_peak
+                figures["fleet_connected_peak"] = sampler.fleet_connected_peak
+                busy = {name: round(cpu1[name] - cpu0[name], 2) for name in cpu1}
+                figures["cpu_s_during_drain"] = busy
+                figures["cpu_share_of_2_cores"] = {
+                    name: round(value / max(drain_s, 1e-9) / (os.cpu_count() or 1), 2) for name, value in busy.items()
+                }
+                stored = int(figures.get("stored", 0))
+                if server is not None and stored:
+                    figures["ingest_cpu_s_per_1000"] = round(busy["server"] / (stored / 1000), 3)
+            finally:
+                if fleet is not None:
+                    fleet.stop()
+                if ceiling is not None:
+                    ceiling.stop()
+                if server is not None:
+                    stop(server, name="server")
+                broker.stop()
+    figures |= {
+        "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
+        "encryption": "none (SM4-GCM comes with device identity)",
+        "open_files_limit": nofile[0],
+        "machine": machine(),
+    }
+    return json.dumps(figures)
+
+
+def start_server_child(database_url: str, http_port: int, broker: Any, workdir: Path) -> subprocess.Popen[bytes]:
+    import httpx
+
+    server = spawn(
+        yibao_argv(
+            "server",
+            "run",
+            "--database-url",
+            database_url,
+            "--http-port",
+            str(http_port),
+            "--mqtt-host",
+            broker.host,
+            "--mqtt-port",
+            str(broker.port),
+        ),
+        log_path=workdir / "server.log",
+    )
+    deadline = time.monotonic() + 60.0
+    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=2.0) as http:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with {server.returncode}")
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                if http.get("/healthz").json().get("mqtt") == "connected":
+                    return server
+            time.sleep(0.2)
+    stop(server, name="server")
+    raise RuntimeError("the server did not become healthy within 60 s")
+
+
+def _count_stored(database_url: str) -> int:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return int(
+                conn.execute(text("SELECT count(*) FROM events WHERE payload_type = 'audit_event'")).scalar_one()
+            )
+    finally:
+        engine.dispose()
+
+
+def _wait_stored(
+    options: SyncBenchOptions, database_url: str, total: int, t0: float, ceiling: _CeilingSubscriber | None
+) -> int:
+    """Poll (read-only, once a second) until `total` records are stored or `duration_s` passed since `t0`."""
+    stored = 0
+    while time.monotonic() - t0 < options.duration_s:
+        stored = ceiling.copied if ceiling is not None else _count_stored(database_url)
+        if stored >= total:
+            break
+        time.sleep(0.5)
+    return stored
+
+
+def read_sync_results(
+    database_url: str, total: int, wall0: datetime, hold_from: datetime, hold_to: datetime
+) -> dict[str, Any]:
+    """After the run, read the stored records read-only: exactly-once accounting, latency, throughput, heartbeats."""
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT device_id, device_time, received_at, payload FROM events WHERE payload_type = 'audit_event'"
+                )
+            ).all()
+            beats = conn.execute(
+                text("SELECT received_at FROM events WHERE payload_type = 'heartbeat' AND received_at >= :t0"),
+                {"t0": wall0.replace(tzinfo=None) if database_url.startswith("sqlite") else wall0},
+            ).all()
+    finally:
+        engine.dispose()
+    seen: set[tuple[str, int]] = set()
+    duplicated = 0
+    latencies: list[float] = []
+    first_enqueue: datetime | None = None
+    last_stored: datetime | None = None
+    for device_id, device_time, received_at, payload in rows:
+        body = json.loads(payload) if isinstance(payload, str) else payload
+        key = (str(device_id), int(body["detail"]["n"]))
+        if key in seen:
+            duplicated += 1
+        seen.add(key)
+        sent, got = _utc(device_time), _utc(received_at)
+        latencies.append((got - sent).total_seconds() * 1000)
+        first_enqueue = sent if first_enqueue is None else min(first_enqueue, sent)
+        last_stored = got if last_stored is None else max(last_stored, got)
+    latencies.sort()
+    span = (last_stored - first_enqueue).total_seconds() if first_enqueue and last_stored else 0.0
+    beat_times = [_utc(b[0]) for b in beats]
+    in_hold = sum(1 for t in beat_times if hold_from <= t <= hold_to)
+    hold_s = (hold_to - hold_from).total_seconds()
+    return {
+        "stored": len(seen),
+        "lost": total - len(seen),
+        "duplicated": duplicated,
+        "records_per_s": round(len(seen) / span, 1) if span > 0 else 0.0,
+        "p50_ms": round(_percentile(latencies, 0.50), 1),
+        "p99_ms": round(_percentile(latencies, 0.99), 1),
+        "heartbeats_received": len(beat_times),
+        "heartbeats_per_s_while_holding": round(in_hold / hold_s, 1) if hold_s > 0 else None,
+        "hold_s": round(hold_s, 1),
+    }
+
+
+class _CeilingSubscriber:
+    """The ceiling: a bare paho subscriber on every uplink topic COPYing the raw payloads into PostgreSQL.
+
+    No decoding, no validation, no per-device acks, PUBACK on receipt (not after the commit): what the hardware and
+    the libraries allow at best, so our server's figure can be read as a fraction of it."""
+
+    def __init__(self, host: str, port: int, database_url: str) -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        if not database_url.startswith("postgresql"):
+            raise ValueError("--ceiling needs a PostgreSQL --database-url (it measures COPY)")
+        self._dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+        self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
+        self._stop = threading.Event()
+        self.copied = 0
+        self.last_copy: datetime | None = None
+        self._topics = Topics()
+        client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-ceiling")
+        client.on_connect = lambda c, u, f, rc, p: c.subscribe(self._topics.all_uplinks, qos=1)
+        client.on_message = lambda c, u, m: self._inbox.put((m.topic, bytes(m.payload)))
+        client.max_inflight_messages_set(1000)
+        self._client = client
+        self._host, self._port = host, port
+        self._writer = threading.Thread(target=self._run, name="bench-ceiling-copy", daemon=True)
+
+    def start(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._dsn) as conn:
+            conn.execute("CREATE TABLE ceiling_events (device_id text NOT NULL, payload text NOT NULL)")
+        self._writer.start()
+        self._client.connect(self._host, self._port)
+        self._client.loop_start()
+        time.sleep(0.5)  # the SUBACK; loopback answers within milliseconds
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._stop.set()
+        self._writer.join(10.0)
+
+    def _run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self._dsn) as conn:
+            while not self._stop.is_set():
+                try:
+                    batch = [self._inbox.get(timeout=0.05)]
+                except queue.Empty:
+                    continue
+                with contextlib.suppress(queue.Empty):
+                    while len(batch) < 500:
+                        batch.append(self._inbox.get_nowait())
+                with conn.cursor() as cur, cur.copy("COPY ceiling_events (device_id, payload) FROM STDIN") as copy:
+                    for topic, payload in batch:
+                        copy.write_row((self._topics.device_of(topic) or "", payload.decode("utf-8")))
+                conn.commit()
+                self.copied += sum(1 for _t, p in batch if b'"audit_event"' in p)
+                self.last_copy = datetime.now(UTC)
+
+    def figures(self, total: int, wall0: datetime) -> dict[str, Any]:
+        span = (self.last_copy - wall0).total_seconds() if self.last_copy else 0.0
+        return {
+            "stored": min(self.copied, total),
+            "records_per_s": round(self.copied / span, 1) if span > 0 else 0.0,
+        }

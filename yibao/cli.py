@@ -306,5 +306,44 @@ def bench_crypto(
     print(run(seconds=seconds))
 
 
+@bench_app.command("sync")
+def bench_sync(
+    terminals: Annotated[int, typer.Option(min=1, help="Simulated terminals in the fleet (one process).")] = 50,
+    events: Annotated[int, typer.Option(min=0, help="Audit records in total, split evenly over terminals.")] = 10_000,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Default: SQLite in the run's temp dir. A PostgreSQL URL names a server where the run may CREATE "
+            "DATABASE: it gets a fresh database and drops it afterwards."
+        ),
+    ] = None,
+    duration_s: Annotated[float, typer.Option(min=1, help="Longest wait for every record to be stored.")] = 300.0,
+    hold_s: Annotated[float, typer.Option(min=0, help="Then keep the fleet connected this long (heartbeats).")] = 0.0,
+    heartbeat_interval_s: Annotated[float, typer.Option(min=0.1, help="Each terminal's heartbeat interval.")] = 30.0,
+    network_threads: Annotated[int, typer.Option(min=1, help="Fleet threads driving all MQTT clients.")] = 2,
+    ceiling: Annotated[
+        bool, typer.Option(help="Replace the server by a bare paho subscriber COPYing payloads into PostgreSQL.")
+    ] = False,
+) -> None:
+    """End-to-end sync: private Mosquitto, `yibao server run` as a child, a fleet of terminals; one JSON line."""
+    from yibao.bench import SyncBenchOptions
+    from yibao.bench import bench_sync as run
+
+    print(
+        run(
+            SyncBenchOptions(
+                terminals=terminals,
+                events=events,
+                database_url=database_url,
+                duration_s=duration_s,
+                hold_s=hold_s,
+                heartbeat_interval_s=heartbeat_interval_s,
+                network_threads=network_threads,
+                ceiling=ceiling,
+            )
+        )
+    )
+
+
 def main() -> None:
     app()

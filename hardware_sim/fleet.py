@@ -1,0 +1,579 @@
+"""A fleet of simulated terminals in one process: the real terminal core, many MQTT sessions, a few network threads.
+
+Owns `Fleet` (M terminals, each built by `terminal.runtime.build_runtime` with its own SQLite outbox in a work dir,
+its own heartbeat timer, delivery loop and downlink receiver, and simulated peripherals) and the transport that lets
+thousands of them share two cores: `FleetLink`, an implementation of `terminal.sync.UplinkLink` whose paho client has
+NO network thread of its own, and `FleetNetwork`, a handful of threads that drive all the clients through paho's
+external-loop API (`on_socket_open/close/register_write` callbacks, `loop_read`, `loop_write`, `loop_misc`) over one
+`selectors` selector per thread. Each link still has what a kiosk's `MqttUplink` has: a unique client id (the device
+id), MQTT 5 with a persistent session (`clean_start=False`, session expiry), a retained last will 'offline', a
+retained 'online' on every connect, a QoS 1 downlink subscription feeding the terminal's `DownlinkReceiver`, and
+PUBACKs correlated per published record (paho's `MQTTMessageInfo`, never a bare `mid`).
+
+Socket IO happens only on the owning network thread: `publish()` queues inside paho and wakes that thread, which
+writes. paho's `_packet_write` takes no lock, so two writers on one client would interleave bytes.
+
+It must never be imported by production code (it is a simulator), never re-implement what the terminal core does
+(outbox, delivery, acks, heartbeats all come from `terminal`), never talk to anything but the broker it is given,
+and never log payloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import selectors
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage, MQTTMessageInfo
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from drivers.peripherals import Peripheral
+from hardware_sim.peripherals import simulated_peripherals
+from protocol import AuditEvent, AuditOutcome, DeviceStatusMessage, LinkState, SystemClock, Topics
+from terminal.config import HeartbeatConfig, MqttConfig, OutboxConfig, TerminalConfig
+from terminal.errors import NotConnectedError, PublishError
+from terminal.runtime import TerminalRuntime, build_runtime
+from terminal.sync import SESSION_EXPIRY_S, Delivery, DeliveryState, PublishTicket
+
+logger = logging.getLogger(__name__)
+
+FDS_PER_TERMINAL: Final = 6
+"""One MQTT socket plus the outbox's SQLite database, WAL and shared-memory files, with a margin."""
+MISC_INTERVAL_S: Final = 1.0
+"""How often each network thread runs paho's keep-alive bookkeeping and due reconnects for all its clients."""
+RECONNECT_MIN_S: Final = 1.0
+RECONNECT_MAX_S: Final = 30.0
+CLOSE_TIMEOUT_S: Final = 5.0
+
+_connect_properties: Callable[[int], Properties] = Properties
+"""paho's `Properties.__init__(packetType)` is unannotated; this alias states the signature it has."""
+
+
+def raise_open_file_limit(wanted: int) -> tuple[int, int]:
+    """Raise this process's soft RLIMIT_NOFILE towards `wanted` (never above the hard limit); returns (soft, hard).
+
+    Children started afterwards (Mosquitto, the server) inherit the raised limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return soft, hard
+
+
+# ---------------------------------------------------------------------- the link
+
+
+class _FleetTicket:
+    def __init__(self, info: MQTTMessageInfo, link: FleetLink) -> None:
+        self._info = info
+        self._link = link
+
+    def poll(self) -> Delivery:
+        try:
+            published = self._info.is_published()
+        except ValueError:
+            return Delivery(DeliveryState.FAILED, "client queue full")
+        except RuntimeError:
+            if self._info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
+                return Delivery(DeliveryState.LINK_DOWN, "not connected")
+            return Delivery(DeliveryState.FAILED, f"publish failed: {MQTTErrorCode(self._info.rc).name}")
+        if not published:
+            return Delivery(DeliveryState.WAITING)
+        refusal = self._link.take_refusal(self._info.mid)
+        if refusal is not None:
+            return Delivery(DeliveryState.REJECTED, f"rejected by broker: {refusal}")
+        return Delivery(DeliveryState.ACKED)
+
+    def wait(self, timeout_s: float) -> Delivery:
+        with contextlib.suppress(ValueError, RuntimeError):  # poll() classifies the same condition
+            self._info.wait_for_publish(max(0.0, timeout_s))
+        return self.poll()
+
+
+class FleetLink:
+    """One terminal's MQTT session, driven by a `FleetNetwork` thread instead of its own (a `UplinkLink`)."""
+
+    def __init__(
+        self,
+        config: MqttConfig,
+        *,
+        device_id: str,
+        boot_id: uuid.UUID,
+        network: FleetNetwork,
+        inflight_window: int,
+    ) -> None:
+        self.device_id = device_id
+        self._config = config
+        self._boot_id = boot_id
+        self._network = network
+        self._clock = SystemClock()
+        topics = Topics(prefix=config.topic_prefix)
+        self._status_topic = topics.status(device_id)
+        self._downlink_topic = topics.downlink(device_id)
+        self._downlink_sink: Callable[[str, bytes], None] | None = None
+        self._connected = threading.Event()
+        self._gone = threading.Event()
+        self._refusals: dict[int, str] = {}
+        self._refusals_lock = threading.Lock()
+        self.closing = False
+        self.started = False
+        self.connects = 0
+        self.reconnect_due = 0.0
+        self.reconnect_delay_s = RECONNECT_MIN_S
+
+        client = Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=device_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        client.will_set(self._status_topic, self._status(LinkState.OFFLINE, stamped=False), qos=1, retain=True)
+        client.max_inflight_messages_set(inflight_window)
+        client.max_queued_messages_set(inflight_window * 4)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_message = self._on_message
+        client.on_socket_open = network.socket_opened
+        client.on_socket_close = network.socket_closed
+        client.on_socket_register_write = network.write_wanted
+        client.user_data_set(self)
+        self.client = client
+
+    def attach_downlink(self, sink: Callable[[str, bytes], None]) -> None:
+        """Where downlink messages go (the terminal's `DownlinkReceiver.offer`); set before `start()`."""
+        self._downlink_sink = sink
+
+    # -- UplinkLink
+
+    def start(self) -> None:
+        if self.started:
+            return
+        properties = _connect_properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        self.client.connect_async(
+            self._config.host,
+            self._config.port,
+            keepalive=self._config.keepalive_s,
+            clean_start=False,
+            properties=properties,
+        )
+        self.started = True
+        self._network.attach(self)
+
+    def close(self) -> None:
+        if not self.started or self.closing:
+            return
+        self.closing = True
+        if self._connected.is_set():
+            with contextlib.suppress(ValueError, RuntimeError):
+                info = self.client.publish(
+                    self._status_topic, self._status(LinkState.OFFLINE, stamped=True), qos=1, retain=True
+                )
+                self._network.write_wanted(self.client, self, None)
+                info.wait_for_publish(CLOSE_TIMEOUT_S)
+            self.client.disconnect()
+            self._network.write_wanted(self.client, self, None)
+            self._gone.wait(CLOSE_TIMEOUT_S)
+        self._connected.clear()
+        self._network.detach(self)
+
+    def is_connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    def publish(self, topic: str, payload: bytes) -> PublishTicket:
+        if not self._connected.is_set():
+            raise NotConnectedError("not connected to the broker")
+        try:
+            info = self.client.publish(topic, payload, qos=1, retain=False)
+        except (ValueError, TypeError) as exc:
+            raise PublishError(f"publish refused by the MQTT client: {exc}") from exc
+        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+            raise PublishError("MQTT client queue is full")
+        # paho only calls register_write when it was not already registered; wake the thread regardless, because
+        # the network thread may have just decided there was nothing to write (a lost-wake-up race otherwise).
+        self._network.write_wanted(self.client, self, None)
+        return _FleetTicket(info, self)
+
+    def take_refusal(self, mid: int) -> str | None:
+        with self._refusals_lock:
+            return self._refusals.pop(mid, None)
+
+    # -- paho callbacks, on the network thread
+
+    def _on_connect(
+        self,
+        client: Client,
+        userdata: object,
+        flags: ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            logger.warning("fleet: broker refused %s: %s", self.device_id, reason_code)
+            return
+        client.publish(self._status_topic, self._status(LinkState.ONLINE, stamped=True), qos=1, retain=True)
+        client.subscribe(self._downlink_topic, qos=1)
+        self.connects += 1
+        self.reconnect_delay_s = RECONNECT_MIN_S
+        self._gone.clear()
+        self._connected.set()
+
+    def _on_disconnect(
+        self,
+        client: Client,
+        userdata: object,
+        flags: DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._connected.clear()
+        self._gone.set()
+        if not self.closing:
+            logger.debug("fleet: %s lost its connection: %s", self.device_id, reason_code)
+            self._network.schedule_reconnect(self)
+
+    def _on_publish(
+        self, client: Client, userdata: object, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
+        if reason_code.is_failure:
+            with self._refusals_lock:
+                if len(self._refusals) > 4096:
+                    self._refusals.clear()
+                self._refusals[mid] = str(reason_code)
+
+    def _on_message(self, client: Client, userdata: object, message: MQTTMessage) -> None:
+        sink = self._downlink_sink
+        if sink is not None:
+            sink(message.topic, bytes(message.payload))
+
+    def _status(self, state: LinkState, *, stamped: bool) -> bytes:
+        return DeviceStatusMessage(
+            device_id=self.device_id,
+            state=state,
+            boot_id=self._boot_id,
+            at=self._clock.now() if stamped else None,
+        ).to_bytes()
+
+
+# ---------------------------------------------------------------------- the network threads
+
+
+class _Shard:
+    """One network thread: a selector over its clients' sockets, a wake-up socket pair, due reconnects."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.selector = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, None)
+        self.lock = threading.Lock()
+        self.links: set[FleetLink] = set()
+        self.to_connect: list[FleetLink] = []
+        self.to_write: set[FleetLink] = set()
+        self.to_detach: list[FleetLink] = []
+        self.reconnecting: set[FleetLink] = set()
+        self.thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # a full pipe already guarantees a wake-up
+            self.wake_w.send(b"\0")
+
+
+class FleetNetwork:
+    """`threads` network threads; each drives the paho clients of the links attached to it."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self._shards = [_Shard(i) for i in range(max(1, threads))]
+        self._shard_of: dict[int, _Shard] = {}
+        self._next = 0
+        self._stopping = threading.Event()
+        self.loop_errors = 0
+
+    def start(self) -> None:
+        for shard in self._shards:
+            if shard.thread is None:
+                shard.thread = threading.Thread(
+                    target=self._run, args=(shard,), name=f"fleet-net-{shard.index}", daemon=True
+                )
+                shard.thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for shard in self._shards:
+            shard.wake()
+            if shard.thread is not None:
+                shard.thread.join(10.0)
+                shard.thread = None
+            shard.selector.close()
+            shard.wake_r.close()
+            shard.wake_w.close()
+
+    # -- called from any thread
+
+    def attach(self, link: FleetLink) -> None:
+        shard = self._shards[self._next % len(self._shards)]
+        self._next += 1
+        self._shard_of[id(link.client)] = shard
+        with shard.lock:
+            shard.links.add(link)
+            shard.to_connect.append(link)
+        shard.wake()
+
+    def detach(self, link: FleetLink) -> None:
+        shard = self._shard_of.get(id(link.client))
+        if shard is None:
+            return
+        with shard.lock:
+            shard.to_detach.append(link)
+        shard.wake()
+
+    def schedule_reconnect(self, link: FleetLink) -> None:
+        shard = self._shard_of[id(link.client)]
+        link.reconnect_due = time.monotonic() + link.reconnect_delay_s
+        link.reconnect_delay_s = min(RECONNECT_MAX_S, link.reconnect_delay_s * 2)
+        with shard.lock:
+            shard.reconnecting.add(link)
+
+    # -- paho socket callbacks (signature: client, userdata, socket)
+
+    def write_wanted(self, client: Client, userdata: object, sock: object) -> None:
+        shard = self._shard_of.get(id(client))
+        if shard is None or not isinstance(userdata, FleetLink):
+            return
+        with shard.lock:
+            shard.to_write.add(userdata)
+        shard.wake()
+
+    def socket_opened(self, client: Client, userdata: object, sock: object) -> None:
+        shard = self._shard_of.get(id(client))
+        if shard is not None and isinstance(sock, socket.socket):
+            shard.selector.register(sock, selectors.EVENT_READ, userdata)
+
+    def socket_closed(self, client: Client, userdata: object, sock: object) -> None:
+        shard = self._shard_of.get(id(client))
+        if shard is not None and isinstance(sock, socket.socket):
+            with contextlib.suppress(KeyError, ValueError):
+                shard.selector.unregister(sock)
+
+    # -- the thread
+
+    def _run(self, shard: _Shard) -> None:
+        next_misc = time.monotonic() + MISC_INTERVAL_S
+        while not self._stopping.is_set():
+            try:
+                timeout = max(0.0, next_misc - time.monotonic())
+                for key, mask in shard.selector.select(timeout):
+                    if key.data is None:
+                        with contextlib.suppress(BlockingIOError):
+                            while shard.wake_r.recv(4096):
+                                pass
+                        continue
+                    link = key.data
+                    if not isinstance(link, FleetLink):
+                        continue
+                    if mask & selectors.EVENT_READ:
+                        link.client.loop_read()
+                    self._flush(shard, link)
+                self._take_work(shard)
+                if time.monotonic() >= next_misc:
+                    next_misc = time.monotonic() + MISC_INTERVAL_S
+                    self._misc(shard)
+            except Exception:  # one client's surprise must not silence the other thousands
+                self.loop_errors += 1
+                logger.exception("fleet: network thread %d: unexpected error", shard.index)
+
+    def _take_work(self, shard: _Shard) -> None:
+        with shard.lock:
+            connect, shard.to_connect = shard.to_connect, []
+            write, shard.to_write = shard.to_write, set()
+            detach, shard.to_detach = shard.to_detach, []
+        for link in connect:
+            self._connect(shard, link)
+        for link in write:
+            self._flush(shard, link)
+        for link in detach:
+            self._drop(shard, link)
+
+    def _flush(self, shard: _Shard, link: FleetLink) -> None:
+        client = link.client
+        if client.want_write():
+            client.loop_write()
+        sock = client.socket()
+        if not isinstance(sock, socket.socket):
+            return
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if client.want_write() else 0)
+        with contextlib.suppress(KeyError, ValueError):
+            if shard.selector.get_key(sock).events != events:
+                shard.selector.modify(sock, events, link)
+
+    def _connect(self, shard: _Shard, link: FleetLink) -> None:
+        if link.closing:
+            return
+        try:
+            rc = link.client.reconnect()
+        except OSError as exc:
+            logger.debug("fleet: %s cannot connect: %s", link.device_id, exc)
+            self.schedule_reconnect(link)
+            return
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self.schedule_reconnect(link)
+            return
+        self._flush(shard, link)
+
+    def _misc(self, shard: _Shard) -> None:
+        now = time.monotonic()
+        with shard.lock:
+            links = list(shard.links)
+            due = [link for link in shard.reconnecting if link.reconnect_due <= now]
+            shard.reconnecting.difference_update(due)
+        for link in links:
+            if link.client.socket() is not None:
+                link.client.loop_misc()
+                self._flush(shard, link)
+        for link in due:
+            self._connect(shard, link)
+
+    def _drop(self, shard: _Shard, link: FleetLink) -> None:
+        with shard.lock:
+            shard.links.discard(link)
+            shard.reconnecting.discard(link)
+        sock = link.client.socket()
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(KeyError, ValueError):
+                shard.selector.unregister(sock)
+            sock.close()
+
+
+# ---------------------------------------------------------------------- the fleet
+
+
+@dataclass(frozen=True, slots=True)
+class FleetOptions:
+    terminals: int
+    broker_host: str
+    broker_port: int
+    workdir: Path
+    heartbeat_interval_s: float = 30.0
+    keepalive_s: int = 30
+    batch_size: int = 200
+    network_threads: int = 2
+    device_prefix: str = "FLEET"
+    topic_prefix: str = "yibao/v1"
+    build_workers: int = 32
+    """Terminals built (outbox files created) and stopped in parallel: each is mostly fsync waits."""
+
+
+@dataclass
+class FleetTerminal:
+    runtime: TerminalRuntime
+    link: FleetLink
+
+
+@dataclass
+class Fleet:
+    """M terminals from the real terminal core sharing `FleetNetwork` threads. `stop()` is final."""
+
+    options: FleetOptions
+    peripherals: Callable[[], Sequence[Peripheral]] = simulated_peripherals
+    terminals: list[FleetTerminal] = field(default_factory=list)
+    network: FleetNetwork | None = None
+    nofile_limit: tuple[int, int] = (0, 0)
+
+    def device_id(self, index: int) -> str:
+        return f"{self.options.device_prefix}-{index:05d}"
+
+    def start(self) -> None:
+        """Raise the open-file limit, build every terminal (outbox, link, timers), then start them all."""
+        o = self.options
+        self.nofile_limit = raise_open_file_limit(o.terminals * FDS_PER_TERMINAL + 1024)
+        if self.nofile_limit[0] < o.terminals * FDS_PER_TERMINAL:
+            logger.warning(
+                "fleet: open-file limit %d may be too low for %d terminals", self.nofile_limit[0], o.terminals
+            )
+        o.workdir.mkdir(parents=True, exist_ok=True)
+        self.network = FleetNetwork(o.network_threads)
+        self.network.start()
+        with ThreadPoolExecutor(max_workers=o.build_workers, thread_name_prefix="fleet-build") as pool:
+            self.terminals = list(pool.map(self._build, range(o.terminals)))
+            list(pool.map(lambda t: t.runtime.start(), self.terminals))
+
+    def _build(self, index: int) -> FleetTerminal:
+        o = self.options
+        if self.network is None:
+            raise RuntimeError("the fleet network is not running")
+        device_id = self.device_id(index)
+        mqtt = MqttConfig(
+            host=o.broker_host, port=o.broker_port, keepalive_s=o.keepalive_s, topic_prefix=o.topic_prefix
+        )
+        config = TerminalConfig(
+            schema_version=1,
+            config_version="fleet-1",
+            device_id=device_id,
+            mqtt=mqtt,
+            outbox=OutboxConfig(path=o.workdir / f"{device_id}.sqlite3", batch_size=o.batch_size),
+            heartbeat=HeartbeatConfig(interval_s=o.heartbeat_interval_s),
+        )
+        boot_id = uuid.uuid4()
+        link = FleetLink(mqtt, device_id=device_id, boot_id=boot_id, network=self.network, inflight_window=o.batch_size)
+        runtime = build_runtime(config, self.peripherals(), boot_id=boot_id, link=link)
+        if runtime.sync.downlink is not None:
+            link.attach_downlink(runtime.sync.downlink.offer)
+        return FleetTerminal(runtime=runtime, link=link)
+
+    def connected(self) -> int:
+        return sum(1 for t in self.terminals if t.link.is_connected())
+
+    def wait_connected(self, timeout_s: float, *, want: int | None = None) -> int:
+        """Wait until `want` (default: all) terminals are connected or `timeout_s` passed; returns how many are."""
+        want = len(self.terminals) if want is None else want
+        deadline = time.monotonic() + timeout_s
+        while (count := self.connected()) < want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return count
+
+    def enqueue_audits(self, per_terminal: int, *, action: str = "fleet.record") -> None:
+        """Every terminal puts `per_terminal` audit events (detail {'n': i}) into its outbox, in batches of the
+        outbox batch size, terminals in parallel."""
+        batch = self.options.batch_size
+
+        def fill(terminal: FleetTerminal) -> None:
+            for start in range(0, per_terminal, batch):
+                events = [
+                    AuditEvent(category="system", action=action, outcome=AuditOutcome.INFO, detail={"n": n})
+                    for n in range(start, min(per_terminal, start + batch))
+                ]
+                terminal.runtime.record_audits(events)
+
+        with ThreadPoolExecutor(max_workers=self.options.build_workers, thread_name_prefix="fleet-fill") as pool:
+            list(pool.map(fill, self.terminals))
+
+    def outbox_depth(self) -> int:
+        """Records not yet acknowledged by the server, over all terminals."""
+        return sum(t.runtime.outbox.stats().depth for t in self.terminals)
+
+    def stop(self) -> None:
+        """Stop every terminal (retained 'offline', disconnect, outbox closed), then the network threads."""
+        with ThreadPoolExecutor(max_workers=max(1, self.options.build_workers * 4)) as pool:
+            list(pool.map(lambda t: t.runtime.stop(), self.terminals))
+        if self.network is not None:
+            self.network.stop()
+            self.network = None
