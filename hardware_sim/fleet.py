@@ -291,6 +291,9 @@ class _Shard:
         self.to_write: set[FleetLink] = set()
         self.to_detach: list[FleetLink] = []
         self.reconnecting: set[FleetLink] = set()
+        self.wake_pending = False
+        """A wake-up byte is on its way and the thread has not yet taken the work: no second syscall needed. A
+        socket send per publish cost ~10% of the fleet's CPU in the 50 x 100,000 benchmark."""
         self.thread: threading.Thread | None = None
 
     def wake(self) -> None:
@@ -361,7 +364,9 @@ class FleetNetwork:
             return
         with shard.lock:
             shard.to_write.add(userdata)
-        shard.wake()
+            wake, shard.wake_pending = not shard.wake_pending, True
+        if wake:
+            shard.wake()
 
     def socket_opened(self, client: Client, userdata: object, sock: object) -> None:
         shard = self._shard_of.get(id(client))
@@ -406,6 +411,7 @@ class FleetNetwork:
             connect, shard.to_connect = shard.to_connect, []
             write, shard.to_write = shard.to_write, set()
             detach, shard.to_detach = shard.to_detach, []
+            shard.wake_pending = False  # from here on, new work needs a new wake-up byte
         for link in connect:
             self._connect(shard, link)
         for link in write:

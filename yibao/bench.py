@@ -209,6 +209,28 @@ def _proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _postgres_cpu_s() -> float:
+    """CPU seconds of every process named 'postgres' on this machine now (backends that exited are not counted)."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc / "comm").read_text(encoding="ascii").strip() == "postgres":
+                    total += _proc_cpu_s(int(proc.name))
+    return total
+
+
+def _machine_busy_s() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat."""
+    try:
+        values = [int(v) for v in Path("/proc/stat").read_text(encoding="ascii").split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
 def _utc(value: Any) -> datetime:
     if isinstance(value, str):
         value = datetime.fromisoformat(value)
@@ -329,9 +351,10 @@ def bench_sync(options: SyncBenchOptions) -> str:
                 connect_s = time.monotonic() - t_start
                 sampler.sample()
                 pids = {"server": server.pid if server else None, "broker": broker.pid, "fleet": os.getpid()}
+                logging.getLogger(__name__).info("bench: pids %s", pids)
                 cpu0 = {name: _proc_cpu_s(pid) for name, pid in pids.items() if pid is not None}
-                if ceiling is not None:
-                    cpu0["ceiling_subscriber"] = cpu0["fleet"]
+                cpu0["postgres"] = _postgres_cpu_s()
+                busy0 = _machine_busy_s()
                 t0 = time.monotonic()
                 wall0 = datetime.now(UTC)
                 fleet.enqueue_audits(per_terminal, action="bench.record")
@@ -340,6 +363,8 @@ def bench_sync(options: SyncBenchOptions) -> str:
                 drain_s = time.monotonic() - t0
                 sampler.sample()
                 cpu1 = {name: _proc_cpu_s(pid) for name, pid in pids.items() if pid is not None}
+                cpu1["postgres"] = _postgres_cpu_s()
+                busy1 = _machine_busy_s()
                 hold_from = datetime.now(UTC)
                 if options.hold_s > 0:
                     time.sleep(options.hold_s)
@@ -365,6 +390,7 @@ def bench_sync(options: SyncBenchOptions) -> str:
                 figures["cpu_share_of_2_cores"] = {
                     name: round(value / max(drain_s, 1e-9) / (os.cpu_count() or 1), 2) for name, value in busy.items()
                 }
+                figures["machine_busy_share"] = round((busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9), 2)
                 stored = int(figures.get("stored", 0))
                 if server is not None and stored:
                     figures["ingest_cpu_s_per_1000"] = round(busy["server"] / (stored / 1000), 3)
