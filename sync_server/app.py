@@ -21,7 +21,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from protocol import Clock
-from sync_server.api import devices, health, ingest, institutions
+from sync_server.api import commands, devices, health, ingest, institutions
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
 from sync_server.web import pages
@@ -65,6 +65,7 @@ def create_app(
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     app.include_router(health.router)
     app.include_router(devices.router)
+    app.include_router(commands.router)
     app.include_router(ingest.router)
     app.include_router(institutions.router)
     app.include_router(pages.router)

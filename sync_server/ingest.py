@@ -23,6 +23,11 @@ one `protocol.UplinkAck` (QoS 1) per device per batch on the device's downlink t
 gets the ack again (a duplicate means it missed one), as does a device announcing itself `online`. A lost ack costs
 nothing but a re-send: the terminal publishes again after its ack timeout, the duplicate triggers a new ack.
 
+A `CommandResult` envelope is stored like any other record and, in the same transaction, moves the command it answers
+to `acknowledged` (`sync_server.commands.record_command_results`); a result naming no command issued to that device
+is stored anyway, counted (`command_results_unmatched`) and logged. The command dispatcher publishes commands through
+this worker's client (`publish_downlink`), so one server process has one broker session.
+
 Several workers (distinct `mqtt_client_id`s) split the uplink stream through the shared subscription; each also
 receives every status message and applies it, which is idempotent.
 
@@ -64,6 +69,7 @@ from protocol import (
     decode_envelope,
     decode_status,
 )
+from sync_server.commands import ResultsApplied, record_command_results
 from sync_server.db.engine import session_factory
 from sync_server.errors import IngestError
 from sync_server.settings import ServerSettings
@@ -119,6 +125,10 @@ class IngestStats:
     last_commit_at: datetime | None = None
     acks_sent: int = 0
     """`uplink_ack` messages handed to the MQTT client (after their batch committed)."""
+    commands_acknowledged: int = 0
+    """Commands moved to `acknowledged` by a stored `CommandResult`."""
+    command_results_unmatched: int = 0
+    """`CommandResult`s stored that name no command issued to their device (flagged in the log)."""
 
 
 class _Kind(Enum):
@@ -165,6 +175,11 @@ class _Counters:
     store_failures: int = 0
     last_commit_at: datetime | None = None
     acks_sent: int = 0
+    commands_acknowledged: int = 0
+    command_results_unmatched: int = 0
+
+
+_NO_RESULTS = ResultsApplied(0, 0, ())
 
 
 def _describe_db_error(exc: SQLAlchemyError) -> str:
@@ -297,7 +312,19 @@ class IngestWorker:
                 store_failures=c.store_failures,
                 last_commit_at=c.last_commit_at,
                 acks_sent=c.acks_sent,
+                commands_acknowledged=c.commands_acknowledged,
+                command_results_unmatched=c.command_results_unmatched,
             )
+
+    def publish_downlink(self, device_id: str, payload: bytes) -> bool:
+        """Queue one QoS 1 message on `device_id`'s downlink topic through this worker's client; True if the client
+        accepted it (connected). Never blocks: paho sends it from its network thread. The command dispatcher's
+        `DownlinkPublisher`."""
+        client = self._client
+        if client is None or not self._connected:
+            return False
+        info = client.publish(self._topics.downlink(device_id), payload, qos=1)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     # ------------------------------------------------------------------ paho callbacks (network thread; no IO)
 
@@ -458,7 +485,7 @@ class IngestWorker:
                 if not exc.transient:
                     if len(batch) == 1:
                         self._reject(batch[0], f"refused by the database ({exc})")
-                        self._finish(batch, StoreResult(0, 0), [])
+                        self._finish(batch, StoreResult(0, 0), [], _NO_RESULTS)
                     else:
                         for item in batch:  # isolate the message the database refuses
                             self._store_until_done([item])
@@ -472,7 +499,7 @@ class IngestWorker:
             self._finish(batch, *result)
             return
 
-    def _commit(self, batch: Sequence[_Inbound]) -> tuple[StoreResult, list[AckState]]:
+    def _commit(self, batch: Sequence[_Inbound]) -> tuple[StoreResult, list[AckState], ResultsApplied]:
         """Store the batch in one transaction. SQLAlchemy errors are translated here, once."""
         received_at = batch[0].received_at
         try:
@@ -496,6 +523,7 @@ class IngestWorker:
                     heartbeat_timeout_factor=self._settings.heartbeat_timeout_factor,
                 )
                 apply_statuses(session, statuses, received_at=received_at)
+                answered = record_command_results(session, envelopes, now=received_at)
                 # Coalesced: one ack per device per batch, for stored records and duplicates alike, and for a
                 # device that just came online (it may have missed the last ack while away).
                 ack_devices = {e.device_id for e in envelopes}
@@ -510,15 +538,23 @@ class IngestWorker:
             raise IngestError(
                 f"storing {len(batch)} messages failed: {_describe_db_error(exc)}", transient=not _is_poison(exc)
             ) from exc
-        return result, acks
+        return result, acks, answered
 
     def _reject(self, item: _Inbound, reason: str) -> None:
         item.kind, item.reason = _Kind.REJECTED, reason
 
-    def _finish(self, batch: Sequence[_Inbound], result: StoreResult, acks: Sequence[AckState]) -> None:
+    def _finish(
+        self, batch: Sequence[_Inbound], result: StoreResult, acks: Sequence[AckState], answered: ResultsApplied
+    ) -> None:
         """After the commit: count, log rejections and gap alarms, acknowledge to the broker in arrival order, then
         tell each touched device how far its records are stored."""
         log_seq_gap_changes(acks)
+        if answered.unmatched:
+            logger.warning(
+                "stored %d command result(s) that answer no command issued to their device: %s",
+                len(answered.unmatched),
+                ", ".join(answered.unmatched[:REJECT_LOG_LINES_PER_BATCH]),
+            )
         rejected = [i for i in batch if i.kind is _Kind.REJECTED]
         for item in rejected[:REJECT_LOG_LINES_PER_BATCH]:
             logger.warning("rejected message on %s (%d bytes): %s", item.topic, len(item.payload), item.reason)
@@ -535,6 +571,8 @@ class IngestWorker:
             c.rejected += len(rejected)
             c.batches += 1
             c.last_commit_at = self._clock.now()
+            c.commands_acknowledged += answered.acknowledged
+            c.command_results_unmatched += len(answered.unmatched)
         client = self._client
         if client is None:
             return

@@ -1,8 +1,9 @@
 """The typed runtime container of one server process: settings, engine, session factory, clock, background workers.
 
 `create_app`'s lifespan builds one `ServerRuntime`, starts it, and stops it at shutdown; request handlers reach it
-through `sync_server.api.deps`. It owns the start/stop order (ingest before the sweeper, stopped in reverse; the
-engine disposed last, and only when this runtime created it). It must never be a module-level global.
+through `sync_server.api.deps`. It owns the start/stop order (ingest, then the command dispatcher, which publishes
+through ingest's MQTT client, then the sweeper; stopped in reverse; the engine disposed last, and only when this
+runtime created it). It must never be a module-level global.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import Clock, SystemClock
+from sync_server.commands import CommandDispatcher
 from sync_server.db.engine import create_db_engine, session_factory
 from sync_server.ingest import IngestWorker
 from sync_server.presence import PresenceSweeper
@@ -33,10 +35,14 @@ class ServerRuntime:
     owns_engine: bool
     ingest: IngestWorker | None = None
     sweeper: PresenceSweeper | None = None
+    dispatcher: CommandDispatcher | None = None
     sessions: sessionmaker[Session] = field(init=False)
+    writer_sessions: sessionmaker[Session] = field(init=False)
+    """For the few requests that write (issuing a command): SQLite takes its write lock when they begin."""
 
     def __post_init__(self) -> None:
         self.sessions = session_factory(self.engine)
+        self.writer_sessions = session_factory(self.engine, write_intent=True)
 
     @classmethod
     def build(
@@ -55,6 +61,13 @@ class ServerRuntime:
         runtime = cls(settings=settings, engine=the_engine, clock=the_clock, owns_engine=owns_engine)
         if start_ingest:
             runtime.ingest = IngestWorker(settings, the_engine, clock=the_clock)
+            runtime.dispatcher = CommandDispatcher(
+                the_engine,
+                runtime.ingest.publish_downlink,
+                interval_s=settings.command_dispatch_interval_s,
+                republish_after_s=settings.command_republish_after_s,
+                clock=the_clock,
+            )
             runtime.sweeper = PresenceSweeper(
                 the_engine,
                 interval_s=settings.presence_sweep_interval_s,
@@ -70,12 +83,16 @@ class ServerRuntime:
             logger.warning("auto_register_devices is on in prod: any publisher the broker admits creates a device")
         if self.ingest is not None:
             self.ingest.start()
+        if self.dispatcher is not None:
+            self.dispatcher.start()
         if self.sweeper is not None:
             self.sweeper.start()
 
     def stop(self) -> None:
         if self.sweeper is not None:
             self.sweeper.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         if self.ingest is not None:
             self.ingest.stop()
         if self.owns_engine:

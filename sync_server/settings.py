@@ -118,6 +118,27 @@ class ServerSettings(BaseSettings):
             "redelivers the unacknowledged messages."
         ),
     )
+    command_dispatch_interval_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=600,
+        description="How often the command dispatcher looks for commands to publish, re-publish or expire.",
+    )
+    command_republish_after_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=7 * 86400,
+        description=(
+            "A delivered command without an answer is published again after this long (and at once when its device "
+            "comes back online); the terminal carries out each command id once, so repeats are harmless."
+        ),
+    )
+    command_max_ttl_s: float = Field(
+        default=7 * 86400.0,
+        gt=0,
+        le=90 * 86400,
+        description="Longest lifetime (ttl_s) a command may be issued with.",
+    )
     auto_register_devices: bool = Field(
         default=True,
         description=(

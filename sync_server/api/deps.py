@@ -1,4 +1,5 @@
-"""`Annotated` dependency aliases for route handlers (`SessionDep`, `SettingsDep`, `ClockDep`, `RuntimeDep`).
+"""`Annotated` dependency aliases for route handlers (`SessionDep`, `WriterSessionDep`, `SettingsDep`, `ClockDep`,
+`RuntimeDep`).
 
 Owns how a request reaches the process's `ServerRuntime` (set on `app.state` by the lifespan) and the per-request
 database session, which is always closed. It must never create engines or hold globals.
@@ -32,6 +33,11 @@ def get_session(runtime: RuntimeDep) -> Iterator[Session]:
         yield session
 
 
+def get_writer_session(runtime: RuntimeDep) -> Iterator[Session]:
+    with runtime.writer_sessions() as session:
+        yield session
+
+
 def get_settings(runtime: RuntimeDep) -> ServerSettings:
     return runtime.settings
 
@@ -41,5 +47,6 @@ def get_clock(runtime: RuntimeDep) -> Clock:
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
+WriterSessionDep = Annotated[Session, Depends(get_writer_session)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 ClockDep = Annotated[Clock, Depends(get_clock)]

@@ -14,8 +14,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protocol import Heartbeat
-from sync_server.db.models import Device, Event, Institution, InstitutionKind, RegistrationState
+from protocol import MAX_COMMAND_ARGS, CommandArgs, CommandKind, Heartbeat
+from sync_server.db.models import (
+    CommandState,
+    Device,
+    Event,
+    Institution,
+    InstitutionKind,
+    IssuedCommand,
+    RegistrationState,
+)
 from sync_server.ingest import IngestStats
 from sync_server.runtime import MqttState
 from sync_server.store import ALARM_SEQ_GAP, is_online
@@ -279,3 +287,63 @@ class ReconciliationOut(_Out):
     last_seq: int = Field(description="Highest seq stored (all days).")
     open_gap: SeqGapOut | None = Field(description="The open hole above acked_through_seq, if any.")
     alarms: list[str] = Field(description="Server-side alarms of the device now.")
+
+
+DEFAULT_COMMAND_TTL_S = 3600.0
+
+
+class CommandIn(BaseModel):
+    """A command to queue for one device. `args` are checked against the kind's closed model where it has one
+    (`protocol.COMMAND_ARGS_MODELS`: `ping` takes none, `log_request` takes `window_s`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: CommandKind = Field(description="What the device is asked to do.")
+    args: CommandArgs = Field(
+        default_factory=dict, max_length=MAX_COMMAND_ARGS, description="Flat arguments of the kind."
+    )
+    ttl_s: float = Field(
+        default=DEFAULT_COMMAND_TTL_S,
+        gt=0,
+        description="Seconds from now after which the command must not be carried out (bounded by the server's "
+        "command_max_ttl_s).",
+    )
+
+
+class CommandOut(_Out):
+    command_id: uuid.UUID = Field(description="The idempotency key the device remembers.")
+    device_id: str
+    kind: str
+    args: dict[str, Any]
+    issued_at: datetime
+    expires_at: datetime
+    state: CommandState = Field(description="queued, delivered, acknowledged or expired.")
+    attempts: int = Field(description="Times published to the device's downlink topic.")
+    last_published_at: datetime | None
+    acknowledged_at: datetime | None = Field(description="When the device's answer was stored.")
+    result_outcome: str | None = Field(description="The device's answer: applied, rejected, expired or failed.")
+    result_detail: str | None
+    result_at: datetime | None = Field(description="The device's own time of the answer.")
+
+    @classmethod
+    def of(cls, row: IssuedCommand) -> CommandOut:
+        return cls(
+            command_id=row.command_id,
+            device_id=row.device_id,
+            kind=row.kind,
+            args=row.args,
+            issued_at=row.issued_at,
+            expires_at=row.expires_at,
+            state=row.state,
+            attempts=row.attempts,
+            last_published_at=row.last_published_at,
+            acknowledged_at=row.acknowledged_at,
+            result_outcome=row.result_outcome,
+            result_detail=row.result_detail,
+            result_at=row.result_at,
+        )
+
+
+class CommandPage(_Out):
+    items: list[CommandOut] = Field(description="Newest first.")
+    total: int = Field(description="Commands issued to this device (all pages).")

@@ -174,3 +174,42 @@ class Event(Base):
     boot_id: Mapped[uuid.UUID]
     monotonic_ns: Mapped[int] = mapped_column(BigInteger)
     payload: Mapped[dict[str, Any]]
+
+
+class CommandState(StrEnum):
+    """Where a command issued to a device is (see `sync_server.commands`)."""
+
+    QUEUED = "queued"
+    """Issued; not yet published."""
+    DELIVERED = "delivered"
+    """Published QoS 1 on the device's downlink topic at least once; no answer stored yet."""
+    ACKNOWLEDGED = "acknowledged"
+    """The device's `CommandResult` is stored (its outcome is in `result_outcome`)."""
+    EXPIRED = "expired"
+    """`expires_at` passed without an answer; never published again."""
+
+
+class IssuedCommand(Base):
+    """One command to one device, unique by `command_id`, with its delivery state and the device's answer."""
+
+    __tablename__ = "device_commands"
+    __table_args__ = (Index(None, "device_id", "issued_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    command_id: Mapped[uuid.UUID] = mapped_column(unique=True, comment="Idempotency key; the terminal remembers it.")
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    args: Mapped[dict[str, Any]]
+    issued_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    state: Mapped[CommandState] = mapped_column(
+        _str_enum(CommandState, 16),
+        index=True,
+        comment="queued -> delivered (published QoS 1) -> acknowledged (result stored) | expired.",
+    )
+    attempts: Mapped[int] = mapped_column(Integer, comment="Times published to the device's downlink.")
+    last_published_at: Mapped[datetime | None]
+    acknowledged_at: Mapped[datetime | None] = mapped_column(comment="When the result was stored.")
+    result_outcome: Mapped[str | None] = mapped_column(String(16))
+    result_detail: Mapped[str | None] = mapped_column(String(200))
+    result_at: Mapped[datetime | None] = mapped_column(comment="The terminal's applied_at.")

@@ -44,3 +44,37 @@ def ago(value: datetime | None, now: datetime) -> str:
 
 def peripheral_state_words(state: str) -> tuple[str, str]:
     return PERIPHERAL_STATE_WORDS.get(state, (state, state))
+
+
+COMMAND_KIND_WORDS = {
+    "ping": ("连通测试", "ping"),
+    "log_request": ("状态摘要", "log request"),
+    "config_update": ("配置更新", "config update"),
+    "unbind": ("解除绑定", "unbind"),
+    "rotate_keys": ("更换密钥", "rotate keys"),
+    "roster_update": ("人员名单更新", "roster update"),
+    "template_update": ("模板更新", "template update"),
+}
+
+COMMAND_OUTCOME_WORDS = {
+    "applied": ("已执行", "applied"),
+    "rejected": ("终端拒绝", "rejected by the terminal"),
+    "expired": ("终端收到时已过期", "expired when it arrived"),
+    "failed": ("执行失败", "failed"),
+}
+
+
+def command_kind_words(kind: str) -> tuple[str, str]:
+    return COMMAND_KIND_WORDS.get(kind, (kind, kind))
+
+
+def command_state_words(state: str, outcome: str | None, attempts: int) -> tuple[str, str]:
+    """One command's state in words, Chinese and English: what happened and what the device answered."""
+    if state == "queued":
+        return "排队中，尚未发送", "queued, not sent yet"
+    if state == "delivered":
+        return f"已发送 {attempts} 次，等待终端回复", f"sent {attempts} time(s), waiting for the terminal's answer"
+    if state == "expired":
+        return "已过期，终端未回复，不再发送", "expired without an answer; no longer sent"
+    zh, en = COMMAND_OUTCOME_WORDS.get(outcome or "", (outcome or "?", outcome or "?"))
+    return f"终端已回复：{zh}", f"answered: {en}"

@@ -18,12 +18,20 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from protocol import PayloadType
+from sync_server.api.commands import command_page
 from sync_server.api.deps import ClockDep, SessionDep, SettingsDep
 from sync_server.api.devices import DeviceIdPath, event_page, get_device_or_404, online_clause
 from sync_server.api.schemas import DeviceOut
 from sync_server.db.models import Device
 from sync_server.settings import ServerSettings
-from sync_server.web.format import ago, duration, local_time, peripheral_state_words
+from sync_server.web.format import (
+    ago,
+    command_kind_words,
+    command_state_words,
+    duration,
+    local_time,
+    peripheral_state_words,
+)
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -34,6 +42,10 @@ PAGE_EVENTS = 50
 router = APIRouter(include_in_schema=False)
 
 
+PAGE_COMMANDS = 10
+"""Most recent commands shown on a device page (the API pages through all of them)."""
+
+
 def make_templates(settings: ServerSettings) -> Jinja2Templates:
     templates = Jinja2Templates(directory=TEMPLATES_DIR)
     tz = ZoneInfo(settings.display_timezone)
@@ -41,6 +53,8 @@ def make_templates(settings: ServerSettings) -> Jinja2Templates:
     templates.env.filters["duration"] = duration
     templates.env.globals["ago"] = ago
     templates.env.globals["peripheral_state_words"] = peripheral_state_words
+    templates.env.globals["command_kind_words"] = command_kind_words
+    templates.env.globals["command_state_words"] = command_state_words
     templates.env.globals["tz_name"] = settings.display_timezone
     return templates
 
@@ -101,6 +115,7 @@ def device_page(
     context = {
         "d": DeviceOut.of(device, now=now),
         "page": page,
+        "commands": command_page(session, device_id, limit=PAGE_COMMANDS),
         "payload_type": payload_type.value if payload_type is not None else None,
         "payload_types": [t.value for t in PayloadType],
         "after_seq": after_seq,

@@ -32,6 +32,7 @@ from sqlalchemy.engine import URL
 from protocol import (
     AuditEvent,
     AuditOutcome,
+    CommandResult,
     Envelope,
     Heartbeat,
     PayloadType,
@@ -195,7 +196,7 @@ def audit(action: str = "terminal.started", n: int = 0) -> AuditEvent:
 def envelope(
     device_id: str,
     seq: int,
-    payload: Heartbeat | AuditEvent | None = None,
+    payload: Heartbeat | AuditEvent | CommandResult | None = None,
     *,
     message_id: uuid.UUID | None = None,
     device_time: datetime | None = None,

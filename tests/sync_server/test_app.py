@@ -32,7 +32,7 @@ def test_the_app_ingests_and_reports_through_the_api(
     with serving(create_app(settings)) as http:  # engine=None: the lifespan creates and disposes it
         wait_until(lambda: http.get("/healthz").json()["mqtt"] == "connected", what="ingest to subscribe")
         assert http.get("/healthz").json() == {"status": "ok", "database": "ok", "mqtt": "connected"}
-        assert sorted(_our_threads()) == ["yibao-ingest", "yibao-presence"]
+        assert sorted(_our_threads()) == ["yibao-commands", "yibao-ingest", "yibao-presence"]
         status = DeviceStatusMessage(device_id="kiosk-100", state=LinkState.ONLINE, boot_id=BOOT)
         publisher.publish(topics.status("kiosk-100"), status.to_bytes(), retain=True)
         publisher.publish(topics.uplink("kiosk-100"), envelope("kiosk-100", 1, heartbeat(interval_s=30)).to_bytes())
