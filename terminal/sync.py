@@ -313,15 +313,17 @@ class MqttUplink:
         if reason_code.is_failure:
             self._became_unavailable(f"broker refused the connection: {reason_code}")
             return
+        if self._downlink_sink is not None:
+            # Every connect: the persistent session keeps the subscription, but a broker that lost its state has not.
+            # Subscribed BEFORE 'online' is announced: the broker handles one client's packets in order, so whatever
+            # the server sends in answer to 'online' (the current ack, re-published commands) finds the subscription.
+            rc, _mid = client.subscribe(self._downlink_topic, qos=1)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                logger.warning("mqtt: could not subscribe to the downlink topic: %s", MQTTErrorCode(rc).name)
         # publish() only queues the packet; it does not wait for the network.
         info = client.publish(self._status_topic, self._status(LinkState.ONLINE, stamped=True), qos=1, retain=True)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.warning("mqtt: could not queue the online status: %s", MQTTErrorCode(info.rc).name)
-        if self._downlink_sink is not None:
-            # Every connect: the persistent session keeps the subscription, but a broker that lost its state has not.
-            rc, _mid = client.subscribe(self._downlink_topic, qos=1)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                logger.warning("mqtt: could not subscribe to the downlink topic: %s", MQTTErrorCode(rc).name)
         self._connected.set()
         self._became_available(session_present=flags.session_present)
 

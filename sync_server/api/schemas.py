@@ -210,6 +210,10 @@ class IngestCountersOut(_Out):
     store_failures: int
     last_commit_at: datetime | None
     acks_sent: int = Field(description="uplink_ack messages queued to devices after their batch committed.")
+    commands_acknowledged: int = Field(default=0, description="Commands moved to acknowledged by a stored result.")
+    command_results_unmatched: int = Field(
+        default=0, description="Command results stored that answer no command issued to their device (flagged)."
+    )
 
     @classmethod
     def of(cls, stats: IngestStats | None, *, mqtt: MqttState) -> IngestCountersOut:
@@ -232,6 +236,8 @@ class IngestCountersOut(_Out):
             store_failures=stats.store_failures,
             last_commit_at=stats.last_commit_at,
             acks_sent=stats.acks_sent,
+            commands_acknowledged=stats.commands_acknowledged,
+            command_results_unmatched=stats.command_results_unmatched,
         )
 
 
