@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
 import resource
 import selectors
 import socket
@@ -31,8 +32,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage, MQTTMessageInfo
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -134,6 +136,8 @@ class FleetLink:
         self.connects = 0
         self.reconnect_due = 0.0
         self.reconnect_delay_s = RECONNECT_MIN_S
+        self.on_connected: Callable[[], None] | None = None
+        """Called on the network thread after each connect; must only schedule work."""
 
         client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -234,6 +238,8 @@ class FleetLink:
         self.reconnect_delay_s = RECONNECT_MIN_S
         self._gone.clear()
         self._connected.set()
+        if self.on_connected is not None:
+            self.on_connected()
 
     def _on_disconnect(
         self,
@@ -486,12 +492,125 @@ class FleetOptions:
     topic_prefix: str = "yibao/v1"
     build_workers: int = 32
     """Terminals built (outbox files created) and stopped in parallel: each is mostly fsync waits."""
+    scheduling: Literal["threads", "pooled"] = "threads"
+    """'threads': each terminal runs exactly as a kiosk does (`TerminalRuntime.start()`: its own delivery,
+    downlink and heartbeat threads). 'pooled': the same terminal-core objects and methods (`deliver_batch`,
+    `DownlinkReceiver.process`, `HeartbeatTimer.beat`), called by `pool_workers` shared threads when there is work,
+    so thousands of terminals do not mean thousands of threads polling for the GIL."""
+    pool_workers: int = 64
+    sweep_s: float = 5.0
+    """'pooled': how often every terminal's outbox is looked at even without a trigger (retries, server-ack
+    timeouts), where a kiosk's delivery thread looks every second."""
 
 
-@dataclass
+@dataclass(eq=False)
 class FleetTerminal:
     runtime: TerminalRuntime
     link: FleetLink
+    next_beat: float = 0.0
+    beat_due: bool = False
+    downlink_waiting: list[tuple[str, bytes]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class _TerminalScheduler:
+    """'pooled' scheduling: a ready queue of terminals (each at most once), worker threads, and a ticker that makes
+    heartbeats due and sweeps every outbox now and then."""
+
+    def __init__(self, terminals: Sequence[FleetTerminal], *, workers: int, interval_s: float, sweep_s: float) -> None:
+        self._terminals = terminals
+        self._interval_s = interval_s
+        self._sweep_s = sweep_s
+        self._ready: queue.SimpleQueue[FleetTerminal | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._queued: set[FleetTerminal] = set()
+        self._running: set[FleetTerminal] = set()
+        self._again: set[FleetTerminal] = set()
+        self._stopping = threading.Event()
+        self.errors = 0
+        self.beats = 0
+        self._threads = [
+            threading.Thread(target=self._work, name=f"fleet-worker-{i}", daemon=True) for i in range(workers)
+        ]
+        self._ticker = threading.Thread(target=self._tick, name="fleet-ticker", daemon=True)
+
+    def start(self) -> None:
+        now = time.monotonic()
+        count = max(1, len(self._terminals))
+        for i, terminal in enumerate(self._terminals):
+            # The first beat at once (as HeartbeatTimer.start does), the next ones spread over the interval.
+            terminal.beat_due = True
+            terminal.next_beat = now + self._interval_s * (1 + i / count)
+            self.schedule(terminal)
+        for thread in self._threads:
+            thread.start()
+        self._ticker.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._ticker.join(10.0)
+        for _ in self._threads:
+            self._ready.put(None)
+        for thread in self._threads:
+            thread.join(30.0)
+
+    def schedule(self, terminal: FleetTerminal) -> None:
+        with self._lock:
+            if terminal in self._running:
+                self._again.add(terminal)
+            elif terminal not in self._queued:
+                self._queued.add(terminal)
+                self._ready.put(terminal)
+
+    def _tick(self) -> None:
+        next_sweep = time.monotonic() + self._sweep_s
+        while not self._stopping.wait(0.1):
+            now = time.monotonic()
+            sweep = now >= next_sweep
+            if sweep:
+                next_sweep = now + self._sweep_s
+            for terminal in self._terminals:
+                if now >= terminal.next_beat:
+                    terminal.next_beat = now + self._interval_s
+                    terminal.beat_due = True
+                    self.schedule(terminal)
+                elif sweep:
+                    self.schedule(terminal)
+
+    def _work(self) -> None:
+        while (terminal := self._ready.get()) is not None:
+            with self._lock:
+                self._queued.discard(terminal)
+                self._running.add(terminal)
+            try:
+                self._run_once(terminal)
+            except Exception:  # one terminal's surprise must not stop the pool
+                self.errors += 1
+                logger.exception("fleet: %s: unexpected error", terminal.link.device_id)
+            with self._lock:
+                self._running.discard(terminal)
+                if terminal in self._again:
+                    self._again.discard(terminal)
+                    self._queued.add(terminal)
+                    self._ready.put(terminal)
+
+    def _run_once(self, terminal: FleetTerminal) -> None:
+        sync = terminal.runtime.sync
+        with terminal.lock:
+            waiting, terminal.downlink_waiting = terminal.downlink_waiting, []
+        if waiting and sync.downlink is not None:
+            sync.downlink.process(waiting)
+        if terminal.beat_due:
+            terminal.beat_due = False
+            if sync.heartbeat.beat() is not None:
+                with self._lock:
+                    self.beats += 1
+        if terminal.link.is_connected() and not self._stopping.is_set():
+            # A few rounds, then back in the queue, so one deep outbox cannot starve the others.
+            for _ in range(4):
+                if sync.delivery.deliver_batch() == 0:
+                    return
+            self.schedule(terminal)
 
 
 @dataclass
@@ -502,6 +621,7 @@ class Fleet:
     peripherals: Callable[[], Sequence[Peripheral]] = simulated_peripherals
     terminals: list[FleetTerminal] = field(default_factory=list)
     network: FleetNetwork | None = None
+    scheduler: _TerminalScheduler | None = None
     nofile_limit: tuple[int, int] = (0, 0)
 
     def device_id(self, index: int) -> str:
@@ -520,7 +640,16 @@ class Fleet:
         self.network.start()
         with ThreadPoolExecutor(max_workers=o.build_workers, thread_name_prefix="fleet-build") as pool:
             self.terminals = list(pool.map(self._build, range(o.terminals)))
-            list(pool.map(lambda t: t.runtime.start(), self.terminals))
+            if o.scheduling == "threads":
+                list(pool.map(lambda t: t.runtime.start(), self.terminals))
+                return
+        self.scheduler = _TerminalScheduler(
+            self.terminals, workers=o.pool_workers, interval_s=o.heartbeat_interval_s, sweep_s=o.sweep_s
+        )
+        for terminal in self.terminals:
+            terminal.link.on_connected = partial(self.scheduler.schedule, terminal)
+            terminal.link.start()
+        self.scheduler.start()
 
     def _build(self, index: int) -> FleetTerminal:
         o = self.options
@@ -541,9 +670,19 @@ class Fleet:
         boot_id = uuid.uuid4()
         link = FleetLink(mqtt, device_id=device_id, boot_id=boot_id, network=self.network, inflight_window=o.batch_size)
         runtime = build_runtime(config, self.peripherals(), boot_id=boot_id, link=link)
-        if runtime.sync.downlink is not None:
+        terminal = FleetTerminal(runtime=runtime, link=link)
+        if o.scheduling == "pooled":
+            link.attach_downlink(partial(self._downlink_arrived, terminal))
+        elif runtime.sync.downlink is not None:
             link.attach_downlink(runtime.sync.downlink.offer)
-        return FleetTerminal(runtime=runtime, link=link)
+        return terminal
+
+    def _downlink_arrived(self, terminal: FleetTerminal, topic: str, payload: bytes) -> None:
+        """'pooled': on the network thread, only keep the message and queue the terminal for a worker."""
+        with terminal.lock:
+            terminal.downlink_waiting.append((topic, payload))
+        if self.scheduler is not None:
+            self.scheduler.schedule(terminal)
 
     def connected(self) -> int:
         return sum(1 for t in self.terminals if t.link.is_connected())
@@ -568,9 +707,15 @@ class Fleet:
                     for n in range(start, min(per_terminal, start + batch))
                 ]
                 terminal.runtime.record_audits(events)
+                if self.scheduler is not None:
+                    self.scheduler.schedule(terminal)
 
         with ThreadPoolExecutor(max_workers=self.options.build_workers, thread_name_prefix="fleet-fill") as pool:
             list(pool.map(fill, self.terminals))
+
+    def heartbeats_enqueued(self) -> int | None:
+        """Heartbeats the terminals put into their outboxes so far ('pooled' only; None with 'threads')."""
+        return self.scheduler.beats if self.scheduler is not None else None
 
     def outbox_depth(self) -> int:
         """Records not yet acknowledged by the server, over all terminals."""
@@ -578,8 +723,13 @@ class Fleet:
 
     def stop(self) -> None:
         """Stop every terminal (retained 'offline', disconnect, outbox closed), then the network threads."""
+        if self.scheduler is not None:
+            self.scheduler.stop()
+            self.scheduler = None
         with ThreadPoolExecutor(max_workers=max(1, self.options.build_workers * 4)) as pool:
-            list(pool.map(lambda t: t.runtime.stop(), self.terminals))
+            # 'pooled': the runtime's own threads never started, so stop() only closes the outbox; close the link
+            # first so the retained 'offline' goes out, as SyncWorker.stop() does.
+            list(pool.map(lambda t: (t.link.close(), t.runtime.stop()), self.terminals))
         if self.network is not None:
             self.network.stop()
             self.network = None

@@ -196,6 +196,8 @@ class SyncBenchOptions:
     heartbeat_interval_s: float = 30.0
     network_threads: int = 2
     connect_timeout_s: float = 120.0
+    scheduling: str = "threads"
+    """How the fleet runs its terminals: 'threads' (each as a kiosk) or 'pooled'; see `hardware_sim.fleet`."""
     ceiling: bool = False
     """Instead of the server, a bare paho subscriber COPYing the same payloads into PostgreSQL (the ceiling)."""
 
@@ -281,6 +283,8 @@ class _Sampler:
         self._stop = threading.Event()
         self.fleet_connected_peak = 0
         self.server_online_peak = 0
+        self.status_online_peak = 0
+        self.database_url: str | None = None
         self._thread = threading.Thread(target=self._run, name="bench-sampler", daemon=True)
 
     def start(self) -> None:
@@ -303,6 +307,16 @@ class _Sampler:
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
             body = httpx.get(f"{self._base_url}/api/v1/ingest/stats", timeout=10.0).json()
             self.server_online_peak = max(self.server_online_peak, int(body["database"]["devices_online"]))
+        if self.database_url is not None:
+            from sqlalchemy import create_engine, text
+            from sqlalchemy.exc import SQLAlchemyError
+
+            # Read-only: devices whose retained MQTT status the server holds as 'online' (no heartbeat condition).
+            engine = create_engine(self.database_url)
+            with contextlib.suppress(SQLAlchemyError), engine.connect() as conn:
+                query = text("SELECT count(*) FROM devices WHERE link_state = 'online'")
+                self.status_online_peak = max(self.status_online_peak, int(conn.execute(query).scalar_one()))
+            engine.dispose()
 
 
 def bench_sync(options: SyncBenchOptions) -> str:
@@ -341,9 +355,11 @@ def bench_sync(options: SyncBenchOptions) -> str:
                         workdir=workdir / "fleet",
                         heartbeat_interval_s=options.heartbeat_interval_s,
                         network_threads=options.network_threads,
+                        scheduling="pooled" if options.scheduling == "pooled" else "threads",
                     )
                 )
                 sampler = _Sampler(fleet, base_url)
+                sampler.database_url = None if ceiling is not None else database_url
                 sampler.start()
                 t_start = time.monotonic()
                 fleet.start()
@@ -366,12 +382,19 @@ def bench_sync(options: SyncBenchOptions) -> str:
                 cpu1["postgres"] = _postgres_cpu_s()
                 busy1 = _machine_busy_s()
                 hold_from = datetime.now(UTC)
+                beats0 = fleet.heartbeats_enqueued()
                 if options.hold_s > 0:
                     time.sleep(options.hold_s)
                 hold_to = datetime.now(UTC)
+                beats1 = fleet.heartbeats_enqueued()
+                cpu2 = {name: _proc_cpu_s(pid) for name, pid in pids.items() if pid is not None}
+                cpu2["postgres"] = _postgres_cpu_s()
+                busy2 = _machine_busy_s()
                 sampler.stop()
                 figures |= {
                     "terminals": options.terminals,
+                    "scheduling": options.scheduling,
+                    "heartbeat_interval_s": options.heartbeat_interval_s,
                     "events": total,
                     "connected_after_start": connected,
                     "connect_s": round(connect_s, 1),
@@ -384,6 +407,7 @@ def bench_sync(options: SyncBenchOptions) -> str:
                 else:
                     figures |= read_sync_results(database_url, total, wall0, hold_from, hold_to)
                     figures["connected_peak"] = sampler.server_online_peak
+                    figures["connected_by_status_peak"] = sampler.status_online_peak
                 figures["fleet_connected_peak"] = sampler.fleet_connected_peak
                 busy = {name: round(cpu1[name] - cpu0[name], 2) for name in cpu1}
                 figures["cpu_s_during_drain"] = busy
@@ -391,6 +415,16 @@ def bench_sync(options: SyncBenchOptions) -> str:
                     name: round(value / max(drain_s, 1e-9) / (os.cpu_count() or 1), 2) for name, value in busy.items()
                 }
                 figures["machine_busy_share"] = round((busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9), 2)
+                if options.hold_s > 0:
+                    held = (hold_to - hold_from).total_seconds()
+                    figures["cpu_share_of_2_cores_while_holding"] = {
+                        name: round((cpu2[name] - cpu1[name]) / held / (os.cpu_count() or 1), 2) for name in cpu2
+                    }
+                    figures["machine_busy_share_while_holding"] = round(
+                        (busy2[0] - busy1[0]) / max(busy2[1] - busy1[1], 1e-9), 2
+                    )
+                    if beats0 is not None and beats1 is not None:
+                        figures["heartbeats_enqueued_per_s_while_holding"] = round((beats1 - beats0) / held, 1)
                 stored = int(figures.get("stored", 0))
                 if server is not None and stored:
                     figures["ingest_cpu_s_per_1000"] = round(busy["server"] / (stored / 1000), 3)

@@ -321,6 +321,11 @@ def bench_sync(
     hold_s: Annotated[float, typer.Option(min=0, help="Then keep the fleet connected this long (heartbeats).")] = 0.0,
     heartbeat_interval_s: Annotated[float, typer.Option(min=0.1, help="Each terminal's heartbeat interval.")] = 30.0,
     network_threads: Annotated[int, typer.Option(min=1, help="Fleet threads driving all MQTT clients.")] = 2,
+    connect_timeout_s: Annotated[float, typer.Option(min=1, help="Longest wait for the fleet to connect.")] = 120.0,
+    scheduling: Annotated[
+        str,
+        typer.Option(help="'threads': each terminal with its own threads, as on a kiosk; 'pooled': shared workers."),
+    ] = "threads",
     ceiling: Annotated[
         bool, typer.Option(help="Replace the server by a bare paho subscriber COPYing payloads into PostgreSQL.")
     ] = False,
@@ -328,6 +333,10 @@ def bench_sync(
     """End-to-end sync: private Mosquitto, `yibao server run` as a child, a fleet of terminals; one JSON line."""
     from yibao.bench import SyncBenchOptions
     from yibao.bench import bench_sync as run
+
+    if scheduling not in ("threads", "pooled"):
+        typer.secho("error: --scheduling is 'threads' or 'pooled'", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
 
     print(
         run(
@@ -339,6 +348,8 @@ def bench_sync(
                 hold_s=hold_s,
                 heartbeat_interval_s=heartbeat_interval_s,
                 network_threads=network_threads,
+                connect_timeout_s=connect_timeout_s,
+                scheduling=scheduling,
                 ceiling=ceiling,
             )
         )

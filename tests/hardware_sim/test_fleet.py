@@ -1,6 +1,7 @@
 """The fleet simulator against the real pieces: real Mosquitto, the real terminal core, the real ingest worker.
 
-Twenty terminals in one process, driven by two network threads, each put 50 audit records into its own outbox; every
+Twenty terminals in one process, driven by two network threads (each terminal with its own threads as on a kiosk,
+or the same terminal-core calls on shared worker threads), each put 50 audit records into its own outbox; every
 record must be stored exactly once and end ACKED on its terminal (so the server's acks travel back through the
 fleet's links), each terminal must hold its own broker session (retained 'online', then 'offline' on stop), and the
 `yibao bench sync` JSON line must account for every record."""
@@ -71,10 +72,12 @@ def ingest(broker: MosquittoBroker, server_engine: Engine) -> Iterator[IngestWor
     worker.stop()
 
 
-@pytest.fixture
-def fleet(tmp_path: Path, broker: MosquittoBroker) -> Iterator[Fleet]:
+@pytest.fixture(params=["threads", "pooled"])
+def fleet(request: pytest.FixtureRequest, tmp_path: Path, broker: MosquittoBroker) -> Iterator[Fleet]:
     fleet = Fleet(
         FleetOptions(
+            scheduling=request.param,
+            sweep_s=1.0,
             terminals=TERMINALS,
             broker_host=broker.host,
             broker_port=broker.port,
