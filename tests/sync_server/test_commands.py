@@ -300,7 +300,7 @@ def state_of(client: httpx.Client, command_id: str) -> dict[str, Any]:
     return body
 
 
-@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("db_url", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
 def test_a_command_reaches_an_online_terminal_and_is_acknowledged(
     tmp_path: Path, broker: MosquittoBroker, engine: Engine, db_url: str, publisher: Publisher
 ) -> None:
