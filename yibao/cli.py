@@ -329,10 +329,15 @@ def bench_sync(
     ceiling: Annotated[
         bool, typer.Option(help="Replace the server by a bare paho subscriber COPYing payloads into PostgreSQL.")
     ] = False,
+    prefilled: Annotated[
+        bool,
+        typer.Option(help="Fleet publishes while the consumer is away, then the consumer drains alone (no sharing)."),
+    ] = False,
 ) -> None:
     """End-to-end sync: private Mosquitto, `yibao server run` as a child, a fleet of terminals; one JSON line."""
-    from yibao.bench import SyncBenchOptions
-    from yibao.bench import bench_sync as run
+    from yibao.bench import SyncBenchOptions, bench_sync, bench_sync_prefilled
+
+    run = bench_sync_prefilled if prefilled else bench_sync
 
     if scheduling not in ("threads", "pooled"):
         typer.secho("error: --scheduling is 'threads' or 'pooled'", err=True, fg=typer.colors.RED)
