@@ -8,11 +8,14 @@ return normally. It must never call `sys.exit` or leave its signal handlers inst
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import signal
 import socket
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -52,8 +55,22 @@ def _url(sock: socket.socket) -> str:
     return f"http://{shown}:{port}"
 
 
-def serve(settings: ServerSettings) -> None:
+def write_ready_file(path: Path, sock: socket.socket) -> None:
+    """Tell a supervisor where we listen: `{"url": ..., "port": ..., "pid": ...}`, written atomically (a reader never
+    sees half a file). With `http_port = 0` this is how the chosen port is learnt without a bind race."""
+    doc = {"url": _url(sock), "port": sock.getsockname()[1], "pid": os.getpid()}
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write the ready file {path}: {exc.strerror or exc}") from exc
+
+
+def serve(settings: ServerSettings, *, ready_file: Path | None = None) -> None:
     """Migrate, then serve HTTP + ingest until SIGINT/SIGTERM; returns after a graceful shutdown.
+
+    With `ready_file`, the bound address is written there before serving (see `write_ready_file`).
 
     Raises `ServerError` (or a subclass) when start-up fails: the database cannot be migrated, the address cannot
     be bound, or the app's start-up failed."""
@@ -61,6 +78,12 @@ def serve(settings: ServerSettings) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     upgrade(settings.database_url)
     sock = bind_socket(settings.http_host, settings.http_port)
+    if ready_file is not None:
+        try:
+            write_ready_file(ready_file, sock)
+        except ConfigurationError:
+            sock.close()
+            raise
     config = uvicorn.Config(
         create_app(settings),
         lifespan="on",

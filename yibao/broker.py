@@ -44,6 +44,16 @@ def wait_for_port(host: str, port: int, timeout_s: float) -> bool:
     return False
 
 
+def _says_running(log: Path, offset: int) -> bool:
+    try:
+        with log.open("rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return False
+    return "mosquitto version" in text and " running" in text
+
+
 def find_mosquitto() -> str:
     for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
         if candidate and os.access(candidate, os.X_OK):
@@ -89,6 +99,7 @@ class MosquittoBroker:
             "log_type error",
             "log_type warning",
             "log_type notice",
+            "log_type information",  # 'mosquitto version … running' is how start() knows the listener is ours
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         ]
         if os.geteuid() == 0:
@@ -104,10 +115,28 @@ class MosquittoBroker:
             self._tmp = tempfile.TemporaryDirectory(prefix="yibao-mosquitto-")
             self.workdir = Path(self._tmp.name)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if self.port == 0:
-            self.port = free_port(self.host)
+        # Mosquitto cannot listen on port 0 and report the port, so we pick a free one; another process may take it
+        # before Mosquitto binds. Only then, and only for a port we picked, try again with a new one.
+        we_pick = self.port == 0
+        for attempt in range(1, 4):
+            if we_pick:
+                self.port = free_port(self.host)
+            try:
+                return self._start_once(binary, timeout_s)
+            except BrokerError as exc:
+                if not (we_pick and "in use" in str(exc) and attempt < 3):
+                    self.stop()  # also removes a temporary workdir we made
+                    raise
+                logger.warning("port %d was taken before mosquitto bound it; trying another", self.port)
+        raise BrokerError("unreachable")  # the loop either returns or raises
+
+    def _start_once(self, binary: str, timeout_s: float) -> MosquittoBroker:
+        if self.workdir is None:
+            raise BrokerError("no workdir")
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text(), encoding="utf-8")
+        log = self.workdir / "mosquitto.log"
+        log_start = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
         self._proc = subprocess.Popen(
             [binary, "-c", str(conf)],
             stdin=subprocess.DEVNULL,
@@ -115,21 +144,30 @@ class MosquittoBroker:
             stderr=subprocess.PIPE,
             start_new_session=True,
         )
-        if not wait_for_port(self.host, self.port, timeout_s) or self._proc.poll() is not None:
-            err = self._collect_error()
-            self.stop()
-            raise BrokerError(f"mosquitto did not start on {self.host}:{self.port}: {err}")
-        logger.info("mosquitto started on %s:%d (pid %d)", self.host, self.port, self._proc.pid)
-        return self
+        # Ready means: this Mosquitto says it is running (an open port alone could be someone else's listener).
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self._proc.poll() is None:
+            if _says_running(log, log_start) and wait_for_port(self.host, self.port, 0.5):
+                logger.info("mosquitto started on %s:%d (pid %d)", self.host, self.port, self._proc.pid)
+                return self
+            time.sleep(0.02)
+        err = self._collect_error(log_start)
+        self.stop(keep_workdir=True)
+        raise BrokerError(f"mosquitto did not start on {self.host}:{self.port}: {err}")
 
-    def _collect_error(self) -> str:
-        text = ""
+    def _collect_error(self, log_start: int = 0) -> str:
+        """What Mosquitto said about this start: its stderr and its log since `log_start`, warnings about running
+        as root left out (we run it as root on purpose, see config_text)."""
+        lines: list[str] = []
         if self._proc is not None and self._proc.poll() is not None and self._proc.stderr is not None:
-            text = self._proc.stderr.read().decode("utf-8", "replace").strip()
+            lines += self._proc.stderr.read().decode("utf-8", "replace").splitlines()
         log = (self.workdir / "mosquitto.log") if self.workdir else None
-        if not text and log is not None and log.exists():
-            text = log.read_text(encoding="utf-8", errors="replace")[-2000:]
-        return text or "no output"
+        if log is not None and log.exists():
+            with log.open("rb") as f:
+                f.seek(log_start)
+                lines += f.read().decode("utf-8", "replace").splitlines()
+        wanted = [line for line in lines if line.strip() and "should not be run as root" not in line]
+        return " | ".join(wanted)[-2000:] or "no output"
 
     def kill(self) -> None:
         """SIGKILL the broker, as a crash would; queued messages survive only through persistence."""

@@ -166,11 +166,15 @@ def server_run(
     http_port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
     mqtt_host: Annotated[str | None, typer.Option(help="MQTT broker host.")] = None,
     mqtt_port: Annotated[int | None, typer.Option(help="MQTT broker port.")] = None,
+    ready_file: Annotated[
+        Path | None,
+        typer.Option(help="Write {url, port, pid} here once bound (use with --http-port 0 to learn the port)."),
+    ] = None,
 ) -> None:
     """Run the sync server: database migrations, MQTT ingest, REST API and web pages."""
     from sync_server.service import serve
 
-    serve(_server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port))
+    serve(_server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port), ready_file=ready_file)
 
 
 @server_app.command("migrate")

@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from sqlalchemy.engine import make_url
 
-from yibao.broker import MosquittoBroker, free_port
+from yibao.broker import MosquittoBroker
 from yibao.procs import is_alive, spawn, stop, yibao_argv
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ class DemoStack:
         )
 
     def start_server(self) -> None:
+        ready = self.workdir / "server.ready"
+        ready.unlink(missing_ok=True)
         self.server = spawn(
             yibao_argv(
                 "server",
@@ -106,11 +108,21 @@ class DemoStack:
                 self.broker.host,
                 "--mqtt-port",
                 str(self.broker.port),
+                "--ready-file",
+                str(ready),
             ),
             log_path=self.workdir / "server.log",
         )
         self.pids.append(self.server.pid)
         deadline = time.monotonic() + self.options.startup_timeout_s
+        # The server binds the port itself (0 = the OS chooses) and says which: no window for another process.
+        while not ready.exists():
+            if self.server.poll() is not None:
+                raise DemoError(f"the server exited with {self.server.returncode}; see {self.workdir}/server.log")
+            if time.monotonic() > deadline:
+                raise DemoError(f"the server did not bind its port; see {self.workdir}/server.log")
+            time.sleep(0.05)
+        self.http_port = int(json.loads(ready.read_text(encoding="utf-8"))["port"])
         with httpx.Client(base_url=self.base_url, timeout=2.0) as http:
             while time.monotonic() < deadline:
                 if self.server.poll() is not None:
@@ -191,7 +203,7 @@ def start_stack(options: DemoOptions) -> DemoStack:
         options=options,
         workdir=workdir,
         broker=broker,
-        http_port=options.http_port or free_port(),
+        http_port=options.http_port,
         database_url=database_url,
         _tmp=tmp,
     )

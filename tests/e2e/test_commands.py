@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from yibao.demo import DemoError, DemoOptions, DemoStack, start_stack
+from yibao.demo import DemoOptions, DemoStack, start_stack
 from yibao.procs import stop
 
 pytestmark = pytest.mark.e2e
@@ -29,16 +29,7 @@ def wait_for_state(http: httpx.Client, command_id: str, state: str, timeout_s: f
 
 
 def started_stack(workdir: Path) -> DemoStack:
-    """`start_stack` picks a free HTTP port before the server process binds it; on a busy machine another process can
-    take it in between (the server then exits with "Address already in use"). One more try with a new port, and only
-    for that reason: any other start-up failure fails the test."""
-    try:
-        return start_stack(DemoOptions(workdir=workdir / "first", heartbeat_interval_s=1.0))
-    except DemoError:
-        log = workdir / "first" / "server.log"
-        if "Address already in use" not in (log.read_text(encoding="utf-8") if log.exists() else ""):
-            raise
-    return start_stack(DemoOptions(workdir=workdir / "second", heartbeat_interval_s=1.0))
+    return start_stack(DemoOptions(workdir=workdir, heartbeat_interval_s=1.0))
 
 
 def wait_offline(stack: DemoStack, timeout_s: float = 30.0) -> None:

@@ -1,0 +1,36 @@
+"""The private Mosquitto harness: ready means *this* broker is running, and a taken port is reported clearly."""
+
+from __future__ import annotations
+
+import socket
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from yibao.broker import BrokerError, MosquittoBroker
+from yibao.procs import is_alive
+
+
+def test_a_port_someone_else_listens_on_is_refused_with_the_reason() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(BrokerError, match="Address already in use"):
+            MosquittoBroker(port=taken.getsockname()[1]).start()
+
+
+def test_started_broker_accepts_mqtt_and_stops_without_leftovers() -> None:
+    broker = MosquittoBroker().start()
+    pid = broker.pid
+    assert pid is not None
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="probe", protocol=MQTTProtocolVersion.MQTTv5)
+    try:
+        assert client.connect(broker.host, broker.port) == mqtt.MQTT_ERR_SUCCESS
+    finally:
+        client.disconnect()
+    broker.kill()
+    broker.restart()
+    assert broker.pid not in (None, pid)
+    broker.stop()
+    assert not is_alive(pid)
