@@ -2,6 +2,12 @@
 
 Benchmarks live apart from the tests: the tests prove behaviour, these measure it. Results go into
 docs/benchmarks.md together with the command and the machine.
+
+`bench_sync` / `bench_sync_prefilled` own their whole stack for one run: a private Mosquitto on 127.0.0.1, the
+server as a child process, a fresh PostgreSQL database (created and dropped) or SQLite in a temp dir, and the fleet
+simulator. They must never send traffic anywhere but 127.0.0.1, never run unbounded (record counts and `duration_s`
+bound every wait), never write to a database they did not create, and read the server's tables only after or
+beside the run, read-only, for the accounting.
 """
 
 from __future__ import annotations
