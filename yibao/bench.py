@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from protocol import AuditEvent, AuditOutcome, SystemClock, Topics
 from terminal.config import OutboxConfig
 from terminal.outbox import Outbox
-from yibao.procs import spawn, stop, yibao_argv
+from yibao.procs import stop
+from yibao.server_proc import ServerProcess, start_server_process
 
 if TYPE_CHECKING:
     from hardware_sim.fleet import Fleet
@@ -328,7 +329,7 @@ class _Sampler:
 def bench_sync(options: SyncBenchOptions) -> str:
     """Broker + server (child process) + fleet on loopback; every terminal enqueues events/terminals audit records."""
     from hardware_sim.fleet import FDS_PER_TERMINAL, Fleet, FleetOptions, raise_open_file_limit
-    from yibao.broker import MosquittoBroker, free_port
+    from yibao.broker import MosquittoBroker
 
     per_terminal = options.events // options.terminals if options.terminals else 0
     total = per_terminal * options.terminals
@@ -350,9 +351,8 @@ def bench_sync(options: SyncBenchOptions) -> str:
                     ceiling = _CeilingSubscriber(broker.host, broker.port, database_url)
                     ceiling.start()
                 else:
-                    http_port = free_port()
-                    base_url = f"http://127.0.0.1:{http_port}"
-                    server = start_server_child(database_url, http_port, broker, workdir)
+                    started = start_server_child(database_url, broker, workdir)
+                    server, base_url = started.proc, started.base_url
                 fleet = Fleet(
                     FleetOptions(
                         terminals=options.terminals,
@@ -455,35 +455,10 @@ def bench_sync(options: SyncBenchOptions) -> str:
     return json.dumps(figures)
 
 
-def start_server_child(database_url: str, http_port: int, broker: Any, workdir: Path) -> subprocess.Popen[bytes]:
-    import httpx
-
-    server = spawn(
-        yibao_argv(
-            "server",
-            "run",
-            "--database-url",
-            database_url,
-            "--http-port",
-            str(http_port),
-            "--mqtt-host",
-            broker.host,
-            "--mqtt-port",
-            str(broker.port),
-        ),
-        log_path=workdir / "server.log",
+def start_server_child(database_url: str, broker: Any, workdir: Path) -> ServerProcess:
+    return start_server_process(
+        database_url=database_url, mqtt_host=broker.host, mqtt_port=broker.port, workdir=workdir
     )
-    deadline = time.monotonic() + 60.0
-    with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=2.0) as http:
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"the server exited with {server.returncode}")
-            with contextlib.suppress(httpx.HTTPError, ValueError):
-                if http.get("/healthz").json().get("mqtt") == "connected":
-                    return server
-            time.sleep(0.2)
-    stop(server, name="server")
-    raise RuntimeError("the server did not become healthy within 60 s")
 
 
 def _count_stored(database_url: str) -> int:
@@ -653,7 +628,7 @@ def bench_sync_prefilled(options: SyncBenchOptions) -> str:
     ceiling subscriber) is away, the fleet stops, then the consumer drains the broker's queue for its persistent
     session. The rate is stored records over first-to-last storage time, so start-up is not in it."""
     from hardware_sim.fleet import FDS_PER_TERMINAL, Fleet, FleetOptions, raise_open_file_limit
-    from yibao.broker import MosquittoBroker, free_port
+    from yibao.broker import MosquittoBroker
 
     per_terminal = options.events // options.terminals
     total = per_terminal * options.terminals
@@ -665,7 +640,6 @@ def bench_sync_prefilled(options: SyncBenchOptions) -> str:
         with _bench_database(options.database_url, workdir) as database_url:
             broker = MosquittoBroker(workdir=workdir / "mosquitto", max_queued_messages=10_000_000)
             broker.start()
-            http_port = free_port()
             consumer: Any = None
             try:
                 # 1. The consumer subscribes once (creating its persistent session), then goes away.
@@ -674,7 +648,7 @@ def bench_sync_prefilled(options: SyncBenchOptions) -> str:
                     consumer.start()
                     consumer.stop()
                 else:
-                    stop(start_server_child(database_url, http_port, broker, workdir), name="server")
+                    stop(start_server_child(database_url, broker, workdir).proc, name="server")
                 # 2. The fleet publishes everything; the broker queues it for the absent consumer.
                 fleet = Fleet(
                     FleetOptions(
@@ -709,7 +683,7 @@ def bench_sync_prefilled(options: SyncBenchOptions) -> str:
                     consumer.start()
                     pid = os.getpid()
                 else:
-                    consumer = start_server_child(database_url, http_port, broker, workdir)
+                    consumer = start_server_child(database_url, broker, workdir).proc
                     pid = consumer.pid
                 started_s = time.monotonic() - t0
                 while time.monotonic() - t0 < options.duration_s:

@@ -13,11 +13,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from yibao.procs import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +146,8 @@ class MosquittoBroker:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
+            # Even a SIGKILLed orchestrator (a benchmark cut short) leaves no broker behind.
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,
         )
         # Ready means: this Mosquitto says it is running (an open port alone could be someone else's listener).
         deadline = time.monotonic() + timeout_s

@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 
 from yibao.broker import MosquittoBroker
 from yibao.procs import is_alive, spawn, stop, yibao_argv
+from yibao.server_proc import ServerStartError, start_server_process
 
 logger = logging.getLogger(__name__)
 
@@ -94,47 +95,19 @@ class DemoStack:
         )
 
     def start_server(self) -> None:
-        ready = self.workdir / "server.ready"
-        ready.unlink(missing_ok=True)
-        self.server = spawn(
-            yibao_argv(
-                "server",
-                "run",
-                "--database-url",
-                self.database_url,
-                "--http-port",
-                str(self.http_port),
-                "--mqtt-host",
-                self.broker.host,
-                "--mqtt-port",
-                str(self.broker.port),
-                "--ready-file",
-                str(ready),
-            ),
-            log_path=self.workdir / "server.log",
-        )
-        self.pids.append(self.server.pid)
-        deadline = time.monotonic() + self.options.startup_timeout_s
-        # The server binds the port itself (0 = the OS chooses) and says which: no window for another process.
-        while not ready.exists():
-            if self.server.poll() is not None:
-                raise DemoError(f"the server exited with {self.server.returncode}; see {self.workdir}/server.log")
-            if time.monotonic() > deadline:
-                raise DemoError(f"the server did not bind its port; see {self.workdir}/server.log")
-            time.sleep(0.05)
-        self.http_port = int(json.loads(ready.read_text(encoding="utf-8"))["port"])
-        with httpx.Client(base_url=self.base_url, timeout=2.0) as http:
-            while time.monotonic() < deadline:
-                if self.server.poll() is not None:
-                    raise DemoError(f"the server exited with {self.server.returncode}; see {self.workdir}/server.log")
-                try:
-                    health = http.get("/healthz").json()
-                    if health.get("mqtt") == "connected":
-                        return
-                except (httpx.HTTPError, ValueError):
-                    logger.debug("server not answering yet")
-                time.sleep(0.2)
-        raise DemoError(f"the server did not become healthy; see {self.workdir}/server.log")
+        try:
+            server = start_server_process(
+                database_url=self.database_url,
+                mqtt_host=self.broker.host,
+                mqtt_port=self.broker.port,
+                workdir=self.workdir,
+                http_port=self.options.http_port,
+                timeout_s=self.options.startup_timeout_s,
+            )
+        except ServerStartError as exc:
+            raise DemoError(str(exc)) from exc
+        self.server, self.http_port = server.proc, server.port
+        self.pids.append(server.proc.pid)
 
     def start_terminal(self) -> None:
         (self.workdir / "terminal").mkdir(parents=True, exist_ok=True)

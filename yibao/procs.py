@@ -22,7 +22,11 @@ logger = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:
+    """In a child between fork and exec: ask the kernel to SIGTERM us when the parent dies (Linux).
+
+    The kernel watches the *thread* that forked us: start long-lived children from a thread that lives as long
+    as they should (the main thread, in every caller today)."""
     libc_name = ctypes.util.find_library("c")
     if libc_name:
         libc = ctypes.CDLL(libc_name, use_errno=True)
@@ -47,7 +51,7 @@ def spawn(
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,  # prctl must run in the child
+            preexec_fn=die_with_parent if sys.platform == "linux" else None,  # prctl must run in the child
         )
     finally:
         if log_path is not None and not isinstance(out, int):

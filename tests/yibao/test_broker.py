@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -34,3 +37,21 @@ def test_started_broker_accepts_mqtt_and_stops_without_leftovers() -> None:
     assert broker.pid not in (None, pid)
     broker.stop()
     assert not is_alive(pid)
+
+
+def test_the_broker_dies_with_a_parent_that_is_killed() -> None:
+    code = (
+        "from yibao.broker import MosquittoBroker; import time; "
+        "b = MosquittoBroker().start(); print(b.pid, flush=True); time.sleep(60)"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    broker_pid = int(parent.stdout.readline())
+    assert is_alive(broker_pid)
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 5
+    while is_alive(broker_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not is_alive(broker_pid)
