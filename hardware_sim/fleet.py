@@ -332,6 +332,13 @@ class FleetNetwork:
             if shard.thread is not None:
                 shard.thread.join(10.0)
                 shard.thread = None
+            # The thread may have stopped before it dropped links detached just before: close what is left, or
+            # their sockets outlive the fleet.
+            with shard.lock:
+                leftover = set(shard.links) | set(shard.to_detach) | set(shard.reconnecting)
+                shard.to_detach = []
+            for link in leftover:
+                self._drop(shard, link)
             shard.selector.close()
             shard.wake_r.close()
             shard.wake_w.close()
