@@ -4,6 +4,7 @@ dispatcher) and a real terminal runtime: applied once, answered once, delivered 
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -12,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import Engine, func, select
 
 from hardware_sim import simulated_peripherals
@@ -370,8 +373,15 @@ def test_a_command_the_broker_could_not_queue_is_published_again_when_the_termin
         finally:
             pub.close()
         wait_until(lambda: client.get(f"/api/v1/devices/{DEVICE_ID}").status_code == 200, what="registered")
-        cmd = client.post(f"/api/v1/devices/{DEVICE_ID}/commands", json={"kind": "ping"}).json()
-        wait_until(lambda: state_of(client, cmd["command_id"])["state"] == "delivered", what="published into the void")
+        # A probe (another client id) sees the first publish, proving the broker routed it before the terminal
+        # had a session: "delivered" is recorded when the publish is handed to paho, not when it reaches the broker.
+        probe, seen = _downlink_probe(broker)
+        try:
+            cmd = client.post(f"/api/v1/devices/{DEVICE_ID}/commands", json={"kind": "ping"}).json()
+            wait_until(seen.is_set, what="the first publish routed while the terminal had no session")
+        finally:
+            probe.loop_stop()
+            probe.disconnect()
         with terminal(tmp_path, broker) as rt:
             wait_until(lambda: state_of(client, cmd["command_id"])["state"] == "acknowledged", what="answered")
             assert state_of(client, cmd["command_id"])["attempts"] >= 2
@@ -439,3 +449,17 @@ def test_an_expired_command_is_never_applied(
             assert rt.outbox.command_answer(uuid.UUID(short["command_id"])) is None, "the expired one never arrived"
         assert state_of(client, short["command_id"])["state"] == "expired"
         assert state_of(client, short["command_id"])["attempts"] == 1
+
+
+def _downlink_probe(broker: MosquittoBroker) -> tuple[mqtt.Client, threading.Event]:
+    seen = threading.Event()
+    probe = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="downlink-probe", protocol=MQTTProtocolVersion.MQTTv5)
+    subscribed = threading.Event()
+    probe.on_subscribe = lambda *_: subscribed.set()
+    probe.on_message = lambda *_: seen.set()
+    probe.connect(broker.host, broker.port)
+    probe.loop_start()
+    probe.subscribe(TOPICS.downlink(DEVICE_ID), qos=1)
+    if not subscribed.wait(10):
+        raise AssertionError("probe subscription not granted")
+    return probe, seen
