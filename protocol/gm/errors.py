@@ -12,11 +12,11 @@ class CryptoError(Exception):
     """Base of every error raised by `protocol.gm`."""
 
 
-class InvalidSignature(CryptoError):  # noqa: N818 - the domain name (as in `cryptography`); "Error" adds nothing
+class InvalidSignatureError(CryptoError):
     """An SM2 signature does not verify: wrong key, wrong user id, altered message or a malformed signature."""
 
 
-class DecryptionFailed(CryptoError):  # noqa: N818 - names the outcome, like cryptography's InvalidTag
+class DecryptionFailedError(CryptoError):
     """SM4-GCM refused to open a sealed message: wrong key, wrong associated data, or altered bytes."""
 
 
@@ -24,7 +24,7 @@ class KeyFormatError(CryptoError, ValueError):
     """Key bytes or a key file are malformed, off the curve, out of range or unsafely stored."""
 
 
-class WrongPassphrase(KeyFormatError):  # noqa: N818 - reads as the condition, like InvalidSignature
+class WrongPassphraseError(KeyFormatError):
     """An encrypted private-key file could not be opened with the given passphrase (or was altered)."""
 
 

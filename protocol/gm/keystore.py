@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.pbkdf2 import PBKDF2HMAC
 
 from protocol.gm import sm4
-from protocol.gm.errors import DecryptionFailed, KeyFormatError, WrongPassphrase
+from protocol.gm.errors import DecryptionFailedError, KeyFormatError, WrongPassphraseError
 from protocol.gm.records import canonical_json
 from protocol.gm.sm2 import SM2PrivateKey, SM2PublicKey
 
@@ -62,7 +62,7 @@ def encrypt_private_key(key: SM2PrivateKey, passphrase: str, *, iterations: int 
 
 
 def decrypt_private_key(data: bytes, passphrase: str) -> SM2PrivateKey:
-    """Open key-file bytes; `WrongPassphrase` if the passphrase is wrong or the file was altered."""
+    """Open key-file bytes; `WrongPassphraseError` if the passphrase is wrong or the file was altered."""
     try:
         doc = json.loads(data)
     except ValueError as exc:
@@ -82,8 +82,8 @@ def decrypt_private_key(data: bytes, passphrase: str) -> SM2PrivateKey:
         raise KeyFormatError(f"key file declares fewer than {MIN_ITERATIONS} KDF iterations")
     try:
         secret = sm4.open(_derive(passphrase, salt, iterations), sealed, canonical_json(doc))
-    except DecryptionFailed as exc:
-        raise WrongPassphrase("wrong passphrase, or the key file was altered") from exc
+    except DecryptionFailedError as exc:
+        raise WrongPassphraseError("wrong passphrase, or the key file was altered") from exc
     return SM2PrivateKey.from_bytes(secret, public_key)
 
 

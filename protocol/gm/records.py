@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from protocol.gm import sm2
-from protocol.gm.errors import CanonicalFormError, InvalidSignature
+from protocol.gm.errors import CanonicalFormError, InvalidSignatureError
 from protocol.gm.sm2 import DEFAULT_USER_ID, SM2PrivateKey, SM2PublicKey
 
 
@@ -44,9 +44,9 @@ def sign_record(private_key: SM2PrivateKey, record: Any, *, user_id: bytes = DEF
 def verify_record(
     public_key: SM2PublicKey, record: Any, signature_hex: str, *, user_id: bytes = DEFAULT_USER_ID
 ) -> None:
-    """Raise `InvalidSignature` unless `signature_hex` signs exactly this record's canonical form."""
+    """Raise `InvalidSignatureError` unless `signature_hex` signs exactly this record's canonical form."""
     try:
         signature = bytes.fromhex(signature_hex)
     except ValueError as exc:
-        raise InvalidSignature("signature is not hex") from exc
+        raise InvalidSignatureError("signature is not hex") from exc
     sm2.verify(public_key, canonical_json(record), signature, user_id=user_id)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import gmssl_pyx
 
 from protocol.gm import _curve
-from protocol.gm.errors import InvalidSignature, KeyFormatError
+from protocol.gm.errors import InvalidSignatureError, KeyFormatError
 from protocol.gm.sm3 import sm3_digest
 
 DEFAULT_USER_ID = b"1234567812345678"
@@ -161,25 +161,25 @@ def sign(private_key: SM2PrivateKey, message: bytes, *, user_id: bytes = DEFAULT
 
 
 def verify(public_key: SM2PublicKey, message: bytes, signature: bytes, *, user_id: bytes = DEFAULT_USER_ID) -> None:
-    """Return if `signature` (64 bytes `r || s`) is valid for `message`; raise `InvalidSignature` otherwise."""
+    """Return if `signature` (64 bytes `r || s`) is valid for `message`; raise `InvalidSignatureError` otherwise."""
     if len(signature) != SIGNATURE_SIZE:
-        raise InvalidSignature(f"SM2 signature must be {SIGNATURE_SIZE} bytes, got {len(signature)}")
+        raise InvalidSignatureError(f"SM2 signature must be {SIGNATURE_SIZE} bytes, got {len(signature)}")
     r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
     if not (1 <= r < _curve.N and 1 <= s < _curve.N):
-        raise InvalidSignature("SM2 signature out of range")
+        raise InvalidSignatureError("SM2 signature out of range")
     digest = _message_digest(public_key, message, user_id)
     try:
         ok = gmssl_pyx.sm2_verify_sm3_digest(public_key.raw_xy, digest, signature_to_der(signature))
     except gmssl_pyx.GmsslInnerError as exc:
-        raise InvalidSignature("GmSSL rejected the signature") from exc
+        raise InvalidSignatureError("GmSSL rejected the signature") from exc
     if not ok:
-        raise InvalidSignature("SM2 signature does not verify")
+        raise InvalidSignatureError("SM2 signature does not verify")
 
 
 def is_valid(public_key: SM2PublicKey, message: bytes, signature: bytes, *, user_id: bytes = DEFAULT_USER_ID) -> bool:
     try:
         verify(public_key, message, signature, user_id=user_id)
-    except InvalidSignature:
+    except InvalidSignatureError:
         return False
     return True
 
@@ -195,7 +195,7 @@ def _der_integer(value: int) -> bytes:
 def signature_to_der(signature: bytes) -> bytes:
     """64-byte `r || s` → DER `SEQUENCE { INTEGER r, INTEGER s }` (as GmSSL, OpenSSL and pure gmssl's peers use)."""
     if len(signature) != SIGNATURE_SIZE:
-        raise InvalidSignature(f"SM2 signature must be {SIGNATURE_SIZE} bytes, got {len(signature)}")
+        raise InvalidSignatureError(f"SM2 signature must be {SIGNATURE_SIZE} bytes, got {len(signature)}")
     body = _der_integer(int.from_bytes(signature[:32], "big")) + _der_integer(int.from_bytes(signature[32:], "big"))
     return b"\x30" + bytes([len(body)]) + body
 
@@ -203,19 +203,19 @@ def signature_to_der(signature: bytes) -> bytes:
 def signature_from_der(der: bytes) -> bytes:
     """DER `SEQUENCE { INTEGER r, INTEGER s }` → 64-byte `r || s`; strict: no trailing or missing bytes."""
     if len(der) < 8 or der[0] != 0x30 or der[1] != len(der) - 2:
-        raise InvalidSignature("malformed DER SM2 signature")
+        raise InvalidSignatureError("malformed DER SM2 signature")
     values: list[int] = []
     pos = 2
     for _ in range(2):
         if pos + 2 > len(der) or der[pos] != 0x02:
-            raise InvalidSignature("malformed DER SM2 signature")
+            raise InvalidSignatureError("malformed DER SM2 signature")
         size = der[pos + 1]
         body = der[pos + 2 : pos + 2 + size]
         non_minimal = size > 1 and body[0] == 0 and not body[1] & 0x80
         if size == 0 or len(body) != size or body[0] & 0x80 or non_minimal:
-            raise InvalidSignature("malformed DER SM2 signature")
+            raise InvalidSignatureError("malformed DER SM2 signature")
         values.append(int.from_bytes(body, "big"))
         pos += 2 + size
     if pos != len(der) or not all(1 <= v < _curve.N for v in values):
-        raise InvalidSignature("malformed DER SM2 signature")
+        raise InvalidSignatureError("malformed DER SM2 signature")
     return values[0].to_bytes(32, "big") + values[1].to_bytes(32, "big")

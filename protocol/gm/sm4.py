@@ -15,7 +15,7 @@ import os
 from cryptography.exceptions import InvalidTag, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from protocol.gm.errors import CryptoError, DecryptionFailed
+from protocol.gm.errors import CryptoError, DecryptionFailedError
 
 KEY_SIZE = 16
 NONCE_SIZE = 12
@@ -56,10 +56,10 @@ def seal(key: bytes, plaintext: bytes, aad: bytes = b"") -> bytes:
 
 
 def open(key: bytes, sealed: bytes, aad: bytes = b"") -> bytes:
-    """Check and decrypt what `seal` produced. Wrong key, wrong `aad` or any altered byte → `DecryptionFailed`."""
+    """Check and decrypt what `seal` produced. Wrong key, wrong `aad` or any altered byte → `DecryptionFailedError`."""
     _check_key(key)
     if len(sealed) < OVERHEAD:
-        raise DecryptionFailed(f"sealed message too short: {len(sealed)} bytes, at least {OVERHEAD} expected")
+        raise DecryptionFailedError(f"sealed message too short: {len(sealed)} bytes, at least {OVERHEAD} expected")
     nonce, ciphertext, tag = sealed[:NONCE_SIZE], sealed[NONCE_SIZE:-TAG_SIZE], sealed[-TAG_SIZE:]
     try:
         decryptor = Cipher(algorithms.SM4(key), modes.GCM(nonce, tag)).decryptor()
@@ -69,6 +69,6 @@ def open(key: bytes, sealed: bytes, aad: bytes = b"") -> bytes:
     try:
         return decryptor.update(ciphertext) + decryptor.finalize()
     except InvalidTag as exc:
-        raise DecryptionFailed(
+        raise DecryptionFailedError(
             "SM4-GCM authentication failed (wrong key, wrong associated data or altered bytes)"
         ) from exc

@@ -218,7 +218,9 @@ def test_a_failed_write_stops_the_writer(tmp_path: Path) -> None:
     path = tmp_path / "fail.jsonl"
     writer = AuditChainWriter.open(path, KEY, StepClock())
     writer.append({"type": "flow.step"})
-    os.close(writer._fd)  # type: ignore[arg-type] # the disk "goes away" under the writer
+    fd = writer._fd
+    assert fd is not None
+    os.close(fd)  # the disk "goes away" under the writer
     with pytest.raises(AuditChainError, match="cannot append"):
         writer.append({"type": "flow.step"})
     with pytest.raises(AuditChainError, match="failed"):

@@ -8,7 +8,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.gm import CryptoError, DecryptionFailed, hmac_sm3, mac_equal, sm3_digest, sm3_kdf, sm4
+from protocol.gm import CryptoError, DecryptionFailedError, hmac_sm3, mac_equal, sm3_digest, sm3_kdf, sm4
 from protocol.gm.sm4 import _seal_with_nonce
 
 
@@ -79,11 +79,11 @@ def test_seal_uses_a_fresh_nonce_each_time() -> None:
 def test_open_refuses_wrong_key_wrong_aad_and_short_input() -> None:
     key = sm4.generate_key()
     sealed = sm4.seal(key, b"payload", b"device-1")
-    with pytest.raises(DecryptionFailed):
+    with pytest.raises(DecryptionFailedError):
         sm4.open(sm4.generate_key(), sealed, b"device-1")
-    with pytest.raises(DecryptionFailed):
+    with pytest.raises(DecryptionFailedError):
         sm4.open(key, sealed, b"device-2")
-    with pytest.raises(DecryptionFailed, match="too short"):
+    with pytest.raises(DecryptionFailedError, match="too short"):
         sm4.open(key, sealed[:20], b"device-1")
     with pytest.raises(CryptoError, match="16 bytes"):
         sm4.seal(b"short", b"x", b"")
@@ -103,7 +103,7 @@ def test_any_flipped_bit_is_refused(plaintext: bytes, aad: bytes, data: st.DataO
     sealed = bytearray(sm4.seal(key, plaintext, aad))
     bit = data.draw(st.integers(0, len(sealed) * 8 - 1))
     sealed[bit // 8] ^= 1 << (bit % 8)
-    with pytest.raises(DecryptionFailed):
+    with pytest.raises(DecryptionFailedError):
         sm4.open(key, bytes(sealed), aad)
 
 
@@ -115,5 +115,5 @@ def test_any_flipped_aad_bit_is_refused(aad: bytes, data: st.DataObject) -> None
     bit = data.draw(st.integers(0, len(aad) * 8 - 1))
     altered = bytearray(aad)
     altered[bit // 8] ^= 1 << (bit % 8)
-    with pytest.raises(DecryptionFailed):
+    with pytest.raises(DecryptionFailedError):
         sm4.open(key, sealed, bytes(altered))

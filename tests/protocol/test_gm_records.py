@@ -8,7 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.gm import CanonicalFormError, InvalidSignature, SM2PrivateKey, canonical_json, sign_record, verify_record
+from protocol.gm import (
+    CanonicalFormError,
+    InvalidSignatureError,
+    SM2PrivateKey,
+    canonical_json,
+    sign_record,
+    verify_record,
+)
 
 
 def test_canonical_form_is_sorted_compact_utf8() -> None:
@@ -42,9 +49,9 @@ def test_signed_record_verifies_and_any_change_is_refused() -> None:
     record = {"decision": "approve", "prescription": "RX-1", "reviewer": "PH-7", "seq": 3}
     signature = sign_record(key, record)
     verify_record(key.public_key, dict(reversed(list(record.items()))), signature)
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         verify_record(key.public_key, {**record, "decision": "reject"}, signature)
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         verify_record(SM2PrivateKey.generate().public_key, record, signature)
-    with pytest.raises(InvalidSignature, match="not hex"):
+    with pytest.raises(InvalidSignatureError, match="not hex"):
         verify_record(key.public_key, record, "xyz")

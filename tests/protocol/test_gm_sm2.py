@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.gm import (
-    InvalidSignature,
+    InvalidSignatureError,
     KeyFormatError,
     Party,
     SM2PrivateKey,
     SM2PublicKey,
-    WrongPassphrase,
+    WrongPassphraseError,
     agree_session_key,
     load_private_key,
     save_private_key,
@@ -71,11 +71,11 @@ def test_published_example_fixed_k_signature_reproduced_by_the_reference() -> No
 
 def test_published_signature_refused_for_other_message_id_or_key() -> None:
     public = SM2PublicKey.from_hex(PUB)
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         verify(public, MSG + b".", bytes.fromhex(SIG))
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         verify(public, MSG, bytes.fromhex(SIG), user_id=b"ALICE123@YAHOO.COM")
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         verify(SM2PrivateKey.generate().public_key, MSG, bytes.fromhex(SIG))
 
 
@@ -95,7 +95,7 @@ def test_pure_gmssl_signs_ours_verifies(key: SM2PrivateKey) -> None:
 def test_flipped_signature_bits_are_refused(key: SM2PrivateKey, position: int) -> None:
     signature = bytearray(sign(key, b"m"))
     signature[position] ^= 0x01
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         verify(key.public_key, b"m", bytes(signature))
 
 
@@ -103,7 +103,7 @@ def test_flipped_signature_bits_are_refused(key: SM2PrivateKey, position: int) -
     "signature", [b"", b"\x00" * 64, b"\x01" * 63, bytes.fromhex("FF" * 64), b"\x00" * 32 + b"\x01" * 32]
 )
 def test_malformed_signatures_are_refused(key: SM2PrivateKey, signature: bytes) -> None:
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         verify(key.public_key, b"m", signature)
 
 
@@ -112,11 +112,11 @@ def test_der_round_trip(key: SM2PrivateKey) -> None:
     der = gm_sm2.signature_to_der(signature)
     assert der[0] == 0x30
     assert gm_sm2.signature_from_der(der) == signature
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         gm_sm2.signature_from_der(der + b"\x00")
     r_body = (1).to_bytes(2, "big")  # 00 01: a non-minimal INTEGER
     non_minimal = b"\x30\x07\x02\x02" + r_body + b"\x02\x01\x01"
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         gm_sm2.signature_from_der(non_minimal)
 
 
@@ -170,11 +170,11 @@ def test_key_file_round_trip_with_mode_0600(tmp_path: Path, key: SM2PrivateKey) 
 def test_key_file_wrong_passphrase_and_tampering(tmp_path: Path, key: SM2PrivateKey) -> None:
     path = tmp_path / "device.key"
     save_private_key(path, key, PASS, iterations=1000)
-    with pytest.raises(WrongPassphrase):
+    with pytest.raises(WrongPassphraseError):
         load_private_key(path, PASS + "!")
     weakened = path.read_text().replace('"iterations":1000', '"iterations":1001')
     path.write_text(weakened)
-    with pytest.raises(WrongPassphrase):
+    with pytest.raises(WrongPassphraseError):
         load_private_key(path, PASS)
 
 
@@ -226,5 +226,5 @@ def test_any_message_signs_and_any_flipped_message_bit_is_refused(
     bit = data.draw(st.integers(0, len(message) * 8 - 1))
     altered = bytearray(message)
     altered[bit // 8] ^= 1 << (bit % 8)
-    with pytest.raises(InvalidSignature):
+    with pytest.raises(InvalidSignatureError):
         verify(key.public_key, bytes(altered), signature)
