@@ -36,7 +36,7 @@ from functools import partial
 from pathlib import Path
 from typing import Final, Literal
 
-from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage, MQTTMessageInfo
+from paho.mqtt.client import Client, ConnectFlags, DisconnectFlags, MQTTMessage
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -48,7 +48,7 @@ from protocol import AuditEvent, AuditOutcome, DeviceStatusMessage, LinkState, S
 from terminal.config import HeartbeatConfig, MqttConfig, OutboxConfig, TerminalConfig
 from terminal.errors import NotConnectedError, PublishError
 from terminal.runtime import TerminalRuntime, build_runtime
-from terminal.sync import SESSION_EXPIRY_S, Delivery, DeliveryState, PublishTicket
+from terminal.sync import SESSION_EXPIRY_S, PahoTicket, PubackRefusals, PublishTicket, announce_online
 
 logger = logging.getLogger(__name__)
 
@@ -79,33 +79,6 @@ def raise_open_file_limit(wanted: int) -> tuple[int, int]:
 # ---------------------------------------------------------------------- the link
 
 
-class _FleetTicket:
-    def __init__(self, info: MQTTMessageInfo, link: FleetLink) -> None:
-        self._info = info
-        self._link = link
-
-    def poll(self) -> Delivery:
-        try:
-            published = self._info.is_published()
-        except ValueError:
-            return Delivery(DeliveryState.FAILED, "client queue full")
-        except RuntimeError:
-            if self._info.rc in (MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST):
-                return Delivery(DeliveryState.LINK_DOWN, "not connected")
-            return Delivery(DeliveryState.FAILED, f"publish failed: {MQTTErrorCode(self._info.rc).name}")
-        if not published:
-            return Delivery(DeliveryState.WAITING)
-        refusal = self._link.take_refusal(self._info.mid)
-        if refusal is not None:
-            return Delivery(DeliveryState.REJECTED, f"rejected by broker: {refusal}")
-        return Delivery(DeliveryState.ACKED)
-
-    def wait(self, timeout_s: float) -> Delivery:
-        with contextlib.suppress(ValueError, RuntimeError):  # poll() classifies the same condition
-            self._info.wait_for_publish(max(0.0, timeout_s))
-        return self.poll()
-
-
 class FleetLink:
     """One terminal's MQTT session, driven by a `FleetNetwork` thread instead of its own (a `UplinkLink`)."""
 
@@ -129,8 +102,7 @@ class FleetLink:
         self._downlink_sink: Callable[[str, bytes], None] | None = None
         self._connected = threading.Event()
         self._gone = threading.Event()
-        self._refusals: dict[int, str] = {}
-        self._refusals_lock = threading.Lock()
+        self._refusals = PubackRefusals()
         self.closing = False
         self.started = False
         self.connects = 0
@@ -149,7 +121,7 @@ class FleetLink:
         client.max_queued_messages_set(inflight_window * 4)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
+        client.on_publish = self._refusals.on_publish
         client.on_message = self._on_message
         client.on_socket_open = network.socket_opened
         client.on_socket_close = network.socket_closed
@@ -213,11 +185,7 @@ class FleetLink:
         # paho only calls register_write when it was not already registered; wake the thread regardless, because
         # the network thread may have just decided there was nothing to write (a lost-wake-up race otherwise).
         self._network.write_wanted(self.client, self, None)
-        return _FleetTicket(info, self)
-
-    def take_refusal(self, mid: int) -> str | None:
-        with self._refusals_lock:
-            return self._refusals.pop(mid, None)
+        return PahoTicket(info, self._refusals.take)
 
     # -- paho callbacks, on the network thread
 
@@ -232,8 +200,12 @@ class FleetLink:
         if reason_code.is_failure:
             logger.warning("fleet: broker refused %s: %s", self.device_id, reason_code)
             return
-        client.publish(self._status_topic, self._status(LinkState.ONLINE, stamped=True), qos=1, retain=True)
-        client.subscribe(self._downlink_topic, qos=1)
+        announce_online(
+            client,
+            status_topic=self._status_topic,
+            status=self._status(LinkState.ONLINE, stamped=True),
+            downlink_topic=self._downlink_topic,
+        )
         self.connects += 1
         self.reconnect_delay_s = RECONNECT_MIN_S
         self._gone.clear()
@@ -255,15 +227,6 @@ class FleetLink:
             logger.debug("fleet: %s lost its connection: %s", self.device_id, reason_code)
             self._network.schedule_reconnect(self)
 
-    def _on_publish(
-        self, client: Client, userdata: object, mid: int, reason_code: ReasonCode, properties: Properties
-    ) -> None:
-        if reason_code.is_failure:
-            with self._refusals_lock:
-                if len(self._refusals) > 4096:
-                    self._refusals.clear()
-                self._refusals[mid] = str(reason_code)
-
     def _on_message(self, client: Client, userdata: object, message: MQTTMessage) -> None:
         sink = self._downlink_sink
         if sink is not None:
@@ -279,6 +242,13 @@ class FleetLink:
 
 
 # ---------------------------------------------------------------------- the network threads
+
+
+def _drain_wakeups(wake_r: socket.socket) -> None:
+    """Empty the (non-blocking) wake-up socket: each byte only said 'look at your work lists'."""
+    with contextlib.suppress(BlockingIOError):
+        while wake_r.recv(4096):
+            continue
 
 
 class _Shard:
@@ -401,9 +371,7 @@ class FleetNetwork:
                 timeout = max(0.0, next_misc - time.monotonic())
                 for key, mask in shard.selector.select(timeout):
                     if key.data is None:
-                        with contextlib.suppress(BlockingIOError):
-                            while shard.wake_r.recv(4096):
-                                pass
+                        _drain_wakeups(shard.wake_r)
                         continue
                     link = key.data
                     if not isinstance(link, FleetLink):

@@ -154,10 +154,14 @@ class UplinkLink(Protocol):
 # ---------------------------------------------------------------------- paho adapter
 
 
-class _PahoTicket:
-    def __init__(self, info: MQTTMessageInfo, uplink: MqttUplink) -> None:
+class PahoTicket:
+    """A `PublishTicket` over paho's `MQTTMessageInfo`; `take_refusal(mid)` supplies the broker's PUBACK refusal.
+
+    Shared by `MqttUplink` and the fleet simulator's link, so both classify deliveries the same way."""
+
+    def __init__(self, info: MQTTMessageInfo, take_refusal: Callable[[int], str | None]) -> None:
         self._info = info
-        self._uplink = uplink
+        self._take_refusal = take_refusal
 
     def poll(self) -> Delivery:
         try:
@@ -170,7 +174,7 @@ class _PahoTicket:
             return Delivery(DeliveryState.FAILED, f"publish failed: {MQTTErrorCode(self._info.rc).name}")
         if not published:
             return Delivery(DeliveryState.WAITING)
-        refusal = self._uplink.take_refusal(self._info.mid)
+        refusal = self._take_refusal(self._info.mid)
         if refusal is not None:
             return Delivery(DeliveryState.REJECTED, f"rejected by broker: {refusal}")
         return Delivery(DeliveryState.ACKED)
@@ -179,6 +183,46 @@ class _PahoTicket:
         with contextlib.suppress(ValueError, RuntimeError):  # poll() classifies the same condition
             self._info.wait_for_publish(max(0.0, timeout_s))
         return self.poll()
+
+
+class PubackRefusals:
+    """PUBACK failure reasons by message id. paho marks a message published whatever the PUBACK's reason code, so
+    `on_publish` records refusals here and the ticket holding that mid reads them once `is_published()` is true
+    (paho calls `on_publish` before setting it)."""
+
+    _LIMIT = 4096  # refusals for messages nobody waits for any more are dropped beyond this
+
+    def __init__(self) -> None:
+        self._by_mid: dict[int, str] = {}
+        self._lock = threading.Lock()
+
+    def on_publish(
+        self, client: Client, userdata: object, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
+        if reason_code.is_failure:
+            with self._lock:
+                if len(self._by_mid) > self._LIMIT:
+                    self._by_mid.clear()
+                self._by_mid[mid] = str(reason_code)
+
+    def take(self, mid: int) -> str | None:
+        """The refusal for `mid`, if any (consumed on read)."""
+        with self._lock:
+            return self._by_mid.pop(mid, None)
+
+
+def announce_online(client: Client, *, status_topic: str, status: bytes, downlink_topic: str | None) -> None:
+    """On every connect: subscribe to the downlink (the persistent session keeps it, but a broker that lost its state
+    has not), THEN publish the retained 'online'. The broker handles one client's packets in order, so whatever the
+    server sends in answer to 'online' (the current ack, re-published commands) finds the subscription. Both calls
+    only queue packets; nothing here waits for the network."""
+    if downlink_topic is not None:
+        rc, _mid = client.subscribe(downlink_topic, qos=1)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            logger.warning("mqtt: could not subscribe to the downlink topic: %s", MQTTErrorCode(rc).name)
+    info = client.publish(status_topic, status, qos=1, retain=True)
+    if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        logger.warning("mqtt: could not queue the online status: %s", MQTTErrorCode(info.rc).name)
 
 
 class MqttUplink:
@@ -210,8 +254,7 @@ class MqttUplink:
         self._state_lock = threading.Lock()
         self._available: bool | None = None  # None until the first connect attempt resolves
         self._unavailable_since = 0.0
-        self._refusals: dict[int, str] = {}
-        self._refusals_lock = threading.Lock()
+        self._refusals = PubackRefusals()
 
         client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -230,7 +273,7 @@ class MqttUplink:
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
-        client.on_publish = self._on_publish
+        client.on_publish = self._refusals.on_publish
         client.on_message = self._on_message
         self._client = client
 
@@ -293,12 +336,7 @@ class MqttUplink:
             raise PublishError(f"publish refused by the MQTT client: {exc}") from exc
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise PublishError("MQTT client queue is full")
-        return _PahoTicket(info, self)
-
-    def take_refusal(self, mid: int) -> str | None:
-        """The failure reason the broker gave in the PUBACK for `mid`, if any (consumed on read)."""
-        with self._refusals_lock:
-            return self._refusals.pop(mid, None)
+        return PahoTicket(info, self._refusals.take)
 
     # -- paho callbacks: run on paho's network thread; flip state, log, return
 
@@ -313,17 +351,12 @@ class MqttUplink:
         if reason_code.is_failure:
             self._became_unavailable(f"broker refused the connection: {reason_code}")
             return
-        if self._downlink_sink is not None:
-            # Every connect: the persistent session keeps the subscription, but a broker that lost its state has not.
-            # Subscribed BEFORE 'online' is announced: the broker handles one client's packets in order, so whatever
-            # the server sends in answer to 'online' (the current ack, re-published commands) finds the subscription.
-            rc, _mid = client.subscribe(self._downlink_topic, qos=1)
-            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                logger.warning("mqtt: could not subscribe to the downlink topic: %s", MQTTErrorCode(rc).name)
-        # publish() only queues the packet; it does not wait for the network.
-        info = client.publish(self._status_topic, self._status(LinkState.ONLINE, stamped=True), qos=1, retain=True)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            logger.warning("mqtt: could not queue the online status: %s", MQTTErrorCode(info.rc).name)
+        announce_online(
+            client,
+            status_topic=self._status_topic,
+            status=self._status(LinkState.ONLINE, stamped=True),
+            downlink_topic=self._downlink_topic if self._downlink_sink is not None else None,
+        )
         self._connected.set()
         self._became_available(session_present=flags.session_present)
 
@@ -341,17 +374,6 @@ class MqttUplink:
         self._connected.clear()
         if not self._closing:
             self._became_unavailable(f"connection lost: {reason_code}")
-
-    def _on_publish(
-        self, client: Client, userdata: object, mid: int, reason_code: ReasonCode, properties: Properties
-    ) -> None:
-        # paho marks the message published whatever the PUBACK's reason code, so remember refusals here; the
-        # ticket holding this mid reads them once `is_published()` is true (paho calls us before setting that).
-        if reason_code.is_failure:
-            with self._refusals_lock:
-                if len(self._refusals) > 4096:  # refusals for messages nobody waits for any more
-                    self._refusals.clear()
-                self._refusals[mid] = str(reason_code)
 
     def _on_message(self, client: Client, userdata: object, message: MQTTMessage) -> None:
         sink = self._downlink_sink

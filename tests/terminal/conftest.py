@@ -343,12 +343,11 @@ class ReplyHoldingProxy:
 
     def _pump(self, source: socket.socket, sink: socket.socket, gate: threading.Event | None) -> None:
         try:
-            while data := source.recv(65536):
-                if gate is not None:
-                    gate.wait()
-                sink.sendall(data)
-        except OSError:
-            pass
+            with contextlib.suppress(OSError):  # either side closing ends the pump; that is the relay's normal end
+                while data := source.recv(65536):
+                    if gate is not None:
+                        gate.wait()
+                    sink.sendall(data)
         finally:
             for s in (source, sink):
                 with contextlib.suppress(OSError):
