@@ -42,7 +42,7 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from datetime import datetime
 from enum import Enum
 from typing import Any, Protocol
@@ -100,9 +100,11 @@ class StoreBatch(Protocol):
     def __call__(self, session: Session, envelopes: Sequence[Envelope], *, received_at: datetime) -> StoreResult: ...
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class IngestStats:
-    """Counters since the worker started. A redelivered message is received (and stored or counted) again."""
+    """Counters since the worker started. A redelivered message is received (and stored or counted) again.
+
+    The worker keeps one live instance under its lock; `IngestWorker.stats()` hands out copies."""
 
     started_at: datetime | None
     connected: bool
@@ -162,23 +164,6 @@ class _Inbound:
         return None
 
 
-@dataclass
-class _Counters:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    received: int = 0
-    stored: int = 0
-    duplicates: int = 0
-    conflicts: int = 0
-    statuses: int = 0
-    rejected: int = 0
-    batches: int = 0
-    store_failures: int = 0
-    last_commit_at: datetime | None = None
-    acks_sent: int = 0
-    commands_acknowledged: int = 0
-    command_results_unmatched: int = 0
-
-
 _NO_RESULTS = ResultsApplied(0, 0, ())
 
 
@@ -215,7 +200,8 @@ class IngestWorker:
         self._topics = Topics(prefix=settings.topic_prefix)
         self._broker = f"{settings.mqtt_host}:{settings.mqtt_port}"
         self._inbox: queue.SimpleQueue[_Inbound] = queue.SimpleQueue()
-        self._counters = _Counters()
+        self._counts = IngestStats(started_at=None, connected=False)
+        self._counts_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
@@ -297,24 +283,8 @@ class IngestWorker:
             logger.info("ingest stopped")
 
     def stats(self) -> IngestStats:
-        c = self._counters
-        with c.lock:
-            return IngestStats(
-                started_at=self._started_at,
-                connected=self._connected,
-                received=c.received,
-                stored=c.stored,
-                duplicates=c.duplicates,
-                conflicts=c.conflicts,
-                statuses=c.statuses,
-                rejected=c.rejected,
-                batches=c.batches,
-                store_failures=c.store_failures,
-                last_commit_at=c.last_commit_at,
-                acks_sent=c.acks_sent,
-                commands_acknowledged=c.commands_acknowledged,
-                command_results_unmatched=c.command_results_unmatched,
-            )
+        with self._counts_lock:
+            return replace(self._counts, started_at=self._started_at, connected=self._connected)
 
     def publish_downlink(self, device_id: str, payload: bytes) -> bool:
         """Queue one QoS 1 message on `device_id`'s downlink topic through this worker's client; True if the client
@@ -423,8 +393,8 @@ class IngestWorker:
                 received_at=self._clock.now(),
             )
         )
-        with self._counters.lock:
-            self._counters.received += 1
+        with self._counts_lock:
+            self._counts.received += 1
 
     # ------------------------------------------------------------------ storing thread
 
@@ -562,8 +532,8 @@ class IngestWorker:
             logger.warning(
                 "... and %d more rejected messages in this batch", len(rejected) - REJECT_LOG_LINES_PER_BATCH
             )
-        c = self._counters
-        with c.lock:
+        c = self._counts
+        with self._counts_lock:
             c.stored += result.stored
             c.duplicates += result.duplicates
             c.conflicts += result.conflicts
@@ -596,12 +566,12 @@ class IngestWorker:
             else:
                 # Not fatal: the terminal publishes again after its ack timeout, and the duplicate brings a new ack.
                 logger.debug("uplink_ack for %s not queued: %s", state.device_id, mqtt.error_string(info.rc))
-        with self._counters.lock:
-            self._counters.acks_sent += sent
+        with self._counts_lock:
+            self._counts.acks_sent += sent
 
     def _note_failure(self, exc: IngestError, size: int) -> None:
-        with self._counters.lock:
-            self._counters.store_failures += 1
+        with self._counts_lock:
+            self._counts.store_failures += 1
         if self._failing_since == 0:
             logger.warning("%s; keeping %d messages unacknowledged and retrying", exc, size)
         self._failing_since += 1
