@@ -43,6 +43,8 @@ from protocol.payloads import (
     PeripheralKind,
     PeripheralState,
     PeripheralStatus,
+    SignedRecord,
+    SignedRecordKind,
 )
 from protocol.topics import Topics
 
@@ -74,6 +76,8 @@ __all__ = [
     "PeripheralState",
     "PeripheralStatus",
     "PingArgs",
+    "SignedRecord",
+    "SignedRecordKind",
     "SystemClock",
     "Topics",
     "UplinkAck",

@@ -14,7 +14,7 @@ import uuid
 from enum import StrEnum
 from typing import Annotated, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, JsonValue
 
 _Short = Annotated[str, Field(min_length=1, max_length=64)]
 _Version = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]*$")]
@@ -30,6 +30,7 @@ class PayloadType(StrEnum):
     HEARTBEAT = "heartbeat"
     AUDIT_EVENT = "audit_event"
     COMMAND_RESULT = "command_result"
+    SIGNED_RECORD = "signed_record"
 
 
 class PeripheralKind(StrEnum):
@@ -143,10 +144,34 @@ class CommandResult(_Closed):
     applied_at: AwareDatetime = Field(description="Terminal wall clock when the command was answered.")
 
 
-Payload = Heartbeat | AuditEvent | CommandResult
+class SignedRecordKind(StrEnum):
+    """Records that must be non-repudiable (S-28…S-32): the terminal signs them with its SM2 identity key."""
 
-PAYLOAD_MODELS: dict[PayloadType, type[Heartbeat] | type[AuditEvent] | type[CommandResult]] = {
+    REVIEW_DECISION = "review_decision"
+    """A pharmacist's prescription review decision, confirmed by face on the terminal."""
+    BINDING_APPLICATION = "binding_application"
+    """An institution head's application to bind this terminal."""
+    SIGN_IN = "sign_in"
+    SIGN_OUT = "sign_out"
+
+
+class SignedRecord(_Closed):
+    """A record plus the device's SM2 signature over its canonical encoding (`protocol.evidence`). The server
+    verifies it against the device's enrolled key of `key_epoch` before storing it, and keeps the signature so that
+    anyone holding the public key can verify the record again later."""
+
+    type: Literal["signed_record"] = "signed_record"
+    record_type: SignedRecordKind
+    record: dict[_Short, JsonValue] = Field(max_length=64, description="The record; no raw personal data.")
+    key_epoch: int = Field(ge=1, description="Which of the device's enrolled identity keys signed it.")
+    signature: str = Field(pattern=r"^[0-9a-f]{128}$", description="SM2 signature r||s over the canonical form, hex.")
+
+
+Payload = Heartbeat | AuditEvent | CommandResult | SignedRecord
+
+PAYLOAD_MODELS: dict[PayloadType, type[Heartbeat] | type[AuditEvent] | type[CommandResult] | type[SignedRecord]] = {
     PayloadType.HEARTBEAT: Heartbeat,
     PayloadType.AUDIT_EVENT: AuditEvent,
     PayloadType.COMMAND_RESULT: CommandResult,
+    PayloadType.SIGNED_RECORD: SignedRecord,
 }

@@ -21,6 +21,7 @@ from protocol import (
     Envelope,
     Heartbeat,
     LinkState,
+    Payload,
     PayloadType,
     PeripheralKind,
     PeripheralState,
@@ -50,7 +51,7 @@ def heartbeat() -> Heartbeat:
     )
 
 
-def envelope(payload: Heartbeat | AuditEvent | None = None, **overrides: Any) -> Envelope:
+def envelope(payload: Payload | None = None, **overrides: Any) -> Envelope:
     payload = payload or heartbeat()
     fields: dict[str, Any] = {
         "device_id": "SIM-0001",
