@@ -131,6 +131,42 @@ class PublishTicket(Protocol):
         ...
 
 
+class Sealer(Protocol):
+    """Turns a stored record into the bytes published for it, at publish time (`terminal.session.SessionSealer`
+    seals an enrolled device's records as SM4-GCM frames; `Plaintext` publishes them as stored)."""
+
+    def ready(self) -> bool:
+        """Whether `seal` can work now; while False the delivery loop publishes nothing."""
+        ...
+
+    def seal(self, seq: int, wire: bytes) -> bytes:
+        """The payload for record `seq`; raises `SyncError` when it cannot (the record is requeued)."""
+        ...
+
+    def unacknowledged(self, count: int) -> None:
+        """`count` records went back to PENDING because the server did not acknowledge them in time."""
+        ...
+
+
+class FrameOpener(Protocol):
+    """Turns a downlink payload into the message bytes, or raises `ContractError` (refused)."""
+
+    def open(self, raw: bytes) -> bytes: ...
+
+
+class Plaintext:
+    """The `Sealer` of a terminal without an enrolled identity (security off): records go out as stored."""
+
+    def ready(self) -> bool:
+        return True
+
+    def seal(self, seq: int, wire: bytes) -> bytes:
+        return wire
+
+    def unacknowledged(self, count: int) -> None:
+        return None
+
+
 class UplinkLink(Protocol):
     """The MQTT connection as the delivery loop sees it; `MqttUplink` in production, a fake in unit tests."""
 
@@ -237,8 +273,11 @@ class MqttUplink:
         clock: Clock,
         inflight_window: int,
         downlink_sink: Callable[[str, bytes], None] | None = None,
+        password: str | None = None,
     ) -> None:
-        """`downlink_sink(topic, payload)` receives each message on the device's downlink topic, on paho's network
+        """`password` goes with `config.username` (an enrolled device's broker credentials).
+
+        `downlink_sink(topic, payload)` receives each message on the device's downlink topic, on paho's network
         thread: it must only enqueue (`DownlinkReceiver.offer`)."""
         self._config = config
         self._device_id = device_id
@@ -262,6 +301,8 @@ class MqttUplink:
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         client.on_log = self._on_log
+        if config.username is not None:
+            client.username_pw_set(config.username, password)
         client.will_set(self._status_topic, self._status(LinkState.OFFLINE, stamped=False), qos=1, retain=True)
         # paho schedules reconnects in whole seconds; round the configured fractions up rather than busy-retry.
         client.reconnect_delay_set(
@@ -457,9 +498,11 @@ class UplinkDelivery:
         batch_size: int,
         publish_timeout_s: float,
         clock: Clock,
+        sealer: Sealer | None = None,
     ) -> None:
         self._outbox = outbox
         self._link = link
+        self._sealer: Sealer = sealer if sealer is not None else Plaintext()
         self._topic = topic
         self._batch_size = batch_size
         self._publish_timeout_s = publish_timeout_s
@@ -491,6 +534,9 @@ class UplinkDelivery:
         while not self._stopping.is_set():
             try:
                 if not self._link.wait_connected(POLL_SLICE_S):
+                    continue
+                if not self._sealer.ready():  # no session key yet: records wait in the outbox
+                    self._stopping.wait(POLL_SLICE_S)
                     continue
                 if self.deliver_batch() == 0:
                     self._outbox.wait_for_work(IDLE_POLL_S)
@@ -529,7 +575,9 @@ class UplinkDelivery:
         if self._last_requeue_check is not None and now - self._last_requeue_check < REQUEUE_CHECK_S:
             return
         self._last_requeue_check = now
-        self._outbox.requeue_unacked()
+        requeued = self._outbox.requeue_unacked()
+        if requeued:
+            self._sealer.unacknowledged(requeued)
 
     def _publish_and_await(self, batch: Sequence[ClaimedRecord]) -> _Outcome:
         outcome = _Outcome(acked=[], retry={}, requeue={})
@@ -539,7 +587,8 @@ class UplinkDelivery:
                 outcome.requeue.setdefault("terminal stopping", []).append(record.seq)
                 continue
             try:
-                tickets.append((record.seq, self._link.publish(self._topic, record.wire)))
+                payload = self._sealer.seal(record.seq, record.wire)
+                tickets.append((record.seq, self._link.publish(self._topic, payload)))
             except NotConnectedError:
                 outcome.requeue.setdefault("not connected", []).append(record.seq)
             except SyncError as exc:
@@ -628,10 +677,18 @@ class DownlinkReceiver:
     """Drains the device's downlink topic on its own thread and applies the server's acks to the outbox."""
 
     def __init__(
-        self, outbox: Outbox, *, device_id: str, topics: Topics, commands: CommandApplier | None = None
+        self,
+        outbox: Outbox,
+        *,
+        device_id: str,
+        topics: Topics,
+        commands: CommandApplier | None = None,
+        opener: FrameOpener | None = None,
     ) -> None:
-        """Without `commands`, every command is refused (counted, logged once) and left unanswered."""
+        """Without `commands`, every command is refused (counted, logged once) and left unanswered. With `opener`
+        (an enrolled device) every payload must pass it first (sealed frames only)."""
         self._outbox = outbox
+        self._opener = opener
         self._commands = commands
         self._commands_answered = 0
         self._commands_redelivered = 0
@@ -710,6 +767,8 @@ class DownlinkReceiver:
             try:
                 if topic != self._topic:
                     raise ContractError("not this device's downlink topic")
+                if self._opener is not None:
+                    payload = self._opener.open(payload)
                 message = decode_downlink(payload)
                 if message.device_id != self._device_id:
                     raise ContractError(f"{message.type} names another device")
