@@ -13,6 +13,12 @@ PUBACKs correlated per published record (paho's `MQTTMessageInfo`, never a bare 
 Socket IO happens only on the owning network thread: `publish()` queues inside paho and wakes that thread, which
 writes. paho's `_packet_write` takes no lock, so two writers on one client would interleave bytes.
 
+Encryption (when the bench asks for it): `enrol_fleet` registers N devices through the admin API, generates each
+one's SM2 key here, enrols it, checks and pins the bundle, and runs the session handshake, in parallel; it returns a
+`SessionManager` per device (keys in memory only, no identity files). `FleetOptions.sessions` hands them to the
+fleet: each terminal then logs in to the broker with its own credentials and seals every uplink (the terminal core's
+`SessionSealer`), and opens its downlink frames (`SessionOpener`), exactly as an enrolled kiosk does.
+
 It must never be imported by production code (it is a simulator), never re-implement what the terminal core does
 (outbox, delivery, acks, heartbeats all come from `terminal`), never talk to anything but the broker it is given,
 and never log payloads.
@@ -29,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,9 +51,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 from drivers.peripherals import Peripheral
 from hardware_sim.peripherals import simulated_peripherals
 from protocol import AuditEvent, AuditOutcome, DeviceStatusMessage, LinkState, SystemClock, Topics
+from protocol.enrolment import make_enrol_request
+from protocol.gm.sm2 import SM2PrivateKey
+from provisioning.client import ServerClient
 from terminal.config import HeartbeatConfig, MqttConfig, OutboxConfig, TerminalConfig
 from terminal.errors import NotConnectedError, PublishError
+from terminal.identity import SecurityLog, identity_from_enrolment
 from terminal.runtime import TerminalRuntime, build_runtime
+from terminal.session import HttpDeviceApi, SessionManager, TerminalSecurity
 from terminal.sync import SESSION_EXPIRY_S, PahoTicket, PubackRefusals, PublishTicket, announce_online
 
 logger = logging.getLogger(__name__)
@@ -90,7 +101,9 @@ class FleetLink:
         boot_id: uuid.UUID,
         network: FleetNetwork,
         inflight_window: int,
+        password: str | None = None,
     ) -> None:
+        """`password` goes with `config.username` (an enrolled simulated device's broker credentials)."""
         self.device_id = device_id
         self._config = config
         self._boot_id = boot_id
@@ -117,6 +130,8 @@ class FleetLink:
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         client.will_set(self._status_topic, self._status(LinkState.OFFLINE, stamped=False), qos=1, retain=True)
+        if config.username is not None:
+            client.username_pw_set(config.username, password)
         client.max_inflight_messages_set(inflight_window)
         client.max_queued_messages_set(inflight_window * 4)
         client.on_connect = self._on_connect
@@ -476,6 +491,9 @@ class FleetOptions:
     sweep_s: float = 5.0
     """'pooled': how often every terminal's outbox is looked at even without a trigger (retries, server-ack
     timeouts), where a kiosk's delivery thread looks every second."""
+    sessions: Mapping[str, SessionManager] | None = None
+    """Enrolled devices by id (`enrol_fleet`): each terminal logs in with its broker credentials and seals its
+    uplinks under its session key. None: plaintext, anonymous (security off)."""
 
 
 @dataclass(eq=False)
@@ -571,6 +589,8 @@ class _TerminalScheduler:
 
     def _run_once(self, terminal: FleetTerminal) -> None:
         sync = terminal.runtime.sync
+        if terminal.runtime.security is not None:
+            terminal.runtime.security.sessions.maintain()  # cheap unless a rotation is due
         with terminal.lock:
             waiting, terminal.downlink_waiting = terminal.downlink_waiting, []
         if waiting and sync.downlink is not None:
@@ -600,7 +620,7 @@ class Fleet:
     nofile_limit: tuple[int, int] = (0, 0)
 
     def device_id(self, index: int) -> str:
-        return f"{self.options.device_prefix}-{index:05d}"
+        return fleet_device_id(self.options.device_prefix, index)
 
     def start(self) -> None:
         """Raise the open-file limit, build every terminal (outbox, link, timers), then start them all."""
@@ -631,9 +651,17 @@ class Fleet:
         if self.network is None:
             raise RuntimeError("the fleet network is not running")
         device_id = self.device_id(index)
+        sessions = None if o.sessions is None else o.sessions.get(device_id)
+        if o.sessions is not None and sessions is None:
+            raise RuntimeError(f"fleet: {device_id} has no enrolled identity (enrol_fleet with the same prefix)")
         mqtt = MqttConfig(
-            host=o.broker_host, port=o.broker_port, keepalive_s=o.keepalive_s, topic_prefix=o.topic_prefix
+            host=o.broker_host,
+            port=o.broker_port,
+            keepalive_s=o.keepalive_s,
+            topic_prefix=o.topic_prefix,
+            username=None if sessions is None else sessions.identity.bundle.mqtt.username,
         )
+        security = None if sessions is None else TerminalSecurity(sessions.identity, sessions, SecurityLog(None))
         config = TerminalConfig(
             schema_version=1,
             config_version="fleet-1",
@@ -643,8 +671,15 @@ class Fleet:
             heartbeat=HeartbeatConfig(interval_s=o.heartbeat_interval_s),
         )
         boot_id = uuid.uuid4()
-        link = FleetLink(mqtt, device_id=device_id, boot_id=boot_id, network=self.network, inflight_window=o.batch_size)
-        runtime = build_runtime(config, self.peripherals(), boot_id=boot_id, link=link)
+        link = FleetLink(
+            mqtt,
+            device_id=device_id,
+            boot_id=boot_id,
+            network=self.network,
+            inflight_window=o.batch_size,
+            password=None if security is None else security.identity.broker_password,
+        )
+        runtime = build_runtime(config, self.peripherals(), boot_id=boot_id, link=link, security=security)
         terminal = FleetTerminal(runtime=runtime, link=link)
         if o.scheduling == "pooled":
             link.attach_downlink(partial(self._downlink_arrived, terminal))
@@ -708,3 +743,104 @@ class Fleet:
         if self.network is not None:
             self.network.stop()
             self.network = None
+
+
+# ---------------------------------------------------------------------- enrolment of a simulated fleet
+
+
+def fleet_device_id(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:05d}"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetEnrolment:
+    sessions: dict[str, SessionManager]
+    seconds: float
+    """Wall time of the whole enrolment."""
+    register_s: float
+    """Time spent in each phase, summed over devices and divided by the workers (about its share of `seconds`)."""
+    enrol_s: float
+    handshake_s: float
+
+
+def enrol_fleet(
+    server_url: str,
+    admin_token: str,
+    device_ids: Sequence[str],
+    *,
+    workers: int = 8,
+    workdir: Path | None = None,
+) -> FleetEnrolment:
+    """Register (admin API), enrol (key generated here, proof, bundle checked against the fingerprint the admin
+    API reported) and open a session for every device, `workers` at a time; keys stay in memory.
+
+    Per device: one register, one enrol and one session request over keep-alive HTTP connections (one client per
+    worker). Raises the first failure (`provisioning.client.ProvisioningError` or `terminal.session.DeviceApiError`
+    / `terminal.identity.IdentityError`), naming the device."""
+    clock = SystemClock()
+    local = threading.local()
+    directory = workdir if workdir is not None else Path()
+    clients: list[tuple[ServerClient, HttpDeviceApi]] = []
+    clients_lock = threading.Lock()
+
+    def client_pair() -> tuple[ServerClient, HttpDeviceApi]:
+        pair: tuple[ServerClient, HttpDeviceApi] | None = getattr(local, "pair", None)
+        if pair is None:
+            pair = (
+                ServerClient(server_url, token=admin_token, timeout_s=60.0),
+                HttpDeviceApi(server_url, timeout_s=60.0),
+            )
+            local.pair = pair
+            with clients_lock:
+                clients.append(pair)
+        return pair
+
+    timings = {"register": 0.0, "enrol": 0.0, "handshake": 0.0}
+    timings_lock = threading.Lock()
+
+    def enrol_one(device_id: str) -> SessionManager:
+        admin, api = client_pair()
+        t0 = time.perf_counter()
+        claim = admin.register(device_id, hardware_id=f"sim-{device_id}")
+        t1 = time.perf_counter()
+        key = SM2PrivateKey.generate()
+        request = make_enrol_request(
+            key, device_id=device_id, claim_token=claim["claim_token"], hardware_id=f"sim-{device_id}", now=clock.now()
+        )
+        identity = identity_from_enrolment(
+            key,
+            api.enrol(request),
+            device_id=device_id,
+            server_fingerprint=claim["server_fingerprint"],
+            directory=directory,
+        )
+        t2 = time.perf_counter()
+        sessions = SessionManager(identity, None, api, clock)
+        sessions.handshake("fleet enrolment")
+        t3 = time.perf_counter()
+        with timings_lock:
+            timings["register"] += t1 - t0
+            timings["enrol"] += t2 - t1
+            timings["handshake"] += t3 - t2
+        return sessions
+
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fleet-enrol") as pool:
+            managers = list(pool.map(enrol_one, device_ids))
+    finally:
+        for admin, api in clients:
+            admin.close()
+            api.close()
+    # the handshakes are done; the managers keep talking to the server through a fresh client when they rotate
+    api = HttpDeviceApi(server_url, timeout_s=60.0)
+    for manager in managers:
+        manager.replace_api(api)
+    span = max(1, workers)
+    return FleetEnrolment(
+        sessions={m.identity.device_id: m for m in managers},
+        seconds=time.perf_counter() - started,
+        register_s=timings["register"] / span,
+        enrol_s=timings["enrol"] / span,
+        handshake_s=timings["handshake"] / span,
+    )

@@ -214,6 +214,27 @@ class DeviceIdentity:
         }
 
 
+def identity_from_enrolment(
+    key: SM2PrivateKey, response: EnrolResponse, *, device_id: str, server_fingerprint: str, directory: Path
+) -> DeviceIdentity:
+    """Check an enrolment answer without storing it: the server key it names must have the enrol code's
+    fingerprint (then it is pinned), the bundle must verify with it and name this device and `key`."""
+    signed = response.bundle
+    try:
+        server_key = SM2PublicKey.from_hex(signed.bundle.server_public_key)
+    except KeyFormatError as exc:
+        raise BundleRefusedError(f"the enrolment answer names a malformed server key: {exc}") from exc
+    if server_key.fingerprint() != server_fingerprint:
+        raise BundleRefusedError(
+            f"the server key (fingerprint {server_key.fingerprint()}) is not the one the enrol code names "
+            f"({server_fingerprint}): refusing to pin it"
+        )
+    bundle = IdentityStore.check_bundle(signed.to_bytes(), server_key, key, source="the enrolment answer")
+    if bundle.device_id != device_id:
+        raise BundleRefusedError(f"the enrolment answer is for device {bundle.device_id}, not {device_id}")
+    return DeviceIdentity(directory, key, server_key, bundle, response.broker_password)
+
+
 class IdentityStore:
     """The identity directory of one device. Not thread-safe for writers except `save_session` (locked)."""
 
@@ -271,26 +292,16 @@ class IdentityStore:
     ) -> DeviceIdentity:
         """Pin the server key the bundle names (its fingerprint must be the enrol code's), check the bundle, and
         store bundle, pinned key and sealed secrets."""
-        signed = response.bundle
-        try:
-            server_key = SM2PublicKey.from_hex(signed.bundle.server_public_key)
-        except KeyFormatError as exc:
-            raise BundleRefusedError(f"the enrolment answer names a malformed server key: {exc}") from exc
-        if server_key.fingerprint() != server_fingerprint:
-            raise BundleRefusedError(
-                f"the server key (fingerprint {server_key.fingerprint()}) is not the one the enrol code names "
-                f"({server_fingerprint}): refusing to pin it"
-            )
-        bundle = self._check_bundle(signed.to_bytes(), server_key, key, source="the enrolment answer")
-        if bundle.device_id != device_id:
-            raise BundleRefusedError(f"the enrolment answer is for device {bundle.device_id}, not {device_id}")
-        self.ensure_directory()
-        write_atomic(self.path(SERVER_KEY), (server_key.hex() + "\n").encode("ascii"))
-        write_atomic(self.path(BUNDLE), signed.to_bytes())
-        self._write_secrets(
-            _Secrets(device_id=device_id, key_epoch=bundle.key_epoch, broker_password=response.broker_password)
+        identity = identity_from_enrolment(
+            key, response, device_id=device_id, server_fingerprint=server_fingerprint, directory=self.directory
         )
-        return DeviceIdentity(self.directory, key, server_key, bundle, response.broker_password)
+        self.ensure_directory()
+        write_atomic(self.path(SERVER_KEY), (identity.server_key.hex() + "\n").encode("ascii"))
+        write_atomic(self.path(BUNDLE), response.bundle.to_bytes())
+        self._write_secrets(
+            _Secrets(device_id=device_id, key_epoch=identity.key_epoch, broker_password=response.broker_password)
+        )
+        return identity
 
     # -- rotation
 
@@ -310,7 +321,7 @@ class IdentityStore:
     ) -> DeviceIdentity:
         """Check the new bundle (pinned key, same device, epoch + 1, the new key), then store bundle and secrets and
         make the new key current. A crash between the steps is finished by the next `load()`."""
-        bundle = self._check_bundle(
+        bundle = self.check_bundle(
             response.bundle.to_bytes(), current.server_key, new_key, source="the rotation answer"
         )
         if bundle.device_id != current.device_id:
@@ -340,7 +351,7 @@ class IdentityStore:
         next_path = self.path(NEXT_DEVICE_KEY)
         if next_path.exists():
             key = self._finish_interrupted_rotation(bundle_raw, key, next_path)
-        bundle = self._check_bundle(bundle_raw, server_key, key, source=str(self.path(BUNDLE)))
+        bundle = self.check_bundle(bundle_raw, server_key, key, source=str(self.path(BUNDLE)))
         secrets = self._read_secrets()
         if secrets.device_id != bundle.device_id:
             raise BundleRefusedError(
@@ -378,7 +389,7 @@ class IdentityStore:
             raise IdentityError(f"{path}: {exc}") from exc
 
     @staticmethod
-    def _check_bundle(raw: bytes, server_key: SM2PublicKey, key: SM2PrivateKey, *, source: str) -> ConfigBundle:
+    def check_bundle(raw: bytes, server_key: SM2PublicKey, key: SM2PrivateKey, *, source: str) -> ConfigBundle:
         try:
             bundle = verify_bundle(raw, pinned_server_key=server_key)
         except ContractError as exc:
@@ -540,6 +551,7 @@ __all__ = [
     "NotEnrolledError",
     "PassphraseError",
     "SecurityLog",
+    "identity_from_enrolment",
     "resolve_passphrase",
     "write_atomic",
 ]

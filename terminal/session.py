@@ -259,6 +259,10 @@ class SessionManager:
         if store is not None:
             self._current = store.load_session()
 
+    def replace_api(self, api: DeviceApi) -> None:
+        """Talk to the server through `api` from now on (the fleet simulator closes its enrolment clients)."""
+        self._api = api
+
     @property
     def rotate_after(self) -> timedelta:
         return timedelta(seconds=self.identity.bundle.session.rotate_after_s)

@@ -25,6 +25,7 @@ from provisioning.cli import app as provision_app
 if TYPE_CHECKING:
     from sync_server.settings import ServerSettings
     from terminal.config import TerminalConfig
+    from terminal.session import TerminalSecurity
 
 app = typer.Typer(
     name="yibao",
@@ -46,6 +47,61 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(bench_app, name="bench")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+# ---------------------------------------------------------------- provision (device side)
+# `provisioning` may only talk HTTP; enrolment and rotation own the device's keys, so they join the group here.
+
+IdentityDirOpt = Annotated[Path, typer.Option("--identity-dir", help="The device's identity directory (mode 0700).")]
+PassphraseFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--passphrase-file", help="File holding the key passphrase (mode 0600); default YIBAO_DEVICE_KEY_PASSPHRASE."
+    ),
+]
+
+
+@provision_app.command("enrol")
+def provision_enrol(
+    code: Annotated[str, typer.Argument(help="The enrol code from `yibao provision register` (YB1:…).")],
+    identity_dir: IdentityDirOpt,
+    hardware_id: Annotated[
+        str | None, typer.Option("--hardware-id", help="Board serial; default the machine id.")
+    ] = None,
+    passphrase_file: PassphraseFileOpt = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Terminal config to write/update (default: beside the dir).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Retire an existing identity first (after a reset).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """ON THE DEVICE: generate the SM2 key here, enrol it, pin the server key, store the signed bundle and the
+    sealed broker password, and write the terminal config. Exit codes as in `yibao provision -h`."""
+    from provisioning.cli import decode_code
+    from yibao.device_provision import enrol_command
+
+    enrol_command(
+        decode_code(code),
+        identity_dir=identity_dir,
+        hardware_id=hardware_id,
+        passphrase_file=passphrase_file,
+        config=config,
+        force=force,
+        as_json=as_json,
+    )
+
+
+@provision_app.command("rotate")
+def provision_rotate(
+    identity_dir: IdentityDirOpt,
+    passphrase_file: PassphraseFileOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """ON THE DEVICE: replace the identity key (epoch + 1), signed over by the current key; new bundle and broker
+    password. Exit codes as in `yibao provision -h`."""
+    from yibao.device_provision import rotate_command
+
+    rotate_command(identity_dir=identity_dir, passphrase_file=passphrase_file, as_json=as_json)
 
 
 @app.callback()
@@ -120,10 +176,13 @@ def terminal_run(
     ] = False,
     emit: Annotated[int, typer.Option(min=0, help="Enqueue this many demo records at start (for tests).")] = 0,
 ) -> None:
-    """Run the terminal core: outbox, MQTT sync and heartbeats, until SIGINT/SIGTERM."""
+    """Run the terminal core: outbox, MQTT sync and heartbeats, until SIGINT/SIGTERM.
+
+    With an [identity] section the signed bundle is verified first; the terminal refuses to start (exit 5) if it
+    fails, and then seals every uplink frame under a session key agreed with the server."""
     from terminal.runtime import run_terminal
 
-    cfg = _load_config(config)
+    cfg, security = _load_terminal(config)
     if not simulated:
         typer.secho(
             "error: real peripheral drivers arrive with the identity issue; run with --simulated for now",
@@ -133,25 +192,40 @@ def terminal_run(
         raise typer.Exit(2)
     from hardware_sim.peripherals import simulated_peripherals
 
-    run_terminal(cfg, simulated_peripherals(), emit_records=emit)
+    run_terminal(cfg, simulated_peripherals(), emit_records=emit, security=security)
 
 
 @terminal_app.command("check-config")
 def terminal_check_config(config: Annotated[Path, typer.Argument(help="The terminal's TOML config file.")]) -> None:
-    """Validate a terminal config file; exits non-zero and names the bad fields if it is invalid."""
-    cfg = _load_config(config)
-    print(f"ok: {config} (schema {cfg.schema_version}, config version {cfg.config_version}, device {cfg.device_id})")
+    """Validate a terminal config file (and its identity, if it has one); exits non-zero naming what is wrong."""
+    cfg, security = _load_terminal(config)
+    secured = "" if security is None else f", enrolled, key epoch {security.identity.key_epoch}"
+    if security is not None:
+        security.stop()
+    print(
+        f"ok: {config} (schema {cfg.schema_version}, config version {cfg.config_version}, device {cfg.device_id}"
+        f"{secured})"
+    )
 
 
-def _load_config(path: Path) -> TerminalConfig:
-    from terminal.config import load_terminal_config
+def _load_terminal(path: Path) -> tuple[TerminalConfig, TerminalSecurity | None]:
+    """Config plus, for an enrolled device, its verified identity; exit 2 for a bad config, 5 for an identity
+    problem (bundle signature, passphrase, missing files)."""
+    import os
+
+    from protocol import SystemClock
     from terminal.errors import ConfigError
+    from terminal.identity import IdentityError
+    from terminal.session import load_terminal
 
     try:
-        return load_terminal_config(path)
+        return load_terminal(path, environ=os.environ, clock=SystemClock())
     except ConfigError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from exc
+    except IdentityError as exc:
+        typer.secho(f"error: refusing to start: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(5) from exc
 
 
 # ---------------------------------------------------------------- server
