@@ -3,6 +3,7 @@ rotation (time, command, silence), and sealing/opening of frames in the sync loo
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -10,16 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from hardware_sim import simulated_peripherals
 from protocol import AuditEvent, AuditOutcome, CommandKind, DeviceCommand, Topics, decode_envelope
 from protocol.downlink import UplinkAck
+from protocol.evidence import verify_device_record
+from protocol.gm.audit_chain import load_chain_key, verify_chain
 from protocol.gm.errors import DecryptionFailedError
+from protocol.payloads import SignedRecord, SignedRecordKind
 from protocol.secure import Direction, open_frame, parse_frame, seal_frame
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
+from terminal.errors import TerminalError
 from terminal.identity import IdentityStore, SecurityLog
 from terminal.outbox import Outbox, OutboxStatus
-from terminal.session import SessionManager, SessionOpener, SessionSealer, enrol_device
+from terminal.runtime import build_runtime
+from terminal.session import SessionManager, SessionOpener, SessionSealer, TerminalSecurity, enrol_device
 from terminal.sync import DownlinkReceiver, UplinkDelivery
-from tests.terminal.conftest import FakeClock, outbox_config
+from tests.terminal.conftest import FakeClock, outbox_config, terminal_config
 from tests.terminal.fakes import TOPIC, ScriptedLink
 from tests.terminal.identity_server import PlayedServer
 
@@ -43,8 +50,10 @@ def store(tmp_path: Path, server: PlayedServer) -> IdentityStore:
     return store
 
 
-def manager(store: IdentityStore, server: PlayedServer, clock: FakeClock) -> SessionManager:
-    return SessionManager(store.load(), store, server, clock, log=SecurityLog.open(store.directory, clock))
+def manager(
+    store: IdentityStore, server: PlayedServer, clock: FakeClock, log: SecurityLog | None = None
+) -> SessionManager:
+    return SessionManager(store.load(), store, server, clock, log=log)
 
 
 def test_handshake_agrees_the_servers_key_and_survives_restart(
@@ -216,3 +225,56 @@ def is_refused_without_key(receiver: DownlinkReceiver, topic: str, payload: byte
     before = receiver.stats().refused
     receiver.process([(topic, payload)])
     return receiver.stats().refused == before + 1
+
+
+def test_an_enrolled_runtime_signs_records_carries_out_rotate_keys_and_chains_it(
+    tmp_path: Path, store: IdentityStore, server: PlayedServer, clock: FakeClock
+) -> None:
+    log = SecurityLog.open(store.directory, clock)
+    sessions = manager(store, server, clock, log)
+    sessions.maintain()
+    security = TerminalSecurity(sessions.identity, sessions, log)
+    link = ScriptedLink(clock)
+    runtime = build_runtime(terminal_config(tmp_path), simulated_peripherals(), clock, link=link, security=security)
+    try:
+        envelope = runtime.record_signed(SignedRecordKind.REVIEW_DECISION, {"prescription": "rx-1", "decision": "ok"})
+        assert isinstance(envelope.payload, SignedRecord)
+        verify_device_record(envelope.payload, device_id="SIM-0001", device_key=server.keys["SIM-0001"][1])
+        command = DeviceCommand(
+            command_id=uuid.uuid4(),
+            device_id="SIM-0001",
+            kind=CommandKind.ROTATE_KEYS,
+            issued_at=clock.now(),
+            expires_at=clock.now() + timedelta(hours=1),
+        )
+        key = sessions.current()
+        assert key is not None
+        frame = seal_frame(
+            server.granted[key.key_id], "SIM-0001", Direction.DOWNLINK, 1, command.to_bytes(), sent_at=clock.now()
+        )
+        downlink = runtime.sync.downlink
+        assert downlink is not None
+        downlink.process([(Topics().downlink("SIM-0001"), frame)])
+        assert downlink.stats().commands_answered == 1
+        sessions.maintain()
+        assert server.handshakes == 2  # the command made the terminal agree a new key
+        while runtime.sync.delivery.deliver_batch():
+            pass
+        assert link.published
+        assert all(parse_frame(frame).key_id in server.granted for frame in link.published)
+    finally:
+        runtime.stop()
+    chain = next(store.directory.glob("audit-*.jsonl"))
+    assert verify_chain(chain, load_chain_key(store.directory / "audit.key")).ok
+    events = [json.loads(line)["event"]["type"] for line in chain.read_text().splitlines()]
+    assert "identity.enrolled" not in events  # enrol_device in the fixture ran without a log
+    assert {"session.established", "session.rotation_requested", "command.applied"} <= set(events)
+
+
+def test_signed_records_need_an_identity(tmp_path: Path, clock: FakeClock) -> None:
+    runtime = build_runtime(terminal_config(tmp_path), simulated_peripherals(), clock, link=ScriptedLink(clock))
+    try:
+        with pytest.raises(TerminalError, match="enrolled device identity"):
+            runtime.record_signed(SignedRecordKind.SIGN_IN, {"pharmacist": "p-1"})
+    finally:
+        runtime.stop()
