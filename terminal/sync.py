@@ -10,8 +10,11 @@ Owns four things:
 * `UplinkDelivery` — the worker thread: claim a batch, publish each envelope at QoS 1, correlate acknowledgements by
   OUR record (the `MQTTMessageInfo` each publish returned, never paho's recycled `mid` alone), mark SENT only what the
   broker PUBACKed, release the rest; and, about once a second, put SENT records the server never acknowledged back
-  to PENDING (`Outbox.requeue_unacked`). Offline it sleeps on the connection event instead of spinning.
-* `DownlinkReceiver` — the worker thread that drains downlink messages: decodes each with
+  to PENDING (`Outbox.requeue_unacked`). Offline it sleeps on the connection event instead of spinning. Each record
+  passes the `Sealer` at publish time (an enrolled device's SM4-GCM frame, `terminal.session.SessionSealer`; as
+  stored otherwise), and nothing is claimed while the sealer has no key.
+* `DownlinkReceiver` — the worker thread that drains downlink messages: opens each with its `FrameOpener` when the
+  device is enrolled (plaintext refused), decodes each with
   `protocol.decode_downlink`, refuses (counts, logs once) a malformed one or one for another device, hands each
   `protocol.DeviceCommand` to the `terminal.commands.CommandApplier` (once per command id, answered through the
   outbox), and applies the highest `uplink_ack` of what is waiting with `Outbox.mark_acked_through`. An ack may
@@ -551,6 +554,8 @@ class UplinkDelivery:
         Public so unit tests can drive the loop step by step with a fake link."""
         if not self._settle_leftovers():
             self._stopping.wait(1.0)
+            return 0
+        if not self._sealer.ready():  # nothing goes out unsealed: the records wait for a session key
             return 0
         try:
             self._requeue_overdue()
