@@ -13,7 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
@@ -21,7 +21,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from protocol import Clock
-from sync_server.api import commands, devices, health, ingest, institutions
+from sync_server.api import commands, devices, health, ingest, institutions, provisioning
+from sync_server.api.deps import require_admin
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
 from sync_server.web import pages
@@ -63,11 +64,13 @@ def create_app(
     )
     app.state.templates = pages.make_templates(settings)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
+    admin_only = [Depends(require_admin)]
     app.include_router(health.router)
-    app.include_router(devices.router)
-    app.include_router(commands.router)
-    app.include_router(ingest.router)
-    app.include_router(institutions.router)
+    app.include_router(provisioning.router)
+    app.include_router(devices.router, dependencies=admin_only)
+    app.include_router(commands.router, dependencies=admin_only)
+    app.include_router(ingest.router)  # operational counters, like /healthz
+    app.include_router(institutions.router, dependencies=admin_only)
     app.include_router(pages.router)
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)
     return app

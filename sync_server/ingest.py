@@ -72,6 +72,7 @@ from protocol import (
 from sync_server.commands import ResultsApplied, record_command_results
 from sync_server.db.engine import session_factory
 from sync_server.errors import IngestError
+from sync_server.security import SecurityGate
 from sync_server.settings import ServerSettings
 from sync_server.store import (
     AckState,
@@ -192,8 +193,10 @@ class IngestWorker:
         *,
         clock: Clock | None = None,
         store: StoreBatch = store_envelopes,
+        security: SecurityGate | None = None,
     ) -> None:
         self._settings = settings
+        self._security = security
         self._sessions = session_factory(engine, write_intent=True)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._store = store

@@ -15,11 +15,15 @@ from typing import Literal
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from protocol import Clock, SystemClock
+from protocol import Clock, SystemClock, Topics
+from sync_server.audit import ServerAudit
+from sync_server.broker_admin import BrokerAdmin, DynsecAdmin, UnmanagedBroker
 from sync_server.commands import CommandDispatcher
 from sync_server.db.engine import create_db_engine, session_factory
+from sync_server.identity import ServerIdentity
 from sync_server.ingest import IngestWorker
 from sync_server.presence import PresenceSweeper
+from sync_server.security import SecurityGate
 from sync_server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -36,6 +40,12 @@ class ServerRuntime:
     ingest: IngestWorker | None = None
     sweeper: PresenceSweeper | None = None
     dispatcher: CommandDispatcher | None = None
+    identity: ServerIdentity = field(init=False)
+    """The server's SM2 key (loaded on first use) and the seal of session keys at rest."""
+    audit: ServerAudit = field(init=False)
+    broker_admin: BrokerAdmin = field(init=False)
+    security: SecurityGate = field(init=False)
+    """Ingest's message-security checks and downlink sealing (shared with the API for cache invalidation)."""
     sessions: sessionmaker[Session] = field(init=False)
     writer_sessions: sessionmaker[Session] = field(init=False)
     """For the few requests that write (issuing a command): SQLite takes its write lock when they begin."""
@@ -43,6 +53,10 @@ class ServerRuntime:
     def __post_init__(self) -> None:
         self.sessions = session_factory(self.engine)
         self.writer_sessions = session_factory(self.engine, write_intent=True)
+        self.identity = ServerIdentity(self.settings)
+        self.audit = ServerAudit(self.settings.data_dir, self.clock)
+        self.broker_admin = _broker_admin(self.settings)
+        self.security = SecurityGate(self.settings, self.engine, self.identity, clock=self.clock, audit=self.audit)
 
     @classmethod
     def build(
@@ -60,7 +74,7 @@ class ServerRuntime:
         the_clock: Clock = clock if clock is not None else SystemClock()
         runtime = cls(settings=settings, engine=the_engine, clock=the_clock, owns_engine=owns_engine)
         if start_ingest:
-            runtime.ingest = IngestWorker(settings, the_engine, clock=the_clock)
+            runtime.ingest = IngestWorker(settings, the_engine, clock=the_clock, security=runtime.security)
             runtime.dispatcher = CommandDispatcher(
                 the_engine,
                 runtime.ingest.publish_downlink,
@@ -81,6 +95,13 @@ class ServerRuntime:
             logger.warning("secret_key is a placeholder; acceptable in dev only (set YIBAO_SERVER_SECRET_KEY)")
         if self.settings.auto_register_devices and self.settings.environment == "prod":
             logger.warning("auto_register_devices is on in prod: any publisher the broker admits creates a device")
+        if self.settings.environment == "prod":
+            self.identity.private_key()  # fail fast: prod never creates its key implicitly
+        logger.info(
+            "uplink security %s; broker %s",
+            self.settings.effective_uplink_security,
+            "managed (dynamic security)" if self.broker_admin.managed else "not managed",
+        )
         if self.ingest is not None:
             self.ingest.start()
         if self.dispatcher is not None:
@@ -95,6 +116,7 @@ class ServerRuntime:
             self.dispatcher.stop()
         if self.ingest is not None:
             self.ingest.stop()
+        self.audit.close()
         if self.owns_engine:
             self.engine.dispose()
 
@@ -105,3 +127,15 @@ class ServerRuntime:
         if self.ingest is None:
             return "disabled"
         return "connected" if self.ingest.ready else "disconnected"
+
+
+def _broker_admin(settings: ServerSettings) -> BrokerAdmin:
+    if settings.broker_admin_username is None or settings.broker_admin_password is None:
+        return UnmanagedBroker()
+    return DynsecAdmin(
+        settings.mqtt_host,
+        settings.mqtt_port,
+        settings.broker_admin_username,
+        settings.broker_admin_password.get_secret_value(),
+        topics=Topics(prefix=settings.topic_prefix),
+    )

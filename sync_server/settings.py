@@ -8,6 +8,7 @@ never open connections or start anything: building settings has no side effects.
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -16,7 +17,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-PLACEHOLDER_SECRETS = frozenset({"", "changeme", "changethis", "change-me", "secret", "password", "dev", "test"})
+DEV_SERVER_KEY_PLACEHOLDER = "changeme-server-key"
+"""The default passphrase of the server's SM2 key file: fine in dev, refused in prod."""
+PLACEHOLDER_SECRETS = frozenset(
+    {"", "changeme", "changethis", "change-me", "secret", "password", "dev", "test", DEV_SERVER_KEY_PLACEHOLDER}
+)
 """Secret values that are refused when `environment` is "prod" (compared case-insensitively, stripped)."""
 
 MIN_PROD_SECRET_LENGTH = 32
@@ -160,6 +165,78 @@ class ServerSettings(BaseSettings):
         ),
     )
 
+    data_dir: Path = Field(
+        default=Path("./var"),
+        description="Directory of the server's own files: its SM2 key file, the audit chain and its HMAC key.",
+    )
+    server_key_file: Path | None = Field(
+        default=None,
+        description=(
+            "The server's SM2 signing key (an encrypted key file); default <data_dir>/server_key.json. Created by "
+            "`yibao server init`, or on first use when environment is 'dev'."
+        ),
+    )
+    server_key_passphrase: SecretStr = Field(
+        default=SecretStr(DEV_SERVER_KEY_PLACEHOLDER),
+        description="Passphrase of the server key file; the placeholder default is refused in prod.",
+    )
+    bootstrap_admin_token: SecretStr | None = Field(
+        default=None,
+        description=(
+            "An admin bearer token accepted besides those in the database (demos, tests). Leave unset in "
+            "production; create tokens with `yibao server admin-token create`."
+        ),
+    )
+    public_url: str | None = Field(
+        default=None,
+        max_length=512,
+        description="Base URL devices use for the HTTPS API (written into config bundles); default: the request's.",
+    )
+    device_mqtt_host: str | None = Field(
+        default=None, description="Broker host as devices should reach it (config bundles); default mqtt_host."
+    )
+    device_mqtt_port: int | None = Field(
+        default=None, ge=1, le=65535, description="Broker port as devices should reach it; default mqtt_port."
+    )
+    device_mqtt_tls: bool = Field(default=False, description="Devices connect to the broker over TLS.")
+    config_version: str = Field(
+        default="1", min_length=1, max_length=64, description="Written into every config bundle."
+    )
+    session_lifetime_s: int = Field(
+        default=86400, ge=60, le=30 * 86400, description="Lifetime of a session key the server grants."
+    )
+    session_rotate_after_s: int = Field(
+        default=43200, ge=30, le=30 * 86400, description="Devices ask for a new session key after this."
+    )
+    uplink_security: Literal["optional", "required"] | None = Field(
+        default=None,
+        description=(
+            "'required': every uplink must be a secure frame. 'optional': plaintext envelopes are still accepted "
+            "from devices that are not enrolled (enrolled devices must always use frames). Default: optional in "
+            "dev, required in prod (optional is refused in prod)."
+        ),
+    )
+    uplink_max_age_s: float = Field(
+        default=600.0, gt=0, le=7 * 86400, description="A frame sealed longer ago than this is refused as stale."
+    )
+    security_cache_ttl_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=5.0,
+        description="How long ingest trusts a cached device state or session key (revocation bites within it).",
+    )
+    mqtt_username: str | None = Field(default=None, max_length=128, description="This server's broker user name.")
+    mqtt_password: SecretStr | None = Field(default=None, description="This server's broker password.")
+    broker_admin_username: str | None = Field(
+        default=None,
+        max_length=128,
+        description=(
+            "A dynamic-security admin of the broker. With it, device broker users and their ACLs are managed on "
+            "enrolment, rotation, reset and revocation; without it, broker management is 'not managed' (dev)."
+        ),
+    )
+    broker_admin_password: SecretStr | None = Field(default=None, description="Password of broker_admin_username.")
+
     @field_validator("database_url")
     @classmethod
     def _database_url_parses(cls, value: str) -> str:
@@ -193,9 +270,36 @@ class ServerSettings(BaseSettings):
                 f"{MIN_PROD_SECRET_LENGTH} characters; set YIBAO_SERVER_SECRET_KEY to a random value in prod "
                 '(for example: python -c "import secrets; print(secrets.token_urlsafe(32))")'
             )
+        if self.environment == "prod" and _is_placeholder(self.server_key_passphrase):
+            raise ValueError(
+                "server_key_passphrase is a placeholder or shorter than "
+                f"{MIN_PROD_SECRET_LENGTH} characters; set YIBAO_SERVER_SERVER_KEY_PASSPHRASE in prod"
+            )
+        if self.environment == "prod" and self.uplink_security == "optional":
+            raise ValueError("uplink_security 'optional' is refused in prod: every uplink must be a secure frame")
+        if (self.broker_admin_username is None) != (self.broker_admin_password is None):
+            raise ValueError("set both broker_admin_username and broker_admin_password, or neither")
         return self
 
     @property
+    def effective_uplink_security(self) -> Literal["optional", "required"]:
+        if self.uplink_security is not None:
+            return self.uplink_security
+        return "optional" if self.environment == "dev" else "required"
+
+    @property
+    def server_key_path(self) -> Path:
+        return self.server_key_file if self.server_key_file is not None else self.data_dir / "server_key.json"
+
+    @property
+    def broker_managed(self) -> bool:
+        return self.broker_admin_username is not None
+
+    @property
     def secret_key_is_placeholder(self) -> bool:
-        raw = self.secret_key.get_secret_value().strip()
-        return raw.lower() in PLACEHOLDER_SECRETS or len(raw) < MIN_PROD_SECRET_LENGTH
+        return _is_placeholder(self.secret_key)
+
+
+def _is_placeholder(secret: SecretStr) -> bool:
+    raw = secret.get_secret_value().strip()
+    return raw.lower() in PLACEHOLDER_SECRETS or len(raw) < MIN_PROD_SECRET_LENGTH

@@ -265,6 +265,68 @@ def server_migrate(
     print(f"database at head: {settings.database_url}")
 
 
+@server_app.command("init")
+def server_init(
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from YIBAO_SERVER_DATABASE_URL.")
+    ] = None,
+) -> None:
+    """Prepare a server host: migrate the database and create the server's SM2 key file (passphrase from
+    YIBAO_SERVER_SERVER_KEY_PASSPHRASE). Prints the key's fingerprint, which enrol codes carry."""
+    from sync_server.db.migrate import upgrade
+    from sync_server.errors import ConfigurationError
+    from sync_server.identity import ServerIdentity, create_server_key
+
+    settings = _server_settings(database_url, None, None, None, None)
+    upgrade(settings.database_url)
+    path = settings.server_key_path
+    try:
+        if path.exists():
+            key = ServerIdentity(settings).public_key()
+            print(f"server key exists: {path} (fingerprint {key.fingerprint()})")
+        else:
+            key = create_server_key(settings)
+            print(f"created server key {path} (fingerprint {key.fingerprint()})")
+    except ConfigurationError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+
+
+admin_token_app = typer.Typer(help="Admin bearer tokens for the provisioning and command API.", no_args_is_help=True)
+server_app.add_typer(admin_token_app, name="admin-token")
+
+
+@admin_token_app.command("create")
+def admin_token_create(
+    name: Annotated[str, typer.Option(help="Who or what holds this token (shown in the audit log).")],
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from YIBAO_SERVER_DATABASE_URL.")
+    ] = None,
+) -> None:
+    """Create an admin token and print it ONCE (the server stores only its SHA-256)."""
+    from protocol import SystemClock
+    from sync_server.audit import ServerAudit
+    from sync_server.db.engine import create_db_engine, session_factory
+    from sync_server.db.migrate import upgrade
+    from sync_server.provisioning import create_admin_token
+
+    if not 1 <= len(name) <= 64:
+        raise typer.BadParameter("1 to 64 characters", param_hint="--name")
+    settings = _server_settings(database_url, None, None, None, None)
+    upgrade(settings.database_url)
+    engine = create_db_engine(settings.database_url)
+    clock = SystemClock()
+    try:
+        with session_factory(engine, write_intent=True).begin() as session:
+            token = create_admin_token(session, name=name, now=clock.now())
+    finally:
+        engine.dispose()
+    audit = ServerAudit(settings.data_dir, clock)
+    audit.record("admin_token.created", name=name)
+    audit.close()
+    print(token)
+
+
 def _server_settings(
     database_url: str | None,
     http_host: str | None,

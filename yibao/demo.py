@@ -70,11 +70,17 @@ class DemoStack:
     server: subprocess.Popen[bytes] | None = None
     terminal: subprocess.Popen[bytes] | None = None
     pids: list[int] = field(default_factory=list)
+    admin_token: str = ""
+    """The server's bootstrap admin token, for the admin API (set when the server starts)."""
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
 
     def terminal_config(self) -> str:
         o = self.options
@@ -106,7 +112,7 @@ class DemoStack:
             )
         except ServerStartError as exc:
             raise DemoError(str(exc)) from exc
-        self.server, self.http_port = server.proc, server.port
+        self.server, self.http_port, self.admin_token = server.proc, server.port, server.admin_token
         self.pids.append(server.proc.pid)
 
     def start_terminal(self) -> None:
@@ -120,7 +126,7 @@ class DemoStack:
         self.pids.append(self.terminal.pid)
 
     def device(self) -> dict[str, Any] | None:
-        with httpx.Client(base_url=self.base_url, timeout=5.0) as http:
+        with httpx.Client(base_url=self.base_url, timeout=5.0, headers=self.admin_headers) as http:
             resp = http.get(f"/api/v1/devices/{self.options.device_id}")
             if resp.status_code == 404:
                 return None
@@ -199,7 +205,7 @@ def _fetch_demo_records(stack: DemoStack) -> list[dict[str, Any]]:
     """Every stored demo record of the device, paged through the public events API."""
     items: list[dict[str, Any]] = []
     after = 0
-    with httpx.Client(base_url=stack.base_url, timeout=10.0) as http:
+    with httpx.Client(base_url=stack.base_url, timeout=10.0, headers=stack.admin_headers) as http:
         while True:
             resp = http.get(
                 f"/api/v1/devices/{stack.options.device_id}/events",
@@ -214,7 +220,7 @@ def _fetch_demo_records(stack: DemoStack) -> list[dict[str, Any]]:
 
 
 def _stored_total(stack: DemoStack) -> int:
-    with httpx.Client(base_url=stack.base_url, timeout=10.0) as http:
+    with httpx.Client(base_url=stack.base_url, timeout=10.0, headers=stack.admin_headers) as http:
         resp = http.get(
             f"/api/v1/devices/{stack.options.device_id}/events",
             params={"payload_type": "audit_event", "limit": 1},
@@ -228,7 +234,7 @@ def _stored_total(stack: DemoStack) -> int:
 def _acked_heartbeat(stack: DemoStack, after_seq: int) -> bool:
     """True once a heartbeat with seq above `after_seq` (so composed after those records were enqueued) reports an
     outbox with nothing the server has not acknowledged."""
-    with httpx.Client(base_url=stack.base_url, timeout=10.0) as http:
+    with httpx.Client(base_url=stack.base_url, timeout=10.0, headers=stack.admin_headers) as http:
         while True:
             resp = http.get(
                 f"/api/v1/devices/{stack.options.device_id}/events",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import secrets
 import subprocess
 import time
 from dataclasses import dataclass
@@ -29,6 +31,12 @@ class ServerStartError(RuntimeError):
 class ServerProcess:
     proc: subprocess.Popen[bytes]
     port: int
+    admin_token: str
+    """The child's bootstrap admin token (YIBAO_SERVER_BOOTSTRAP_ADMIN_TOKEN), for the admin API."""
+
+    @property
+    def admin_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_token}"}
 
     @property
     def base_url(self) -> str:
@@ -44,8 +52,15 @@ def start_server_process(
     http_port: int = 0,
     timeout_s: float = 60.0,
 ) -> ServerProcess:
-    """Spawn the server (log in `workdir/server.log`), learn its port, wait until healthy; stop it on failure."""
+    """Spawn the server (log in `workdir/server.log`, its data dir `workdir/server-data`, a fresh bootstrap admin
+    token), learn its port, wait until healthy; stop it on failure."""
     workdir.mkdir(parents=True, exist_ok=True)
+    admin_token = secrets.token_urlsafe(32)
+    env = {
+        **os.environ,
+        "YIBAO_SERVER_BOOTSTRAP_ADMIN_TOKEN": admin_token,
+        "YIBAO_SERVER_DATA_DIR": str(workdir / "server-data"),
+    }
     ready = workdir / "server.ready"
     log = workdir / "server.log"
     ready.unlink(missing_ok=True)
@@ -65,6 +80,7 @@ def start_server_process(
             str(ready),
         ),
         log_path=log,
+        env=env,
     )
     try:
         deadline = time.monotonic() + timeout_s
@@ -73,7 +89,8 @@ def start_server_process(
             if time.monotonic() > deadline:
                 raise ServerStartError(f"the server did not bind its port in {timeout_s:.0f} s; see {log}")
             time.sleep(0.05)
-        server = ServerProcess(proc=proc, port=int(json.loads(ready.read_text(encoding="utf-8"))["port"]))
+        port = int(json.loads(ready.read_text(encoding="utf-8"))["port"])
+        server = ServerProcess(proc=proc, port=port, admin_token=admin_token)
         with httpx.Client(base_url=server.base_url, timeout=2.0) as http:
             while time.monotonic() < deadline:
                 _check_alive(proc, log)

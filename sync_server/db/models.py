@@ -20,6 +20,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     UniqueConstraint,
@@ -71,13 +72,14 @@ class InstitutionKind(StrEnum):
 
 
 class RegistrationState(StrEnum):
-    """Where a device is in its life cycle on the server.
+    """Where a device is in its life cycle on the server (docs/identity.md).
 
-    Only UNPROVISIONED is reached today (auto-registration on first message). Enrolment with SM2 keys and
-    revocation come with the provisioning issue.
+    unprovisioned (auto-registered by plaintext traffic in dev) -> registered (an admin issued a claim token) ->
+    enrolled (the device proved its SM2 key) -> revoked; a reset returns enrolled/revoked to registered.
     """
 
     UNPROVISIONED = "unprovisioned"
+    REGISTERED = "registered"
     ENROLLED = "enrolled"
     REVOKED = "revoked"
 
@@ -150,6 +152,16 @@ class Device(Base):
         comment="When the 'seq_gap' alarm was raised (the hole outlived seq_gap_alarm_after_s); null when not raised."
     )
     created_at: Mapped[datetime]
+    hardware_id: Mapped[str | None] = mapped_column(
+        String(128), unique=True, comment="Hardware the device is enrolled on (kept when revoked, cleared by reset)."
+    )
+    expected_hardware_id: Mapped[str | None] = mapped_column(
+        String(128), comment="Set at registration: enrolment is refused from any other hardware."
+    )
+    key_epoch: Mapped[int | None] = mapped_column(Integer, comment="Epoch of the current identity key, if enrolled.")
+    enrolled_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+    state_reason: Mapped[str | None] = mapped_column(String(200), comment="The admin's reason for a revoke or reset.")
 
     institution: Mapped[Institution | None] = relationship(back_populates="devices")
 
@@ -213,3 +225,74 @@ class IssuedCommand(Base):
     result_outcome: Mapped[str | None] = mapped_column(String(16))
     result_detail: Mapped[str | None] = mapped_column(String(200))
     result_at: Mapped[datetime | None] = mapped_column(comment="The terminal's applied_at.")
+
+
+class DeviceKey(Base):
+    """An SM2 identity key of a device. Retired keys stay: old signed records name their epoch."""
+
+    __tablename__ = "device_keys"
+    __table_args__ = (UniqueConstraint("device_id", "key_epoch"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    key_epoch: Mapped[int] = mapped_column(Integer)
+    public_key: Mapped[str] = mapped_column(String(130), comment="Uncompressed SM2 public key, hex.")
+    fingerprint: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None] = mapped_column(comment="Replaced by rotation, or retired by a reset.")
+
+
+class ClaimToken(Base):
+    """A one-time enrolment token; only its SHA-256 is stored."""
+
+    __tablename__ = "claim_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"), index=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None] = mapped_column(comment="Set in the transaction that stores the device key.")
+    created_by: Mapped[str] = mapped_column(String(64), comment="Name of the admin token that issued it.")
+
+
+class AdminToken(Base):
+    """A bearer token for the admin API; only its SHA-256 is stored."""
+
+    __tablename__ = "admin_tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class DeviceSession(Base):
+    """A session key granted to a device, sealed (SM4-GCM) under a key derived from the server's secret_key."""
+
+    __tablename__ = "device_sessions"
+
+    key_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"), index=True)
+    key_epoch: Mapped[int] = mapped_column(Integer, comment="The identity key that authenticated the handshake.")
+    sealed_key: Mapped[bytes] = mapped_column(LargeBinary)
+    request_nonce: Mapped[str] = mapped_column(String(32), unique=True, comment="A handshake nonce is used once.")
+    issued_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class SecurityEvent(Base):
+    """A refused request or message (docs/identity.md), aggregated per device and kind per ingest batch."""
+
+    __tablename__ = "security_events"
+    __table_args__ = (Index(None, "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(index=True)
+    device_id: Mapped[str | None] = mapped_column(String(64), comment="As claimed (topic or request); not a key.")
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(String(300))
+    topic: Mapped[str | None] = mapped_column(String(200))
+    count: Mapped[int] = mapped_column(Integer)

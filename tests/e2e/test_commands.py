@@ -54,7 +54,7 @@ def test_commands_reach_the_terminal_process_online_and_after_a_restart(tmp_path
     stack = started_stack(tmp_path / "demo")
     try:
         stack.wait_online(True)
-        with httpx.Client(base_url=stack.base_url, timeout=10.0) as http:
+        with httpx.Client(base_url=stack.base_url, timeout=10.0, headers=stack.admin_headers) as http:
             ping = issue(http, stack, "ping")
             answered = wait_for_state(http, ping, "acknowledged")
             assert (answered["result_outcome"], answered["result_detail"]) == ("applied", "pong")

@@ -50,12 +50,19 @@ T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
 # ---------------------------------------------------------------- hermetic settings
 
 
+TEST_ADMIN_TOKEN = "test-admin-token-" + secrets.token_urlsafe(16)
+ADMIN_HEADERS = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+
+
 @pytest.fixture(autouse=True)
-def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """ServerSettings reads YIBAO_SERVER_* from the environment; tests must not depend on the caller's shell."""
+def _no_server_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """ServerSettings reads YIBAO_SERVER_* from the environment; tests must not depend on the caller's shell. Every
+    test gets the bootstrap admin token `TEST_ADMIN_TOKEN` (which `serving` sends) and a data dir of its own."""
     for key in list(os.environ):
         if key.startswith("YIBAO_SERVER_"):
             monkeypatch.delenv(key)
+    monkeypatch.setenv("YIBAO_SERVER_BOOTSTRAP_ADMIN_TOKEN", TEST_ADMIN_TOKEN)
+    monkeypatch.setenv("YIBAO_SERVER_DATA_DIR", str(tmp_path / "server-data"))
 
 
 # ---------------------------------------------------------------- databases
@@ -305,8 +312,9 @@ def seed_fleet(engine: Engine) -> None:
 
 
 @contextmanager
-def serving(app: FastAPI) -> Iterator[httpx.Client]:
-    """Run `app` (lifespan included) under uvicorn on a free loopback port in a thread; yield an httpx client.
+def serving(app: FastAPI, *, admin: bool = True) -> Iterator[httpx.Client]:
+    """Run `app` (lifespan included) under uvicorn on a free loopback port in a thread; yield an httpx client
+    (sending `ADMIN_HEADERS` unless `admin=False`).
 
     Real HTTP instead of starlette's TestClient, whose import warns (it wants the `httpx2` package)."""
     from sync_server.service import bind_socket
@@ -319,7 +327,8 @@ def serving(app: FastAPI) -> Iterator[httpx.Client]:
     try:
         wait_until(lambda: server.started or not thread.is_alive(), what="uvicorn to start")
         assert server.started, "the app failed to start; see the log"
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as client:
+        headers = ADMIN_HEADERS if admin else {}
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0, headers=headers) as client:
             yield client
     finally:
         server.should_exit = True

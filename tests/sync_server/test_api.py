@@ -8,12 +8,22 @@ from typing import Any
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from sync_server.app import create_app
 from sync_server.db.engine import create_db_engine
 from sync_server.db.migrate import upgrade
 from sync_server.settings import ServerSettings
-from tests.sync_server.conftest import FLEET_NOW, INSTITUTION_CODE, T0, FakeClock, pg_schema, seed_fleet, serving
+from tests.sync_server.conftest import (
+    FLEET_NOW,
+    INSTITUTION_CODE,
+    T0,
+    TEST_ADMIN_TOKEN,
+    FakeClock,
+    pg_schema,
+    seed_fleet,
+    serving,
+)
 
 
 @pytest.fixture(scope="module", params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
@@ -28,7 +38,11 @@ def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         engine = create_db_engine(db_url)
         stack.callback(engine.dispose)
         seed_fleet(engine)
-        settings = ServerSettings(database_url=db_url)
+        settings = ServerSettings(
+            database_url=db_url,
+            bootstrap_admin_token=SecretStr(TEST_ADMIN_TOKEN),
+            data_dir=tmp_path_factory.mktemp("api-data"),
+        )
         app = create_app(settings, engine=engine, start_ingest=False, clock=FakeClock(FLEET_NOW))
         yield stack.enter_context(serving(app))
 

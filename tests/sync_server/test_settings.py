@@ -42,8 +42,30 @@ def test_prod_refuses_placeholder_or_short_secrets(secret: str) -> None:
 
 
 def test_prod_accepts_a_real_secret_and_dev_accepts_the_placeholder() -> None:
-    assert ServerSettings(environment="prod", secret_key=SecretStr(STRONG)).secret_key_is_placeholder is False
-    assert ServerSettings(environment="dev").secret_key_is_placeholder is True
+    prod = ServerSettings(environment="prod", secret_key=SecretStr(STRONG), server_key_passphrase=SecretStr("p" * 40))
+    assert prod.secret_key_is_placeholder is False
+    assert prod.effective_uplink_security == "required"
+    dev = ServerSettings(environment="dev")
+    assert dev.secret_key_is_placeholder is True
+    assert dev.effective_uplink_security == "optional"
+    assert dev.broker_managed is False
+
+
+def test_prod_refuses_the_placeholder_server_key_passphrase_and_optional_uplink_security() -> None:
+    with pytest.raises(ValidationError, match="server_key_passphrase is a placeholder"):
+        ServerSettings(environment="prod", secret_key=SecretStr(STRONG))
+    with pytest.raises(ValidationError, match="uplink_security 'optional' is refused in prod"):
+        ServerSettings(
+            environment="prod",
+            secret_key=SecretStr(STRONG),
+            server_key_passphrase=SecretStr("p" * 40),
+            uplink_security="optional",
+        )
+
+
+def test_broker_admin_needs_both_user_and_password() -> None:
+    with pytest.raises(ValidationError, match="broker_admin_username and broker_admin_password"):
+        ServerSettings(broker_admin_username="admin")
 
 
 def test_the_secret_is_not_shown_in_repr() -> None:

@@ -53,7 +53,10 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
         with session_factory(engine, write_intent=True).begin() as session:
             store_envelopes(session, [envelope("kiosk-004", 1, hostile)], received_at=T0)
         app = create_app(
-            ServerSettings(database_url=db_url), engine=engine, start_ingest=False, clock=FakeClock(FLEET_NOW)
+            ServerSettings(database_url=db_url, data_dir=tmp_path_factory.mktemp("web-data")),
+            engine=engine,
+            start_ingest=False,
+            clock=FakeClock(FLEET_NOW),
         )
         with serving(app) as c:
             yield c
