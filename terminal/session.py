@@ -99,6 +99,10 @@ class DeviceApi(Protocol):
 
     def open_session(self, request: SessionRequest) -> SessionGrant: ...
 
+    def close(self) -> None:
+        """Release connections; idempotent."""
+        ...
+
 
 class HttpDeviceApi:
     """`DeviceApi` over HTTP(S) with httpx."""
@@ -386,11 +390,13 @@ class SessionManager:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop the thread and close the API client (the manager is done)."""
         self._stopping.set()
         self._wake.set()
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout_s)
+        self._api.close()
 
     def wait_ready(self, timeout_s: float) -> bool:
         deadline = self._clock.monotonic() + timeout_s

@@ -98,5 +98,8 @@ class PlayedServer:
         self.handshakes += 1
         return grant
 
+    def close(self) -> None:
+        """Nothing to release: the played server lives in this process."""
+
     def now(self) -> datetime:
         return self.clock.now()
