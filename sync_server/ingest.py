@@ -72,7 +72,7 @@ from protocol import (
 from sync_server.commands import ResultsApplied, record_command_results
 from sync_server.db.engine import session_factory
 from sync_server.errors import IngestError
-from sync_server.security import SecurityGate
+from sync_server.security import Refused, SecurityGate, SecurityRefusal
 from sync_server.settings import ServerSettings
 from sync_server.store import (
     AckState,
@@ -132,6 +132,8 @@ class IngestStats:
     """Commands moved to `acknowledged` by a stored `CommandResult`."""
     command_results_unmatched: int = 0
     """`CommandResult`s stored that name no command issued to their device (flagged in the log)."""
+    security_refused: int = 0
+    """Subset of `rejected` refused by message security (recorded in `security_events`, see docs/identity.md)."""
 
 
 class _Kind(Enum):
@@ -155,6 +157,8 @@ class _Inbound:
     envelope: Envelope | None = None
     status: DeviceStatusMessage | None = None
     reason: str = ""
+    refused: Refused | None = None
+    """Set when message security refused it (`sync_server.security`)."""
 
     @property
     def device_id(self) -> str | None:
@@ -296,8 +300,15 @@ class IngestWorker:
         client = self._client
         if client is None or not self._connected:
             return False
-        info = client.publish(self._topics.downlink(device_id), payload, qos=1)
+        sealed = self._seal(device_id, payload)
+        if sealed is None:
+            return False  # enrolled without a valid session key (or revoked): the command stays pending
+        info = client.publish(self._topics.downlink(device_id), sealed, qos=1)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def _seal(self, device_id: str, payload: bytes) -> bytes | None:
+        """A downlink as it may be published (sealed for an enrolled device), or None to hold it back."""
+        return payload if self._security is None else self._security.seal_downlink(device_id, payload)
 
     # ------------------------------------------------------------------ paho callbacks (network thread; no IO)
 
@@ -309,6 +320,9 @@ class IngestWorker:
             manual_ack=True,
         )
         client.reconnect_delay_set(min_delay=1, max_delay=int(MAX_RETRY_DELAY_S))
+        if self._settings.mqtt_username is not None:
+            password = self._settings.mqtt_password
+            client.username_pw_set(self._settings.mqtt_username, password.get_secret_value() if password else None)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -431,15 +445,19 @@ class IngestWorker:
         device_in_topic = self._topics.device_of(item.topic)
         try:
             if device_in_topic is not None and item.topic.endswith("/up"):
-                envelope = decode_envelope(item.payload)
+                payload, counter = self._screen(device_in_topic, item.payload, status=False)
+                envelope = decode_envelope(payload)
                 if envelope.device_id != device_in_topic:
                     raise ContractError(f"envelope names device {envelope.device_id}, topic names {device_in_topic}")
+                if self._security is not None:
+                    self._security.check_envelope(envelope, counter)
                 item.kind, item.envelope = _Kind.ENVELOPE, envelope
             elif device_in_topic is not None and item.topic.endswith("/status"):
                 if not item.payload:  # a retained status being cleared
                     item.kind = _Kind.IGNORED
                     return
-                status = decode_status(item.payload)
+                payload, _ = self._screen(device_in_topic, item.payload, status=True)
+                status = decode_status(payload)
                 if status.device_id != device_in_topic:
                     raise ContractError(f"status names device {status.device_id}, topic names {device_in_topic}")
                 item.kind, item.status = _Kind.STATUS, status
@@ -447,6 +465,16 @@ class IngestWorker:
                 raise ContractError("topic is not an uplink or status topic of ours")
         except ContractError as exc:
             item.kind, item.reason = _Kind.REJECTED, str(exc)
+        except SecurityRefusal as exc:
+            item.kind, item.reason = _Kind.REJECTED, str(exc)
+            item.refused = Refused(device_in_topic, item.topic, exc.kind, exc.detail)
+
+    def _screen(self, device_id: str, payload: bytes, *, status: bool) -> tuple[bytes, int | None]:
+        """Message security (`sync_server.security`): the plaintext and frame counter, or `SecurityRefusal`."""
+        if self._security is None:
+            return payload, None
+        screened = self._security.screen(device_id, payload, status=status)
+        return screened.payload, screened.counter
 
     def _store_until_done(self, batch: list[_Inbound]) -> None:
         """Commit `batch`, retrying transient failures until it succeeds or the worker stops; then acknowledge."""
@@ -507,6 +535,8 @@ class IngestWorker:
                     now=self._clock.now(),
                     gap_alarm_after_s=self._settings.seq_gap_alarm_after_s,
                 )
+                if self._security is not None:
+                    self._security.record(session, [r for i in batch if (r := i.refused) is not None])
         except SQLAlchemyError as exc:
             raise IngestError(
                 f"storing {len(batch)} messages failed: {_describe_db_error(exc)}", transient=not _is_poison(exc)
@@ -529,11 +559,15 @@ class IngestWorker:
                 ", ".join(answered.unmatched[:REJECT_LOG_LINES_PER_BATCH]),
             )
         rejected = [i for i in batch if i.kind is _Kind.REJECTED]
-        for item in rejected[:REJECT_LOG_LINES_PER_BATCH]:
+        refused = [r for i in rejected if (r := i.refused) is not None]
+        if refused and self._security is not None:
+            self._security.after_commit(refused)
+        malformed = [i for i in rejected if i.refused is None]  # security refusals are logged aggregated
+        for item in malformed[:REJECT_LOG_LINES_PER_BATCH]:
             logger.warning("rejected message on %s (%d bytes): %s", item.topic, len(item.payload), item.reason)
-        if len(rejected) > REJECT_LOG_LINES_PER_BATCH:
+        if len(malformed) > REJECT_LOG_LINES_PER_BATCH:
             logger.warning(
-                "... and %d more rejected messages in this batch", len(rejected) - REJECT_LOG_LINES_PER_BATCH
+                "... and %d more rejected messages in this batch", len(malformed) - REJECT_LOG_LINES_PER_BATCH
             )
         c = self._counts
         with self._counts_lock:
@@ -542,6 +576,7 @@ class IngestWorker:
             c.conflicts += result.conflicts
             c.statuses += sum(1 for i in batch if i.kind is _Kind.STATUS)
             c.rejected += len(rejected)
+            c.security_refused += len(refused)
             c.batches += 1
             c.last_commit_at = self._clock.now()
             c.commands_acknowledged += answered.acknowledged
@@ -563,7 +598,10 @@ class IngestWorker:
         now = self._clock.now()
         for state in acks:
             ack = UplinkAck(device_id=state.device_id, acked_through_seq=state.acked_through_seq, server_time=now)
-            info = client.publish(self._topics.downlink(state.device_id), ack.to_bytes(), qos=1)
+            payload = self._seal(state.device_id, ack.to_bytes())
+            if payload is None:
+                continue  # enrolled without a valid session key: the next ack covers it
+            info = client.publish(self._topics.downlink(state.device_id), payload, qos=1)
             if info.rc == mqtt.MQTT_ERR_SUCCESS:
                 sent += 1
             else:

@@ -1,24 +1,326 @@
-"""Message security in ingest: placeholder until the ingest checks land (see docs/identity.md)."""
+"""Message security in ingest: which MQTT payloads are accepted, refusals recorded, downlinks sealed.
+
+Owns the per-message decision of docs/identity.md ("Frames and replay protection"):
+
+* a secure frame is parsed, its session key found by key id, the key's device checked against the topic's, the
+  device and the key checked for revocation, the frame opened (SM4-GCM, associated data = header + the topic's device
+  id) and its `sent_at` checked against `uplink_max_age_s` and the key's lifetime; the decrypted envelope's seq must
+  equal the frame counter;
+* a plaintext envelope is accepted only from a device that is not enrolled, and only when uplink security is
+  'optional' (dev);
+* a `signed_record` payload is verified against the device's identity key of the record's epoch (retired keys
+  included) before it is stored.
+
+Status messages (retained 'online', last will 'offline') follow the same rules except the age limit: a will is sealed
+when the terminal connects and published by the broker whenever the connection dies, so only the key's lifetime
+bounds it. A replayed status can only repeat a link state the device itself announced.
+
+Lookups go through a small cache (device state, session keys, identity keys) whose entries live at most
+`security_cache_ttl_s` (≤ 5 s), so a revocation made by any server process is enforced by every ingest worker
+within that time; the process that revokes drops its entries at once (`forget_device`). Unknown key ids are cached
+too, so a flood of forged frames costs one query per key id per TTL.
+
+Refusals are returned to ingest as `SecurityRefusal`, recorded in `security_events` in the batch's own transaction
+(one row per device and kind per batch, with a count) and appended to the server's audit chain after the commit.
+This module must never log or record plaintext, keys, or a payload's contents.
+"""
 
 from __future__ import annotations
 
-from sqlalchemy import Engine
+import itertools
+import logging
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Literal
 
-from protocol import Clock
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from protocol import Clock, Envelope
+from protocol.evidence import verify_device_record
+from protocol.gm.errors import CryptoError, DecryptionFailedError, InvalidSignatureError
+from protocol.gm.sm2 import SM2PublicKey
+from protocol.payloads import SignedRecord
+from protocol.secure import (
+    Direction,
+    FrameError,
+    SessionKey,
+    freshness_problem,
+    is_secure_frame,
+    open_frame,
+    parse_frame,
+    seal_frame,
+)
 from sync_server.audit import ServerAudit
+from sync_server.db.engine import session_factory
+from sync_server.db.models import Device, DeviceKey, DeviceSession, RegistrationState, SecurityEvent
 from sync_server.identity import ServerIdentity
 from sync_server.settings import ServerSettings
 
+logger = logging.getLogger(__name__)
+
+RefusalKind = Literal[
+    "unknown_key",
+    "other_device",
+    "tampered",
+    "replayed",
+    "stale",
+    "revoked",
+    "plaintext_refused",
+    "seq_mismatch",
+    "bad_signature",
+]
+KEY_LIFETIME_ONLY = timedelta(days=3650)
+"""The 'max age' used for status frames: only the key's lifetime limits them (see the module docstring)."""
+
+
+class SecurityRefusal(Exception):  # noqa: N818 - a verdict carried to ingest, not an error of the server
+    """A message refused for security reasons; `kind` is one of docs/identity.md's refusal kinds."""
+
+    def __init__(self, kind: RefusalKind, detail: str) -> None:
+        super().__init__(f"{kind}: {detail}")
+        self.kind = kind
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """One refused message, as ingest hands it back for recording."""
+
+    device_id: str | None
+    topic: str
+    kind: str
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Screened:
+    """A message that passed: the plaintext to decode, and the frame counter (None for plaintext)."""
+
+    payload: bytes
+    counter: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _DeviceInfo:
+    state: RegistrationState | None
+    """None: unknown to the server."""
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyInfo:
+    device_id: str
+    key: SessionKey
+    revoked: bool
+
 
 class SecurityGate:
+    """Thread-safe: the ingest thread screens, the dispatcher thread seals, request threads forget."""
+
     def __init__(
         self, settings: ServerSettings, engine: Engine, identity: ServerIdentity, *, clock: Clock, audit: ServerAudit
     ) -> None:
         self._settings = settings
-        self._engine = engine
+        self._sessions = session_factory(engine)
         self._identity = identity
         self._clock = clock
         self._audit = audit
+        self._ttl = settings.security_cache_ttl_s
+        self._max_age = timedelta(seconds=settings.uplink_max_age_s)
+        self._required = settings.effective_uplink_security == "required"
+        self._lock = threading.Lock()
+        self._devices: dict[str, tuple[_DeviceInfo, float]] = {}
+        self._keys: dict[uuid.UUID, tuple[_KeyInfo | None, float]] = {}
+        self._newest: dict[str, tuple[_KeyInfo | None, float]] = {}
+        self._identity_keys: dict[tuple[str, int], SM2PublicKey] = {}
+        self._downlink_counter = itertools.count(1)
+
+    # ------------------------------------------------------------------ cache
 
     def forget_device(self, device_id: str) -> None:
-        """Drop what this process cached about `device_id` (after a revoke, reset or rotation)."""
+        """Drop what this process cached about `device_id` (after a revoke, reset, enrolment or rotation)."""
+        with self._lock:
+            self._devices.pop(device_id, None)
+            self._newest.pop(device_id, None)
+            for key_id in [
+                k for k, (info, _) in self._keys.items() if info is not None and info.device_id == device_id
+            ]:
+                del self._keys[key_id]
+
+    def _fresh(self, expires: float) -> bool:
+        return self._clock.monotonic() < expires
+
+    def _device(self, device_id: str) -> _DeviceInfo:
+        with self._lock:
+            hit = self._devices.get(device_id)
+            if hit is not None and self._fresh(hit[1]):
+                return hit[0]
+        with self._sessions() as session:
+            state = session.scalar(select(Device.registration).where(Device.device_id == device_id))
+        info = _DeviceInfo(state)
+        with self._lock:
+            self._devices[device_id] = (info, self._clock.monotonic() + self._ttl)
+        return info
+
+    def _key_info(self, row: DeviceSession) -> _KeyInfo | None:
+        try:
+            secret = self._identity.open_session_key(row.key_id, row.sealed_key)
+        except CryptoError:
+            logger.error("session key %s does not open under this server's secret_key; ignoring it", row.key_id)
+            return None
+        return _KeyInfo(
+            row.device_id, SessionKey(row.key_id, secret, row.issued_at, row.expires_at), row.revoked_at is not None
+        )
+
+    def _session_key(self, key_id: uuid.UUID) -> _KeyInfo | None:
+        with self._lock:
+            hit = self._keys.get(key_id)
+            if hit is not None and self._fresh(hit[1]):
+                return hit[0]
+        with self._sessions() as session:
+            row = session.get(DeviceSession, key_id)
+            info = self._key_info(row) if row is not None else None
+        with self._lock:
+            self._keys[key_id] = (info, self._clock.monotonic() + self._ttl)
+        return info
+
+    def _newest_key(self, device_id: str) -> _KeyInfo | None:
+        with self._lock:
+            hit = self._newest.get(device_id)
+            if hit is not None and self._fresh(hit[1]):
+                return hit[0]
+        now = self._clock.now()
+        with self._sessions() as session:
+            row = session.scalar(
+                select(DeviceSession)
+                .where(
+                    DeviceSession.device_id == device_id,
+                    DeviceSession.revoked_at.is_(None),
+                    DeviceSession.expires_at > now,
+                )
+                .order_by(DeviceSession.issued_at.desc())
+                .limit(1)
+            )
+            info = self._key_info(row) if row is not None else None
+        with self._lock:
+            self._newest[device_id] = (info, self._clock.monotonic() + self._ttl)
+        return info
+
+    def _identity_key(self, device_id: str, epoch: int) -> SM2PublicKey | None:
+        with self._lock:
+            hit = self._identity_keys.get((device_id, epoch))
+        if hit is not None:
+            return hit  # identity keys never change; retired ones still verify old records
+        with self._sessions() as session:
+            text = session.scalar(
+                select(DeviceKey.public_key).where(DeviceKey.device_id == device_id, DeviceKey.key_epoch == epoch)
+            )
+        if text is None:
+            return None
+        key = SM2PublicKey.from_hex(text)
+        with self._lock:
+            self._identity_keys[(device_id, epoch)] = key
+        return key
+
+    # ------------------------------------------------------------------ uplinks
+
+    def screen(self, device_id: str, raw: bytes, *, status: bool = False) -> Screened:
+        """The plaintext of a message on `device_id`'s uplink (or status) topic, or `SecurityRefusal`."""
+        if not is_secure_frame(raw):
+            state = self._device(device_id).state
+            if state is RegistrationState.REVOKED:
+                raise SecurityRefusal("revoked", "device is revoked")
+            if state is RegistrationState.ENROLLED:
+                raise SecurityRefusal("plaintext_refused", "enrolled devices must send secure frames")
+            if self._required:
+                raise SecurityRefusal("plaintext_refused", "uplink security is required on this server")
+            return Screened(raw, None)
+        try:
+            header = parse_frame(raw)
+        except FrameError as exc:
+            raise SecurityRefusal("tampered", str(exc)) from exc
+        if header.direction is not Direction.UPLINK:
+            raise SecurityRefusal("tampered", "a downlink frame on an uplink topic")
+        info = self._session_key(header.key_id)
+        if info is None:
+            raise SecurityRefusal("unknown_key", "key id unknown to the server")
+        if info.device_id != device_id:
+            raise SecurityRefusal("other_device", f"key belongs to device {info.device_id}")
+        if info.revoked or self._device(device_id).state is not RegistrationState.ENROLLED:
+            raise SecurityRefusal("revoked", "device or session key revoked")
+        try:
+            plaintext = open_frame(info.key.key, device_id, raw)
+        except DecryptionFailedError as exc:
+            raise SecurityRefusal("tampered", "authentication tag does not verify") from exc
+        problem = freshness_problem(
+            header, info.key, now=self._clock.now(), max_age=KEY_LIFETIME_ONLY if status else self._max_age
+        )
+        if problem is not None:
+            kind: RefusalKind = "replayed" if "ago" in problem else "stale"
+            raise SecurityRefusal(kind, problem)
+        return Screened(plaintext, header.counter)
+
+    def check_envelope(self, envelope: Envelope, counter: int | None) -> None:
+        """Checks that need the decoded envelope: counter == seq, and a signed record's signature."""
+        if counter is not None and envelope.seq != counter:
+            raise SecurityRefusal("seq_mismatch", f"frame counter {counter} but envelope seq {envelope.seq}")
+        payload = envelope.payload
+        if isinstance(payload, SignedRecord):
+            key = self._identity_key(envelope.device_id, payload.key_epoch)
+            if key is None:
+                raise SecurityRefusal("bad_signature", f"signed record names key epoch {payload.key_epoch}, unknown")
+            try:
+                verify_device_record(payload, device_id=envelope.device_id, device_key=key)
+            except InvalidSignatureError as exc:
+                raise SecurityRefusal("bad_signature", "signed record does not verify") from exc
+
+    # ------------------------------------------------------------------ recording
+
+    def record(self, session: Session, refused: Sequence[Refused]) -> None:
+        """Add the batch's refusals to `security_events` (one row per device and kind), in the caller's txn."""
+        now = self._clock.now()
+        for (device_id, kind, topic, detail), count in _aggregate(refused).items():
+            session.add(
+                SecurityEvent(
+                    at=now, device_id=device_id, kind=kind, detail=detail[:300], topic=topic[:200], count=count
+                )
+            )
+
+    def after_commit(self, refused: Sequence[Refused]) -> None:
+        """Audit-chain entries and log lines for the batch's refusals (after they were stored)."""
+        for (device_id, kind, topic, detail), count in _aggregate(refused).items():
+            self._audit.record(
+                "security.refused", device_id=device_id, kind=kind, topic=topic, count=count, detail=detail
+            )
+            logger.warning("refused %d message(s) on %s: %s: %s", count, topic, kind, detail)
+
+    # ------------------------------------------------------------------ downlinks
+
+    def seal_downlink(self, device_id: str, payload: bytes) -> bytes | None:
+        """What to publish on `device_id`'s downlink: a frame under its newest valid session key if it is enrolled,
+        the plaintext if it is not, None (hold it) if it is enrolled without a valid key, or revoked."""
+        state = self._device(device_id).state
+        if state is RegistrationState.REVOKED:
+            return None
+        if state is not RegistrationState.ENROLLED:
+            return payload
+        info = self._newest_key(device_id)
+        now = self._clock.now()
+        if info is None or info.revoked or info.key.expired(now):
+            return None
+        return seal_frame(info.key, device_id, Direction.DOWNLINK, next(self._downlink_counter), payload, sent_at=now)
+
+
+def _aggregate(refused: Sequence[Refused]) -> Counter[tuple[str | None, str, str, str]]:
+    """(device, kind) → count, keeping the first topic and detail seen for the pair."""
+    first: dict[tuple[str | None, str], tuple[str, str]] = {}
+    counts: Counter[tuple[str | None, str]] = Counter()
+    for r in refused:
+        pair = (r.device_id, r.kind)
+        first.setdefault(pair, (r.topic, r.detail))
+        counts[pair] += 1
+    return Counter({(d, k, *first[(d, k)]): n for (d, k), n in counts.items()})

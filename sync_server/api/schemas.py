@@ -214,6 +214,9 @@ class IngestCountersOut(_Out):
     command_results_unmatched: int = Field(
         default=0, description="Command results stored that answer no command issued to their device (flagged)."
     )
+    security_refused: int = Field(
+        default=0, description="Of `rejected`, messages refused by message security (see security_events)."
+    )
 
     @classmethod
     def of(cls, stats: IngestStats | None, *, mqtt: MqttState) -> IngestCountersOut:
@@ -237,6 +240,7 @@ class IngestCountersOut(_Out):
             last_commit_at=stats.last_commit_at,
             acks_sent=stats.acks_sent,
             commands_acknowledged=stats.commands_acknowledged,
+            security_refused=stats.security_refused,
             command_results_unmatched=stats.command_results_unmatched,
         )
 
