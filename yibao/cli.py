@@ -407,6 +407,27 @@ def _bench_sync_chaos(
     raise typer.Exit(0 if figures["ok"] else 1)
 
 
+@bench_app.command("outbox-kill")
+def bench_outbox_kill(
+    rounds: Annotated[int, typer.Option(min=1, help="Child processes to SIGKILL mid-transaction.")] = 200,
+    seed: Annotated[int | None, typer.Option(help="Seed of the kill schedule (default: random).")] = None,
+) -> None:
+    """SIGKILL a process in the middle of outbox transactions N times; check the file after each kill."""
+    import json
+
+    from yibao.outbox_kill import bench_outbox_kill as run
+
+    figures = run(rounds=rounds, seed=seed)
+    print(json.dumps(figures | {"machine": _machine()}))
+    raise typer.Exit(0 if figures["ok"] else 1)
+
+
+def _machine() -> dict[str, Any]:
+    from yibao.bench import machine
+
+    return machine()
+
+
 @bench_app.command("chaos-terminal", hidden=True)
 def bench_chaos_terminal(
     config: ConfigArg,
