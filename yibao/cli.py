@@ -448,7 +448,10 @@ def bench_crypto(
 
 @bench_app.command("sync")
 def bench_sync(
-    terminals: Annotated[int, typer.Option(min=1, help="Simulated terminals in the fleet (one process).")] = 50,
+    terminals: Annotated[
+        int | None,
+        typer.Option(min=1, help="Simulated terminals in the fleet (one process); with --chaos, terminal processes."),
+    ] = None,
     events: Annotated[int, typer.Option(min=0, help="Audit records in total, split evenly over terminals.")] = 10_000,
     database_url: Annotated[
         str | None,
@@ -473,8 +476,25 @@ def bench_sync(
         bool,
         typer.Option(help="Fleet publishes while the consumer is away, then the consumer drains alone (no sharing)."),
     ] = False,
+    chaos: Annotated[
+        bool,
+        typer.Option(
+            help="Fault injection: kill -9 terminals, broker and server, cut links, fill the terminal's disk; "
+            "proves nothing is lost or duplicated (see docs/benchmarks.md)."
+        ),
+    ] = False,
+    cycles: Annotated[int, typer.Option(min=0, help="--chaos: fault cycles.")] = 20,
+    seed: Annotated[int | None, typer.Option(help="--chaos: seed of the fault schedule (default: random).")] = None,
+    rate: Annotated[float, typer.Option(min=0.1, help="--chaos: records per second per terminal.")] = 20.0,
+    disk: Annotated[
+        str, typer.Option(help="--chaos: disk-full method: 'tmpfs', 'rlimit' (RLIMIT_FSIZE) or 'auto'.")
+    ] = "auto",
 ) -> None:
     """End-to-end sync: private Mosquitto, `yibao server run` as a child, a fleet of terminals; one JSON line."""
+    if chaos:
+        _bench_sync_chaos(terminals or 3, cycles, seed, rate, database_url, disk)
+        return
+    terminals = terminals or 50
     from yibao.bench import SyncBenchOptions, bench_sync, bench_sync_prefilled
 
     run = bench_sync_prefilled if prefilled else bench_sync
@@ -499,6 +519,62 @@ def bench_sync(
             )
         )
     )
+
+
+def _bench_sync_chaos(
+    terminals: int, cycles: int, seed: int | None, rate: float, database_url: str | None, disk: str
+) -> None:
+    import json
+
+    from yibao.chaos import ChaosError, ChaosOptions, bench_sync_chaos
+
+    if disk not in ("auto", "tmpfs", "rlimit"):
+        typer.secho("error: --disk is 'auto', 'tmpfs' or 'rlimit'", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    options = ChaosOptions(
+        cycles=cycles, seed=seed, terminals=terminals, rate=rate, database_url=database_url, disk=disk
+    )
+    try:
+        figures = bench_sync_chaos(options)
+    except ChaosError as exc:
+        typer.secho(f"chaos run failed: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from exc
+    print(json.dumps(figures))
+    raise typer.Exit(0 if figures["ok"] else 1)
+
+
+@bench_app.command("outbox-kill")
+def bench_outbox_kill(
+    rounds: Annotated[int, typer.Option(min=1, help="Child processes to SIGKILL mid-transaction.")] = 200,
+    seed: Annotated[int | None, typer.Option(help="Seed of the kill schedule (default: random).")] = None,
+) -> None:
+    """SIGKILL a process in the middle of outbox transactions N times; check the file after each kill."""
+    import json
+
+    from yibao.outbox_kill import bench_outbox_kill as run
+
+    figures = run(rounds=rounds, seed=seed)
+    print(json.dumps(figures | {"machine": _machine()}))
+    raise typer.Exit(0 if figures["ok"] else 1)
+
+
+def _machine() -> dict[str, Any]:
+    from yibao.bench import machine
+
+    return machine()
+
+
+@bench_app.command("chaos-terminal", hidden=True)
+def bench_chaos_terminal(
+    config: ConfigArg,
+    ledger: Annotated[Path, typer.Option(help="Append 'ok LIFE N' here after each committed record.")],
+    life: Annotated[int, typer.Option(min=1, help="How many times this terminal has been started.")],
+    rate: Annotated[float, typer.Option(min=0.1, help="Records per second.")] = 20.0,
+) -> None:
+    """A terminal process for `bench sync --chaos`: the real runtime, enqueueing numbered records at a steady rate."""
+    from yibao.chaos import run_chaos_terminal
+
+    run_chaos_terminal(config, ledger, life=life, rate=rate)
 
 
 def main() -> None:
