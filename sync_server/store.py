@@ -254,7 +254,8 @@ def store_envelopes(
 
 
 def _store_fast(session: Session, stmt: Any, table: Table, unique: Sequence[Envelope], when: datetime) -> StoreResult:
-    rows = [_event_row(e, when) for e in unique]
+    # In key order, so two workers inserting overlapping redeliveries take the unique-index locks in the same order.
+    rows = [_event_row(e, when) for e in sorted(unique, key=lambda e: (e.device_id, e.seq))]
     inserted = set(session.execute(stmt.on_conflict_do_nothing().returning(table.c.message_id), rows).scalars())
     refused = [e for e in unique if e.message_id not in inserted]
     return StoreResult(len(inserted), len(refused), _classify_refused(session, refused))
@@ -285,11 +286,17 @@ def is_online(link_state: LinkStateColumn | str, heartbeat_expires_at: datetime 
 
 
 def _lock_devices(session: Session, device_ids: Collection[str]) -> dict[str, Device]:
-    """Load and row-lock devices in a fixed order (no deadlocks between workers; FOR UPDATE is a no-op on SQLite,
-    where the write lock is taken at BEGIN IMMEDIATE)."""
+    """Load and row-lock devices in a fixed order (no deadlocks between workers; a no-op on SQLite, where the write
+    lock is taken at BEGIN IMMEDIATE).
+
+    FOR NO KEY UPDATE, not FOR UPDATE: inserting an event takes FOR KEY SHARE on its device (the foreign key), which
+    FOR UPDATE would wait for. Two workers that both inserted records of one device and then both asked for FOR
+    UPDATE on it would deadlock; FOR NO KEY UPDATE only waits for the other worker's device lock."""
     devices: dict[str, Device] = {}
     for chunk in _chunks(sorted(set(device_ids))):
-        stmt = select(Device).where(Device.device_id.in_(chunk)).order_by(Device.device_id).with_for_update()
+        stmt = (
+            select(Device).where(Device.device_id.in_(chunk)).order_by(Device.device_id).with_for_update(key_share=True)
+        )
         devices.update({d.device_id: d for d in session.scalars(stmt)})
     return devices
 

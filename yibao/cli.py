@@ -170,11 +170,21 @@ def server_run(
         Path | None,
         typer.Option(help="Write {url, port, pid} here once bound (use with --http-port 0 to learn the port)."),
     ] = None,
+    ingest_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=32,
+            help="Ingest worker processes on the shared uplink subscription (0: this process ingests); "
+            "default from YIBAO_SERVER_INGEST_WORKERS.",
+        ),
+    ] = None,
 ) -> None:
     """Run the sync server: database migrations, MQTT ingest, REST API and web pages."""
     from sync_server.service import serve
 
-    serve(_server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port), ready_file=ready_file)
+    settings = _server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port, ingest_workers=ingest_workers)
+    serve(settings, ready_file=ready_file)
 
 
 @server_app.command("migrate")
@@ -197,6 +207,8 @@ def _server_settings(
     http_port: int | None,
     mqtt_host: str | None,
     mqtt_port: int | None,
+    *,
+    ingest_workers: int | None = None,
 ) -> ServerSettings:
     """Settings from the environment (YIBAO_SERVER_*), overridden by whichever options were given."""
     from pydantic import ValidationError
@@ -209,6 +221,7 @@ def _server_settings(
         "http_port": http_port,
         "mqtt_host": mqtt_host,
         "mqtt_port": mqtt_port,
+        "ingest_workers": ingest_workers,
     }
     try:
         return ServerSettings(**{k: v for k, v in given.items() if v is not None})
