@@ -350,6 +350,16 @@ def bench_sync(
         bool,
         typer.Option(help="Fleet publishes while the consumer is away, then the consumer drains alone (no sharing)."),
     ] = False,
+    ceiling_too: Annotated[
+        bool,
+        typer.Option(help="Then repeat the same run with the ceiling consumer; report both and our ratio to it."),
+    ] = False,
+    ingest_workers: Annotated[
+        int, typer.Option(min=0, max=32, help="`yibao server run --ingest-workers N` (0: the server ingests).")
+    ] = 0,
+    encryption: Annotated[
+        str, typer.Option(help="Payload encryption of the fleet; only 'off' on this branch (SM4-GCM comes later).")
+    ] = "off",
 ) -> None:
     """End-to-end sync: private Mosquitto, `yibao server run` as a child, a fleet of terminals; one JSON line."""
     from yibao.bench import SyncBenchOptions, bench_sync, bench_sync_prefilled
@@ -358,6 +368,9 @@ def bench_sync(
 
     if scheduling not in ("threads", "pooled"):
         typer.secho("error: --scheduling is 'threads' or 'pooled'", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    if encryption != "off":
+        typer.secho("error: payload encryption is not on this branch; --encryption off", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
 
     print(
@@ -373,9 +386,26 @@ def bench_sync(
                 connect_timeout_s=connect_timeout_s,
                 scheduling=scheduling,
                 ceiling=ceiling,
+                ceiling_too=ceiling_too,
+                ingest_workers=ingest_workers,
+                encryption=encryption,
             )
         )
     )
+
+
+@bench_app.command("ceiling-consumer", hidden=True)
+def bench_ceiling_consumer(
+    mqtt_host: Annotated[str, typer.Option()],
+    mqtt_port: Annotated[int, typer.Option()],
+    database_url: Annotated[str, typer.Option()],
+    status_file: Annotated[Path, typer.Option()],
+    create: Annotated[bool, typer.Option("--create")] = False,
+) -> None:
+    """The ceiling consumer of `yibao bench sync` as a process of its own (started by the benchmark)."""
+    from yibao.bench import run_ceiling_consumer
+
+    run_ceiling_consumer(mqtt_host, mqtt_port, database_url, status_file, create=create)
 
 
 def main() -> None:
