@@ -244,11 +244,21 @@ def server_run(
         Path | None,
         typer.Option(help="Write {url, port, pid} here once bound (use with --http-port 0 to learn the port)."),
     ] = None,
+    ingest_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=32,
+            help="Ingest worker processes on the shared uplink subscription (0: this process ingests); "
+            "default from YIBAO_SERVER_INGEST_WORKERS.",
+        ),
+    ] = None,
 ) -> None:
     """Run the sync server: database migrations, MQTT ingest, REST API and web pages."""
     from sync_server.service import serve
 
-    serve(_server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port), ready_file=ready_file)
+    settings = _server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port, ingest_workers=ingest_workers)
+    serve(settings, ready_file=ready_file)
 
 
 @server_app.command("migrate")
@@ -333,6 +343,8 @@ def _server_settings(
     http_port: int | None,
     mqtt_host: str | None,
     mqtt_port: int | None,
+    *,
+    ingest_workers: int | None = None,
 ) -> ServerSettings:
     """Settings from the environment (YIBAO_SERVER_*), overridden by whichever options were given."""
     from pydantic import ValidationError
@@ -345,6 +357,7 @@ def _server_settings(
         "http_port": http_port,
         "mqtt_host": mqtt_host,
         "mqtt_port": mqtt_port,
+        "ingest_workers": ingest_workers,
     }
     try:
         return ServerSettings(**{k: v for k, v in given.items() if v is not None})
@@ -489,6 +502,16 @@ def bench_sync(
     disk: Annotated[
         str, typer.Option(help="--chaos: disk-full method: 'tmpfs', 'rlimit' (RLIMIT_FSIZE) or 'auto'.")
     ] = "auto",
+    ceiling_too: Annotated[
+        bool,
+        typer.Option(help="Then repeat the same run with the ceiling consumer; report both and our ratio to it."),
+    ] = False,
+    ingest_workers: Annotated[
+        int, typer.Option(min=0, max=32, help="`yibao server run --ingest-workers N` (0: the server ingests).")
+    ] = 0,
+    encryption: Annotated[
+        str, typer.Option(help="Payload encryption of the fleet; only 'off' on this branch (SM4-GCM comes later).")
+    ] = "off",
 ) -> None:
     """End-to-end sync: private Mosquitto, `yibao server run` as a child, a fleet of terminals; one JSON line."""
     if chaos:
@@ -501,6 +524,9 @@ def bench_sync(
 
     if scheduling not in ("threads", "pooled"):
         typer.secho("error: --scheduling is 'threads' or 'pooled'", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    if encryption != "off":
+        typer.secho("error: payload encryption is not on this branch; --encryption off", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
 
     print(
@@ -516,6 +542,9 @@ def bench_sync(
                 connect_timeout_s=connect_timeout_s,
                 scheduling=scheduling,
                 ceiling=ceiling,
+                ceiling_too=ceiling_too,
+                ingest_workers=ingest_workers,
+                encryption=encryption,
             )
         )
     )
@@ -575,6 +604,20 @@ def bench_chaos_terminal(
     from yibao.chaos import run_chaos_terminal
 
     run_chaos_terminal(config, ledger, life=life, rate=rate)
+
+
+@bench_app.command("ceiling-consumer", hidden=True)
+def bench_ceiling_consumer(
+    mqtt_host: Annotated[str, typer.Option()],
+    mqtt_port: Annotated[int, typer.Option()],
+    database_url: Annotated[str, typer.Option()],
+    status_file: Annotated[Path, typer.Option()],
+    create: Annotated[bool, typer.Option("--create")] = False,
+) -> None:
+    """The ceiling consumer of `yibao bench sync` as a process of its own (started by the benchmark)."""
+    from yibao.bench import run_ceiling_consumer
+
+    run_ceiling_consumer(mqtt_host, mqtt_port, database_url, status_file, create=create)
 
 
 def main() -> None:
