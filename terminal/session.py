@@ -442,6 +442,10 @@ class SessionSealer:
             raise NoSessionKeyError("no valid session key yet")
         return seal_frame(key, self._device_id, Direction.UPLINK, seq, wire, sent_at=self._clock.now())
 
+    def seal_status(self, status: bytes) -> bytes:
+        """A status message ('online', the last will) as a frame; the server ignores its counter."""
+        return self.seal(0, status)
+
     def unacknowledged(self, count: int) -> None:
         self._manager.unacknowledged(count)
 
