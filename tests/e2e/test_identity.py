@@ -193,6 +193,20 @@ def test_an_enrolled_terminal_sends_only_sealed_frames_that_the_server_stores_th
         assert events_total(http, device, "audit_event") == 41  # stored once each
         assert http.get("/api/v1/ingest/stats").json()["ingest"]["security_refused"] == 0
 
+        # a rotate_keys command reaches the terminal sealed, is carried out, and records keep flowing
+        resp = http.post(f"/api/v1/devices/{device}/commands", json={"kind": "rotate_keys", "ttl_s": 600})
+        assert resp.status_code == 201, resp.text
+        command_id = resp.json()["command_id"]
+
+        def answered() -> bool:
+            return bool(http.get(f"/api/v1/commands/{command_id}").json()["state"] == "acknowledged")
+
+        assert wait_until(answered, 30)
+        assert http.get(f"/api/v1/commands/{command_id}").json()["result_outcome"] == "applied"
+        beats = events_total(http, device, "heartbeat")
+        assert wait_until(lambda: events_total(http, device, "heartbeat") > beats + 2, 20)
+        assert http.get("/api/v1/ingest/stats").json()["ingest"]["security_refused"] == 0
+
         code, revoked = cli("provision", "revoke", device, "--reason", "stolen", *admin)
         assert code == 0, revoked
 
@@ -210,8 +224,11 @@ def test_an_enrolled_terminal_sends_only_sealed_frames_that_the_server_stores_th
         sniffer.loop_stop()
     chain = sorted(identity_dir.glob("audit-*.jsonl"))[-1]
     assert verify_chain(chain, load_chain_key(identity_dir / "audit.key")).ok
-    events = {json.loads(line)["event"]["type"] for line in chain.read_text().splitlines()}
-    assert {"identity.enrolled", "terminal.identity_loaded", "session.established"} <= events
+    events = [json.loads(line)["event"]["type"] for line in chain.read_text().splitlines()]
+    assert {"identity.enrolled", "terminal.identity_loaded", "command.applied", "session.rotation_requested"} <= set(
+        events
+    )
+    assert events.count("session.established") >= 2  # the first key and the one the command asked for
 
 
 @pytest.mark.parametrize("server", ["sqlite"], indirect=True)
