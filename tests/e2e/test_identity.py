@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from hardware_sim.fleet import Fleet, FleetOptions, enrol_fleet, fleet_device_id
 from protocol import SystemClock
 from protocol.gm.audit_chain import load_chain_key, verify_chain
+from protocol.payloads import SignedRecordKind
 from protocol.secure import is_secure_frame
 from terminal.session import ServerRefusedError, load_terminal
 from yibao.broker import MosquittoBroker
@@ -256,7 +257,13 @@ def test_an_enrolled_fleet_is_stored_through_the_real_server(
         fleet.start()
         assert fleet.wait_connected(20) == len(device_ids)
         fleet.enqueue_audits(25)
+        first = fleet.terminals[0]
+        first.runtime.record_signed(SignedRecordKind.SIGN_IN, {"pharmacist": "ph-7f3a", "method": "face"})
+        assert fleet.scheduler is not None
+        fleet.scheduler.schedule(first)
         assert wait_until(lambda: all(events_total(http, d, "audit_event") == 25 for d in device_ids), 60)
+        # the signed record passed the server's signature check (identity key of epoch 1) and was stored
+        assert wait_until(lambda: events_total(http, device_ids[0], "signed_record") == 1, 30)
         assert wait_until(lambda: fleet.outbox_depth() == 0, 30)  # sealed acks came back and opened
         assert http.get("/api/v1/ingest/stats").json()["ingest"]["security_refused"] == 0
     finally:
