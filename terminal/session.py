@@ -163,8 +163,8 @@ def enrol_device(
 ) -> DeviceIdentity:
     """Generate the key here, enrol it with the claim token, pin the server key and store everything.
 
-    A key the server refused is removed again (the token may be reissued); a key the server may have accepted (no
-    answer) is kept, so the admin's reset is only needed when the answer was really lost."""
+    A key the server refused is removed at once; a key without a stored bundle (no answer, or an answer that failed
+    its checks) is replaced by the next enrolment."""
     if store.is_enrolled():
         raise TerminalError(f"{store.directory} already holds an enrolled identity; retire it first (--force)")
     if store.has_key():
