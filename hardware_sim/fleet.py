@@ -59,7 +59,7 @@ from terminal.errors import NotConnectedError, PublishError
 from terminal.identity import SecurityLog, identity_from_enrolment
 from terminal.runtime import TerminalRuntime, build_runtime
 from terminal.session import HttpDeviceApi, SessionManager, TerminalSecurity
-from terminal.sync import SESSION_EXPIRY_S, PahoTicket, PubackRefusals, PublishTicket, announce_online
+from terminal.sync import SESSION_EXPIRY_S, PahoTicket, PubackRefusals, PublishTicket, announce_online, wire_status
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +102,10 @@ class FleetLink:
         network: FleetNetwork,
         inflight_window: int,
         password: str | None = None,
+        status_sealer: Callable[[bytes], bytes] | None = None,
     ) -> None:
-        """`password` goes with `config.username` (an enrolled simulated device's broker credentials)."""
+        """`password` goes with `config.username` (an enrolled simulated device's broker credentials);
+        `status_sealer` seals its status messages as `MqttUplink` does."""
         self.device_id = device_id
         self._config = config
         self._boot_id = boot_id
@@ -116,6 +118,7 @@ class FleetLink:
         self._connected = threading.Event()
         self._gone = threading.Event()
         self._refusals = PubackRefusals()
+        self._status_sealer = status_sealer
         self.closing = False
         self.started = False
         self.connects = 0
@@ -129,7 +132,8 @@ class FleetLink:
             client_id=device_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        client.will_set(self._status_topic, self._status(LinkState.OFFLINE, stamped=False), qos=1, retain=True)
+        self.client = client
+        self._refresh_will()
         if config.username is not None:
             client.username_pw_set(config.username, password)
         client.max_inflight_messages_set(inflight_window)
@@ -142,7 +146,6 @@ class FleetLink:
         client.on_socket_close = network.socket_closed
         client.on_socket_register_write = network.write_wanted
         client.user_data_set(self)
-        self.client = client
 
     def attach_downlink(self, sink: Callable[[str, bytes], None]) -> None:
         """Where downlink messages go (the terminal's `DownlinkReceiver.offer`); set before `start()`."""
@@ -170,12 +173,12 @@ class FleetLink:
             return
         self.closing = True
         if self._connected.is_set():
+            offline = wire_status(self._status(LinkState.OFFLINE, stamped=True), self._status_sealer)
             with contextlib.suppress(ValueError, RuntimeError):
-                info = self.client.publish(
-                    self._status_topic, self._status(LinkState.OFFLINE, stamped=True), qos=1, retain=True
-                )
-                self._network.write_wanted(self.client, self, None)
-                info.wait_for_publish(CLOSE_TIMEOUT_S)
+                if offline is not None:
+                    info = self.client.publish(self._status_topic, offline, qos=1, retain=True)
+                    self._network.write_wanted(self.client, self, None)
+                    info.wait_for_publish(CLOSE_TIMEOUT_S)
             self.client.disconnect()
             self._network.write_wanted(self.client, self, None)
             self._gone.wait(CLOSE_TIMEOUT_S)
@@ -218,7 +221,7 @@ class FleetLink:
         announce_online(
             client,
             status_topic=self._status_topic,
-            status=self._status(LinkState.ONLINE, stamped=True),
+            status=wire_status(self._status(LinkState.ONLINE, stamped=True), self._status_sealer),
             downlink_topic=self._downlink_topic,
         )
         self.connects += 1
@@ -239,6 +242,7 @@ class FleetLink:
         self._connected.clear()
         self._gone.set()
         if not self.closing:
+            self._refresh_will()
             logger.debug("fleet: %s lost its connection: %s", self.device_id, reason_code)
             self._network.schedule_reconnect(self)
 
@@ -254,6 +258,20 @@ class FleetLink:
             boot_id=self._boot_id,
             at=self._clock.now() if stamped else None,
         ).to_bytes()
+
+    def _refresh_will(self) -> None:
+        will = wire_status(self._status(LinkState.OFFLINE, stamped=False), self._status_sealer)
+        if will is None:
+            self.client.will_clear()
+        else:
+            self.client.will_set(self._status_topic, will, qos=1, retain=True)
+
+    def announce_online(self) -> None:
+        """Publish the retained 'online' again (a new session key: the server answers under the new key)."""
+        status = wire_status(self._status(LinkState.ONLINE, stamped=True), self._status_sealer)
+        if status is not None and self._connected.is_set():
+            self.client.publish(self._status_topic, status, qos=1, retain=True)
+            self._network.write_wanted(self.client, self, None)
 
 
 # ---------------------------------------------------------------------- the network threads
@@ -678,8 +696,11 @@ class Fleet:
             network=self.network,
             inflight_window=o.batch_size,
             password=None if security is None else security.identity.broker_password,
+            status_sealer=None if security is None else security.sealer(SystemClock()).seal_status,
         )
         runtime = build_runtime(config, self.peripherals(), boot_id=boot_id, link=link, security=security)
+        if sessions is not None:
+            sessions.on_new_key = lambda _key: link.announce_online()
         terminal = FleetTerminal(runtime=runtime, link=link)
         if o.scheduling == "pooled":
             link.attach_downlink(partial(self._downlink_arrived, terminal))

@@ -65,7 +65,7 @@ class ServerClient:
             resp = self._http.request(method, path, json=body)
         except httpx.HTTPError as exc:
             raise ServerUnreachableError(f"cannot reach the server at {self._http.base_url}: {exc}") from exc
-        if resp.status_code == 401 and "provisioning" in path:
+        if resp.status_code == 401:
             raise ServerRefusedError(
                 f"server refused {path} (401): {_detail(resp)} (check --token / YIBAO_ADMIN_TOKEN)", status=401
             )

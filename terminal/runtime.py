@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Final
 
 from pydantic import JsonValue, ValidationError
 
@@ -47,6 +48,9 @@ from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWork
 
 logger = logging.getLogger(__name__)
 
+START_KEY_WAIT_S: Final = 5.0
+"""How long an enrolled terminal waits at start for its first session key before connecting anyway."""
+
 
 @dataclass
 class TerminalRuntime:
@@ -66,6 +70,8 @@ class TerminalRuntime:
         """Connect in the background and start delivery and heartbeats; returns at once, works offline."""
         if self.security is not None:
             self.security.start()
+            # A short wait so the first CONNECT carries a sealed will and 'online'; offline it goes on without.
+            self.security.sessions.wait_ready(START_KEY_WAIT_S)
         self.sync.start()
         logger.info(
             "terminal %s started: software %s, config %s (schema %d), boot %s",
@@ -205,8 +211,9 @@ def build_runtime(
             commands=commands,
             opener=security.opener(clock) if security is not None else None,
         )
+        sealer = security.sealer(clock) if security is not None else None
         if link is None:
-            link = MqttUplink(
+            mqtt_link = MqttUplink(
                 config.mqtt,
                 device_id=config.device_id,
                 boot_id=boot_id,
@@ -214,7 +221,11 @@ def build_runtime(
                 inflight_window=config.outbox.batch_size,
                 downlink_sink=downlink.offer,
                 password=security.identity.broker_password if security is not None else None,
+                status_sealer=sealer.seal_status if sealer is not None else None,
             )
+            if security is not None:
+                security.sessions.on_new_key = lambda _key: mqtt_link.announce_online()
+            link = mqtt_link
         delivery = UplinkDelivery(
             outbox,
             link,
@@ -222,7 +233,7 @@ def build_runtime(
             batch_size=config.outbox.batch_size,
             publish_timeout_s=config.outbox.publish_timeout_s,
             clock=clock,
-            sealer=security.sealer(clock) if security is not None else None,
+            sealer=sealer,
         )
 
         def compose() -> Heartbeat:

@@ -163,8 +163,8 @@ def enrol_device(
 ) -> DeviceIdentity:
     """Generate the key here, enrol it with the claim token, pin the server key and store everything.
 
-    A key the server refused is removed again (the token may be reissued); a key the server may have accepted (no
-    answer) is kept, so the admin's reset is only needed when the answer was really lost."""
+    A key the server refused is removed at once; a key without a stored bundle (no answer, or an answer that failed
+    its checks) is replaced by the next enrolment."""
     if store.is_enrolled():
         raise TerminalError(f"{store.directory} already holds an enrolled identity; retire it first (--force)")
     if store.has_key():
@@ -441,6 +441,10 @@ class SessionSealer:
         if key is None:
             raise NoSessionKeyError("no valid session key yet")
         return seal_frame(key, self._device_id, Direction.UPLINK, seq, wire, sent_at=self._clock.now())
+
+    def seal_status(self, status: bytes) -> bytes:
+        """A status message ('online', the last will) as a frame; the server ignores its counter."""
+        return self.seal(0, status)
 
     def unacknowledged(self, count: int) -> None:
         self._manager.unacknowledged(count)

@@ -250,18 +250,31 @@ class PubackRefusals:
             return self._by_mid.pop(mid, None)
 
 
-def announce_online(client: Client, *, status_topic: str, status: bytes, downlink_topic: str | None) -> None:
+def announce_online(client: Client, *, status_topic: str, status: bytes | None, downlink_topic: str | None) -> None:
     """On every connect: subscribe to the downlink (the persistent session keeps it, but a broker that lost its state
     has not), THEN publish the retained 'online'. The broker handles one client's packets in order, so whatever the
     server sends in answer to 'online' (the current ack, re-published commands) finds the subscription. Both calls
-    only queue packets; nothing here waits for the network."""
+    only queue packets; nothing here waits for the network. `status` None (an enrolled device without a session
+    key yet): only subscribe; 'online' follows when the key is there."""
     if downlink_topic is not None:
         rc, _mid = client.subscribe(downlink_topic, qos=1)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.warning("mqtt: could not subscribe to the downlink topic: %s", MQTTErrorCode(rc).name)
+    if status is None:
+        return
     info = client.publish(status_topic, status, qos=1, retain=True)
     if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
         logger.warning("mqtt: could not queue the online status: %s", MQTTErrorCode(info.rc).name)
+
+
+def wire_status(status: bytes, sealer: Callable[[bytes], bytes] | None) -> bytes | None:
+    """A status message as published: as is, sealed, or None while the sealer has no key."""
+    if sealer is None:
+        return status
+    try:
+        return sealer(status)
+    except SyncError:
+        return None
 
 
 class MqttUplink:
@@ -277,8 +290,10 @@ class MqttUplink:
         inflight_window: int,
         downlink_sink: Callable[[str, bytes], None] | None = None,
         password: str | None = None,
+        status_sealer: Callable[[bytes], bytes] | None = None,
     ) -> None:
-        """`password` goes with `config.username` (an enrolled device's broker credentials).
+        """`password` goes with `config.username` (an enrolled device's broker credentials); `status_sealer` seals
+        its status messages (retained 'online', the last will), raising `SyncError` while it has no key.
 
         `downlink_sink(topic, payload)` receives each message on the device's downlink topic, on paho's network
         thread: it must only enqueue (`DownlinkReceiver.offer`)."""
@@ -297,6 +312,7 @@ class MqttUplink:
         self._available: bool | None = None  # None until the first connect attempt resolves
         self._unavailable_since = 0.0
         self._refusals = PubackRefusals()
+        self._status_sealer = status_sealer
 
         client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -306,7 +322,8 @@ class MqttUplink:
         client.on_log = self._on_log
         if config.username is not None:
             client.username_pw_set(config.username, password)
-        client.will_set(self._status_topic, self._status(LinkState.OFFLINE, stamped=False), qos=1, retain=True)
+        self._client = client
+        self._refresh_will()
         # paho schedules reconnects in whole seconds; round the configured fractions up rather than busy-retry.
         client.reconnect_delay_set(
             min_delay=max(1, math.ceil(config.reconnect_min_s)),
@@ -319,7 +336,6 @@ class MqttUplink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._refusals.on_publish
         client.on_message = self._on_message
-        self._client = client
 
     # -- life cycle
 
@@ -327,6 +343,7 @@ class MqttUplink:
         """Begin connecting in the background; returns at once (the terminal works offline from the first second)."""
         if self._started:
             return
+        self._refresh_will()
         properties = _connect_properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         try:
@@ -348,11 +365,10 @@ class MqttUplink:
         if not self._started or self._closing:
             return
         self._closing = True
-        if self._connected.is_set():
+        offline = self._wire_status(LinkState.OFFLINE, stamped=True)
+        if self._connected.is_set() and offline is not None:
             try:
-                info = self._client.publish(
-                    self._status_topic, self._status(LinkState.OFFLINE, stamped=True), qos=1, retain=True
-                )
+                info = self._client.publish(self._status_topic, offline, qos=1, retain=True)
                 info.wait_for_publish(STATUS_PUBLISH_TIMEOUT_S)
                 if not info.is_published():
                     logger.warning("mqtt: broker did not acknowledge the offline status before disconnect")
@@ -398,11 +414,18 @@ class MqttUplink:
         announce_online(
             client,
             status_topic=self._status_topic,
-            status=self._status(LinkState.ONLINE, stamped=True),
+            status=self._wire_status(LinkState.ONLINE, stamped=True),
             downlink_topic=self._downlink_topic if self._downlink_sink is not None else None,
         )
         self._connected.set()
         self._became_available(session_present=flags.session_present)
+
+    def announce_online(self) -> None:
+        """Publish the retained 'online' again (an enrolled device that just got a new session key: the server
+        answers it with the current ack and pending commands, sealed under the new key)."""
+        status = self._wire_status(LinkState.ONLINE, stamped=True)
+        if status is not None and self._connected.is_set():
+            self._client.publish(self._status_topic, status, qos=1, retain=True)
 
     def _on_connect_fail(self, client: Client, userdata: object) -> None:
         self._became_unavailable("broker unreachable")
@@ -417,6 +440,7 @@ class MqttUplink:
     ) -> None:
         self._connected.clear()
         if not self._closing:
+            self._refresh_will()  # the next CONNECT carries a will sealed under the key of that moment
             self._became_unavailable(f"connection lost: {reason_code}")
 
     def _on_message(self, client: Client, userdata: object, message: MQTTMessage) -> None:
@@ -472,6 +496,16 @@ class MqttUplink:
             boot_id=self._boot_id,
             at=self._clock.now() if stamped else None,
         ).to_bytes()
+
+    def _wire_status(self, state: LinkState, *, stamped: bool) -> bytes | None:
+        return wire_status(self._status(state, stamped=stamped), self._status_sealer)
+
+    def _refresh_will(self) -> None:
+        will = self._wire_status(LinkState.OFFLINE, stamped=False)
+        if will is None:
+            self._client.will_clear()
+        else:
+            self._client.will_set(self._status_topic, will, qos=1, retain=True)
 
 
 # ---------------------------------------------------------------------- the delivery loop

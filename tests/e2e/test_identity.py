@@ -7,17 +7,26 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
+from paho.mqtt.client import Client
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from typer.testing import CliRunner
 
+from hardware_sim.fleet import Fleet, FleetOptions, enrol_fleet, fleet_device_id
 from protocol import SystemClock
+from protocol.gm.audit_chain import load_chain_key, verify_chain
+from protocol.payloads import SignedRecordKind
+from protocol.secure import is_secure_frame
 from terminal.session import ServerRefusedError, load_terminal
 from yibao.broker import MosquittoBroker
 from yibao.cli import app
-from yibao.procs import stop
+from yibao.procs import spawn, stop, yibao_argv
 from yibao.server_proc import ServerProcess, start_server_process
 
 pytestmark = pytest.mark.e2e
@@ -126,3 +135,137 @@ def test_admin_commands_need_a_valid_token(server: ServerProcess) -> None:
     code, out = cli("provision", "list", "--server", server.base_url, "--token", server.admin_token, "--json")
     assert code == 0, out
     assert "items" in out
+
+
+def events_total(http: httpx.Client, device_id: str, payload_type: str) -> int:
+    resp = http.get(f"/api/v1/devices/{device_id}/events", params={"payload_type": payload_type, "limit": 1})
+    if resp.status_code == 404:
+        return 0
+    resp.raise_for_status()
+    return int(resp.json()["total"])
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def test_an_enrolled_terminal_sends_only_sealed_frames_that_the_server_stores_then_revocation_cuts_it_off(
+    server: ServerProcess, broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    admin = ["--server", server.base_url, "--token", server.admin_token, "--json"]
+    device = "KS-0100"
+    code, claim = cli("provision", "register", device, *admin)
+    assert code == 0, claim
+    identity_dir = tmp_path / "device" / "identity"
+    config_path = tmp_path / "device" / "terminal.toml"
+    config_path.parent.mkdir(parents=True)
+    config_path.write_text("schema_version = 1\n[heartbeat]\ninterval_s = 0.5\n", encoding="utf-8")
+    code, enrolled = cli("provision", "enrol", str(claim["enrol_code"]), "--identity-dir", str(identity_dir), "--json")
+    assert code == 0, enrolled
+
+    seen: list[bytes] = []
+    sniffer = Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    subscribed = threading.Event()
+    sniffer.on_message = lambda c, u, m: seen.append(bytes(m.payload))
+    sniffer.on_subscribe = lambda *a: subscribed.set()
+    sniffer.connect(broker.host, broker.port)
+    sniffer.subscribe([(f"yibao/v1/dev/{device}/up", 0), (f"yibao/v1/dev/{device}/status", 0)])
+    sniffer.loop_start()
+    assert subscribed.wait(10)
+
+    env = {**os.environ, "YIBAO_DEVICE_KEY_PASSPHRASE": PASSPHRASE}
+    log = tmp_path / "terminal.log"
+    terminal = spawn(
+        yibao_argv("terminal", "run", "--simulated", "--config", str(config_path), "--emit", "40"),
+        env=env,
+        log_path=log,
+    )
+    http = httpx.Client(base_url=server.base_url, headers=server.admin_headers, timeout=10)
+    try:
+        assert wait_until(lambda: events_total(http, device, "audit_event") >= 41, 60), log.read_text()[-3000:]
+        assert wait_until(lambda: http.get(f"/api/v1/devices/{device}").json()["online"], 20)  # sealed 'online'
+        assert seen
+        assert all(is_secure_frame(payload) for payload in seen if payload)  # nothing on the wire in plaintext
+        assert events_total(http, device, "audit_event") == 41  # stored once each
+        assert http.get("/api/v1/ingest/stats").json()["ingest"]["security_refused"] == 0
+
+        # a rotate_keys command reaches the terminal sealed, is carried out, and records keep flowing
+        resp = http.post(f"/api/v1/devices/{device}/commands", json={"kind": "rotate_keys", "ttl_s": 600})
+        assert resp.status_code == 201, resp.text
+        command_id = resp.json()["command_id"]
+
+        def answered() -> bool:
+            return bool(http.get(f"/api/v1/commands/{command_id}").json()["state"] == "acknowledged")
+
+        assert wait_until(answered, 30)
+        assert http.get(f"/api/v1/commands/{command_id}").json()["result_outcome"] == "applied"
+        beats = events_total(http, device, "heartbeat")
+        assert wait_until(lambda: events_total(http, device, "heartbeat") > beats + 2, 20)
+        assert http.get("/api/v1/ingest/stats").json()["ingest"]["security_refused"] == 0
+
+        code, revoked = cli("provision", "revoke", device, "--reason", "stolen", *admin)
+        assert code == 0, revoked
+
+        def refused() -> int:
+            return int(http.get("/api/v1/ingest/stats").json()["ingest"]["security_refused"])
+
+        assert wait_until(lambda: refused() > 0, 20)  # its heartbeats (every 0.5 s) are refused now
+        beats = events_total(http, device, "heartbeat")
+        time.sleep(2)  # four more heartbeat intervals: nothing more may be stored
+        assert events_total(http, device, "heartbeat") == beats
+    finally:
+        http.close()
+        stop(terminal, name="terminal")
+        sniffer.disconnect()
+        sniffer.loop_stop()
+    chain = sorted(identity_dir.glob("audit-*.jsonl"))[-1]
+    assert verify_chain(chain, load_chain_key(identity_dir / "audit.key")).ok
+    events = [json.loads(line)["event"]["type"] for line in chain.read_text().splitlines()]
+    assert {"identity.enrolled", "terminal.identity_loaded", "command.applied", "session.rotation_requested"} <= set(
+        events
+    )
+    assert events.count("session.established") >= 2  # the first key and the one the command asked for
+
+
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+def test_an_enrolled_fleet_is_stored_through_the_real_server(
+    server: ServerProcess, broker: MosquittoBroker, tmp_path: Path
+) -> None:
+    device_ids = [fleet_device_id("ENC", i) for i in range(4)]
+    enrolment = enrol_fleet(server.base_url, server.admin_token, device_ids, workers=2)
+    assert sorted(enrolment.sessions) == device_ids
+    fleet = Fleet(
+        FleetOptions(
+            terminals=len(device_ids),
+            broker_host=broker.host,
+            broker_port=broker.port,
+            workdir=tmp_path / "fleet",
+            device_prefix="ENC",
+            scheduling="pooled",
+            sweep_s=0.5,
+            heartbeat_interval_s=60,
+            sessions=enrolment.sessions,
+        )
+    )
+    http = httpx.Client(base_url=server.base_url, headers=server.admin_headers, timeout=10)
+    try:
+        fleet.start()
+        assert fleet.wait_connected(20) == len(device_ids)
+        fleet.enqueue_audits(25)
+        first = fleet.terminals[0]
+        first.runtime.record_signed(SignedRecordKind.SIGN_IN, {"pharmacist": "ph-7f3a", "method": "face"})
+        assert fleet.scheduler is not None
+        fleet.scheduler.schedule(first)
+        assert wait_until(lambda: all(events_total(http, d, "audit_event") == 25 for d in device_ids), 60)
+        # the signed record passed the server's signature check (identity key of epoch 1) and was stored
+        assert wait_until(lambda: events_total(http, device_ids[0], "signed_record") == 1, 30)
+        assert wait_until(lambda: fleet.outbox_depth() == 0, 30)  # sealed acks came back and opened
+        assert http.get("/api/v1/ingest/stats").json()["ingest"]["security_refused"] == 0
+    finally:
+        fleet.stop()
+        http.close()

@@ -12,6 +12,8 @@ import pytest
 
 from protocol.gm.audit_chain import load_chain_key, verify_chain
 from protocol.secure import SessionKey
+from terminal.config import parse_terminal_config
+from terminal.errors import ConfigError
 from terminal.identity import (
     AUDIT_KEY,
     BUNDLE,
@@ -239,3 +241,20 @@ def test_security_log_is_a_verifiable_chain(tmp_path: Path, clock: FakeClock) ->
     assert again.path is not None
     assert again.path.name == "audit-0001.jsonl"
     again.close()
+
+
+def test_the_bundle_decides_identity_keys_and_a_contradiction_is_refused(tmp_path: Path, server: PlayedServer) -> None:
+    identity = enrolled(tmp_path, server).load()
+    raw = {"schema_version": 1, "outbox": {"path": "box.sqlite3"}, "identity": {"dir": "identity"}}
+    with pytest.raises(ConfigError, match="needs its identity loaded"):
+        parse_terminal_config(dict(raw), source="t.toml")
+    config = parse_terminal_config(
+        dict(raw), source="t.toml", base_dir=tmp_path, overlay=lambda _s: identity.config_overlay()
+    )
+    assert config.device_id == "SIM-0001"
+    assert config.mqtt.username == "SIM-0001"
+    assert config.identity is not None
+    assert config.identity.dir == tmp_path / "identity"
+    contradicting = {**raw, "device_id": "SIM-0009"}
+    with pytest.raises(ConfigError, match="device_id: the file says 'SIM-0009' but the signed identity bundle says"):
+        parse_terminal_config(contradicting, source="t.toml", overlay=lambda _s: identity.config_overlay())
