@@ -456,6 +456,7 @@ class _Run:
     disk: _Disk | None = None
     database_url: str = ""
     reader: _ServerReader | None = None
+    last_recovered: str = ""
     healed_at: tuple[datetime, float] = (datetime.min.replace(tzinfo=UTC), 0.0)
     """When the last fault's healing began: before a restart (so start-up counts), as a link or disk is healed."""
 
@@ -473,7 +474,8 @@ class _Run:
 
     def wait_recovered(self, healed_at: datetime, healed_mono: float) -> float | None:
         """Seconds from the heal until the database shows, for every terminal, a record it enqueued after the heal
-        (`device_time` >= `healed_at`); observed by polling every POLL_S, so at most POLL_S late. None on timeout."""
+        (`device_time` >= `healed_at`); observed by polling every POLL_S, so at most POLL_S late. None on timeout.
+        `last_recovered` names the terminal seen last."""
         if self.reader is None:
             raise ChaosError("no reader")
         waiting = {t.device_id for t in self.terminals}
@@ -481,8 +483,9 @@ class _Run:
         while time.monotonic() < deadline:
             seen = time.monotonic()
             for device_id, device_time, _received_at in self.reader.new_audits():
-                if device_time >= healed_at:
+                if device_time >= healed_at and device_id in waiting:
                     waiting.discard(device_id)
+                    self.last_recovered = device_id
             if not waiting:
                 return seen - healed_mono
             time.sleep(POLL_S)
@@ -511,11 +514,13 @@ class _Run:
             time.sleep(outage)
             self._mark_heal()
             self.broker.start()
+            info["restart_s"] = round(time.monotonic() - self.healed_at[1], 2)
         elif kind == "kill_server":
             _kill(self.server.proc)
             time.sleep(outage)
             self._mark_heal()
             self.start_server()
+            info["restart_s"] = round(time.monotonic() - self.healed_at[1], 2)  # until /healthz says MQTT connected
         elif kind in ("cut_terminal_link", "cut_server_link"):
             mode = self.rng.choice((CutMode.RESET, CutMode.BLACKHOLE))
             if kind == "cut_terminal_link":
@@ -671,6 +676,7 @@ def _run_cycles(run: _Run) -> dict[str, Any]:
         info = run.inject(kind)
         recovery = run.wait_recovered(*run.healed_at)
         info["recovery_s"] = round(recovery, 2) if recovery is not None else None
+        info["slowest_terminal"] = int(run.last_recovered.rsplit("-", 1)[1]) if run.last_recovered else None
         cycles.append(info)
         logger.info("chaos: cycle %d/%d %s", number, options.cycles, json.dumps(info))
 
@@ -740,6 +746,10 @@ def _account(run: _Run, cycles: list[dict[str, Any]], *, drained: bool, drain_s:
                 (c["recovery_s"] for c in cycles if c["kind"] == kind and c["recovery_s"] is not None), default=None
             )
             for kind in run.options.kinds
+        },
+        "max_restart_s": {
+            kind: max((c["restart_s"] for c in cycles if c["kind"] == kind), default=None)
+            for kind in ("kill_broker", "kill_server")
         },
         "drained": drained,
         "drain_s": round(drain_s, 1),

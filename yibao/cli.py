@@ -555,7 +555,9 @@ def _bench_sync_chaos(
 ) -> None:
     import json
 
+    from yibao.broker import BrokerError
     from yibao.chaos import ChaosError, ChaosOptions, bench_sync_chaos
+    from yibao.server_proc import ServerStartError
 
     if disk not in ("auto", "tmpfs", "rlimit"):
         typer.secho("error: --disk is 'auto', 'tmpfs' or 'rlimit'", err=True, fg=typer.colors.RED)
@@ -565,7 +567,8 @@ def _bench_sync_chaos(
     )
     try:
         figures = bench_sync_chaos(options)
-    except ChaosError as exc:
+    except (ChaosError, BrokerError, ServerStartError) as exc:
+        # A restart that fails (a port taken, the server not healthy in time) ends the run; children are cleaned up.
         typer.secho(f"chaos run failed: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(1) from exc
     print(json.dumps(figures))
