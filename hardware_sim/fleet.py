@@ -685,7 +685,8 @@ class Fleet:
             config_version="fleet-1",
             device_id=device_id,
             mqtt=mqtt,
-            outbox=OutboxConfig(path=o.workdir / f"{device_id}.sqlite3", batch_size=o.batch_size),
+            # No disk ballast: thousands of simulated terminals share one disk, which the harness does not fill.
+            outbox=OutboxConfig(path=o.workdir / f"{device_id}.sqlite3", batch_size=o.batch_size, disk_reserve_bytes=0),
             heartbeat=HeartbeatConfig(interval_s=o.heartbeat_interval_s),
         )
         boot_id = uuid.uuid4()

@@ -115,6 +115,13 @@ class OutboxConfig(_Strict):
         description="Fraction of the space records may fill (max_bytes less a small bookkeeping reserve) above "
         "which the 'outbox_high_water' alarm is raised.",
     )
+    disk_reserve_bytes: int = Field(
+        default=1024 * 1024,
+        ge=0,
+        le=1024**3,
+        description="A ballast file of this size kept next to the outbox; when the disk fills up (whatever filled "
+        "it), it is deleted so that delivery bookkeeping can go on and acknowledged records can be pruned. 0: none.",
+    )
     batch_size: int = Field(
         default=200,
         ge=1,

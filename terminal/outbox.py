@@ -37,6 +37,7 @@ import fcntl
 import logging
 import os
 import secrets
+import shutil
 import sqlite3
 import threading
 import uuid
@@ -297,6 +298,8 @@ class Outbox:
         self._record_pages = 1
         self._page_limit: int | None = None
         self._full_latched = False
+        self._reserve_released = False
+        """The disk filled up during bookkeeping and the ballast was deleted: refuse new records until it is back."""
         self._refused_records = 0
         # True when a server ack moved rows since the last re-send: the server is there, re-send all that is overdue.
         self._acked_since_requeue = False
@@ -336,6 +339,7 @@ class Outbox:
             with outbox._translated(f"open {path}"):
                 outbox._prepare(path)
             outbox._recover_inflight()
+            outbox._ensure_disk_reserve()
         except BaseException:
             outbox.close()
             raise
@@ -472,8 +476,8 @@ class Outbox:
                 except OutboxFullError:
                     if not self._full_latched:
                         logger.error(
-                            "outbox: full at its %d-byte bound (pruned %d delivered); refusing new records",
-                            self._config.max_bytes,
+                            "outbox: full (%s; pruned %d delivered); refusing new records",
+                            self._full_cause(),
                             pruned,
                         )
                     self._full_latched = True
@@ -505,6 +509,12 @@ class Outbox:
         self._refused_records = 0
 
     def _insert_locked(self, payloads: Sequence[Payload]) -> list[Envelope]:
+        if self._reserve_released:
+            self._ensure_disk_reserve()
+            if self._reserve_released:  # new records must not eat the room delivery needs
+                raise OutboxFullError(
+                    f"outbox {self._config.path} is full (the disk holding it is full; its reserve is in use)"
+                )
         with self._translated("enqueue"), self._transaction(new_records=True) as tx:
             return self._insert_in(tx, payloads)
 
@@ -916,6 +926,7 @@ class Outbox:
 
     def stats(self) -> OutboxStats:
         now = self._now_ts()
+        self._ensure_disk_reserve()
         with self._lock, self._translated("stats"):
             conn = self._require_conn()
             counts = dict(conn.execute("SELECT status, count(*) FROM outbox GROUP BY status").fetchall())
@@ -1021,6 +1032,72 @@ class Outbox:
                     logger.error("outbox: rollback failed: %s", rollback_exc)
             raise
 
+    def _free_disk_bytes(self) -> int | None:
+        try:
+            return shutil.disk_usage(self._config.path.parent).free
+        except OSError:
+            return None
+
+    def _full_cause(self) -> str:
+        """SQLite says SQLITE_FULL both at our `max_page_count` bound and when the disk itself is full: tell which."""
+        free = self._free_disk_bytes()
+        if free is not None and free < DISK_FULL_FREE_BYTES:
+            return f"the disk holding it is full: {free} bytes free"
+        return f"{self._config.max_bytes}-byte bound"
+
+    @property
+    def disk_reserve_path(self) -> Path:
+        return self._config.path.with_name(self._config.path.name + ".reserve")
+
+    def _ensure_disk_reserve(self) -> None:
+        """(Re)create the ballast file once the disk has room for it and as much again; never fails the caller."""
+        size = self._config.disk_reserve_bytes
+        reserve = self.disk_reserve_path
+        if size == 0 or reserve.exists():
+            self._reserve_released = False
+            return
+        free = self._free_disk_bytes()
+        if free is None or free < 2 * size:
+            return
+        chunk = b"\0" * min(size, 64 * 1024)
+        try:
+            with reserve.open("xb") as f:
+                written = 0
+                while written < size:
+                    written += f.write(chunk[: size - written])
+                f.flush()
+                os.fsync(f.fileno())
+        except FileExistsError:
+            self._reserve_released = False
+            return
+        except OSError as exc:
+            reserve.unlink(missing_ok=True)
+            logger.warning("outbox: cannot create the %d-byte disk reserve: %s", size, exc)
+            return
+        if self._reserve_released:
+            logger.info("outbox: disk space is back; disk reserve restored, accepting records again")
+        self._reserve_released = False
+
+    def _release_disk_reserve(self, operation: str) -> bool:
+        """Delete the ballast when the disk is full during bookkeeping; True if that freed space."""
+        reserve = self.disk_reserve_path
+        try:
+            reserve.unlink()
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            logger.error("outbox: cannot release the disk reserve %s: %s", reserve, exc)
+            return False
+        self._reserve_released = True
+        logger.error(
+            "outbox: the disk holding %s is full during %s; released the %d-byte reserve so delivery can go on "
+            "(free some space: new records are refused until then)",
+            self._config.path,
+            operation,
+            self._config.disk_reserve_bytes,
+        )
+        return True
+
     @contextmanager
     def _translated(self, operation: str) -> Iterator[None]:
         """The one place sqlite3 errors become terminal errors."""
@@ -1028,10 +1105,21 @@ class Outbox:
             yield
         except sqlite3.Error as exc:
             if _is_full(exc):
+                cause = self._full_cause()
+                released = False
+                if cause.startswith("the disk") and operation not in _RECORD_PRODUCING_OPERATIONS:
+                    released = self._release_disk_reserve(operation)
+                retry = "; disk reserve released, retry" if released else ""
                 raise OutboxFullError(
-                    f"outbox {self._config.path} is full ({self._config.max_bytes}-byte bound) during {operation}"
+                    f"outbox {self._config.path} is full ({cause}) during {operation}{retry}"
                 ) from exc
             raise OutboxError(f"outbox {self._config.path}: {operation} failed: {exc}") from exc
+
+
+DISK_FULL_FREE_BYTES = 1024 * 1024
+"""Below this much free space on its filesystem, SQLITE_FULL is blamed on the disk, not on the outbox's bound."""
+_RECORD_PRODUCING_OPERATIONS = frozenset({"enqueue", "answer a command"})
+"""Operations that add records: they must never eat the disk reserve kept for delivery bookkeeping."""
 
 
 def _take_ownership(path: Path) -> int:

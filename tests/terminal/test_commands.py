@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -299,11 +300,14 @@ def test_a_command_on_the_downlink_topic_is_answered_through_the_uplink(
 ) -> None:
     rt = build_runtime(terminal_config(tmp_path, broker), simulated_peripherals())
     server = Client(CallbackAPIVersion.VERSION2, client_id="fake-server", protocol=MQTTProtocolVersion.MQTTv5)
+    online = threading.Event()  # the terminal says 'online' only after its downlink subscription is in place
+    server.on_message = lambda _c, _u, m: online.set() if b'"online"' in m.payload else None
     server.connect(broker.host, broker.port)
+    server.subscribe(TOPICS.status(DEVICE_ID), qos=1)
     server.loop_start()
     try:
         rt.start()
-        assert rt.sync.link.wait_connected(10)
+        assert online.wait(30), "the terminal never announced itself online"
         ping = command(rt.clock)
         for _ in range(2):  # delivered twice: answered once
             server.publish(TOPICS.downlink(DEVICE_ID), ping.to_bytes(), qos=1).wait_for_publish(5)

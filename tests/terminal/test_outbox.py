@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import signal
@@ -646,3 +647,62 @@ def test_closed_outbox_raises_outbox_error(tmp_path: Path) -> None:
     outbox.close()
     with pytest.raises(OutboxError, match="closed"):
         outbox.enqueue(event(1))
+
+
+@contextmanager
+def small_filesystem(tmp_path: Path, size: str) -> Iterator[Path]:
+    """A real size-limited tmpfs (root in a container that permits mounts, as CI is); skipped elsewhere."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, check=False)
+
+
+def test_a_full_disk_refuses_new_records_but_the_reserve_keeps_delivery_going(tmp_path: Path, clock: FakeClock) -> None:
+    with small_filesystem(tmp_path, "4m") as disk, open_outbox(disk / "outbox.sqlite3", clock) as outbox:
+        assert outbox.disk_reserve_path.stat().st_size == 1024 * 1024, "the ballast is made at open"
+        kept = [outbox.enqueue(event(n)) for n in range(3)]
+        filler = disk / "filler"
+        with filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:  # something else fills the disk until the kernel says ENOSPC
+                f.write(b"\0" * 65536)
+                f.flush()
+        accepted = fill_until_full(outbox, lambda n: event(n, note="x" * 250), limit=5_000)
+        with pytest.raises(OutboxFullError, match="the disk holding it is full") as refused:
+            outbox.enqueue(event(99_999, note="x" * 250))
+        assert "byte bound" not in str(refused.value)
+
+        # Bookkeeping hits the full disk once, releases the ballast, and then delivery goes on.
+        delivered: list[Envelope] = []
+        failures: list[str] = []
+        for _attempt in range(3):
+            try:
+                while batch := outbox.claim(50):
+                    outbox.mark_sent(r.seq for r in batch)
+                    delivered.extend(r.envelope for r in batch)
+                break
+            except OutboxFullError as exc:
+                failures.append(str(exc))
+        assert len(failures) <= 1
+        assert all("reserve released" in failure for failure in failures)
+        assert delivered == [*kept, *accepted]
+        assert not outbox.disk_reserve_path.exists()
+        assert outbox.mark_acked_through(delivered[-1].seq) == len(delivered)
+        with pytest.raises(OutboxFullError, match="reserve is in use"):
+            outbox.enqueue(event(100_000))  # new records may not eat the room delivery needs
+
+        filler.unlink()  # space is freed: the ballast comes back and records are accepted again
+        outbox.stats()
+        assert outbox.disk_reserve_path.exists()
+        later = outbox.enqueue(event(100_001))
+        assert later.seq > delivered[-1].seq
+        assert outbox.integrity_check() == ["ok"]
