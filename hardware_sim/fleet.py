@@ -13,6 +13,12 @@ PUBACKs correlated per published record (paho's `MQTTMessageInfo`, never a bare 
 Socket IO happens only on the owning network thread: `publish()` queues inside paho and wakes that thread, which
 writes. paho's `_packet_write` takes no lock, so two writers on one client would interleave bytes.
 
+Encryption (when the bench asks for it): `enrol_fleet` registers N devices through the admin API, generates each
+one's SM2 key here, enrols it, checks and pins the bundle, and runs the session handshake, in parallel; it returns a
+`SessionManager` per device (keys in memory only, no identity files). `FleetOptions.sessions` hands them to the
+fleet: each terminal then logs in to the broker with its own credentials and seals every uplink (the terminal core's
+`SessionSealer`), and opens its downlink frames (`SessionOpener`), exactly as an enrolled kiosk does.
+
 It must never be imported by production code (it is a simulator), never re-implement what the terminal core does
 (outbox, delivery, acks, heartbeats all come from `terminal`), never talk to anything but the broker it is given,
 and never log payloads.
@@ -29,7 +35,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -45,10 +51,15 @@ from paho.mqtt.reasoncodes import ReasonCode
 from drivers.peripherals import Peripheral
 from hardware_sim.peripherals import simulated_peripherals
 from protocol import AuditEvent, AuditOutcome, DeviceStatusMessage, LinkState, SystemClock, Topics
+from protocol.enrolment import make_enrol_request
+from protocol.gm.sm2 import SM2PrivateKey
+from provisioning.client import ServerClient
 from terminal.config import HeartbeatConfig, MqttConfig, OutboxConfig, TerminalConfig
 from terminal.errors import NotConnectedError, PublishError
+from terminal.identity import SecurityLog, identity_from_enrolment
 from terminal.runtime import TerminalRuntime, build_runtime
-from terminal.sync import SESSION_EXPIRY_S, PahoTicket, PubackRefusals, PublishTicket, announce_online
+from terminal.session import HttpDeviceApi, SessionManager, TerminalSecurity
+from terminal.sync import SESSION_EXPIRY_S, PahoTicket, PubackRefusals, PublishTicket, announce_online, wire_status
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +101,11 @@ class FleetLink:
         boot_id: uuid.UUID,
         network: FleetNetwork,
         inflight_window: int,
+        password: str | None = None,
+        status_sealer: Callable[[bytes], bytes] | None = None,
     ) -> None:
+        """`password` goes with `config.username` (an enrolled simulated device's broker credentials);
+        `status_sealer` seals its status messages as `MqttUplink` does."""
         self.device_id = device_id
         self._config = config
         self._boot_id = boot_id
@@ -103,6 +118,7 @@ class FleetLink:
         self._connected = threading.Event()
         self._gone = threading.Event()
         self._refusals = PubackRefusals()
+        self._status_sealer = status_sealer
         self.closing = False
         self.started = False
         self.connects = 0
@@ -116,7 +132,10 @@ class FleetLink:
             client_id=device_id,
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        client.will_set(self._status_topic, self._status(LinkState.OFFLINE, stamped=False), qos=1, retain=True)
+        self.client = client
+        self._refresh_will()
+        if config.username is not None:
+            client.username_pw_set(config.username, password)
         client.max_inflight_messages_set(inflight_window)
         client.max_queued_messages_set(inflight_window * 4)
         client.on_connect = self._on_connect
@@ -127,7 +146,6 @@ class FleetLink:
         client.on_socket_close = network.socket_closed
         client.on_socket_register_write = network.write_wanted
         client.user_data_set(self)
-        self.client = client
 
     def attach_downlink(self, sink: Callable[[str, bytes], None]) -> None:
         """Where downlink messages go (the terminal's `DownlinkReceiver.offer`); set before `start()`."""
@@ -155,12 +173,12 @@ class FleetLink:
             return
         self.closing = True
         if self._connected.is_set():
+            offline = wire_status(self._status(LinkState.OFFLINE, stamped=True), self._status_sealer)
             with contextlib.suppress(ValueError, RuntimeError):
-                info = self.client.publish(
-                    self._status_topic, self._status(LinkState.OFFLINE, stamped=True), qos=1, retain=True
-                )
-                self._network.write_wanted(self.client, self, None)
-                info.wait_for_publish(CLOSE_TIMEOUT_S)
+                if offline is not None:
+                    info = self.client.publish(self._status_topic, offline, qos=1, retain=True)
+                    self._network.write_wanted(self.client, self, None)
+                    info.wait_for_publish(CLOSE_TIMEOUT_S)
             self.client.disconnect()
             self._network.write_wanted(self.client, self, None)
             self._gone.wait(CLOSE_TIMEOUT_S)
@@ -203,7 +221,7 @@ class FleetLink:
         announce_online(
             client,
             status_topic=self._status_topic,
-            status=self._status(LinkState.ONLINE, stamped=True),
+            status=wire_status(self._status(LinkState.ONLINE, stamped=True), self._status_sealer),
             downlink_topic=self._downlink_topic,
         )
         self.connects += 1
@@ -224,6 +242,7 @@ class FleetLink:
         self._connected.clear()
         self._gone.set()
         if not self.closing:
+            self._refresh_will()
             logger.debug("fleet: %s lost its connection: %s", self.device_id, reason_code)
             self._network.schedule_reconnect(self)
 
@@ -239,6 +258,20 @@ class FleetLink:
             boot_id=self._boot_id,
             at=self._clock.now() if stamped else None,
         ).to_bytes()
+
+    def _refresh_will(self) -> None:
+        will = wire_status(self._status(LinkState.OFFLINE, stamped=False), self._status_sealer)
+        if will is None:
+            self.client.will_clear()
+        else:
+            self.client.will_set(self._status_topic, will, qos=1, retain=True)
+
+    def announce_online(self) -> None:
+        """Publish the retained 'online' again (a new session key: the server answers under the new key)."""
+        status = wire_status(self._status(LinkState.ONLINE, stamped=True), self._status_sealer)
+        if status is not None and self._connected.is_set():
+            self.client.publish(self._status_topic, status, qos=1, retain=True)
+            self._network.write_wanted(self.client, self, None)
 
 
 # ---------------------------------------------------------------------- the network threads
@@ -476,6 +509,9 @@ class FleetOptions:
     sweep_s: float = 5.0
     """'pooled': how often every terminal's outbox is looked at even without a trigger (retries, server-ack
     timeouts), where a kiosk's delivery thread looks every second."""
+    sessions: Mapping[str, SessionManager] | None = None
+    """Enrolled devices by id (`enrol_fleet`): each terminal logs in with its broker credentials and seals its
+    uplinks under its session key. None: plaintext, anonymous (security off)."""
 
 
 @dataclass(eq=False)
@@ -571,6 +607,8 @@ class _TerminalScheduler:
 
     def _run_once(self, terminal: FleetTerminal) -> None:
         sync = terminal.runtime.sync
+        if terminal.runtime.security is not None:
+            terminal.runtime.security.sessions.maintain()  # cheap unless a rotation is due
         with terminal.lock:
             waiting, terminal.downlink_waiting = terminal.downlink_waiting, []
         if waiting and sync.downlink is not None:
@@ -600,7 +638,7 @@ class Fleet:
     nofile_limit: tuple[int, int] = (0, 0)
 
     def device_id(self, index: int) -> str:
-        return f"{self.options.device_prefix}-{index:05d}"
+        return fleet_device_id(self.options.device_prefix, index)
 
     def start(self) -> None:
         """Raise the open-file limit, build every terminal (outbox, link, timers), then start them all."""
@@ -631,9 +669,17 @@ class Fleet:
         if self.network is None:
             raise RuntimeError("the fleet network is not running")
         device_id = self.device_id(index)
+        sessions = None if o.sessions is None else o.sessions.get(device_id)
+        if o.sessions is not None and sessions is None:
+            raise RuntimeError(f"fleet: {device_id} has no enrolled identity (enrol_fleet with the same prefix)")
         mqtt = MqttConfig(
-            host=o.broker_host, port=o.broker_port, keepalive_s=o.keepalive_s, topic_prefix=o.topic_prefix
+            host=o.broker_host,
+            port=o.broker_port,
+            keepalive_s=o.keepalive_s,
+            topic_prefix=o.topic_prefix,
+            username=None if sessions is None else sessions.identity.bundle.mqtt.username,
         )
+        security = None if sessions is None else TerminalSecurity(sessions.identity, sessions, SecurityLog(None))
         config = TerminalConfig(
             schema_version=1,
             config_version="fleet-1",
@@ -643,8 +689,18 @@ class Fleet:
             heartbeat=HeartbeatConfig(interval_s=o.heartbeat_interval_s),
         )
         boot_id = uuid.uuid4()
-        link = FleetLink(mqtt, device_id=device_id, boot_id=boot_id, network=self.network, inflight_window=o.batch_size)
-        runtime = build_runtime(config, self.peripherals(), boot_id=boot_id, link=link)
+        link = FleetLink(
+            mqtt,
+            device_id=device_id,
+            boot_id=boot_id,
+            network=self.network,
+            inflight_window=o.batch_size,
+            password=None if security is None else security.identity.broker_password,
+            status_sealer=None if security is None else security.sealer(SystemClock()).seal_status,
+        )
+        runtime = build_runtime(config, self.peripherals(), boot_id=boot_id, link=link, security=security)
+        if sessions is not None:
+            sessions.on_new_key = lambda _key: link.announce_online()
         terminal = FleetTerminal(runtime=runtime, link=link)
         if o.scheduling == "pooled":
             link.attach_downlink(partial(self._downlink_arrived, terminal))
@@ -708,3 +764,104 @@ class Fleet:
         if self.network is not None:
             self.network.stop()
             self.network = None
+
+
+# ---------------------------------------------------------------------- enrolment of a simulated fleet
+
+
+def fleet_device_id(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:05d}"
+
+
+@dataclass(frozen=True, slots=True)
+class FleetEnrolment:
+    sessions: dict[str, SessionManager]
+    seconds: float
+    """Wall time of the whole enrolment."""
+    register_s: float
+    """Time spent in each phase, summed over devices and divided by the workers (about its share of `seconds`)."""
+    enrol_s: float
+    handshake_s: float
+
+
+def enrol_fleet(
+    server_url: str,
+    admin_token: str,
+    device_ids: Sequence[str],
+    *,
+    workers: int = 8,
+    workdir: Path | None = None,
+) -> FleetEnrolment:
+    """Register (admin API), enrol (key generated here, proof, bundle checked against the fingerprint the admin
+    API reported) and open a session for every device, `workers` at a time; keys stay in memory.
+
+    Per device: one register, one enrol and one session request over keep-alive HTTP connections (one client per
+    worker). Raises the first failure (`provisioning.client.ProvisioningError` or `terminal.session.DeviceApiError`
+    / `terminal.identity.IdentityError`), naming the device."""
+    clock = SystemClock()
+    local = threading.local()
+    directory = workdir if workdir is not None else Path()
+    clients: list[tuple[ServerClient, HttpDeviceApi]] = []
+    clients_lock = threading.Lock()
+
+    def client_pair() -> tuple[ServerClient, HttpDeviceApi]:
+        pair: tuple[ServerClient, HttpDeviceApi] | None = getattr(local, "pair", None)
+        if pair is None:
+            pair = (
+                ServerClient(server_url, token=admin_token, timeout_s=60.0),
+                HttpDeviceApi(server_url, timeout_s=60.0),
+            )
+            local.pair = pair
+            with clients_lock:
+                clients.append(pair)
+        return pair
+
+    timings = {"register": 0.0, "enrol": 0.0, "handshake": 0.0}
+    timings_lock = threading.Lock()
+
+    def enrol_one(device_id: str) -> SessionManager:
+        admin, api = client_pair()
+        t0 = time.perf_counter()
+        claim = admin.register(device_id, hardware_id=f"sim-{device_id}")
+        t1 = time.perf_counter()
+        key = SM2PrivateKey.generate()
+        request = make_enrol_request(
+            key, device_id=device_id, claim_token=claim["claim_token"], hardware_id=f"sim-{device_id}", now=clock.now()
+        )
+        identity = identity_from_enrolment(
+            key,
+            api.enrol(request),
+            device_id=device_id,
+            server_fingerprint=claim["server_fingerprint"],
+            directory=directory,
+        )
+        t2 = time.perf_counter()
+        sessions = SessionManager(identity, None, api, clock)
+        sessions.handshake("fleet enrolment")
+        t3 = time.perf_counter()
+        with timings_lock:
+            timings["register"] += t1 - t0
+            timings["enrol"] += t2 - t1
+            timings["handshake"] += t3 - t2
+        return sessions
+
+    started = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="fleet-enrol") as pool:
+            managers = list(pool.map(enrol_one, device_ids))
+    finally:
+        for admin, api in clients:
+            admin.close()
+            api.close()
+    # the handshakes are done; the managers keep talking to the server through a fresh client when they rotate
+    api = HttpDeviceApi(server_url, timeout_s=60.0)
+    for manager in managers:
+        manager.replace_api(api)
+    span = max(1, workers)
+    return FleetEnrolment(
+        sessions={m.identity.device_id: m for m in managers},
+        seconds=time.perf_counter() - started,
+        register_s=timings["register"] / span,
+        enrol_s=timings["enrol"] / span,
+        handshake_s=timings["handshake"] / span,
+    )

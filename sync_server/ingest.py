@@ -28,8 +28,10 @@ to `acknowledged` (`sync_server.commands.record_command_results`); a result nami
 is stored anyway, counted (`command_results_unmatched`) and logged. The command dispatcher publishes commands through
 this worker's client (`publish_downlink`), so one server process has one broker session.
 
-Several workers (distinct `mqtt_client_id`s) split the uplink stream through the shared subscription; each also
-receives every status message and applies it, which is idempotent.
+Several workers (distinct `mqtt_client_id`s, in one process or several: `sync_server.ingest_pool`) split the uplink
+stream through the shared subscription and may store records of one device concurrently (`sync_server.store` makes
+that safe). `uplinks` / `statuses` choose what a worker subscribes to: with worker processes, only the main process
+takes device statuses.
 
 It must never log payload contents (they may reference people), never hold a lock or do IO inside a paho
 callback, and never acknowledge a message (to the broker or to the device) before the transaction that stores it has
@@ -198,9 +200,15 @@ class IngestWorker:
         clock: Clock | None = None,
         store: StoreBatch = store_envelopes,
         security: SecurityGate | None = None,
+        uplinks: bool = True,
+        statuses: bool = True,
     ) -> None:
         self._settings = settings
         self._security = security
+        if not (uplinks or statuses):
+            raise ValueError("an ingest worker subscribes to uplinks, statuses or both")
+        self._subscribe_uplinks = uplinks
+        self._subscribe_statuses = statuses
         self._sessions = session_factory(engine, write_intent=True)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._store = store
@@ -262,12 +270,13 @@ class IngestWorker:
         self._started_at = self._clock.now()
         self._thread = threading.Thread(target=self._run, name="yibao-ingest", daemon=True)
         self._thread.start()
+        topics = [self._topics.all_uplinks_shared] if self._subscribe_uplinks else []
+        topics += [self._topics.all_statuses] if self._subscribe_statuses else []
         logger.info(
-            "ingest started: broker %s, client id %s, topics %s and %s",
+            "ingest started: broker %s, client id %s, topics %s",
             self._broker,
             self._settings.mqtt_client_id,
-            self._topics.all_uplinks_shared,
-            self._topics.all_statuses,
+            ", ".join(topics),
         )
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -347,12 +356,15 @@ class IngestWorker:
         self._generation += 1
         self._connected = True
         self._subscribed = False
-        client.subscribe(
-            [
-                (self._topics.all_uplinks_shared, SubscribeOptions(qos=1)),
-                (self._topics.all_statuses, SubscribeOptions(qos=1)),
-            ]
-        )
+        wanted = {
+            self._topics.all_uplinks_shared: self._subscribe_uplinks,
+            self._topics.all_statuses: self._subscribe_statuses,
+        }
+        # A persistent session keeps the subscriptions of an earlier run in another role: drop the unwanted ones.
+        unwanted = [topic for topic, keep in wanted.items() if not keep]
+        if unwanted:
+            client.unsubscribe(unwanted)
+        client.subscribe([(topic, SubscribeOptions(qos=1)) for topic, keep in wanted.items() if keep])
         if self._broker_lost:
             logger.info("MQTT broker %s reachable again; ingest resumed", self._broker)
         elif not self._ever_connected:

@@ -3,7 +3,8 @@
 `create_app`'s lifespan builds one `ServerRuntime`, starts it, and stops it at shutdown; request handlers reach it
 through `sync_server.api.deps`. It owns the start/stop order (ingest, then the command dispatcher, which publishes
 through ingest's MQTT client, then the sweeper; stopped in reverse; the engine disposed last, and only when this
-runtime created it). It must never be a module-level global.
+runtime created it). With `ingest_workers` > 0 it also owns the `IngestPool` of worker processes that store uplinks,
+and this process's own ingest worker takes device statuses only. It must never be a module-level global.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from sync_server.commands import CommandDispatcher
 from sync_server.db.engine import create_db_engine, session_factory
 from sync_server.identity import ServerIdentity
 from sync_server.ingest import IngestWorker
+from sync_server.ingest_pool import IngestPool
 from sync_server.presence import PresenceSweeper
 from sync_server.security import SecurityGate
 from sync_server.settings import ServerSettings
@@ -46,6 +48,8 @@ class ServerRuntime:
     broker_admin: BrokerAdmin = field(init=False)
     security: SecurityGate = field(init=False)
     """Ingest's message-security checks and downlink sealing (shared with the API for cache invalidation)."""
+    pool: IngestPool | None = None
+    """The ingest worker processes (None when this process ingests uplinks itself)."""
     sessions: sessionmaker[Session] = field(init=False)
     writer_sessions: sessionmaker[Session] = field(init=False)
     """For the few requests that write (issuing a command): SQLite takes its write lock when they begin."""
@@ -74,7 +78,13 @@ class ServerRuntime:
         the_clock: Clock = clock if clock is not None else SystemClock()
         runtime = cls(settings=settings, engine=the_engine, clock=the_clock, owns_engine=owns_engine)
         if start_ingest:
-            runtime.ingest = IngestWorker(settings, the_engine, clock=the_clock, security=runtime.security)
+            workers = settings.ingest_workers
+            # With worker processes, this process keeps the singletons: statuses, dispatcher, sweeper.
+            runtime.ingest = IngestWorker(
+                settings, the_engine, clock=the_clock, security=runtime.security, uplinks=workers == 0
+            )
+            if workers > 0:
+                runtime.pool = IngestPool(settings, count=workers)
             runtime.dispatcher = CommandDispatcher(
                 the_engine,
                 runtime.ingest.publish_downlink,
@@ -102,6 +112,10 @@ class ServerRuntime:
             self.settings.effective_uplink_security,
             "managed (dynamic security)" if self.broker_admin.managed else "not managed",
         )
+        if self.pool is not None:
+            if self.engine.dialect.name == "sqlite":
+                logger.warning("ingest_workers on SQLite: correct, but one writer at a time; use PostgreSQL to scale")
+            self.pool.start()
         if self.ingest is not None:
             self.ingest.start()
         if self.dispatcher is not None:
@@ -116,17 +130,20 @@ class ServerRuntime:
             self.dispatcher.stop()
         if self.ingest is not None:
             self.ingest.stop()
+        if self.pool is not None:
+            self.pool.stop()
         self.audit.close()
         if self.owns_engine:
             self.engine.dispose()
 
     @property
     def mqtt_state(self) -> MqttState:
-        """'connected' (broker session up and subscriptions granted), 'disconnected', or 'disabled' when this
-        process runs no ingest."""
+        """'connected' (broker session up and subscriptions granted, in every ingest worker process too),
+        'disconnected', or 'disabled' when this process runs no ingest."""
         if self.ingest is None:
             return "disabled"
-        return "connected" if self.ingest.ready else "disconnected"
+        ready = self.ingest.ready and (self.pool is None or self.pool.ready)
+        return "connected" if ready else "disconnected"
 
 
 def _broker_admin(settings: ServerSettings) -> BrokerAdmin:

@@ -108,6 +108,17 @@ class ServerSettings(BaseSettings):
         le=10_000,
         description="Most messages stored (and acknowledged to the broker) in one database transaction.",
     )
+    ingest_workers: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description=(
+            "Ingest worker processes next to the main process, each with its own broker session "
+            "(client id `<mqtt_client_id>-ingest-<i>`) on the shared uplink subscription. 0: the main process "
+            "ingests. With N > 0 the main process serves HTTP and takes device statuses, command dispatch and "
+            "presence only. Use it on PostgreSQL; on SQLite it is correct but cannot be faster (one writer)."
+        ),
+    )
     ingest_flush_interval_s: float = Field(
         default=0.05,
         gt=0,

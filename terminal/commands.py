@@ -10,8 +10,9 @@ the handler registry (`CommandHandler`, a small Protocol keyed by `protocol.Comm
 4. otherwise the kind's handler runs and returns an outcome and the records it produced; those records, the
    `CommandResult` and the remembered id are written in ONE outbox transaction.
 
-Handlers today: `ping` (answers `applied`) and `log_request` (queues an audit event summarising the terminal's state:
-outbox figures, versions, counts; never personal data). Every other kind is answered `rejected` with "not supported
+Handlers today: `ping` (answers `applied`), `log_request` (queues an audit event summarising the terminal's state:
+outbox figures, versions, counts; never personal data) and, on an enrolled device, `rotate_keys` (asks the session
+manager for a new session key; repeating it is harmless). Every other kind is answered `rejected` with "not supported
 yet" until its issue lands: the device tells the server it cannot do it, rather than pretending.
 
 A handler with an effect outside the outbox (writing a config file, rotating keys) must make that effect idempotent
@@ -123,11 +124,26 @@ class LogRequestHandler:
         return HandlerOutcome(CommandOutcome.APPLIED, f"state summary queued ({window_s} s window)", (summary,))
 
 
-def default_handlers(outbox: Outbox, facts: TerminalFacts, clock: Clock) -> dict[CommandKind, CommandHandler]:
+@dataclass(frozen=True, slots=True)
+class RotateKeysHandler:
+    """`rotate_keys`: the session manager starts a new handshake at once (`SessionManager.request_rotation`)."""
+
+    request_rotation: Callable[[str], None]
+
+    def __call__(self, command: DeviceCommand) -> HandlerOutcome:
+        self.request_rotation(f"rotate_keys command {command.command_id}")
+        return HandlerOutcome(CommandOutcome.APPLIED, "session key rotation requested")
+
+
+def default_handlers(
+    outbox: Outbox, facts: TerminalFacts, clock: Clock, *, request_rotation: Callable[[str], None] | None = None
+) -> dict[CommandKind, CommandHandler]:
     """The registry of this software: every kind has a handler, even if it is the honest "not supported yet"."""
     handlers: dict[CommandKind, CommandHandler] = dict.fromkeys(CommandKind, not_supported_yet)
     handlers[CommandKind.PING] = ping
     handlers[CommandKind.LOG_REQUEST] = LogRequestHandler(outbox, facts, clock)
+    if request_rotation is not None:
+        handlers[CommandKind.ROTATE_KEYS] = RotateKeysHandler(request_rotation)
     return handlers
 
 
@@ -168,8 +184,11 @@ class CommandApplier:
         device_id: str,
         clock: Clock,
         handlers: Mapping[CommandKind, CommandHandler],
+        on_answered: Callable[[DeviceCommand, CommandOutcome], None] | None = None,
     ) -> None:
+        """`on_answered` hears of every first answer (the security log of an enrolled device)."""
         self._outbox = outbox
+        self._on_answered = on_answered
         self._device_id = device_id
         self._clock = clock
         self._handlers = dict(handlers)
@@ -212,6 +231,8 @@ class CommandApplier:
         self._counts.answered += 1
         self._counts.by_outcome[outcome.outcome.value] = self._counts.by_outcome.get(outcome.outcome.value, 0) + 1
         logger.info("commands: %s %s answered %s", command.kind.value, command.command_id, outcome.outcome.value)
+        if self._on_answered is not None:
+            self._on_answered(command, outcome.outcome)
         return Disposition.ANSWERED
 
     def _carry_out(self, command: DeviceCommand) -> HandlerOutcome:

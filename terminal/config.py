@@ -6,8 +6,14 @@ any problem raises `ConfigError` naming the file and the offending field(s), so 
 What identifies the terminal and where it connects (`device_id`, `config_version`, broker host and port, outbox path)
 is required; tuning knobs have the documented defaults below.
 
+With an `[identity]` table (an enrolled device, docs/identity.md), the server-signed config bundle decides the
+device id, config version and broker host/port/user/topic prefix: the caller loads the identity and passes its
+`overlay`, which fills those keys; a value in the file that contradicts the bundle is refused, never silently
+replaced. The section is additive, so the schema stays at version 1 (software without it refuses the unknown table).
+
 It must never read environment variables or other files behind the caller's back, never fill a missing required
-field with a default that changes behaviour silently, and never hold secrets (device keys live in provisioning).
+field with a default that changes behaviour silently, and never hold secrets (keys and the broker password live
+sealed in the identity directory, `terminal.identity`).
 """
 
 from __future__ import annotations
@@ -76,6 +82,12 @@ class MqttConfig(_Strict):
         description="First reconnect delay after losing the broker; paho schedules whole seconds, so it rounds up.",
     )
     reconnect_max_s: float = Field(default=30.0, gt=0, le=3600, description="Cap of the doubling reconnect delay.")
+    username: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Broker user name (an enrolled device's, from its bundle); the password is sealed elsewhere.",
+    )
 
     @model_validator(mode="after")
     def _delays_ordered(self) -> MqttConfig:
@@ -148,6 +160,20 @@ class HeartbeatConfig(_Strict):
     interval_s: float = Field(default=30.0, gt=0, le=3600, description="Seconds between heartbeats.")
 
 
+class IdentityConfig(_Strict):
+    """Where an enrolled device keeps its identity (sealed key, pinned server key, signed bundle, sealed secrets)."""
+
+    dir: Annotated[Path, Field(strict=False)] = Field(
+        default=Path("identity"),
+        description="Identity directory (mode 0700); a relative path is taken relative to the config file's folder.",
+    )
+    passphrase_file: Annotated[Path | None, Field(strict=False)] = Field(
+        default=None,
+        description="File whose first line is the key passphrase (mode 0600); without it the passphrase comes from "
+        "YIBAO_DEVICE_KEY_PASSPHRASE.",
+    )
+
+
 class TerminalConfig(_Strict):
     """Everything a terminal needs to start: identity, versions, broker, outbox bounds and heartbeat."""
 
@@ -161,6 +187,9 @@ class TerminalConfig(_Strict):
     mqtt: MqttConfig = Field(description="MQTT broker connection.")
     outbox: OutboxConfig = Field(description="Local outbox.")
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig, description="Heartbeat timer.")
+    identity: IdentityConfig | None = Field(
+        default=None, description="Enrolled device: identity directory; the signed bundle then decides id and broker."
+    )
 
 
 def migrate(raw: RawConfig, *, source: str, migrations: Mapping[int, Migration] = MIGRATIONS) -> RawConfig:
@@ -200,11 +229,65 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+Overlay = Callable[[IdentityConfig], Mapping[str, Any]]
+"""Given the file's (path-resolved) `[identity]` table: the values the signed bundle decides."""
+
+
+def _merge_overlay(raw: RawConfig, overlay: Mapping[str, Any], *, source: str, where: str = "") -> RawConfig:
+    merged = dict(raw)
+    for key, value in overlay.items():
+        name = f"{where}{key}"
+        if isinstance(value, Mapping):
+            current = merged.get(key, {})
+            if not isinstance(current, dict):
+                raise ConfigError(f"{source}: {name}: must be a table")
+            merged[key] = _merge_overlay(current, value, source=source, where=f"{name}.")
+        elif key in merged and merged[key] != value:
+            raise ConfigError(
+                f"{source}: {name}: the file says {merged[key]!r} but the signed identity bundle says {value!r}; "
+                "remove the key from the file (the bundle decides it)"
+            )
+        else:
+            merged[key] = value
+    return merged
+
+
+def identity_section(raw: RawConfig, *, source: str, base_dir: Path | None = None) -> IdentityConfig | None:
+    """The `[identity]` table alone (paths resolved against `base_dir`), or None for a device without one."""
+    table = raw.get("identity")
+    if table is None:
+        return None
+    try:
+        section = IdentityConfig.model_validate(table)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: identity.{_describe(exc)}") from exc
+    if base_dir is not None:
+        update: dict[str, Path] = {}
+        if not section.dir.is_absolute():
+            update["dir"] = base_dir / section.dir
+        if section.passphrase_file is not None and not section.passphrase_file.is_absolute():
+            update["passphrase_file"] = base_dir / section.passphrase_file
+        section = section.model_copy(update=update)
+    return section
+
+
 def parse_terminal_config(
-    raw: RawConfig, *, source: str, base_dir: Path | None = None, migrations: Mapping[int, Migration] = MIGRATIONS
+    raw: RawConfig,
+    *,
+    source: str,
+    base_dir: Path | None = None,
+    migrations: Mapping[int, Migration] = MIGRATIONS,
+    overlay: Overlay | None = None,
 ) -> TerminalConfig:
-    """Validate an already-parsed config dict (after migration); `source` names it in errors."""
+    """Validate an already-parsed config dict (after migration); `source` names it in errors. With an `[identity]`
+    table, `overlay` supplies what the signed bundle decides (without it such a file is refused)."""
     raw = migrate(raw, source=source, migrations=migrations)
+    identity = identity_section(raw, source=source, base_dir=base_dir)
+    if identity is not None:
+        if overlay is None:
+            raise ConfigError(f"{source}: identity: this config needs its identity loaded (use `yibao terminal run`)")
+        raw = _merge_overlay(raw, overlay(identity), source=source)
+        raw["identity"] = identity.model_dump()
     try:
         config = TerminalConfig.model_validate(raw)
     except ValidationError as exc:
@@ -215,7 +298,9 @@ def parse_terminal_config(
     return config
 
 
-def load_terminal_config(path: Path | str, *, migrations: Mapping[int, Migration] = MIGRATIONS) -> TerminalConfig:
+def load_terminal_config(
+    path: Path | str, *, migrations: Mapping[int, Migration] = MIGRATIONS, overlay: Overlay | None = None
+) -> TerminalConfig:
     """Read, migrate and validate the TOML config at `path`; any problem raises `ConfigError`."""
     path = Path(path)
     try:
@@ -227,4 +312,4 @@ def load_terminal_config(path: Path | str, *, migrations: Mapping[int, Migration
         raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return parse_terminal_config(raw, source=str(path), base_dir=path.parent, migrations=migrations)
+    return parse_terminal_config(raw, source=str(path), base_dir=path.parent, migrations=migrations, overlay=overlay)

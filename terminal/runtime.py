@@ -1,8 +1,10 @@
 """The terminal's one composition root: builds the typed runtime container and runs it.
 
 Owns the wiring of config, clock, outbox, MQTT link, delivery loop, heartbeat and peripherals into a
-`TerminalRuntime`, the start/stop order, and the use-case entry point `record_audit` that the kiosk and the demo call
-to put records into the outbox. `run_terminal` is the process-level loop (signals, demo records, clean exit with the
+`TerminalRuntime`, the start/stop order, and the use-case entry points `record_audit` and `record_signed` that the
+kiosk and the demo call to put records into the outbox. An enrolled terminal also gets its `TerminalSecurity`
+(`terminal.session`): uplink frames sealed, downlink frames opened, `rotate_keys` carried out, security events
+chained in its local audit log. `run_terminal` is the process-level loop (signals, demo records, clean exit with the
 retained 'offline' status published).
 
 It must never choose concrete peripherals (the CLI or a test passes simulators or real drivers in; `terminal` never
@@ -18,20 +20,36 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import FrameType
+from typing import Final
 
-from pydantic import ValidationError
+from pydantic import JsonValue, ValidationError
 
 from drivers.peripherals import Peripheral
-from protocol import AuditEvent, AuditOutcome, Clock, Envelope, Heartbeat, SystemClock, Topics
-from protocol.payloads import AuditDetailValue
+from protocol import (
+    AuditEvent,
+    AuditOutcome,
+    Clock,
+    CommandOutcome,
+    DeviceCommand,
+    Envelope,
+    Heartbeat,
+    SystemClock,
+    Topics,
+)
+from protocol.evidence import sign_device_record
+from protocol.payloads import AuditDetailValue, SignedRecordKind
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
-from terminal.errors import InvalidRecordError, OutboxFullError
+from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
+from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 
 logger = logging.getLogger(__name__)
+
+START_KEY_WAIT_S: Final = 5.0
+"""How long an enrolled terminal waits at start for its first session key before connecting anyway."""
 
 
 @dataclass
@@ -46,9 +64,14 @@ class TerminalRuntime:
     peripherals: list[Peripheral]
     health: PeripheralWatch
     started_monotonic: float
+    security: TerminalSecurity | None = None
 
     def start(self) -> None:
         """Connect in the background and start delivery and heartbeats; returns at once, works offline."""
+        if self.security is not None:
+            self.security.start()
+            # A short wait so the first CONNECT carries a sealed will and 'online'; offline it goes on without.
+            self.security.sessions.wait_ready(START_KEY_WAIT_S)
         self.sync.start()
         logger.info(
             "terminal %s started: software %s, config %s (schema %d), boot %s",
@@ -62,6 +85,8 @@ class TerminalRuntime:
     def stop(self) -> None:
         """Stop heartbeats and delivery, publish the retained 'offline' status, disconnect, close the outbox."""
         self.sync.stop()
+        if self.security is not None:
+            self.security.stop()
         self.outbox.close()
         logger.info("terminal %s stopped", self.config.device_id)
 
@@ -103,6 +128,25 @@ class TerminalRuntime:
             raise InvalidRecordError(f"audit event {category}/{action} rejected: {_fields_of(exc)}") from exc
         return self.outbox.enqueue(event)
 
+    def record_signed(self, record_type: SignedRecordKind | str, record: dict[str, JsonValue]) -> Envelope:
+        """Sign `record` with the device's SM2 identity key (`protocol.evidence`) and put the `signed_record` into
+        the outbox. Needs an enrolled identity (`TerminalError` otherwise); `InvalidRecordError` if the record breaks
+        the wire contract. `record` must hold no raw personal data (masked ids, hashes, decisions)."""
+        if self.security is None:
+            raise TerminalError("signed records need an enrolled device identity ([identity] in the config)")
+        identity = self.security.identity
+        try:
+            payload = sign_device_record(
+                identity.private_key,
+                device_id=identity.device_id,
+                key_epoch=identity.key_epoch,
+                record_type=SignedRecordKind(record_type),
+                record=record,
+            )
+        except (ValidationError, ValueError) as exc:
+            raise InvalidRecordError(f"signed record {record_type} rejected: {_fields_of(exc)}") from exc
+        return self.outbox.enqueue(payload)
+
     def record_audits(self, events: Sequence[AuditEvent]) -> list[Envelope]:
         """Put several audit events into the outbox in one transaction (all or none)."""
         return self.outbox.enqueue_many(list(events))
@@ -122,10 +166,12 @@ def build_runtime(
     *,
     boot_id: uuid.UUID | None = None,
     link: UplinkLink | None = None,
+    security: TerminalSecurity | None = None,
 ) -> TerminalRuntime:
     """Wire a terminal from its config and the peripherals the caller chose. Nothing runs until `start()`.
 
     `link` replaces the MQTT connection (tests pass a fake); by default it is an `MqttUplink` to `config.mqtt`.
+    `security` (an enrolled device) seals uplinks, opens downlinks and supplies the broker password.
     """
     clock = clock if clock is not None else SystemClock()
     boot_id = boot_id if boot_id is not None else uuid.uuid4()
@@ -135,19 +181,51 @@ def build_runtime(
     try:
         topics = Topics(prefix=config.mqtt.topic_prefix)
         facts = TerminalFacts(software_version=config.software_version, config_version=config.config_version)
+        log = security.log if security is not None else None
+
+        def answered(command: DeviceCommand, outcome: CommandOutcome) -> None:
+            if log is not None:
+                log.record(
+                    "command.applied",
+                    command_id=str(command.command_id),
+                    kind=command.kind.value,
+                    outcome=outcome.value,
+                )
+
         commands = CommandApplier(
-            outbox, device_id=config.device_id, clock=clock, handlers=default_handlers(outbox, facts, clock)
+            outbox,
+            device_id=config.device_id,
+            clock=clock,
+            handlers=default_handlers(
+                outbox,
+                facts,
+                clock,
+                request_rotation=security.sessions.request_rotation if security is not None else None,
+            ),
+            on_answered=answered if log is not None else None,
         )
-        downlink = DownlinkReceiver(outbox, device_id=config.device_id, topics=topics, commands=commands)
+        downlink = DownlinkReceiver(
+            outbox,
+            device_id=config.device_id,
+            topics=topics,
+            commands=commands,
+            opener=security.opener(clock) if security is not None else None,
+        )
+        sealer = security.sealer(clock) if security is not None else None
         if link is None:
-            link = MqttUplink(
+            mqtt_link = MqttUplink(
                 config.mqtt,
                 device_id=config.device_id,
                 boot_id=boot_id,
                 clock=clock,
                 inflight_window=config.outbox.batch_size,
                 downlink_sink=downlink.offer,
+                password=security.identity.broker_password if security is not None else None,
+                status_sealer=sealer.seal_status if sealer is not None else None,
             )
+            if security is not None:
+                security.sessions.on_new_key = lambda _key: mqtt_link.announce_online()
+            link = mqtt_link
         delivery = UplinkDelivery(
             outbox,
             link,
@@ -155,6 +233,7 @@ def build_runtime(
             batch_size=config.outbox.batch_size,
             publish_timeout_s=config.outbox.publish_timeout_s,
             clock=clock,
+            sealer=sealer,
         )
 
         def compose() -> Heartbeat:
@@ -175,6 +254,7 @@ def build_runtime(
         peripherals=list(peripherals),
         health=health,
         started_monotonic=started,
+        security=security,
     )
 
 
@@ -184,6 +264,7 @@ def run_terminal(
     *,
     emit_records: int = 0,
     stop_event: threading.Event | None = None,
+    security: TerminalSecurity | None = None,
 ) -> None:
     """Run a terminal until SIGINT/SIGTERM (main thread only) or `stop_event`, then stop cleanly.
 
@@ -193,7 +274,7 @@ def run_terminal(
     stop = stop_event if stop_event is not None else threading.Event()
     restore_signals = _stop_on_signals(stop)
     try:
-        runtime = build_runtime(config, peripherals)
+        runtime = build_runtime(config, peripherals, security=security)
         try:
             runtime.start()
             runtime.record_audit(

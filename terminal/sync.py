@@ -10,8 +10,11 @@ Owns four things:
 * `UplinkDelivery` — the worker thread: claim a batch, publish each envelope at QoS 1, correlate acknowledgements by
   OUR record (the `MQTTMessageInfo` each publish returned, never paho's recycled `mid` alone), mark SENT only what the
   broker PUBACKed, release the rest; and, about once a second, put SENT records the server never acknowledged back
-  to PENDING (`Outbox.requeue_unacked`). Offline it sleeps on the connection event instead of spinning.
-* `DownlinkReceiver` — the worker thread that drains downlink messages: decodes each with
+  to PENDING (`Outbox.requeue_unacked`). Offline it sleeps on the connection event instead of spinning. Each record
+  passes the `Sealer` at publish time (an enrolled device's SM4-GCM frame, `terminal.session.SessionSealer`; as
+  stored otherwise), and nothing is claimed while the sealer has no key.
+* `DownlinkReceiver` — the worker thread that drains downlink messages: opens each with its `FrameOpener` when the
+  device is enrolled (plaintext refused), decodes each with
   `protocol.decode_downlink`, refuses (counts, logs once) a malformed one or one for another device, hands each
   `protocol.DeviceCommand` to the `terminal.commands.CommandApplier` (once per command id, answered through the
   outbox), and applies the highest `uplink_ack` of what is waiting with `Outbox.mark_acked_through`. An ack may
@@ -131,6 +134,42 @@ class PublishTicket(Protocol):
         ...
 
 
+class Sealer(Protocol):
+    """Turns a stored record into the bytes published for it, at publish time (`terminal.session.SessionSealer`
+    seals an enrolled device's records as SM4-GCM frames; `Plaintext` publishes them as stored)."""
+
+    def ready(self) -> bool:
+        """Whether `seal` can work now; while False the delivery loop publishes nothing."""
+        ...
+
+    def seal(self, seq: int, wire: bytes) -> bytes:
+        """The payload for record `seq`; raises `SyncError` when it cannot (the record is requeued)."""
+        ...
+
+    def unacknowledged(self, count: int) -> None:
+        """`count` records went back to PENDING because the server did not acknowledge them in time."""
+        ...
+
+
+class FrameOpener(Protocol):
+    """Turns a downlink payload into the message bytes, or raises `ContractError` (refused)."""
+
+    def open(self, raw: bytes) -> bytes: ...
+
+
+class Plaintext:
+    """The `Sealer` of a terminal without an enrolled identity (security off): records go out as stored."""
+
+    def ready(self) -> bool:
+        return True
+
+    def seal(self, seq: int, wire: bytes) -> bytes:
+        return wire
+
+    def unacknowledged(self, count: int) -> None:
+        return None
+
+
 class UplinkLink(Protocol):
     """The MQTT connection as the delivery loop sees it; `MqttUplink` in production, a fake in unit tests."""
 
@@ -211,18 +250,31 @@ class PubackRefusals:
             return self._by_mid.pop(mid, None)
 
 
-def announce_online(client: Client, *, status_topic: str, status: bytes, downlink_topic: str | None) -> None:
+def announce_online(client: Client, *, status_topic: str, status: bytes | None, downlink_topic: str | None) -> None:
     """On every connect: subscribe to the downlink (the persistent session keeps it, but a broker that lost its state
     has not), THEN publish the retained 'online'. The broker handles one client's packets in order, so whatever the
     server sends in answer to 'online' (the current ack, re-published commands) finds the subscription. Both calls
-    only queue packets; nothing here waits for the network."""
+    only queue packets; nothing here waits for the network. `status` None (an enrolled device without a session
+    key yet): only subscribe; 'online' follows when the key is there."""
     if downlink_topic is not None:
         rc, _mid = client.subscribe(downlink_topic, qos=1)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             logger.warning("mqtt: could not subscribe to the downlink topic: %s", MQTTErrorCode(rc).name)
+    if status is None:
+        return
     info = client.publish(status_topic, status, qos=1, retain=True)
     if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
         logger.warning("mqtt: could not queue the online status: %s", MQTTErrorCode(info.rc).name)
+
+
+def wire_status(status: bytes, sealer: Callable[[bytes], bytes] | None) -> bytes | None:
+    """A status message as published: as is, sealed, or None while the sealer has no key."""
+    if sealer is None:
+        return status
+    try:
+        return sealer(status)
+    except SyncError:
+        return None
 
 
 class MqttUplink:
@@ -237,8 +289,13 @@ class MqttUplink:
         clock: Clock,
         inflight_window: int,
         downlink_sink: Callable[[str, bytes], None] | None = None,
+        password: str | None = None,
+        status_sealer: Callable[[bytes], bytes] | None = None,
     ) -> None:
-        """`downlink_sink(topic, payload)` receives each message on the device's downlink topic, on paho's network
+        """`password` goes with `config.username` (an enrolled device's broker credentials); `status_sealer` seals
+        its status messages (retained 'online', the last will), raising `SyncError` while it has no key.
+
+        `downlink_sink(topic, payload)` receives each message on the device's downlink topic, on paho's network
         thread: it must only enqueue (`DownlinkReceiver.offer`)."""
         self._config = config
         self._device_id = device_id
@@ -255,6 +312,7 @@ class MqttUplink:
         self._available: bool | None = None  # None until the first connect attempt resolves
         self._unavailable_since = 0.0
         self._refusals = PubackRefusals()
+        self._status_sealer = status_sealer
 
         client = Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
@@ -262,7 +320,10 @@ class MqttUplink:
             protocol=MQTTProtocolVersion.MQTTv5,
         )
         client.on_log = self._on_log
-        client.will_set(self._status_topic, self._status(LinkState.OFFLINE, stamped=False), qos=1, retain=True)
+        if config.username is not None:
+            client.username_pw_set(config.username, password)
+        self._client = client
+        self._refresh_will()
         # paho schedules reconnects in whole seconds; round the configured fractions up rather than busy-retry.
         client.reconnect_delay_set(
             min_delay=max(1, math.ceil(config.reconnect_min_s)),
@@ -275,7 +336,6 @@ class MqttUplink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._refusals.on_publish
         client.on_message = self._on_message
-        self._client = client
 
     # -- life cycle
 
@@ -283,6 +343,7 @@ class MqttUplink:
         """Begin connecting in the background; returns at once (the terminal works offline from the first second)."""
         if self._started:
             return
+        self._refresh_will()
         properties = _connect_properties(PacketTypes.CONNECT)
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         try:
@@ -304,11 +365,10 @@ class MqttUplink:
         if not self._started or self._closing:
             return
         self._closing = True
-        if self._connected.is_set():
+        offline = self._wire_status(LinkState.OFFLINE, stamped=True)
+        if self._connected.is_set() and offline is not None:
             try:
-                info = self._client.publish(
-                    self._status_topic, self._status(LinkState.OFFLINE, stamped=True), qos=1, retain=True
-                )
+                info = self._client.publish(self._status_topic, offline, qos=1, retain=True)
                 info.wait_for_publish(STATUS_PUBLISH_TIMEOUT_S)
                 if not info.is_published():
                     logger.warning("mqtt: broker did not acknowledge the offline status before disconnect")
@@ -354,11 +414,18 @@ class MqttUplink:
         announce_online(
             client,
             status_topic=self._status_topic,
-            status=self._status(LinkState.ONLINE, stamped=True),
+            status=self._wire_status(LinkState.ONLINE, stamped=True),
             downlink_topic=self._downlink_topic if self._downlink_sink is not None else None,
         )
         self._connected.set()
         self._became_available(session_present=flags.session_present)
+
+    def announce_online(self) -> None:
+        """Publish the retained 'online' again (an enrolled device that just got a new session key: the server
+        answers it with the current ack and pending commands, sealed under the new key)."""
+        status = self._wire_status(LinkState.ONLINE, stamped=True)
+        if status is not None and self._connected.is_set():
+            self._client.publish(self._status_topic, status, qos=1, retain=True)
 
     def _on_connect_fail(self, client: Client, userdata: object) -> None:
         self._became_unavailable("broker unreachable")
@@ -373,6 +440,7 @@ class MqttUplink:
     ) -> None:
         self._connected.clear()
         if not self._closing:
+            self._refresh_will()  # the next CONNECT carries a will sealed under the key of that moment
             self._became_unavailable(f"connection lost: {reason_code}")
 
     def _on_message(self, client: Client, userdata: object, message: MQTTMessage) -> None:
@@ -429,6 +497,16 @@ class MqttUplink:
             at=self._clock.now() if stamped else None,
         ).to_bytes()
 
+    def _wire_status(self, state: LinkState, *, stamped: bool) -> bytes | None:
+        return wire_status(self._status(state, stamped=stamped), self._status_sealer)
+
+    def _refresh_will(self) -> None:
+        will = self._wire_status(LinkState.OFFLINE, stamped=False)
+        if will is None:
+            self._client.will_clear()
+        else:
+            self._client.will_set(self._status_topic, will, qos=1, retain=True)
+
 
 # ---------------------------------------------------------------------- the delivery loop
 
@@ -457,9 +535,11 @@ class UplinkDelivery:
         batch_size: int,
         publish_timeout_s: float,
         clock: Clock,
+        sealer: Sealer | None = None,
     ) -> None:
         self._outbox = outbox
         self._link = link
+        self._sealer: Sealer = sealer if sealer is not None else Plaintext()
         self._topic = topic
         self._batch_size = batch_size
         self._publish_timeout_s = publish_timeout_s
@@ -492,6 +572,9 @@ class UplinkDelivery:
             try:
                 if not self._link.wait_connected(POLL_SLICE_S):
                     continue
+                if not self._sealer.ready():  # no session key yet: records wait in the outbox
+                    self._stopping.wait(POLL_SLICE_S)
+                    continue
                 if self.deliver_batch() == 0:
                     self._outbox.wait_for_work(IDLE_POLL_S)
             except Exception:  # the worker must outlive any single bad batch; the outbox keeps the records
@@ -505,6 +588,8 @@ class UplinkDelivery:
         Public so unit tests can drive the loop step by step with a fake link."""
         if not self._settle_leftovers():
             self._stopping.wait(1.0)
+            return 0
+        if not self._sealer.ready():  # nothing goes out unsealed: the records wait for a session key
             return 0
         try:
             self._requeue_overdue()
@@ -529,7 +614,9 @@ class UplinkDelivery:
         if self._last_requeue_check is not None and now - self._last_requeue_check < REQUEUE_CHECK_S:
             return
         self._last_requeue_check = now
-        self._outbox.requeue_unacked()
+        requeued = self._outbox.requeue_unacked()
+        if requeued:
+            self._sealer.unacknowledged(requeued)
 
     def _publish_and_await(self, batch: Sequence[ClaimedRecord]) -> _Outcome:
         outcome = _Outcome(acked=[], retry={}, requeue={})
@@ -539,7 +626,8 @@ class UplinkDelivery:
                 outcome.requeue.setdefault("terminal stopping", []).append(record.seq)
                 continue
             try:
-                tickets.append((record.seq, self._link.publish(self._topic, record.wire)))
+                payload = self._sealer.seal(record.seq, record.wire)
+                tickets.append((record.seq, self._link.publish(self._topic, payload)))
             except NotConnectedError:
                 outcome.requeue.setdefault("not connected", []).append(record.seq)
             except SyncError as exc:
@@ -628,10 +716,18 @@ class DownlinkReceiver:
     """Drains the device's downlink topic on its own thread and applies the server's acks to the outbox."""
 
     def __init__(
-        self, outbox: Outbox, *, device_id: str, topics: Topics, commands: CommandApplier | None = None
+        self,
+        outbox: Outbox,
+        *,
+        device_id: str,
+        topics: Topics,
+        commands: CommandApplier | None = None,
+        opener: FrameOpener | None = None,
     ) -> None:
-        """Without `commands`, every command is refused (counted, logged once) and left unanswered."""
+        """Without `commands`, every command is refused (counted, logged once) and left unanswered. With `opener`
+        (an enrolled device) every payload must pass it first (sealed frames only)."""
         self._outbox = outbox
+        self._opener = opener
         self._commands = commands
         self._commands_answered = 0
         self._commands_redelivered = 0
@@ -710,6 +806,8 @@ class DownlinkReceiver:
             try:
                 if topic != self._topic:
                     raise ContractError("not this device's downlink topic")
+                if self._opener is not None:
+                    payload = self._opener.open(payload)
                 message = decode_downlink(payload)
                 if message.device_id != self._device_id:
                     raise ContractError(f"{message.type} names another device")

@@ -207,6 +207,12 @@ class SyncBenchOptions:
     """How the fleet runs its terminals: 'threads' (each as a kiosk) or 'pooled'; see `hardware_sim.fleet`."""
     ceiling: bool = False
     """Instead of the server, a bare paho subscriber COPYing the same payloads into PostgreSQL (the ceiling)."""
+    ceiling_too: bool = False
+    """After the server's run, the same run again with the ceiling consumer; report both and their ratio."""
+    ingest_workers: int = 0
+    """`yibao server run --ingest-workers N`: 0 = the server process ingests itself."""
+    encryption: str = "off"
+    """Payload encryption of the fleet; only 'off' exists on this branch (SM4-GCM per device comes with identity)."""
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -216,6 +222,16 @@ def _proc_cpu_s(pid: int) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The direct children of `pid` (every thread's list in /proc; [] if unreadable)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                found += [int(c) for c in (task / "children").read_text(encoding="ascii").split()]
+    return found
 
 
 def _postgres_cpu_s() -> float:
@@ -326,8 +342,104 @@ class _Sampler:
             engine.dispose()
 
 
+class _AckClock:
+    """When each record was stored, as the server says it: a listener on every device's downlink topic that keeps
+    the arrival time of each `uplink_ack` (published right after the commit that stored the records it covers).
+
+    The callback only appends; decoding happens after the run, so the listener costs the fleet's process little."""
+
+    def __init__(self, host: str, port: int, prefix: str = "yibao/v1") -> None:
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+        self._seen: list[tuple[bytes, float]] = []
+        self._subscribed = threading.Event()
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"bench-acks-{uuid.uuid4().hex[:8]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        client.on_message = lambda _c, _u, m: self._seen.append((bytes(m.payload), time.time()))
+        client.on_subscribe = lambda *_args: self._subscribed.set()
+        client.connect(host, port)
+        client.subscribe(f"{prefix}/dev/+/down", qos=0)
+        client.loop_start()
+        self._client = client
+        if not self._subscribed.wait(10.0):
+            raise RuntimeError("the benchmark's ack listener got no SUBACK")
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def stored_at(self) -> dict[str, tuple[list[int], list[float]]]:
+        """Per device: the running maximum of `acked_through_seq` and the time each new maximum arrived."""
+        from protocol import ContractError, UplinkAck, decode_downlink
+
+        by_device: dict[str, tuple[list[int], list[float]]] = {}
+        for payload, at in self._seen:
+            try:
+                message = decode_downlink(payload)
+            except ContractError:
+                continue
+            if not isinstance(message, UplinkAck):
+                continue
+            throughs, times = by_device.setdefault(message.device_id, ([], []))
+            if not throughs or message.acked_through_seq > throughs[-1]:
+                throughs.append(message.acked_through_seq)
+                times.append(at)
+        return by_device
+
+
+def _stored_latencies(
+    rows: list[tuple[str, int, datetime]], acks: dict[str, tuple[list[int], list[float]]]
+) -> tuple[list[float], int]:
+    """Enqueue → stored (first ack covering the record) in ms for each record; and how many no ack covered."""
+    import bisect
+
+    latencies: list[float] = []
+    uncovered = 0
+    for device_id, seq, device_time in rows:
+        throughs, times = acks.get(device_id, ([], []))
+        i = bisect.bisect_left(throughs, seq)
+        if i == len(throughs):
+            uncovered += 1
+            continue
+        latencies.append((times[i] - device_time.timestamp()) * 1000)
+    latencies.sort()
+    return latencies, uncovered
+
+
+def _server_pids(server_pid: int) -> dict[str, list[int]]:
+    return {"server": [server_pid], "ingest_workers": _child_pids(server_pid)}
+
+
+def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
+    return {name: sum(_proc_cpu_s(p) for p in group) for name, group in pids.items()}
+
+
 def bench_sync(options: SyncBenchOptions) -> str:
-    """Broker + server (child process) + fleet on loopback; every terminal enqueues events/terminals audit records."""
+    """One JSON line: the server's run, and with `ceiling_too` the same run against the ceiling consumer."""
+    if options.encryption != "off":
+        raise ValueError("payload encryption is not on this branch yet; --encryption off is the only choice")
+    if options.ceiling_too:
+        ours = _sync_once(options, ceiling=False)
+        ceiling = _sync_once(options, ceiling=True)
+        return json.dumps(_with_ceiling(ours, ceiling))
+    return json.dumps(_sync_once(options, ceiling=options.ceiling))
+
+
+def _with_ceiling(ours: dict[str, Any], ceiling: dict[str, Any]) -> dict[str, Any]:
+    keep = ("records_per_s", "stored", "cpu_s_during_drain", "cpu_s_while_draining", "drain_s", "machine_busy_share")
+    ours["ceiling"] = {k: ceiling[k] for k in keep if k in ceiling}
+    if ceiling.get("records_per_s"):
+        ours["ratio_to_ceiling"] = round(ours["records_per_s"] / ceiling["records_per_s"], 2)
+    return ours
+
+
+def _sync_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, Any]:
+    """Broker + server (child process, with its ingest workers) or the ceiling consumer (child process) + fleet on
+    loopback; every terminal enqueues events/terminals audit records at once."""
     from hardware_sim.fleet import FDS_PER_TERMINAL, Fleet, FleetOptions, raise_open_file_limit
     from yibao.broker import MosquittoBroker
 
@@ -336,23 +448,26 @@ def bench_sync(options: SyncBenchOptions) -> str:
     nofile = raise_open_file_limit(options.terminals * FDS_PER_TERMINAL + 4096)
     # One start/stop line per terminal is noise at fleet scale; warnings and errors still show.
     logging.getLogger("terminal.runtime").setLevel(logging.WARNING)
-    figures: dict[str, Any] = {"bench": "sync_ceiling" if options.ceiling else "sync"}
+    figures: dict[str, Any] = {"bench": "sync_ceiling" if ceiling else "sync"}
     with tempfile.TemporaryDirectory(prefix="yibao-bench-sync-") as tmp:
         workdir = Path(tmp)
         with _bench_database(options.database_url, workdir) as database_url:
             broker = MosquittoBroker(workdir=workdir / "mosquitto", max_queued_messages=1_000_000)
             broker.start()
             server: subprocess.Popen[bytes] | None = None
-            ceiling: _CeilingSubscriber | None = None
+            consumer: _CeilingProcess | None = None
             fleet: Fleet | None = None
+            acks: _AckClock | None = None
             try:
                 base_url: str | None = None
-                if options.ceiling:
-                    ceiling = _CeilingSubscriber(broker.host, broker.port, database_url)
-                    ceiling.start()
+                if ceiling:
+                    consumer = _CeilingProcess(broker, database_url, workdir, create=True)
+                    consumer_pids = {"ceiling": [consumer.pid]}
                 else:
-                    started = start_server_child(database_url, broker, workdir)
+                    started = start_server_child(database_url, broker, workdir, options.ingest_workers)
                     server, base_url = started.proc, started.base_url
+                    consumer_pids = _server_pids(server.pid)
+                    acks = _AckClock(broker.host, broker.port)
                 fleet = Fleet(
                     FleetOptions(
                         terminals=options.terminals,
@@ -365,27 +480,25 @@ def bench_sync(options: SyncBenchOptions) -> str:
                     )
                 )
                 sampler = _Sampler(fleet, base_url)
-                sampler.database_url = None if ceiling is not None else database_url
+                sampler.database_url = None if ceiling else database_url
                 sampler.start()
                 t_start = time.monotonic()
                 fleet.start()
                 connected = fleet.wait_connected(options.connect_timeout_s)
                 connect_s = time.monotonic() - t_start
                 sampler.sample()
-                pids = {"server": server.pid if server else None, "broker": broker.pid, "fleet": os.getpid()}
+                pids = consumer_pids | {"broker": [broker.pid or 0], "fleet": [os.getpid()]}
                 logging.getLogger(__name__).info("bench: pids %s", pids)
-                cpu0 = {name: _proc_cpu_s(pid) for name, pid in pids.items() if pid is not None}
-                cpu0["postgres"] = _postgres_cpu_s()
+                cpu0 = _cpu(pids) | {"postgres": _postgres_cpu_s()}
                 busy0 = _machine_busy_s()
                 t0 = time.monotonic()
                 wall0 = datetime.now(UTC)
                 fleet.enqueue_audits(per_terminal, action="bench.record")
                 enqueue_s = time.monotonic() - t0
-                stored_now = _wait_stored(options, database_url, total, t0, ceiling)
+                stored_now = _wait_stored(options, database_url, total, t0, consumer)
                 drain_s = time.monotonic() - t0
                 sampler.sample()
-                cpu1 = {name: _proc_cpu_s(pid) for name, pid in pids.items() if pid is not None}
-                cpu1["postgres"] = _postgres_cpu_s()
+                cpu1 = _cpu(pids) | {"postgres": _postgres_cpu_s()}
                 busy1 = _machine_busy_s()
                 hold_from = datetime.now(UTC)
                 beats0 = fleet.heartbeats_enqueued()
@@ -393,13 +506,13 @@ def bench_sync(options: SyncBenchOptions) -> str:
                     time.sleep(options.hold_s)
                 hold_to = datetime.now(UTC)
                 beats1 = fleet.heartbeats_enqueued()
-                cpu2 = {name: _proc_cpu_s(pid) for name, pid in pids.items() if pid is not None}
-                cpu2["postgres"] = _postgres_cpu_s()
+                cpu2 = _cpu(pids) | {"postgres": _postgres_cpu_s()}
                 busy2 = _machine_busy_s()
                 sampler.stop()
                 figures |= {
                     "terminals": options.terminals,
                     "scheduling": options.scheduling,
+                    "ingest_workers": 0 if ceiling else options.ingest_workers,
                     "heartbeat_interval_s": options.heartbeat_interval_s,
                     "events": total,
                     "connected_after_start": connected,
@@ -408,27 +521,26 @@ def bench_sync(options: SyncBenchOptions) -> str:
                     "drain_s": round(drain_s, 2),
                     "stored_seen": stored_now,
                 }
-                if ceiling is not None:
-                    figures |= ceiling.figures(total, wall0)
+                if consumer is not None:
+                    figures |= consumer.figures(total, wall0)
                 else:
-                    figures |= read_sync_results(database_url, total, wall0, hold_from, hold_to)
-                    # The server stamps received_at when paho hands it the message, before the batch commits; the
-                    # truthful end is the poll that saw every record committed (0.5 s resolution).
-                    figures["records_per_s_by_received_at"] = figures["records_per_s"]
+                    figures |= read_sync_results(database_url, total, wall0, hold_from, hold_to, acks)
+                    # The poll that saw every record committed (0.5 s resolution) ends the run.
                     figures["records_per_s"] = round(figures["stored"] / drain_s, 1) if stored_now >= total else 0.0
                     figures["connected_peak"] = sampler.server_online_peak
                     figures["connected_by_status_peak"] = sampler.status_online_peak
                 figures["fleet_connected_peak"] = sampler.fleet_connected_peak
                 busy = {name: round(cpu1[name] - cpu0[name], 2) for name in cpu1}
                 figures["cpu_s_during_drain"] = busy
-                figures["cpu_share_of_2_cores"] = {
-                    name: round(value / max(drain_s, 1e-9) / (os.cpu_count() or 1), 2) for name, value in busy.items()
+                cores = os.cpu_count() or 1
+                figures["cpu_share_of_cores"] = {
+                    name: round(value / max(drain_s, 1e-9) / cores, 2) for name, value in busy.items()
                 }
                 figures["machine_busy_share"] = round((busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9), 2)
                 if options.hold_s > 0:
                     held = (hold_to - hold_from).total_seconds()
-                    figures["cpu_share_of_2_cores_while_holding"] = {
-                        name: round((cpu2[name] - cpu1[name]) / held / (os.cpu_count() or 1), 2) for name in cpu2
+                    figures["cpu_share_of_cores_while_holding"] = {
+                        name: round((cpu2[name] - cpu1[name]) / held / cores, 2) for name in cpu2
                     }
                     figures["machine_busy_share_while_holding"] = round(
                         (busy2[0] - busy1[0]) / max(busy2[1] - busy1[1], 1e-9), 2
@@ -436,28 +548,38 @@ def bench_sync(options: SyncBenchOptions) -> str:
                     if beats0 is not None and beats1 is not None:
                         figures["heartbeats_enqueued_per_s_while_holding"] = round((beats1 - beats0) / held, 1)
                 stored = int(figures.get("stored", 0))
-                if server is not None and stored:
-                    figures["ingest_cpu_s_per_1000"] = round(busy["server"] / (stored / 1000), 3)
+                if stored:
+                    per_k = stored / 1000
+                    figures["cpu_s_per_1000"] = {name: round(value / per_k, 3) for name, value in busy.items()}
+                    consumer_cpu = sum(busy[name] for name in consumer_pids)
+                    key = "ceiling_cpu_s_per_1000" if ceiling else "ingest_cpu_s_per_1000"
+                    figures[key] = round(consumer_cpu / per_k, 3)
             finally:
+                if acks is not None:
+                    acks.stop()
                 if fleet is not None:
                     fleet.stop()
-                if ceiling is not None:
-                    ceiling.stop()
+                if consumer is not None:
+                    consumer.stop()
                 if server is not None:
                     stop(server, name="server")
                 broker.stop()
     figures |= {
         "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
-        "encryption": "none (SM4-GCM comes with device identity)",
+        "encryption": options.encryption,
         "open_files_limit": nofile[0],
         "machine": machine(),
     }
-    return json.dumps(figures)
+    return figures
 
 
-def start_server_child(database_url: str, broker: Any, workdir: Path) -> ServerProcess:
+def start_server_child(database_url: str, broker: Any, workdir: Path, ingest_workers: int = 0) -> ServerProcess:
     return start_server_process(
-        database_url=database_url, mqtt_host=broker.host, mqtt_port=broker.port, workdir=workdir
+        database_url=database_url,
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        workdir=workdir,
+        ingest_workers=ingest_workers,
     )
 
 
@@ -475,12 +597,12 @@ def _count_stored(database_url: str) -> int:
 
 
 def _wait_stored(
-    options: SyncBenchOptions, database_url: str, total: int, t0: float, ceiling: _CeilingSubscriber | None
+    options: SyncBenchOptions, database_url: str, total: int, t0: float, consumer: _CeilingProcess | None
 ) -> int:
-    """Poll (read-only, once a second) until `total` records are stored or `duration_s` passed since `t0`."""
+    """Poll (read-only, twice a second) until `total` records are stored or `duration_s` passed since `t0`."""
     stored = 0
     while time.monotonic() - t0 < options.duration_s:
-        stored = ceiling.copied if ceiling is not None else _count_stored(database_url)
+        stored = consumer.copied() if consumer is not None else _count_stored(database_url)
         if stored >= total:
             break
         time.sleep(0.5)
@@ -488,7 +610,12 @@ def _wait_stored(
 
 
 def read_sync_results(
-    database_url: str, total: int, wall0: datetime, hold_from: datetime, hold_to: datetime
+    database_url: str,
+    total: int,
+    wall0: datetime,
+    hold_from: datetime,
+    hold_to: datetime,
+    acks: _AckClock | None = None,
 ) -> dict[str, Any]:
     """After the run, read the stored records read-only: exactly-once accounting, latency, throughput, heartbeats."""
     from sqlalchemy import create_engine, text
@@ -498,7 +625,8 @@ def read_sync_results(
         with engine.connect() as conn:
             rows = conn.execute(
                 text(
-                    "SELECT device_id, device_time, received_at, payload FROM events WHERE payload_type = 'audit_event'"
+                    "SELECT device_id, seq, device_time, received_at, payload FROM events "
+                    "WHERE payload_type = 'audit_event'"
                 )
             ).all()
             beats = conn.execute(
@@ -509,56 +637,70 @@ def read_sync_results(
         engine.dispose()
     seen: set[tuple[str, int]] = set()
     duplicated = 0
-    latencies: list[float] = []
+    to_receipt: list[float] = []
+    keyed: list[tuple[str, int, datetime]] = []
     first_enqueue: datetime | None = None
-    last_stored: datetime | None = None
-    for device_id, device_time, received_at, payload in rows:
+    last_received: datetime | None = None
+    for device_id, seq, device_time, received_at, payload in rows:
         body = json.loads(payload) if isinstance(payload, str) else payload
         key = (str(device_id), int(body["detail"]["n"]))
         if key in seen:
             duplicated += 1
         seen.add(key)
         sent, got = _utc(device_time), _utc(received_at)
-        latencies.append((got - sent).total_seconds() * 1000)
+        to_receipt.append((got - sent).total_seconds() * 1000)
+        keyed.append((str(device_id), int(seq), sent))
         first_enqueue = sent if first_enqueue is None else min(first_enqueue, sent)
-        last_stored = got if last_stored is None else max(last_stored, got)
-    latencies.sort()
-    span = (last_stored - first_enqueue).total_seconds() if first_enqueue and last_stored else 0.0
+        last_received = got if last_received is None else max(last_received, got)
+    to_receipt.sort()
+    span = (last_received - first_enqueue).total_seconds() if first_enqueue and last_received else 0.0
     beat_times = [_utc(b[0]) for b in beats]
     in_hold = sum(1 for t in beat_times if hold_from <= t <= hold_to)
     hold_s = (hold_to - hold_from).total_seconds()
-    return {
+    figures: dict[str, Any] = {
         "stored": len(seen),
         "lost": total - len(seen),
         "duplicated": duplicated,
-        "records_per_s": round(len(seen) / span, 1) if span > 0 else 0.0,
-        "latency_to": "server receipt (received_at), before the commit",
-        "p50_ms": round(_percentile(latencies, 0.50), 1),
-        "p99_ms": round(_percentile(latencies, 0.99), 1),
+        "records_per_s_by_received_at": round(len(seen) / span, 1) if span > 0 else 0.0,
+        "p50_ms_to_receipt": round(_percentile(to_receipt, 0.50), 1),
+        "p99_ms_to_receipt": round(_percentile(to_receipt, 0.99), 1),
         "heartbeats_received": len(beat_times),
         "heartbeats_per_s_while_holding": round(in_hold / hold_s, 1) if hold_s > 0 else None,
         "hold_s": round(hold_s, 1),
     }
+    if acks is not None:
+        to_stored, uncovered = _stored_latencies(keyed, acks.stored_at())
+        figures |= {
+            "latency_to": "stored: the uplink_ack covering the record, published after its commit",
+            "p50_ms": round(_percentile(to_stored, 0.50), 1),
+            "p99_ms": round(_percentile(to_stored, 0.99), 1),
+            "records_without_ack_seen": uncovered,
+        }
+    return figures
 
 
 class _CeilingSubscriber:
     """The ceiling: a bare paho subscriber on every uplink topic COPYing the raw payloads into PostgreSQL.
 
     No decoding, no validation, no per-device acks, PUBACK on receipt (not after the commit): what the hardware and
-    the libraries allow at best, so our server's figure can be read as a fraction of it."""
+    the libraries allow at best, so our server's figure can be read as a fraction of it. It runs in a process of its
+    own (`yibao bench ceiling-consumer`, `_CeilingProcess`), as the server does, and reports its progress in a small
+    JSON status file after every COPY."""
 
-    def __init__(self, host: str, port: int, database_url: str, *, create: bool = True) -> None:
+    def __init__(self, host: str, port: int, database_url: str, status_file: Path, *, create: bool = True) -> None:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion
 
         if not database_url.startswith("postgresql"):
-            raise ValueError("--ceiling needs a PostgreSQL --database-url (it measures COPY)")
+            raise ValueError("the ceiling needs a PostgreSQL --database-url (it measures COPY)")
         self._dsn = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
         self._inbox: queue.Queue[tuple[str, bytes]] = queue.Queue()
         self._stop = threading.Event()
+        self._subscribed = threading.Event()
+        self._status_file = status_file
         self.copied = 0
-        self.first_copy: datetime | None = None
-        self.last_copy: datetime | None = None
+        self.first_copy: float | None = None
+        self.last_copy: float | None = None
         self._create = create
         self._topics = Topics()
         # A persistent session (clean_session=False), like the server's: the broker queues for it while it is away.
@@ -566,6 +708,7 @@ class _CeilingSubscriber:
             callback_api_version=CallbackAPIVersion.VERSION2, client_id="bench-ceiling", clean_session=False
         )
         client.on_connect = lambda c, u, f, rc, p: c.subscribe(self._topics.all_uplinks, qos=1)
+        client.on_subscribe = lambda *_args: self._subscribed.set()
         client.on_message = lambda c, u, m: self._inbox.put((m.topic, bytes(m.payload)))
         client.max_inflight_messages_set(1000)
         self._client = client
@@ -577,17 +720,27 @@ class _CeilingSubscriber:
 
         if self._create:
             with psycopg.connect(self._dsn) as conn:
-                conn.execute("CREATE TABLE ceiling_events (device_id text NOT NULL, payload text NOT NULL)")
+                conn.execute(
+                    "CREATE TABLE IF NOT EXISTS ceiling_events (device_id text NOT NULL, payload text NOT NULL)"
+                )
         self._writer.start()
         self._client.connect(self._host, self._port)
         self._client.loop_start()
-        time.sleep(0.5)  # the SUBACK; loopback answers within milliseconds
+        if not self._subscribed.wait(10.0):
+            raise RuntimeError("the ceiling subscriber got no SUBACK")
+        self._write_status()
 
     def stop(self) -> None:
         self._client.disconnect()
         self._client.loop_stop()
         self._stop.set()
         self._writer.join(10.0)
+
+    def _write_status(self) -> None:
+        doc = {"subscribed": True, "copied": self.copied, "first_copy": self.first_copy, "last_copy": self.last_copy}
+        tmp = self._status_file.with_name(self._status_file.name + ".tmp")
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        tmp.replace(self._status_file)
 
     def _run(self) -> None:
         import psycopg
@@ -606,27 +759,90 @@ class _CeilingSubscriber:
                         copy.write_row((self._topics.device_of(topic) or "", payload.decode("utf-8")))
                 conn.commit()
                 self.copied += sum(1 for _t, p in batch if b'"audit_event"' in p)
-                self.last_copy = datetime.now(UTC)
+                self.last_copy = time.time()
                 if self.first_copy is None:
                     self.first_copy = self.last_copy
+                self._write_status()
+
+
+def run_ceiling_consumer(host: str, port: int, database_url: str, status_file: Path, *, create: bool) -> None:
+    """`yibao bench ceiling-consumer`: the ceiling subscriber until SIGTERM/SIGINT."""
+    import signal
+
+    stopping = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _s, _f: stopping.set())
+    subscriber = _CeilingSubscriber(host, port, database_url, status_file, create=create)
+    subscriber.start()
+    try:
+        stopping.wait()
+    finally:
+        subscriber.stop()
+
+
+class _CeilingProcess:
+    """The ceiling subscriber as a child process; its progress is read from its status file."""
+
+    def __init__(self, broker: Any, database_url: str, workdir: Path, *, create: bool) -> None:
+        from yibao.procs import spawn, yibao_argv
+
+        self._status = workdir / f"ceiling-{uuid.uuid4().hex[:6]}.json"
+        argv = ["bench", "ceiling-consumer", "--mqtt-host", broker.host, "--mqtt-port", str(broker.port)]
+        argv += ["--database-url", database_url, "--status-file", str(self._status)]
+        argv += ["--create"] if create else []
+        self.proc = spawn(yibao_argv(*argv), log_path=workdir / "ceiling.log")
+        deadline = time.monotonic() + 60.0
+        while not self._status.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the ceiling consumer did not start; see {workdir / 'ceiling.log'}")
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def state(self) -> dict[str, Any]:
+        try:
+            doc: dict[str, Any] = json.loads(self._status.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {"copied": 0, "first_copy": None, "last_copy": None}
+        return doc
+
+    def copied(self) -> int:
+        return int(self.state()["copied"])
+
+    def stop(self) -> None:
+        stop(self.proc, name="ceiling consumer")
 
     def drain_figures(self) -> dict[str, Any]:
-        first, last = self.first_copy, self.last_copy
-        span = (last - first).total_seconds() if first is not None and last is not None else 0.0
-        return {"stored": self.copied, "records_per_s": round(self.copied / span, 1) if span > 0 else 0.0}
+        doc = self.state()
+        first, last = doc["first_copy"], doc["last_copy"]
+        span = last - first if first is not None and last is not None else 0.0
+        return {"stored": doc["copied"], "records_per_s": round(doc["copied"] / span, 1) if span > 0 else 0.0}
 
     def figures(self, total: int, wall0: datetime) -> dict[str, Any]:
-        span = (self.last_copy - wall0).total_seconds() if self.last_copy else 0.0
+        doc = self.state()
+        span = doc["last_copy"] - wall0.timestamp() if doc["last_copy"] else 0.0
         return {
-            "stored": min(self.copied, total),
-            "records_per_s": round(self.copied / span, 1) if span > 0 else 0.0,
+            "stored": min(doc["copied"], total),
+            "records_per_s": round(doc["copied"] / span, 1) if span > 0 else 0.0,
         }
 
 
 def bench_sync_prefilled(options: SyncBenchOptions) -> str:
+    """One JSON line: the server draining a prefilled broker alone, and with `ceiling_too` the ceiling likewise."""
+    if options.ceiling_too:
+        ours = _prefilled_once(options, ceiling=False)
+        ceiling = _prefilled_once(options, ceiling=True)
+        return json.dumps(_with_ceiling(ours, ceiling))
+    return json.dumps(_prefilled_once(options, ceiling=options.ceiling))
+
+
+def _prefilled_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, Any]:
     """The consumer alone on the machine: the fleet publishes everything into the broker while the server (or the
     ceiling subscriber) is away, the fleet stops, then the consumer drains the broker's queue for its persistent
-    session. The rate is stored records over first-to-last storage time, so start-up is not in it."""
+    session(s). With ingest workers, each worker's session holds its share of the shared subscription."""
     from hardware_sim.fleet import FDS_PER_TERMINAL, Fleet, FleetOptions, raise_open_file_limit
     from yibao.broker import MosquittoBroker
 
@@ -634,21 +850,21 @@ def bench_sync_prefilled(options: SyncBenchOptions) -> str:
     total = per_terminal * options.terminals
     raise_open_file_limit(options.terminals * FDS_PER_TERMINAL + 4096)
     logging.getLogger("terminal.runtime").setLevel(logging.WARNING)
-    figures: dict[str, Any] = {"bench": "sync_prefilled_ceiling" if options.ceiling else "sync_prefilled"}
+    figures: dict[str, Any] = {"bench": "sync_prefilled_ceiling" if ceiling else "sync_prefilled"}
     with tempfile.TemporaryDirectory(prefix="yibao-bench-sync-") as tmp:
         workdir = Path(tmp)
         with _bench_database(options.database_url, workdir) as database_url:
             broker = MosquittoBroker(workdir=workdir / "mosquitto", max_queued_messages=10_000_000)
             broker.start()
-            consumer: Any = None
+            consumer: _CeilingProcess | None = None
+            server: subprocess.Popen[bytes] | None = None
             try:
-                # 1. The consumer subscribes once (creating its persistent session), then goes away.
-                if options.ceiling:
-                    consumer = _CeilingSubscriber(broker.host, broker.port, database_url)
-                    consumer.start()
-                    consumer.stop()
+                # 1. The consumer subscribes once (creating its persistent sessions), then goes away.
+                if ceiling:
+                    _CeilingProcess(broker, database_url, workdir, create=True).stop()
                 else:
-                    stop(start_server_child(database_url, broker, workdir).proc, name="server")
+                    first = start_server_child(database_url, broker, workdir, options.ingest_workers)
+                    stop(first.proc, name="server")
                 # 2. The fleet publishes everything; the broker queues it for the absent consumer.
                 fleet = Fleet(
                     FleetOptions(
@@ -672,59 +888,57 @@ def bench_sync_prefilled(options: SyncBenchOptions) -> str:
                         time.sleep(0.5)
                 finally:
                     fleet.stop()
-                # 3. The consumer alone drains the queue.
-                # CPU from before the consumer starts: a server child's figure includes its start-up (conservative).
-                cpu0 = {"consumer": _proc_cpu_s(os.getpid()) if options.ceiling else 0.0}
-                cpu0 |= {"broker": _proc_cpu_s(broker.pid or 0), "postgres": _postgres_cpu_s()}
+                # 3. The consumer alone drains the queue. Its CPU includes its start-up (conservative).
+                cpu0 = {"broker": _proc_cpu_s(broker.pid or 0), "postgres": _postgres_cpu_s()}
                 busy0 = _machine_busy_s()
                 t0 = time.monotonic()
-                if options.ceiling:
-                    consumer = _CeilingSubscriber(broker.host, broker.port, database_url, create=False)
-                    consumer.start()
-                    pid = os.getpid()
+                if ceiling:
+                    consumer = _CeilingProcess(broker, database_url, workdir, create=False)
+                    consumer_pids = {"ceiling": [consumer.pid]}
                 else:
-                    consumer = start_server_child(database_url, broker, workdir).proc
-                    pid = consumer.pid
+                    server = start_server_child(database_url, broker, workdir, options.ingest_workers).proc
+                    consumer_pids = _server_pids(server.pid)
                 started_s = time.monotonic() - t0
                 while time.monotonic() - t0 < options.duration_s:
-                    done = consumer.copied if options.ceiling else _count_stored(database_url)
+                    done = consumer.copied() if consumer is not None else _count_stored(database_url)
                     if done >= total:
                         break
                     time.sleep(0.5)
                 drain_s = time.monotonic() - t0
-                cpu1 = {"consumer": _proc_cpu_s(pid), "broker": _proc_cpu_s(broker.pid or 0)}
-                cpu1["postgres"] = _postgres_cpu_s()
+                cpu1 = _cpu(consumer_pids) | {"broker": _proc_cpu_s(broker.pid or 0), "postgres": _postgres_cpu_s()}
                 busy1 = _machine_busy_s()
-                if options.ceiling:
+                if consumer is not None:
                     figures |= consumer.drain_figures()
                 else:
                     figures |= _drain_figures(database_url, total)
                     figures["records_per_s_by_received_at"] = figures.pop("records_per_s")
                     figures["records_per_s"] = round(figures["stored"] / drain_s, 1)
-                    figures["ingest_cpu_s_per_1000"] = round(
-                        (cpu1["consumer"] - cpu0["consumer"]) / max(figures["stored"] / 1000, 1e-9), 3
-                    )
+                busy = {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1}
+                consumer_cpu = sum(busy[name] for name in consumer_pids)
+                key = "ceiling_cpu_s_per_1000" if ceiling else "ingest_cpu_s_per_1000"
+                figures[key] = round(consumer_cpu / max(figures["stored"] / 1000, 1e-9), 3)
                 figures |= {
                     "terminals": options.terminals,
+                    "ingest_workers": 0 if ceiling else options.ingest_workers,
                     "events": total,
                     "wall_s_including_consumer_start": round(drain_s, 1),
                     "consumer_start_s": round(started_s, 1),
                     "records_per_s_after_start": round(total / max(drain_s - started_s, 1e-9), 1),
-                    "cpu_s_while_draining": {k: round(cpu1[k] - cpu0[k], 2) for k in cpu1},
+                    "cpu_s_while_draining": busy,
                     "machine_busy_share": round((busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9), 2),
                 }
             finally:
-                if options.ceiling and consumer is not None:
+                if consumer is not None:
                     consumer.stop()
-                elif isinstance(consumer, subprocess.Popen):
-                    stop(consumer, name="server")
+                if server is not None:
+                    stop(server, name="server")
                 broker.stop()
     figures |= {
         "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
-        "encryption": "none (SM4-GCM comes with device identity)",
+        "encryption": options.encryption,
         "machine": machine(),
     }
-    return json.dumps(figures)
+    return figures
 
 
 def _drain_figures(database_url: str, total: int) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from provisioning.cli import app as provision_app
 if TYPE_CHECKING:
     from sync_server.settings import ServerSettings
     from terminal.config import TerminalConfig
+    from terminal.session import TerminalSecurity
 
 app = typer.Typer(
     name="yibao",
@@ -46,6 +47,61 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(bench_app, name="bench")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+# ---------------------------------------------------------------- provision (device side)
+# `provisioning` may only talk HTTP; enrolment and rotation own the device's keys, so they join the group here.
+
+IdentityDirOpt = Annotated[Path, typer.Option("--identity-dir", help="The device's identity directory (mode 0700).")]
+PassphraseFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--passphrase-file", help="File holding the key passphrase (mode 0600); default YIBAO_DEVICE_KEY_PASSPHRASE."
+    ),
+]
+
+
+@provision_app.command("enrol")
+def provision_enrol(
+    code: Annotated[str, typer.Argument(help="The enrol code from `yibao provision register` (YB1:…).")],
+    identity_dir: IdentityDirOpt,
+    hardware_id: Annotated[
+        str | None, typer.Option("--hardware-id", help="Board serial; default the machine id.")
+    ] = None,
+    passphrase_file: PassphraseFileOpt = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="Terminal config to write/update (default: beside the dir).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Retire an existing identity first (after a reset).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """ON THE DEVICE: generate the SM2 key here, enrol it, pin the server key, store the signed bundle and the
+    sealed broker password, and write the terminal config. Exit codes as in `yibao provision -h`."""
+    from provisioning.cli import decode_code
+    from yibao.device_provision import enrol_command
+
+    enrol_command(
+        decode_code(code),
+        identity_dir=identity_dir,
+        hardware_id=hardware_id,
+        passphrase_file=passphrase_file,
+        config=config,
+        force=force,
+        as_json=as_json,
+    )
+
+
+@provision_app.command("rotate")
+def provision_rotate(
+    identity_dir: IdentityDirOpt,
+    passphrase_file: PassphraseFileOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of text.")] = False,
+) -> None:
+    """ON THE DEVICE: replace the identity key (epoch + 1), signed over by the current key; new bundle and broker
+    password. Exit codes as in `yibao provision -h`."""
+    from yibao.device_provision import rotate_command
+
+    rotate_command(identity_dir=identity_dir, passphrase_file=passphrase_file, as_json=as_json)
 
 
 @app.callback()
@@ -120,10 +176,13 @@ def terminal_run(
     ] = False,
     emit: Annotated[int, typer.Option(min=0, help="Enqueue this many demo records at start (for tests).")] = 0,
 ) -> None:
-    """Run the terminal core: outbox, MQTT sync and heartbeats, until SIGINT/SIGTERM."""
+    """Run the terminal core: outbox, MQTT sync and heartbeats, until SIGINT/SIGTERM.
+
+    With an [identity] section the signed bundle is verified first; the terminal refuses to start (exit 5) if it
+    fails, and then seals every uplink frame under a session key agreed with the server."""
     from terminal.runtime import run_terminal
 
-    cfg = _load_config(config)
+    cfg, security = _load_terminal(config)
     if not simulated:
         typer.secho(
             "error: real peripheral drivers arrive with the identity issue; run with --simulated for now",
@@ -133,25 +192,40 @@ def terminal_run(
         raise typer.Exit(2)
     from hardware_sim.peripherals import simulated_peripherals
 
-    run_terminal(cfg, simulated_peripherals(), emit_records=emit)
+    run_terminal(cfg, simulated_peripherals(), emit_records=emit, security=security)
 
 
 @terminal_app.command("check-config")
 def terminal_check_config(config: Annotated[Path, typer.Argument(help="The terminal's TOML config file.")]) -> None:
-    """Validate a terminal config file; exits non-zero and names the bad fields if it is invalid."""
-    cfg = _load_config(config)
-    print(f"ok: {config} (schema {cfg.schema_version}, config version {cfg.config_version}, device {cfg.device_id})")
+    """Validate a terminal config file (and its identity, if it has one); exits non-zero naming what is wrong."""
+    cfg, security = _load_terminal(config)
+    secured = "" if security is None else f", enrolled, key epoch {security.identity.key_epoch}"
+    if security is not None:
+        security.stop()
+    print(
+        f"ok: {config} (schema {cfg.schema_version}, config version {cfg.config_version}, device {cfg.device_id}"
+        f"{secured})"
+    )
 
 
-def _load_config(path: Path) -> TerminalConfig:
-    from terminal.config import load_terminal_config
+def _load_terminal(path: Path) -> tuple[TerminalConfig, TerminalSecurity | None]:
+    """Config plus, for an enrolled device, its verified identity; exit 2 for a bad config, 5 for an identity
+    problem (bundle signature, passphrase, missing files)."""
+    import os
+
+    from protocol import SystemClock
     from terminal.errors import ConfigError
+    from terminal.identity import IdentityError
+    from terminal.session import load_terminal
 
     try:
-        return load_terminal_config(path)
+        return load_terminal(path, environ=os.environ, clock=SystemClock())
     except ConfigError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from exc
+    except IdentityError as exc:
+        typer.secho(f"error: refusing to start: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(5) from exc
 
 
 # ---------------------------------------------------------------- server
@@ -170,11 +244,21 @@ def server_run(
         Path | None,
         typer.Option(help="Write {url, port, pid} here once bound (use with --http-port 0 to learn the port)."),
     ] = None,
+    ingest_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=32,
+            help="Ingest worker processes on the shared uplink subscription (0: this process ingests); "
+            "default from YIBAO_SERVER_INGEST_WORKERS.",
+        ),
+    ] = None,
 ) -> None:
     """Run the sync server: database migrations, MQTT ingest, REST API and web pages."""
     from sync_server.service import serve
 
-    serve(_server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port), ready_file=ready_file)
+    settings = _server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port, ingest_workers=ingest_workers)
+    serve(settings, ready_file=ready_file)
 
 
 @server_app.command("migrate")
@@ -259,6 +343,8 @@ def _server_settings(
     http_port: int | None,
     mqtt_host: str | None,
     mqtt_port: int | None,
+    *,
+    ingest_workers: int | None = None,
 ) -> ServerSettings:
     """Settings from the environment (YIBAO_SERVER_*), overridden by whichever options were given."""
     from pydantic import ValidationError
@@ -271,6 +357,7 @@ def _server_settings(
         "http_port": http_port,
         "mqtt_host": mqtt_host,
         "mqtt_port": mqtt_port,
+        "ingest_workers": ingest_workers,
     }
     try:
         return ServerSettings(**{k: v for k, v in given.items() if v is not None})
@@ -374,7 +461,10 @@ def bench_crypto(
 
 @bench_app.command("sync")
 def bench_sync(
-    terminals: Annotated[int, typer.Option(min=1, help="Simulated terminals in the fleet (one process).")] = 50,
+    terminals: Annotated[
+        int | None,
+        typer.Option(min=1, help="Simulated terminals in the fleet (one process); with --chaos, terminal processes."),
+    ] = None,
     events: Annotated[int, typer.Option(min=0, help="Audit records in total, split evenly over terminals.")] = 10_000,
     database_url: Annotated[
         str | None,
@@ -399,14 +489,44 @@ def bench_sync(
         bool,
         typer.Option(help="Fleet publishes while the consumer is away, then the consumer drains alone (no sharing)."),
     ] = False,
+    chaos: Annotated[
+        bool,
+        typer.Option(
+            help="Fault injection: kill -9 terminals, broker and server, cut links, fill the terminal's disk; "
+            "proves nothing is lost or duplicated (see docs/benchmarks.md)."
+        ),
+    ] = False,
+    cycles: Annotated[int, typer.Option(min=0, help="--chaos: fault cycles.")] = 20,
+    seed: Annotated[int | None, typer.Option(help="--chaos: seed of the fault schedule (default: random).")] = None,
+    rate: Annotated[float, typer.Option(min=0.1, help="--chaos: records per second per terminal.")] = 20.0,
+    disk: Annotated[
+        str, typer.Option(help="--chaos: disk-full method: 'tmpfs', 'rlimit' (RLIMIT_FSIZE) or 'auto'.")
+    ] = "auto",
+    ceiling_too: Annotated[
+        bool,
+        typer.Option(help="Then repeat the same run with the ceiling consumer; report both and our ratio to it."),
+    ] = False,
+    ingest_workers: Annotated[
+        int, typer.Option(min=0, max=32, help="`yibao server run --ingest-workers N` (0: the server ingests).")
+    ] = 0,
+    encryption: Annotated[
+        str, typer.Option(help="Payload encryption of the fleet; only 'off' on this branch (SM4-GCM comes later).")
+    ] = "off",
 ) -> None:
     """End-to-end sync: private Mosquitto, `yibao server run` as a child, a fleet of terminals; one JSON line."""
+    if chaos:
+        _bench_sync_chaos(terminals or 3, cycles, seed, rate, database_url, disk)
+        return
+    terminals = terminals or 50
     from yibao.bench import SyncBenchOptions, bench_sync, bench_sync_prefilled
 
     run = bench_sync_prefilled if prefilled else bench_sync
 
     if scheduling not in ("threads", "pooled"):
         typer.secho("error: --scheduling is 'threads' or 'pooled'", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    if encryption != "off":
+        typer.secho("error: payload encryption is not on this branch; --encryption off", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
 
     print(
@@ -422,9 +542,85 @@ def bench_sync(
                 connect_timeout_s=connect_timeout_s,
                 scheduling=scheduling,
                 ceiling=ceiling,
+                ceiling_too=ceiling_too,
+                ingest_workers=ingest_workers,
+                encryption=encryption,
             )
         )
     )
+
+
+def _bench_sync_chaos(
+    terminals: int, cycles: int, seed: int | None, rate: float, database_url: str | None, disk: str
+) -> None:
+    import json
+
+    from yibao.broker import BrokerError
+    from yibao.chaos import ChaosError, ChaosOptions, bench_sync_chaos
+    from yibao.server_proc import ServerStartError
+
+    if disk not in ("auto", "tmpfs", "rlimit"):
+        typer.secho("error: --disk is 'auto', 'tmpfs' or 'rlimit'", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    options = ChaosOptions(
+        cycles=cycles, seed=seed, terminals=terminals, rate=rate, database_url=database_url, disk=disk
+    )
+    try:
+        figures = bench_sync_chaos(options)
+    except (ChaosError, BrokerError, ServerStartError) as exc:
+        # A restart that fails (a port taken, the server not healthy in time) ends the run; children are cleaned up.
+        typer.secho(f"chaos run failed: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from exc
+    print(json.dumps(figures))
+    raise typer.Exit(0 if figures["ok"] else 1)
+
+
+@bench_app.command("outbox-kill")
+def bench_outbox_kill(
+    rounds: Annotated[int, typer.Option(min=1, help="Child processes to SIGKILL mid-transaction.")] = 200,
+    seed: Annotated[int | None, typer.Option(help="Seed of the kill schedule (default: random).")] = None,
+) -> None:
+    """SIGKILL a process in the middle of outbox transactions N times; check the file after each kill."""
+    import json
+
+    from yibao.outbox_kill import bench_outbox_kill as run
+
+    figures = run(rounds=rounds, seed=seed)
+    print(json.dumps(figures | {"machine": _machine()}))
+    raise typer.Exit(0 if figures["ok"] else 1)
+
+
+def _machine() -> dict[str, Any]:
+    from yibao.bench import machine
+
+    return machine()
+
+
+@bench_app.command("chaos-terminal", hidden=True)
+def bench_chaos_terminal(
+    config: ConfigArg,
+    ledger: Annotated[Path, typer.Option(help="Append 'ok LIFE N' here after each committed record.")],
+    life: Annotated[int, typer.Option(min=1, help="How many times this terminal has been started.")],
+    rate: Annotated[float, typer.Option(min=0.1, help="Records per second.")] = 20.0,
+) -> None:
+    """A terminal process for `bench sync --chaos`: the real runtime, enqueueing numbered records at a steady rate."""
+    from yibao.chaos import run_chaos_terminal
+
+    run_chaos_terminal(config, ledger, life=life, rate=rate)
+
+
+@bench_app.command("ceiling-consumer", hidden=True)
+def bench_ceiling_consumer(
+    mqtt_host: Annotated[str, typer.Option()],
+    mqtt_port: Annotated[int, typer.Option()],
+    database_url: Annotated[str, typer.Option()],
+    status_file: Annotated[Path, typer.Option()],
+    create: Annotated[bool, typer.Option("--create")] = False,
+) -> None:
+    """The ceiling consumer of `yibao bench sync` as a process of its own (started by the benchmark)."""
+    from yibao.bench import run_ceiling_consumer
+
+    run_ceiling_consumer(mqtt_host, mqtt_port, database_url, status_file, create=create)
 
 
 def main() -> None:

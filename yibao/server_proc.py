@@ -51,6 +51,7 @@ def start_server_process(
     workdir: Path,
     http_port: int = 0,
     timeout_s: float = 60.0,
+    ingest_workers: int = 0,
 ) -> ServerProcess:
     """Spawn the server (log in `workdir/server.log`, its data dir `workdir/server-data`, a fresh bootstrap admin
     token), learn its port, wait until healthy; stop it on failure."""
@@ -78,6 +79,8 @@ def start_server_process(
             str(mqtt_port),
             "--ready-file",
             str(ready),
+            "--ingest-workers",
+            str(ingest_workers),
         ),
         log_path=log,
         env=env,

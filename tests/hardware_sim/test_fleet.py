@@ -177,4 +177,4 @@ def test_bench_sync_accounts_for_every_record() -> None:
     assert figures["connected_peak"] == 10
     assert figures["records_per_s"] > 0
     assert figures["p99_ms"] >= figures["p50_ms"] > 0
-    assert set(figures["cpu_s_during_drain"]) == {"server", "broker", "fleet", "postgres"}
+    assert set(figures["cpu_s_during_drain"]) == {"server", "ingest_workers", "broker", "fleet", "postgres"}

@@ -29,7 +29,7 @@ from sync_server.store import (
 )
 from tests.sync_server.conftest import BOOT, T0, envelope, heartbeat
 
-METHODS = [StoreMethod.AUTO, StoreMethod.PORTABLE]
+METHODS = [StoreMethod.AUTO, StoreMethod.FAST, StoreMethod.PORTABLE]
 
 
 def _store(engine: Engine, envelopes: Sequence[Envelope], method: StoreMethod) -> StoreResult:
