@@ -432,9 +432,8 @@ class IngestWorker:
             batch = self._collect_batch()
             if not batch:
                 continue
-            for item in batch:
-                self._classify(item)
-            self._store_until_done(batch)
+            if self._classify_all(batch):
+                self._store_until_done(batch)
 
     def _collect_batch(self) -> list[_Inbound]:
         try:
@@ -453,7 +452,23 @@ class IngestWorker:
                 break
         return batch
 
+    def _classify_all(self, batch: list[_Inbound]) -> bool:
+        """Classify every message; when message security cannot read the database, wait and try again (False:
+        stopping, the batch stays unacknowledged)."""
+        delay = self._settings.ingest_retry_delay_s
+        while True:
+            try:
+                for item in batch:
+                    self._classify(item)
+                return True
+            except IngestError as exc:
+                self._note_failure(exc, len(batch))
+                if self._stop.wait(delay):
+                    return False
+                delay = min(delay * 2, MAX_RETRY_DELAY_S)
+
     def _classify(self, item: _Inbound) -> None:
+        item.refused = None
         device_in_topic = self._topics.device_of(item.topic)
         try:
             if device_in_topic is not None and item.topic.endswith("/up"):

@@ -15,14 +15,19 @@ Status messages (retained 'online', last will 'offline') follow the same rules e
 when the terminal connects and published by the broker whenever the connection dies, so only the key's lifetime
 bounds it. A replayed status can only repeat a link state the device itself announced.
 
-Lookups go through a small cache (device state, session keys, identity keys) whose entries live at most
-`security_cache_ttl_s` (≤ 5 s), so a revocation made by any server process is enforced by every ingest worker
-within that time; the process that revokes drops its entries at once (`forget_device`). Unknown key ids are cached
-too, so a flood of forged frames costs one query per key id per TTL.
+Lookups go through a snapshot, reloaded when older than `security_cache_ttl_s` (≤ 5 s): the state of every enrolled
+or revoked device (any other device is "not enrolled", which is all screening needs) and every session key that has
+not expired, opened once per process. Two queries per TTL per worker whatever the message rate, and a revocation made
+by any server process is enforced by every ingest worker within the TTL; the process that revokes reloads at once
+(`forget_device`). A key id missing from the snapshot (forged, or long expired) is looked up on its own and that
+answer cached for the TTL too, so a flood of forged frames costs one query per key id per TTL. Identity keys (for
+signed records) never change and are cached for good.
 
 Refusals are returned to ingest as `SecurityRefusal`, recorded in `security_events` in the batch's own transaction
 (one row per device and kind per batch, with a count) and appended to the server's audit chain after the commit.
-This module must never log or record plaintext, keys, or a payload's contents.
+When the database cannot be read, lookups raise `IngestError` (transient): ingest keeps the batch unacknowledged
+and classifies it again later, never accepting or refusing a message on a guess. This module must never log or
+record plaintext, keys, or a payload's contents.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from datetime import timedelta
 from typing import Literal
 
 from sqlalchemy import Engine, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from protocol import Clock, Envelope
@@ -58,6 +64,7 @@ from protocol.secure import (
 from sync_server.audit import ServerAudit
 from sync_server.db.engine import session_factory
 from sync_server.db.models import Device, DeviceKey, DeviceSession, RegistrationState, SecurityEvent
+from sync_server.errors import IngestError
 from sync_server.identity import ServerIdentity
 from sync_server.settings import ServerSettings
 
@@ -106,16 +113,21 @@ class Screened:
 
 
 @dataclass(frozen=True, slots=True)
-class _DeviceInfo:
-    state: RegistrationState | None
-    """None: unknown to the server."""
-
-
-@dataclass(frozen=True, slots=True)
 class _KeyInfo:
     device_id: str
     key: SessionKey
     revoked: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    states: dict[str, RegistrationState]
+    """Enrolled and revoked devices; every other device is treated as not enrolled."""
+    keys: dict[uuid.UUID, _KeyInfo]
+    """Session keys that have not expired (revoked ones included, flagged)."""
+    newest: dict[str, _KeyInfo]
+    """Each device's newest unrevoked session key."""
+    taken_at: float
 
 
 class SecurityGate:
@@ -133,81 +145,95 @@ class SecurityGate:
         self._max_age = timedelta(seconds=settings.uplink_max_age_s)
         self._required = settings.effective_uplink_security == "required"
         self._lock = threading.Lock()
-        self._devices: dict[str, tuple[_DeviceInfo, float]] = {}
+        self._reload_lock = threading.Lock()
+        self._snapshot: _Snapshot | None = None
+        self._opened: dict[uuid.UUID, bytes] = {}
         self._keys: dict[uuid.UUID, tuple[_KeyInfo | None, float]] = {}
-        self._newest: dict[str, tuple[_KeyInfo | None, float]] = {}
         self._identity_keys: dict[tuple[str, int], SM2PublicKey] = {}
         self._downlink_counter = itertools.count(1)
 
     # ------------------------------------------------------------------ cache
 
     def forget_device(self, device_id: str) -> None:
-        """Drop what this process cached about `device_id` (after a revoke, reset, enrolment or rotation)."""
+        """Reload before the next lookup (after a revoke, reset, enrolment or rotation of `device_id`)."""
         with self._lock:
-            self._devices.pop(device_id, None)
-            self._newest.pop(device_id, None)
-            for key_id in [
-                k for k, (info, _) in self._keys.items() if info is not None and info.device_id == device_id
-            ]:
-                del self._keys[key_id]
+            self._snapshot = None
+            self._keys = {k: v for k, v in self._keys.items() if v[0] is None or v[0].device_id != device_id}
 
-    def _fresh(self, expires: float) -> bool:
-        return self._clock.monotonic() < expires
+    def _fresh(self, taken_at: float) -> bool:
+        return self._clock.monotonic() - taken_at < self._ttl
 
-    def _device(self, device_id: str) -> _DeviceInfo:
-        with self._lock:
-            hit = self._devices.get(device_id)
-            if hit is not None and self._fresh(hit[1]):
-                return hit[0]
+    def _current(self) -> _Snapshot:
+        snapshot = self._snapshot
+        if snapshot is not None and self._fresh(snapshot.taken_at):
+            return snapshot
+        with self._reload_lock:  # one reload at a time; the others wait for it
+            snapshot = self._snapshot
+            if snapshot is not None and self._fresh(snapshot.taken_at):
+                return snapshot
+            try:
+                snapshot = self._load()
+            except SQLAlchemyError as exc:
+                raise IngestError(f"cannot load device states and session keys: {type(exc).__name__}") from exc
+            with self._lock:
+                self._snapshot = snapshot
+            return snapshot
+
+    def _load(self) -> _Snapshot:
+        taken_at = self._clock.monotonic()
+        now = self._clock.now()
         with self._sessions() as session:
-            state = session.scalar(select(Device.registration).where(Device.device_id == device_id))
-        info = _DeviceInfo(state)
-        with self._lock:
-            self._devices[device_id] = (info, self._clock.monotonic() + self._ttl)
-        return info
+            found = session.execute(
+                select(Device.device_id, Device.registration).where(
+                    Device.registration.in_([RegistrationState.ENROLLED, RegistrationState.REVOKED])
+                )
+            )
+            states = {row[0]: row[1] for row in found}
+            rows = session.scalars(select(DeviceSession).where(DeviceSession.expires_at > now)).all()
+            keys = {info.key.key_id: info for row in rows if (info := self._key_info(row)) is not None}
+        with self._lock:  # keep opened secrets only of keys still alive
+            self._opened = {key_id: info.key.key for key_id, info in keys.items()}
+        newest: dict[str, _KeyInfo] = {}
+        for info in keys.values():
+            best = newest.get(info.device_id)
+            if not info.revoked and (best is None or info.key.issued_at > best.key.issued_at):
+                newest[info.device_id] = info
+        return _Snapshot(states, keys, newest, taken_at)
+
+    def _state(self, device_id: str) -> RegistrationState | None:
+        return self._current().states.get(device_id)
 
     def _key_info(self, row: DeviceSession) -> _KeyInfo | None:
-        try:
-            secret = self._identity.open_session_key(row.key_id, row.sealed_key)
-        except CryptoError:
-            logger.error("session key %s does not open under this server's secret_key; ignoring it", row.key_id)
-            return None
+        secret = self._opened.get(row.key_id)
+        if secret is None:
+            try:
+                secret = self._identity.open_session_key(row.key_id, row.sealed_key)
+            except CryptoError:
+                logger.error("session key %s does not open under this server's secret_key; ignoring it", row.key_id)
+                return None
+            self._opened[row.key_id] = secret
         return _KeyInfo(
             row.device_id, SessionKey(row.key_id, secret, row.issued_at, row.expires_at), row.revoked_at is not None
         )
 
     def _session_key(self, key_id: uuid.UUID) -> _KeyInfo | None:
+        found = self._current().keys.get(key_id)
+        if found is not None:
+            return found
         with self._lock:
             hit = self._keys.get(key_id)
             if hit is not None and self._fresh(hit[1]):
                 return hit[0]
-        with self._sessions() as session:
-            row = session.get(DeviceSession, key_id)
-            info = self._key_info(row) if row is not None else None
+        try:
+            with self._sessions() as session:  # not in the snapshot: forged, or expired
+                row = session.get(DeviceSession, key_id)
+                info = self._key_info(row) if row is not None else None
+        except SQLAlchemyError as exc:
+            raise IngestError(f"cannot look up a session key: {type(exc).__name__}") from exc
         with self._lock:
-            self._keys[key_id] = (info, self._clock.monotonic() + self._ttl)
-        return info
-
-    def _newest_key(self, device_id: str) -> _KeyInfo | None:
-        with self._lock:
-            hit = self._newest.get(device_id)
-            if hit is not None and self._fresh(hit[1]):
-                return hit[0]
-        now = self._clock.now()
-        with self._sessions() as session:
-            row = session.scalar(
-                select(DeviceSession)
-                .where(
-                    DeviceSession.device_id == device_id,
-                    DeviceSession.revoked_at.is_(None),
-                    DeviceSession.expires_at > now,
-                )
-                .order_by(DeviceSession.issued_at.desc())
-                .limit(1)
-            )
-            info = self._key_info(row) if row is not None else None
-        with self._lock:
-            self._newest[device_id] = (info, self._clock.monotonic() + self._ttl)
+            self._keys[key_id] = (info, self._clock.monotonic())
+            if len(self._keys) > 100_000:  # a flood of forged key ids must not grow memory without bound
+                self._keys.clear()
         return info
 
     def _identity_key(self, device_id: str, epoch: int) -> SM2PublicKey | None:
@@ -215,10 +241,13 @@ class SecurityGate:
             hit = self._identity_keys.get((device_id, epoch))
         if hit is not None:
             return hit  # identity keys never change; retired ones still verify old records
-        with self._sessions() as session:
-            text = session.scalar(
-                select(DeviceKey.public_key).where(DeviceKey.device_id == device_id, DeviceKey.key_epoch == epoch)
-            )
+        try:
+            with self._sessions() as session:
+                text = session.scalar(
+                    select(DeviceKey.public_key).where(DeviceKey.device_id == device_id, DeviceKey.key_epoch == epoch)
+                )
+        except SQLAlchemyError as exc:
+            raise IngestError(f"cannot look up an identity key: {type(exc).__name__}") from exc
         if text is None:
             return None
         key = SM2PublicKey.from_hex(text)
@@ -231,7 +260,7 @@ class SecurityGate:
     def screen(self, device_id: str, raw: bytes, *, status: bool = False) -> Screened:
         """The plaintext of a message on `device_id`'s uplink (or status) topic, or `SecurityRefusal`."""
         if not is_secure_frame(raw):
-            state = self._device(device_id).state
+            state = self._state(device_id)
             if state is RegistrationState.REVOKED:
                 raise SecurityRefusal("revoked", "device is revoked")
             if state is RegistrationState.ENROLLED:
@@ -250,7 +279,7 @@ class SecurityGate:
             raise SecurityRefusal("unknown_key", "key id unknown to the server")
         if info.device_id != device_id:
             raise SecurityRefusal("other_device", f"key belongs to device {info.device_id}")
-        if info.revoked or self._device(device_id).state is not RegistrationState.ENROLLED:
+        if info.revoked or self._state(device_id) is not RegistrationState.ENROLLED:
             raise SecurityRefusal("revoked", "device or session key revoked")
         try:
             plaintext = open_frame(info.key.key, device_id, raw)
@@ -303,12 +332,13 @@ class SecurityGate:
     def seal_downlink(self, device_id: str, payload: bytes) -> bytes | None:
         """What to publish on `device_id`'s downlink: a frame under its newest valid session key if it is enrolled,
         the plaintext if it is not, None (hold it) if it is enrolled without a valid key, or revoked."""
-        state = self._device(device_id).state
+        snapshot = self._current()
+        state = snapshot.states.get(device_id)
         if state is RegistrationState.REVOKED:
             return None
         if state is not RegistrationState.ENROLLED:
             return payload
-        info = self._newest_key(device_id)
+        info = snapshot.newest.get(device_id)
         now = self._clock.now()
         if info is None or info.revoked or info.key.expired(now):
             return None

@@ -1,6 +1,8 @@
 """Fixtures every test package shares: real infrastructure, never mocks.
 
 * `broker`: a private Mosquitto on a free port for one test (tests may kill and restart it).
+* `secure_broker`: the same with the dynamic-security plugin and no anonymous access; its `admin_username`/
+  `admin_password` administer it, `server_username`/`server_password` are the server's own user.
 * `pg_database` (session): one fresh, uniquely named PostgreSQL database per test session, dropped at the end.
   It comes from `YIBAO_TEST_PG_URL` (scripts/test.sh makes one reachable). Unreachable is a FAILURE with a clear
   message, never a skip.
@@ -26,6 +28,12 @@ DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 @pytest.fixture
 def broker() -> Iterator[MosquittoBroker]:
     with MosquittoBroker() as b:
+        yield b
+
+
+@pytest.fixture
+def secure_broker() -> Iterator[MosquittoBroker]:
+    with MosquittoBroker(dynsec=True) as b:
         yield b
 
 

@@ -3,12 +3,22 @@
 Owns the broker process it starts: a generated config in a temporary directory (loopback listener, persistence so a
 restart keeps queued QoS 1 messages), start-up that waits until the port accepts connections, and a stop that never
 leaves the process behind. It must never touch the machine's own Mosquitto service or its config.
+
+With `dynsec=True` the broker runs Mosquitto's dynamic-security plugin with anonymous access off: the initial
+`dynamic-security.json` (written once per workdir; the plugin keeps its own changes in it across restarts) holds an
+admin user for `$CONTROL/dynamic-security/v1` and the server's own user, whose role lets it subscribe every device's
+`up` (also through the `$share/…` subscription) and `status` and publish every `down`. Device users are created by
+the server (`sync_server.broker_admin`) when devices enrol.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -23,6 +33,14 @@ from types import TracebackType
 from yibao.procs import die_with_parent
 
 logger = logging.getLogger(__name__)
+
+DYNSEC_PLUGIN_PATHS = (
+    "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
+DYNSEC_ITERATIONS = 101
 
 
 class BrokerError(RuntimeError):
@@ -57,6 +75,26 @@ def _says_running(log: Path, offset: int) -> bool:
     return "mosquitto version" in text and " running" in text
 
 
+def find_dynsec_plugin() -> str:
+    for candidate in DYNSEC_PLUGIN_PATHS:
+        if Path(candidate).exists():
+            return candidate
+    raise BrokerError("Mosquitto's dynamic-security plugin is not installed (mosquitto_dynamic_security.so)")
+
+
+def dynsec_client(username: str, password: str, roles: list[str]) -> dict[str, object]:
+    """A dynamic-security client entry as the plugin stores it (PBKDF2-SHA512 of the password, base64)."""
+    salt = secrets.token_bytes(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode("utf-8"), salt, DYNSEC_ITERATIONS)
+    return {
+        "username": username,
+        "password": base64.b64encode(digest).decode("ascii"),
+        "salt": base64.b64encode(salt).decode("ascii"),
+        "iterations": DYNSEC_ITERATIONS,
+        "roles": [{"rolename": r} for r in roles],
+    }
+
+
 def find_mosquitto() -> str:
     for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
         if candidate and os.access(candidate, os.X_OK):
@@ -75,6 +113,14 @@ class MosquittoBroker:
     persistence: bool = True
     max_inflight_messages: int = 1000
     max_queued_messages: int = 100_000
+    dynsec: bool = False
+    """Run the dynamic-security plugin, anonymous access off (see the module docstring)."""
+    topic_prefix: str = "yibao/v1"
+    """Topics the server's user is allowed (dynsec only)."""
+    admin_username: str = "yibao-dynsec-admin"
+    admin_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
+    server_username: str = "yibao-server"
+    server_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _tmp: tempfile.TemporaryDirectory[str] | None = field(default=None, init=False, repr=False)
 
@@ -91,7 +137,7 @@ class MosquittoBroker:
             raise BrokerError("config_text() needs a workdir; call start()")
         lines = [
             f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if self.dynsec else 'true'}",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "autosave_interval 1",
@@ -105,6 +151,11 @@ class MosquittoBroker:
             "log_type information",  # 'mosquitto version … running' is how start() knows the listener is ours
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         ]
+        if self.dynsec:
+            lines += [
+                f"plugin {find_dynsec_plugin()}",
+                f"plugin_opt_config_file {self.workdir / 'dynamic-security.json'}",
+            ]
         if os.geteuid() == 0:
             # Run as the invoking user rather than dropping to 'mosquitto', which could not write our workdir.
             lines.append("user root")
@@ -138,6 +189,8 @@ class MosquittoBroker:
             raise BrokerError("no workdir")
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(self.config_text(), encoding="utf-8")
+        if self.dynsec:
+            self._write_dynsec_config()
         log = self.workdir / "mosquitto.log"
         log_start = log.stat().st_size if log.exists() else 0  # a restart appends to the same log
         self._proc = subprocess.Popen(
@@ -159,6 +212,45 @@ class MosquittoBroker:
         err = self._collect_error(log_start)
         self.stop(keep_workdir=True)
         raise BrokerError(f"mosquitto did not start on {self.host}:{self.port}: {err}")
+
+    def _write_dynsec_config(self) -> None:
+        """The initial dynamic-security.json: the admin and the server's user. Kept if it exists (a restart)."""
+        if self.workdir is None:
+            raise BrokerError("no workdir")
+        path = self.workdir / "dynamic-security.json"
+        if path.exists():
+            return
+        from protocol import Topics
+        from sync_server.broker_admin import server_acls  # the server's own ACL, stated once
+
+        control = "$CONTROL/dynamic-security/#"
+        doc = {
+            "defaultACLAccess": {
+                "publishClientSend": False,
+                "publishClientReceive": True,
+                "subscribe": False,
+                "unsubscribe": True,
+            },
+            "clients": [
+                dynsec_client(self.admin_username, self.admin_password, ["admin"]),
+                dynsec_client(self.server_username, self.server_password, ["yibao-server"]),
+            ],
+            "groups": [],
+            "roles": [
+                {
+                    "rolename": "admin",
+                    "acls": [
+                        {"acltype": "publishClientSend", "topic": control, "allow": True},
+                        {"acltype": "publishClientReceive", "topic": control, "allow": True},
+                        {"acltype": "subscribePattern", "topic": control, "allow": True},
+                    ],
+                },
+                {"rolename": "yibao-server", "acls": server_acls(Topics(prefix=self.topic_prefix))},
+            ],
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(doc, fh, indent=2)
 
     def _collect_error(self, log_start: int = 0) -> str:
         """What Mosquitto said about this start: its stderr and its log since `log_start`, warnings about running

@@ -4,8 +4,8 @@ Owns request validation for commands (the kind's closed argument model, the TTL 
 `device_commands` in state `queued`, then a wake-up of the dispatcher, which publishes it) and the read views. The
 state machine itself lives in `sync_server.commands`.
 
-Authentication: none yet. Operator/admin authentication arrives with the provisioning issue; until then this router
-is as open as the rest of the API and must only be exposed on a trusted network. It must never publish to MQTT itself,
+Authentication: an admin bearer token (the app mounts this router behind `require_admin`); every issued command is
+recorded in the server's audit chain with the admin token's name. It must never publish to MQTT itself,
 never change a command's state after queuing it, and never accept arguments the kind's model refuses.
 """
 
@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from protocol import ContractError, parse_command_args
-from sync_server.api.deps import ClockDep, RuntimeDep, SessionDep, SettingsDep, WriterSessionDep
+from sync_server.api.deps import AdminDep, ClockDep, RuntimeDep, SessionDep, SettingsDep, WriterSessionDep
 from sync_server.api.devices import DeviceIdPath, get_device_or_404
 from sync_server.api.schemas import CommandIn, CommandOut, CommandPage, ErrorOut
 from sync_server.commands import issue_command
@@ -43,6 +43,7 @@ def create_command(
     settings: SettingsDep,
     clock: ClockDep,
     runtime: RuntimeDep,
+    admin: AdminDep,
 ) -> CommandOut:
     """Queue a command for a known device; it is published at once if the server's broker session is up, and again
     when the device comes back online, until it is answered or expires."""
@@ -60,6 +61,9 @@ def create_command(
             session, device_id=device_id, kind=body.kind, args=body.args, ttl_s=body.ttl_s, now=clock.now()
         )
         out = CommandOut.of(row)
+    runtime.audit.record(
+        "command.issued", device_id=device_id, command_id=str(out.command_id), kind=body.kind, admin=admin
+    )
     if runtime.dispatcher is not None:
         runtime.dispatcher.wake()
     return out

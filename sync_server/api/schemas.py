@@ -101,7 +101,7 @@ class DeviceOut(_Out):
     device_id: str
     institution: InstitutionOut | None = Field(description="The institution the device is bound to, if any.")
     registration: RegistrationState = Field(
-        description="'unprovisioned' for auto-registered devices; enrolment comes with device identity."
+        description="unprovisioned (auto-registered by plaintext traffic), registered, enrolled or revoked."
     )
     online: bool = Field(
         description="link_state is online AND the last heartbeat is younger than timeout factor x its interval_s."

@@ -33,8 +33,8 @@ HW = "board-SN-0001"
 
 
 @pytest.fixture
-def settings(sqlite_url: str) -> ServerSettings:
-    s = ServerSettings(database_url=sqlite_url)
+def settings(db_url: str) -> ServerSettings:
+    s = ServerSettings(database_url=db_url)
     create_server_key(s, iterations=1000)
     return s
 
@@ -45,8 +45,8 @@ def now_clock() -> FakeClock:
 
 
 @pytest.fixture
-def client(settings: ServerSettings, sqlite_engine: Engine, now_clock: FakeClock) -> Iterator[httpx.Client]:
-    app = create_app(settings, engine=sqlite_engine, start_ingest=False, clock=now_clock)
+def client(settings: ServerSettings, engine: Engine, now_clock: FakeClock) -> Iterator[httpx.Client]:
+    app = create_app(settings, engine=engine, start_ingest=False, clock=now_clock)
     with serving(app) as c:
         yield c
 
@@ -81,7 +81,7 @@ def events(engine: Engine, device_id: str = DEVICE) -> list[tuple[str, int]]:
         return [(k, c) for k, c in rows]
 
 
-def test_admin_routes_need_a_valid_bearer_token(client: httpx.Client, sqlite_engine: Engine) -> None:
+def test_admin_routes_need_a_valid_bearer_token(client: httpx.Client, engine: Engine) -> None:
     base = str(client.base_url)
     with httpx.Client(base_url=base) as anonymous:
         for method, path in [
@@ -105,11 +105,11 @@ def test_admin_routes_need_a_valid_bearer_token(client: httpx.Client, sqlite_eng
         assert anonymous.get("/healthz").status_code == 200
         assert anonymous.get("/api/v1/server-identity").status_code == 200
         # a token from the database works until it is revoked
-        with session_factory(sqlite_engine, write_intent=True).begin() as session:
+        with session_factory(engine, write_intent=True).begin() as session:
             token = create_admin_token(session, name="ops-alice", now=datetime.now(UTC))
         auth = {"Authorization": f"Bearer {token}"}
         assert anonymous.get("/api/v1/provisioning/devices", headers=auth).status_code == 200
-        with session_factory(sqlite_engine, write_intent=True).begin() as session:
+        with session_factory(engine, write_intent=True).begin() as session:
             row = session.scalar(select(AdminToken).where(AdminToken.sha256 == token_digest(token)))
             assert row is not None
             assert row.name == "ops-alice"
@@ -118,7 +118,7 @@ def test_admin_routes_need_a_valid_bearer_token(client: httpx.Client, sqlite_eng
 
 
 def test_register_enrol_and_the_signed_bundle(
-    client: httpx.Client, sqlite_engine: Engine, now_clock: FakeClock, settings: ServerSettings
+    client: httpx.Client, engine: Engine, now_clock: FakeClock, settings: ServerSettings
 ) -> None:
     claim = register(client, hardware_id=HW)
     assert claim["state"] == "registered"
@@ -158,13 +158,13 @@ def test_register_enrol_and_the_signed_bundle(
     assert again.json() == {"detail": "claim token invalid, expired or already used"}
     forged = enrol(client, {**claim, "claim_token": "A" * 43}, key, now_clock)
     assert forged.json() == {"detail": "claim token invalid, expired or already used"}
-    assert events(sqlite_engine) == [("enrol_refused", 1), ("enrol_refused", 1)]
-    with session_factory(sqlite_engine).begin() as session:
+    assert events(engine) == [("enrol_refused", 1), ("enrol_refused", 1)]
+    with session_factory(engine).begin() as session:
         stored = session.scalars(select(ClaimToken.sha256)).all()
     assert claim["claim_token"] not in stored  # only the digest
 
 
-def test_enrol_refusals(client: httpx.Client, sqlite_engine: Engine, now_clock: FakeClock) -> None:
+def test_enrol_refusals(client: httpx.Client, engine: Engine, now_clock: FakeClock) -> None:
     claim = register(client)
     # expired
     now_clock.advance(86400 + 1)
@@ -190,7 +190,7 @@ def test_enrol_refusals(client: httpx.Client, sqlite_engine: Engine, now_clock: 
     # bound to other hardware at registration
     claim3 = register(client, "kiosk-702", hardware_id="board-SN-0003")
     assert enrol(client, claim3, SM2PrivateKey.generate(), now_clock, hw="board-SN-0009").status_code == 409
-    kinds = [k for k, _ in events(sqlite_engine)]
+    kinds = [k for k, _ in events(engine)]
     assert kinds == ["enrol_refused", "enrol_refused"]
 
 
@@ -203,7 +203,7 @@ def handshake(
 
 
 def test_sessions_rotation_reset_and_revoke(
-    client: httpx.Client, sqlite_engine: Engine, now_clock: FakeClock, settings: ServerSettings
+    client: httpx.Client, engine: Engine, now_clock: FakeClock, settings: ServerSettings
 ) -> None:
     # not enrolled yet: 403, recorded
     key = SM2PrivateKey.generate()
@@ -218,7 +218,7 @@ def test_sessions_rotation_reset_and_revoke(
     session_key = accept_grant(grant, request, ephemeral, device_key=key.public_key, server_key=server_key(client))
     # the server stored the same key, sealed
     identity = ServerIdentity(settings)
-    with session_factory(sqlite_engine).begin() as session:
+    with session_factory(engine).begin() as session:
         row = session.get(DeviceSession, grant.key_id)
         assert row is not None
         assert session_key.key not in row.sealed_key
@@ -252,7 +252,7 @@ def test_sessions_rotation_reset_and_revoke(
     body = resp.json()
     assert (body["state"], body["broker"]) == ("revoked", "not managed")
     assert handshake(client, new_key, now_clock, epoch=2)[0].status_code == 403
-    with session_factory(sqlite_engine).begin() as session:
+    with session_factory(engine).begin() as session:
         assert all(r.revoked_at is not None for r in session.scalars(select(DeviceSession)))
 
     # reset: registered again, new claim, keys retired; re-enrolment gets the next epoch
@@ -261,10 +261,10 @@ def test_sessions_rotation_reset_and_revoke(
     assert enrol(client, claim, SM2PrivateKey.generate(), now_clock).status_code == 200
     shown = client.get(f"/api/v1/provisioning/devices/{DEVICE}").json()
     assert (shown["state"], shown["key_epoch"]) == ("enrolled", 3)
-    with session_factory(sqlite_engine).begin() as session:
+    with session_factory(engine).begin() as session:
         epochs = [(k.key_epoch, k.retired_at is not None) for k in session.scalars(select(DeviceKey))]
     assert sorted(epochs) == [(1, True), (2, True), (3, False)]
-    assert [k for k, _ in events(sqlite_engine)] == [
+    assert [k for k, _ in events(engine)] == [
         "not_enrolled",
         "nonce_reused",
         "bad_signature",

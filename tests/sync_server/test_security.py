@@ -5,7 +5,6 @@ was stored before stays untouched; downlinks to an enrolled device are sealed wi
 from __future__ import annotations
 
 import os
-import queue
 import secrets
 import uuid
 from collections.abc import Iterator
@@ -14,9 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-import paho.mqtt.client as mqtt
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import Engine, select
 
 from protocol import Envelope, PayloadType, SignedRecordKind, Topics, UplinkAck, decode_downlink
@@ -39,6 +36,7 @@ from sync_server.db.engine import session_factory
 from sync_server.db.models import Event, SecurityEvent
 from sync_server.identity import create_server_key
 from sync_server.settings import ServerSettings
+from tests.mqtt_probe import Probe
 from tests.sync_server.conftest import BOOT, FakeClock, Publisher, audit, serving, wait_until
 from yibao.broker import MosquittoBroker
 
@@ -94,25 +92,6 @@ def frame(dev: Enrolled, envelope: Envelope, clock: FakeClock, *, counter: int |
     )
 
 
-class Downlinks:
-    """Subscribes to a device's downlink topic and keeps what arrives."""
-
-    def __init__(self, broker: MosquittoBroker, device_id: str) -> None:
-        self.messages: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"down-{secrets.token_hex(4)}", protocol=MQTTProtocolVersion.MQTTv5
-        )
-        self.client.on_message = lambda _c, _u, m: self.messages.put(bytes(m.payload))
-        self.client.connect(broker.host, broker.port)
-        self.client.loop_start()
-        info = self.client.subscribe(TOPICS.downlink(device_id), qos=1)
-        assert info[0] == mqtt.MQTT_ERR_SUCCESS
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 @pytest.fixture
 def stack(
     broker: MosquittoBroker, sqlite_engine: Engine, sqlite_url: str, publisher: Publisher
@@ -166,7 +145,9 @@ def test_frames_are_accepted_and_every_attack_is_refused_and_recorded(
     client, clock = stack
     a = enrol_with_session(client, clock, A)
     b = enrol_with_session(client, clock, B)
-    downlinks = Downlinks(broker, A)
+    downlinks = Probe(broker.host, broker.port)
+    assert downlinks.wait_connected() == "Success"
+    assert downlinks.subscribe(TOPICS.downlink(A)) == "Granted QoS 1"
     try:
         # a valid frame is stored, and the uplink_ack comes back sealed under A's session key
         first = env(A, 1)
@@ -176,7 +157,7 @@ def test_frames_are_accepted_and_every_attack_is_refused_and_recorded(
         settle(client, 2)
         before = stored(sqlite_engine)
         assert [(d, s) for d, s, _ in before] == [(A, 1)]
-        raw_ack = downlinks.messages.get(timeout=10)
+        _, raw_ack = downlinks.messages.get(timeout=10)
         header = parse_frame(raw_ack)
         assert (header.direction, header.key_id) == (Direction.DOWNLINK, a.session.key_id)
         ack = decode_downlink(open_frame(a.session.key, A, raw_ack))
@@ -266,3 +247,25 @@ def test_refusals_reach_the_audit_chain(
     types = [line.split('"type":"')[1].split('"')[0] for line in lines]
     assert types == ["device.registered", "device.enrolled", "security.refused"]
     assert "claim_token" not in (audit_dir / "server-audit.jsonl").read_text()
+
+
+def test_required_uplink_security_refuses_plaintext_from_anyone(
+    broker: MosquittoBroker, sqlite_engine: Engine, sqlite_url: str, publisher: Publisher
+) -> None:
+    settings = ServerSettings(
+        database_url=sqlite_url,
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        mqtt_client_id=f"test-ingest-{secrets.token_hex(4)}",
+        ingest_flush_interval_s=0.02,
+        uplink_security="required",
+    )
+    app = create_app(settings, engine=sqlite_engine)
+    with serving(app) as client:
+        wait_until(lambda: client.get("/healthz").json()["mqtt"] == "connected", what="ingest connected")
+        publisher.publish(TOPICS.uplink("kiosk-803"), env("kiosk-803", 1).to_bytes())
+        final = settle(client, 1)
+        assert final["security_refused"] == 1
+        assert client.get("/api/v1/devices/kiosk-803").status_code == 404  # not even auto-registered
+    assert stored(sqlite_engine) == []
+    assert security_events(sqlite_engine) == [("kiosk-803", "plaintext_refused", 1)]
