@@ -172,6 +172,13 @@ class ConfigBundle(_Msg):
     mqtt: BundleMqtt
     session: BundleSession
     institution_id: str | None = Field(default=None, max_length=64)
+    seq_floor: int = Field(
+        default=0,
+        ge=0,
+        description="The highest record seq the server had stored for this device id when the bundle was issued: a "
+        "re-enrolled terminal (new or wiped outbox) numbers its records above it, so they cannot collide with, and "
+        "be mistaken for, records the server already holds.",
+    )
 
 
 class SignedBundle(_Msg):

@@ -373,6 +373,7 @@ def make_bundle(
     institution_code: str | None,
     server_url: str,
     now: datetime,
+    seq_floor: int = 0,
 ) -> SignedBundle:
     bundle = ConfigBundle(
         device_id=device.device_id,
@@ -391,6 +392,7 @@ def make_bundle(
         ),
         session=BundleSession(lifetime_s=settings.session_lifetime_s, rotate_after_s=settings.session_rotate_after_s),
         institution_id=institution_code,
+        seq_floor=seq_floor,
     )
     return sign_bundle(server_key, bundle)
 

@@ -794,6 +794,31 @@ class Outbox:
             )
         return int(row[0])
 
+    def ensure_seq_above(self, floor: int) -> bool:
+        """Make the next record's seq exceed `floor`: the highest seq the server held for this device id when it
+        enrolled it (`ConfigBundle.seq_floor`). A re-enrolled terminal with a new or wiped outbox would otherwise
+        number records from 1 again, and the server, already holding 1..floor from the earlier life, would take
+        them for records it has and acknowledge them: lost. True when the sequence was moved."""
+        query = (
+            "SELECT max(COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'outbox'), 0),"
+            " COALESCE((SELECT max(seq) FROM outbox), 0))"
+        )
+        with self._lock, self._translated("raise the sequence floor"), self._transaction() as tx:
+            current = int(tx.execute(query).fetchone()[0])
+            if current >= floor:
+                return False
+            colliding = int(tx.execute("SELECT count(*) FROM outbox WHERE status != 'acked'").fetchone()[0])
+            if not tx.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (floor,)).rowcount:
+                tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (floor,))
+        if colliding:
+            logger.error(
+                "outbox: %d undelivered record(s) carry seqs the server already holds for this device; they will be "
+                "refused as conflicts",
+                colliding,
+            )
+        logger.warning("outbox: sequence moved from %d to %d (the server's floor for this device id)", current, floor)
+        return True
+
     def requeue_unacked(self) -> int:
         """SENT rows without a server ack for `server_ack_timeout_s` go back to PENDING (attempts+1), due at once.
 

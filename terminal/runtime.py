@@ -179,6 +179,8 @@ def build_runtime(
     started = clock.monotonic()
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
     try:
+        if security is not None:
+            outbox.ensure_seq_above(security.identity.bundle.seq_floor)
         topics = Topics(prefix=config.mqtt.topic_prefix)
         facts = TerminalFacts(software_version=config.software_version, config_version=config.config_version)
         log = security.log if security is not None else None

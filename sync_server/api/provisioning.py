@@ -26,7 +26,7 @@ from sync_server.api.deps import AdminDep, ClockDep, RuntimeDep, SessionDep, req
 from sync_server.api.devices import DEVICE_ID_PATTERN, DeviceIdPath
 from sync_server.api.schemas import ErrorOut
 from sync_server.broker_admin import BrokerAdminError
-from sync_server.db.models import Device, DeviceKey, RegistrationState
+from sync_server.db.models import Device, DeviceKey, Event, RegistrationState
 from sync_server.identity import new_broker_password
 from sync_server.provisioning import (
     Claim,
@@ -158,6 +158,7 @@ def _enrol_response(
         institution_code=code,
         server_url=server_url,
         now=runtime.clock.now(),
+        seq_floor=session.scalar(select(func.max(Event.seq)).where(Event.device_id == device.device_id)) or 0,
     )
     return EnrolResponse(bundle=bundle, broker_password=password)
 

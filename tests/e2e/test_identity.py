@@ -269,3 +269,49 @@ def test_an_enrolled_fleet_is_stored_through_the_real_server(
     finally:
         fleet.stop()
         http.close()
+
+
+@pytest.mark.parametrize("server", ["sqlite"], indirect=True)
+def test_a_reenrolled_terminal_with_a_new_outbox_numbers_above_what_the_server_holds(
+    server: ServerProcess, tmp_path: Path
+) -> None:
+    """A board replaced with a blank disk: after an admin reset and a new enrolment its records must not reuse seqs
+    the server already stored under this device id (they would be taken for those and acknowledged: lost)."""
+    admin = ["--server", server.base_url, "--token", server.admin_token, "--json"]
+    device = "KS-0200"
+    env = {**os.environ, "YIBAO_DEVICE_KEY_PASSPHRASE": PASSPHRASE}
+    http = httpx.Client(base_url=server.base_url, headers=server.admin_headers, timeout=10)
+
+    def one_life(home: Path, enrol_code: str, records: int, *extra: str) -> int:
+        config_path = home / "terminal.toml"
+        home.mkdir(parents=True)
+        config_path.write_text("schema_version = 1\n[heartbeat]\ninterval_s = 60\n", encoding="utf-8")
+        code, enrolled = cli("provision", "enrol", enrol_code, "--identity-dir", str(home / "identity"), *extra)
+        assert code == 0, enrolled
+        before = events_total(http, device, "audit_event")
+        terminal = spawn(
+            yibao_argv("terminal", "run", "--simulated", "--config", str(config_path), "--emit", str(records)),
+            env=env,
+            log_path=home / "terminal.log",
+        )
+        try:
+            want = before + records + 1  # and its 'terminal.started' event
+            assert wait_until(lambda: events_total(http, device, "audit_event") >= want, 60), (
+                home / "terminal.log"
+            ).read_text()[-3000:]
+        finally:
+            stop(terminal, name="terminal")
+        return events_total(http, device, "audit_event")
+
+    try:
+        code, claim = cli("provision", "register", device, *admin)
+        assert code == 0, claim
+        first = one_life(tmp_path / "life-1", str(claim["enrol_code"]), 20, "--json")
+        code, reclaim = cli("provision", "reset", device, "--reason", "board replaced, blank disk", *admin)
+        assert code == 0, reclaim
+        second = one_life(tmp_path / "life-2", str(reclaim["enrol_code"]), 15, "--json")
+        assert second == first + 16, "every record of the new life is stored, none mistaken for an old one"
+        stats = http.get("/api/v1/ingest/stats").json()["ingest"]
+        assert stats["conflicts"] == 0
+    finally:
+        http.close()

@@ -706,3 +706,15 @@ def test_a_full_disk_refuses_new_records_but_the_reserve_keeps_delivery_going(tm
         later = outbox.enqueue(event(100_001))
         assert later.seq > delivered[-1].seq
         assert outbox.integrity_check() == ["ok"]
+
+
+def test_the_sequence_floor_moves_a_new_outbox_above_what_the_server_holds(tmp_path: Path, clock: FakeClock) -> None:
+    path = tmp_path / "outbox.sqlite3"
+    with open_outbox(path, clock) as outbox:
+        assert outbox.ensure_seq_above(500) is True
+        assert outbox.enqueue(event(1)).seq == 501
+        assert outbox.ensure_seq_above(100) is False, "never moves backwards"
+    with open_outbox(path, clock) as reopened:
+        assert reopened.ensure_seq_above(500) is False, "the floor is durable"
+        assert reopened.enqueue(event(2)).seq == 502
+        assert reopened.integrity_check() == ["ok"]
