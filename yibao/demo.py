@@ -4,10 +4,18 @@ Starts a private Mosquitto on a free port, the sync server on SQLite (or a datab
 simulated terminal, each a child process bound to our lifetime; prints where to look; on Ctrl-C stops the terminal
 (which publishes 'offline'), then the server, then the broker, and checks that nothing is left running.
 
+The terminal runs the real secure path, set up exactly as a device admin does it, through the real CLI in child
+processes (docs/identity.md): `yibao provision register` with the server's bootstrap admin token prints an enrol
+code; `yibao provision enrol` (device side, its own identity directory, a passphrase generated for this run and
+handed over in the child's environment only) makes the SM2 key, enrols, checks the server-signed bundle and writes
+the terminal config; `yibao terminal run` then seals every MQTT payload (SM4-GCM session frames).
+
 `--smoke` runs the same stack unattended: the terminal pushes N records through its outbox, and the demo checks
 through the server's public API that every one was stored exactly once, then waits until the terminal itself reports
 (a heartbeat composed after the records, with `outbox_depth` 0) that the server acknowledged everything, and prints
-one JSON line of figures.
+one JSON line of figures, among them `enrolled` (the server's provisioning record of the device says 'enrolled', with
+the key fingerprint the device reported) and `encrypted` (a wire observer on the broker saw only sealed frames for
+the device, and the server refused no message on security grounds).
 This module orchestrates processes only; it must never reach into the terminal's or the server's storage.
 """
 
@@ -16,6 +24,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import secrets
 import signal
 import subprocess
 import tempfile
@@ -28,8 +38,13 @@ from types import FrameType
 from typing import Any
 
 import httpx
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy.engine import make_url
 
+from protocol.secure import is_secure_frame
+from provisioning.client import EXIT_REFUSED
+from terminal.identity import PASSPHRASE_ENV
 from yibao.broker import MosquittoBroker
 from yibao.procs import is_alive, spawn, stop, yibao_argv
 from yibao.server_proc import ServerStartError, start_server_process
@@ -40,10 +55,60 @@ DEMO_DEVICE_ID = "SIM-0001"
 DEMO_ACTION = "demo.record"
 SMOKE_HEARTBEAT_S = 1.0
 """Heartbeat interval in smoke mode: the ack check reads the terminal's outbox depth from its heartbeats."""
+PROVISION_TIMEOUT_S = 60.0
 
 
 class DemoError(RuntimeError):
     """A part of the stack did not come up, died, or the smoke check failed."""
+
+
+class _ProvisionError(DemoError):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WireObserver:
+    """Subscribes to everything on the broker and classifies the demo device's payloads: sealed frame or not.
+
+    An onlooker on the broker, as an attacker with broker access would be; it never publishes."""
+
+    def __init__(self, host: str, port: int, device_id: str) -> None:
+        self._marker = f"/dev/{device_id}/"
+        self._lock = threading.Lock()
+        self.sealed = 0
+        self.plaintext = 0
+        self._subscribed = threading.Event()
+        self._client = mqtt.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            client_id=f"yibao-demo-observer-{secrets.token_hex(4)}",
+        )
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = lambda *_: self._subscribed.set()
+        self._client.connect(host, port)
+        self._client.subscribe("#", qos=0)
+        self._client.loop_start()
+        if not self._subscribed.wait(10):
+            self.close()
+            raise DemoError("the wire observer could not subscribe on the broker")
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        if self._marker not in message.topic or not message.payload:
+            return
+        with self._lock:
+            if is_secure_frame(bytes(message.payload)):
+                self.sealed += 1
+            else:
+                self.plaintext += 1
+
+    def counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.sealed, self.plaintext
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
 
 
 @dataclass
@@ -72,6 +137,12 @@ class DemoStack:
     pids: list[int] = field(default_factory=list)
     admin_token: str = ""
     """The server's bootstrap admin token, for the admin API (set when the server starts)."""
+    passphrase: str = field(default_factory=lambda: secrets.token_urlsafe(24), repr=False)
+    """This run's device key passphrase; it only ever travels in the environment of the device-side children."""
+    enrolment: dict[str, Any] = field(default_factory=dict)
+    """`yibao provision enrol --json` output: device id, key epoch, device and server key fingerprints."""
+    device_env: dict[str, str] = field(default_factory=dict, repr=False)
+    observer: WireObserver | None = None
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -83,14 +154,12 @@ class DemoStack:
         return {"Authorization": f"Bearer {self.admin_token}"}
 
     def terminal_config(self) -> str:
+        """The device's local tuning only; `provision enrol` adds what the server's signed bundle decides (device id,
+        config version, broker address and user name) and the `[identity]` table."""
         o = self.options
         return (
             "schema_version = 1\n"
-            'config_version = "demo-1"\n'
-            f'device_id = "{o.device_id}"\n'
             "\n[mqtt]\n"
-            f'host = "{self.broker.host}"\n'
-            f"port = {self.broker.port}\n"
             "keepalive_s = 10\n"
             "\n[outbox]\n"
             f'path = "{self.workdir / "terminal" / "outbox.sqlite3"}"\n'
@@ -115,15 +184,103 @@ class DemoStack:
         self.server, self.http_port, self.admin_token = server.proc, server.port, server.admin_token
         self.pids.append(server.proc.pid)
 
-    def start_terminal(self) -> None:
+    def _provision(self, *args: str, env: dict[str, str], step: str) -> dict[str, Any]:
+        """Run one `yibao provision ... --json` child; its progress (stderr) goes to provision.log, its JSON back."""
+        argv = yibao_argv("provision", *args, "--json")
+        try:
+            done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=PROVISION_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            raise DemoError(f"`yibao provision {step}` did not finish in {PROVISION_TIMEOUT_S:.0f} s") from exc
+        with (self.workdir / "provision.log").open("a", encoding="utf-8") as log:
+            log.write(f"$ yibao provision {step} (exit {done.returncode})\n{done.stderr}")
+        lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode != 0 or not lines:
+            raise _ProvisionError(
+                done.returncode,
+                f"`yibao provision {step}` failed ({done.returncode}); see {self.workdir}/provision.log",
+            )
+        body: dict[str, Any] = json.loads(lines[-1])
+        return body
+
+    def enrol(self) -> None:
+        """Register the demo device with the admin token, then enrol it on the device side, each through the CLI."""
+        device_id = self.options.device_id
+        admin_env = {k: v for k, v in os.environ.items() if k != PASSPHRASE_ENV}
+        admin_env["YIBAO_ADMIN_TOKEN"] = self.admin_token  # not on the command line, where `ps` would show it
+        admin = ["--server", self.base_url]
+        try:
+            claim = self._provision("register", device_id, *admin, env=admin_env, step="register")
+        except _ProvisionError as exc:
+            if exc.code != EXIT_REFUSED:
+                raise
+            # A database kept from an earlier run already knows the device: an admin reset issues a new code.
+            claim = self._provision(
+                "reset", device_id, "--reason", "demo restarted", *admin, env=admin_env, step="reset"
+            )
         (self.workdir / "terminal").mkdir(parents=True, exist_ok=True)
         config = self.workdir / "terminal" / "terminal.toml"
         config.write_text(self.terminal_config(), encoding="utf-8")
+        device_env = {k: v for k, v in os.environ.items() if k != "YIBAO_ADMIN_TOKEN"}
+        device_env[PASSPHRASE_ENV] = self.passphrase
+        self.enrolment = self._provision(
+            "enrol",
+            str(claim["enrol_code"]),
+            "--identity-dir",
+            str(self.identity_dir),
+            "--config",
+            str(config),
+            "--force",  # an identity left in a kept workdir belongs to an earlier run's (now reset) enrolment
+            env=device_env,
+            step="enrol",
+        )
+        self.device_env = device_env
+
+    @property
+    def identity_dir(self) -> Path:
+        return self.workdir / "terminal" / "identity"
+
+    def start_terminal(self) -> None:
+        self.enrol()
+        config = self.workdir / "terminal" / "terminal.toml"
         argv = ["terminal", "run", "--config", str(config), "--simulated"]
         if self.options.records:
             argv += ["--emit", str(self.options.records)]
-        self.terminal = spawn(yibao_argv(*argv), log_path=self.workdir / "terminal.log")
+        self.terminal = spawn(yibao_argv(*argv), log_path=self.workdir / "terminal.log", env=self.device_env)
         self.pids.append(self.terminal.pid)
+
+    def provisioning_record(self) -> dict[str, Any]:
+        """What the server's provisioning API says about the demo device (state, key epoch, key fingerprint)."""
+        with httpx.Client(base_url=self.base_url, timeout=5.0, headers=self.admin_headers) as http:
+            resp = http.get(f"/api/v1/provisioning/devices/{self.options.device_id}")
+            resp.raise_for_status()
+            body: dict[str, Any] = resp.json()
+            return body
+
+    def security_refused(self) -> int:
+        """Messages the server's ingest refused on security grounds (forged, tampered, replayed, plaintext, ...)."""
+        with httpx.Client(base_url=self.base_url, timeout=5.0, headers=self.admin_headers) as http:
+            resp = http.get("/api/v1/ingest/stats")
+            resp.raise_for_status()
+            return int(resp.json()["ingest"]["security_refused"])
+
+    def security_state(self) -> dict[str, Any]:
+        """`enrolled`: the server's provisioning record says 'enrolled' and holds the key the device made;
+        `encrypted`: enrolled, the wire observer saw sealed frames for the device and no plaintext, and the server
+        refused no message on security grounds (forged, tampered, replayed, plaintext downgrade)."""
+        record = self.provisioning_record()
+        fingerprint = self.enrolment.get("device_fingerprint")
+        enrolled = record.get("state") == "enrolled" and bool(fingerprint) and record.get("fingerprint") == fingerprint
+        refused = self.security_refused()
+        sealed, plaintext = self.observer.counts() if self.observer is not None else (0, 0)
+        return {
+            "enrolled": enrolled,
+            "key_epoch": record.get("key_epoch"),
+            "key_fingerprint": record.get("fingerprint"),
+            "sealed_frames_seen": sealed,
+            "plaintext_seen": plaintext,
+            "security_refused": refused,
+            "encrypted": enrolled and refused == 0 and sealed > 0 and plaintext == 0,
+        }
 
     def device(self) -> dict[str, Any] | None:
         with httpx.Client(base_url=self.base_url, timeout=5.0, headers=self.admin_headers) as http:
@@ -159,6 +316,8 @@ class DemoStack:
             stop(self.terminal, name="terminal")
         if self.server is not None:
             stop(self.server, name="server")
+        if self.observer is not None:
+            self.observer.close()
         broker_pid = self.broker.pid
         self.broker.stop(keep_workdir=True)
         pids = [*self.pids, *([broker_pid] if broker_pid else [])]
@@ -188,6 +347,7 @@ def start_stack(options: DemoOptions) -> DemoStack:
     )
     try:
         broker.start()
+        stack.observer = WireObserver(broker.host, broker.port, options.device_id)
         stack.start_server()
         stack.start_terminal()
     except BaseException:
@@ -285,6 +445,13 @@ def run_smoke(options: DemoOptions) -> dict[str, Any]:
             time.sleep(0.2)
         result["server_acked"] = acked
         result["ack_wait_s"] = round(time.monotonic() - t_ack, 3)
+        security = stack.security_state()
+        result["enrolled"] = security["enrolled"]
+        result["encrypted"] = security["encrypted"]
+        result["key_fingerprint"] = security["key_fingerprint"]
+        result["sealed_frames_seen"] = security["sealed_frames_seen"]
+        result["plaintext_seen"] = security["plaintext_seen"]
+        result["security_refused"] = security["security_refused"]
     finally:
         t_down = time.monotonic()
         leftovers = stack.close()
@@ -296,6 +463,8 @@ def run_smoke(options: DemoOptions) -> dict[str, Any]:
         and result.get("duplicates") == 0
         and result.get("lost") == 0
         and result.get("server_acked") is True
+        and result.get("enrolled") is True
+        and result.get("encrypted") is True
         and result["leftover_processes"] == 0
     )
     return result
@@ -315,8 +484,22 @@ def run_interactive(options: DemoOptions, echo: Any) -> int:
         echo(f"Broker     mqtt://{stack.broker.host}:{stack.broker.port}")
         echo(f"Server     {stack.base_url}/   (API: {stack.base_url}/api/v1/devices, docs: {stack.base_url}/docs)")
         echo(f"Database   {redacted(stack.database_url)}")
-        echo(f"Logs       {stack.workdir}/server.log, {stack.workdir}/terminal.log")
+        echo(f"Logs       {stack.workdir}/server.log, {stack.workdir}/terminal.log, {stack.workdir}/provision.log")
+        e = stack.enrolment
+        echo(
+            f"Device     {options.device_id} registered and enrolled through `yibao provision` (key epoch "
+            f"{e.get('key_epoch')}, device key fingerprint {e.get('device_fingerprint')}, server key "
+            f"{e.get('server_fingerprint')} pinned); identity in {stack.identity_dir}"
+        )
         took = stack.wait_online(True, interrupted=stopping)
+        security = stack.security_state()
+        if not (security["enrolled"] and security["encrypted"]):
+            raise DemoError(f"the terminal is online but not on the secure path: {security}")
+        echo(
+            f"Security   traffic encrypted (SM4-GCM): the server has the device as enrolled, "
+            f"{security['sealed_frames_seen']} sealed frames and no plaintext seen on the broker, "
+            f"{security['security_refused']} security refusals"
+        )
         echo(f"Terminal   {options.device_id} is online ({took:.1f} s). Open {stack.base_url}/ in a browser.")
         echo("Press Ctrl-C to stop everything.")
         while not stopping.wait(0.5):

@@ -1,4 +1,5 @@
-"""The whole stack as a newcomer runs it: real Mosquitto, the real server process, a simulated terminal process."""
+"""The whole stack as a newcomer runs it: real Mosquitto, the real server process, a simulated terminal process
+that the demo registers and enrols through the real `yibao provision` CLI and that then sends only sealed frames."""
 
 from __future__ import annotations
 
@@ -7,12 +8,17 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
+from paho.mqtt.client import Client
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy.engine import make_url
 
+from protocol.secure import is_secure_frame
 from yibao.demo import DemoOptions, start_stack
 from yibao.procs import is_alive
 
@@ -44,6 +50,16 @@ def test_smoke_on_sqlite_stores_every_record_exactly_once(yibao_cmd: list[str]) 
     assert result["lost"] == 0
     assert result["seq_contiguous"] is True
     assert result["server_acked"] is True, "the terminal reported every record acknowledged by the server"
+    # the secure path: the server has the device enrolled with the key it made, and nothing went over the wire in
+    # plaintext (the demo's broker observer saw every record and heartbeat sealed), and nothing was refused
+    assert result["enrolled"] is True
+    assert result["encrypted"] is True
+    assert isinstance(result["key_fingerprint"], str)
+    assert len(result["key_fingerprint"]) >= 16
+    assert result["plaintext_seen"] == 0
+    assert isinstance(result["sealed_frames_seen"], int)
+    assert result["sealed_frames_seen"] > 0
+    assert result["security_refused"] == 0
     assert result["leftover_processes"] == 0
     assert result["ok"] is True
 
@@ -56,6 +72,7 @@ def test_smoke_on_postgresql_stores_every_record_exactly_once(yibao_cmd: list[st
     )
     assert (result["sent"], result["stored"], result["duplicates"], result["lost"]) == (1000, 1000, 0, 0)
     assert result["server_acked"] is True
+    assert (result["enrolled"], result["encrypted"], result["plaintext_seen"]) == (True, True, 0)
     assert result["leftover_processes"] == 0
 
 
@@ -92,6 +109,9 @@ def test_interactive_demo_prints_the_address_and_ctrl_c_leaves_nothing_running(y
     assert "Press Ctrl-C" in out, out
     assert "http://127.0.0.1:" in out
     assert "SIM-0001 is online" in out
+    assert "SIM-0001 registered and enrolled" in out
+    assert "device key fingerprint" in out
+    assert "traffic encrypted (SM4-GCM)" in out
     children = _children_of(proc.pid)
     assert len(children) == 3, f"expected broker, server and terminal, got {children}"
     proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
@@ -101,14 +121,37 @@ def test_interactive_demo_prints_the_address_and_ctrl_c_leaves_nothing_running(y
     assert not [pid for pid in children if is_alive(pid)]
 
 
+def _sniff(host: str, port: int, seen: list[tuple[str, bytes]]) -> Client:
+    """Our own onlooker on the demo's broker, independent of the demo's."""
+    sniffer = Client(callback_api_version=CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    subscribed = threading.Event()
+    sniffer.on_message = lambda c, u, m: seen.append((m.topic, bytes(m.payload)))
+    sniffer.on_subscribe = lambda *a: subscribed.set()
+    sniffer.connect(host, port)
+    sniffer.subscribe("#", qos=0)
+    sniffer.loop_start()
+    assert subscribed.wait(10)
+    return sniffer
+
+
 @pytest.mark.browser
-def test_web_page_shows_the_simulated_terminal_online_in_chromium(tmp_path: Path) -> None:
+def test_demo_device_is_enrolled_sends_only_sealed_frames_and_shows_online_in_chromium(tmp_path: Path) -> None:
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian package 'chromium' is required (scripts/setup.sh --dev installs it)"
-    stack = start_stack(DemoOptions(workdir=tmp_path / "demo"))
+    workdir = tmp_path / "demo"
+    stack = start_stack(DemoOptions(workdir=workdir, heartbeat_interval_s=0.5))
+    seen: list[tuple[str, bytes]] = []
+    sniffer = _sniff(stack.broker.host, stack.broker.port, seen)
     try:
         stack.wait_online(True)
-        shot = tmp_path / "devices.png"
+        deadline = time.monotonic() + 30
+        while len(seen) < 4 and time.monotonic() < deadline:  # heartbeats every 0.5 s
+            time.sleep(0.1)
+        with httpx.Client(base_url=stack.base_url, headers=stack.admin_headers, timeout=10) as http:
+            device = http.get("/api/v1/devices/SIM-0001").json()
+            provisioned = http.get("/api/v1/provisioning/devices/SIM-0001").json()
+            refused = http.get("/api/v1/ingest/stats").json()["ingest"]["security_refused"]
+        shots = {name: tmp_path / f"{name}.png" for name in ("devices", "device")}
         base = [
             chromium,
             "--headless",
@@ -126,12 +169,35 @@ def test_web_page_shows_the_simulated_terminal_online_in_chromium(tmp_path: Path
         dom = subprocess.run(
             [*base, "--dump-dom", f"{stack.base_url}/"], capture_output=True, text=True, timeout=60, env=env, check=True
         ).stdout
-        subprocess.run(
-            [*base, f"--screenshot={shot}", f"{stack.base_url}/"], capture_output=True, timeout=60, env=env, check=True
-        )
+        for name, url in (("devices", f"{stack.base_url}/"), ("device", f"{stack.base_url}/devices/SIM-0001")):
+            subprocess.run(
+                [*base, f"--screenshot={shots[name]}", url], capture_output=True, timeout=60, env=env, check=True
+            )
+        passphrase = stack.passphrase.encode()
+        files_with_passphrase = [f for f in workdir.rglob("*") if f.is_file() and passphrase in f.read_bytes()]
+        enrolment = dict(stack.enrolment)
     finally:
+        sniffer.disconnect()
+        sniffer.loop_stop()
         assert stack.close() == []
+    # the server knows the device as enrolled, with the identity key the device generated
+    assert device["registration"] == "enrolled"
+    assert device["online"] is True
+    assert provisioned["state"] == "enrolled"
+    assert provisioned["key_epoch"] == 1
+    assert provisioned["fingerprint"] == enrolment["device_fingerprint"]
+    assert refused == 0
+    # on the wire: the device's status and uplinks, and the server's downlinks, are all SM4-GCM frames
+    device_traffic = [payload for topic, payload in seen if "/dev/SIM-0001/" in topic and payload]
+    assert len(device_traffic) >= 4, seen
+    assert all(is_secure_frame(payload) for payload in device_traffic), [p[:40] for p in device_traffic]
+    # the device side as `provision enrol` left it: a private identity directory, the passphrase in no file
+    identity = workdir / "terminal" / "identity"
+    assert identity.stat().st_mode & 0o777 == 0o700
+    assert (identity / "device_key.json").stat().st_mode & 0o777 == 0o600
+    assert files_with_passphrase == []
+    # and the web pages still show it online
     assert 'data-device-id="SIM-0001"' in dom
     assert 'data-online="true"' in dom
     assert "在线" in dom
-    assert shot.stat().st_size > 10_000
+    assert all(shot.stat().st_size > 10_000 for shot in shots.values())
