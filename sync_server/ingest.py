@@ -204,13 +204,16 @@ class IngestWorker:
         statuses: bool = True,
     ) -> None:
         self._settings = settings
-        self._security = security
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        # Message security is never off: a worker built without a shared gate gets one of its own.
+        self._security: SecurityGate | None = (
+            security if security is not None else SecurityGate.for_settings(settings, engine, clock=self._clock)
+        )
         if not (uplinks or statuses):
             raise ValueError("an ingest worker subscribes to uplinks, statuses or both")
         self._subscribe_uplinks = uplinks
         self._subscribe_statuses = statuses
         self._sessions = session_factory(engine, write_intent=True)
-        self._clock: Clock = clock if clock is not None else SystemClock()
         self._store = store
         self._topics = Topics(prefix=settings.topic_prefix)
         self._broker = f"{settings.mqtt_host}:{settings.mqtt_port}"

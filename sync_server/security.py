@@ -152,6 +152,11 @@ class SecurityGate:
         self._identity_keys: dict[tuple[str, int], SM2PublicKey] = {}
         self._downlink_counter = itertools.count(1)
 
+    @classmethod
+    def for_settings(cls, settings: ServerSettings, engine: Engine, *, clock: Clock) -> SecurityGate:
+        """A gate of its own (own cache, own audit writer): what every ingest worker process has."""
+        return cls(settings, engine, ServerIdentity(settings), clock=clock, audit=ServerAudit(settings.data_dir, clock))
+
     # ------------------------------------------------------------------ cache
 
     def forget_device(self, device_id: str) -> None:
