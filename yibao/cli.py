@@ -137,7 +137,8 @@ def demo(
     ] = None,
     heartbeat_interval: Annotated[float, typer.Option(min=0.5, help="Terminal heartbeat interval, seconds.")] = 5.0,
 ) -> None:
-    """Run the whole system here: Mosquitto on a free port, the server on SQLite, one simulated terminal.
+    """Run the whole system here: Mosquitto on a free port, the server on SQLite, one simulated terminal that is
+    registered and enrolled through `yibao provision` (SM2 identity, server-signed bundle) and sends SM4-GCM frames.
 
     Prints the web address; Ctrl-C stops every child cleanly. With --smoke, pushes records through the
     terminal's outbox, verifies through the server API that each was stored exactly once, prints one JSON line
