@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
@@ -33,6 +33,14 @@ from typing import TYPE_CHECKING, Any
 from protocol import AuditEvent, AuditOutcome, SystemClock, Topics
 from terminal.config import OutboxConfig
 from terminal.outbox import Outbox
+from yibao.bench_secure import (
+    SecureFleet,
+    check_encryption,
+    enrol_bench_fleet,
+    reported_encryption,
+    security_figures,
+    server_env,
+)
 from yibao.procs import stop
 from yibao.server_proc import ServerProcess, start_server_process
 
@@ -212,7 +220,8 @@ class SyncBenchOptions:
     ingest_workers: int = 0
     """`yibao server run --ingest-workers N`: 0 = the server process ingests itself."""
     encryption: str = "off"
-    """Payload encryption of the fleet; only 'off' exists on this branch (SM4-GCM per device comes with identity)."""
+    """'off': plaintext, anonymous. 'on': the fleet is enrolled first and seals every payload with SM4-GCM, the server
+    requires it (`yibao.bench_secure`)."""
 
 
 def _proc_cpu_s(pid: int) -> float:
@@ -352,14 +361,16 @@ class _AckClock:
         import paho.mqtt.client as mqtt
         from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-        self._seen: list[tuple[bytes, float]] = []
+        self._seen: list[tuple[str, bytes, float]] = []
+        self.unseal: Callable[[str, bytes], bytes | None] | None = None
+        """With encryption on: opens a sealed downlink after the run (the arrival time is taken the same way)."""
         self._subscribed = threading.Event()
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=f"bench-acks-{uuid.uuid4().hex[:8]}",
             protocol=MQTTProtocolVersion.MQTTv5,
         )
-        client.on_message = lambda _c, _u, m: self._seen.append((bytes(m.payload), time.time()))
+        client.on_message = lambda _c, _u, m: self._seen.append((m.topic, bytes(m.payload), time.time()))
         client.on_subscribe = lambda *_args: self._subscribed.set()
         client.connect(host, port)
         client.subscribe(f"{prefix}/dev/+/down", qos=0)
@@ -377,7 +388,10 @@ class _AckClock:
         from protocol import ContractError, UplinkAck, decode_downlink
 
         by_device: dict[str, tuple[list[int], list[float]]] = {}
-        for payload, at in self._seen:
+        for topic, raw, at in self._seen:
+            payload = raw if self.unseal is None else self.unseal(topic, raw)
+            if payload is None:
+                continue
             try:
                 message = decode_downlink(payload)
             except ContractError:
@@ -420,8 +434,7 @@ def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
 
 def bench_sync(options: SyncBenchOptions) -> str:
     """One JSON line: the server's run, and with `ceiling_too` the same run against the ceiling consumer."""
-    if options.encryption != "off":
-        raise ValueError("payload encryption is not on this branch yet; --encryption off is the only choice")
+    check_encryption(options.encryption, ceiling=options.ceiling or options.ceiling_too)
     if options.ceiling_too:
         ours = _sync_once(options, ceiling=False)
         ceiling = _sync_once(options, ceiling=True)
@@ -458,15 +471,19 @@ def _sync_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, Any]:
             consumer: _CeilingProcess | None = None
             fleet: Fleet | None = None
             acks: _AckClock | None = None
+            secure: SecureFleet | None = None
             try:
                 base_url: str | None = None
                 if ceiling:
                     consumer = _CeilingProcess(broker, database_url, workdir, create=True)
                     consumer_pids = {"ceiling": [consumer.pid]}
                 else:
-                    started = start_server_child(database_url, broker, workdir, options.ingest_workers)
+                    env = server_env(options.encryption)
+                    started = start_server_child(database_url, broker, workdir, options.ingest_workers, env)
                     server, base_url = started.proc, started.base_url
                     consumer_pids = _server_pids(server.pid)
+                    if options.encryption == "on":  # enrolment is outside the throughput window
+                        secure = enrol_bench_fleet(started, options.terminals, workdir)
                     acks = _AckClock(broker.host, broker.port)
                 fleet = Fleet(
                     FleetOptions(
@@ -477,6 +494,7 @@ def _sync_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, Any]:
                         heartbeat_interval_s=options.heartbeat_interval_s,
                         network_threads=options.network_threads,
                         scheduling="pooled" if options.scheduling == "pooled" else "threads",
+                        sessions=None if secure is None else secure.sessions,
                     )
                 )
                 sampler = _Sampler(fleet, base_url)
@@ -524,7 +542,11 @@ def _sync_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, Any]:
                 if consumer is not None:
                     figures |= consumer.figures(total, wall0)
                 else:
+                    if acks is not None and secure is not None:
+                        acks.unseal = secure.unseal
                     figures |= read_sync_results(database_url, total, wall0, hold_from, hold_to, acks)
+                    if secure is not None:
+                        figures |= secure.figures() | security_figures(database_url)
                     # The poll that saw every record committed (0.5 s resolution) ends the run.
                     figures["records_per_s"] = round(figures["stored"] / drain_s, 1) if stored_now >= total else 0.0
                     figures["connected_peak"] = sampler.server_online_peak
@@ -566,20 +588,23 @@ def _sync_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, Any]:
                 broker.stop()
     figures |= {
         "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
-        "encryption": options.encryption,
+        "encryption": reported_encryption(options.encryption),
         "open_files_limit": nofile[0],
         "machine": machine(),
     }
     return figures
 
 
-def start_server_child(database_url: str, broker: Any, workdir: Path, ingest_workers: int = 0) -> ServerProcess:
+def start_server_child(
+    database_url: str, broker: Any, workdir: Path, ingest_workers: int = 0, env: Mapping[str, str] | None = None
+) -> ServerProcess:
     return start_server_process(
         database_url=database_url,
         mqtt_host=broker.host,
         mqtt_port=broker.port,
         workdir=workdir,
         ingest_workers=ingest_workers,
+        env=env,
     )
 
 
@@ -832,6 +857,7 @@ class _CeilingProcess:
 
 def bench_sync_prefilled(options: SyncBenchOptions) -> str:
     """One JSON line: the server draining a prefilled broker alone, and with `ceiling_too` the ceiling likewise."""
+    check_encryption(options.encryption, ceiling=options.ceiling or options.ceiling_too, prefilled=True)
     if options.ceiling_too:
         ours = _prefilled_once(options, ceiling=False)
         ceiling = _prefilled_once(options, ceiling=True)

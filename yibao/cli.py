@@ -511,7 +511,11 @@ def bench_sync(
         int, typer.Option(min=0, max=32, help="`yibao server run --ingest-workers N` (0: the server ingests).")
     ] = 0,
     encryption: Annotated[
-        str, typer.Option(help="Payload encryption of the fleet; only 'off' on this branch (SM4-GCM comes later).")
+        str,
+        typer.Option(
+            help="'on': enrol every terminal first (timed apart), seal all payloads with SM4-GCM, the server "
+            "requires secure frames; 'off': plaintext."
+        ),
     ] = "off",
 ) -> None:
     """End-to-end sync: private Mosquitto, `yibao server run` as a child, a fleet of terminals; one JSON line."""
@@ -526,9 +530,13 @@ def bench_sync(
     if scheduling not in ("threads", "pooled"):
         typer.secho("error: --scheduling is 'threads' or 'pooled'", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
-    if encryption != "off":
-        typer.secho("error: payload encryption is not on this branch; --encryption off", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+    from yibao.bench_secure import check_encryption
+
+    try:
+        check_encryption(encryption, ceiling=ceiling or ceiling_too, prefilled=prefilled)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
 
     print(
         run(

@@ -13,6 +13,7 @@ import os
 import secrets
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,13 +53,16 @@ def start_server_process(
     http_port: int = 0,
     timeout_s: float = 60.0,
     ingest_workers: int = 0,
+    env: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """Spawn the server (log in `workdir/server.log`, its data dir `workdir/server-data`, a fresh bootstrap admin
-    token), learn its port, wait until healthy; stop it on failure."""
+    token, `env` on top of ours, e.g. YIBAO_SERVER_* settings), learn its port, wait until healthy; stop it on
+    failure."""
     workdir.mkdir(parents=True, exist_ok=True)
     admin_token = secrets.token_urlsafe(32)
-    env = {
+    child_env = {
         **os.environ,
+        **(env or {}),
         "YIBAO_SERVER_BOOTSTRAP_ADMIN_TOKEN": admin_token,
         "YIBAO_SERVER_DATA_DIR": str(workdir / "server-data"),
     }
@@ -83,7 +87,7 @@ def start_server_process(
             str(ingest_workers),
         ),
         log_path=log,
-        env=env,
+        env=child_env,
     )
     try:
         deadline = time.monotonic() + timeout_s
