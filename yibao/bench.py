@@ -434,7 +434,7 @@ def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
 
 def bench_sync(options: SyncBenchOptions) -> str:
     """One JSON line: the server's run, and with `ceiling_too` the same run against the ceiling consumer."""
-    check_encryption(options.encryption, ceiling=options.ceiling or options.ceiling_too)
+    check_encryption(options.encryption, ceiling=options.ceiling)
     if options.ceiling_too:
         ours = _sync_once(options, ceiling=False)
         ceiling = _sync_once(options, ceiling=True)
@@ -857,7 +857,7 @@ class _CeilingProcess:
 
 def bench_sync_prefilled(options: SyncBenchOptions) -> str:
     """One JSON line: the server draining a prefilled broker alone, and with `ceiling_too` the ceiling likewise."""
-    check_encryption(options.encryption, ceiling=options.ceiling or options.ceiling_too, prefilled=True)
+    check_encryption(options.encryption, ceiling=options.ceiling)
     if options.ceiling_too:
         ours = _prefilled_once(options, ceiling=False)
         ceiling = _prefilled_once(options, ceiling=True)
@@ -885,12 +885,20 @@ def _prefilled_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, An
             consumer: _CeilingProcess | None = None
             server: subprocess.Popen[bytes] | None = None
             try:
-                # 1. The consumer subscribes once (creating its persistent sessions), then goes away.
+                # 1. The consumer subscribes once (creating its persistent sessions), then goes away. With
+                # encryption the fleet is enrolled and handshaken against that first server run (keys and sessions
+                # are in its database and data dir, so the second run opens the frames).
+                secure: SecureFleet | None = None
+                env = server_env(options.encryption)
                 if ceiling:
                     _CeilingProcess(broker, database_url, workdir, create=True).stop()
                 else:
-                    first = start_server_child(database_url, broker, workdir, options.ingest_workers)
-                    stop(first.proc, name="server")
+                    first = start_server_child(database_url, broker, workdir, options.ingest_workers, env=env)
+                    try:
+                        if options.encryption == "on":
+                            secure = enrol_bench_fleet(first, options.terminals, workdir / "enrolment")
+                    finally:
+                        stop(first.proc, name="server")
                 # 2. The fleet publishes everything; the broker queues it for the absent consumer.
                 fleet = Fleet(
                     FleetOptions(
@@ -901,6 +909,7 @@ def _prefilled_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, An
                         heartbeat_interval_s=3600.0,
                         network_threads=options.network_threads,
                         scheduling="pooled" if options.scheduling == "pooled" else "threads",
+                        sessions=None if secure is None else secure.sessions,
                     )
                 )
                 try:
@@ -922,7 +931,7 @@ def _prefilled_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, An
                     consumer = _CeilingProcess(broker, database_url, workdir, create=False)
                     consumer_pids = {"ceiling": [consumer.pid]}
                 else:
-                    server = start_server_child(database_url, broker, workdir, options.ingest_workers).proc
+                    server = start_server_child(database_url, broker, workdir, options.ingest_workers, env=env).proc
                     consumer_pids = _server_pids(server.pid)
                 started_s = time.monotonic() - t0
                 while time.monotonic() - t0 < options.duration_s:
@@ -953,6 +962,8 @@ def _prefilled_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, An
                     "cpu_s_while_draining": busy,
                     "machine_busy_share": round((busy1[0] - busy0[0]) / max(busy1[1] - busy0[1], 1e-9), 2),
                 }
+                if secure is not None:
+                    figures |= secure.figures() | security_figures(database_url)
             finally:
                 if consumer is not None:
                     consumer.stop()
@@ -961,7 +972,7 @@ def _prefilled_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, An
                 broker.stop()
     figures |= {
         "database": "postgresql" if database_url.startswith("postgresql") else "sqlite",
-        "encryption": options.encryption,
+        "encryption": "off" if ceiling else reported_encryption(options.encryption),
         "machine": machine(),
     }
     return figures

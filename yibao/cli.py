@@ -533,7 +533,7 @@ def bench_sync(
     from yibao.bench_secure import check_encryption
 
     try:
-        check_encryption(encryption, ceiling=ceiling or ceiling_too, prefilled=prefilled)
+        check_encryption(encryption, ceiling=ceiling)
     except ValueError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from exc
