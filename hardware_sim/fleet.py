@@ -55,11 +55,18 @@ from protocol.enrolment import make_enrol_request
 from protocol.gm.sm2 import SM2PrivateKey
 from provisioning.client import ServerClient
 from terminal.config import HeartbeatConfig, MqttConfig, OutboxConfig, TerminalConfig
-from terminal.errors import NotConnectedError, PublishError
 from terminal.identity import SecurityLog, identity_from_enrolment
 from terminal.runtime import TerminalRuntime, build_runtime
 from terminal.session import HttpDeviceApi, SessionManager, TerminalSecurity
-from terminal.sync import SESSION_EXPIRY_S, PahoTicket, PubackRefusals, PublishTicket, announce_online, wire_status
+from terminal.sync import (
+    SESSION_EXPIRY_S,
+    PahoTicket,
+    PubackRefusals,
+    PublishTicket,
+    announce_online,
+    publish_qos1,
+    wire_status,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -192,14 +199,7 @@ class FleetLink:
         return self._connected.wait(timeout_s)
 
     def publish(self, topic: str, payload: bytes) -> PublishTicket:
-        if not self._connected.is_set():
-            raise NotConnectedError("not connected to the broker")
-        try:
-            info = self.client.publish(topic, payload, qos=1, retain=False)
-        except (ValueError, TypeError) as exc:
-            raise PublishError(f"publish refused by the MQTT client: {exc}") from exc
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            raise PublishError("MQTT client queue is full")
+        info = publish_qos1(self.client, topic, payload, connected=self._connected.is_set())
         # paho only calls register_write when it was not already registered; wake the thread regardless, because
         # the network thread may have just decided there was nothing to write (a lost-wake-up race otherwise).
         self._network.write_wanted(self.client, self, None)

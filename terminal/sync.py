@@ -250,6 +250,20 @@ class PubackRefusals:
             return self._by_mid.pop(mid, None)
 
 
+def publish_qos1(client: Client, topic: str, payload: bytes, *, connected: bool) -> MQTTMessageInfo:
+    """Queue one QoS 1 uplink with paho, or raise the `SyncError` the delivery loop sorts by (shared by the kiosk's
+    link and the fleet simulator's)."""
+    if not connected:
+        raise NotConnectedError("not connected to the broker")
+    try:
+        info = client.publish(topic, payload, qos=1, retain=False)
+    except (ValueError, TypeError) as exc:
+        raise PublishError(f"publish refused by the MQTT client: {exc}") from exc
+    if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+        raise PublishError("MQTT client queue is full")
+    return info
+
+
 def announce_online(client: Client, *, status_topic: str, status: bytes | None, downlink_topic: str | None) -> None:
     """On every connect: subscribe to the downlink (the persistent session keeps it, but a broker that lost its state
     has not), THEN publish the retained 'online'. The broker handles one client's packets in order, so whatever the
@@ -388,14 +402,7 @@ class MqttUplink:
         return self._connected.wait(timeout_s)
 
     def publish(self, topic: str, payload: bytes) -> PublishTicket:
-        if not self._connected.is_set():
-            raise NotConnectedError("not connected to the broker")
-        try:
-            info = self._client.publish(topic, payload, qos=1, retain=False)
-        except (ValueError, TypeError) as exc:
-            raise PublishError(f"publish refused by the MQTT client: {exc}") from exc
-        if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
-            raise PublishError("MQTT client queue is full")
+        info = publish_qos1(self._client, topic, payload, connected=self._connected.is_set())
         return PahoTicket(info, self._refusals.take)
 
     # -- paho callbacks: run on paho's network thread; flip state, log, return

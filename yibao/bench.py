@@ -434,12 +434,16 @@ def _cpu(pids: dict[str, list[int]]) -> dict[str, float]:
 
 def bench_sync(options: SyncBenchOptions) -> str:
     """One JSON line: the server's run, and with `ceiling_too` the same run against the ceiling consumer."""
+    return _run_with_ceiling(options, _sync_once)
+
+
+def _run_with_ceiling(options: SyncBenchOptions, once: Callable[..., dict[str, Any]]) -> str:
     check_encryption(options.encryption, ceiling=options.ceiling)
     if options.ceiling_too:
-        ours = _sync_once(options, ceiling=False)
-        ceiling = _sync_once(options, ceiling=True)
+        ours = once(options, ceiling=False)
+        ceiling = once(options, ceiling=True)
         return json.dumps(_with_ceiling(ours, ceiling))
-    return json.dumps(_sync_once(options, ceiling=options.ceiling))
+    return json.dumps(once(options, ceiling=options.ceiling))
 
 
 def _with_ceiling(ours: dict[str, Any], ceiling: dict[str, Any]) -> dict[str, Any]:
@@ -857,12 +861,7 @@ class _CeilingProcess:
 
 def bench_sync_prefilled(options: SyncBenchOptions) -> str:
     """One JSON line: the server draining a prefilled broker alone, and with `ceiling_too` the ceiling likewise."""
-    check_encryption(options.encryption, ceiling=options.ceiling)
-    if options.ceiling_too:
-        ours = _prefilled_once(options, ceiling=False)
-        ceiling = _prefilled_once(options, ceiling=True)
-        return json.dumps(_with_ceiling(ours, ceiling))
-    return json.dumps(_prefilled_once(options, ceiling=options.ceiling))
+    return _run_with_ceiling(options, _prefilled_once)
 
 
 def _prefilled_once(options: SyncBenchOptions, *, ceiling: bool) -> dict[str, Any]:
