@@ -12,7 +12,8 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 # ---------------------------------------------------------------- Debian packages
 # fonts-noto-cjk: Chinese text on the kiosk and in browser screenshots.
-apt_pkgs=(python3 python3-venv mosquitto ca-certificates fonts-noto-cjk)
+# libzbar0: the fallback QR decoder (pyzbar).
+apt_pkgs=(python3 python3-venv mosquitto ca-certificates fonts-noto-cjk libzbar0)
 if [ "$dev" = 1 ]; then
   # PostgreSQL for the server test matrix; Chromium to check the web pages in a real browser.
   apt_pkgs+=(postgresql chromium)
