@@ -45,6 +45,13 @@ app.add_typer(provision_app, name="provision")
 app.add_typer(sim_app, name="sim")
 app.add_typer(audit_app, name="audit")
 app.add_typer(bench_app, name="bench")
+verify_app = typer.Typer(
+    help="Check identity inputs offline, on any JPEG/PNG: is it the same face, what QR codes are in it.",
+    no_args_is_help=True,
+)
+app.add_typer(verify_app, name="verify")
+models_app = typer.Typer(help="The kiosk's ML models: build them from installed packages, check.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
