@@ -70,6 +70,8 @@ SECRETS: Final = "secrets.json"
 AUDIT_KEY: Final = "audit.key"
 AUDIT_GLOB: Final = "audit-*.jsonl"
 SECRETS_FORMAT: Final = "yibao-device-secrets"
+TEMPLATE_KEY: Final = "templates.key"
+TEMPLATE_KEY_FORMAT: Final = "yibao-template-key"
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -428,6 +430,44 @@ class IdentityStore:
         if stored is None:
             return None
         return SessionKey(stored.key_id, bytes.fromhex(stored.key), stored.issued_at, stored.expires_at)
+
+    def template_key(self) -> bytes:
+        """The SM4 key that seals face templates at rest (`terminal.face_templates`), created on first use.
+
+        A random key, itself sealed under the passphrase-derived key in `templates.key`, so it survives key
+        rotation and re-enrolment (the templates do not depend on the SM2 identity) and never sits on disk in clear.
+        """
+        path = self.path(TEMPLATE_KEY)
+        with self._lock:
+            if not path.exists():
+                self.ensure_directory()
+                salt = os.urandom(16)
+                header: dict[str, Any] = {
+                    "format": TEMPLATE_KEY_FORMAT,
+                    "version": 1,
+                    "kdf": "pbkdf2-hmac-sm3",
+                    "iterations": self._iterations,
+                    "salt": salt.hex(),
+                }
+                sealed = sm4.seal(self._key_for(salt, self._iterations), sm4.generate_key(), canonical_json(header))
+                write_atomic(path, canonical_json({**header, "sealed": sealed.hex()}) + b"\n")
+            raw = _read_private(path)
+        try:
+            doc = json.loads(raw)
+            header = {k: doc[k] for k in ("format", "version", "kdf", "iterations", "salt")}
+            if header["format"] != TEMPLATE_KEY_FORMAT or header["version"] != 1:
+                raise IdentityError(f"{path} is not a version-1 template key file")
+            salt, iterations, sealed = (
+                bytes.fromhex(header["salt"]),
+                int(header["iterations"]),
+                bytes.fromhex(doc["sealed"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise IdentityError(f"{path} is malformed") from exc
+        try:
+            return sm4.open(self._key_for(salt, iterations), sealed, canonical_json(header))
+        except DecryptionFailedError as exc:
+            raise PassphraseError(f"{path} does not open with this passphrase (or was altered)") from exc
 
     def _key_for(self, salt: bytes, iterations: int) -> bytes:
         cached = self._derived.get((salt, iterations))
