@@ -10,6 +10,7 @@ import pytest
 from drivers.qr_decode import decode_qr
 from hardware_sim.qr_images import (
     FRAME_SIZE,
+    decode_report,
     degraded_set,
     load_backgrounds,
     measure_decoding,
@@ -70,3 +71,13 @@ def test_stream_and_no_code_figures(photos: list[Path]) -> None:
         "pyzbar",
         "decode_qr (all)",
     }
+
+
+def test_decode_report_is_json(photos: list[Path]) -> None:
+    import json
+
+    report = decode_report(photos[:4], count=8)
+    assert json.loads(json.dumps(report)) == report
+    configurations = report["qr_configurations"]
+    assert isinstance(configurations, dict)
+    assert set(configurations) == {"zxing-cpp", "zxing-cpp+preprocessing", "pyzbar", "decode_qr (all)"}
