@@ -7,6 +7,9 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import zxingcpp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 
 from drivers.qr_decode import (
     LADDER,
@@ -156,3 +159,19 @@ def test_frame_scanner_tries_one_ladder_pass_per_frame(rescued: QrSample) -> Non
     assert results[first_hit][0].text == rescued.text
     # The hit comes from the ladder pass of that frame (the plain pass misses every time).
     assert results[first_hit][0].variant == LADDER[first_hit]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        np.uint8,
+        st.one_of(
+            st.tuples(st.integers(1, 48), st.integers(1, 48)),
+            st.tuples(st.integers(1, 48), st.integers(1, 48), st.sampled_from([1, 3, 4])),
+        ),
+    )
+)
+def test_arbitrary_pixels_never_crash(image: npt.NDArray[np.uint8]) -> None:
+    for code in decode_qr(image):
+        assert isinstance(code.text, str)
+    assert isinstance(FrameQrScanner().scan(image), list)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from drivers.qr_decode import decode_qr
 from hardware_sim.evoucher import EVoucherSimulator, Insured, synthetic_insured
@@ -265,3 +267,15 @@ def test_every_reason_has_both_languages_and_an_event() -> None:
         assert MESSAGES[reason].en
         event = refusal_event(reason, source="scanner", step="decode", latency_ms=1.234)
         assert event.detail["latency_ms"] == 1.2
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.text(max_size=80) | st.from_regex(r"SIMEC1[A-Z2-7=]{40}", fullmatch=True))
+def test_arbitrary_text_is_refused_never_raised(platform: EVoucherSimulator, text: str) -> None:
+    events: list[AuditEvent] = []
+    outcome = EVoucherService(platform, CTX, events.append).verify(text, source="scanner")
+    assert isinstance(outcome, EVoucherRefused)
+    assert outcome.reason in {RefusalReason.MALFORMED, RefusalReason.INVALID}
+    assert len(events) == 1
+    if len(text.strip()) >= 16:
+        assert text.strip() not in events[0].model_dump_json()
