@@ -443,6 +443,28 @@ def audit_new_key(
     print(f"created {key_file}")
 
 
+# ---------------------------------------------------------------- verify qr
+
+
+@verify_app.command("qr")
+def verify_qr(
+    image: Annotated[Path, typer.Argument(help="Any JPEG/PNG (a photo, a screenshot, a camera frame).")],
+    as_json: Annotated[
+        bool, typer.Option("--json", help='Print one JSON line {"codes": [{"text", "format"}]}.')
+    ] = False,
+) -> None:
+    """The QR codes (and other common barcodes) in an image: zxing-cpp first, pyzbar as fallback, with the
+    preprocessing that helps photographs. Exit 0 (also when no code is found), 2 if the file is not a readable image."""
+    from yibao.verify_qr import verify_qr_command
+
+    result = verify_qr_command(image, as_json=as_json)
+    if result.stdout:
+        print(result.stdout)
+    if result.stderr:
+        typer.secho(result.stderr, err=True, fg=typer.colors.RED)
+    raise typer.Exit(result.exit_code)
+
+
 # ---------------------------------------------------------------- benchmarks
 
 
