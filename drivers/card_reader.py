@@ -242,11 +242,16 @@ class ReaderHealth:
             logger.info("%s recovered", self._name)
 
     def failed(self, error: CardReaderError) -> None:
+        """Record a card reader's failed exchange (card problems leave the reader OK)."""
         if isinstance(error, NoCardError | CardRemovedError | InvalidCardDataError):
             self.ok()
             return
         state = PeripheralState.ABSENT if isinstance(error, ReaderUnavailableError) else PeripheralState.FAULT
-        detail = f"{type(error).__name__}: {error}"[:200]
+        self.down(state, f"{type(error).__name__}: {error}")
+
+    def down(self, state: PeripheralState, detail: str) -> None:
+        """Record the device as FAULT or ABSENT (any device kind); logs only on the transition from OK."""
+        detail = detail[:200]
         with self._lock:
             previous, self._state, self._detail = self._state, state, detail
         if previous is PeripheralState.OK:

@@ -203,6 +203,9 @@ class IdCardSimulator:
 
     # ------------------------------------------------------------ byte handling
 
+    def attach(self, line: DeviceLine) -> None:
+        """The module only ever answers commands; it needs no line of its own."""
+
     def on_byte(self, byte: int, line: DeviceLine) -> None:
         self._buffer.append(byte)
         # Resynchronise: keep only a suffix that could still become the preamble.

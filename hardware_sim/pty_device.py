@@ -33,6 +33,10 @@ class DeviceLine(Protocol):
 class SerialDeviceModel(Protocol):
     """A device's behaviour: consumes the host's bytes one by one and answers through the line."""
 
+    def attach(self, line: DeviceLine) -> None:
+        """Called when the pty starts (and after a replug): devices that talk unprompted keep the line."""
+        ...
+
     def on_byte(self, byte: int, line: DeviceLine) -> None: ...
 
 
@@ -75,6 +79,7 @@ class PtyDevice:
         with self._lock:
             self._outgoing.clear()
         self._stop.clear()
+        self._model.attach(self)
         self._thread = threading.Thread(target=self._serve, name=f"{self._name}-pty", daemon=True)
         self._thread.start()
         logger.debug("%s serving on %s", self._name, self._slave_path)
