@@ -14,6 +14,7 @@ return an unmasked name or ID number from anything but the parsed card objects' 
     ├── ReaderFaultError          the reader answered with an error status (SAM fault, unknown command, ...)
     ├── NoCardError               no card found before the caller's timeout
     ├── CardRemovedError          the card left the field during the transaction
+    ├── CardRefusedError          the card answered a command (APDU) with an error status word (6A82, 6982, ...)
     └── InvalidCardDataError      the card answered but its content is not a valid record (bad check digit, ...)
 """
 
@@ -63,6 +64,14 @@ class NoCardError(CardReaderError):
 
 class CardRemovedError(CardReaderError):
     """The card was pulled (or left the RF field) mid-transaction."""
+
+
+class CardRefusedError(CardReaderError):
+    """The card refused an APDU; `sw` is its status word (e.g. 0x6A82 file not found)."""
+
+    def __init__(self, message: str, sw: int) -> None:
+        super().__init__(message)
+        self.sw = sw
 
 
 class InvalidCardDataError(CardReaderError):
@@ -210,7 +219,7 @@ def mask_number(number: str, keep_head: int = 3, keep_tail: int = 2) -> str:
     """Head and tail of an ID-like number, the middle starred; short inputs are starred entirely."""
     if len(number) <= keep_head + keep_tail + 4:
         return "*" * len(number)
-    return number[:keep_head] + "*" * (len(number) - keep_head - keep_tail) + number[-keep_tail:]
+    return number[:keep_head] + "*" * (len(number) - keep_head - keep_tail) + number[len(number) - keep_tail :]
 
 
 # ---------------------------------------------------------------- health
@@ -243,7 +252,7 @@ class ReaderHealth:
 
     def failed(self, error: CardReaderError) -> None:
         """Record a card reader's failed exchange (card problems leave the reader OK)."""
-        if isinstance(error, NoCardError | CardRemovedError | InvalidCardDataError):
+        if isinstance(error, NoCardError | CardRemovedError | CardRefusedError | InvalidCardDataError):
             self.ok()
             return
         state = PeripheralState.ABSENT if isinstance(error, ReaderUnavailableError) else PeripheralState.FAULT
