@@ -50,9 +50,7 @@ class Rig:
 
 def make_rig(tmp_path: Path, sim: SsCardSimulator, layout: SsCardLayout) -> Iterator[Rig]:
     with PtyDevice(sim, link_path=tmp_path / "ttyUSB-sscard", name="sscard-sim") as device:
-        reader = SocialSecurityCardReader(
-            SerialLink(device.path), layout, command_timeout_s=0.3, poll_interval_s=0.02
-        )
+        reader = SocialSecurityCardReader(SerialLink(device.path), layout, command_timeout_s=0.3, poll_interval_s=0.02)
         yield Rig(sim, device, reader)
         reader.close()
 
