@@ -48,6 +48,7 @@ from drivers.serial_link import (
     LinkTimeoutError,
     OversizedFrameError,
     PortUnavailableError,
+    SerialLink,
     TruncatedFrameError,
     read_exact,
     xor_checksum,
@@ -363,6 +364,11 @@ class IdCardReader:
         self._clock = clock
         self._sleep = sleep
         self._health = ReaderHealth(name, PeripheralKind.ID_CARD_READER)
+
+    @classmethod
+    def on_port(cls, port: str, *, name: str = "idcard0", baudrate: int = BAUDRATE) -> IdCardReader:
+        """The reader on a serial port path (opened lazily, at 115200 8N1 unless told otherwise)."""
+        return cls(SerialLink(port, baudrate=baudrate), name=name)
 
     @property
     def name(self) -> str:

@@ -28,7 +28,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from drivers.card_reader import ReaderHealth
-from drivers.serial_link import ByteLink, Clock, LinkTimeoutError, PortUnavailableError
+from drivers.serial_link import ByteLink, Clock, LinkTimeoutError, PortUnavailableError, SerialLink
 from protocol import PeripheralKind, PeripheralState, PeripheralStatus
 
 logger = logging.getLogger(__name__)
@@ -248,6 +248,12 @@ class QrScanner:
         self._assembler = QrLineAssembler(self._config)
         self._ready: deque[AssembledItem] = deque()
         self._health = ReaderHealth(name, PeripheralKind.QR_SCANNER)
+
+    @classmethod
+    def on_port(cls, port: str, config: QrScannerConfig | None = None, *, name: str = "qr0") -> QrScanner:
+        """The scanner on a serial port path, at the config's baud rate (opened lazily)."""
+        config = config if config is not None else QrScannerConfig()
+        return cls(SerialLink(port, baudrate=config.baudrate), config, name=name)
 
     @property
     def name(self) -> str:

@@ -53,6 +53,7 @@ from drivers.serial_link import (
     LinkTimeoutError,
     OversizedFrameError,
     PortUnavailableError,
+    SerialLink,
     TruncatedFrameError,
     read_exact,
     xor_checksum,
@@ -77,6 +78,7 @@ class ReaderFrameConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    baudrate: int = Field(default=115200, description="Serial speed of this reader model (8N1).")
     length_bytes: Literal[1, 2] = Field(default=2, description="Width of LEN (big-endian): bytes of CMD/STATUS+data.")
     bcc_covers_stx: bool = Field(default=False, description="Whether the XOR BCC starts at STX instead of at LEN.")
     max_length: int = Field(default=1024, ge=16, le=65535, description="Largest LEN accepted from the reader.")
@@ -479,6 +481,13 @@ class SocialSecurityCardReader:
         self._clock = clock
         self._sleep = sleep
         self._health = ReaderHealth(name, PeripheralKind.SS_CARD_READER)
+
+    @classmethod
+    def on_port(
+        cls, port: str, layout: SsCardLayout = DEFAULT_LAYOUT, *, name: str = "sscard0"
+    ) -> SocialSecurityCardReader:
+        """The reader on a serial port path, at the layout's baud rate (opened lazily)."""
+        return cls(SerialLink(port, baudrate=layout.frame.baudrate), layout, name=name)
 
     @property
     def name(self) -> str:

@@ -240,3 +240,10 @@ def test_card_data_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         CARD.name = "x"  # type: ignore[misc]  # proving immutability
     assert isinstance(CARD, IdCardData)
+
+
+def test_composition_root_builds_the_reader_from_a_port_path(rig: Rig) -> None:
+    reader = IdCardReader.on_port(rig.device.path, name="idcard1")
+    assert reader.name == "idcard1"
+    assert reader.read_card(timeout_s=1.0) == CARD
+    reader.close()

@@ -174,3 +174,10 @@ def test_config_fails_closed() -> None:
         QrScannerConfig(trigger_hex="7E 00 XY")
     with pytest.raises(ValidationError):
         QrScannerConfig.model_validate({"suffix": "tab"})
+
+
+def test_composition_root_builds_the_scanner_from_a_port_path(rig: Rig) -> None:
+    scanner = QrScanner.on_port(rig.device.path, QrScannerConfig(suffix="cr"), name="qr1")
+    rig.sim.scan(CODE)
+    assert scanner.read_code(timeout_s=1.0).text == CODE
+    scanner.close()

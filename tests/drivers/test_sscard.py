@@ -204,3 +204,10 @@ def test_card_data_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         CARD.name = "x"  # type: ignore[misc]  # proving immutability
     assert isinstance(CARD, SocialSecurityCardData)
+
+
+def test_composition_root_builds_the_reader_from_a_port_path(rig: Rig) -> None:
+    reader = SocialSecurityCardReader.on_port(rig.device.path, DEFAULT_LAYOUT, name="sscard1")
+    assert (reader.name, reader.layout.name) == ("sscard1", "mohrss-default")
+    assert reader.read_card(timeout_s=1.0) == CARD
+    reader.close()
