@@ -273,6 +273,13 @@ class QrScanner:
     def close(self) -> None:
         self._link.close()
 
+    def open(self) -> None:
+        """Open the port now. Call at start-up: bytes a scanner sends before its port is open are lost."""
+        try:
+            self._link.open()
+        except PortUnavailableError as exc:
+            raise self._unavailable(exc) from exc
+
     def clear(self) -> None:
         """Forget codes scanned before now (a new session must not pick up the previous customer's scan)."""
         self._ready.clear()

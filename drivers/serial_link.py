@@ -86,6 +86,10 @@ class ByteLink(Protocol):
         """Where the link goes (a device path); for status detail, never secret."""
         ...
 
+    def open(self) -> None:
+        """Open the port now (reads and writes otherwise open it on first use); idempotent."""
+        ...
+
     def write(self, data: bytes) -> None:
         """Send all of `data`; raises PortUnavailableError if the device is gone."""
         ...

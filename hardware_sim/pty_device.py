@@ -10,6 +10,7 @@ demos and benches; never imported by production code, and it holds no personal d
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -55,6 +56,8 @@ class PtyDevice:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._transcript: list[tuple[str, bytearray]] = []
+        self._wake_r: int | None = None
+        self._wake_w: int | None = None
 
     @property
     def path(self) -> str:
@@ -76,8 +79,12 @@ class PtyDevice:
         if self._link_path is not None:
             self._link_path.unlink(missing_ok=True)
             self._link_path.symlink_to(self._slave_path)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
         with self._lock:
             self._outgoing.clear()
+            self._wake_r, self._wake_w = wake_r, wake_w
         self._stop.clear()
         self._model.attach(self)
         self._thread = threading.Thread(target=self._serve, name=f"{self._name}-pty", daemon=True)
@@ -90,6 +97,11 @@ class PtyDevice:
         with self._lock:
             self._outgoing += data
             self._record("<", data)
+            # Wake the serving thread's select now rather than at its next 20 ms tick. Written under the lock so
+            # `_close_fds` cannot close (and the OS reuse) the descriptor in between.
+            if self._wake_w is not None and threading.current_thread() is not self._thread:
+                with contextlib.suppress(BlockingIOError):  # a full pipe already holds enough wake-ups
+                    os.write(self._wake_w, b"\x00")
 
     def transcript(self) -> list[tuple[str, bytes]]:
         """Bytes exchanged so far as ('>' host to device | '<' device to host, bytes) runs, for fixture checks."""
@@ -147,7 +159,12 @@ class PtyDevice:
             while not self._stop.is_set():
                 with self._lock:
                     want_write = bool(self._outgoing)
-                readable, writable, _ = select.select([master], [master] if want_write else [], [], 0.02)
+                wake = self._wake_r
+                watched = [master] if wake is None else [master, wake]
+                readable, writable, _ = select.select(watched, [master] if want_write else [], [], 0.02)
+                if wake is not None and wake in readable:
+                    os.read(wake, 4096)
+                    readable.remove(wake)
                 if writable:
                     with self._lock:
                         written = os.write(master, bytes(self._outgoing[:4096]))
@@ -168,7 +185,9 @@ class PtyDevice:
             self._close_fds()
 
     def _close_fds(self) -> None:
-        for fd in (self._master, self._slave):
+        with self._lock:
+            wake_fds, self._wake_r, self._wake_w = (self._wake_r, self._wake_w), None, None
+        for fd in (self._master, self._slave, *wake_fds):
             if fd is not None:
                 try:
                     os.close(fd)

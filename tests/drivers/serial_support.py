@@ -52,6 +52,9 @@ class ScriptedLink:
     def port(self) -> str:
         return self._port
 
+    def open(self) -> None:
+        pass
+
     def write(self, data: bytes) -> None:
         self.written.append(data)
         self._incoming.extend(self._reply(data))

@@ -43,6 +43,7 @@ class Rig:
 def make_rig(tmp_path: Path, config: QrScannerConfig, sim: QrScannerSimulator) -> Iterator[Rig]:
     with PtyDevice(sim, link_path=tmp_path / "ttyACM-qr", name="qr-sim") as device:
         scanner = QrScanner(SerialLink(device.path, baudrate=config.baudrate), config)
+        scanner.open()  # as the kiosk does at start-up: a scanner's bytes before the port is open are lost
         yield Rig(sim, device, scanner)
         scanner.close()
 
@@ -162,6 +163,7 @@ def test_unplugged_scanner_is_unavailable_until_replugged(rig: Rig) -> None:
         rig.scanner.read_code(timeout_s=0.5)
     assert rig.scanner.status().state is PeripheralState.ABSENT
     rig.device.replug()
+    rig.scanner.open()  # the owner reopens after an unplug; scans before that are lost, as with real hardware
     rig.sim.scan(CODE)
     assert rig.scanner.read_code(timeout_s=1.0).text == CODE
     assert rig.scanner.status().state is PeripheralState.OK
@@ -178,6 +180,7 @@ def test_config_fails_closed() -> None:
 
 def test_composition_root_builds_the_scanner_from_a_port_path(rig: Rig) -> None:
     scanner = QrScanner.on_port(rig.device.path, QrScannerConfig(suffix="cr"), name="qr1")
+    scanner.open()
     rig.sim.scan(CODE)
     assert scanner.read_code(timeout_s=1.0).text == CODE
     scanner.close()

@@ -48,6 +48,9 @@ class BytesLink:
     def port(self) -> str:
         return "bytes"
 
+    def open(self) -> None:
+        pass
+
     def write(self, data: bytes) -> None:
         pass
 
