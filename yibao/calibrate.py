@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from models.align import align_face
 from models.calibration import CalibrationResult, ScoreSet, summarise, write_calibration_file
 from models.face import FaceEngine
 from models.types import FaceDetector, RgbImage
@@ -153,20 +154,52 @@ class Template:
     vector: NDArray[np.float32]
 
 
+SAME_SHOT_NCC = 0.85
+
+
+def shot_signature(rgb: RgbImage, landmarks: NDArray[np.float32]) -> NDArray[np.float64]:
+    """The aligned face's grey levels at 50x50, zero-mean and unit-variance: two copies of one shot correlate
+    at >= 0.88 (crops, rescales), two different photos of one person at <= 0.7 on the development set."""
+    grey = cv2.cvtColor(align_face(rgb, landmarks), cv2.COLOR_RGB2GRAY)[30:130, 25:125].astype(np.float64)
+    small = cv2.resize(grey, (50, 50), interpolation=cv2.INTER_AREA).ravel()
+    return np.asarray((small - small.mean()) / max(float(small.std()), 1e-6), dtype=np.float64)
+
+
+def merge_same_shots(photos: list[Photo], signatures: dict[Path, NDArray[np.float64]]) -> list[Photo]:
+    """Photos of one person whose aligned faces correlate >= SAME_SHOT_NCC are one source (a crop or rescale of one
+    shot, e.g. obama_a and obama_res_*): pairing them would count one photo against itself as a genuine pair.
+    Decided on pixels, never on the embedder's scores, so it cannot bias the scores it excludes."""
+    source = {p.path: p.source for p in photos}
+    for i, a in enumerate(photos):
+        for b in photos[i + 1 :]:
+            if a.person != b.person or a.path not in signatures or b.path not in signatures:
+                continue
+            ncc = float(signatures[a.path] @ signatures[b.path]) / signatures[a.path].size
+            if ncc >= SAME_SHOT_NCC:
+                old, new = source[b.path], source[a.path]
+                source = {k: (new if v == old else v) for k, v in source.items()}
+    return [Photo(p.person, source[p.path], p.path) for p in photos]
+
+
 def templates(engine: FaceEngine, photos: list[Photo], *, augment: bool = True) -> tuple[list[Template], list[str]]:
-    """One template per photo (and per augmentation); photos where no face is found are listed, not scored."""
-    out: list[Template] = []
+    """One template per photo (and per augmentation); photos where no face is found are listed, not scored.
+    Copies of one shot are merged into one source first (`merge_same_shots`)."""
+    found: list[tuple[Photo, str, NDArray[np.float32]]] = []
+    signatures: dict[Path, NDArray[np.float64]] = {}
     missed: list[str] = []
     for photo in photos:
         rgb = read_rgb(photo.path)
         variants = [("original", rgb), *(augmentations(rgb) if augment else [])]
         for name, img in variants:
             analysis = engine.analyse(img)
-            if analysis.template is None:
+            if analysis.template is None or analysis.face is None:
                 missed.append(f"{photo.path.name}:{name}")
                 continue
-            out.append(Template(photo, name, analysis.template))
-    return out, missed
+            if name == "original":
+                signatures[photo.path] = shot_signature(img, analysis.face.landmarks)
+            found.append((photo, name, analysis.template))
+    merged = {p.path: p for p in merge_same_shots(photos, signatures)}
+    return [Template(merged[photo.path], name, vector) for photo, name, vector in found], missed
 
 
 def score_sets(items: list[Template]) -> list[ScoreSet]:
