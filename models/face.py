@@ -116,7 +116,7 @@ class FaceEngine:
         detections = self.detector.detect(rgb)
         faces = relevant_faces(detections, self.quality_policy)
         if not faces:
-            face, report = assess(rgb, detections, self.quality_policy)
+            _, report = assess(rgb, detections, self.quality_policy)
             return FaceAnalysis(detections=detections, faces=[], face=None, quality=report, template=None)
         chip = align_face(rgb, faces[0].landmarks, self.embedder.chip_size)
         face, report = assess(rgb, detections, self.quality_policy, chip=chip)
