@@ -97,7 +97,9 @@ class KioskSimulatorRig:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
         server = uvicorn.Server(
-            uvicorn.Config(create_app(self.evoucher), log_config=None, access_log=False, lifespan="off")
+            uvicorn.Config(
+                create_app(self.evoucher), log_config=None, log_level="warning", access_log=False, lifespan="off"
+            )
         )
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="evoucher-sim-http", daemon=True)
         self._socket, self._server, self._thread = sock, server, thread
