@@ -11,6 +11,13 @@ device id, config version and broker host/port/user/topic prefix: the caller loa
 `overlay`, which fills those keys; a value in the file that contradicts the bundle is refused, never silently
 replaced. The section is additive, so the schema stays at version 1 (software without it refuses the unknown table).
 
+The `[devices]` table chooses each kiosk peripheral's backend by a `backend` discriminator ("simulated": the
+status-only stand-in the composition root supplies; "serial": the real driver on `port`), and `[evoucher]` chooses
+the national e-voucher platform adapter ("none" or "http"). Both are optional and additive with defaults that keep
+the behaviour of files written before them (all devices simulated, no e-voucher platform), so the schema stays at
+version 1 here too. Opening what they name (ports, the SS-card layout file) is `terminal.devices`' job, not this
+module's.
+
 It must never read environment variables or other files behind the caller's back, never fill a missing required
 field with a default that changes behaviour silently, and never hold secrets (keys and the broker password live
 sealed in the identity directory, `terminal.identity`).
@@ -27,6 +34,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from drivers.qr_scanner import QrScannerConfig
 from protocol import DeviceId
 from terminal.errors import ConfigError
 
@@ -181,8 +189,141 @@ class IdentityConfig(_Strict):
     )
 
 
+# ---------------------------------------------------------------- [devices]
+
+_PortPath = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^\x00-\x1f]+$",
+        description="Serial port the device is on, e.g. '/dev/ttyUSB-idcard' (a udev symlink) or '/dev/ttyACM0'.",
+    ),
+]
+_Baudrate = Annotated[int, Field(ge=1200, le=4_000_000)]
+
+
+class SimulatedDeviceConfig(_Strict):
+    """The status-only stand-in: the device is reported (simulated=True, ok) but nothing can be read from it."""
+
+    backend: Literal["simulated"] = Field(description="'simulated': a status-only stand-in, no real I/O.")
+
+
+class _SerialDevice(_Strict):
+    port: _PortPath
+    simulated_peer: bool = Field(
+        default=False,
+        description="True when the other end of the port is one of our pty simulators (demo, test rig): the real "
+        "driver runs, but heartbeats report the device as simulated so upstream never mistakes it for hardware.",
+    )
+
+
+class SerialIdCardReaderConfig(_SerialDevice):
+    """The 2nd-generation ID-card reader (SAM module) on a serial port, driven by `drivers.idcard.IdCardReader`."""
+
+    backend: Literal["serial"] = Field(description="'serial': the real SAM-module driver on `port`.")
+    baudrate: _Baudrate = Field(default=115200, description="Serial speed (SAM modules ship at 115200 8N1).")
+
+
+class SerialSsCardReaderConfig(_SerialDevice):
+    """The social-security-card reader on a serial port, driven by `drivers.sscard.SocialSecurityCardReader`."""
+
+    backend: Literal["serial"] = Field(description="'serial': the real reader driver on `port`.")
+    layout: Annotated[Path | None, Field(strict=False)] = Field(
+        default=None,
+        description="JSON file holding the vendor's `SsCardLayout` (frame variant and card field layout); a relative "
+        "path is taken relative to the config file's folder. Absent: the built-in MOHRSS default layout.",
+    )
+    baudrate: _Baudrate | None = Field(
+        default=None, description="Serial speed; absent: the layout's `frame.baudrate` (115200 in the default)."
+    )
+
+
+class SerialQrScannerConfig(_SerialDevice, QrScannerConfig):
+    """A QR scanner module in serial mode, driven by `drivers.qr_scanner.QrScanner`; the scanner's framing fields
+    (suffix, prefix_hex, trigger_hex, encoding, baudrate, ...) are those of `QrScannerConfig`, in this same table."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    backend: Literal["serial"] = Field(description="'serial': the real scanner driver on `port`.")
+
+    def scanner_config(self) -> QrScannerConfig:
+        """The driver's own config: this table less backend, port and simulated_peer."""
+        return QrScannerConfig.model_validate(self.model_dump(include=set(QrScannerConfig.model_fields)))
+
+
+def _simulated() -> SimulatedDeviceConfig:
+    return SimulatedDeviceConfig(backend="simulated")
+
+
+IdCardReaderBackend = Annotated[SimulatedDeviceConfig | SerialIdCardReaderConfig, Field(discriminator="backend")]
+SsCardReaderBackend = Annotated[SimulatedDeviceConfig | SerialSsCardReaderConfig, Field(discriminator="backend")]
+QrScannerBackend = Annotated[SimulatedDeviceConfig | SerialQrScannerConfig, Field(discriminator="backend")]
+CameraBackend = SimulatedDeviceConfig
+"""Only the status-only stand-in for now; the OpenCV camera backend joins this union as backend = "opencv"."""
+
+
+class DevicesConfig(_Strict):
+    """Which backend drives each kiosk peripheral. Every entry defaults to the status-only stand-in."""
+
+    id_card_reader: IdCardReaderBackend = Field(
+        default_factory=_simulated, description="2nd-generation resident ID-card reader (heartbeat name 'idcard0')."
+    )
+    ss_card_reader: SsCardReaderBackend = Field(
+        default_factory=_simulated, description="Social-security-card reader (heartbeat name 'sscard0')."
+    )
+    qr_scanner: QrScannerBackend = Field(
+        default_factory=_simulated, description="Serial QR scanner for 医保码 e-vouchers (heartbeat name 'qr0')."
+    )
+    camera: CameraBackend = Field(
+        default_factory=_simulated, description="Face camera (heartbeat name 'camera0'); only 'simulated' so far."
+    )
+
+
+# ---------------------------------------------------------------- [evoucher]
+
+
+class EVoucherConfig(_Strict):
+    """How the kiosk reaches the national e-voucher (医保码) platform; docs/evoucher.md has the offline policy."""
+
+    platform: Literal["none", "http"] = Field(
+        default="none",
+        description="'none': no e-voucher path (the kiosk offers the card paths only); 'http': the HTTP adapter "
+        "(`terminal.evoucher_http.HttpEVoucherPlatform`) against `base_url`.",
+    )
+    base_url: str | None = Field(
+        default=None,
+        min_length=8,
+        max_length=512,
+        pattern=r"^https?://[^\s]+$",
+        description="Platform address for 'http', e.g. 'https://evoucher.example.gov.cn'; must be absent for 'none'.",
+    )
+    timeout_s: float = Field(
+        default=3.0,
+        gt=0,
+        le=60,
+        description="One deadline per platform call; past it the call is refused as offline (never retried).",
+    )
+    org_code: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=32,
+        pattern=r"^[0-9A-Za-z]+$",
+        description="The designated institution's code (定点机构编码) sent with every call; required for 'http'.",
+    )
+
+    @model_validator(mode="after")
+    def _platform_settings(self) -> EVoucherConfig:
+        if self.platform == "http" and (self.base_url is None or self.org_code is None):
+            raise ValueError("platform 'http' needs base_url and org_code")
+        if self.platform == "none" and (self.base_url is not None or self.org_code is not None):
+            raise ValueError("base_url/org_code given but platform is 'none'; set platform = 'http' or remove them")
+        return self
+
+
 class TerminalConfig(_Strict):
-    """Everything a terminal needs to start: identity, versions, broker, outbox bounds and heartbeat."""
+    """Everything a terminal needs to start: identity, versions, broker, outbox bounds, heartbeat, devices and the
+    e-voucher platform."""
 
     schema_version: Literal[1] = Field(description="Shape of this file; older shapes are migrated on load.")
     config_version: _VersionString = Field(description="Version of this configuration bundle, reported upstream.")
@@ -196,6 +337,12 @@ class TerminalConfig(_Strict):
     heartbeat: HeartbeatConfig = Field(default_factory=HeartbeatConfig, description="Heartbeat timer.")
     identity: IdentityConfig | None = Field(
         default=None, description="Enrolled device: identity directory; the signed bundle then decides id and broker."
+    )
+    devices: DevicesConfig = Field(
+        default_factory=DevicesConfig, description="Peripheral backends; absent: every device simulated."
+    )
+    evoucher: EVoucherConfig = Field(
+        default_factory=EVoucherConfig, description="E-voucher platform adapter; absent: none."
     )
 
 
@@ -302,6 +449,17 @@ def parse_terminal_config(
     if base_dir is not None and not config.outbox.path.is_absolute():
         outbox = config.outbox.model_copy(update={"path": base_dir / config.outbox.path})
         config = config.model_copy(update={"outbox": outbox})
+    ss_reader = config.devices.ss_card_reader
+    if (
+        base_dir is not None
+        and isinstance(ss_reader, SerialSsCardReaderConfig)
+        and ss_reader.layout is not None
+        and not ss_reader.layout.is_absolute()
+    ):
+        devices = config.devices.model_copy(
+            update={"ss_card_reader": ss_reader.model_copy(update={"layout": base_dir / ss_reader.layout})}
+        )
+        config = config.model_copy(update={"devices": devices})
     return config
 
 

@@ -1,14 +1,16 @@
 """The terminal's one composition root: builds the typed runtime container and runs it.
 
-Owns the wiring of config, clock, outbox, MQTT link, delivery loop, heartbeat and peripherals into a
+Owns the wiring of config, clock, outbox, MQTT link, delivery loop, heartbeat, peripherals (the opened
+`KioskDevices`, `terminal.devices`) and the e-voucher service (its audit events go to this outbox) into a
 `TerminalRuntime`, the start/stop order, and the use-case entry points `record_audit` and `record_signed` that the
 kiosk and the demo call to put records into the outbox. An enrolled terminal also gets its `TerminalSecurity`
 (`terminal.session`): uplink frames sealed, downlink frames opened, `rotate_keys` carried out, security events
 chained in its local audit log. `run_terminal` is the process-level loop (signals, demo records, clean exit with the
 retained 'offline' status published).
 
-It must never choose concrete peripherals (the CLI or a test passes simulators or real drivers in; `terminal` never
-imports `hardware_sim`), never keep state in module globals, and never bypass the outbox to send a record.
+It must never choose concrete peripherals (the CLI or a test passes simulators, or devices opened from the config,
+in; `terminal` never imports `hardware_sim`), never keep state in module globals, and never bypass the outbox to
+send a record.
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, SignedRecordKind
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
+from terminal.devices import KioskDevices, build_evoucher_service
 from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
+from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
 from terminal.session import TerminalSecurity
@@ -65,6 +69,11 @@ class TerminalRuntime:
     health: PeripheralWatch
     started_monotonic: float
     security: TerminalSecurity | None = None
+    devices: KioskDevices | None = None
+    """The drivers opened from `[devices]` (None when the caller passed bare peripherals); closed by `stop()`."""
+    evoucher: EVoucherService | None = None
+    """The e-voucher service when `[evoucher]` selects a platform; its audit events go into this outbox."""
+    evoucher_platform: EVoucherPlatform | None = None
 
     def start(self) -> None:
         """Connect in the background and start delivery and heartbeats; returns at once, works offline."""
@@ -83,11 +92,13 @@ class TerminalRuntime:
         )
 
     def stop(self) -> None:
-        """Stop heartbeats and delivery, publish the retained 'offline' status, disconnect, close the outbox."""
+        """Stop heartbeats and delivery, publish the retained 'offline' status, disconnect, close the outbox, then
+        release the devices' ports and the e-voucher platform's connections."""
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
         self.outbox.close()
+        _release(self.devices, self.evoucher_platform)
         logger.info("terminal %s stopped", self.config.device_id)
 
     def uptime_s(self) -> float:
@@ -152,6 +163,15 @@ class TerminalRuntime:
         return self.outbox.enqueue_many(list(events))
 
 
+def _release(devices: KioskDevices | None, platform: EVoucherPlatform | None) -> None:
+    if devices is not None:
+        devices.close()
+    # The seam has no close(); adapters holding connections (HttpEVoucherPlatform) do.
+    close = getattr(platform, "close", None)
+    if callable(close):
+        close()
+
+
 def _fields_of(exc: Exception) -> str:
     # Field names only: the rejected values could be personal data.
     if isinstance(exc, ValidationError):
@@ -161,20 +181,67 @@ def _fields_of(exc: Exception) -> str:
 
 def build_runtime(
     config: TerminalConfig,
-    peripherals: Sequence[Peripheral],
+    peripherals: Sequence[Peripheral] | KioskDevices,
     clock: Clock | None = None,
     *,
     boot_id: uuid.UUID | None = None,
     link: UplinkLink | None = None,
     security: TerminalSecurity | None = None,
+    evoucher_platform: EVoucherPlatform | None = None,
 ) -> TerminalRuntime:
     """Wire a terminal from its config and the peripherals the caller chose. Nothing runs until `start()`.
 
+    `peripherals` is either bare peripherals (status only) or the `KioskDevices` opened from `config.devices`
+    (`terminal.devices.open_devices`); `evoucher_platform` (`terminal.devices.open_evoucher_platform`) gets an
+    `EVoucherService` whose audit events go into this terminal's outbox. The runtime owns both from here on: they
+    are closed by `stop()`, or at once if building fails.
     `link` replaces the MQTT connection (tests pass a fake); by default it is an `MqttUplink` to `config.mqtt`.
     `security` (an enrolled device) seals uplinks, opens downlinks and supplies the broker password.
     """
-    clock = clock if clock is not None else SystemClock()
-    boot_id = boot_id if boot_id is not None else uuid.uuid4()
+    if isinstance(peripherals, KioskDevices):
+        devices: KioskDevices | None = peripherals
+        reported = list(peripherals.peripherals)
+    else:
+        devices, reported = None, list(peripherals)
+    try:
+        runtime = _build(
+            config,
+            reported,
+            clock if clock is not None else SystemClock(),
+            boot_id=boot_id if boot_id is not None else uuid.uuid4(),
+            link=link,
+            security=security,
+        )
+    except BaseException:
+        _release(devices, evoucher_platform)
+        raise
+    runtime.devices = devices
+    runtime.evoucher_platform = evoucher_platform
+    if evoucher_platform is not None:
+        try:
+            runtime.evoucher = build_evoucher_service(
+                evoucher_platform,
+                config.evoucher,
+                device_id=config.device_id,
+                record=lambda event: runtime.record_audits([event]),
+                clock=runtime.clock,
+            )
+        except BaseException:
+            runtime.outbox.close()
+            _release(devices, evoucher_platform)
+            raise
+    return runtime
+
+
+def _build(
+    config: TerminalConfig,
+    peripherals: Sequence[Peripheral],
+    clock: Clock,
+    *,
+    boot_id: uuid.UUID,
+    link: UplinkLink | None,
+    security: TerminalSecurity | None,
+) -> TerminalRuntime:
     health = PeripheralWatch(peripherals)
     started = clock.monotonic()
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
@@ -262,11 +329,12 @@ def build_runtime(
 
 def run_terminal(
     config: TerminalConfig,
-    peripherals: Sequence[Peripheral],
+    peripherals: Sequence[Peripheral] | KioskDevices,
     *,
     emit_records: int = 0,
     stop_event: threading.Event | None = None,
     security: TerminalSecurity | None = None,
+    evoucher_platform: EVoucherPlatform | None = None,
 ) -> None:
     """Run a terminal until SIGINT/SIGTERM (main thread only) or `stop_event`, then stop cleanly.
 
@@ -276,7 +344,7 @@ def run_terminal(
     stop = stop_event if stop_event is not None else threading.Event()
     restore_signals = _stop_on_signals(stop)
     try:
-        runtime = build_runtime(config, peripherals, security=security)
+        runtime = build_runtime(config, peripherals, security=security, evoucher_platform=evoucher_platform)
         try:
             runtime.start()
             runtime.record_audit(

@@ -24,7 +24,9 @@ from provisioning.cli import app as provision_app
 
 if TYPE_CHECKING:
     from sync_server.settings import ServerSettings
-    from terminal.config import TerminalConfig
+    from terminal.config import DevicesConfig, TerminalConfig
+    from terminal.devices import KioskDevices
+    from terminal.evoucher import EVoucherPlatform
     from terminal.session import TerminalSecurity
 
 app = typer.Typer(
@@ -182,27 +184,45 @@ ConfigArg = Annotated[Path, typer.Option("--config", "-c", help="The terminal's 
 def terminal_run(
     config: ConfigArg,
     simulated: Annotated[
-        bool, typer.Option("--simulated", help="Use hardware simulators instead of real peripherals.")
+        bool,
+        typer.Option(
+            "--simulated",
+            help="Ignore [devices]: every peripheral is the status-only simulated stand-in (no ports are opened).",
+        ),
     ] = False,
     emit: Annotated[int, typer.Option(min=0, help="Enqueue this many demo records at start (for tests).")] = 0,
 ) -> None:
-    """Run the terminal core: outbox, MQTT sync and heartbeats, until SIGINT/SIGTERM.
+    """Run the terminal core: outbox, MQTT sync, heartbeats, the peripherals [devices] selects and the e-voucher
+    platform [evoucher] selects, until SIGINT/SIGTERM.
 
     With an [identity] section the signed bundle is verified first; the terminal refuses to start (exit 5) if it
-    fails, and then seals every uplink frame under a session key agreed with the server."""
+    fails, and then seals every uplink frame under a session key agreed with the server. A device the config selects
+    that cannot be opened (a missing serial port) stops start-up (exit 4) naming the device and port."""
+    from terminal.config import DevicesConfig
     from terminal.runtime import run_terminal
 
     cfg, security = _load_terminal(config)
-    if not simulated:
-        typer.secho(
-            "error: real peripheral drivers arrive with the identity issue; run with --simulated for now",
-            err=True,
-            fg=typer.colors.RED,
-        )
-        raise typer.Exit(2)
-    from hardware_sim.peripherals import simulated_peripherals
+    devices, platform = _open_terminal_devices(cfg, DevicesConfig() if simulated else cfg.devices, security)
+    run_terminal(cfg, devices, emit_records=emit, security=security, evoucher_platform=platform)
 
-    run_terminal(cfg, simulated_peripherals(), emit_records=emit, security=security)
+
+def _open_terminal_devices(
+    cfg: TerminalConfig, devices_config: DevicesConfig, security: TerminalSecurity | None
+) -> tuple[KioskDevices, EVoucherPlatform | None]:
+    """The devices and e-voucher adapter the config selects; exit 4 naming the device if one cannot be opened, 2 for
+    an unusable device settings file."""
+    from hardware_sim.peripherals import SimulatedPeripheral
+    from terminal.devices import DeviceStartupError, open_devices, open_evoucher_platform
+    from terminal.errors import ConfigError
+
+    try:
+        devices = open_devices(devices_config, stand_in=SimulatedPeripheral)
+    except (DeviceStartupError, ConfigError) as exc:
+        if security is not None:
+            security.stop()
+        typer.secho(f"error: refusing to start: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(4 if isinstance(exc, DeviceStartupError) else 2) from exc
+    return devices, open_evoucher_platform(cfg.evoucher)
 
 
 @terminal_app.command("check-config")
@@ -406,6 +426,40 @@ def sim_terminal(
         encoding="utf-8",
     )
     run_terminal(load_terminal_config(config), simulated_peripherals(), emit_records=emit)
+
+
+@sim_app.command("devices")
+def sim_devices(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the stable port symlinks (idcard, sscard, qr) are made.")
+    ] = Path("var/sim/devices"),
+    seed: Annotated[int, typer.Option(help="Seed of the synthetic cards in the readers.")] = 0,
+) -> None:
+    """Start the ID-card reader, social-security-card reader and QR scanner simulators on ptys and the e-voucher
+    platform simulator over HTTP; print one JSON line (port paths, platform URL, the [devices]/[evoucher] TOML for a
+    terminal config) and run until Ctrl-C. Point `terminal run` at them with backend = "serial",
+    simulated_peer = true."""
+    import json
+    import signal
+    import threading
+
+    from hardware_sim.kiosk_rig import RigStartError, start_kiosk_simulators
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            rig = start_kiosk_simulators(directory.resolve(), seed=seed)
+        except RigStartError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(1) from exc
+        with rig:
+            print(json.dumps({**rig.describe(), "terminal_toml": rig.terminal_toml()}, ensure_ascii=False), flush=True)
+            while not stop.wait(0.5):
+                continue
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------- audit logs

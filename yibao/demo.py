@@ -10,12 +10,19 @@ code; `yibao provision enrol` (device side, its own identity directory, a passph
 handed over in the child's environment only) makes the SM2 key, enrols, checks the server-signed bundle and writes
 the terminal config; `yibao terminal run` then seals every MQTT payload (SM4-GCM session frames).
 
+The terminal runs its REAL serial drivers: the demo starts the ID-card reader, social-security-card reader and QR
+scanner simulators on ptys and the e-voucher platform simulator over HTTP in its own process
+(`hardware_sim.kiosk_rig`, the same code as `yibao sim devices`), and writes `[devices]` (backend "serial",
+simulated_peer = true) and `[evoucher]` tables pointing at them into the terminal's config. The camera stays the
+status-only stand-in.
+
 `--smoke` runs the same stack unattended: the terminal pushes N records through its outbox, and the demo checks
 through the server's public API that every one was stored exactly once, then waits until the terminal itself reports
-(a heartbeat composed after the records, with `outbox_depth` 0) that the server acknowledged everything, and prints
-one JSON line of figures, among them `enrolled` (the server's provisioning record of the device says 'enrolled', with
-the key fingerprint the device reported) and `encrypted` (a wire observer on the broker saw only sealed frames for
-the device, and the server refused no message on security grounds).
+(a heartbeat composed after the records, with `outbox_depth` 0) that the server acknowledged everything, checks in
+the device's last heartbeat that the three serial devices are reported ok (simulated, on the demo's pty paths), and
+prints one JSON line of figures, among them `enrolled` (the server's provisioning record of the device says
+'enrolled', with the key fingerprint the device reported), `encrypted` (a wire observer on the broker saw only sealed
+frames for the device, and the server refused no message on security grounds) and `serial_devices_ok`.
 This module orchestrates processes only; it must never reach into the terminal's or the server's storage.
 """
 
@@ -42,6 +49,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy.engine import make_url
 
+from hardware_sim.kiosk_rig import KioskSimulatorRig, RigStartError, start_kiosk_simulators
 from protocol.secure import is_secure_frame
 from provisioning.client import EXIT_REFUSED
 from terminal.identity import PASSPHRASE_ENV
@@ -56,6 +64,8 @@ DEMO_ACTION = "demo.record"
 SMOKE_HEARTBEAT_S = 1.0
 """Heartbeat interval in smoke mode: the ack check reads the terminal's outbox depth from its heartbeats."""
 PROVISION_TIMEOUT_S = 60.0
+SERIAL_DEVICES = ("idcard0", "sscard0", "qr0")
+"""Heartbeat names of the devices the demo terminal drives with its real serial drivers."""
 
 
 class DemoError(RuntimeError):
@@ -143,6 +153,8 @@ class DemoStack:
     """`yibao provision enrol --json` output: device id, key epoch, device and server key fingerprints."""
     device_env: dict[str, str] = field(default_factory=dict, repr=False)
     observer: WireObserver | None = None
+    devices: KioskSimulatorRig | None = None
+    """The pty device simulators and the e-voucher platform the terminal's real drivers talk to."""
     _tmp: tempfile.TemporaryDirectory[str] | None = None
 
     @property
@@ -239,10 +251,20 @@ class DemoStack:
     def identity_dir(self) -> Path:
         return self.workdir / "terminal" / "identity"
 
+    def start_devices(self) -> None:
+        try:
+            self.devices = start_kiosk_simulators(self.workdir / "devices")
+        except RigStartError as exc:
+            raise DemoError(str(exc)) from exc
+
     def start_terminal(self) -> None:
         self.enrol()
         config = self.workdir / "terminal" / "terminal.toml"
-        argv = ["terminal", "run", "--config", str(config), "--simulated"]
+        if self.devices is not None:
+            # Added after `provision enrol` rewrote the file: its TOML writer only knows one level of tables.
+            with config.open("a", encoding="utf-8") as fh:
+                fh.write(self.devices.terminal_toml())
+        argv = ["terminal", "run", "--config", str(config)]
         if self.options.records:
             argv += ["--emit", str(self.options.records)]
         self.terminal = spawn(yibao_argv(*argv), log_path=self.workdir / "terminal.log", env=self.device_env)
@@ -305,6 +327,37 @@ class DemoStack:
                 raise DemoError("interrupted while waiting for the terminal")
         raise DemoError(f"the terminal did not show {'online' if want else 'offline'} on the server in time")
 
+    def serial_devices(self) -> dict[str, str]:
+        """What the device's last heartbeat (through the server's API) says of each serial device: its state, or
+        why it does not count (missing, not marked simulated, not on the demo's pty path)."""
+        dev = self.device()
+        heartbeat = (dev or {}).get("heartbeat") or {}
+        reported = {p.get("name"): p for p in heartbeat.get("peripherals", [])}
+        paths = self.devices.describe() if self.devices is not None else {}
+        expected = dict(zip(SERIAL_DEVICES, ("id_card_reader", "ss_card_reader", "qr_scanner"), strict=True))
+        seen: dict[str, str] = {}
+        for name, entry in expected.items():
+            status = reported.get(name)
+            if status is None:
+                seen[name] = "missing"
+            elif status.get("simulated") is not True:
+                seen[name] = "not marked simulated"
+            elif str(paths.get(entry)) not in str(status.get("detail") or ""):
+                seen[name] = f"{status.get('state')}, not the serial driver on the demo's pty"
+            else:
+                seen[name] = str(status.get("state"))
+        return seen
+
+    def wait_serial_devices(self, timeout_s: float = 15.0) -> dict[str, str]:
+        """The serial devices' states once all report ok (or what they last reported when `timeout_s` ran out)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            seen = self.serial_devices()
+            if all(state == "ok" for state in seen.values()) or time.monotonic() >= deadline:
+                return seen
+            self.check_children()
+            time.sleep(0.2)
+
     def check_children(self) -> None:
         for name, proc in (("server", self.server), ("terminal", self.terminal)):
             if proc is not None and proc.poll() is not None:
@@ -318,6 +371,8 @@ class DemoStack:
             stop(self.server, name="server")
         if self.observer is not None:
             self.observer.close()
+        if self.devices is not None:
+            self.devices.stop()
         broker_pid = self.broker.pid
         self.broker.stop(keep_workdir=True)
         pids = [*self.pids, *([broker_pid] if broker_pid else [])]
@@ -349,6 +404,7 @@ def start_stack(options: DemoOptions) -> DemoStack:
         broker.start()
         stack.observer = WireObserver(broker.host, broker.port, options.device_id)
         stack.start_server()
+        stack.start_devices()
         stack.start_terminal()
     except BaseException:
         stack.close()
@@ -452,6 +508,9 @@ def run_smoke(options: DemoOptions) -> dict[str, Any]:
         result["sealed_frames_seen"] = security["sealed_frames_seen"]
         result["plaintext_seen"] = security["plaintext_seen"]
         result["security_refused"] = security["security_refused"]
+        devices = stack.wait_serial_devices()
+        result["serial_devices"] = devices
+        result["serial_devices_ok"] = all(state == "ok" for state in devices.values())
     finally:
         t_down = time.monotonic()
         leftovers = stack.close()
@@ -465,6 +524,7 @@ def run_smoke(options: DemoOptions) -> dict[str, Any]:
         and result.get("server_acked") is True
         and result.get("enrolled") is True
         and result.get("encrypted") is True
+        and result.get("serial_devices_ok") is True
         and result["leftover_processes"] == 0
     )
     return result
@@ -500,6 +560,13 @@ def run_interactive(options: DemoOptions, echo: Any) -> int:
             f"{security['sealed_frames_seen']} sealed frames and no plaintext seen on the broker, "
             f"{security['security_refused']} security refusals"
         )
+        if stack.devices is not None:
+            d = stack.devices.describe()
+            states = ", ".join(f"{name} {state}" for name, state in stack.wait_serial_devices().items())
+            echo(
+                f"Devices    real serial drivers on pty simulators: ID card {d['id_card_reader']}, SS card "
+                f"{d['ss_card_reader']}, QR {d['qr_scanner']} ({states}); e-voucher platform {d['evoucher_url']}"
+            )
         echo(f"Terminal   {options.device_id} is online ({took:.1f} s). Open {stack.base_url}/ in a browser.")
         echo("Press Ctrl-C to stop everything.")
         while not stopping.wait(0.5):

@@ -14,7 +14,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from hardware_sim.evoucher import EVoucherSimulator, Insured, synthetic_insured
-from hardware_sim.evoucher_http import HttpEVoucherPlatform, create_app
+from hardware_sim.evoucher_http import create_app
 from protocol import AuditEvent
 from terminal.evoucher import (
     BusinessType,
@@ -32,6 +32,7 @@ from terminal.evoucher import (
     TerminalContext,
     TokenUsedError,
 )
+from terminal.evoucher_http import HttpEVoucherPlatform
 from tests.hardware_sim.test_evoucher import StepClock
 
 CTX = TerminalContext(org_code="H32058300001", device_id="term-0001")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -86,17 +87,24 @@ def test_minimal_file_takes_documented_defaults(tmp_path: Path) -> None:
 
 
 def test_every_field_is_described() -> None:
+    def models_in(annotation: Any) -> list[type[Any]]:
+        # A table, or each table of a `backend`-discriminated union / an optional table.
+        if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+            return [annotation]
+        return [m for arg in typing.get_args(annotation) for m in models_in(arg)]
+
     def undescribed(model: type[Any], where: str) -> list[str]:
         missing = []
         for name, info in model.model_fields.items():
             if not info.description:
                 missing.append(f"{where}{name}")
-            annotation = info.annotation
-            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
-                missing += undescribed(annotation, f"{where}{name}.")
+            for table in models_in(info.annotation):
+                missing += undescribed(table, f"{where}{name}.")
         return missing
 
     assert undescribed(TerminalConfig, "") == []
+    assert "devices.qr_scanner.suffix" not in undescribed(TerminalConfig, "")  # the recursion reaches the unions
+    assert len(models_in(TerminalConfig.model_fields["devices"].annotation)) == 1
 
 
 @pytest.mark.parametrize(
@@ -220,3 +228,129 @@ def test_failing_migration_is_a_config_error(tmp_path: Path) -> None:
 
 def test_shipped_registry_reaches_current_version() -> None:
     assert all(v < CURRENT_SCHEMA_VERSION for v in MIGRATIONS)
+
+
+DEVICES_FILE = """\
+schema_version = 1
+config_version = "kiosk-7"
+device_id = "SIM-0007"
+[mqtt]
+host = "127.0.0.1"
+port = 1883
+[outbox]
+path = "outbox.sqlite3"
+
+[devices.id_card_reader]
+backend = "serial"
+port = "/dev/ttyUSB-idcard"       # udev symlink
+baudrate = 115200
+
+[devices.ss_card_reader]
+backend = "serial"
+port = "/dev/ttyUSB-sscard"
+layout = "layouts/vendor-x.json"   # relative to this file's folder
+
+[devices.qr_scanner]
+backend = "serial"
+port = "/dev/ttyACM-qr"
+simulated_peer = true
+suffix = "crlf"
+prefix_hex = "02"
+baudrate = 9600
+
+[devices.camera]
+backend = "simulated"
+
+[evoucher]
+platform = "http"
+base_url = "https://evoucher.example.gov.cn"
+timeout_s = 2.5
+org_code = "H32058300001"
+"""
+
+
+def test_devices_and_evoucher_tables_load(tmp_path: Path) -> None:
+    from terminal.config import SerialIdCardReaderConfig, SerialQrScannerConfig, SerialSsCardReaderConfig
+
+    path = tmp_path / "terminal.toml"
+    path.write_text(DEVICES_FILE, encoding="utf-8")
+    config = load_terminal_config(path)
+    assert config.schema_version == 1
+    devices = config.devices
+    id_reader, ss_reader, scanner = devices.id_card_reader, devices.ss_card_reader, devices.qr_scanner
+    assert isinstance(id_reader, SerialIdCardReaderConfig)
+    assert (id_reader.port, id_reader.baudrate, id_reader.simulated_peer) == ("/dev/ttyUSB-idcard", 115200, False)
+    assert isinstance(ss_reader, SerialSsCardReaderConfig)
+    assert ss_reader.layout == tmp_path / "layouts" / "vendor-x.json"
+    assert ss_reader.baudrate is None
+    assert isinstance(scanner, SerialQrScannerConfig)
+    assert scanner.simulated_peer is True
+    framing = scanner.scanner_config()
+    assert (framing.suffix, framing.prefix, framing.baudrate) == ("crlf", b"\x02", 9600)
+    assert config.devices.camera.backend == "simulated"
+    assert config.evoucher.platform == "http"
+    assert (config.evoucher.base_url, config.evoucher.timeout_s) == ("https://evoucher.example.gov.cn", 2.5)
+    assert config.evoucher.org_code == "H32058300001"
+
+
+def test_without_the_tables_every_device_is_simulated_and_no_platform(tmp_path: Path) -> None:
+    config = load_terminal_config(write(tmp_path, terminal_raw_config(tmp_path)))
+    assert {name: entry.backend for name, entry in config.devices} == {
+        "id_card_reader": "simulated",
+        "ss_card_reader": "simulated",
+        "qr_scanner": "simulated",
+        "camera": "simulated",
+    }
+    assert config.evoucher.platform == "none"
+
+
+SERIAL_QR = {"backend": "serial", "port": "/dev/ttyACM0"}
+
+
+@pytest.mark.parametrize(
+    ("table", "value", "field"),
+    [
+        ("devices", {"printer": {"backend": "simulated"}}, "devices.printer"),
+        ("devices", {"qr_scanner": {**SERIAL_QR, "colour": "blue"}}, "devices.qr_scanner.serial.colour"),
+        ("devices", {"qr_scanner": {"backend": "usb-hid"}}, "devices.qr_scanner"),
+        ("devices", {"qr_scanner": {"port": "/dev/ttyACM0"}}, "devices.qr_scanner"),
+        ("devices", {"qr_scanner": {"backend": "serial"}}, "devices.qr_scanner.serial.port"),
+        ("devices", {"qr_scanner": {**SERIAL_QR, "baudrate": "9600"}}, "devices.qr_scanner.serial.baudrate"),
+        ("devices", {"qr_scanner": {**SERIAL_QR, "suffix": "tab"}}, "devices.qr_scanner.serial.suffix"),
+        ("devices", {"qr_scanner": {**SERIAL_QR, "prefix_hex": "zz"}}, "devices.qr_scanner.serial.prefix_hex"),
+        ("devices", {"id_card_reader": {**SERIAL_QR, "simulated_peer": "yes"}}, "id_card_reader.serial.simulated_peer"),
+        ("devices", {"id_card_reader": {**SERIAL_QR, "baudrate": 12}}, "devices.id_card_reader.serial.baudrate"),
+        ("devices", {"id_card_reader": {"backend": "serial", "port": ""}}, "devices.id_card_reader.serial.port"),
+        ("devices", {"ss_card_reader": {**SERIAL_QR, "layout": 5}}, "devices.ss_card_reader.serial.layout"),
+        ("devices", {"camera": {"backend": "opencv"}}, "devices.camera.backend"),
+        ("devices", {"camera": {"backend": "simulated", "index": 0}}, "devices.camera.index"),
+        ("devices", "serial", "devices"),
+        ("evoucher", {"platform": "sdk"}, "evoucher.platform"),
+        ("evoucher", {"platform": "http", "org_code": "H1"}, "platform 'http' needs base_url and org_code"),
+        ("evoucher", {"platform": "none", "base_url": "http://x.example"}, "platform is 'none'"),
+        ("evoucher", {"platform": "http", "base_url": "ftp://x.example", "org_code": "H1"}, "evoucher.base_url"),
+        ("evoucher", {"platform": "http", "base_url": "http://x.example", "org_code": 7}, "evoucher.org_code"),
+        ("evoucher", {"timeout_s": "3"}, "evoucher.timeout_s"),
+        ("evoucher", {"retries": 3}, "evoucher.retries"),
+    ],
+)
+def test_bad_devices_and_evoucher_tables_fail_closed(tmp_path: Path, table: str, value: Any, field: str) -> None:
+    raw = terminal_raw_config(tmp_path)
+    raw.pop(table, None)
+    path = tmp_path / "terminal.toml"
+    # Top-level keys come before any table header, so the inline value goes first.
+    path.write_text(f"{table} = {_inline(value)}\n" + to_toml(raw), encoding="utf-8")
+    message = load_error(path)
+    assert str(path) in message
+    assert field in message
+
+
+def _inline(value: Any) -> str:
+    """A TOML inline value (tables included), enough for these cases."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_inline(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value + '"'
+    return repr(value)
