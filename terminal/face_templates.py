@@ -18,13 +18,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import numpy as np
 from numpy.typing import NDArray
 
+from models.face import Gallery
 from protocol.gm import sm4
 from protocol.gm.errors import DecryptionFailedError
 from protocol.gm.sm3 import hmac_sm3, sm3_kdf
@@ -50,18 +50,6 @@ class TemplateStoreError(TerminalError):
 
 class TemplateTamperedError(TemplateStoreError):
     """A stored template failed to open: altered bytes, moved between subjects, or a different key."""
-
-
-@dataclass(frozen=True)
-class Gallery:
-    """Templates of one model in memory for 1:N: `subject_refs[i]` owns row `i` of `templates` (L2-normalised)."""
-
-    model_sha256: str
-    subject_refs: tuple[str, ...]
-    templates: NDArray[np.float32]  # (N, D)
-
-    def __len__(self) -> int:
-        return len(self.subject_refs)
 
 
 def _aad(subject_ref: str, model_sha256: str) -> bytes:
@@ -134,7 +122,8 @@ class TemplateStore:
         return [ref for ref, model in self.subjects().items() if model != self.model_sha256]
 
     def load_gallery(self) -> Gallery:
-        """Open every template of the current model into memory; `TemplateTamperedError` if any fails to open."""
+        """Open every template of the current model into memory for 1:N (`models.face.Gallery`, ids = subject
+        references); `TemplateTamperedError` if any fails to open."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT subject_ref, dims, sealed FROM face_template WHERE model_sha256 = ? ORDER BY subject_ref",
@@ -156,4 +145,4 @@ class TemplateStore:
             vectors.append(vector)
         width = vectors[0].size if vectors else 0
         matrix = np.stack(vectors) if vectors else np.zeros((0, width), dtype=np.float32)
-        return Gallery(model_sha256=self.model_sha256, subject_refs=tuple(refs), templates=matrix)
+        return Gallery(ids=tuple(refs), templates=matrix)

@@ -10,13 +10,14 @@ never print the private key, the passphrase or the broker password: only where t
 
 from __future__ import annotations
 
-import json
 import os
 import tomllib
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import tomli_w
 
 from protocol import SystemClock
 from protocol.enrolment import EnrolCode
@@ -49,22 +50,9 @@ def default_hardware_id() -> str:
     return f"mac-{uuid.getnode():012x}"
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-
 def render_toml(doc: Mapping[str, Any]) -> str:
-    """A config dict (scalars and one level of tables) as TOML."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
-    for name, table in doc.items():
-        if isinstance(table, Mapping):
-            lines.append(f"\n[{name}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
-    return "\n".join(lines) + "\n"
+    """A config dict (scalars and nested tables, e.g. `[devices.qr_scanner]`) as TOML."""
+    return tomli_w.dumps(dict(doc))
 
 
 def write_terminal_config(config: Path, identity_dir: Path, passphrase_file: Path | None) -> None:

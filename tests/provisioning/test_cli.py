@@ -10,6 +10,7 @@ import json
 import socket
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,19 @@ def test_written_config_keeps_local_settings_and_drops_what_the_bundle_decides(t
     assert "device_id" not in text
     assert "host" not in text
     assert json.dumps(str((tmp_path / "identity").resolve())) in text
+
+
+def test_written_config_keeps_nested_device_tables(tmp_path: Path) -> None:
+    config = tmp_path / "terminal.toml"
+    config.write_text(
+        'schema_version = 1\n[outbox]\npath = "box.sqlite3"\n'
+        '[devices.qr_scanner]\nbackend = "serial"\nport = "/dev/ttyACM0"\nbaudrate = 9600\n'
+        '[devices.camera]\nbackend = "simulated"\n',
+        encoding="utf-8",
+    )
+    write_terminal_config(config, tmp_path / "identity", None)
+    with config.open("rb") as fh:
+        doc = tomllib.load(fh)
+    assert doc["devices"]["qr_scanner"] == {"backend": "serial", "port": "/dev/ttyACM0", "baudrate": 9600}
+    assert doc["devices"]["camera"] == {"backend": "simulated"}
+    assert doc["identity"]["dir"] == str((tmp_path / "identity").resolve())

@@ -36,8 +36,8 @@ def test_templates_round_trip_and_no_template_bytes_are_on_disk(tmp_path: Path) 
 
     reopened = TemplateStore(tmp_path / "gallery.db", _key(tmp_path), model_sha256=MODEL_A)
     gallery = reopened.load_gallery()
-    assert gallery.subject_refs == tuple(sorted(templates))
-    for i, ref in enumerate(gallery.subject_refs):
+    assert gallery.ids == tuple(sorted(templates))
+    for i, ref in enumerate(gallery.ids):
         np.testing.assert_allclose(gallery.templates[i], templates[ref], rtol=1e-6)
         assert reopened.template_hash(gallery.templates[i]) == hashes[ref]
     reopened.close()
@@ -68,11 +68,11 @@ def test_templates_of_another_model_are_never_compared_and_are_reported_stale(tm
     old.enrol("alice", _template(1))
     old.close()
     new = TemplateStore(tmp_path / "g.db", key, model_sha256=MODEL_B)
-    assert len(new.load_gallery()) == 0
+    assert len(new.load_gallery().ids) == 0
     assert new.stale_subjects() == ["alice"]
     new.enrol("alice", _template(3))
     assert new.stale_subjects() == []
-    assert len(new.load_gallery()) == 1
+    assert len(new.load_gallery().ids) == 1
 
 
 def test_template_hashes_differ_between_devices_for_the_same_face(tmp_path: Path) -> None:
