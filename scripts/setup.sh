@@ -63,4 +63,6 @@ if [ ! -f "$(stamp_of "$lock")" ] && { [ "$dev" = 1 ] || [ ! -f "$(stamp_of requ
   rm -f .venv/.synced-*
   touch "$(stamp_of "$lock")"
 fi
+# Converted models (the dlib ResNet → ONNX) into $YIBAO_MODELS_DIR or var/models; skips quickly when built.
+.venv/bin/yibao models build >&2
 log "ready"

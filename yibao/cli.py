@@ -443,6 +443,60 @@ def audit_new_key(
     print(f"created {key_file}")
 
 
+# ---------------------------------------------------------------- models
+
+ModelsDirOpt = Annotated[
+    Path | None, typer.Option("--out", "--models-dir", help="Models dir; default $YIBAO_MODELS_DIR or var/models.")
+]
+
+
+@models_app.command("build")
+def models_build(models_dir: ModelsDirOpt = None) -> None:
+    """Build the converted models (the dlib ResNet → ONNX) into the models dir; skip those already built.
+
+    Fails (exit 1) when a build's sha256 is not the manifest's. Prints one JSON line per model.
+    """
+    import json
+
+    from models.manifest import ModelLoadError, ModelStore
+    from yibao.models_cmd import ModelsCommandError, build_models
+
+    try:
+        for record in build_models(ModelStore(models_dir)):
+            print(json.dumps(record))
+    except (ModelsCommandError, ModelLoadError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from exc
+
+
+@models_app.command("check")
+def models_check(
+    models_dir: Annotated[
+        Path | None, typer.Option("--models-dir", help="Models dir; default $YIBAO_MODELS_DIR or var/models.")
+    ] = None,
+    operator_dir: Annotated[
+        Path | None, typer.Option("--operator-dir", help="Operator models; default $YIBAO_OPERATOR_MODELS_DIR.")
+    ] = None,
+) -> None:
+    """Load every model (shipped and operator) with its warm-up; one JSON line each; exit 1 if any fails."""
+    import json
+
+    from models.manifest import ModelLoadError, ModelStore
+    from yibao.models_cmd import check_models
+
+    try:
+        store = ModelStore(models_dir, operator_dir)
+    except ModelLoadError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1) from exc
+    failed = False
+    for record in check_models(store):
+        print(json.dumps(record, ensure_ascii=False))
+        failed |= not record["ok"]
+    if failed:
+        raise typer.Exit(1)
+
+
 # ---------------------------------------------------------------- benchmarks
 
 

@@ -1,0 +1,1 @@
+"""Tests for models/: manifests, the loader, the dlib conversion, the embedder."""
