@@ -12,8 +12,8 @@ Owns the PAD signals the kiosk combines before it trusts a face match:
   across frames within a time window, on an injected RNG and an injected clock.
 - `TextureSignal`: passive cues in the RGB face crop: isolated peaks in the spectrum (screen moiré, print halftone
   aliasing).
-- `OnnxPadSignal`: an optional operator-supplied ONNX PAD model (MiniFASNet-class) run through a tiny Protocol
-  (`PadModel.run`), so a manifest-loaded model plugs in without this module importing a runtime.
+- `OnnxPadSignal`: an optional operator-supplied ONNX PAD model (MiniFASNet-class) loaded through the model
+  manifest system (`models.manifest.ModelStore`), hash- and spec-checked like every other model.
 
 `LivenessChecker` fuses them: every signal that has its input must pass; when neither IR nor depth is available,
 a passed active challenge is required. The decision carries the scores, the failed reasons and the method used,
@@ -37,6 +37,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from models.manifest import LoadedModel
 from models.types import DepthImage, Detection, GrayImage, RgbImage
 
 logger = logging.getLogger(__name__)
@@ -294,31 +295,48 @@ def moire_prominence(
 # ---------------------------------------------------------------- optional ONNX PAD model
 
 
-class PadModel(Protocol):
-    """What `OnnxPadSignal` needs from a loaded model: one inference call (a manifest-loaded model satisfies it)."""
-
-    def run(self, input: NDArray[np.float32]) -> NDArray[np.float32]: ...
-
-
 @dataclass(frozen=True, slots=True)
 class OnnxPadSignal:
-    """An operator-supplied PAD classifier (MiniFASNet-class): face crop → class probabilities.
+    """An operator-supplied PAD classifier (MiniFASNet-class, manifest role "pad"): face crop → class scores.
 
-    The crop is the face box scaled by `crop_scale` around its centre, resized to `input_size`, NCHW float32 in
-    `channel_order` with `(x - mean) / std`. The output row is soft-maxed unless `outputs_probabilities`; the
-    probability at `live_index` is the score.
+    The model comes from `models.manifest` (`ModelStore.load(name)`), already hash-checked, spec-checked and
+    warmed up; its manifest decides the input size, layout, channel order and normalisation. The crop is the face
+    box scaled by `crop_scale` around its centre (zero-padded at frame edges, as such models are trained), output
+    `output_index` is one row of class scores, soft-maxed unless `outputs_probabilities`; the probability at
+    `live_index` is the score. The pass threshold is the manifest's calibrated one (metric "score") when present.
     """
 
-    model: PadModel
-    input_size: tuple[int, int] = (80, 80)  # (width, height)
+    model: LoadedModel
     crop_scale: float = 2.7
-    channel_order: str = "BGR"
-    mean: float = 0.0
-    std: float = 1.0
     live_index: int = 1
+    output_index: int = 0
     outputs_probabilities: bool = False
-    threshold: float = 0.5
+    default_threshold: float = 0.5
     name: str = "onnx_pad"
+
+    def __post_init__(self) -> None:
+        manifest = self.model.manifest
+        if manifest.role != "pad":
+            raise ValueError(f"model {manifest.name} has role {manifest.role!r}, not 'pad'")
+        if manifest.input.dtype != "float32" or len(manifest.input.shape) != 4:
+            raise ValueError(f"model {manifest.name}: a PAD model takes one float32 image batch")
+        if manifest.threshold is not None and manifest.threshold.metric != "score":
+            raise ValueError(f"model {manifest.name}: a PAD threshold is a 'score', not {manifest.threshold.metric}")
+
+    @property
+    def threshold(self) -> float:
+        calibrated = self.model.manifest.threshold
+        return calibrated.value if calibrated is not None else self.default_threshold
+
+    def _input_size(self) -> tuple[int, int]:
+        """(width, height) the model takes, read from the manifest's shape and layout."""
+        spec = self.model.manifest.input
+        shape = spec.shape
+        if spec.layout == "NCHW":
+            return shape[3], shape[2]
+        if spec.layout == "NHWC":
+            return shape[2], shape[1]
+        return shape[1], shape[2]  # NWHC
 
     def score(self, rgb: RgbImage, detection: Detection) -> SignalResult:
         x0, y0, x1, y1 = _scaled_box(detection, self.crop_scale)
@@ -329,17 +347,16 @@ class OnnxPadSignal:
         crop = padded[round(y0) + pad : round(y1) + pad, round(x0) + pad : round(x1) + pad]
         if crop.size == 0:
             return SignalResult(self.name, 0.0, False, "face_box_too_small")
-        chip = cv2.resize(crop, self.input_size, interpolation=cv2.INTER_LINEAR)
-        if self.channel_order.upper() == "BGR":
-            chip = chip[:, :, ::-1]
-        tensor = ((chip.astype(np.float32) - self.mean) / self.std).transpose(2, 0, 1)[None]
-        out = np.asarray(self.model.run(np.ascontiguousarray(tensor, dtype=np.float32)), dtype=np.float64)
-        row = out.reshape(-1) if out.ndim <= 2 and out.shape[0] == 1 else out[0].reshape(-1)
+        chip = cv2.resize(crop, self._input_size(), interpolation=cv2.INTER_LINEAR)
+        outputs = self.model.run(self.model.preprocess(np.asarray(chip)[None]))
+        if not 0 <= self.output_index < len(outputs):
+            return SignalResult(self.name, 0.0, False, "pad_model_output_mismatch")
+        row = np.asarray(outputs[self.output_index], dtype=np.float64).reshape(-1)
+        if not 0 <= self.live_index < row.size:
+            return SignalResult(self.name, 0.0, False, "pad_model_output_mismatch")
         if not self.outputs_probabilities:
             row = np.exp(row - row.max())
             row = row / row.sum()
-        if not 0 <= self.live_index < row.size:
-            return SignalResult(self.name, 0.0, False, "pad_model_output_mismatch")
         score = float(row[self.live_index])
         passed = score >= self.threshold
         return SignalResult(self.name, score, passed, "ok" if passed else "pad_model_attack")

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort  # type: ignore[import-untyped]  # ships no type information
 import pytest
-from numpy.typing import NDArray
 from onnx import TensorProto, helper, numpy_helper
 
 from hardware_sim.camera_sim import Motion, Presentation, Synthesized, load_rgb, synthesize
@@ -27,6 +25,7 @@ from models.liveness import (
     pitch_proxy,
     yaw_proxy,
 )
+from models.manifest import ModelStore, sha256_file
 from models.types import Detection, RgbImage
 from tests.face_data import faces_dir
 from yibao.pad_harness import DlibReferenceDetector, run_challenge
@@ -269,11 +268,11 @@ def test_without_ir_or_depth_the_challenge_is_required(face: tuple[RgbImage, Det
 # ---------------------------------------------------------------- operator ONNX PAD model
 
 
-def _mean_brightness_model(path: Path, size: int = 16) -> None:
-    """A tiny stand-in PAD model: logits = (-mean, +mean) of the normalised crop (bright = 'live')."""
+def _mean_brightness_model(operator_dir: Path, *, size: int = 16, threshold: str = "") -> None:
+    """A tiny stand-in PAD model with its operator manifest: logits = (-mean, +mean) of the crop (bright = 'live')."""
     n = 3 * size * size
     weights = np.zeros((n, 2), dtype=np.float32)
-    weights[:, 0], weights[:, 1] = -50.0 / n, 50.0 / n
+    weights[:, 0], weights[:, 1] = -5.0 / n, 5.0 / n
     graph = helper.make_graph(
         [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["logits"])],
         "tiny_pad",
@@ -283,22 +282,44 @@ def _mean_brightness_model(path: Path, size: int = 16) -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx.checker.check_model(model)
-    onnx.save(model, str(path))
+    onnx.save(model, str(operator_dir / "tiny_pad.onnx"))
+    sha = sha256_file(operator_dir / "tiny_pad.onnx")
+    (operator_dir / "tiny_pad.toml").write_text(
+        f"""schema_version = 1
+name = "tiny_pad"
+role = "pad"
+description = "test stand-in for an operator PAD model"
+file = "operator:tiny_pad.onnx"
+sha256 = "{sha}"
+licence = "CC0-1.0"
 
+[source]
+notes = "built by the test"
 
-class OrtPadModel:
-    def __init__(self, path: Path) -> None:
-        self._session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+[input]
+name = "input"
+shape = [1, 3, {size}, {size}]
+dtype = "float32"
+layout = "NCHW"
+channel_order = "BGR"
 
-    def run(self, input: NDArray[np.float32]) -> NDArray[np.float32]:
-        out = self._session.run(None, {"input": input})[0]
-        return np.asarray(out, dtype=np.float32)
+[normalisation]
+kind = "mean_scale"
+mean = [127.5, 127.5, 127.5]
+scale = [0.0078431, 0.0078431, 0.0078431]
+
+[[outputs]]
+name = "logits"
+shape = [1, 2]
+{threshold}"""
+    )
 
 
 def test_an_operator_onnx_pad_model_is_an_extra_signal(face: tuple[RgbImage, Detection], tmp_path: Path) -> None:
     rgb, det = face
-    _mean_brightness_model(tmp_path / "pad.onnx")
-    signal = OnnxPadSignal(OrtPadModel(tmp_path / "pad.onnx"), input_size=(16, 16), mean=127.5, std=127.5)
+    _mean_brightness_model(tmp_path)
+    store = ModelStore(tmp_path / "models", tmp_path)
+    signal = OnnxPadSignal(store.load("tiny_pad"))
     bright = np.clip(rgb.astype(np.int16) + 120, 0, 255).astype(np.uint8)
     dark = (rgb // 6).astype(np.uint8)
     assert signal.score(bright, det).passed
@@ -307,5 +328,28 @@ def test_an_operator_onnx_pad_model_is_an_extra_signal(face: tuple[RgbImage, Det
     decision = checker.assess(dark, det, challenge=SignalResult("challenge", 1.0, True, "ok"))
     assert "onnx_pad:pad_model_attack" in decision.failed
     assert "onnx_pad" in decision.method
-    wrong = OnnxPadSignal(OrtPadModel(tmp_path / "pad.onnx"), input_size=(16, 16), live_index=5)
+    wrong = OnnxPadSignal(store.load("tiny_pad"), live_index=5)
     assert wrong.score(bright, det).reason == "pad_model_output_mismatch"
+
+
+def test_the_manifest_threshold_is_the_operating_point(face: tuple[RgbImage, Detection], tmp_path: Path) -> None:
+    rgb, det = face
+    calibrated = """
+[threshold]
+metric = "score"
+value = 0.9999
+how_chosen = "test: stricter than any crop of this photo can reach"
+calibrated_on = 2026-12-01
+"""
+    _mean_brightness_model(tmp_path, threshold=calibrated)
+    signal = OnnxPadSignal(ModelStore(tmp_path / "models", tmp_path).load("tiny_pad"))
+    assert signal.threshold == 0.9999
+    result = signal.score(np.clip(rgb.astype(np.int16) + 120, 0, 255).astype(np.uint8), det)
+    assert 0.5 < result.score < 0.9999
+    assert not result.passed
+
+
+def test_a_model_that_is_not_a_pad_model_is_refused() -> None:
+    store = ModelStore(operator_dir=None)
+    with pytest.raises(ValueError, match="not 'pad'"):
+        OnnxPadSignal(store.load("mtcnn_onet"))
