@@ -52,6 +52,8 @@ verify_app = typer.Typer(
 app.add_typer(verify_app, name="verify")
 models_app = typer.Typer(help="The kiosk's ML models: build them from installed packages, check.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+calibrate_app = typer.Typer(help="Calibrate the face pipeline on a folder of face photos.", no_args_is_help=True)
+app.add_typer(calibrate_app, name="calibrate")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -710,6 +712,67 @@ def bench_ceiling_consumer(
     from yibao.bench import run_ceiling_consumer
 
     run_ceiling_consumer(mqtt_host, mqtt_port, database_url, status_file, create=create)
+
+
+# ---------------------------------------------------------------- face verification and calibration
+
+ModelsDirOpt = Annotated[
+    Path | None, typer.Option("--models-dir", help="Where built models live (default $YIBAO_MODELS_DIR or var/models).")
+]
+
+
+@verify_app.command("face")
+def verify_face(
+    image_a: Annotated[Path, typer.Argument(help="First photo (JPEG/PNG).")],
+    image_b: Annotated[Path, typer.Argument(help="Second photo (JPEG/PNG).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a sentence.")] = False,
+    models_dir: ModelsDirOpt = None,
+) -> None:
+    """Are the largest faces in two photos the same person? Exit code 2 on an unreadable file or missing model."""
+    from yibao.verify_face import EngineUnavailableError, ImageReadError, build_engine, compare_photos, render
+
+    try:
+        engine = build_engine(models_dir)
+        result = compare_photos(engine, image_a, image_b)
+    except (ImageReadError, EngineUnavailableError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+    print(render(result, as_json))
+
+
+@calibrate_app.command("face")
+def calibrate_face(
+    faces_dir: Annotated[Path, typer.Option("--faces-dir", help="One folder per person (group/, video/ skipped).")],
+    models_dir: ModelsDirOpt = None,
+    augment: Annotated[bool, typer.Option(help="Add flipped/rotated/darker/brighter variants (labelled).")] = True,
+    write: Annotated[
+        bool, typer.Option(help="Store the threshold (model manifest [threshold], else models/calibration.json).")
+    ] = True,
+    table: Annotated[bool, typer.Option("--table", help="Also print the markdown table after the JSON line.")] = False,
+) -> None:
+    """Genuine/impostor similarity over all photo pairs; picks the threshold; prints one JSON line (+ table)."""
+    from yibao.calibrate import run_face_calibration
+
+    try:
+        line, md, where = run_face_calibration(faces_dir, models_dir, augment=augment, write=write)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+    print(line)
+    if table:
+        print(md)
+    if where:
+        typer.secho(f"threshold written to {where}", err=True)
+
+
+@calibrate_app.command("chip-template")
+def calibrate_chip_template(
+    faces_dir: Annotated[Path, typer.Option("--faces-dir", help="Face photos (every image under it is used).")],
+) -> None:
+    """Where MTCNN's five landmarks fall on dlib's 150x150 chips (needs dlib, a dev dependency): one JSON line."""
+    from yibao.calibrate import run_chip_template
+
+    print(run_chip_template(faces_dir))
 
 
 def main() -> None:
