@@ -94,9 +94,10 @@ class _Reader:
         specials = {32000: math.inf, 32001: -math.inf, 32002: math.nan}
         if exponent in specials:
             return specials[exponent]
-        if not -1100 < exponent < 1100:
-            raise ConversionError(f"bad float exponent {exponent} for {what} at offset {self.pos}")
-        return math.ldexp(mantissa, exponent)
+        try:
+            return math.ldexp(mantissa, exponent)
+        except OverflowError as exc:
+            raise ConversionError(f"float out of range for {what} at offset {self.pos}") from exc
 
     def string(self, what: str) -> str:
         length = self.int_(what)
@@ -109,8 +110,8 @@ class _Reader:
 
     def _dims(self, what: str) -> tuple[int, int, int, int]:
         n, k, nr, nc = (self.int_(what) for _ in range(4))
-        if min(n, k, nr, nc) < 0:
-            raise ConversionError(f"negative dims {(n, k, nr, nc)} for {what}")
+        if min(n, k, nr, nc) < 0 or max(n, k, nr, nc) > len(self.data):
+            raise ConversionError(f"implausible dims {(n, k, nr, nc)} for {what}")
         return n, k, nr, nc
 
     def tensor(self, what: str) -> F32:
@@ -365,7 +366,13 @@ def _matches(token: Token, layer: Layer) -> bool:
             and layer.padding == (pad, pad)
         )
     if kind == "pool_all":
-        return isinstance(layer, Pool) and layer.kind == "avg" and layer.window == (0, 0) and layer.stride == (1, 1)
+        return (
+            isinstance(layer, Pool)
+            and layer.kind == "avg"
+            and layer.window == (0, 0)
+            and layer.stride == (1, 1)
+            and layer.padding == (0, 0)
+        )
     if kind == "fc":
         return isinstance(layer, Fc) and layer.weights.shape[1] == token[1]
     return {"affine": Affine, "relu": Relu, "add_prev": AddPrev}[str(kind)] is type(layer)
@@ -429,8 +436,8 @@ def build_onnx(net: DlibNet) -> onnx.ModelProto:
             if pending is None or layer.gamma.size != pending.filters.shape[0]:
                 raise ConversionError("affine layer does not follow a convolution of the same width")
             gamma = layer.gamma.astype(np.float64)
-            w = (pending.filters.astype(np.float64) * gamma[:, None, None, None]).astype(np.float32)
-            b = (pending.biases.astype(np.float64) * gamma + layer.beta.astype(np.float64)).astype(np.float32)
+            w = _to_f32(pending.filters.astype(np.float64) * gamma[:, None, None, None])
+            b = _to_f32(pending.biases.astype(np.float64) * gamma + layer.beta.astype(np.float64))
             window = pending.filters.shape[2]
             (sy, sx), (py, px) = pending.stride, pending.padding
             cur = g.node(
@@ -494,6 +501,12 @@ def build_onnx(net: DlibNet) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         raise ConversionError(f"the emitted graph is not valid ONNX: {exc}") from exc
     return model
+
+
+def _to_f32(values: NDArray[np.float64]) -> F32:
+    if not np.all(np.abs(values) <= np.finfo(np.float32).max):
+        raise ConversionError("folding an affine layer into its convolution overflows float32")
+    return values.astype(np.float32)
 
 
 def _pad_to(g: _GraphBuilder, x: str, shape: tuple[int, int, int], target: tuple[int, ...]) -> str:

@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import NDArray
 
 from models.align import align_face
+from models.calibration import CalibrationError, load_threshold
+from models.detector import PARAMS_KIOSK, DetectorParams, MtcnnDetector
+from models.embedder import DLIB_RESNET, DlibResnetEmbedder
+from models.manifest import ModelStore
 from models.quality import QualityPolicy, assess, relevant_faces
 from models.types import Detection, Embedding, FaceDetector, FaceEmbedder, QualityReport, RgbImage
 
@@ -111,7 +116,7 @@ class FaceEngine:
         detections = self.detector.detect(rgb)
         faces = relevant_faces(detections, self.quality_policy)
         if not faces:
-            face, report = assess(rgb, detections, self.quality_policy)
+            _, report = assess(rgb, detections, self.quality_policy)
             return FaceAnalysis(detections=detections, faces=[], face=None, quality=report, template=None)
         chip = align_face(rgb, faces[0].landmarks, self.embedder.chip_size)
         face, report = assess(rgb, detections, self.quality_policy, chip=chip)
@@ -151,3 +156,26 @@ class FaceEngine:
             threshold=self.threshold,
             analysis=analysis,
         )
+
+
+def engine_from_store(
+    store: ModelStore,
+    *,
+    detector_params: DetectorParams = PARAMS_KIOSK,
+    quality_policy: QualityPolicy | None = None,
+    calibration_file: Path | None = None,
+    embedder_model: str = DLIB_RESNET,
+) -> FaceEngine:
+    """The engine from verified models: MTCNN, the dlib ResNet, and the threshold from the embedder's manifest
+    (`[threshold]`), else from `calibration_file` (which must name the same model sha256).
+
+    Raises ModelLoadError (a model is missing or disagrees with its manifest) or CalibrationError (no threshold).
+    """
+    detector = MtcnnDetector.from_store(store, detector_params)
+    loaded = store.load(embedder_model)
+    block = loaded.manifest.threshold
+    if block is not None and block.metric != "cosine":
+        raise CalibrationError(f"model {embedder_model}: threshold metric {block.metric!r}, the engine compares cosine")
+    threshold = load_threshold(block.value if block is not None else None, calibration_file, loaded.sha256)
+    logger.info("face engine: threshold %.4f from %s", threshold.value, threshold.origin)
+    return FaceEngine(detector, DlibResnetEmbedder(loaded), quality_policy or QualityPolicy(), threshold.value)

@@ -284,19 +284,18 @@ def run_face_calibration(
     """`yibao calibrate face`: (JSON line, markdown table, where the threshold was written)."""
     from models.calibration import markdown_table
     from models.detector import PARAMS_PHOTOS, MtcnnDetector
+    from models.embedder import DLIB_RESNET, DlibResnetEmbedder
     from models.manifest import SHIPPED_MANIFESTS_DIR, ModelStore
     from models.quality import QualityPolicy
-    from yibao.verify_face import DEFAULT_CALIBRATION_FILE, EMBEDDER_MODEL, load_embedder
+    from yibao.verify_face import DEFAULT_CALIBRATION_FILE
 
     store = ModelStore(models_dir)
-    loaded = store.load(EMBEDDER_MODEL)
+    loaded = store.load(DLIB_RESNET)
     # Scoring only: the engine's threshold is not consulted while pairs are scored.
     engine = FaceEngine(
-        MtcnnDetector.from_store(store, PARAMS_PHOTOS), load_embedder(store), QualityPolicy.for_photos(), 0.0
+        MtcnnDetector.from_store(store, PARAMS_PHOTOS), DlibResnetEmbedder(loaded), QualityPolicy.for_photos(), 0.0
     )
-    result, missed = calibrate_face(
-        engine, faces_dir, model=EMBEDDER_MODEL, model_sha256=loaded.sha256, augment=augment
-    )
+    result, missed = calibrate_face(engine, faces_dir, model=DLIB_RESNET, model_sha256=loaded.sha256, augment=augment)
     if missed:
         logger.warning("no face found in %d photo variants: %s", len(missed), ", ".join(missed))
     where = store_threshold(result, SHIPPED_MANIFESTS_DIR, DEFAULT_CALIBRATION_FILE) if write else None

@@ -716,7 +716,7 @@ def bench_ceiling_consumer(
 
 # ---------------------------------------------------------------- face verification and calibration
 
-ModelsDirOpt = Annotated[
+FaceModelsDirOpt = Annotated[
     Path | None, typer.Option("--models-dir", help="Where built models live (default $YIBAO_MODELS_DIR or var/models).")
 ]
 
@@ -726,7 +726,7 @@ def verify_face(
     image_a: Annotated[Path, typer.Argument(help="First photo (JPEG/PNG).")],
     image_b: Annotated[Path, typer.Argument(help="Second photo (JPEG/PNG).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a sentence.")] = False,
-    models_dir: ModelsDirOpt = None,
+    models_dir: FaceModelsDirOpt = None,
 ) -> None:
     """Are the largest faces in two photos the same person? Exit code 2 on an unreadable file or missing model."""
     from yibao.verify_face import EngineUnavailableError, ImageReadError, build_engine, compare_photos, render
@@ -743,7 +743,7 @@ def verify_face(
 @calibrate_app.command("face")
 def calibrate_face(
     faces_dir: Annotated[Path, typer.Option("--faces-dir", help="One folder per person (group/, video/ skipped).")],
-    models_dir: ModelsDirOpt = None,
+    models_dir: FaceModelsDirOpt = None,
     augment: Annotated[bool, typer.Option(help="Add flipped/rotated/darker/brighter variants (labelled).")] = True,
     write: Annotated[
         bool, typer.Option(help="Store the threshold (model manifest [threshold], else models/calibration.json).")

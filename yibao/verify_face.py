@@ -7,7 +7,6 @@ command's JSON/sentence output. The decision itself is `models.face.FaceEngine.v
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from dataclasses import dataclass
@@ -17,17 +16,16 @@ from typing import Any
 import cv2
 import numpy as np
 
-from models.calibration import CalibrationError, load_threshold
-from models.detector import PARAMS_PHOTOS, MtcnnDetector
-from models.face import FaceAnalysis, FaceEngine, cosine_similarity
+from models.calibration import CalibrationError
+from models.detector import PARAMS_PHOTOS
+from models.face import FaceAnalysis, FaceEngine, cosine_similarity, engine_from_store
 from models.manifest import ModelLoadError, ModelStore
 from models.quality import QualityPolicy, message
-from models.types import FaceEmbedder, RgbImage
+from models.types import RgbImage
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-EMBEDDER_MODEL = "dlib_resnet"
 DEFAULT_CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "models" / "calibration.json"
 
 
@@ -53,39 +51,22 @@ def read_rgb(path: Path) -> RgbImage:
     return np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
 
 
-def load_embedder(store: ModelStore) -> FaceEmbedder:
-    """The dlib ResNet embedder on onnxruntime, through the store (`yibao models build` makes its ONNX file)."""
-    # Imported by name until face-core's models.embedder lands on this branch (then: a plain import).
-    module = importlib.import_module("models.embedder")
-    embedder: FaceEmbedder = module.DlibResnetEmbedder.from_store(store)
-    return embedder
-
-
 def build_engine(
     models_dir: Path | None = None,
     calibration_file: Path | None = DEFAULT_CALIBRATION_FILE,
     *,
-    embedder: FaceEmbedder | None = None,
-    embedder_sha256: str | None = None,
     store: ModelStore | None = None,
 ) -> FaceEngine:
-    """The engine for arbitrary photos (faces down to 40 px). `embedder` overrides the store's (tests, reference)."""
+    """The engine for arbitrary photos: faces down to 40 px, the photo quality policy, the calibrated threshold."""
     try:
-        the_store = store or ModelStore(models_dir)
-        detector = MtcnnDetector.from_store(the_store, PARAMS_PHOTOS)
-        manifest_threshold: float | None = None
-        sha: str | None = embedder_sha256
-        if embedder is None:
-            loaded = the_store.load(EMBEDDER_MODEL)
-            manifest = loaded.manifest
-            manifest_threshold = manifest.threshold.value if manifest.threshold is not None else None
-            sha = manifest.sha256
-            embedder = load_embedder(the_store)
-        threshold = load_threshold(manifest_threshold, calibration_file, sha)
+        return engine_from_store(
+            store or ModelStore(models_dir),
+            detector_params=PARAMS_PHOTOS,
+            quality_policy=QualityPolicy.for_photos(),
+            calibration_file=calibration_file,
+        )
     except (ModelLoadError, CalibrationError) as exc:
         raise EngineUnavailableError(str(exc)) from exc
-    logger.info("face engine ready; threshold %.4f from %s", threshold.value, threshold.origin)
-    return FaceEngine(detector, embedder, QualityPolicy.for_photos(), threshold.value)
 
 
 @dataclass(frozen=True, slots=True)

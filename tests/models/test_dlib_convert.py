@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from typer.testing import CliRunner
 from models.dlib_convert import (
     ConversionError,
     build_dlib_resnet,
+    build_onnx,
     convert,
     read_dlib_net,
     source_path,
@@ -108,6 +111,22 @@ def test_no_header_damage_crashes(dat: bytes) -> None:
     for offset in range(0, 0x160, 3):  # every third byte keeps this under ~5 s
         with contextlib.suppress(ConversionError):
             read_dlib_net(_corrupt(dat, offset, dat[offset] ^ 0x5A))
+
+
+def test_mutations_near_layer_headers_never_crash(dat: bytes) -> None:
+    # Random byte changes and insertions around layer names (where sizes and hyper-parameters live), seeded:
+    # the reader and the graph builder either refuse with ConversionError or produce a graph; no other exception
+    # and no warning (pytest turns warnings into errors, e.g. a float32 overflow while folding batch-norm).
+    rnd = random.Random(4)
+    anchors = [m.start() for m in re.finditer(rb"con_4|affine_|max_pool_2|avg_pool_2|add_prev_|fc_2", dat)]
+    for _ in range(40):
+        at = min(max(rnd.choice(anchors) + rnd.randint(-40, 60), 0), len(dat) - 2)
+        mutated = bytearray(dat)
+        mutated[at] = rnd.randrange(256)
+        if rnd.random() < 0.3:
+            mutated[at + 1 : at + 1] = bytes([rnd.randrange(256)])
+        with contextlib.suppress(ConversionError):
+            build_onnx(read_dlib_net(bytes(mutated)))
 
 
 def test_build_refuses_a_modified_source(dat: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
