@@ -27,6 +27,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -138,7 +139,9 @@ def _motion_field(det: Detection, motion: Motion) -> tuple[float, float, float, 
         return 0.0, 0.35 * iod * amount, cx, cy, sx, sy
     # Subject's left = image right in an unmirrored camera (see models.liveness.yaw_proxy).
     sign = 1.0 if motion.move is Challenge.TURN_LEFT else -1.0
-    return sign * 0.45 * iod * amount, 0.0, cx, cy, sx, sy
+    # Amplitude chosen so detectors' nose landmark moves ≈ 0.2 inter-ocular distances relative to the eyes, as in
+    # a ~25-30° real turn (the warp keeps the face outline, so landmark regressors follow it only partly).
+    return sign * 0.65 * iod * amount, 0.0, cx, cy, sx, sy
 
 
 def apply_motion(rgb: RgbImage, det: Detection, motion: Motion) -> tuple[RgbImage, Detection]:
@@ -168,10 +171,10 @@ def apply_motion(rgb: RgbImage, det: Detection, motion: Motion) -> tuple[RgbImag
 # ---------------------------------------------------------------- per-presentation synthesis
 
 
-def _background_ir(h: int, w: int, gray: F32, rng: np.random.Generator) -> F32:
+def _background_ir(h: int, w: int, gray: F32, rng: np.random.Generator, scene: np.random.Generator) -> F32:
     # The illuminator barely reaches the room behind the subject: dim, low-contrast; ambient NIR (sunlight, a
     # near wall) lifts it by a random amount.
-    level = rng.uniform(12.0, 55.0)
+    level = scene.uniform(12.0, 55.0)
     return (level + 0.12 * gray + rng.normal(0.0, 2.0, (h, w))).astype(np.float32)
 
 
@@ -194,7 +197,8 @@ def _eye_features(ir: F32, xs: F32, ys: F32, det: Detection, *, glint: bool) -> 
         out = out * (1.0 - 0.65 * pupil)
         if glint:
             # The corneal reflection of the illuminator LED: a tiny saturated spot slightly off the pupil centre.
-            spot = _gauss(xs, ys, float(ex) + 0.02 * iod, float(ey) - 0.02 * iod, 0.018 * iod, 0.018 * iod)
+            size = max(0.8, 0.018 * iod)  # never smaller than the optics' blur spot
+            spot = _gauss(xs, ys, float(ex) + 0.02 * iod, float(ey) - 0.02 * iod, size, size)
             out = out + 200.0 * spot
     return out.astype(np.float32)
 
@@ -215,16 +219,16 @@ def _head_depth(xs: F32, ys: F32, det: Detection, distance: float, nose_mm: floa
     return z
 
 
-def _plane_depth(xs: F32, ys: F32, center: tuple[float, float], distance: float, rng: np.random.Generator) -> F32:
-    tilt_x, tilt_y = rng.uniform(-0.25, 0.25), rng.uniform(-0.25, 0.25)  # mm per px (≈ ±15° at this scale)
+def _plane_depth(xs: F32, ys: F32, center: tuple[float, float], distance: float, scene: np.random.Generator) -> F32:
+    tilt_x, tilt_y = scene.uniform(-0.25, 0.25), scene.uniform(-0.25, 0.25)  # mm per px (≈ ±15° at this scale)
     return (distance + tilt_x * (xs - center[0]) + tilt_y * (ys - center[1])).astype(np.float32)
 
 
-def _sheet(det: Detection, shape: tuple[int, int], scale: float, rng: np.random.Generator) -> tuple[int, ...]:
+def _sheet(det: Detection, shape: tuple[int, int], scale: float, scene: np.random.Generator) -> tuple[int, ...]:
     x0, y0, x1, y1 = det.box
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    hw = (x1 - x0) * scale * rng.uniform(0.95, 1.1) / 2
-    hh = (y1 - y0) * scale * 1.25 * rng.uniform(0.95, 1.1) / 2
+    hw = (x1 - x0) * scale * scene.uniform(0.95, 1.1) / 2
+    hh = (y1 - y0) * scale * 1.25 * scene.uniform(0.95, 1.1) / 2
     h, w = shape
     return (
         max(0, int(cx - hw)),
@@ -249,33 +253,38 @@ def synthesize(
     *,
     motion: Motion | None = None,
     sensors: bool = True,
+    scene_seed: int | None = None,
 ) -> Synthesized:
     """One frame as the RGB+IR+depth camera would see `presentation` of the face `det` found in `rgb`.
 
     `motion` is applied by a live subject or a mask wearer (they answer the kiosk) and by a screen replay (its
     clip's own motion); a print ignores it. With `sensors=False` only the RGB is made (IR and depth are None).
+    `scene_seed` fixes the scene and the attack instrument (sheet size and tilt, paper, halftone and screen grid,
+    distance, skin and ambient levels) across frames, as one physical presentation would; sensor noise still
+    comes from `rng` per frame. Without it every call draws a new scene from `rng`.
     """
     h, w = rgb.shape[:2]
+    scene = np.random.default_rng(scene_seed) if scene_seed is not None else rng
     if det is None:
         if not sensors:
             return Synthesized(rgb, None, None, None)
         xs, ys = _grid(h, w)
         gray = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), dtype=np.float32)
-        far = np.full((h, w), rng.uniform(1800.0, 2600.0), dtype=np.float32)
-        return Synthesized(rgb, _u8(_background_ir(h, w, gray, rng)), _finish_depth(far, rng, 0.05), None)
+        far = np.full((h, w), scene.uniform(1800.0, 2600.0), dtype=np.float32)
+        return Synthesized(rgb, _u8(_background_ir(h, w, gray, rng, scene)), _finish_depth(far, rng, 0.05), None)
 
     if motion is not None and presentation is not Presentation.PRINT:
         rgb, det = apply_motion(rgb, det, motion)
-    sheet = _sheet(det, (h, w), 2.0, rng)
-    out_rgb = _present_rgb(rgb, det, presentation, sheet, rng)
+    sheet = _sheet(det, (h, w), 2.0, scene)
+    out_rgb = _present_rgb(rgb, det, presentation, sheet, scene)
     if not sensors:
         return Synthesized(out_rgb, None, None, det)
 
     xs, ys = _grid(h, w)
     gray = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), dtype=np.float32)
-    far = np.full((h, w), rng.uniform(1800.0, 2600.0), dtype=np.float32)
-    distance = float(rng.uniform(450.0, 600.0))
-    background = _background_ir(h, w, gray, rng)
+    far = np.full((h, w), scene.uniform(1800.0, 2600.0), dtype=np.float32)
+    distance = float(scene.uniform(450.0, 600.0))
+    background = _background_ir(h, w, gray, rng, scene)
     noise = rng.normal(0.0, 2.5, (h, w)).astype(np.float32)
 
     if presentation in (Presentation.BONA_FIDE, Presentation.MASK):
@@ -283,15 +292,15 @@ def synthesize(
         if presentation is Presentation.BONA_FIDE:
             # NIR skin: bright and smoother than in visible light; keeps the facial edges (brows, nose, lips).
             blurred = np.asarray(cv2.GaussianBlur(gray, (0, 0), 1.5), dtype=np.float32)
-            skin = (rng.uniform(95.0, 150.0) + 0.45 * (blurred - float(gray.mean()))).astype(np.float32)
+            skin = (scene.uniform(95.0, 150.0) + 0.45 * (blurred - float(gray.mean()))).astype(np.float32)
             lit = _eye_features(skin, xs, ys, det, glint=True)
-            nose_mm = float(rng.uniform(18.0, 28.0))
+            nose_mm = float(scene.uniform(18.0, 28.0))
         else:
             # Mask material: uniform reflectance, only shading from its shape; no pupils, no corneal glint.
             x0, y0, x1, y1 = det.box
             shade = _gauss(xs, ys, (x0 + x1) / 2, (y0 + y1) / 2, 0.5 * (x1 - x0), 0.6 * (y1 - y0))
             lit = (150.0 + 25.0 * shade).astype(np.float32)
-            nose_mm = float(rng.uniform(12.0, 20.0))
+            nose_mm = float(scene.uniform(12.0, 20.0))
         ir = mask * lit + (1.0 - mask) * background + noise
         z = np.where(mask > 0.5, _head_depth(xs, ys, det, distance, nose_mm), far).astype(np.float32)
         return Synthesized(out_rgb, _u8(ir), _finish_depth(z, rng, 0.02), det)
@@ -299,18 +308,18 @@ def synthesize(
     sx0, sy0, sx1, sy1 = sheet
     inside = np.zeros((h, w), dtype=bool)
     inside[sy0:sy1, sx0:sx1] = True
-    plane = _plane_depth(xs, ys, ((sx0 + sx1) / 2, (sy0 + sy1) / 2), distance, rng)
+    plane = _plane_depth(xs, ys, ((sx0 + sx1) / 2, (sy0 + sy1) / 2), distance, scene)
     if presentation is Presentation.PRINT:
         # Paper: the whole sheet lit alike; inks are nearly transparent in NIR, so the print shows only faintly.
-        paper = rng.uniform(110.0, 190.0)
+        paper = scene.uniform(110.0, 190.0)
         ir = np.where(inside, paper - 0.12 * (255.0 - gray), background) + noise
-        bend = rng.uniform(-3.0, 3.0) * ((xs - (sx0 + sx1) / 2) / max(1.0, (sx1 - sx0) / 2)) ** 2
+        bend = scene.uniform(-3.0, 3.0) * ((xs - (sx0 + sx1) / 2) / max(1.0, (sx1 - sx0) / 2)) ** 2
         z = np.where(inside, plane + bend, far).astype(np.float32)
         return Synthesized(out_rgb, _u8(ir), _finish_depth(z, rng, 0.02), det)
 
     # SCREEN_REPLAY: emits visible light only; the NIR camera sees dark glass and maybe a reflection of the LED.
-    glass = 28.0 + rng.uniform(-6.0, 6.0)
-    hx, hy = rng.uniform(sx0, sx1), rng.uniform(sy0, sy1)
+    glass = 28.0 + scene.uniform(-6.0, 6.0)
+    hx, hy = scene.uniform(sx0, sx1), scene.uniform(sy0, sy1)
     ir = np.where(inside, glass + 120.0 * _gauss(xs, ys, hx, hy, 6.0, 6.0), background) + noise
     z = np.where(inside, plane, far).astype(np.float32)
     return Synthesized(out_rgb, _u8(ir), _finish_depth(z, rng, 0.08), det)
@@ -321,7 +330,7 @@ def _present_rgb(
     det: Detection,
     presentation: Presentation,
     sheet: tuple[int, ...],
-    rng: np.random.Generator,
+    scene: np.random.Generator,
 ) -> RgbImage:
     """What the RGB sensor sees of the presentation (effects only inside the face/sheet region: cheap)."""
     if presentation is Presentation.BONA_FIDE:
@@ -346,14 +355,14 @@ def _present_rgb(
         paper = 30.0 + roi * 0.82  # paper white and ink black: less dynamic range
         lum = paper.mean(axis=2, keepdims=True)
         paper = lum + 0.75 * (paper - lum)  # inks: less saturation
-        period, angle = rng.uniform(3.0, 5.0), rng.uniform(0.0, np.pi)
+        period, angle = scene.uniform(3.0, 5.0), scene.uniform(0.0, np.pi)
         # A halftone screen far finer than a pixel still aliases into a faint periodic pattern.
         halftone = 1.0 + 0.045 * np.cos((rx * np.cos(angle) + ry * np.sin(angle)) * 2 * np.pi / period)
         out[sy0:sy1, sx0:sx1] = _u8(paper * halftone[:, :, None])
         return out
     screen = roi * np.array([0.92, 0.98, 1.1], dtype=np.float32) + 8.0  # backlit LCD: cooler, lifted blacks
-    p1, p2 = rng.uniform(2.6, 4.2), rng.uniform(2.6, 4.2)
-    a1, a2 = rng.uniform(0.0, np.pi), rng.uniform(0.0, np.pi)
+    p1, p2 = scene.uniform(2.6, 4.2), scene.uniform(2.6, 4.2)
+    a1, a2 = scene.uniform(0.0, np.pi), scene.uniform(0.0, np.pi)
     # Two beating gratings: the display's pixel grid sampled by the camera's pixel grid (moiré).
     grid = (
         1.0
@@ -558,7 +567,9 @@ class SimulatedCamera:
             raise NoFrame(f"simulated camera {self._name}: read timed out")
         rgb, key = self._source.next()
         det = self._detect(rgb, key)
-        synth = synthesize(rgb, det, presentation, self._np_rng, motion=motion)
+        # One physical presentation per (source, species): the same sheet, screen or scene frame after frame.
+        scene_seed = zlib.crc32(f"{self._seed}:{presentation.value}:{key}".encode())
+        synth = synthesize(rgb, det, presentation, self._np_rng, motion=motion, scene_seed=scene_seed)
         out_rgb = synth.rgb
         for fault in (CameraFault.TOO_DARK, CameraFault.BLURRED):
             if fault in faults:

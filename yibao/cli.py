@@ -674,6 +674,7 @@ def bench_pad(
     video: Annotated[Path | None, typer.Option(help="A real video whose frames are bona-fide presentations.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the simulator and the challenge draws.")] = 7,
     challenge: Annotated[bool, typer.Option(help="Also run the RGB-only texture + active-challenge policy.")] = True,
+    detector: Annotated[str, typer.Option(help="mtcnn (the product detector) or dlib (reference adapter).")] = "mtcnn",
 ) -> None:
     """PAD (liveness) table: APCER per attack species and BPCER, fused and per signal, on simulated attacks."""
     if not faces.is_dir():
@@ -682,9 +683,14 @@ def bench_pad(
     if video is not None and not video.is_file():
         typer.secho(f"error: no video file at {video}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
-    from yibao.pad_harness import pad_bench_json
+    from yibao.pad_harness import DETECTORS, pad_bench_json
 
-    print(pad_bench_json(faces, video=video, seed=seed, with_challenge=challenge))
+    if detector not in DETECTORS:
+        typer.secho(
+            f"error: unknown detector {detector!r} (known: {', '.join(DETECTORS)})", err=True, fg=typer.colors.RED
+        )
+        raise typer.Exit(2)
+    print(pad_bench_json(faces, video=video, seed=seed, with_challenge=challenge, detector_name=detector))
 
 
 @bench_app.command("chaos-terminal", hidden=True)

@@ -12,14 +12,15 @@ from drivers.camera import Camera, CameraFault, CameraUnavailable, NoFrame, clas
 from drivers.peripherals import Peripheral
 from hardware_sim.camera_sim import Presentation, SimulatedCamera
 from models.liveness import Challenge, DepthSignal, yaw_proxy
+from models.types import FaceDetector
 from protocol import PeripheralState
 from tests.face_data import faces_dir
-from yibao.pad_harness import DlibReferenceDetector
+from yibao.pad_harness import make_detector
 
 
 @pytest.fixture(scope="module")
-def detector() -> DlibReferenceDetector:
-    return DlibReferenceDetector()
+def detector() -> FaceDetector:
+    return make_detector("mtcnn")
 
 
 @pytest.fixture
@@ -28,9 +29,7 @@ def stills() -> list[Path]:
     return [root / "obama" / "obama_a.jpg", root / "biden" / "biden_b.jpg"]
 
 
-def test_plays_stills_and_video_at_640x480_with_ir_and_depth(
-    stills: list[Path], detector: DlibReferenceDetector
-) -> None:
+def test_plays_stills_and_video_at_640x480_with_ir_and_depth(stills: list[Path], detector: FaceDetector) -> None:
     camera = SimulatedCamera([*stills, faces_dir() / "video" / "short_clip.mp4"], detector, frames_per_still=2)
     assert isinstance(camera, Camera)
     assert isinstance(camera, Peripheral)
@@ -53,7 +52,7 @@ def test_plays_stills_and_video_at_640x480_with_ir_and_depth(
     assert camera.status().simulated
 
 
-def test_the_same_seed_gives_the_same_frames(stills: list[Path], detector: DlibReferenceDetector) -> None:
+def test_the_same_seed_gives_the_same_frames(stills: list[Path], detector: FaceDetector) -> None:
     def first(seed: int) -> tuple[NDArray[np.uint8], NDArray[np.uint16]]:
         camera = SimulatedCamera(stills, detector, seed=seed, presentation=Presentation.PRINT)
         camera.open()
@@ -69,9 +68,7 @@ def test_the_same_seed_gives_the_same_frames(stills: list[Path], detector: DlibR
     assert not np.array_equal(a[1], c[1])
 
 
-def test_presentations_differ_where_the_sensors_say_they_should(
-    stills: list[Path], detector: DlibReferenceDetector
-) -> None:
+def test_presentations_differ_where_the_sensors_say_they_should(stills: list[Path], detector: FaceDetector) -> None:
     camera = SimulatedCamera(stills[:1], detector, seed=1)
     camera.open()
     det = detector.detect(camera.read().rgb)[0]
@@ -96,7 +93,7 @@ def test_presentations_differ_where_the_sensors_say_they_should(
     assert measures[Presentation.SCREEN_REPLAY][1] < measures[Presentation.BONA_FIDE][1] / 3
 
 
-def test_faults_are_injected_and_cleared_at_run_time(stills: list[Path], detector: DlibReferenceDetector) -> None:
+def test_faults_are_injected_and_cleared_at_run_time(stills: list[Path], detector: FaceDetector) -> None:
     camera = SimulatedCamera(stills, detector)
     camera.open()
     assert classify_frame(camera.read().rgb) is None
@@ -132,9 +129,7 @@ def test_faults_are_injected_and_cleared_at_run_time(stills: list[Path], detecto
     camera.close()
 
 
-def test_a_live_subject_turns_when_asked_and_a_print_does_not(
-    stills: list[Path], detector: DlibReferenceDetector
-) -> None:
+def test_a_live_subject_turns_when_asked_and_a_print_does_not(stills: list[Path], detector: FaceDetector) -> None:
     def yaw_after_asking(presentation: Presentation) -> tuple[float, float]:
         camera = SimulatedCamera(stills[:1], detector, presentation=presentation, motion_frames=3, seed=2)
         camera.open()
@@ -150,7 +145,7 @@ def test_a_live_subject_turns_when_asked_and_a_print_does_not(
     assert abs(print_after - print_before) < 0.05
 
 
-def test_bad_sources_are_refused(tmp_path: Path, detector: DlibReferenceDetector) -> None:
+def test_bad_sources_are_refused(tmp_path: Path, detector: FaceDetector) -> None:
     with pytest.raises(ValueError, match="at least one"):
         SimulatedCamera([], detector).open()
     with pytest.raises(ValueError, match="not found"):

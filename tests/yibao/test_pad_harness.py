@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from tests.face_data import faces_dir
 from yibao.cli import app
-from yibao.pad_harness import rate, run_pad_bench, wilson
+from yibao.pad_harness import make_detector, rate, run_pad_bench, wilson
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +69,20 @@ def test_missing_folders_fail_clearly(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", "pad", "--faces", str(tmp_path / "nope")])
     assert result.exit_code == 2
     assert "no face folder" in result.output
+
+
+def test_the_dlib_reference_adapter_gives_five_ordered_landmarks() -> None:
+    from hardware_sim.camera_sim import load_rgb
+
+    rgb = load_rgb(faces_dir() / "obama" / "obama_a.jpg")
+    found = make_detector("dlib").detect(rgb)
+    assert len(found) == 1
+    lm = found[0].landmarks
+    assert lm.shape == (5, 2)
+    assert lm[0, 0] < lm[2, 0] < lm[1, 0]  # image-left eye, nose, image-right eye
+    assert lm[2, 1] > max(lm[0, 1], lm[1, 1])  # the nose below the eyes
+    assert lm[3, 1] > lm[2, 1]  # the (approximated) mouth below the nose
+    mtcnn = make_detector("mtcnn").detect(rgb)[0].landmarks
+    assert float(abs(mtcnn[:2] - lm[:2]).max()) < 8.0  # the eye centres agree with the product detector's
+    with pytest.raises(ValueError, match="unknown detector"):
+        make_detector("haar")
