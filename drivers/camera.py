@@ -132,9 +132,11 @@ class CameraHealth:
     Logs once on entering a fault and once on recovery, never per frame.
     """
 
-    def __init__(self, name: str, *, simulated: bool) -> None:
+    def __init__(self, name: str, *, simulated: bool, degrade_after: int = 15) -> None:
         self._name = name
         self._simulated = simulated
+        self._degrade_after = max(1, degrade_after)
+        self._bad_frames = 0
         self._lock = threading.Lock()
         self._state = PeripheralState.ABSENT
         self._detail: str | None = "not opened"
@@ -146,9 +148,19 @@ class CameraHealth:
         text = fault.value if detail is None else f"{fault.value}: {detail}"
         self._set(PeripheralState.FAULT, text[:200])
 
-    def degraded(self, fault: CameraFault) -> None:
-        """The device works but its picture does not (too dark, blurred): the kiosk asks for light or stillness."""
-        self._set(PeripheralState.DEGRADED, fault.value)
+    def picture(self, fault: CameraFault | None) -> None:
+        """A frame arrived; `fault` is its `classify_frame` verdict. The device works either way; the status turns
+        DEGRADED only after `degrade_after` faulty frames in a row (an empty, plain scene for a moment is not a
+        broken camera) and back to OK on the first good frame."""
+        if fault is None:
+            self._bad_frames = 0
+            self.ok()
+            return
+        self._bad_frames += 1
+        if self._bad_frames >= self._degrade_after:
+            self._set(PeripheralState.DEGRADED, fault.value)
+        elif self.status().state is not PeripheralState.DEGRADED:
+            self.ok()
 
     def closed(self) -> None:
         self._set(PeripheralState.ABSENT, "closed")
@@ -173,10 +185,25 @@ class CameraHealth:
 Source = int | str | Path
 """A V4L2 device index, a device path such as /dev/video2, or a video file path."""
 
-CaptureFactory = Callable[[Source], "cv2.VideoCapture"]
+
+class Capture(Protocol):
+    """The part of `cv2.VideoCapture` the driver uses: the seam tests use to script a device."""
+
+    def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
+
+    def set(self, propId: int, value: float) -> bool: ...  # noqa: N803 - OpenCV's name
+
+    def grab(self) -> bool: ...
+
+    def retrieve(self) -> tuple[bool, Any]: ...
+
+    def release(self) -> None: ...
 
 
-def _open_capture(source: Source) -> cv2.VideoCapture:
+CaptureFactory = Callable[[Source], Capture]
+
+
+def _open_capture(source: Source) -> Capture:
     return cv2.VideoCapture(str(source) if isinstance(source, Path) else source)
 
 
@@ -200,6 +227,7 @@ class OpenCvCamera:
         read_timeout_s: float = 2.0,
         monotonic: Callable[[], float] = time.monotonic,
         capture_factory: CaptureFactory = _open_capture,
+        degrade_after: int = 15,
     ) -> None:
         self._sources: dict[str, Source | None] = {"rgb": rgb, "ir": ir, "depth": depth}
         self._name = name
@@ -207,9 +235,9 @@ class OpenCvCamera:
         self._timeout_ms = max(1, round(read_timeout_s * 1000))
         self._monotonic = monotonic
         self._factory = capture_factory
-        self._caps: dict[str, cv2.VideoCapture] = {}
+        self._caps: dict[str, Capture] = {}
         self._index = 0
-        self._health = CameraHealth(name, simulated=False)
+        self._health = CameraHealth(name, simulated=False, degrade_after=degrade_after)
 
     @property
     def name(self) -> str:
@@ -252,6 +280,9 @@ class OpenCvCamera:
         if not self._caps:
             raise CameraUnavailable(f"camera {self._name} is not open")
         try:
+            # Latch every device first, decode after: keeps the RGB, IR and depth exposures close in time.
+            for role in self._caps:
+                self._latch(role)
             bgr = self._grab("rgb")
             if bgr.dtype != np.uint8:
                 raise CameraError(f"RGB device delivered {bgr.dtype} frames, expected uint8")
@@ -267,10 +298,10 @@ class OpenCvCamera:
             raise
         frame = Frame(rgb=rgb, ir=ir, depth=depth, t=self._monotonic(), index=self._index)
         self._index += 1
-        self._health.ok()
+        self._health.picture(classify_frame(rgb))
         return frame
 
-    def _configure(self, role: str, cap: cv2.VideoCapture) -> None:
+    def _configure(self, role: str, cap: Capture) -> None:
         # Requests only: file sources and some drivers ignore them, which is why frames are checked on read.
         cap.set(cv2.CAP_PROP_FRAME_WIDTH, self._size[0])
         cap.set(cv2.CAP_PROP_FRAME_HEIGHT, self._size[1])
@@ -279,10 +310,18 @@ class OpenCvCamera:
             # Keep the device's 16-bit samples instead of an 8-bit BGR rendering of them.
             cap.set(cv2.CAP_PROP_CONVERT_RGB, 0)
 
+    def _latch(self, role: str) -> None:
+        try:
+            ok = self._caps[role].grab()
+        except cv2.error as exc:
+            raise CameraUnavailable(f"{role} device failed while reading") from exc
+        if not ok:
+            raise NoFrame(f"{role} device delivered no frame")
+
     def _grab(self, role: str) -> NDArray[Any]:
         cap = self._caps[role]
         try:
-            ok, image = cap.read()
+            ok, image = cap.retrieve()
         except cv2.error as exc:
             raise CameraUnavailable(f"{role} device failed while reading") from exc
         if not ok or image is None:

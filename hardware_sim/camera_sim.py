@@ -472,6 +472,7 @@ class SimulatedCamera:
         with_depth: bool = True,
         frames_per_still: int = 1,
         motion_frames: int = 6,
+        degrade_after: int = 15,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._paths = [Path(p) for p in sources]
@@ -486,7 +487,7 @@ class SimulatedCamera:
         self._frames_per_still = frames_per_still
         self._motion_frames = max(1, motion_frames)
         self._monotonic = monotonic
-        self._health = CameraHealth(name, simulated=True)
+        self._health = CameraHealth(name, simulated=True, degrade_after=degrade_after)
         self._faults: set[CameraFault] = set()
         self._lock = threading.Lock()
         self._source: _Source | None = None
@@ -574,11 +575,7 @@ class SimulatedCamera:
         for fault in (CameraFault.TOO_DARK, CameraFault.BLURRED):
             if fault in faults:
                 out_rgb = apply_fault_to_picture(out_rgb, fault)
-        picture = classify_frame(out_rgb)
-        if picture is None:
-            self._health.ok()
-        else:
-            self._health.degraded(picture)
+        self._health.picture(classify_frame(out_rgb))
         frame = Frame(
             rgb=out_rgb,
             ir=synth.ir if self._with_ir else None,

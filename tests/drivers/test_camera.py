@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from drivers.camera import (
     Camera,
@@ -140,3 +141,65 @@ def test_frame_faults_are_classified(clip: Path) -> None:
     assert classify_frame(rgb) is None
     assert classify_frame((rgb // 10).astype(np.uint8)) is CameraFault.TOO_DARK
     assert classify_frame(np.asarray(cv2.GaussianBlur(rgb, (0, 0), 6.0), dtype=np.uint8)) is CameraFault.BLURRED
+
+
+class ScriptedCapture:
+    """A device that plays a list of frames (None = no frame) and can be unplugged mid-stream."""
+
+    def __init__(self, frames: list[NDArray[np.uint8] | None]) -> None:
+        self.frames = frames
+        self.unplugged = False
+        self.released = False
+        self._current: NDArray[np.uint8] | None = None
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return True
+
+    def set(self, propId: int, value: float) -> bool:  # noqa: N803 - OpenCV's name
+        return True
+
+    def grab(self) -> bool:
+        if self.unplugged:
+            raise cv2.error("device gone")
+        self._current = self.frames.pop(0) if self.frames else None
+        return self._current is not None
+
+    def retrieve(self) -> tuple[bool, NDArray[np.uint8] | None]:
+        return self._current is not None, self._current
+
+    def release(self) -> None:
+        self.released = True
+
+
+def test_picture_faults_degrade_the_status_only_when_they_persist(clip: Path) -> None:
+    cap = cv2.VideoCapture(str(clip))
+    for _ in range(60):
+        ok, frame = cap.read()
+    cap.release()
+    assert ok
+    good: NDArray[np.uint8] = np.asarray(frame, dtype=np.uint8)
+    dark = (good // 10).astype(np.uint8)
+    device = ScriptedCapture([dark, dark, dark, good, dark])
+    camera = OpenCvCamera(0, capture_factory=lambda _source: device, degrade_after=3)
+    camera.open()
+    states = []
+    for _ in range(5):
+        camera.read()
+        states.append(camera.status().state)
+    assert states == [
+        PeripheralState.OK,
+        PeripheralState.OK,
+        PeripheralState.DEGRADED,
+        PeripheralState.OK,
+        PeripheralState.OK,
+    ]
+    device.frames = [dark] * 3
+    for _ in range(3):
+        camera.read()
+    assert camera.status().detail == "too_dark"
+    device.unplugged = True
+    with pytest.raises(CameraUnavailable):
+        camera.read()
+    assert camera.status().state is PeripheralState.FAULT
+    camera.close()
+    assert device.released

@@ -94,7 +94,7 @@ def test_presentations_differ_where_the_sensors_say_they_should(stills: list[Pat
 
 
 def test_faults_are_injected_and_cleared_at_run_time(stills: list[Path], detector: FaceDetector) -> None:
-    camera = SimulatedCamera(stills, detector)
+    camera = SimulatedCamera(stills, detector, degrade_after=2)
     camera.open()
     assert classify_frame(camera.read().rgb) is None
     assert camera.status().state is PeripheralState.OK
@@ -108,6 +108,8 @@ def test_faults_are_injected_and_cleared_at_run_time(stills: list[Path], detecto
     assert camera.status().state is PeripheralState.OK
 
     camera.inject_fault(CameraFault.TOO_DARK)
+    assert classify_frame(camera.read().rgb) is CameraFault.TOO_DARK
+    assert camera.status().state is PeripheralState.OK  # one dark frame is not yet a degraded camera
     assert classify_frame(camera.read().rgb) is CameraFault.TOO_DARK
     assert camera.status().state is PeripheralState.DEGRADED
     assert camera.status().detail == "too_dark"
