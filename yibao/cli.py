@@ -744,6 +744,31 @@ def _machine() -> dict[str, Any]:
     return machine()
 
 
+@bench_app.command("pad")
+def bench_pad(
+    faces: Annotated[Path, typer.Option(help="Face photo folder (one sub-folder per person; group/, video/ skipped).")],
+    video: Annotated[Path | None, typer.Option(help="A real video whose frames are bona-fide presentations.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the simulator and the challenge draws.")] = 7,
+    challenge: Annotated[bool, typer.Option(help="Also run the RGB-only texture + active-challenge policy.")] = True,
+    detector: Annotated[str, typer.Option(help="mtcnn (the product detector) or dlib (reference adapter).")] = "mtcnn",
+) -> None:
+    """PAD (liveness) table: APCER per attack species and BPCER, fused and per signal, on simulated attacks."""
+    if not faces.is_dir():
+        typer.secho(f"error: no face folder at {faces}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    if video is not None and not video.is_file():
+        typer.secho(f"error: no video file at {video}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    from yibao.pad_harness import DETECTORS, pad_bench_json
+
+    if detector not in DETECTORS:
+        typer.secho(
+            f"error: unknown detector {detector!r} (known: {', '.join(DETECTORS)})", err=True, fg=typer.colors.RED
+        )
+        raise typer.Exit(2)
+    print(pad_bench_json(faces, video=video, seed=seed, with_challenge=challenge, detector_name=detector))
+
+
 @bench_app.command("chaos-terminal", hidden=True)
 def bench_chaos_terminal(
     config: ConfigArg,
