@@ -20,6 +20,7 @@ A live subject (and a mask wearer) answers an active challenge (`perform`) with 
 region that moves the landmarks as a yaw turn or a nod would; a print stays static and a screen replays its own,
 unrelated motion. Faults (NO_FRAMES, TOO_DARK, BLURRED, UNPLUGGED) are injectable and clearable at run time. All
 randomness comes from one seeded RNG. Never imported by production code; frames are never written to disk.
+(Not to be confused with `hardware_sim.peripherals.SimulatedCamera`, a status-only stand-in for heartbeats.)
 """
 
 from __future__ import annotations
