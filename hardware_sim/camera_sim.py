@@ -20,6 +20,7 @@ A live subject (and a mask wearer) answers an active challenge (`perform`) with 
 region that moves the landmarks as a yaw turn or a nod would; a print stays static and a screen replays its own,
 unrelated motion. Faults (NO_FRAMES, TOO_DARK, BLURRED, UNPLUGGED) are injectable and clearable at run time. All
 randomness comes from one seeded RNG. Never imported by production code; frames are never written to disk.
+(Not to be confused with `hardware_sim.peripherals.SimulatedCamera`, a status-only stand-in for heartbeats.)
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ def synthesize(
     motion: Motion | None = None,
     sensors: bool = True,
     scene_seed: int | None = None,
+    ir_parallax_px: int = 0,
 ) -> Synthesized:
     """One frame as the RGB+IR+depth camera would see `presentation` of the face `det` found in `rgb`.
 
@@ -261,7 +263,8 @@ def synthesize(
     clip's own motion); a print ignores it. With `sensors=False` only the RGB is made (IR and depth are None).
     `scene_seed` fixes the scene and the attack instrument (sheet size and tilt, paper, halftone and screen grid,
     distance, skin and ambient levels) across frames, as one physical presentation would; sensor noise still
-    comes from `rng` per frame. Without it every call draws a new scene from `rng`.
+    comes from `rng` per frame. Without it every call draws a new scene from `rng`. `ir_parallax_px` shifts the IR
+    image to the right as the IR sensor of a binocular module beside the RGB one sees it (depth stays registered).
     """
     h, w = rgb.shape[:2]
     scene = np.random.default_rng(scene_seed) if scene_seed is not None else rng
@@ -303,7 +306,7 @@ def synthesize(
             nose_mm = float(scene.uniform(12.0, 20.0))
         ir = mask * lit + (1.0 - mask) * background + noise
         z = np.where(mask > 0.5, _head_depth(xs, ys, det, distance, nose_mm), far).astype(np.float32)
-        return Synthesized(out_rgb, _u8(ir), _finish_depth(z, rng, 0.02), det)
+        return Synthesized(out_rgb, _parallax(_u8(ir), ir_parallax_px), _finish_depth(z, rng, 0.02), det)
 
     sx0, sy0, sx1, sy1 = sheet
     inside = np.zeros((h, w), dtype=bool)
@@ -315,14 +318,14 @@ def synthesize(
         ir = np.where(inside, paper - 0.12 * (255.0 - gray), background) + noise
         bend = scene.uniform(-3.0, 3.0) * ((xs - (sx0 + sx1) / 2) / max(1.0, (sx1 - sx0) / 2)) ** 2
         z = np.where(inside, plane + bend, far).astype(np.float32)
-        return Synthesized(out_rgb, _u8(ir), _finish_depth(z, rng, 0.02), det)
+        return Synthesized(out_rgb, _parallax(_u8(ir), ir_parallax_px), _finish_depth(z, rng, 0.02), det)
 
     # SCREEN_REPLAY: emits visible light only; the NIR camera sees dark glass and maybe a reflection of the LED.
     glass = 28.0 + scene.uniform(-6.0, 6.0)
     hx, hy = scene.uniform(sx0, sx1), scene.uniform(sy0, sy1)
     ir = np.where(inside, glass + 120.0 * _gauss(xs, ys, hx, hy, 6.0, 6.0), background) + noise
     z = np.where(inside, plane, far).astype(np.float32)
-    return Synthesized(out_rgb, _u8(ir), _finish_depth(z, rng, 0.08), det)
+    return Synthesized(out_rgb, _parallax(_u8(ir), ir_parallax_px), _finish_depth(z, rng, 0.08), det)
 
 
 def _present_rgb(
@@ -380,6 +383,17 @@ def _clip(box: tuple[float, float, float, float], margin: float, shape: tuple[in
     mw, mh = (x1 - x0) * margin, (y1 - y0) * margin
     h, w = shape
     return (max(0, int(x0 - mw)), max(0, int(y0 - mh)), min(w, int(x1 + mw)), min(h, int(y1 + mh)))
+
+
+def _parallax(ir: GrayImage, px: int) -> GrayImage:
+    if px == 0:
+        return ir
+    out = np.empty_like(ir)
+    if px > 0:
+        out[:, px:], out[:, :px] = ir[:, :-px], ir[:, :1]
+    else:
+        out[:, :px], out[:, px:] = ir[:, -px:], ir[:, -1:]
+    return out
 
 
 def _u8(a: NDArray[np.floating] | F32) -> NDArray[np.uint8]:
@@ -472,6 +486,7 @@ class SimulatedCamera:
         with_depth: bool = True,
         frames_per_still: int = 1,
         motion_frames: int = 6,
+        ir_parallax_px: int = 0,
         degrade_after: int = 15,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -486,6 +501,7 @@ class SimulatedCamera:
         self._with_depth = with_depth
         self._frames_per_still = frames_per_still
         self._motion_frames = max(1, motion_frames)
+        self._parallax = ir_parallax_px
         self._monotonic = monotonic
         self._health = CameraHealth(name, simulated=True, degrade_after=degrade_after)
         self._faults: set[CameraFault] = set()
@@ -570,7 +586,9 @@ class SimulatedCamera:
         det = self._detect(rgb, key)
         # One physical presentation per (source, species): the same sheet, screen or scene frame after frame.
         scene_seed = zlib.crc32(f"{self._seed}:{presentation.value}:{key}".encode())
-        synth = synthesize(rgb, det, presentation, self._np_rng, motion=motion, scene_seed=scene_seed)
+        synth = synthesize(
+            rgb, det, presentation, self._np_rng, motion=motion, scene_seed=scene_seed, ir_parallax_px=self._parallax
+        )
         out_rgb = synth.rgb
         for fault in (CameraFault.TOO_DARK, CameraFault.BLURRED):
             if fault in faults:

@@ -111,7 +111,8 @@ def _interocular(detection: Detection) -> float:
 
 @dataclass(frozen=True, slots=True)
 class IrSignal:
-    """Face presence and consistency in the IR frame (registered to the RGB frame, same size).
+    """Face presence and consistency in the IR frame (same size as the RGB frame, rectified to its rows; a
+    horizontal parallax of up to `max_parallax_px` is searched for).
 
     Sub-measures, each ramped to [0, 1]; the score is their minimum, so the weakest cue names the reason:
     `edge_corr` (IR vs RGB-gray gradient magnitudes in the face box: no face in IR when ≈ 0),
@@ -123,6 +124,7 @@ class IrSignal:
     corr_range: tuple[float, float] = (0.15, 0.35)
     relief_range: tuple[float, float] = (1.1, 1.35)
     eye_range: tuple[float, float] = (0.12, 0.32)
+    max_parallax_px: int = 12  # IR-to-RGB horizontal offset searched (binocular modules at 40-80 cm)
 
     name: str = "ir"
 
@@ -138,10 +140,18 @@ class IrSignal:
             return SignalResult(self.name, 0.0, False, "face_box_too_small")
         irf = np.asarray(cv2.GaussianBlur(ir.astype(np.float32), (0, 0), 1.2), dtype=np.float32)
         gray = np.asarray(cv2.GaussianBlur(_gray(np.ascontiguousarray(rgb)), (0, 0), 1.2), dtype=np.float32)
-        corr = _gradient_correlation(irf[y0:y1, x0:x1], gray[y0:y1, x0:x1])
-        relief = _face_surround_ratio(irf, detection)
-        eye = _eye_structure(irf, detection)
-        measures = {"edge_corr": corr, "relief": relief, "eye": eye}
+        ir_mag, gray_mag = _gradient_magnitude(irf), _gradient_magnitude(gray)
+        # A binocular module's IR sensor sits beside the RGB one: the face appears shifted along the baseline
+        # (parallax) by an amount that depends on the distance. Take the best horizontal shift within the limit.
+        corr, shift = max(
+            (_correlation(ir_mag[y0:y1, x0 + dx : x1 + dx], gray_mag[y0:y1, x0:x1]), dx)
+            for dx in range(-self.max_parallax_px, self.max_parallax_px + 1, 2)
+            if x0 + dx >= 0 and x1 + dx <= ir.shape[1]
+        )
+        in_ir = _shifted(detection, shift, 0)
+        relief = _face_surround_ratio(irf, in_ir)
+        eye = _eye_structure(irf, in_ir)
+        measures = {"edge_corr": corr, "relief": relief, "eye": eye, "parallax_px": float(shift)}
         parts = {
             "no_face_in_ir": _ramp(corr, *self.corr_range),
             "ir_flat_reflectance": _ramp(relief, *self.relief_range),
@@ -152,9 +162,14 @@ class IrSignal:
         return SignalResult(self.name, score, passed, "ok" if passed else reason, measures)
 
 
-def _gradient_correlation(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
-    ga = cv2.magnitude(cv2.Sobel(a, cv2.CV_32F, 1, 0), cv2.Sobel(a, cv2.CV_32F, 0, 1)).ravel()
-    gb = cv2.magnitude(cv2.Sobel(b, cv2.CV_32F, 1, 0), cv2.Sobel(b, cv2.CV_32F, 0, 1)).ravel()
+def _gradient_magnitude(image: NDArray[np.float32]) -> NDArray[np.float32]:
+    gx, gy = cv2.Sobel(image, cv2.CV_32F, 1, 0), cv2.Sobel(image, cv2.CV_32F, 0, 1)
+    return np.asarray(cv2.magnitude(gx, gy), dtype=np.float32)
+
+
+def _correlation(a: NDArray[np.float32], b: NDArray[np.float32]) -> float:
+    """Pearson correlation of two equally shaped arrays; 0 when either is flat."""
+    ga, gb = a.ravel(), b.ravel()
     sa, sb = float(ga.std()), float(gb.std())
     if sa < 1e-3 or sb < 1e-3:
         return 0.0

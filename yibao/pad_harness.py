@@ -154,6 +154,9 @@ face, size, pose, exposure, sharpness) to be used at all: liveness never sees fr
 video's profile views, crowds and far-away faces are failures to acquire, not PAD errors."""
 
 
+PARALLAX_PX = 8
+"""Largest IR-to-RGB horizontal offset the bench simulates (the IR signal searches up to 12 px)."""
+
 REACTION_FRAMES = 2
 """Frames (at 10 fps) a simulated live subject takes to react to a new instruction, holding the neutral pose."""
 
@@ -321,7 +324,9 @@ def run_pad_bench(
             continue
         bona_fide_sources["photos" if label.startswith("photo") else "video_frames"] += 1
         for presentation in presentations:
-            synth = synthesize(rgb, det, presentation, rng)
+            # Each presentation on a binocular module with its own IR-to-RGB parallax (distance-dependent).
+            parallax = int(rng.integers(-PARALLAX_PX, PARALLAX_PX + 1))
+            synth = synthesize(rgb, det, presentation, rng, ir_parallax_px=parallax)
             if synth.ir is None or synth.depth is None:
                 raise RuntimeError("synthesize(sensors=True) returned no IR/depth")
             seen = _best(detector.detect(synth.rgb))

@@ -353,3 +353,15 @@ def test_a_model_that_is_not_a_pad_model_is_refused() -> None:
     store = ModelStore(operator_dir=None)
     with pytest.raises(ValueError, match="not 'pad'"):
         OnnxPadSignal(store.load("mtcnn_onet"))
+
+
+def test_ir_parallax_of_a_binocular_module_is_searched(face: tuple[RgbImage, Detection]) -> None:
+    rgb, det = face
+    synth = synthesize(rgb, det, Presentation.BONA_FIDE, np.random.default_rng(4), ir_parallax_px=9)
+    assert synth.ir is not None
+    found = IrSignal().score(synth.rgb, synth.ir, det)
+    assert found.passed, found.measures
+    assert abs(found.measures["parallax_px"] - 9) <= 2
+    registered_only = IrSignal(max_parallax_px=0).score(synth.rgb, synth.ir, det)
+    assert registered_only.score < found.score
+    assert not registered_only.passed  # the glints are beside the landmarks: no eye structure where it is sought
