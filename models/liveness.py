@@ -489,6 +489,11 @@ class ChallengeSession:
         return self.challenges[self._step] if self._state is ChallengeState.PENDING else None
 
     @property
+    def step_index(self) -> int:
+        """Which move of `challenges` is being asked for (0-based); moves on when one is done."""
+        return self._step
+
+    @property
     def state(self) -> ChallengeState:
         return self._state
 

@@ -86,4 +86,9 @@ class FaceEmbedder(Protocol):
     @property
     def chip_size(self) -> int: ...
 
+    @property
+    def model_sha256(self) -> str:
+        """sha256 of the model file: templates of different models are never compared."""
+        ...
+
     def embed(self, chips: NDArray[np.uint8]) -> NDArray[np.float32]: ...

@@ -14,6 +14,7 @@ predictor and get_face_chip framing, measured with our MTCNN: the origin of mode
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import importlib
 import logging
 import re
@@ -52,11 +53,17 @@ class DlibReferenceEmbedder:
 
     def __init__(self) -> None:
         dlib, frm = _dlib()
-        self._net = dlib.face_recognition_model_v1(frm.face_recognition_model_location())
+        location = frm.face_recognition_model_location()
+        self._net = dlib.face_recognition_model_v1(location)
+        self._sha256 = hashlib.sha256(Path(location).read_bytes()).hexdigest()
 
     @property
     def chip_size(self) -> int:
         return 150
+
+    @property
+    def model_sha256(self) -> str:
+        return self._sha256
 
     def embed(self, chips: NDArray[np.uint8]) -> NDArray[np.float32]:
         out = np.empty((len(chips), 128), dtype=np.float32)

@@ -58,8 +58,8 @@ class DlibReferenceDetector:
     """
 
     def __init__(self, upsample: int = 0) -> None:
-        import dlib  # type: ignore[import-untyped]  # dev-only reference; dlib-bin ships no type information
-        import face_recognition_models  # type: ignore[import-untyped]  # the same: data files, no stubs
+        import dlib  # dev-only reference; untyped (pyproject mypy override)
+        import face_recognition_models  # the same: data files
 
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_five_point_model_location())
