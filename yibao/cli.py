@@ -744,6 +744,26 @@ def _machine() -> dict[str, Any]:
     return machine()
 
 
+@bench_app.command("vision")
+def bench_vision(
+    faces: Annotated[Path, typer.Option(help="Face photos, one folder per person.")] = Path("tests/fixtures/faces"),
+    repeats: Annotated[int, typer.Option(min=5, help="Timed repetitions per step.")] = 60,
+    qr_codes: Annotated[int, typer.Option(min=10, help="Degraded QR frames to decode.")] = 300,
+    compare: Annotated[bool, typer.Option(help="Also measure the face_recognition library (dev install).")] = True,
+) -> None:
+    """Vision latency at 640x480: detection, align+embed, liveness, 1:1, 1:N over 50, QR per frame, peak RSS;
+    face_recognition (dlib HOG + the same ResNet) side by side, speed and accuracy."""
+    import json
+
+    from yibao.bench_vision import run_vision_bench
+
+    print(
+        json.dumps(
+            {**run_vision_bench(faces, repeats=repeats, qr_codes=qr_codes, compare=compare), "machine": _machine()}
+        )
+    )
+
+
 @bench_app.command("pad")
 def bench_pad(
     faces: Annotated[Path, typer.Option(help="Face photo folder (one sub-folder per person; group/, video/ skipped).")],
