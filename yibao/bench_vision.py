@@ -244,19 +244,6 @@ def run_vision_bench(
         rgb, ir, depth, face = live_frames[i % len(live_frames)]
         return checker.assess(rgb, face, ir=ir, depth=depth)
 
-    qr_samples = degraded_set(paths, qr_codes, seed=20261201)
-    qr_frames = [sample.image for sample in qr_samples]
-    scanner = FrameQrScanner()
-
-    def qr_stream(i: int) -> object:
-        return scanner.scan(qr_frames[i % len(qr_frames)])
-
-    def qr_still(i: int) -> object:
-        return decode_qr(qr_frames[i % len(qr_frames)])
-
-    stream = measure_stream(qr_samples, load_backgrounds(paths))
-    stills_decoded = sum(1 for smp in qr_samples if any(c.text == smp.text for c in decode_qr(smp.image)))
-
     # Accuracy on every photo (not only the kiosk-quality ones), with the photo detector settings, as the
     # face_recognition side below also sees every photo
     from models.detector import MtcnnDetector
@@ -281,6 +268,21 @@ def run_vision_bench(
         "faces_found": f"{sum(1 for t in photo_templates.values() if t is not None)}/{len(frames)}",
         "accuracy": {"threshold": f"cosine >= {engine.threshold}", **pair_accuracy(people, same)},
     }
+    rss_face_mb = peak_rss_mb()  # models, frames and the face pipeline; before the QR set is generated
+
+    qr_samples = degraded_set(paths, qr_codes, seed=20261201)
+    qr_frames = [sample.image for sample in qr_samples]
+    scanner = FrameQrScanner()
+
+    def qr_stream(i: int) -> object:
+        return scanner.scan(qr_frames[i % len(qr_frames)])
+
+    def qr_still(i: int) -> object:
+        return decode_qr(qr_frames[i % len(qr_frames)])
+
+    stream = measure_stream(qr_samples, load_backgrounds(paths))
+    stills_decoded = sum(1 for smp in qr_samples if any(c.text == smp.text for c in decode_qr(smp.image)))
+
     result: dict[str, Any] = {
         "bench": "vision",
         "frame": f"{FRAME_W}x{FRAME_H}",
@@ -317,6 +319,7 @@ def run_vision_bench(
         "identify_1toN_50_median_le_45ms": ours["identify_1toN_50"]["median_ms"] <= 45.0,
         "qr_per_frame_median_le_5ms": qr_figures["per_frame"]["median_ms"] <= 5.0,
     }
-    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["peak_rss_mb_face_pipeline"] = round(rss_face_mb, 1)
+    result["peak_rss_mb"] = round(peak_rss_mb(), 1)  # whole run: + the 300 synthetic QR frames (+ dlib when compared)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     return result
