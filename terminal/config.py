@@ -259,8 +259,35 @@ def _simulated() -> SimulatedDeviceConfig:
 IdCardReaderBackend = Annotated[SimulatedDeviceConfig | SerialIdCardReaderConfig, Field(discriminator="backend")]
 SsCardReaderBackend = Annotated[SimulatedDeviceConfig | SerialSsCardReaderConfig, Field(discriminator="backend")]
 QrScannerBackend = Annotated[SimulatedDeviceConfig | SerialQrScannerConfig, Field(discriminator="backend")]
-CameraBackend = SimulatedDeviceConfig
-"""Only the status-only stand-in for now; the OpenCV camera backend joins this union as backend = "opencv"."""
+_CameraSource = Annotated[
+    int | str,
+    Field(
+        description="A V4L2 device index (0), a device path ('/dev/video0', a udev symlink) or, for a test rig, a "
+        "video file; OpenCV opens it."
+    ),
+]
+
+
+class OpenCvCameraConfig(_Strict):
+    """The face camera through OpenCV (`drivers.camera.OpenCvCamera`): an RGB device and, on binocular "3D" kiosk
+    cameras, an IR device and a depth device. Liveness uses every channel that is configured; with neither IR nor
+    depth the randomized active challenge is required."""
+
+    backend: Literal["opencv"] = Field(description="'opencv': the real OpenCV camera driver.")
+    rgb: _CameraSource
+    ir: _CameraSource | None = Field(default=None, description="The IR (NIR) device, when the camera has one.")
+    depth: _CameraSource | None = Field(default=None, description="The depth device (16-bit millimetres), if any.")
+    width: int = Field(default=640, ge=160, le=3840, description="Requested frame width (pixels).")
+    height: int = Field(default=480, ge=120, le=2160, description="Requested frame height (pixels).")
+    read_timeout_s: float = Field(default=2.0, gt=0, le=30, description="A read with no frame by then is a fault.")
+    simulated_peer: bool = Field(
+        default=False,
+        description="True when the sources are recordings or a simulator rather than a camera (demo, test rig): "
+        "the real driver runs, but heartbeats report the camera as simulated.",
+    )
+
+
+CameraBackend = Annotated[SimulatedDeviceConfig | OpenCvCameraConfig, Field(discriminator="backend")]
 
 
 class DevicesConfig(_Strict):
@@ -276,7 +303,8 @@ class DevicesConfig(_Strict):
         default_factory=_simulated, description="Serial QR scanner for 医保码 e-vouchers (heartbeat name 'qr0')."
     )
     camera: CameraBackend = Field(
-        default_factory=_simulated, description="Face camera (heartbeat name 'camera0'); only 'simulated' so far."
+        default_factory=_simulated,
+        description="Face camera (heartbeat name 'camera0'): 'simulated' (status only) or 'opencv'.",
     )
 
 

@@ -25,6 +25,7 @@ from typing import Final
 
 from pydantic import ValidationError
 
+from drivers.camera import Camera, CameraError, OpenCvCamera
 from drivers.card_reader import CardReaderError
 from drivers.idcard import IdCardReader
 from drivers.peripherals import Peripheral
@@ -35,6 +36,7 @@ from protocol import Clock, PeripheralKind, PeripheralState, PeripheralStatus, S
 from terminal.config import (
     DevicesConfig,
     EVoucherConfig,
+    OpenCvCameraConfig,
     SerialIdCardReaderConfig,
     SerialQrScannerConfig,
     SerialSsCardReaderConfig,
@@ -69,7 +71,7 @@ class DeviceStartupError(TerminalError):
 
 
 class SimulatedPeerPeripheral:
-    """A real driver whose port leads to one of our pty simulators: its status says simulated=True.
+    """A real driver whose port (or camera source) leads to one of our simulators: its status says simulated=True.
 
     The driver's own status is passed through unchanged otherwise (state, and the reason when not OK); while OK, the
     detail names the port so an operator sees which simulator the device is talking to."""
@@ -94,7 +96,7 @@ class SimulatedPeerPeripheral:
         status = self._driver.status()
         detail = status.detail
         if detail is None and status.state is PeripheralState.OK:
-            detail = f"serial driver, pty simulator on {self._port}"[:200]
+            detail = f"real driver, simulator at {self._port}"[:200]
         return status.model_copy(update={"simulated": True, "detail": detail})
 
     def __repr__(self) -> str:
@@ -110,11 +112,11 @@ class KioskDevices:
     id_card_reader: IdCardReader | None
     ss_card_reader: SocialSecurityCardReader | None
     qr_scanner: QrScanner | None
-    camera: Peripheral
+    camera: Camera | None
     peripherals: list[Peripheral] = field(default_factory=list)
 
     def close(self) -> None:
-        for driver in (self.id_card_reader, self.ss_card_reader, self.qr_scanner):
+        for driver in (self.id_card_reader, self.ss_card_reader, self.qr_scanner, self.camera):
             if driver is not None:
                 driver.close()
 
@@ -158,8 +160,28 @@ def open_devices(config: DevicesConfig, *, stand_in: StandInFactory) -> KioskDev
     a missing reader must stop start-up rather than surface at the first citizen. The ID-card reader is also asked
     for its SAM status once, so the first heartbeat tells whether the module answers (a silent module does not stop
     start-up; its driver reports it FAULT until it answers)."""
-    devices = KioskDevices(None, None, None, stand_in(CAMERA_NAME, PeripheralKind.CAMERA))
+    devices = KioskDevices(None, None, None, None)
     try:
+        cam_cfg = config.camera
+        if isinstance(cam_cfg, OpenCvCameraConfig):
+            camera = OpenCvCamera(
+                cam_cfg.rgb,
+                ir=cam_cfg.ir,
+                depth=cam_cfg.depth,
+                name=CAMERA_NAME,
+                width=cam_cfg.width,
+                height=cam_cfg.height,
+                read_timeout_s=cam_cfg.read_timeout_s,
+            )
+            try:
+                camera.open()
+            except CameraError as exc:
+                raise DeviceStartupError("camera", str(cam_cfg.rgb), str(exc)) from exc
+            devices.camera = camera
+            camera_reported = _reported(camera, str(cam_cfg.rgb), cam_cfg.simulated_peer)
+        else:
+            camera_reported = stand_in(CAMERA_NAME, PeripheralKind.CAMERA)
+
         id_cfg = config.id_card_reader
         if isinstance(id_cfg, SerialIdCardReaderConfig):
             link = _open_link("id_card_reader", id_cfg.port, id_cfg.baudrate)
@@ -195,7 +217,7 @@ def open_devices(config: DevicesConfig, *, stand_in: StandInFactory) -> KioskDev
     except BaseException:
         devices.close()
         raise
-    devices.peripherals = [devices.camera, qr_reported, id_reported, ss_reported]
+    devices.peripherals = [camera_reported, qr_reported, id_reported, ss_reported]
     logger.info(
         "devices: %s",
         ", ".join(f"{name}={_backend(cfg)}" for name, cfg in config),

@@ -42,6 +42,7 @@ from terminal.evoucher import (
     TerminalContext,
 )
 from terminal.runtime import TerminalRuntime, build_runtime
+from tests.face_data import faces_dir
 from tests.terminal.conftest import FakeClock, terminal_raw_config
 from tests.terminal.fakes import ScriptedLink
 
@@ -305,7 +306,7 @@ def test_the_runtime_closes_devices_and_platform_on_stop_and_on_a_failed_build(t
     def devices(link: _RecordingLink) -> KioskDevices:
         reader = IdCardReader(link)
         camera = SimulatedPeripheral("camera0", PeripheralKind.CAMERA)
-        return KioskDevices(reader, None, None, camera, [camera, reader])
+        return KioskDevices(reader, None, None, None, [camera, reader])
 
     link, platform = _RecordingLink(), _RecordingPlatform()
     runtime = build_runtime(config, devices(link), clock, link=ScriptedLink(clock), evoucher_platform=platform)
@@ -317,7 +318,38 @@ def test_the_runtime_closes_devices_and_platform_on_stop_and_on_a_failed_build(t
     # a duplicate peripheral name makes the build fail: what was handed over is released all the same
     link, platform = _RecordingLink(), _RecordingPlatform()
     kiosk = devices(link)
-    kiosk.peripherals.append(kiosk.camera)
+    kiosk.peripherals.append(kiosk.peripherals[0])
     with pytest.raises(ValueError, match="camera0"):
         build_runtime(config, kiosk, clock, link=ScriptedLink(clock), evoucher_platform=platform)
     assert (link.closed, platform.closed) == (1, 1)
+
+
+def test_the_opencv_camera_backend_reads_real_frames_and_reports_its_source(tmp_path: Path) -> None:
+    video = faces_dir() / "video" / "short_clip.mp4"
+    config = config_with(tmp_path, f'[devices.camera]\nbackend = "opencv"\nrgb = "{video}"\nsimulated_peer = true\n')
+    devices = open_devices(config.devices, stand_in=SimulatedPeripheral)
+    try:
+        assert devices.camera is not None
+        frame = devices.camera.read()
+        assert frame.rgb.ndim == 3
+        assert frame.rgb.shape[2] == 3
+        assert frame.ir is None
+        assert frame.depth is None
+        camera_status = statuses(devices)["camera0"]
+        assert camera_status.simulated is True
+        assert str(video) in (camera_status.detail or "")
+    finally:
+        devices.close()
+
+
+def test_a_missing_camera_stops_start_up_naming_the_source(tmp_path: Path) -> None:
+    config = config_with(tmp_path, '[devices.camera]\nbackend = "opencv"\nrgb = "/dev/video-nonexistent"\n')
+    with pytest.raises(DeviceStartupError, match=r"devices\.camera on /dev/video-nonexistent"):
+        open_devices(config.devices, stand_in=SimulatedPeripheral)
+
+
+def test_camera_config_fails_closed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="camera"):
+        config_with(tmp_path, '[devices.camera]\nbackend = "opencv"\n')  # no rgb source
+    with pytest.raises(ConfigError, match="camera"):
+        config_with(tmp_path, '[devices.camera]\nbackend = "opencv"\nrgb = 0\nfps = 30\n')  # unknown key
