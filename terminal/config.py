@@ -349,6 +349,29 @@ class EVoucherConfig(_Strict):
         return self
 
 
+# ---------------------------------------------------------------- [face]
+
+
+class FaceConfig(_Strict):
+    """Face verification at the kiosk (`terminal.verification.FaceVerifier`): needs `[devices.camera]` backend
+    'opencv' and an enrolled identity (templates are sealed with the device's template key). Models come from the
+    models dir (`$YIBAO_MODELS_DIR`, docs/models.md)."""
+
+    gallery: Annotated[Path, Field(strict=False)] = Field(
+        default=Path("face_gallery.sqlite3"),
+        description="The sealed template gallery (SQLite); a relative path is taken relative to the config file.",
+    )
+    window_s: float = Field(
+        default=15.0, gt=1, le=60, description="Longest verification attempt; its frames are wiped when it ends."
+    )
+    always_challenge: bool = Field(
+        default=False,
+        description="Ask a randomized turn/nod even when the camera has IR or depth (it is always asked without).",
+    )
+    challenge_steps: int = Field(default=1, ge=1, le=3, description="Moves per challenge.")
+    challenge_window_s: float = Field(default=5.0, gt=1, le=20, description="Time allowed for each move.")
+
+
 class TerminalConfig(_Strict):
     """Everything a terminal needs to start: identity, versions, broker, outbox bounds, heartbeat, devices and the
     e-voucher platform."""
@@ -368,6 +391,9 @@ class TerminalConfig(_Strict):
     )
     devices: DevicesConfig = Field(
         default_factory=DevicesConfig, description="Peripheral backends; absent: every device simulated."
+    )
+    face: FaceConfig | None = Field(
+        default=None, description="Face verification; absent: the kiosk offers no face path."
     )
     evoucher: EVoucherConfig = Field(
         default_factory=EVoucherConfig, description="E-voucher platform adapter; absent: none."
@@ -488,6 +514,9 @@ def parse_terminal_config(
             update={"ss_card_reader": ss_reader.model_copy(update={"layout": base_dir / ss_reader.layout})}
         )
         config = config.model_copy(update={"devices": devices})
+    if base_dir is not None and config.face is not None and not config.face.gallery.is_absolute():
+        face = config.face.model_copy(update={"gallery": base_dir / config.face.gallery})
+        config = config.model_copy(update={"face": face})
     return config
 
 

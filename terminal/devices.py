@@ -32,10 +32,15 @@ from drivers.peripherals import Peripheral
 from drivers.qr_scanner import QrScanner
 from drivers.serial_link import PortUnavailableError, SerialLink
 from drivers.sscard import DEFAULT_LAYOUT, SocialSecurityCardReader, SsCardLayout
-from protocol import Clock, PeripheralKind, PeripheralState, PeripheralStatus, SystemClock
+from models.calibration import CalibrationError
+from models.face import engine_from_store
+from models.liveness import LivenessChecker
+from models.manifest import ModelLoadError, ModelStore
+from protocol import AuditEvent, Clock, PeripheralKind, PeripheralState, PeripheralStatus, SystemClock
 from terminal.config import (
     DevicesConfig,
     EVoucherConfig,
+    FaceConfig,
     OpenCvCameraConfig,
     SerialIdCardReaderConfig,
     SerialQrScannerConfig,
@@ -44,6 +49,8 @@ from terminal.config import (
 from terminal.errors import ConfigError, TerminalError
 from terminal.evoucher import EventSink, EVoucherPlatform, EVoucherService, TerminalContext
 from terminal.evoucher_http import HttpEVoucherPlatform
+from terminal.face_templates import TemplateStore
+from terminal.verification import FaceVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -261,4 +268,48 @@ def build_evoucher_service(
         context=TerminalContext(org_code=config.org_code, device_id=device_id),
         record=record,
         clock=clock if clock is not None else SystemClock(),
+    )
+
+
+# ---------------------------------------------------------------- face
+
+
+def open_face_verifier(
+    config: FaceConfig,
+    camera: Camera | None,
+    *,
+    template_key: bytes | None,
+    record: Callable[[AuditEvent], object],
+    clock: Clock,
+    models: ModelStore | None = None,
+) -> FaceVerifier:
+    """The face verifier `[face]` asks for: verified models (manifest hashes, calibrated threshold), the liveness
+    policy, the sealed gallery. `DeviceStartupError` when something it needs is missing: a real camera, the
+    device's template key (an enrolled identity), a model or its threshold. Never falls back to no liveness or to
+    a default threshold."""
+    if camera is None:
+        raise DeviceStartupError("camera", None, "[face] needs a real camera: set [devices.camera] backend = 'opencv'")
+    if template_key is None:
+        raise DeviceStartupError(
+            "face", None, "face templates are sealed with the device's template key: enrol the device ([identity])"
+        )
+    try:
+        engine = engine_from_store(models if models is not None else ModelStore())
+    except (ModelLoadError, CalibrationError) as exc:
+        raise DeviceStartupError("face", None, f"face models unusable: {exc}") from exc
+    templates = TemplateStore(config.gallery, template_key, model_sha256=engine.embedder.model_sha256)
+    stale = templates.stale_subjects()
+    if stale:
+        logger.warning("face gallery: %d templates were made by another model and must be enrolled again", len(stale))
+    return FaceVerifier(
+        camera,
+        engine,
+        LivenessChecker(),
+        templates,
+        clock,
+        window_s=config.window_s,
+        challenge_steps=config.challenge_steps,
+        always_challenge=config.always_challenge,
+        challenge_window_s=config.challenge_window_s,
+        record=record,
     )

@@ -42,13 +42,14 @@ from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, SignedRecordKind
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
-from terminal.devices import KioskDevices, build_evoucher_service
+from terminal.devices import KioskDevices, build_evoucher_service, open_face_verifier
 from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
 from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
+from terminal.verification import FaceVerifier
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class TerminalRuntime:
     evoucher: EVoucherService | None = None
     """The e-voucher service when `[evoucher]` selects a platform; its audit events go into this outbox."""
     evoucher_platform: EVoucherPlatform | None = None
+    face: FaceVerifier | None = None
+    """Face verification when `[face]` is set; its decisions go into this outbox as identity audit events."""
 
     def start(self) -> None:
         """Connect in the background and start delivery and heartbeats; returns at once, works offline."""
@@ -98,6 +101,8 @@ class TerminalRuntime:
         if self.security is not None:
             self.security.stop()
         self.outbox.close()
+        if self.face is not None:
+            self.face.templates.close()
         _release(self.devices, self.evoucher_platform)
         logger.info("terminal %s stopped", self.config.device_id)
 
@@ -188,6 +193,7 @@ def build_runtime(
     link: UplinkLink | None = None,
     security: TerminalSecurity | None = None,
     evoucher_platform: EVoucherPlatform | None = None,
+    template_key: bytes | None = None,
 ) -> TerminalRuntime:
     """Wire a terminal from its config and the peripherals the caller chose. Nothing runs until `start()`.
 
@@ -197,6 +203,8 @@ def build_runtime(
     are closed by `stop()`, or at once if building fails.
     `link` replaces the MQTT connection (tests pass a fake); by default it is an `MqttUplink` to `config.mqtt`.
     `security` (an enrolled device) seals uplinks, opens downlinks and supplies the broker password.
+    With `[face]`, a `FaceVerifier` is built on the devices' camera; `template_key` (default: the enrolled identity
+    store's, `IdentityStore.template_key()`) seals its gallery. Anything `[face]` needs but lacks stops the build.
     """
     if isinstance(peripherals, KioskDevices):
         devices: KioskDevices | None = peripherals
@@ -223,6 +231,21 @@ def build_runtime(
                 evoucher_platform,
                 config.evoucher,
                 device_id=config.device_id,
+                record=lambda event: runtime.record_audits([event]),
+                clock=runtime.clock,
+            )
+        except BaseException:
+            runtime.outbox.close()
+            _release(devices, evoucher_platform)
+            raise
+    if config.face is not None:
+        if template_key is None and security is not None and security.store is not None:
+            template_key = security.store.template_key()
+        try:
+            runtime.face = open_face_verifier(
+                config.face,
+                devices.camera if devices is not None else None,
+                template_key=template_key,
                 record=lambda event: runtime.record_audits([event]),
                 clock=runtime.clock,
             )

@@ -505,6 +505,8 @@ class TerminalSecurity:
     identity: DeviceIdentity
     sessions: SessionManager
     log: SecurityLog
+    store: IdentityStore | None = None
+    """The identity directory (for keys the runtime opens later, e.g. the face-template key)."""
 
     def sealer(self, clock: Clock) -> SessionSealer:
         return SessionSealer(self.sessions, clock=clock)
@@ -551,7 +553,7 @@ def load_terminal(
     log = SecurityLog.open(store.directory, clock)
     log.record("terminal.identity_loaded", device_id=identity.device_id, key_epoch=identity.key_epoch)
     sessions = SessionManager(identity, store, api_factory(identity.bundle.server_url), clock, log=log)
-    return config, TerminalSecurity(identity, sessions, log)
+    return config, TerminalSecurity(identity, sessions, log, store)
 
 
 __all__ = [

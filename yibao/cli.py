@@ -197,13 +197,23 @@ def terminal_run(
 
     With an [identity] section the signed bundle is verified first; the terminal refuses to start (exit 5) if it
     fails, and then seals every uplink frame under a session key agreed with the server. A device the config selects
-    that cannot be opened (a missing serial port) stops start-up (exit 4) naming the device and port."""
+    that cannot be opened (a missing serial port), or a [face] section without a camera, an enrolment or its models,
+    stops start-up (exit 4) naming what is missing."""
     from terminal.config import DevicesConfig
+    from terminal.devices import DeviceStartupError
     from terminal.runtime import run_terminal
 
     cfg, security = _load_terminal(config)
+    if simulated:
+        cfg = cfg.model_copy(update={"face": None})  # no camera to verify faces with
     devices, platform = _open_terminal_devices(cfg, DevicesConfig() if simulated else cfg.devices, security)
-    run_terminal(cfg, devices, emit_records=emit, security=security, evoucher_platform=platform)
+    try:
+        run_terminal(cfg, devices, emit_records=emit, security=security, evoucher_platform=platform)
+    except DeviceStartupError as exc:  # [face] without what it needs (camera, enrolment, models)
+        if security is not None:
+            security.stop()
+        typer.secho(f"error: refusing to start: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(4) from exc
 
 
 def _open_terminal_devices(

@@ -353,3 +353,46 @@ def test_camera_config_fails_closed(tmp_path: Path) -> None:
         config_with(tmp_path, '[devices.camera]\nbackend = "opencv"\n')  # no rgb source
     with pytest.raises(ConfigError, match="camera"):
         config_with(tmp_path, '[devices.camera]\nbackend = "opencv"\nrgb = 0\nfps = 30\n')  # unknown key
+
+
+def _face_config(tmp_path: Path, *, camera: bool = True) -> TerminalConfig:
+    video = faces_dir() / "video" / "short_clip.mp4"
+    toml = '[face]\ngallery = "gallery.sqlite3"\nwindow_s = 3.0\n'
+    if camera:
+        toml += f'[devices.camera]\nbackend = "opencv"\nrgb = "{video}"\nsimulated_peer = true\n'
+    return config_with(tmp_path, toml)
+
+
+def test_face_section_builds_a_verifier_on_the_real_camera_and_records_into_the_outbox(tmp_path: Path) -> None:
+    config = _face_config(tmp_path)
+    assert config.face is not None
+    assert config.face.gallery == tmp_path / "gallery.sqlite3"
+    clock = FakeClock()
+    devices = open_devices(config.devices, stand_in=SimulatedPeripheral)
+    runtime = build_runtime(config, devices, clock, link=ScriptedLink(clock), template_key=bytes(range(16)))
+    try:
+        assert runtime.face is not None
+        decision = runtime.face.identify()  # an empty gallery: nothing to match against, said so
+        assert decision.outcome.value == "not_enrolled"
+        identity = [a for a, _ in _outbox_audits(runtime) if a["category"] == "identity"]
+        assert [(a["action"], a["outcome"], a["detail"]["decision"]) for a in identity] == [
+            ("face_1toN", "failure", "not_enrolled")
+        ]
+    finally:
+        runtime.stop()
+    assert (tmp_path / "gallery.sqlite3").exists()
+
+
+def test_face_section_without_camera_or_enrolment_stops_start_up(tmp_path: Path) -> None:
+    clock = FakeClock()
+    no_camera = _face_config(tmp_path, camera=False)
+    devices = open_devices(no_camera.devices, stand_in=SimulatedPeripheral)
+    with pytest.raises(DeviceStartupError, match="needs a real camera"):
+        build_runtime(no_camera, devices, clock, link=ScriptedLink(clock), template_key=bytes(16))
+
+    with_camera = _face_config(tmp_path / "b")
+    devices = open_devices(with_camera.devices, stand_in=SimulatedPeripheral)
+    with pytest.raises(DeviceStartupError, match="enrol the device"):
+        build_runtime(with_camera, devices, clock, link=ScriptedLink(clock))
+    assert devices.camera is not None
+    assert devices.camera.status().state is PeripheralState.ABSENT  # closed: released on the failed build
