@@ -226,10 +226,58 @@ def score_sets(items: list[Template]) -> list[ScoreSet]:
     return [ScoreSet(kind, source, tuple(scores)) for (kind, source), scores in sorted(buckets.items())]
 
 
+PACKAGE_FACE_PHOTOS: tuple[tuple[str, str], ...] = (
+    ("insightface", "data/images/t1.jpg"),  # six people
+    ("insightface", "data/images/Tom_Hanks_54745.png"),
+)
+"""Face photos that ship inside packages the dev install fetches (located, never imported). Every face in them is
+a person absent from the development set, so each adds impostor pairs against everyone else."""
+
+PACKAGE_FACE_MIN_PX = 40.0
+
+
+def package_photo_paths() -> list[Path]:
+    """The package-shipped photos that are installed here (an empty list when the package is not)."""
+    import importlib.util
+
+    paths: list[Path] = []
+    for package, relative in PACKAGE_FACE_PHOTOS:
+        spec = importlib.util.find_spec(package)
+        for base in (spec.submodule_search_locations or []) if spec is not None else []:
+            candidate = Path(base) / relative
+            if candidate.is_file():
+                paths.append(candidate)
+                break
+    return paths
+
+
+def package_templates(engine: FaceEngine, paths: list[Path]) -> list[Template]:
+    """One template per face (at least PACKAGE_FACE_MIN_PX) in each photo, each its own identity and source."""
+    items: list[Template] = []
+    for path in paths:
+        rgb = read_rgb(path)
+        faces = [d for d in engine.detector.detect(rgb) if min(d.width, d.height) >= PACKAGE_FACE_MIN_PX]
+        if not faces:
+            continue
+        chips = np.stack([align_face(rgb, d.landmarks, engine.embedder.chip_size) for d in faces])
+        for k, vector in enumerate(engine.embedder.embed(chips)):
+            person = f"package:{path.name}#{k}"
+            items.append(Template(Photo(person=person, source=person, path=path), "original", vector))
+    return items
+
+
 def calibrate_face(
-    engine: FaceEngine, faces_dir: Path, *, model: str, model_sha256: str, augment: bool = True
+    engine: FaceEngine,
+    faces_dir: Path,
+    *,
+    model: str,
+    model_sha256: str,
+    augment: bool = True,
+    extra_photos: list[Path] | None = None,
 ) -> tuple[CalibrationResult, list[str]]:
+    """Scores every pair; `extra_photos` (package-shipped photos of other people) add impostor identities."""
     items, missed = templates(engine, person_photos(faces_dir), augment=augment)
+    items += package_templates(engine, extra_photos or [])
     result = summarise(
         score_sets(items),
         model=model,
@@ -286,7 +334,12 @@ def store_threshold(result: CalibrationResult, manifests_dir: Path, calibration_
 
 
 def run_face_calibration(
-    faces_dir: Path, models_dir: Path | None, *, augment: bool = True, write: bool = True
+    faces_dir: Path,
+    models_dir: Path | None,
+    *,
+    augment: bool = True,
+    write: bool = True,
+    package_photos: bool = True,
 ) -> tuple[str, str, Path | None]:
     """`yibao calibrate face`: (JSON line, markdown table, where the threshold was written)."""
     from models.calibration import markdown_table
@@ -302,7 +355,12 @@ def run_face_calibration(
     engine = FaceEngine(
         MtcnnDetector.from_store(store, PARAMS_PHOTOS), DlibResnetEmbedder(loaded), QualityPolicy.for_photos(), 0.0
     )
-    result, missed = calibrate_face(engine, faces_dir, model=DLIB_RESNET, model_sha256=loaded.sha256, augment=augment)
+    extra = package_photo_paths() if package_photos else []
+    if package_photos and not extra:
+        logger.warning("no package-shipped face photos installed (dev install): calibrating on %s alone", faces_dir)
+    result, missed = calibrate_face(
+        engine, faces_dir, model=DLIB_RESNET, model_sha256=loaded.sha256, augment=augment, extra_photos=extra
+    )
     if missed:
         logger.warning("no face found in %d photo variants: %s", len(missed), ", ".join(missed))
     where = store_threshold(result, SHIPPED_MANIFESTS_DIR, DEFAULT_CALIBRATION_FILE) if write else None

@@ -861,12 +861,17 @@ def calibrate_face(
         bool, typer.Option(help="Store the threshold (model manifest [threshold], else models/calibration.json).")
     ] = True,
     table: Annotated[bool, typer.Option("--table", help="Also print the markdown table after the JSON line.")] = False,
+    package_photos: Annotated[
+        bool, typer.Option(help="Add the faces in package-shipped photos (insightface's samples) as impostors.")
+    ] = True,
 ) -> None:
     """Genuine/impostor similarity over all photo pairs; picks the threshold; prints one JSON line (+ table)."""
     from yibao.calibrate import run_face_calibration
 
     try:
-        line, md, where = run_face_calibration(faces_dir, models_dir, augment=augment, write=write)
+        line, md, where = run_face_calibration(
+            faces_dir, models_dir, augment=augment, write=write, package_photos=package_photos
+        )
     except (FileNotFoundError, ValueError) as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2) from exc

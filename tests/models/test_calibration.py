@@ -24,7 +24,7 @@ from models.calibration import (
     write_calibration_file,
     zero_failure_upper_bound,
 )
-from models.manifest import SHIPPED_MANIFESTS_DIR, parse_manifest
+from models.manifest import SHIPPED_MANIFESTS_DIR, ModelStore, parse_manifest
 from yibao.calibrate import manifest_with_threshold, person_photos, score_sets
 
 
@@ -220,3 +220,26 @@ def test_copies_of_one_shot_are_one_source() -> None:
     assert all(merged[f"obama_res_{r}"] == portrait for r in ("240p", "480p", "720p", "1080p"))
     others = ["obama_b", "obama_c", "obama_d", "kit_a", "kit_b", "kit_c"]
     assert len({merged[n] for n in others} | {portrait}) == len(others) + 1
+
+
+def test_package_shipped_photos_add_impostor_identities(store: ModelStore) -> None:
+    from models.detector import PARAMS_PHOTOS, MtcnnDetector
+    from models.embedder import DlibResnetEmbedder
+    from models.face import FaceEngine
+    from models.quality import QualityPolicy
+    from yibao.calibrate import package_photo_paths, package_templates
+
+    paths = package_photo_paths()
+    assert sorted(p.name for p in paths) == ["Tom_Hanks_54745.png", "t1.jpg"]  # insightface's samples (dev install)
+    engine = FaceEngine(
+        MtcnnDetector.from_store(store, PARAMS_PHOTOS),
+        DlibResnetEmbedder(store.load("dlib_resnet_v1")),
+        QualityPolicy.for_photos(),
+        0.0,
+    )
+    items = package_templates(engine, paths)
+    people = {t.photo.person for t in items}
+    assert len(people) == len(items) == 7  # six people in t1.jpg, one in the other: each its own identity
+    sets = {(s.kind, s.source): s for s in score_sets(items)}
+    assert set(sets) == {("impostor", "original")}  # no genuine pairs among them
+    assert len(sets["impostor", "original"].scores) == 21
