@@ -204,6 +204,10 @@ CaptureFactory = Callable[[Source], Capture]
 
 
 def _open_capture(source: Source) -> Capture:
+    if isinstance(source, str | Path) and "%" in str(source):
+        # A printf-style image sequence (recorded frames, e.g. 16-bit depth PNGs): OpenCV's image-sequence backend
+        # keeps the samples' bit depth, where the default (FFmpeg) would render them as 8-bit BGR.
+        return cv2.VideoCapture(str(source), cv2.CAP_IMAGES)
     return cv2.VideoCapture(str(source) if isinstance(source, Path) else source)
 
 

@@ -203,3 +203,20 @@ def test_picture_faults_degrade_the_status_only_when_they_persist(clip: Path) ->
     assert camera.status().state is PeripheralState.FAULT
     camera.close()
     assert device.released
+
+
+def test_a_sixteen_bit_depth_device_delivers_millimetres(clip: Path, tmp_path: Path) -> None:
+    # A 16-bit PNG sequence stands in for a depth device: OpenCV's image-sequence backend keeps the 16-bit samples
+    # when RGB conversion is off, as a depth camera's V4L2 Y16 stream does.
+    expected = (np.arange(480 * 640, dtype=np.uint32).reshape(480, 640) % 4000 + 300).astype(np.uint16)
+    for i in range(3):
+        assert cv2.imwrite(str(tmp_path / f"depth_{i:03d}.png"), expected)
+    camera = OpenCvCamera(clip, depth=str(tmp_path / "depth_%03d.png"))
+    camera.open()
+    try:
+        frame = camera.read()
+    finally:
+        camera.close()
+    assert frame.depth is not None
+    assert frame.depth.dtype == np.uint16
+    np.testing.assert_array_equal(frame.depth, expected)
