@@ -273,6 +273,9 @@ def build_evoucher_service(
 
 # ---------------------------------------------------------------- face
 
+FACE_MODELS: Final = ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet", "dlib_resnet_v1")
+"""What `engine_from_store` loads; heartbeats report their sha256 prefixes."""
+
 
 def open_face_verifier(
     config: FaceConfig,
@@ -293,15 +296,17 @@ def open_face_verifier(
         raise DeviceStartupError(
             "face", None, "face templates are sealed with the device's template key: enrol the device ([identity])"
         )
+    store = models if models is not None else ModelStore()
     try:
-        engine = engine_from_store(models if models is not None else ModelStore())
+        engine = engine_from_store(store)
+        versions = {name: store.load(name).sha256[:16] for name in FACE_MODELS}  # loaded already: cached
     except (ModelLoadError, CalibrationError) as exc:
         raise DeviceStartupError("face", None, f"face models unusable: {exc}") from exc
     templates = TemplateStore(config.gallery, template_key, model_sha256=engine.embedder.model_sha256)
     stale = templates.stale_subjects()
     if stale:
         logger.warning("face gallery: %d templates were made by another model and must be enrolled again", len(stale))
-    return FaceVerifier(
+    verifier = FaceVerifier(
         camera,
         engine,
         LivenessChecker(),
@@ -313,3 +318,5 @@ def open_face_verifier(
         challenge_window_s=config.challenge_window_s,
         record=record,
     )
+    verifier.model_versions = versions
+    return verifier

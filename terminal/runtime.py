@@ -20,7 +20,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import FrameType
 from typing import Final
 
@@ -77,6 +77,8 @@ class TerminalRuntime:
     evoucher_platform: EVoucherPlatform | None = None
     face: FaceVerifier | None = None
     """Face verification when `[face]` is set; its decisions go into this outbox as identity audit events."""
+    model_versions: dict[str, str] = field(default_factory=dict)
+    """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
 
     def start(self) -> None:
         """Connect in the background and start delivery and heartbeats; returns at once, works offline."""
@@ -253,6 +255,7 @@ def build_runtime(
             runtime.outbox.close()
             _release(devices, evoucher_platform)
             raise
+        runtime.model_versions.update(runtime.face.model_versions)
     return runtime
 
 
@@ -328,9 +331,15 @@ def _build(
             sealer=sealer,
         )
 
+        model_versions: dict[str, str] = {}  # filled when face verification loads its models
+
         def compose() -> Heartbeat:
             return compose_heartbeat(
-                config, stats=outbox.stats(), peripherals=health.snapshot(), uptime_s=clock.monotonic() - started
+                config,
+                stats=outbox.stats(),
+                peripherals=health.snapshot(),
+                uptime_s=clock.monotonic() - started,
+                model_versions=model_versions,
             )
 
         heartbeat = HeartbeatTimer(outbox, compose, interval_s=config.heartbeat.interval_s)
@@ -347,6 +356,7 @@ def _build(
         health=health,
         started_monotonic=started,
         security=security,
+        model_versions=model_versions,
     )
 
 

@@ -191,6 +191,7 @@ class FaceVerifier:
         self.challenge_window_s = challenge_window_s
         self.prompt = prompt or (lambda _p: None)
         self.record = record
+        self.model_versions: dict[str, str] = {}  # model name -> sha256 prefix, for heartbeats
 
     # ------------------------------------------------------------------ public flows
 

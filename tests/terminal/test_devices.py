@@ -372,6 +372,9 @@ def test_face_section_builds_a_verifier_on_the_real_camera_and_records_into_the_
     runtime = build_runtime(config, devices, clock, link=ScriptedLink(clock), template_key=bytes(range(16)))
     try:
         assert runtime.face is not None
+        versions = runtime.heartbeat().model_versions
+        assert sorted(versions) == ["dlib_resnet_v1", "mtcnn_onet", "mtcnn_pnet", "mtcnn_rnet"]
+        assert versions["dlib_resnet_v1"] == runtime.face.engine.embedder.model_sha256[:16]
         decision = runtime.face.identify()  # an empty gallery: nothing to match against, said so
         assert decision.outcome.value == "not_enrolled"
         identity = [a for a, _ in _outbox_audits(runtime) if a["category"] == "identity"]
