@@ -114,7 +114,11 @@ class TerminalRuntime:
     def heartbeat(self) -> Heartbeat:
         """The heartbeat for this moment (what the timer enqueues)."""
         return compose_heartbeat(
-            self.config, stats=self.outbox.stats(), peripherals=self.health.snapshot(), uptime_s=self.uptime_s()
+            self.config,
+            stats=self.outbox.stats(),
+            peripherals=self.health.snapshot(),
+            uptime_s=self.uptime_s(),
+            model_versions=self.model_versions,
         )
 
     def record_audit(
