@@ -22,33 +22,16 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from hardware_sim.camera_sim import letterbox
 from models.types import FaceDetector
+from yibao.verify_face import read_rgb
 
 FRAME_W, FRAME_H = 640, 480
 
 
-def letterbox(bgr: NDArray[np.uint8], width: int = FRAME_W, height: int = FRAME_H) -> NDArray[np.uint8]:
-    """Fit an image into width×height without distortion, padding with grey (a camera frame's shape)."""
-    h, w = bgr.shape[:2]
-    scale = min(width / w, height / h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = cv2.resize(bgr, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    out = np.full((height, width, 3), 114, dtype=np.uint8)
-    x0, y0 = (width - nw) // 2, (height - nh) // 2
-    out[y0 : y0 + nh, x0 : x0 + nw] = resized
-    return out
-
-
 def load_rgb_frames(paths: Sequence[Path]) -> list[NDArray[np.uint8]]:
-    frames = []
-    for path in paths:
-        decoded = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
-        if decoded is None:
-            raise ValueError(f"{path} is not a readable image")
-        bgr: NDArray[np.uint8] = np.asarray(decoded, dtype=np.uint8)
-        rgb: NDArray[np.uint8] = np.ascontiguousarray(cv2.cvtColor(letterbox(bgr), cv2.COLOR_BGR2RGB), dtype=np.uint8)
-        frames.append(rgb)
-    return frames
+    """Photos as the kiosk camera delivers frames: RGB, letterboxed to 640x480."""
+    return [letterbox(read_rgb(path), FRAME_W, FRAME_H) for path in paths]
 
 
 @dataclass(frozen=True)
@@ -189,7 +172,7 @@ def package_face_frames(detector: FaceDetector) -> tuple[list[NDArray[np.uint8]]
     frames: list[NDArray[np.uint8]] = []
     names: list[str] = []
     for path in package_photo_paths():
-        rgb = _read_rgb(path)
+        rgb = read_rgb(path)
         height, width = rgb.shape[:2]
         for k, face in enumerate(d for d in detector.detect(rgb) if min(d.width, d.height) >= 40):
             x0, y0, x1, y1 = face.box
@@ -200,13 +183,6 @@ def package_face_frames(detector: FaceDetector) -> tuple[list[NDArray[np.uint8]]
             frames.append(np.ascontiguousarray(letterbox(np.ascontiguousarray(crop)), dtype=np.uint8))
             names.append(f"package:{path.name}#{k}")
     return frames, names
-
-
-def _read_rgb(path: Path) -> NDArray[np.uint8]:
-    decoded = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
-    if decoded is None:
-        raise ValueError(f"{path} is not a readable image")
-    return np.ascontiguousarray(cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB), dtype=np.uint8)
 
 
 def _people(paths: Sequence[Path], root: Path) -> dict[str, list[int]]:
