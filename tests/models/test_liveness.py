@@ -6,6 +6,7 @@ import itertools
 import random
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import pytest
@@ -365,3 +366,49 @@ def test_ir_parallax_of_a_binocular_module_is_searched(face: tuple[RgbImage, Det
     registered_only = IrSignal(max_parallax_px=0).score(synth.rgb, synth.ir, det)
     assert registered_only.score < found.score
     assert not registered_only.passed  # the glints are beside the landmarks: no eye structure where it is sought
+
+
+@pytest.fixture(scope="module")
+def real_turn() -> list[Detection]:
+    """The largest face in frames 90-140 of the real clip, where the person turns their head (to their right:
+    the yaw proxy falls by about 0.4 inter-ocular distances) — real landmarks, no synthesis."""
+    from models.detector import PARAMS_PHOTOS, MtcnnDetector
+    from models.manifest import ModelStore
+
+    detector = MtcnnDetector.from_store(ModelStore(), PARAMS_PHOTOS)
+    capture = cv2.VideoCapture(str(faces_dir() / "video" / "short_clip.mp4"))
+    found: list[Detection] = []
+    try:
+        for index in range(141):
+            ok, bgr = capture.read()
+            assert ok, f"the clip ended at frame {index}"
+            if index >= 90:
+                faces = detector.detect(np.ascontiguousarray(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)))
+                if faces:
+                    found.append(max(faces, key=lambda d: d.width * d.height))
+    finally:
+        capture.release()
+    assert len(found) >= 45
+    return found
+
+
+@pytest.mark.parametrize(
+    ("challenge", "expected"),
+    [
+        (Challenge.TURN_RIGHT, ChallengeState.PASSED),
+        (Challenge.TURN_LEFT, ChallengeState.FAILED),
+        (Challenge.NOD, ChallengeState.FAILED),
+    ],
+)
+def test_the_challenge_on_a_real_head_turn(
+    challenge: Challenge, expected: ChallengeState, real_turn: list[Detection]
+) -> None:
+    clock = FakeClock()
+    session = _session(challenge, clock)
+    state = ChallengeState.PENDING
+    for detection in real_turn:
+        clock.t += 1 / 30  # the clip's frame rate
+        state = session.observe(detection)
+        if state is not ChallengeState.PENDING:
+            break
+    assert state is expected, session.result()
