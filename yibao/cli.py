@@ -754,6 +754,18 @@ def _machine() -> dict[str, Any]:
     return machine()
 
 
+@bench_app.command("serial")
+def bench_serial(
+    reads: Annotated[int, typer.Option(min=5, help="Timed reads per device.")] = 200,
+) -> None:
+    """The real serial drivers against the pty simulators: ID card, SS card, QR scanner; one JSON line."""
+    import json
+
+    from yibao.bench_serial import run_serial_bench
+
+    print(json.dumps({**run_serial_bench(reads), "machine": _machine()}))
+
+
 @bench_app.command("vision")
 def bench_vision(
     faces: Annotated[Path, typer.Option(help="Face photos, one folder per person.")] = Path("tests/fixtures/faces"),
