@@ -232,26 +232,28 @@ def run_vision_bench(
     detector = engine.detector
 
     # Frames the kiosk's quality gate accepts (a real kiosk frame: one face, close enough, sharp)
-    analyses = [engine.analyse(f) for f in frames]
-    good = [i for i, a in enumerate(analyses) if a.quality.ok and a.face is not None and a.template is not None]
-    if not good:
+    # (frame index, its face, its template) for every frame the gate accepts
+    accepted = [
+        (i, a.face, a.template)
+        for i, a in enumerate(engine.analyse(f) for f in frames)
+        if a.quality.ok and a.face is not None and a.template is not None
+    ]
+    if not accepted:
         raise ValueError(f"no photo under {faces_dir} passes the kiosk quality gate at {FRAME_W}x{FRAME_H}")
-    reference = analyses[good[0]].template
-    assert reference is not None  # noqa: S101 - good frames have templates by construction
+    good = [i for i, _, _ in accepted]
+    reference = accepted[0][2]
 
     def detect(i: int) -> object:
         return detector.detect(frames[good[i % len(good)]])
 
     def align_embed(i: int) -> object:
-        k = good[i % len(good)]
-        face = analyses[k].face
-        assert face is not None  # noqa: S101 - good frames have faces
+        k, face, _ = accepted[i % len(accepted)]
         return engine.embedder.embed(align_face(frames[k], face.landmarks, engine.embedder.chip_size)[None])
 
     def verify(i: int) -> object:
         return engine.verify(frames[good[i % len(good)]], reference)
 
-    templates = [analyses[k].template for k in good]
+    templates = [t for _, _, t in accepted]
     flipped = [engine.analyse(np.ascontiguousarray(frames[k][:, ::-1])).template for k in good]
     rows = [t for t in templates + flipped if t is not None]
     rng = np.random.default_rng(50)
@@ -265,9 +267,7 @@ def run_vision_bench(
     checker = LivenessChecker()
     synth_rng = np.random.default_rng(7)
     live_frames = []
-    for k in good:
-        face = analyses[k].face
-        assert face is not None  # noqa: S101
+    for k, face, _ in accepted:
         s = synthesize(frames[k], face, Presentation.BONA_FIDE, synth_rng)
         live_frames.append((s.rgb, s.ir, s.depth, s.detection or face))
 

@@ -263,10 +263,10 @@ class _RecordingPlatform:
         self.closed = 0
 
     def decode(self, code: str, context: TerminalContext) -> EVoucherIdentity:
-        raise NotImplementedError
+        raise AssertionError("the runtime must not call the platform in this test")
 
     def consume(self, ec_token: str, business: BusinessType, context: TerminalContext) -> ConsumeReceipt:
-        raise NotImplementedError
+        raise AssertionError("the runtime must not call the platform in this test")
 
     def close(self) -> None:
         self.closed += 1
