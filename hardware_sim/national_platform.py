@@ -453,6 +453,11 @@ class NationalPlatformSimulator:
             self._ec_tokens[token] = (psn_no, self._clock.monotonic() + self._ec_token_ttl_s)
             return token
 
+    def expire_sign_ins(self) -> None:
+        """Forget every sign-in (what a platform restart or its daily reset does to callers)."""
+        with self._lock:
+            self._sign_ins.clear()
+
     def person(self, psn_no: str) -> SyntheticPerson:
         return self._by_psn_no[psn_no]
 

@@ -340,6 +340,8 @@ class NationalPlatformSettings(BaseModel):
     opter_name: str = Field(min_length=1, max_length=50, description="经办人姓名.")
     mac: str = Field(default="00:00:00:00:00:00", max_length=20, description="MAC address reported at 9001.")
     ip: str = Field(default="127.0.0.1", max_length=64, description="IP address reported at 9001.")
+    msgid_worker: int = Field(default=0, ge=0, description="This process's index among those sharing the institution.")
+    msgid_workers: int = Field(default=1, ge=1, le=9999, description="Processes calling for this institution.")
     timeout_s: float = Field(default=5.0, gt=0, le=120, description="One timeout for each HTTP call.")
     encrypt_output: bool = Field(default=False, description="Ask for SM4-encrypted outputs (needs sm4_key_hex).")
     sm4_key_hex: SecretStr | None = Field(default=None, description="The SM4 key agreed with the platform (32 hex).")
@@ -392,26 +394,34 @@ def unsigned(envelope: dict[str, Any]) -> dict[str, Any]:
 class MsgidSequence:
     """msgid = fixmedins_code (12) + yyyyMMddHHmmss (14, Beijing time) + 4-digit sequence = 30 characters.
 
-    The sequence restarts at 0001 each (Beijing) day and wraps after 9999; with the timestamp in front a msgid
-    repeats only if one institution sends 10,000 messages within one second. Thread-safe."""
+    The sequence restarts each (Beijing) day and wraps before 10000; with the timestamp in front a msgid repeats
+    only if one institution sends 10,000 messages within one second. Several processes that call for the SAME
+    institution must not share sequence numbers: give each its `worker` index out of `workers` (process k uses
+    k+1, k+1+workers, …). Thread-safe within a process."""
 
-    def __init__(self, fixmedins_code: str, clock: Clock) -> None:
+    def __init__(self, fixmedins_code: str, clock: Clock, *, worker: int = 0, workers: int = 1) -> None:
         if len(fixmedins_code) != 12:
             raise ValueError("fixmedins_code must have 12 characters")
+        if not 0 <= worker < workers <= 9999:
+            raise ValueError("need 0 <= worker < workers <= 9999")
         self._prefix = fixmedins_code
         self._clock = clock
+        self._worker = worker
+        self._workers = workers
+        self._slots = 9999 // workers  # sequence numbers per worker per wrap
         self._lock = threading.Lock()
         self._day = ""
-        self._seq = 0
+        self._count = 0
 
     def next(self) -> str:
         with self._lock:
             now = self._clock.now().astimezone(CHINA_TZ)
             stamp = now.strftime("%Y%m%d%H%M%S")
             if stamp[:8] != self._day:
-                self._day, self._seq = stamp[:8], 0
-            self._seq = self._seq % 9999 + 1
-            return f"{self._prefix}{stamp}{self._seq:04d}"
+                self._day, self._count = stamp[:8], 0
+            seq = self._worker + 1 + (self._count % self._slots) * self._workers
+            self._count += 1
+            return f"{self._prefix}{stamp}{seq:04d}"
 
 
 _R = TypeVar("_R", bound=_Result)
@@ -445,7 +455,9 @@ class HttpNationalPlatform:
         self._clock = clock or SystemClock()
         self._client = client or httpx.Client(base_url=settings.base_url, timeout=settings.timeout_s)
         self._auto_sign_in = auto_sign_in
-        self._msgids = MsgidSequence(settings.fixmedins_code, self._clock)
+        self._msgids = MsgidSequence(
+            settings.fixmedins_code, self._clock, worker=settings.msgid_worker, workers=settings.msgid_workers
+        )
         self._platform_key = (
             SM2PublicKey.from_hex(settings.platform_public_key_hex) if settings.platform_public_key_hex else None
         )
