@@ -36,7 +36,7 @@ from enum import StrEnum
 from typing import Any, Final, Literal, Protocol, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from protocol import Clock, SystemClock
 from protocol.gm import sm4
@@ -358,6 +358,14 @@ class NationalPlatformSettings(BaseModel):
             if len(raw) != 2 * sm4.KEY_SIZE or any(c not in "0123456789abcdefABCDEF" for c in raw):
                 raise ValueError("sm4_key_hex must be 32 hex digits")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> NationalPlatformSettings:
+        if self.msgid_worker >= self.msgid_workers:
+            raise ValueError("msgid_worker must be below msgid_workers")
+        if self.encrypt_output and self.sm4_key_hex is None:
+            raise ValueError("encrypt_output needs sm4_key_hex")
+        return self
 
     @field_validator("platform_public_key_hex")
     @classmethod

@@ -306,3 +306,35 @@ def test_msgid_format_and_per_day_sequence() -> None:
     workers = [MsgidSequence(CODE, clock, worker=k, workers=3) for k in range(3)]
     seen = {w.next()[-4:] for w in workers for _ in range(100)}
     assert len(seen) == 300
+
+
+def test_msgids_stay_unique_across_threads() -> None:
+    ids = MsgidSequence(CODE, StepClock())
+    out: list[str] = []
+    lock = threading.Lock()
+
+    def draw() -> None:
+        mine = [ids.next() for _ in range(500)]
+        with lock:
+            out.extend(mine)
+
+    threads = [threading.Thread(target=draw) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(out)) == len(out) == 4000
+
+
+def test_settings_fail_closed(rig: Rig) -> None:
+    with pytest.raises(ValueError, match="msgid_worker"):
+        rig.settings(msgid_worker=2, msgid_workers=2)
+    with pytest.raises(ValueError, match="sm4_key_hex"):
+        rig.settings(encrypt_output=True)
+    with pytest.raises(ValueError, match="32 hex"):
+        rig.settings(sm4_key_hex="abcd")
+    with pytest.raises(ValueError, match="SM2 public key"):
+        rig.settings(platform_public_key_hex="04" + "00" * 64)
+    with pytest.raises(ValueError, match="extra"):
+        rig.settings(unknown_knob=1)
+    assert "paas-secret" not in repr(rig.settings())
