@@ -613,11 +613,12 @@ class HttpNationalPlatform:
         elapsed_ms = (time.monotonic() - started) * 1000
         if response.status_code >= 500:
             raise UnreachableError(f"{infno.value}: HTTP {response.status_code}")
-        answer = _json_object(response.content)
         if response.status_code in (401, 403):
-            raise GatewayRejectedError(-1, str(answer.get("err_msg", "gateway refused the call")), reason="GATEWAY")
+            # Gateways answer these in their own formats (JSON or an HTML page): keep the text, never fail on it.
+            raise GatewayRejectedError(-1, response.text[:200] or f"HTTP {response.status_code}", reason="GATEWAY")
         if response.status_code != 200:
             raise ProtocolViolationError(f"{infno.value}: HTTP {response.status_code}")
+        answer = _json_object(response.content)
         self._check_signature(answer)
         infcode = answer.get("infcode")
         if not isinstance(infcode, int) or isinstance(infcode, bool) or not answer.get("inf_refmsgid"):

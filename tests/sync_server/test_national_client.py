@@ -210,8 +210,9 @@ def test_replayed_msgid_is_a_message_rejection(rig: Rig) -> None:
 def test_forged_signature_refused(rig: Rig) -> None:
     with rig.client(key=SM2PrivateKey.generate()) as impostor, pytest.raises(SignatureRejectedError):
         impostor.sign_in()
-    with rig.client(paas_secret="wrong-secret-wrong-secret") as client, pytest.raises(GatewayRejectedError):
+    with rig.client(paas_secret="wrong-secret-wrong-secret") as client, pytest.raises(GatewayRejectedError) as gate:
         client.sign_in()
+    assert "[GATEWAY]" in gate.value.err_msg
     with rig.client(fixmedins_code="P99999999999") as stranger, pytest.raises(MessageRejectedError):
         stranger.sign_in()
 
@@ -284,7 +285,10 @@ def test_malformed_answers_are_protocol_violations(rig: Rig) -> None:
     def no_refmsgid(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"infcode": 0, "output": {}})
 
-    for handler in (not_json, no_refmsgid):
+    def teapot(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(418, content=b"")
+
+    for handler in (not_json, no_refmsgid, teapot):
         transport = httpx.Client(base_url="http://platform.invalid", transport=httpx.MockTransport(handler))
         settings = rig.settings(platform_public_key_hex=None)
         with (
@@ -338,3 +342,18 @@ def test_settings_fail_closed(rig: Rig) -> None:
     with pytest.raises(ValueError, match="extra"):
         rig.settings(unknown_knob=1)
     assert "paas-secret" not in repr(rig.settings())
+
+
+def test_a_gateway_page_is_a_gateway_rejection(rig: Rig) -> None:
+    def html_401(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, content=b"<html>401 Unauthorized</html>")
+
+    transport = httpx.Client(base_url="http://platform.invalid", transport=httpx.MockTransport(html_401))
+    settings = rig.settings(platform_public_key_hex=None)
+    with (
+        HttpNationalPlatform(settings, rig.key, clock=rig.clock, client=transport) as client,
+        pytest.raises(GatewayRejectedError) as refused,
+    ):
+        client.sign_in()
+    assert refused.value.reason == "GATEWAY"
+    assert "401" in refused.value.err_msg
