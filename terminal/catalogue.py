@@ -34,6 +34,7 @@ import logging
 import os
 import sqlite3
 import threading
+import unicodedata
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -345,6 +346,11 @@ class CatalogueStore:
             with self._transaction() as tx:
                 tx.execute("DELETE FROM entry WHERE kind = ?", (kind.value,))
                 tx.executemany("INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                # A snapshot is the moment to forget initials of names no catalogue uses any more.
+                tx.execute(
+                    "DELETE FROM name_initials "
+                    "WHERE name NOT IN (SELECT name FROM entry UNION SELECT alt_name FROM entry)"
+                )
                 self._store_initials(tx, {r[2] for r in rows} | {r[3] for r in rows})
                 self._finish(tx, kind, snapshot.version, snapshot.content_hash, snapshot.published_at.isoformat())
             self._index[kind] = self._build_index(kind)
@@ -458,7 +464,7 @@ class CatalogueStore:
     ) -> SearchResult:
         """The best `limit` entries of `kind` for `query` (name substring, code, or pinyin initials), ranked by
         `MatchKind`, then shorter name, then code. `region_code` keeps only institutions of that 医保区划."""
-        q = query.strip()
+        q = _fold(query).strip()  # full-width letters typed on a Chinese IME match too
         if not q:
             return SearchResult((), 0)
         with self._lock:
@@ -466,12 +472,11 @@ class CatalogueStore:
         best: dict[str, MatchKind] = {}  # name -> best match (names expand to entries below)
         code_hits: dict[str, MatchKind] = {}
         if q.isascii() and q.replace(" ", "").isalnum():
-            upper = q.upper()
-            _code_prefix(index.codes, upper, code_hits)
-            letters = q.lower().replace(" ", "")
+            _code_prefix(index.codes, q.upper().replace(" ", ""), code_hits)
+            letters = q.replace(" ", "")
             for name, at_start, _whole in index.initials.find(letters):
                 _better(best, name, MatchKind.INITIALS_PREFIX if at_start else MatchKind.INITIALS_SUBSTRING)
-        for name, at_start, whole in index.names.find(q.lower()):
+        for name, at_start, whole in index.names.find(q):
             if whole:
                 match = MatchKind.NAME_EXACT
             elif at_start:
@@ -542,7 +547,7 @@ class CatalogueStore:
             name_of=name_of,
             region_of=region_of,
             codes_by_name=codes_by_name,
-            names=_Haystack([n.lower() for n in names], names),
+            names=_Haystack([_fold(n) for n in names], names),
             initials=_Haystack(variants, owners),
         )
 
@@ -642,6 +647,11 @@ def _entry_row(
     alt = entry.generic_name if isinstance(entry, DrugEntry) and entry.generic_name != entry.name else ""
     region = entry.region_code if isinstance(entry, DesignatedInstitution) else None
     return (kind.value, entry.code, entry.name, alt, region, digest, entry.model_dump_json())
+
+
+def _fold(text: str) -> str:
+    """NFKC (full-width ＡＢ１ and （） become AB1 and ()) then lower case: how names and queries are compared."""
+    return unicodedata.normalize("NFKC", text).lower()
 
 
 def _better(best: dict[str, MatchKind], name: str, match: MatchKind) -> None:

@@ -275,3 +275,12 @@ def test_search_on_20000_drugs_stays_within_10_ms(tmp_path: Path) -> None:
                 assert store.search(q).hits, q
                 samples.append((time.perf_counter() - start) * 1000)
     assert statistics.median(samples) <= 10.0, samples
+
+
+def test_full_width_queries_and_stale_initials(store: CatalogueStore) -> None:
+    store.apply_snapshot(snapshot(1, [amox("534", name="阿莫西林胶囊（Ｂ型）")]))
+    assert codes(store, "ＡＭＸＬ") == [amox("534").code]
+    assert codes(store, "(b型)") == [amox("534").code]
+    store.apply_snapshot(snapshot(2, [amox("535", name="阿莫西林胶囊")]))
+    assert codes(store, "AMXL") == [amox("535").code]
+    assert codes(store, "b型") == []
