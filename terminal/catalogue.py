@@ -71,6 +71,11 @@ MAX_PINYIN_VARIANTS: Final = 32
 """Readings indexed per name at most: a name of many 多音字 would otherwise multiply out (2^n); the first readings
 pypinyin gives are the common ones, and they come first."""
 
+MIN_CODE_PREFIX: Final = 3
+"""Shorter queries are not matched against codes (one or two characters select most of a catalogue)."""
+MIN_INITIALS_SUBSTRING: Final = 2
+"""Initials shorter than this match only at the start of a name's initials."""
+
 _ENTRY: Final[TypeAdapter[DrugEntry | TreatmentItem | DesignatedInstitution]] = TypeAdapter(CatalogueEntry)
 
 _SCHEMA: Final = """
@@ -196,6 +201,15 @@ class _Haystack:
             pos += len(s) + 1
         self._lengths = [len(s) for s in strings]
         self._owners = list(owners)
+        self._sorted = sorted(zip(strings, owners, strict=True))
+
+    def starting_with(self, prefix: str) -> Iterator[tuple[str, bool]]:
+        """(owner, whole string) for each string that starts with `prefix`: a bisect, not a scan."""
+        for i in range(bisect.bisect_left(self._sorted, (prefix,)), len(self._sorted)):
+            string, owner = self._sorted[i]
+            if not string.startswith(prefix):
+                return
+            yield owner, len(string) == len(prefix)
 
     def find(self, needle: str) -> Iterator[tuple[str, bool, bool]]:
         """(owner, match at the start, whole string) for each string containing `needle`, first occurrence."""
@@ -472,10 +486,17 @@ class CatalogueStore:
         best: dict[str, MatchKind] = {}  # name -> best match (names expand to entries below)
         code_hits: dict[str, MatchKind] = {}
         if q.isascii() and q.replace(" ", "").isalnum():
-            _code_prefix(index.codes, q.upper().replace(" ", ""), code_hits)
+            code_query = q.upper().replace(" ", "")
+            if len(code_query) >= MIN_CODE_PREFIX:
+                _code_prefix(index.codes, code_query, code_hits, count_cap)
             letters = q.replace(" ", "")
-            for name, at_start, _whole in index.initials.find(letters):
-                _better(best, name, MatchKind.INITIALS_PREFIX if at_start else MatchKind.INITIALS_SUBSTRING)
+            if len(letters) < MIN_INITIALS_SUBSTRING:
+                # One letter inside initials matches most of the catalogue and says nothing: prefix only.
+                for name, _whole in index.initials.starting_with(letters):
+                    _better(best, name, MatchKind.INITIALS_PREFIX)
+            else:
+                for name, at_start, _whole in index.initials.find(letters):
+                    _better(best, name, MatchKind.INITIALS_PREFIX if at_start else MatchKind.INITIALS_SUBSTRING)
         for name, at_start, whole in index.names.find(q):
             if whole:
                 match = MatchKind.NAME_EXACT
@@ -488,9 +509,8 @@ class CatalogueStore:
         def keep(code: str) -> bool:
             return region_code is None or index.region_of.get(code) == region_code
 
-        ranked_codes = sorted(
-            (c for c in code_hits if keep(c)), key=lambda c: (code_hits[c], len(index.name_of[c]), index.name_of[c], c)
-        )
+        # Code hits come in code order (the exact one first): codes are structured, so neighbours are related products.
+        ranked_codes = sorted((c for c in code_hits if keep(c)), key=lambda c: (code_hits[c], c))
         hits = [SearchHit(kind, c, index.name_of[c], code_hits[c]) for c in ranked_codes[:limit]]
         taken = {h.code for h in hits}
 
@@ -659,8 +679,10 @@ def _better(best: dict[str, MatchKind], name: str, match: MatchKind) -> None:
         best[name] = match
 
 
-def _code_prefix(codes: Sequence[str], prefix: str, out: dict[str, MatchKind]) -> None:
-    for i in range(bisect.bisect_left(codes, prefix), len(codes)):
+def _code_prefix(codes: Sequence[str], prefix: str, out: dict[str, MatchKind], cap: int) -> None:
+    """Codes starting with `prefix`, the first `cap` of them in code order (more are never ranked or counted)."""
+    start = bisect.bisect_left(codes, prefix)
+    for i in range(start, min(len(codes), start + cap)):
         code = codes[i]
         if not code.startswith(prefix):
             break

@@ -284,3 +284,12 @@ def test_full_width_queries_and_stale_initials(store: CatalogueStore) -> None:
     store.apply_snapshot(snapshot(2, [amox("535", name="阿莫西林胶囊")]))
     assert codes(store, "AMXL") == [amox("535").code]
     assert codes(store, "b型") == []
+
+
+def test_very_short_queries_match_only_where_they_mean_something(store: CatalogueStore) -> None:
+    store.apply_snapshot(snapshot(1, [amox("534"), amox("535", name="复方阿莫西林", generic="复方阿莫西林")]))
+    # 'a' starts 阿莫西林胶囊's initials; inside 复方阿莫西林 ('ffamxl') it would match too, but one letter says nothing
+    assert codes(store, "a") == [amox("534").code]
+    assert {h.match for h in store.search("am").hits} == {MatchKind.INITIALS_PREFIX, MatchKind.INITIALS_SUBSTRING}
+    assert codes(store, "XJ") == []  # two characters of a code select the whole catalogue
+    assert len(codes(store, "XJ0")) == 2
