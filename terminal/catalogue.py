@@ -357,16 +357,21 @@ class CatalogueStore:
                 )
             if held is not None and held == (snapshot.version, snapshot.content_hash):
                 return self._holding_locked(kind)
-            with self._transaction() as tx:
-                tx.execute("DELETE FROM entry WHERE kind = ?", (kind.value,))
-                tx.executemany("INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                # A snapshot is the moment to forget initials of names no catalogue uses any more.
-                tx.execute(
-                    "DELETE FROM name_initials "
-                    "WHERE name NOT IN (SELECT name FROM entry UNION SELECT alt_name FROM entry)"
-                )
-                self._store_initials(tx, {r[2] for r in rows} | {r[3] for r in rows})
-                self._finish(tx, kind, snapshot.version, snapshot.content_hash, snapshot.published_at.isoformat())
+            try:
+                with self._transaction() as tx:
+                    tx.execute("DELETE FROM entry WHERE kind = ?", (kind.value,))
+                    tx.executemany("INSERT INTO entry VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                    # A snapshot is the moment to forget initials of names no catalogue uses any more.
+                    tx.execute(
+                        "DELETE FROM name_initials "
+                        "WHERE name NOT IN (SELECT name FROM entry UNION SELECT alt_name FROM entry)"
+                    )
+                    self._store_initials(tx, {r[2] for r in rows} | {r[3] for r in rows})
+                    self._finish(tx, kind, snapshot.version, snapshot.content_hash, snapshot.published_at.isoformat())
+            except _HashMismatchError as exc:  # checked above, so only a store that lost rows mid-write gets here
+                raise CatalogueHashError(
+                    f"{kind.value} snapshot v{snapshot.version}: stored state does not match"
+                ) from exc
             self._index[kind] = self._build_index(kind)
             holding = self._holding_locked(kind)
         logger.info("catalogue %s: snapshot v%d applied (%d entries)", kind.value, holding.version, holding.entries)
@@ -376,7 +381,8 @@ class CatalogueStore:
         """Apply `delta` on top of the held version, atomically; the resulting state's hash must match.
 
         Raises `CatalogueGapError` when the held version is not `delta.from_version` (a delta for the version already
-        held is a no-op instead) and `CatalogueHashError` when the result does not hash to `delta.content_hash`."""
+        held is a no-op instead), `CatalogueStaleError` when the held version is already at or past `to_version` with
+        other content, and `CatalogueHashError` when the result does not hash to `delta.content_hash`."""
         kind = delta.kind
         rows = [_entry_row(kind, e, entry_digest(e)) for e in delta.upserts]
         with self._lock, self._translated("apply delta"):
@@ -384,6 +390,10 @@ class CatalogueStore:
             held_version = held[0] if held is not None else 0
             if held == (delta.to_version, delta.content_hash):
                 return self._holding_locked(kind)
+            if held_version >= delta.to_version:
+                raise CatalogueStaleError(
+                    f"{kind.value} delta to v{delta.to_version}: already at v{held_version}; refused"
+                )
             if held_version != delta.from_version:
                 raise CatalogueGapError(kind, held_version, delta.from_version)
             try:

@@ -4,12 +4,15 @@ pinyin-initial search with 多音字, ranking, persistence, one owner, rules eva
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hardware_sim.catalogue_gen import generate_drugs, generate_institutions, generate_treatments
 from protocol.catalogue import (
@@ -151,6 +154,8 @@ def test_bad_or_old_snapshots_are_refused_and_redelivery_is_a_no_op(store: Catal
     store.apply_delta(delta)
     assert store.apply_delta(delta).version == 3  # redelivered: nothing to do, no gap error
     assert store.holding(CatalogueKind.DRUG).entries == 90
+    with pytest.raises(CatalogueStaleError, match="already at v3"):
+        store.apply_delta(build_delta(CatalogueKind.DRUG, 2, DRUGS[:100], 3, DRUGS[:80], AT))
 
 
 def test_pinyin_initials_index_every_reading() -> None:
@@ -293,3 +298,30 @@ def test_very_short_queries_match_only_where_they_mean_something(store: Catalogu
     assert {h.match for h in store.search("am").hits} == {MatchKind.INITIALS_PREFIX, MatchKind.INITIALS_SUBSTRING}
     assert codes(store, "XJ") == []  # two characters of a code select the whole catalogue
     assert len(codes(store, "XJ0")) == 2
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=st.lists(st.tuples(st.sets(st.integers(0, 79), max_size=15), st.integers(0, 5)), min_size=1, max_size=4))
+def test_any_chain_of_deltas_ends_where_a_snapshot_of_the_last_version_would(
+    steps: list[tuple[set[int], int]],
+) -> None:
+    pool = DRUGS[:120]
+    current = list(pool[:80])
+    with tempfile.TemporaryDirectory() as tmp, CatalogueStore.open(Path(tmp) / "c.db") as chained:
+        chained.apply_snapshot(snapshot(1, current))
+        for version, (touched, added) in enumerate(steps, start=2):
+            nxt = (
+                [
+                    d.model_copy(update={"price_fen": (d.price_fen or 0) + version}) if i in touched else d
+                    for i, d in enumerate(current)
+                    if i % 7 != version or i not in touched  # some touched entries are deleted instead
+                ]
+                + [d for d in pool[80 : 80 + added] if d.code not in {c.code for c in current}]
+            )
+            chained.apply_delta(build_delta(CatalogueKind.DRUG, version - 1, current, version, nxt, AT))
+            current = nxt
+        held = chained.holding(CatalogueKind.DRUG)
+        final = snapshot(len(steps) + 1, current)
+        assert (held.version, held.content_hash, held.entries) == (final.version, final.content_hash, len(current))
+        for d in current:
+            assert chained.get(CatalogueKind.DRUG, d.code) == d
