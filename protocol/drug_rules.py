@@ -259,6 +259,16 @@ class DrugRuleSet(_Closed):
         return self.model_dump_json().encode("utf-8")
 
 
+class DrugRulesNotice(_Closed):
+    """'Rule set version N is published': flat and small, so it fits a downlink command's arguments. The terminal
+    then fetches the whole set (over HTTPS) unless it already holds that version and hash."""
+
+    schema_version: Literal[1] = Field(default=RULES_SCHEMA_VERSION)
+    type: Literal["drug_rules_version"] = "drug_rules_version"
+    version: int = Field(ge=1)
+    content_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 _RULE_SET: Final[TypeAdapter[DrugRuleSet]] = TypeAdapter(DrugRuleSet)
 
 

@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 from pydantic import BaseModel, ValidationError
 
 from protocol import ContractError
+from protocol.catalogue import CatalogueKind, CatalogueVersionNotice
 from protocol.drug_rules import (
     AgeRange,
     AnyRule,
     CombinationLimit,
     DrugRuleSet,
+    DrugRulesNotice,
     DrugSelector,
     EarlyRefill,
     Evaluation,
@@ -305,3 +307,14 @@ def test_rule_ids_are_unique_and_selectors_not_empty() -> None:
         DrugRuleSet.build(1, sample_rules() + sample_rules()[:1], NOW)
     with pytest.raises(ValidationError, match="at least one"):
         DrugSelector()
+
+
+def test_notices_are_flat_enough_for_command_arguments() -> None:
+    rule_set = DrugRuleSet.build(3, sample_rules(), NOW)
+    notice = DrugRulesNotice(version=rule_set.version, content_hash=rule_set.content_hash)
+    args = notice.model_dump(mode="json")
+    assert all(isinstance(v, str | int) for v in args.values())
+    assert DrugRulesNotice.model_validate(args) == notice
+    catalogue = CatalogueVersionNotice(kind=CatalogueKind.DRUG, version=9, content_hash="a" * 64)
+    assert CatalogueVersionNotice.model_validate(catalogue.model_dump(mode="json")) == catalogue
+    assert all(isinstance(v, str | int) for v in catalogue.model_dump(mode="json").values())
