@@ -330,6 +330,8 @@ class Proposal:
     lines: tuple[ProposedLine, ...]
     has_prescription: bool
     history: tuple[HistoryLine, ...] = ()
+    """Earlier purchases of the same person, never this proposal's own lines (a purchase after its review must not
+    count its reviewed lines twice)."""
 
 
 @dataclass(frozen=True)
