@@ -906,3 +906,18 @@ def calibrate_chip_template(
 
 def main() -> None:
     app()
+
+
+@bench_app.command("catalogue")
+def bench_catalogue(
+    drugs: Annotated[int, typer.Option(min=100, help="Drugs in the synthetic catalogue.")] = 20_000,
+    queries: Annotated[int, typer.Option(min=20, help="Timed searches of each kind (substring, code, pinyin).")] = 400,
+    seed: Annotated[int, typer.Option(help="Seed of the catalogue and of the query draw.")] = 1,
+) -> None:
+    """The terminal catalogue store: snapshot decode/apply, delta apply, reopen, and search median/p95 by substring,
+    code and pinyin initials on a synthetic catalogue; rules-engine time. One JSON line."""
+    import json
+
+    from yibao.bench_catalogue import run_catalogue_bench
+
+    print(json.dumps({**run_catalogue_bench(drugs, queries, seed), "machine": _machine()}, ensure_ascii=False))
