@@ -128,3 +128,29 @@ def check_route_policies(app: FastAPI) -> None:
 
 def policy_for(method: str, path: str) -> Policy | None:
     return ROUTE_POLICIES.get(f"{'GET' if method == 'HEAD' else method} {path}")
+
+
+ROLE_COLUMNS = (
+    Role.DEVICE_ADMIN,
+    Role.INSTITUTION_HEAD,
+    Role.PHARMACIST,
+    Role.CASHIER,
+    Role.REGULATOR,
+    Role.SECURITY_ADMIN,
+    Role.AUDITOR,
+)
+
+
+def matrix_markdown() -> str:
+    """The role x endpoint matrix as a Markdown table (docs/accounts.md embeds it; a test keeps them equal)."""
+    header = "| Route | anonymous | " + " | ".join(r.value for r in ROLE_COLUMNS) + " |"
+    rule = "|---|---|" + "---|" * len(ROLE_COLUMNS)
+    rows = [header, rule]
+    for key in sorted(ROUTE_POLICIES):
+        policy = ROUTE_POLICIES[key]
+        if policy.kind == "roles":
+            cells = ["—"] + ["✔" if role in policy.roles else "—" for role in ROLE_COLUMNS]
+        else:
+            cells = [policy.kind] * (len(ROLE_COLUMNS) + 1)
+        rows.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
