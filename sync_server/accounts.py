@@ -371,27 +371,41 @@ def open_session(session: Session, account: Account, *, policy: PasswordPolicy, 
     return token, expires
 
 
+TOUCH_EVERY_S = 60.0
+"""A session's last use is written at most once a minute, so reads do not each take a write lock; the idle
+timeout is exact to within this."""
+
+
 @dataclass(frozen=True)
 class ResolvedSession:
     account: Account
     session_id: int
+    touch_due: bool
+    """The caller should record the use (`touch_session`) in a writing transaction."""
 
 
 def resolve_session(session: Session, token: str, *, policy: PasswordPolicy, now: datetime) -> ResolvedSession | None:
-    """The live session of `token` (touching its last use), or None if unknown, ended, expired or idle."""
-    row = session.scalar(select(AccountSession).where(AccountSession.sha256 == session_digest(token)))
-    if row is None or not hmac.compare_digest(row.sha256, session_digest(token)):
+    """The live session of `token`, or None if unknown, ended, expired, idle too long or its account disabled.
+    Read-only: an idle session simply stays refused."""
+    digest = session_digest(token)
+    row = session.scalar(select(AccountSession).where(AccountSession.sha256 == digest))
+    if row is None or not hmac.compare_digest(row.sha256, digest):
         return None
     if row.revoked_at is not None or row.expires_at <= now:
         return None
     if now - row.last_used_at >= timedelta(seconds=policy.session_idle_s):
-        row.revoked_at = now
         return None
     account = session.get(Account, row.account_id)
     if account is None or account.disabled_at is not None:
         return None
-    row.last_used_at = now
-    return ResolvedSession(account=account, session_id=row.id)
+    touch_due = now - row.last_used_at >= timedelta(seconds=TOUCH_EVERY_S)
+    return ResolvedSession(account=account, session_id=row.id, touch_due=touch_due)
+
+
+def touch_session(session: Session, session_id: int, *, now: datetime) -> None:
+    row = session.get(AccountSession, session_id)
+    if row is not None and row.last_used_at < now:
+        row.last_used_at = now
 
 
 def end_session(session: Session, session_id: int, *, now: datetime) -> None:

@@ -1,6 +1,8 @@
 """The FastAPI application factory of the sync server.
 
-`create_app(settings, engine=None, start_ingest=True)` wires routers, static files, templates and error handlers;
+`create_app(settings, engine=None, start_ingest=True)` wires routers, static files, templates and error handlers,
+and the app-wide authorisation check (`sync_server.api.deps.authorize` against `sync_server.authz.ROUTE_POLICIES`);
+it raises `ConfigurationError` when a route has no declared policy, so a new endpoint cannot forget one;
 its lifespan builds the process's `ServerRuntime`, starts the ingest worker and the presence sweeper, and stops them
 (and disposes an engine it created) at shutdown. Database errors during a request are translated once, here, into
 HTTP 503 with a JSON body. It must never run migrations (that is `sync_server.service.serve` / `yibao server

@@ -27,7 +27,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from protocol import Clock
-from sync_server.accounts import SESSION_PREFIX, Role, account_roles, password_expired, resolve_session
+from sync_server.accounts import (
+    SESSION_PREFIX,
+    Role,
+    account_roles,
+    password_expired,
+    resolve_session,
+    touch_session,
+)
 from sync_server.authz import policy_for
 from sync_server.db.models import AdminToken
 from sync_server.identity import token_digest
@@ -139,12 +146,12 @@ def authenticate(runtime: ServerRuntime, credentials: HTTPAuthorizationCredentia
 def _account_principal(runtime: ServerRuntime, token: str) -> Principal | None:
     policy = runtime.settings.account_policy
     now = runtime.clock.now()
-    with runtime.writer_sessions.begin() as session:
+    with runtime.sessions() as session:
         resolved = resolve_session(session, token, policy=policy, now=now)
         if resolved is None:
             return None
         account = resolved.account
-        return Principal(
+        principal = Principal(
             name=f"account:{account.username}",
             kind="account",
             roles=account_roles(account),
@@ -155,6 +162,10 @@ def _account_principal(runtime: ServerRuntime, token: str) -> Principal | None:
             region_prefix=account.region_prefix,
             must_change_password=password_expired(account, policy=policy, now=now),
         )
+    if resolved.touch_due:
+        with runtime.writer_sessions.begin() as writer:
+            touch_session(writer, resolved.session_id, now=now)
+    return principal
 
 
 def _cached_principal(
