@@ -1,6 +1,8 @@
 """The FastAPI application factory of the sync server.
 
-`create_app(settings, engine=None, start_ingest=True)` wires routers, static files, templates and error handlers;
+`create_app(settings, engine=None, start_ingest=True)` wires routers, static files, templates and error handlers,
+and the app-wide authorisation check (`sync_server.api.deps.authorize` against `sync_server.authz.ROUTE_POLICIES`);
+it raises `ConfigurationError` when a route has no declared policy, so a new endpoint cannot forget one;
 its lifespan builds the process's `ServerRuntime`, starts the ingest worker and the presence sweeper, and stops them
 (and disposes an engine it created) at shutdown. Database errors during a request are translated once, here, into
 HTTP 503 with a JSON body. It must never run migrations (that is `sync_server.service.serve` / `yibao server
@@ -21,8 +23,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from protocol import Clock
-from sync_server.api import commands, devices, health, ingest, institutions, provisioning
-from sync_server.api.deps import require_admin
+from sync_server.api import accounts, commands, devices, health, ingest, institutions, provisioning
+from sync_server.api.deps import authorize
+from sync_server.authz import check_route_policies
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
 from sync_server.web import pages
@@ -61,17 +64,20 @@ def create_app(
         summary="Device registry, MQTT ingest and operator pages of the 医保 self-service terminal platform.",
         version="0.1.0",
         lifespan=lifespan,
+        # Every route's policy (sync_server.authz.ROUTE_POLICIES) is checked before its handler runs.
+        dependencies=[Depends(authorize)],
     )
     app.state.templates = pages.make_templates(settings)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
-    admin_only = [Depends(require_admin)]
     app.include_router(health.router)
     app.include_router(provisioning.router)
-    app.include_router(devices.router, dependencies=admin_only)
-    app.include_router(commands.router, dependencies=admin_only)
+    app.include_router(devices.router)
+    app.include_router(commands.router)
     app.include_router(ingest.router)  # operational counters, like /healthz
-    app.include_router(institutions.router, dependencies=admin_only)
+    app.include_router(institutions.router)
+    app.include_router(accounts.router)
     app.include_router(pages.router)
+    check_route_policies(app)  # a route without a declared policy stops the server here
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)
     return app
 

@@ -17,6 +17,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from sync_server.accounts import PasswordPolicy
+
 DEV_SERVER_KEY_PLACEHOLDER = "changeme-server-key"
 """The default passphrase of the server's SM2 key file: fine in dev, refused in prod."""
 PLACEHOLDER_SECRETS = frozenset(
@@ -190,6 +192,13 @@ class ServerSettings(BaseSettings):
     server_key_passphrase: SecretStr = Field(
         default=SecretStr(DEV_SERVER_KEY_PLACEHOLDER),
         description="Passphrase of the server key file; the placeholder default is refused in prod.",
+    )
+    account_policy: PasswordPolicy = Field(
+        default_factory=PasswordPolicy,
+        description=(
+            "Operator password and login-session policy (docs/accounts.md), as JSON in the environment, e.g. "
+            "YIBAO_SERVER_ACCOUNT_POLICY='{\"min_length\": 12}'. The defaults follow 等保 2.0."
+        ),
     )
     bootstrap_admin_token: SecretStr | None = Field(
         default=None,

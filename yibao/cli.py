@@ -377,6 +377,53 @@ def admin_token_create(
     print(token)
 
 
+account_app = typer.Typer(help="Operator accounts and roles (docs/accounts.md).", no_args_is_help=True)
+server_app.add_typer(account_app, name="account")
+
+
+@account_app.command("create")
+def account_create(
+    username: Annotated[str, typer.Option(help="Login name: 3 to 64 of a-z 0-9 . _ -, starting with a letter.")],
+    role: Annotated[list[str], typer.Option(help="A role (repeat for several): see docs/accounts.md.")],
+    institution: Annotated[
+        str | None, typer.Option(help="Institution code (定点机构编码) for institution roles.")
+    ] = None,
+    region_prefix: Annotated[str | None, typer.Option(help="A regulator's 医保区划 code prefix.")] = None,
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the initial password from stdin instead of generating one.")
+    ] = False,
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from YIBAO_SERVER_DATABASE_URL.")
+    ] = None,
+) -> None:
+    """Create an account. A generated initial password is printed ONCE; either way it must be changed at first
+    login. Exit 2 when the policy or 三员 separation refuses it."""
+    from sync_server.accounts import AccountError, Role
+    from yibao.accounts_cmd import create_account
+
+    try:
+        roles = [Role(r) for r in role]
+    except ValueError as exc:
+        raise typer.BadParameter(f"roles are: {', '.join(r.value for r in Role)}", param_hint="--role") from exc
+    password = sys.stdin.readline().rstrip("\r\n") if password_stdin else None
+    settings = _server_settings(database_url, None, None, None, None)
+    try:
+        created = create_account(
+            settings,
+            username=username,
+            roles=roles,
+            institution_code=institution,
+            region_prefix=region_prefix,
+            password=password,
+        )
+    except AccountError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+    typer.secho(f"created account {created.username} ({', '.join(created.roles)})", err=True)
+    if created.generated_password is not None:
+        print(created.generated_password)
+
+
 def _server_settings(
     database_url: str | None,
     http_host: str | None,

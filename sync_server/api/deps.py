@@ -1,24 +1,41 @@
 """`Annotated` dependency aliases for route handlers (`SessionDep`, `WriterSessionDep`, `SettingsDep`, `ClockDep`,
-`RuntimeDep`, `AdminDep`) and `require_admin` for whole routers.
+`RuntimeDep`, `AdminDep`, `PrincipalDep`), `authorize` (the app-wide route-policy check) and `require_admin`.
 
 Owns how a request reaches the process's `ServerRuntime` (set on `app.state` by the lifespan), the per-request
-database session, which is always closed, and admin authentication: `Authorization: Bearer <token>` whose SHA-256 is
-an unrevoked row of `admin_tokens`, or the configured bootstrap token (compared in constant time). Anything else is a
-401 with a JSON `detail`. It must never create engines, hold globals or log a token.
+database session, which is always closed, and authentication of `Authorization: Bearer <token>`:
+
+* an operator login session (`ys_...`, `sync_server.accounts`): the account's roles;
+* an unrevoked admin token (SHA-256 in `admin_tokens`) or the configured bootstrap token (compared in constant
+  time): the role `device_admin` only (docs/accounts.md).
+
+`authorize` looks up the matched route's policy in `sync_server.authz` and answers 401 (no or bad credentials), 403
+(a role the policy does not list, or a password that must be changed first) before the handler runs. It must never
+create engines, hold globals or log a token.
 """
 
 from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from typing import Annotated
+from dataclasses import dataclass
+from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from protocol import Clock
+from sync_server.accounts import (
+    SESSION_PREFIX,
+    Role,
+    account_roles,
+    password_expired,
+    resolve_session,
+    touch_session,
+)
+from sync_server.authz import policy_for
 from sync_server.db.models import AdminToken
 from sync_server.identity import token_digest
 from sync_server.runtime import ServerRuntime
@@ -59,9 +76,32 @@ SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 ClockDep = Annotated[Clock, Depends(get_clock)]
 
 
-_bearer = HTTPBearer(auto_error=False, description="An admin token (`yibao server admin-token create`).")
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A login session token (`POST /api/v1/auth/login`) or an admin token (`yibao server admin-token`).",
+)
 
 BOOTSTRAP_ADMIN = "bootstrap"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling. `name` is what the audit log records: an admin token's name or `account:<username>`."""
+
+    name: str
+    kind: Literal["admin_token", "account"]
+    roles: frozenset[Role]
+    username: str | None = None
+    account_id: int | None = None
+    session_id: int | None = None
+    institution_id: int | None = None
+    region_prefix: str | None = None
+    """A regulator's 医保区划 code prefix: region-scoped data outside it is invisible."""
+    must_change_password: bool = False
+
+
+ADMIN_TOKEN_ROLES = frozenset({Role.DEVICE_ADMIN})
+"""What the admin bearer tokens (and the bootstrap token) may do: device administration, nothing else."""
 
 
 def _unauthorised(detail: str) -> HTTPException:
@@ -70,25 +110,119 @@ def _unauthorised(detail: str) -> HTTPException:
     )
 
 
-def require_admin(
-    runtime: RuntimeDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> str:
-    """The name of the admin token that authenticated this request; 401 otherwise."""
+def _forbidden(detail: str) -> HTTPException:
+    return HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail=detail)
+
+
+def authenticate(runtime: ServerRuntime, credentials: HTTPAuthorizationCredentials | None) -> Principal:
+    """The principal of a bearer token; 401 when there is none or it is not valid."""
     if credentials is None or credentials.scheme.lower() != "bearer" or not credentials.credentials:
-        raise _unauthorised("admin authentication required: send 'Authorization: Bearer <admin token>'")
+        raise _unauthorised(
+            "admin authentication required: send 'Authorization: Bearer <token>' (an admin token or the token "
+            "of POST /api/v1/auth/login)"
+        )
     token = credentials.credentials
+    if token.startswith(SESSION_PREFIX):
+        principal = _account_principal(runtime, token)
+        if principal is not None:
+            return principal
+        # Falls through: an admin token is random URL-safe text and may, rarely, start with the same prefix.
     bootstrap = runtime.settings.bootstrap_admin_token
     if bootstrap is not None and hmac.compare_digest(
         token.encode("utf-8"), bootstrap.get_secret_value().encode("utf-8")
     ):
-        return BOOTSTRAP_ADMIN
+        return Principal(name=BOOTSTRAP_ADMIN, kind="admin_token", roles=ADMIN_TOKEN_ROLES)
     with runtime.sessions() as session:
         name = session.scalar(
             select(AdminToken.name).where(AdminToken.sha256 == token_digest(token), AdminToken.revoked_at.is_(None))
         )
     if name is None:
+        if token.startswith(SESSION_PREFIX):
+            raise _unauthorised("the session is not valid (unknown, expired, idle too long or ended)")
         raise _unauthorised("admin token is not valid (unknown or revoked)")
-    return name
+    return Principal(name=name, kind="admin_token", roles=ADMIN_TOKEN_ROLES)
+
+
+def _account_principal(runtime: ServerRuntime, token: str) -> Principal | None:
+    policy = runtime.settings.account_policy
+    now = runtime.clock.now()
+    with runtime.sessions() as session:
+        resolved = resolve_session(session, token, policy=policy, now=now)
+        if resolved is None:
+            return None
+        account = resolved.account
+        principal = Principal(
+            name=f"account:{account.username}",
+            kind="account",
+            roles=account_roles(account),
+            username=account.username,
+            account_id=account.id,
+            session_id=resolved.session_id,
+            institution_id=account.institution_id,
+            region_prefix=account.region_prefix,
+            must_change_password=password_expired(account, policy=policy, now=now),
+        )
+    if resolved.touch_due:
+        with runtime.writer_sessions.begin() as writer:
+            touch_session(writer, resolved.session_id, now=now)
+    return principal
+
+
+def _cached_principal(
+    request: Request, runtime: ServerRuntime, credentials: HTTPAuthorizationCredentials | None
+) -> Principal:
+    cached = getattr(request.state, "principal", None)
+    if isinstance(cached, Principal):
+        return cached
+    principal = authenticate(runtime, credentials)
+    request.state.principal = principal
+    return principal
+
+
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials) -> None:
+    """The app-wide check of the matched route's policy (`sync_server.authz.ROUTE_POLICIES`)."""
+    route = request.scope.get("route")
+    policy = policy_for(request.method, route.path) if isinstance(route, APIRoute) else None
+    if policy is None:
+        # create_app refuses to start with an undeclared route; this is the belt to those braces.
+        raise _forbidden("this route has no authorisation policy")
+    if policy.kind != "roles":
+        return
+    principal = _cached_principal(request, runtime, credentials)
+    if principal.must_change_password and not policy.password_change_allowed:
+        raise _forbidden("the password has expired or was set by an administrator: change it first")
+    if not policy.allows(principal.roles):
+        raise _forbidden(
+            f"not allowed for role(s) {', '.join(sorted(principal.roles))}; "
+            f"this route needs one of {', '.join(sorted(policy.roles))}"
+        )
+
+
+def require_principal(request: Request, runtime: RuntimeDep, credentials: Credentials) -> Principal:
+    """The authenticated caller (401 otherwise); the route's roles were already checked by `authorize`."""
+    return _cached_principal(request, runtime, credentials)
+
+
+PrincipalDep = Annotated[Principal, Depends(require_principal)]
+
+
+def require_admin(request: Request, runtime: RuntimeDep, credentials: Credentials) -> str:
+    """The audit name of a caller holding `device_admin` (an admin token or an account); 401/403 otherwise."""
+    principal = _cached_principal(request, runtime, credentials)
+    if Role.DEVICE_ADMIN not in principal.roles:
+        raise _forbidden("device administration needs the device_admin role")
+    return principal.name
 
 
 AdminDep = Annotated[str, Depends(require_admin)]
+
+
+def region_prefix(principal: PrincipalDep) -> str | None:
+    """The caller's region scope (a regulator's 医保区划 prefix), or None for an unscoped caller."""
+    return principal.region_prefix
+
+
+RegionDep = Annotated[str | None, Depends(region_prefix)]

@@ -2,7 +2,8 @@
 
 Owns filtering, keyset pagination (events are paged by `seq`, so a page never shifts when new events arrive) and the
 reconciliation of one device and one local day: what the server stored next to what the terminal's heartbeats say
-the server acknowledged. It must never write.
+the server acknowledged. A regulator sees only devices of institutions in its region (others are 404). It must
+never write.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from sqlalchemy import ColumnElement, and_, func, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from protocol import Heartbeat, PayloadType
-from sync_server.api.deps import ClockDep, SessionDep, SettingsDep
+from sync_server.api.deps import ClockDep, RegionDep, SessionDep, SettingsDep
 from sync_server.api.schemas import (
     DeviceList,
     DeviceOut,
@@ -30,7 +31,7 @@ from sync_server.api.schemas import (
     TerminalDayOut,
     device_alarms,
 )
-from sync_server.db.models import Device, Event, LinkStateColumn
+from sync_server.db.models import Device, Event, Institution, LinkStateColumn
 
 router = APIRouter(prefix="/api/v1/devices", tags=["devices"])
 
@@ -53,10 +54,25 @@ def get_device_or_404(session: Session, device_id: str) -> Device:
     return device
 
 
+def in_region(device: Device, region: str | None) -> bool:
+    """Is `device` visible to a caller scoped to `region` (a 医保区划 prefix; None: unscoped)?"""
+    if region is None:
+        return True
+    return device.institution is not None and device.institution.region_code.startswith(region)
+
+
+def get_scoped_device_or_404(session: Session, device_id: str, region: str | None) -> Device:
+    device = get_device_or_404(session, device_id)
+    if not in_region(device, region):  # outside a regulator's region a device does not exist
+        raise HTTPException(status_code=404, detail=f"device {device_id!r} is not known to this server")
+    return device
+
+
 @router.get("", response_model=DeviceList)
 def list_devices(
     session: SessionDep,
     clock: ClockDep,
+    region: RegionDep,
     online: Annotated[bool | None, Query(description="Only devices that are (or are not) online now.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 500,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -74,6 +90,10 @@ def list_devices(
                 Device.heartbeat_expires_at <= now,
             )
         )
+    if region is not None:
+        conditions.append(
+            Device.institution_id.in_(select(Institution.id).where(Institution.region_code.startswith(region)))
+        )
     total = session.scalar(select(func.count()).select_from(Device).where(*conditions)) or 0
     rows = session.scalars(
         select(Device)
@@ -87,8 +107,8 @@ def list_devices(
 
 
 @router.get("/{device_id}", response_model=DeviceOut, responses={404: {"model": ErrorOut}})
-def get_device(device_id: DeviceIdPath, session: SessionDep, clock: ClockDep) -> DeviceOut:
-    return DeviceOut.of(get_device_or_404(session, device_id), now=clock.now())
+def get_device(device_id: DeviceIdPath, session: SessionDep, clock: ClockDep, region: RegionDep) -> DeviceOut:
+    return DeviceOut.of(get_scoped_device_or_404(session, device_id, region), now=clock.now())
 
 
 def event_page(
@@ -211,10 +231,11 @@ def get_reconciliation(
     device_id: DeviceIdPath,
     session: SessionDep,
     settings: SettingsDep,
+    region: RegionDep,
     day: Annotated[date, Query(description="The local day (YYYY-MM-DD) in the server's display_timezone.")],
 ) -> ReconciliationOut:
     """Per-device daily reconciliation: records stored with a device_time on `day` (count, min/max seq), the
     terminal's own acknowledged-record counter from that day's heartbeats, and the device's acknowledged range and
     open hole now."""
-    device = get_device_or_404(session, device_id)
+    device = get_scoped_device_or_404(session, device_id, region)
     return reconcile_day(session, device, day, ZoneInfo(settings.display_timezone))

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 
-from sync_server.api.deps import SessionDep
+from sync_server.api.deps import RegionDep, SessionDep
 from sync_server.api.schemas import InstitutionList, InstitutionOut
 from sync_server.db.models import Institution
 
@@ -20,10 +20,12 @@ router = APIRouter(prefix="/api/v1/institutions", tags=["institutions"])
 @router.get("", response_model=InstitutionList)
 def list_institutions(
     session: SessionDep,
+    region: RegionDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 500,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> InstitutionList:
-    """Institutions ordered by code."""
-    total = session.scalar(select(func.count()).select_from(Institution)) or 0
-    rows = session.scalars(select(Institution).order_by(Institution.code).limit(limit).offset(offset))
+    """Institutions ordered by code; a regulator sees those in its region only."""
+    scope = [Institution.region_code.startswith(region)] if region is not None else []
+    total = session.scalar(select(func.count()).select_from(Institution).where(*scope)) or 0
+    rows = session.scalars(select(Institution).where(*scope).order_by(Institution.code).limit(limit).offset(offset))
     return InstitutionList(items=[InstitutionOut.of(row) for row in rows], total=total)

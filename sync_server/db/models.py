@@ -296,3 +296,53 @@ class SecurityEvent(Base):
     detail: Mapped[str] = mapped_column(String(300))
     topic: Mapped[str | None] = mapped_column(String(200))
     count: Mapped[int] = mapped_column(Integer)
+
+
+class Account(Base):
+    """An operator account (docs/accounts.md); the rules live in `sync_server.accounts`."""
+
+    __tablename__ = "accounts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    roles: Mapped[list[str]] = mapped_column(JSON, comment="Role values (sync_server.accounts.Role), sorted.")
+    institution_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("institutions.id"), index=True, comment="Set for institution roles only."
+    )
+    region_prefix: Mapped[str | None] = mapped_column(String(6), comment="A regulator's 医保区划 code prefix.")
+    name: Mapped[str | None] = mapped_column(String(50), comment="人员姓名 (personal data: masked in responses).")
+    phone: Mapped[str | None] = mapped_column(String(20), comment="联系电话 (personal data: masked in responses).")
+    id_number: Mapped[str | None] = mapped_column(String(20), comment="证件号码 (personal data: masked in responses).")
+    password_hash: Mapped[str] = mapped_column(String(200), comment="argon2id; never a clear password.")
+    password_changed_at: Mapped[datetime]
+    must_change_password: Mapped[bool] = mapped_column(comment="Set by a generated or reset password.")
+    failed_logins: Mapped[int] = mapped_column(Integer, comment="Consecutive failures since the last success.")
+    locked_until: Mapped[datetime | None]
+    disabled_at: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64))
+
+
+class PasswordHistory(Base):
+    """Past password hashes of an account (argon2id), for the reuse rule."""
+
+    __tablename__ = "account_password_history"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id"), index=True)
+    password_hash: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime]
+
+
+class AccountSession(Base):
+    """A login session: an opaque bearer token of which only the SHA-256 is stored."""
+
+    __tablename__ = "account_sessions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    account_id: Mapped[int] = mapped_column(BigId, ForeignKey("accounts.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    last_used_at: Mapped[datetime] = mapped_column(comment="For the idle timeout.")
+    revoked_at: Mapped[datetime | None] = mapped_column(comment="Logout, idle timeout, disable or password reset.")

@@ -1,0 +1,156 @@
+"""The route policy: which roles may call which route of the sync server, declared in ONE table (B-14, B-16).
+
+Owns `ROUTE_POLICIES` (every route of the app, keyed "METHOD /path"; the role x endpoint matrix of
+docs/accounts.md), the kinds of policy (`public`, `device`: the endpoint authenticates the device itself by
+signature, or a set of roles), and `check_route_policies(app)`, which `create_app` calls so that the app refuses to
+start when a route has no policy or a policy names a route that does not exist. The request-time check lives in
+`sync_server.api.deps.authorize`. It must never authenticate anybody or touch the database.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import FastAPI
+from fastapi.routing import iter_route_contexts
+from starlette.routing import Mount
+
+from sync_server.accounts import Role
+from sync_server.errors import ConfigurationError
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: Literal["public", "device", "roles"]
+    roles: frozenset[Role] = frozenset()
+    password_change_allowed: bool = False
+    """Reachable by an account whose password has expired (it must change it first and can do nothing else)."""
+
+    def allows(self, roles: frozenset[Role]) -> bool:
+        return self.kind != "roles" or bool(self.roles & roles)
+
+
+PUBLIC = Policy("public")
+"""No authentication (health, metrics, the server's public key, the API documentation, login)."""
+DEVICE = Policy("device")
+"""The terminal authenticates itself in the request (SM2 signature over a claim token or its identity key)."""
+
+
+def roles(*allowed: Role, password_change_allowed: bool = False) -> Policy:
+    return Policy("roles", frozenset(allowed), password_change_allowed)
+
+
+ANY_ACCOUNT = roles(*Role, password_change_allowed=True)
+FLEET_READERS = roles(Role.DEVICE_ADMIN, Role.REGULATOR)
+"""Device registry reads; a regulator sees only devices of institutions in its region."""
+DEVICE_ADMIN = roles(Role.DEVICE_ADMIN)
+SECURITY = roles(Role.SECURITY_ADMIN)
+ACCOUNT_READERS = roles(Role.SECURITY_ADMIN, Role.AUDITOR)
+AUDIT_READERS = roles(Role.AUDITOR)
+REVEALERS = roles(*(set(Role) - {Role.AUDITOR, Role.DEVICE_ADMIN}))
+"""May ask for a reveal at all; each reveal source narrows this down per kind of subject."""
+
+ROUTE_POLICIES: dict[str, Policy] = {
+    # documentation and operations
+    "GET /openapi.json": PUBLIC,
+    "GET /docs": PUBLIC,
+    "GET /docs/oauth2-redirect": PUBLIC,
+    "GET /redoc": PUBLIC,
+    "MOUNT /static": PUBLIC,
+    "GET /healthz": PUBLIC,
+    "GET /api/v1/ingest/stats": PUBLIC,
+    # device identity: the device signs its own requests
+    "GET /api/v1/server-identity": PUBLIC,
+    "POST /api/v1/provisioning/enrol": DEVICE,
+    "POST /api/v1/provisioning/devices/{device_id}/rotate": DEVICE,
+    "POST /api/v1/devices/{device_id}/sessions": DEVICE,
+    # provisioning and commands (system administration)
+    "POST /api/v1/provisioning/devices": DEVICE_ADMIN,
+    "POST /api/v1/provisioning/devices/{device_id}/reset": DEVICE_ADMIN,
+    "POST /api/v1/provisioning/devices/{device_id}/revoke": DEVICE_ADMIN,
+    "GET /api/v1/provisioning/devices": DEVICE_ADMIN,
+    "GET /api/v1/provisioning/devices/{device_id}": DEVICE_ADMIN,
+    "POST /api/v1/devices/{device_id}/commands": DEVICE_ADMIN,
+    "GET /api/v1/devices/{device_id}/commands": DEVICE_ADMIN,
+    "GET /api/v1/commands/{command_id}": DEVICE_ADMIN,
+    # the device registry (read)
+    "GET /api/v1/devices": FLEET_READERS,
+    "GET /api/v1/devices/{device_id}": FLEET_READERS,
+    "GET /api/v1/devices/{device_id}/events": DEVICE_ADMIN,
+    "GET /api/v1/devices/{device_id}/reconciliation": FLEET_READERS,
+    "GET /api/v1/institutions": roles(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),
+    # operator pages: read-only device status, no login page yet (docs/accounts.md "Not yet")
+    "GET /": PUBLIC,
+    "GET /devices/{device_id}": PUBLIC,
+    # login sessions
+    "POST /api/v1/auth/login": PUBLIC,
+    "POST /api/v1/auth/logout": ANY_ACCOUNT,
+    "GET /api/v1/auth/me": ANY_ACCOUNT,
+    "POST /api/v1/auth/password": ANY_ACCOUNT,
+    # accounts (security administration)
+    "GET /api/v1/accounts": ACCOUNT_READERS,
+    "POST /api/v1/accounts": SECURITY,
+    "GET /api/v1/accounts/{username}": ACCOUNT_READERS,
+    "PUT /api/v1/accounts/{username}/roles": SECURITY,
+    "POST /api/v1/accounts/{username}/disable": SECURITY,
+    "POST /api/v1/accounts/{username}/enable": SECURITY,
+    "POST /api/v1/accounts/{username}/password-reset": SECURITY,
+    "GET /api/v1/password-policy": roles(Role.SECURITY_ADMIN, Role.AUDITOR),
+    # personal data and the audit log
+    "POST /api/v1/reveal": REVEALERS,
+    "GET /api/v1/audit": AUDIT_READERS,
+}
+
+
+def route_keys(app: FastAPI) -> Iterator[str]:
+    """ "METHOD /path" of every route the app serves (HEAD rides along with GET and is not listed)."""
+    for context in iter_route_contexts(app.routes):
+        if isinstance(context.original_route, Mount):
+            yield f"MOUNT {context.path}"
+            continue
+        for method in sorted(context.methods or ()):
+            if method != "HEAD":
+                yield f"{method} {context.path}"
+
+
+def check_route_policies(app: FastAPI) -> None:
+    """Refuse to serve an app whose routes and `ROUTE_POLICIES` disagree (a new route must declare its policy)."""
+    served = set(route_keys(app))
+    missing = sorted(served - ROUTE_POLICIES.keys())
+    stale = sorted(ROUTE_POLICIES.keys() - served)
+    if missing:
+        raise ConfigurationError(f"routes without an authorisation policy in sync_server/authz.py: {missing}")
+    if stale:
+        raise ConfigurationError(f"authorisation policies for routes the app does not serve: {stale}")
+
+
+def policy_for(method: str, path: str) -> Policy | None:
+    return ROUTE_POLICIES.get(f"{'GET' if method == 'HEAD' else method} {path}")
+
+
+ROLE_COLUMNS = (
+    Role.DEVICE_ADMIN,
+    Role.INSTITUTION_HEAD,
+    Role.PHARMACIST,
+    Role.CASHIER,
+    Role.REGULATOR,
+    Role.SECURITY_ADMIN,
+    Role.AUDITOR,
+)
+
+
+def matrix_markdown() -> str:
+    """The role x endpoint matrix as a Markdown table (docs/accounts.md embeds it; a test keeps them equal)."""
+    header = "| Route | anonymous | " + " | ".join(r.value for r in ROLE_COLUMNS) + " |"
+    rule = "|---|---|" + "---|" * len(ROLE_COLUMNS)
+    rows = [header, rule]
+    for key in sorted(ROUTE_POLICIES):
+        policy = ROUTE_POLICIES[key]
+        if policy.kind == "roles":
+            cells = ["—"] + ["✔" if role in policy.roles else "—" for role in ROLE_COLUMNS]
+        else:
+            cells = [policy.kind] * (len(ROLE_COLUMNS) + 1)
+        rows.append(f"| `{key}` | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + "\n"
