@@ -372,6 +372,58 @@ class FaceConfig(_Strict):
     challenge_window_s: float = Field(default=5.0, gt=1, le=20, description="Time allowed for each move.")
 
 
+# ---------------------------------------------------------------- [pos_api]
+
+
+class PosApiClientConfig(_Strict):
+    """One pharmacy POS (收银/HIS client) allowed to call the local POS API (docs/pos-api.md).
+
+    The HMAC key itself is not in this file (the config never holds secrets): it lives in `secret_file` (mode 0600,
+    one line of at least 32 characters); the file pins its SM3 digest so a swapped or truncated key file is refused
+    at start instead of failing every request."""
+
+    client_id: str = Field(
+        min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="Sent as X-POS-Client."
+    )
+    secret_file: Annotated[Path, Field(strict=False)] = Field(
+        description="File holding the shared secret (mode 0600); a relative path is taken relative to the config."
+    )
+    secret_sm3: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="SM3 digest (hex) of the secret, checked when the API starts."
+    )
+
+
+class PosApiConfig(_Strict):
+    """The local HTTP API the pharmacy POS calls to have the kiosk verify a buyer (`terminal.pos_api`)."""
+
+    enabled: bool = Field(default=False, description="Start the POS API with the terminal.")
+    host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[0-9A-Za-z.:_-]+$",
+        description="Address to bind: 127.0.0.1 when the POS runs on the kiosk, the kiosk's LAN address otherwise.",
+    )
+    port: int = Field(default=18443, ge=1, le=65535, description="TCP port to bind.")
+    timestamp_window_s: float = Field(
+        default=60.0, gt=0, le=600, description="A request whose X-POS-Timestamp is further from now is refused."
+    )
+    state: Annotated[Path, Field(strict=False)] = Field(
+        default=Path("pos_api.sqlite3"),
+        description="SQLite file of transaction-code sequence and used nonces; relative to the config file.",
+    )
+    clients: list[PosApiClientConfig] = Field(default_factory=list, max_length=64, description="Allowed POS clients.")
+
+    @model_validator(mode="after")
+    def _clients_known(self) -> PosApiConfig:
+        ids = [c.client_id for c in self.clients]
+        if len(ids) != len(set(ids)):
+            raise ValueError("client_id values must be unique")
+        if self.enabled and not self.clients:
+            raise ValueError("enabled = true needs at least one [[pos_api.clients]] entry")
+        return self
+
+
 class TerminalConfig(_Strict):
     """Everything a terminal needs to start: identity, versions, broker, outbox bounds, heartbeat, devices and the
     e-voucher platform."""
@@ -397,6 +449,9 @@ class TerminalConfig(_Strict):
     )
     evoucher: EVoucherConfig = Field(
         default_factory=EVoucherConfig, description="E-voucher platform adapter; absent: none."
+    )
+    pos_api: PosApiConfig = Field(
+        default_factory=PosApiConfig, description="Local API for the pharmacy POS; absent: disabled."
     )
 
 
@@ -517,6 +572,14 @@ def parse_terminal_config(
     if base_dir is not None and config.face is not None and not config.face.gallery.is_absolute():
         face = config.face.model_copy(update={"gallery": base_dir / config.face.gallery})
         config = config.model_copy(update={"face": face})
+    if base_dir is not None:
+        pos = config.pos_api
+        clients = [
+            c if c.secret_file.is_absolute() else c.model_copy(update={"secret_file": base_dir / c.secret_file})
+            for c in pos.clients
+        ]
+        state = pos.state if pos.state.is_absolute() else base_dir / pos.state
+        config = config.model_copy(update={"pos_api": pos.model_copy(update={"clients": clients, "state": state})})
     return config
 
 

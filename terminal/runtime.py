@@ -22,7 +22,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from pydantic import JsonValue, ValidationError
 
@@ -50,6 +50,9 @@ from terminal.outbox import Outbox
 from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 from terminal.verification import FaceVerifier
+
+if TYPE_CHECKING:  # the POS API pulls in uvicorn/FastAPI: only terminals that enable it import it
+    from terminal.pos_api import PosApiServer
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,9 @@ class TerminalRuntime:
     """Face verification when `[face]` is set; its decisions go into this outbox as identity audit events."""
     model_versions: dict[str, str] = field(default_factory=dict)
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
+    pos_api: PosApiServer | None = None
+    """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
+    delivery (its audit events need the outbox), stopped first by `stop()`."""
 
     def start(self) -> None:
         """Connect in the background and start delivery and heartbeats; returns at once, works offline."""
@@ -87,6 +93,8 @@ class TerminalRuntime:
             # A short wait so the first CONNECT carries a sealed will and 'online'; offline it goes on without.
             self.security.sessions.wait_ready(START_KEY_WAIT_S)
         self.sync.start()
+        if self.pos_api is not None:
+            self.pos_api.start()
         logger.info(
             "terminal %s started: software %s, config %s (schema %d), boot %s",
             self.config.device_id,
@@ -98,7 +106,10 @@ class TerminalRuntime:
 
     def stop(self) -> None:
         """Stop heartbeats and delivery, publish the retained 'offline' status, disconnect, close the outbox, then
-        release the devices' ports and the e-voucher platform's connections."""
+        release the devices' ports and the e-voucher platform's connections. The POS API stops first (it uses
+        the devices and the outbox)."""
+        if self.pos_api is not None:
+            self.pos_api.stop()
         self.sync.stop()
         if self.security is not None:
             self.security.stop()

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomli_w
 
 from terminal.config import (
     CURRENT_SCHEMA_VERSION,
@@ -356,3 +357,50 @@ def _inline(value: Any) -> str:
     if isinstance(value, str):
         return '"' + value + '"'
     return repr(value)
+
+
+POS_CLIENT = {"client_id": "his-01", "secret_file": "his-01.secret", "secret_sm3": "a" * 64}
+
+
+def _write_with_pos_api(tmp_path: Path, raw: dict[str, Any], pos_api: dict[str, Any]) -> Path:
+    # The conftest writer knows no arrays of tables ([[pos_api.clients]]); tomli-w writes that part.
+    path = write(tmp_path, raw)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write("\n" + tomli_w.dumps({"pos_api": pos_api}))
+    return path
+
+
+def test_pos_api_table_loads_with_paths_anchored(tmp_path: Path) -> None:
+    raw = terminal_raw_config(tmp_path)
+    table = {"enabled": True, "host": "192.168.1.20", "port": 18500, "clients": [POS_CLIENT]}
+    config = load_terminal_config(_write_with_pos_api(tmp_path, raw, table))
+    pos = config.pos_api
+    assert (pos.enabled, pos.host, pos.port, pos.timestamp_window_s) == (True, "192.168.1.20", 18500, 60.0)
+    assert pos.clients[0].secret_file == tmp_path / "his-01.secret"
+    assert pos.state == tmp_path / "pos_api.sqlite3"
+
+
+def test_without_the_pos_api_table_it_is_disabled_on_localhost(tmp_path: Path) -> None:
+    config = load_terminal_config(write(tmp_path, terminal_raw_config(tmp_path)))
+    assert (config.pos_api.enabled, config.pos_api.host, config.pos_api.clients) == (False, "127.0.0.1", [])
+
+
+@pytest.mark.parametrize(
+    ("value", "field"),
+    [
+        ({"enabled": True}, "needs at least one [[pos_api.clients]]"),
+        ({"port": 0}, "pos_api.port"),
+        ({"port": "18443"}, "pos_api.port"),
+        ({"timestamp_window_s": 3600}, "pos_api.timestamp_window_s"),
+        ({"clients": [{**POS_CLIENT, "secret": "inline"}]}, "pos_api.clients.0.secret"),
+        ({"clients": [{**POS_CLIENT, "secret_sm3": "xyz"}]}, "pos_api.clients.0.secret_sm3"),
+        ({"clients": [{**POS_CLIENT, "client_id": "his 01"}]}, "pos_api.clients.0.client_id"),
+        ({"clients": [POS_CLIENT, POS_CLIENT]}, "client_id values must be unique"),
+    ],
+)
+def test_bad_pos_api_tables_fail_closed(tmp_path: Path, value: dict[str, Any], field: str) -> None:
+    raw = terminal_raw_config(tmp_path)
+    path = _write_with_pos_api(tmp_path, raw, value)
+    message = load_error(path)
+    assert str(path) in message
+    assert field in message
