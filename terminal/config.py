@@ -16,7 +16,8 @@ status-only stand-in the composition root supplies; "serial": the real driver on
 the national e-voucher platform adapter ("none" or "http"). Both are optional and additive with defaults that keep
 the behaviour of files written before them (all devices simulated, no e-voucher platform), so the schema stays at
 version 1 here too. Opening what they name (ports, the SS-card layout file) is `terminal.devices`' job, not this
-module's.
+module's. `[pos_api]` (optional, disabled by default, also additive) configures the local API the pharmacy POS calls
+(`terminal.pos_api`); its client secrets stay in 0600 files the table names, pinned by their SM3 digest.
 
 It must never read environment variables or other files behind the caller's back, never fill a missing required
 field with a default that changes behaviour silently, and never hold secrets (keys and the broker password live

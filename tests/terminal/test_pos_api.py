@@ -379,3 +379,22 @@ def test_openapi_documents_the_endpoints(rig: Rig) -> None:
     assert "/pos/v1/verifications/{verification_id}/cancel" in schema["paths"]
     examples = schema["components"]["schemas"]["VerificationRequest"]["examples"]
     assert any("proxy" in e for e in examples)
+
+
+def test_documented_signature_example() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "pos-api.md").read_text(encoding="utf-8")
+    snippet = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(snippet, "docs/pos-api.md", "exec"), namespace)  # noqa: S102 - our own documentation's example
+    body = b'{"method":"id_card_face"}'
+    ours = sign_request(
+        b"demo-secret-0123456789abcdefghijklmnop",
+        "POST",
+        "/pos/v1/verifications",
+        "1767605400",
+        "3f9c1e0a7b2d4c6e8f10a2b4c6d8e0f1",
+        body,
+    )
+    assert ours == namespace["headers"]["X-POS-Signature"]
+    assert ours in doc
+    assert sm3_digest(b"demo-secret-0123456789abcdefghijklmnop").hex() in doc
