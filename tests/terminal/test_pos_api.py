@@ -17,12 +17,17 @@ from typing import Any
 import httpx
 import pytest
 
-from drivers.idcard import IdCardData
+from drivers.idcard import IdCardData, IdCardReader
+from drivers.serial_link import SerialLink
+from hardware_sim import simulated_peripherals
 from hardware_sim.evoucher import EVoucherSimulator, Insured, synthetic_insured
-from hardware_sim.idcard_sim import synthetic_card
+from hardware_sim.idcard_sim import IdCardSimulator, synthetic_card
+from hardware_sim.pty_device import PtyDevice
+from models.face import FaceEngine
 from protocol import SystemClock
 from protocol.gm.sm3 import sm3_digest
 from terminal.config import PosApiConfig
+from terminal.devices import KioskDevices
 from terminal.evoucher import EVoucherAccepted, EVoucherService, TerminalContext
 from terminal.outbox import Outbox
 from terminal.pos_api import (
@@ -33,12 +38,19 @@ from terminal.pos_api import (
     PosApiServer,
     PosSecretError,
     PosState,
+    RuntimeBuyerVerifier,
     build_pos_server,
     load_pos_clients,
     sign_request,
 )
 from terminal.proxy import ProxyRelationship, SqliteProxyRegistry, person_ref
-from tests.terminal.conftest import DEVICE_ID, open_outbox
+from terminal.runtime import build_runtime
+from tests.terminal.conftest import DEVICE_ID, FakeClock, open_outbox, terminal_config
+from tests.terminal.fakes import ScriptedLink
+from tests.terminal.test_verification import Rig as FaceRig
+from tests.terminal.test_verification import engine, photo
+
+__all__ = ["engine"]  # the module-scoped real face engine fixture, shared with test_verification
 
 CLIENT = "his-01"
 
@@ -398,3 +410,98 @@ def test_documented_signature_example() -> None:
     assert ours == namespace["headers"]["X-POS-Signature"]
     assert ours in doc
     assert sm3_digest(b"demo-secret-0123456789abcdefghijklmnop").hex() in doc
+
+
+# ---------------------------------------------------------------------------------------------------- runtime
+
+
+def test_the_runtime_starts_and_stops_the_server(tmp_path: Path) -> None:
+    clock = FakeClock()
+    runtime = build_runtime(
+        terminal_config(tmp_path), simulated_peripherals(), clock, link=ScriptedLink(clock, connected=False)
+    )
+    secret = secrets.token_hex(32).encode()
+    platform = EVoucherSimulator(SystemClock())
+    verifier = SimVerifier(
+        EVoucherService(platform, TerminalContext("H1", DEVICE_ID), runtime.outbox.enqueue),
+        platform,
+        platform.enrol(synthetic_insured(1)[0]),
+        synthetic_card(1),
+    )
+    runtime.pos_api = build_pos_server(
+        _config(tmp_path, secret),
+        device_id=runtime.config.device_id,
+        verifier=verifier,
+        registry=SqliteProxyRegistry(),
+        record=lambda e: runtime.record_audits([e]),
+        clock=SystemClock(),
+        port=0,
+    )
+    runtime.start()
+    try:
+        port = runtime.pos_api.bound_port
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as http:
+            assert http.get("/pos/v1/verifications/x").status_code == 401
+    finally:
+        runtime.stop()
+    with pytest.raises(httpx.ConnectError), httpx.Client(timeout=2.0) as http:
+        http.get(f"http://127.0.0.1:{port}/pos/v1/verifications/x")
+
+
+# ---------------------------------------------------------------------------------------------------- the real verifier
+
+
+def test_runtime_verifier_reads_the_id_card_and_matches_the_enrolled_face(engine: FaceEngine, tmp_path: Path) -> None:
+    card = synthetic_card(5)
+    sim = IdCardSimulator(card)
+    shown: list[str] = []
+    with PtyDevice(sim, link_path=tmp_path / "ttyUSB-idcard", name="idcard-sim") as device:
+        reader = IdCardReader(SerialLink(device.path), command_timeout_s=0.3, poll_interval_s=0.02)
+        devices = KioskDevices(id_card_reader=reader, ss_card_reader=None, qr_scanner=None, camera=None)
+        try:
+            holder = person_ref("01", card.id_number)
+            assert FaceRig(engine, tmp_path, photo("obama_a")).verifier.enrol(holder).accepted
+            same = FaceRig(engine, tmp_path, photo("obama_b"))
+            verifier = RuntimeBuyerVerifier(devices, None, same.verifier, show=lambda zh, en: shown.append(en))
+            check = verifier.verify_buyer(BuyerMethod.ID_CARD_FACE, threading.Event())
+            assert check.verified, check
+            assert check.check == "id_card+face_1to1"
+            assert check.identity is not None
+            assert check.identity.certno == card.id_number
+            other = FaceRig(engine, tmp_path, photo("biden_b"))
+            refused = RuntimeBuyerVerifier(devices, None, other.verifier).verify_buyer(
+                BuyerMethod.ID_CARD_FACE, threading.Event()
+            )
+            assert (refused.verified, refused.reason) == (False, "face_no_match")
+            # A holder without an enrolled template: only liveness, and the check says so.
+            sim.place(synthetic_card(6))
+            live = FaceRig(engine, tmp_path, photo("biden_b"))
+            weaker = RuntimeBuyerVerifier(devices, None, live.verifier).verify_buyer(
+                BuyerMethod.ID_CARD_FACE, threading.Event()
+            )
+            assert weaker.verified, weaker
+            assert weaker.check == "id_card+liveness_only"
+            assert live.events[-1].action == "face_liveness"
+        finally:
+            reader.close()
+    assert "Please place your ID card on the reader" in shown
+
+
+def test_runtime_verifier_agent_face_must_be_a_registered_agent(engine: FaceEngine, tmp_path: Path) -> None:
+    assert FaceRig(engine, tmp_path, photo("obama_a")).verifier.enrol("agent-a").accepted
+    assert FaceRig(engine, tmp_path, photo("rose_a")).verifier.enrol("agent-b").accepted
+    front = FaceRig(engine, tmp_path, photo("rose_b"))
+    verifier = RuntimeBuyerVerifier(None, None, front.verifier)
+    assert verifier.verify_agent_face(["agent-b"], threading.Event()).agent_ref == "agent-b"
+    front = FaceRig(engine, tmp_path, photo("rose_b"))
+    refused = RuntimeBuyerVerifier(None, None, front.verifier).verify_agent_face(["agent-a"], threading.Event())
+    assert (refused.agent_ref, refused.reason) == (None, "agent_not_registered")
+    nobody = RuntimeBuyerVerifier(None, None, front.verifier).verify_agent_face(["agent-x"], threading.Event())
+    assert nobody.reason == "agent_not_enrolled"
+
+
+def test_runtime_verifier_without_devices_refuses_cleanly() -> None:
+    verifier = RuntimeBuyerVerifier(None, None, None)
+    assert verifier.verify_buyer(BuyerMethod.EVOUCHER, threading.Event()).reason == "evoucher_unavailable"
+    assert verifier.verify_buyer(BuyerMethod.SS_CARD_FACE, threading.Event()).reason == "device_unavailable"
+    assert verifier.verify_agent_face(["x"], threading.Event()).reason == "face_unavailable"
