@@ -755,7 +755,15 @@ class PosVerificationService:
         item.finished_at = self.clock.now()
         if self._active is item:
             self._active = None
-        self.record(self._event(item))
+        try:
+            self.record(self._event(item))
+        except Exception:
+            # Fail closed (S-09): a verified identity without its audit trace must not reach the POS. The code
+            # drawn above is simply never used.
+            logger.exception("POS verification %s: outcome not recorded, refused", item.id[:8])
+            if item.status is Status.VERIFIED:
+                item.status, item.reason, item.transaction_code = Status.REFUSED, "not_recorded", None
+            return
         logger.info(
             "POS verification %s: %s (%s%s)",
             item.id[:8],

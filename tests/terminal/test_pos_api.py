@@ -28,6 +28,7 @@ from protocol import SystemClock
 from protocol.gm.sm3 import sm3_digest
 from terminal.config import PosApiConfig
 from terminal.devices import KioskDevices
+from terminal.errors import OutboxFullError
 from terminal.evoucher import EVoucherAccepted, EVoucherService, TerminalContext
 from terminal.outbox import Outbox
 from terminal.pos_api import (
@@ -38,7 +39,10 @@ from terminal.pos_api import (
     PosApiServer,
     PosSecretError,
     PosState,
+    PosVerificationService,
     RuntimeBuyerVerifier,
+    Status,
+    VerificationRequest,
     build_pos_server,
     load_pos_clients,
     sign_request,
@@ -505,3 +509,36 @@ def test_runtime_verifier_without_devices_refuses_cleanly() -> None:
     assert verifier.verify_buyer(BuyerMethod.EVOUCHER, threading.Event()).reason == "evoucher_unavailable"
     assert verifier.verify_buyer(BuyerMethod.SS_CARD_FACE, threading.Event()).reason == "device_unavailable"
     assert verifier.verify_agent_face(["x"], threading.Event()).reason == "face_unavailable"
+
+
+def test_a_verified_outcome_the_outbox_refuses_is_not_given_to_the_pos(tmp_path: Path) -> None:
+    def refuse(_event: object) -> None:
+        raise OutboxFullError("outbox full")
+
+    platform = EVoucherSimulator(SystemClock())
+    account = platform.enrol(synthetic_insured(1)[0])
+    events: list[object] = []
+    evoucher = EVoucherService(platform, TerminalContext("H1", DEVICE_ID), events.append)
+    verifier = SimVerifier(evoucher, platform, account, synthetic_card(2))
+    state = PosState(tmp_path / "state.sqlite3", DEVICE_ID)
+    service = PosVerificationService(verifier, SqliteProxyRegistry(), state, refuse, SystemClock())
+    try:
+        item = service.start(CLIENT, VerificationRequest.model_validate({"method": "id_card_face"}))
+        deadline = time.monotonic() + 5
+        while service.get(CLIENT, item.id).status is Status.PENDING and time.monotonic() < deadline:
+            time.sleep(0.01)
+        view = service.get(CLIENT, item.id)
+        assert (view.status, view.reason, view.transaction_code) == (Status.REFUSED, "not_recorded", None)
+    finally:
+        service.close()
+        state.close()
+
+
+def test_proxy_needs_the_beneficiarys_evoucher(rig: Rig) -> None:
+    answer = rig.call(
+        "POST", "/pos/v1/verifications", {"method": "id_card_face", "proxy": {"agent": {"method": "face_live"}}}
+    )
+    assert answer.status_code == 422
+    assert "beneficiary" in answer.text
+    unknown = rig.call("POST", "/pos/v1/verifications", {"method": "fingerprint"})
+    assert unknown.status_code == 422
