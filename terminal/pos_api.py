@@ -10,7 +10,8 @@ Owns:
     the runtime's devices (QR scanner + `EVoucherService`, ID/SS card readers, `FaceVerifier`);
   * `PosVerificationService`: one verification at a time (a kiosk serves one customer), proxy purchase (代购) checked
     against a `terminal.proxy.ProxyRegistry`, the outcome recorded as an audit event (identity / pos.verify);
-  * `build_pos_app` (the FastAPI app) and `PosApiServer` (uvicorn in a thread, started/stopped by the runtime).
+  * `build_pos_app` (the FastAPI app), `PosApiServer` (uvicorn in a thread, started/stopped by the runtime) and
+    `attach_pos_api`, which the composition root calls after `build_runtime` when `[pos_api] enabled`.
 
 It must never log or record a name, a full ID number or a face (events carry person references, masked values and
 decisions), never answer an unauthenticated request with anything but 401, and never import `hardware_sim`.
@@ -48,7 +49,8 @@ from terminal.config import PosApiConfig
 from terminal.devices import KioskDevices
 from terminal.errors import TerminalError
 from terminal.evoucher import EVoucherAccepted, EVoucherService, mask_id_number, mask_name
-from terminal.proxy import ProxyRegistry, person_ref
+from terminal.proxy import ProxyRegistry, SqliteProxyRegistry, person_ref
+from terminal.runtime import TerminalRuntime
 from terminal.verification import FaceDecision, FaceOutcome, FaceVerifier
 
 logger = logging.getLogger(__name__)
@@ -999,3 +1001,26 @@ def build_pos_server(
         config.port if port is None else port,
         on_stop=closed,
     )
+
+
+def attach_pos_api(
+    runtime: TerminalRuntime, *, registry: ProxyRegistry | None = None, show: Show | None = None
+) -> PosApiServer | None:
+    """Build the POS API for a built (not yet started) runtime when `[pos_api] enabled`, and set it as
+    `runtime.pos_api` so `start()`/`stop()` run it; returns it, or None when disabled. The verifier uses the runtime's
+    devices, e-voucher service and face verifier; outcomes go into its outbox. Without `registry` an empty in-memory
+    one is used: every face_live proxy purchase is then refused (`no_proxy_relationship`) until relationships are
+    provisioned (the server push of B-11 is not built yet)."""
+    config = runtime.config.pos_api
+    if not config.enabled:
+        return None
+    server = build_pos_server(
+        config,
+        device_id=runtime.config.device_id,
+        verifier=RuntimeBuyerVerifier(runtime.devices, runtime.evoucher, runtime.face, show=show),
+        registry=registry if registry is not None else SqliteProxyRegistry(),
+        record=lambda event: runtime.record_audits([event]),
+        clock=runtime.clock,
+    )
+    runtime.pos_api = server
+    return server

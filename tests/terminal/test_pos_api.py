@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import threading
 import time
 import uuid
@@ -43,6 +44,7 @@ from terminal.pos_api import (
     RuntimeBuyerVerifier,
     Status,
     VerificationRequest,
+    attach_pos_api,
     build_pos_server,
     load_pos_clients,
     sign_request,
@@ -542,3 +544,34 @@ def test_proxy_needs_the_beneficiarys_evoucher(rig: Rig) -> None:
     assert "beneficiary" in answer.text
     unknown = rig.call("POST", "/pos/v1/verifications", {"method": "fingerprint"})
     assert unknown.status_code == 422
+
+
+def test_attach_pos_api_follows_the_enabled_flag(tmp_path: Path) -> None:
+    clock = FakeClock()
+    plain = build_runtime(terminal_config(tmp_path / "a"), simulated_peripherals(), clock, link=ScriptedLink(clock))
+    try:
+        assert attach_pos_api(plain) is None
+        assert plain.pos_api is None
+    finally:
+        plain.stop()
+    config = terminal_config(tmp_path / "b")
+    pos = _config(tmp_path, secrets.token_hex(32).encode()).model_copy(update={"port": _free_port()})
+    runtime = build_runtime(
+        config.model_copy(update={"pos_api": pos}), simulated_peripherals(), clock, link=ScriptedLink(clock)
+    )
+    server = attach_pos_api(runtime)
+    assert server is not None
+    assert runtime.pos_api is server
+    runtime.start()
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.bound_port}", timeout=5.0) as http:
+            answer = http.post("/pos/v1/verifications", json={"method": "id_card_face"})
+            assert answer.status_code == 401
+    finally:
+        runtime.stop()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
