@@ -5,6 +5,7 @@ built from the simulators (card data from `hardware_sim.idcard_sim`, face result
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import socket
 import threading
@@ -361,7 +362,8 @@ def test_transaction_codes_are_unique_and_survive_a_restart(tmp_path: Path) -> N
     assert second[0][-4:] == "0051"
 
 
-def test_outbox_events_hold_no_name_or_id_number(rig: Rig) -> None:
+def test_outbox_events_and_logs_hold_no_name_or_id_number(rig: Rig, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     agent = synthetic_insured(4, seed=14)[3]
     rig.verify({"method": "id_card_face"})
     rig.verify({"method": "evoucher"})
@@ -376,6 +378,9 @@ def test_outbox_events_hold_no_name_or_id_number(rig: Rig) -> None:
         assert json.dumps(secret)[1:-1] not in text  # nor as a JSON \\u escape
     assert agent.name not in text
     assert agent.id_number not in text
+    assert "POS verification" in caplog.text
+    for secret in (rig.verifier.card.name, rig.verifier.card.id_number, agent.name, agent.id_number):
+        assert secret not in caplog.text
 
 
 def test_secret_file_must_be_private_and_match(tmp_path: Path) -> None:
