@@ -394,6 +394,10 @@ def run_terminal(
     try:
         runtime = build_runtime(config, peripherals, security=security, evoucher_platform=evoucher_platform)
         try:
+            if config.pos_api.enabled:
+                from terminal.pos_api import attach_pos_api  # FastAPI/uvicorn load only when the POS API is on
+
+                attach_pos_api(runtime)
             runtime.start()
             runtime.record_audit(
                 "system",
