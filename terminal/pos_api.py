@@ -373,9 +373,7 @@ class RuntimeBuyerVerifier:
 
     def _liveness_only(self) -> FaceDecision:
         assert self.face is not None  # noqa: S101 - checked by the caller
-        # FaceVerifier has no public liveness-only flow yet; its attempt runner with an accept-any decision gives
-        # exactly that (quality gate + liveness + challenge, decision recorded as method 'face_liveness').
-        return self.face._run("face_liveness", lambda _a: (FaceOutcome.ACCEPTED, None, None))
+        return self.face.check_live()  # quality gate + liveness (+ challenge), recorded as 'face_liveness'
 
     def _evoucher(self, cancel: threading.Event) -> BuyerCheck:
         scanner = None if self.devices is None else self.devices.qr_scanner

@@ -214,6 +214,11 @@ class FaceVerifier:
             return self._not_enrolled("face_1toN", None)
         return self._run("face_1toN", lambda a: self._match_gallery(a, gallery))
 
+    def check_live(self) -> FaceDecision:
+        """A live, good-quality face with no identity claim (method `face_liveness`): for a holder with no enrolled
+        template, where only presence can be checked. The decision says so; it never names anyone."""
+        return self._run("face_liveness", lambda _analysis: (FaceOutcome.ACCEPTED, None, None))
+
     def enrol(self, subject_ref: str) -> FaceDecision:
         """Capture a live, good-quality face and store it (sealed) as `subject_ref`'s template."""
 
