@@ -330,7 +330,7 @@ def test_unknown_application_or_institution_and_the_page_shows_no_personal_data(
     assert no_inst.status_code == 409
     assert CODE in no_inst.json()["detail"]
     _put_institution(client)
-    page = httpx.get(f"{client.base_url}/bindings")
+    page = client.get("/bindings")
     assert page.status_code == 200
     assert f'id="application-{row.id}"' in page.text
     assert "张**" in page.text
