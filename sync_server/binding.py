@@ -136,7 +136,13 @@ def record_binding_applications(
 
 
 def _application(session: Session, application_id: int) -> BindingApplication:
-    row = session.get(BindingApplication, application_id, with_for_update=True)
+    """The application, its device row locked first and then the application itself: every decision locks in the
+    order device -> application, so two admins deciding two applications of one device cannot deadlock."""
+    device_id = session.scalar(select(BindingApplication.device_id).where(BindingApplication.id == application_id))
+    if device_id is None:
+        raise BindingNotFoundError(f"binding application {application_id} is not known to this server")
+    _device(session, device_id)
+    row = session.get(BindingApplication, application_id, with_for_update=True, populate_existing=True)
     if row is None:
         raise BindingNotFoundError(f"binding application {application_id} is not known to this server")
     return row
