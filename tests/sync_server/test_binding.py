@@ -37,9 +37,11 @@ from sync_server.store import register_devices, store_envelopes
 from terminal.binding import BindingState, BindingStore, binding_application_record, binding_handlers
 from terminal.commands import CommandApplier, Disposition, TerminalFacts, default_handlers
 from terminal.verification import FaceDecision, FaceOutcome
-from tests.sync_server.conftest import BOOT, T0, FakeClock, serving
+from tests.sync_server.conftest import BOOT, T0, FakeClock, Publisher, serving
+from tests.sync_server.test_ingest import make_settings, publish_all, running, settled
 from tests.terminal.conftest import DEVICE_ID, open_outbox
 from tests.terminal.conftest import FakeClock as TerminalClock
+from yibao.broker import MosquittoBroker
 
 CODE = "H31011500042"
 OTHER_CODE = "H31011500043"
@@ -341,3 +343,15 @@ def test_unknown_application_or_institution_and_the_page_shows_no_personal_data(
         assert inst is not None
         assert HEAD_NAME not in (inst.head_masked or "")
         assert HEAD_PHONE not in (inst.contact_masked or "")
+
+
+def test_the_real_ingest_worker_turns_a_published_application_into_one_pending_row(
+    fleet: Fleet, broker: MosquittoBroker, publisher: Publisher, engine: Engine, db_url: str
+) -> None:
+    good = fleet.signed(_record())
+    forged = fleet.signed(_record(), key=SM2PrivateKey.generate())
+    with running(make_settings(broker, db_url), engine) as worker:
+        publish_all(publisher, [good, forged, good])  # the good one redelivered
+        settled(worker, received=3)
+    [row] = fleet.rows(BindingApplication)
+    assert (row.message_id, row.status.value, row.institution_code) == (good.message_id, "pending", CODE)
