@@ -20,6 +20,7 @@ from protocol import CommandKind, Envelope, PayloadType, SignedRecord, SignedRec
 from protocol.binding import ApplicantVerification
 from protocol.evidence import sign_device_record
 from protocol.gm.sm2 import SM2PrivateKey
+from sync_server.accounts import Role
 from sync_server.app import create_app
 from sync_server.binding import record_binding_applications
 from sync_server.commands import wire_command
@@ -38,6 +39,7 @@ from terminal.binding import BindingState, BindingStore, binding_application_rec
 from terminal.commands import CommandApplier, Disposition, TerminalFacts, default_handlers
 from terminal.verification import FaceDecision, FaceOutcome
 from tests.sync_server.conftest import BOOT, T0, FakeClock, Publisher, serving
+from tests.sync_server.test_accounts import audit_events, login, make_account
 from tests.sync_server.test_ingest import make_settings, publish_all, running, settled
 from tests.terminal.conftest import DEVICE_ID, open_outbox
 from tests.terminal.conftest import FakeClock as TerminalClock
@@ -355,3 +357,25 @@ def test_the_real_ingest_worker_turns_a_published_application_into_one_pending_r
         settled(worker, received=3)
     [row] = fleet.rows(BindingApplication)
     assert (row.message_id, row.status.value, row.institution_code) == (good.message_id, "pending", CODE)
+
+
+def test_regulators_see_their_region_only_and_decisions_are_audited(
+    fleet: Fleet, client: httpx.Client, tmp_path: Path
+) -> None:
+    _put_institution(client)
+    fleet.ingest(fleet.signed(_record()))
+    [row] = fleet.rows(BindingApplication)
+    assert client.post(f"/api/v1/binding-applications/{row.id}/approve", json={"reason": "ok"}).status_code == 200
+    make_account(fleet.engine, "reg-sh", Role.REGULATOR, region_prefix="3101")
+    make_account(fleet.engine, "reg-js", Role.REGULATOR, region_prefix="3201")
+    for username, expected in (("reg-sh", 1), ("reg-js", 0)):
+        headers = login(client, username)
+        apps = client.get("/api/v1/binding-applications", headers=headers)
+        history = client.get("/api/v1/binding-history", headers=headers)
+        assert (apps.json()["total"], history.json()["total"]) == (expected, expected), username
+        denied = client.post(f"/api/v1/devices/{DEVICE_ID}/unbind", json={"reason": "x"}, headers=headers)
+        assert denied.status_code == 403
+    events = audit_events(tmp_path / "server-data")
+    approved = [e for e in events if e["type"] == "binding.approved"]
+    assert len(approved) == 1, [e["type"] for e in events]
+    assert approved[0]["reason"] == "ok"
