@@ -379,3 +379,12 @@ def test_regulators_see_their_region_only_and_decisions_are_audited(
     approved = [e for e in events if e["type"] == "binding.approved"]
     assert len(approved) == 1, [e["type"] for e in events]
     assert approved[0]["reason"] == "ok"
+
+
+def test_binding_commands_cannot_be_issued_bare(fleet: Fleet, client: httpx.Client) -> None:
+    for kind in ("unbind", "binding_decision"):
+        body = {"kind": kind, "args": {"reason": "x"}}
+        response = client.post(f"/api/v1/devices/{DEVICE_ID}/commands", json=body)
+        assert response.status_code == 422
+        assert "binding routes" in response.json()["detail"]
+    assert fleet.rows(IssuedCommand) == []
