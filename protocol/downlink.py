@@ -70,6 +70,7 @@ class CommandKind(StrEnum):
     ROSTER_UPDATE = "roster_update"
     TEMPLATE_UPDATE = "template_update"
     PING = "ping"
+    BINDING_DECISION = "binding_decision"
 
 
 MAX_COMMAND_ARGS: Final = 16
@@ -97,9 +98,30 @@ class LogRequestArgs(_ClosedArgs):
     )
 
 
+class BindingDecisionArgs(_ClosedArgs):
+    """`binding_decision`: the server's answer to this terminal's binding application (docs/binding.md). Names the
+    institution, never the applicant; `contact` is the service desk unbound staff should call (not a person's data)."""
+
+    application_id: int = Field(ge=1, description="The server's id of the application decided.")
+    approved: bool
+    institution_code: str | None = Field(default=None, max_length=32)
+    institution_name: str | None = Field(default=None, max_length=200)
+    reason: str = Field(min_length=1, max_length=256, description="The device admin's reason.")
+    contact: str | None = Field(default=None, max_length=64)
+
+
+class UnbindArgs(_ClosedArgs):
+    """`unbind`: the terminal is no longer bound to any institution (docs/binding.md)."""
+
+    reason: str = Field(min_length=1, max_length=256, description="The device admin's reason.")
+    contact: str | None = Field(default=None, max_length=64)
+
+
 COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.PING: PingArgs,
     CommandKind.LOG_REQUEST: LogRequestArgs,
+    CommandKind.BINDING_DECISION: BindingDecisionArgs,
+    CommandKind.UNBIND: UnbindArgs,
 }
 """The closed argument model of each kind that has one today; the others accept any `CommandArgs` on the wire (their
 terminals answer `rejected` for now)."""

@@ -81,6 +81,14 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /api/v1/devices/{device_id}/events": DEVICE_ADMIN,
     "GET /api/v1/devices/{device_id}/reconciliation": FLEET_READERS,
     "GET /api/v1/institutions": roles(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),
+    # institutions and device binding with approval (docs/binding.md)
+    "PUT /api/v1/institutions/{code}": DEVICE_ADMIN,
+    "GET /api/v1/binding-applications": FLEET_READERS,
+    "POST /api/v1/binding-applications/{application_id}/approve": DEVICE_ADMIN,
+    "POST /api/v1/binding-applications/{application_id}/reject": DEVICE_ADMIN,
+    "POST /api/v1/devices/{device_id}/unbind": DEVICE_ADMIN,
+    "GET /api/v1/binding-history": FLEET_READERS,
+    "GET /bindings": PUBLIC,
     # operator pages: read-only device status, no login page yet (docs/accounts.md "Not yet")
     "GET /": PUBLIC,
     "GET /devices/{device_id}": PUBLIC,

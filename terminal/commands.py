@@ -136,14 +136,21 @@ class RotateKeysHandler:
 
 
 def default_handlers(
-    outbox: Outbox, facts: TerminalFacts, clock: Clock, *, request_rotation: Callable[[str], None] | None = None
+    outbox: Outbox,
+    facts: TerminalFacts,
+    clock: Clock,
+    *,
+    request_rotation: Callable[[str], None] | None = None,
+    extra: Mapping[CommandKind, CommandHandler] | None = None,
 ) -> dict[CommandKind, CommandHandler]:
-    """The registry of this software: every kind has a handler, even if it is the honest "not supported yet"."""
+    """The registry of this software: every kind has a handler, even if it is the honest "not supported yet".
+    `extra` adds handlers owned elsewhere (`terminal.binding.binding_handlers` for binding_decision and unbind)."""
     handlers: dict[CommandKind, CommandHandler] = dict.fromkeys(CommandKind, not_supported_yet)
     handlers[CommandKind.PING] = ping
     handlers[CommandKind.LOG_REQUEST] = LogRequestHandler(outbox, facts, clock)
     if request_rotation is not None:
         handlers[CommandKind.ROTATE_KEYS] = RotateKeysHandler(request_rotation)
+    handlers.update(extra or {})
     return handlers
 
 

@@ -18,7 +18,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from protocol import ContractError, parse_command_args
+from protocol import CommandKind, ContractError, parse_command_args
 from sync_server.api.deps import AdminDep, ClockDep, RuntimeDep, SessionDep, SettingsDep, WriterSessionDep
 from sync_server.api.devices import DeviceIdPath, get_device_or_404
 from sync_server.api.schemas import CommandIn, CommandOut, CommandPage, ErrorOut
@@ -26,6 +26,8 @@ from sync_server.commands import issue_command
 from sync_server.db.models import IssuedCommand
 
 router = APIRouter(prefix="/api/v1", tags=["commands"])
+
+BINDING_KINDS = frozenset({CommandKind.UNBIND, CommandKind.BINDING_DECISION})
 
 MAX_PAGE = 500
 
@@ -51,6 +53,10 @@ def create_command(
         raise HTTPException(
             status_code=422, detail=f"ttl_s must be at most {settings.command_max_ttl_s:g} s on this server"
         )
+    if body.kind in BINDING_KINDS:
+        # The binding routes write the history row with the command; issued bare, the terminal and the server's
+        # record of the device's institution would disagree (docs/binding.md).
+        raise HTTPException(status_code=422, detail=f"{body.kind.value} is issued by the binding routes only")
     try:
         parse_command_args(body.kind, body.args)
     except ContractError as exc:

@@ -69,6 +69,11 @@ class InstitutionKind(StrEnum):
     HOSPITAL = "hospital"
     SERVICE_HALL = "service_hall"
     OTHER = "other"
+    # I-09: the other supervised 两定 institutions named by the requirements.
+    OUTPATIENT = "outpatient"
+    TCM_MASSAGE = "tcm_massage"
+    ACUPUNCTURE = "acupuncture"
+    DIALYSIS = "dialysis"
 
 
 class RegistrationState(StrEnum):
@@ -100,6 +105,11 @@ class Institution(Base):
     kind: Mapped[InstitutionKind] = mapped_column(_str_enum(InstitutionKind, 32))
     region_code: Mapped[str] = mapped_column(String(6), comment="6-digit 医保区划 (administrative division) code.")
     created_at: Mapped[datetime]
+    address: Mapped[str | None] = mapped_column(String(256), comment="地址 (E-06).")
+    head_masked: Mapped[str | None] = mapped_column(String(50), comment="机构负责人, masked name only (E-06).")
+    contact_masked: Mapped[str | None] = mapped_column(String(20), comment="联系方式, masked phone only (E-06).")
+    source: Mapped[str | None] = mapped_column(String(32), comment="Where the record came from (D-02).")
+    updated_at: Mapped[datetime | None]
 
     devices: Mapped[list[Device]] = relationship(back_populates="institution")
 
@@ -346,3 +356,57 @@ class AccountSession(Base):
     expires_at: Mapped[datetime]
     last_used_at: Mapped[datetime] = mapped_column(comment="For the idle timeout.")
     revoked_at: Mapped[datetime | None] = mapped_column(comment="Logout, idle timeout, disable or password reset.")
+
+
+class BindingStatus(StrEnum):
+    """Where a binding application is (docs/binding.md)."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    SUPERSEDED = "superseded"
+    """Closed without a decision: another application of the same device was approved."""
+
+
+class BindingApplication(Base):
+    """An institution head's signed application to bind a device (I-01, D-03), and its decision."""
+
+    __tablename__ = "binding_applications"
+    __table_args__ = (Index(None, "device_id", "status"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(unique=True, comment="The envelope carrying the signed record.")
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    institution_code: Mapped[str] = mapped_column(String(32), comment="As applied for; resolved when decided.")
+    applicant_ref: Mapped[str] = mapped_column(String(64), comment="Pseudonymous reference of the head.")
+    applicant_masked: Mapped[str | None] = mapped_column(String(50))
+    verification: Mapped[str] = mapped_column(String(32), comment="face_yibao_code | face_id_card.")
+    face_template_hash: Mapped[str | None] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(String(256))
+    applied_at: Mapped[datetime] = mapped_column(comment="Terminal wall clock, inside the signature.")
+    received_at: Mapped[datetime]
+    key_epoch: Mapped[int] = mapped_column(Integer)
+    signature: Mapped[str] = mapped_column(String(128), comment="SM2 r||s hex; verifiable again later.")
+    status: Mapped[BindingStatus] = mapped_column(_str_enum(BindingStatus, 16), index=True)
+    decided_at: Mapped[datetime | None]
+    decided_by: Mapped[str | None] = mapped_column(String(64))
+    decision_reason: Mapped[str | None] = mapped_column(String(256))
+    command_id: Mapped[uuid.UUID | None] = mapped_column(comment="The binding_decision command sent.")
+
+
+class DeviceBindingHistory(Base):
+    """Every change of a device's institution: who, when, from, to, why (D-03, E-07 change history)."""
+
+    __tablename__ = "device_binding_history"
+    __table_args__ = (Index(None, "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(16), comment="bind | unbind.")
+    from_institution_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("institutions.id"))
+    to_institution_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("institutions.id"))
+    application_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("binding_applications.id"))
+    reason: Mapped[str] = mapped_column(String(256))
+    command_id: Mapped[uuid.UUID | None]

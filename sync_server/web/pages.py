@@ -18,11 +18,12 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import selectinload
 
 from protocol import PayloadType
+from sync_server.api.binding import application_page, history_page
 from sync_server.api.commands import command_page
 from sync_server.api.deps import ClockDep, SessionDep, SettingsDep
 from sync_server.api.devices import DeviceIdPath, event_page, get_device_or_404, online_clause
 from sync_server.api.schemas import DeviceOut
-from sync_server.db.models import Device
+from sync_server.db.models import BindingStatus, Device
 from sync_server.settings import ServerSettings
 from sync_server.web.format import (
     ago,
@@ -123,3 +124,18 @@ def device_page(
         "timeout_factor": settings.heartbeat_timeout_factor,
     }
     return _templates(request).TemplateResponse(request, "device.html", context)
+
+
+PAGE_BINDINGS = 100
+
+
+@router.get("/bindings", response_class=HTMLResponse)
+def bindings_page(request: Request, session: SessionDep, clock: ClockDep) -> HTMLResponse:
+    """Pending binding applications and the binding history (masked and pseudonymous data only; deciding is done
+    through the API, which needs a device_admin: docs/binding.md)."""
+    context: dict[str, Any] = {
+        "pending": application_page(session, BindingStatus.PENDING, limit=PAGE_BINDINGS),
+        "history": history_page(session, limit=PAGE_BINDINGS),
+        "now": clock.now(),
+    }
+    return _templates(request).TemplateResponse(request, "bindings.html", context)

@@ -40,7 +40,13 @@ ROLE_ACCOUNTS = {
     Role.SECURITY_ADMIN: "m-secadmin",
     Role.AUDITOR: "m-auditor",
 }
-PATH_VALUES = {"device_id": "kiosk-001", "command_id": str(uuid.uuid4()), "username": "nobody-here"}
+PATH_VALUES = {
+    "device_id": "kiosk-001",
+    "command_id": str(uuid.uuid4()),
+    "username": "nobody-here",
+    "application_id": "999999",
+    "code": "H00000000000",
+}
 LAST = "POST /api/v1/auth/logout"
 """Tested after every other route: it ends the session it is called with."""
 
