@@ -40,6 +40,7 @@ from protocol import (
 )
 from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, SignedRecordKind
+from terminal.binding import BindingStore, binding_handlers
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
 from terminal.devices import KioskDevices, build_evoucher_service, open_face_verifier
@@ -55,6 +56,9 @@ if TYPE_CHECKING:  # the POS API pulls in uvicorn/FastAPI: only terminals that e
     from terminal.pos_api import PosApiServer
 
 logger = logging.getLogger(__name__)
+
+BINDING_FILE = "binding.json"
+"""The binding status file, in the outbox's folder."""
 
 START_KEY_WAIT_S: Final = 5.0
 """How long an enrolled terminal waits at start for its first session key before connecting anyway."""
@@ -80,6 +84,8 @@ class TerminalRuntime:
     evoucher_platform: EVoucherPlatform | None = None
     face: FaceVerifier | None = None
     """Face verification when `[face]` is set; its decisions go into this outbox as identity audit events."""
+    binding: BindingStore | None = None
+    """This terminal's binding status (bound/unbound/pending, institution, contact), set by the server's commands."""
     model_versions: dict[str, str] = field(default_factory=dict)
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
     pos_api: PosApiServer | None = None
@@ -302,6 +308,8 @@ def _build(
                     outcome=outcome.value,
                 )
 
+        # The binding status the server's decisions set (docs/binding.md), beside the outbox
+        binding = BindingStore(config.outbox.path.with_name(BINDING_FILE))
         commands = CommandApplier(
             outbox,
             device_id=config.device_id,
@@ -311,6 +319,7 @@ def _build(
                 facts,
                 clock,
                 request_rotation=security.sessions.request_rotation if security is not None else None,
+                extra=binding_handlers(binding, clock.now),
             ),
             on_answered=answered if log is not None else None,
         )
@@ -372,6 +381,7 @@ def _build(
         started_monotonic=started,
         security=security,
         model_versions=model_versions,
+        binding=binding,
     )
 
 

@@ -152,3 +152,19 @@ def test_applying_signs_a_record_without_personal_data_and_shows_pending(tmp_pat
             reason="x",
             applied_at=T0,
         )
+
+
+def test_the_runtime_keeps_its_binding_status_beside_the_outbox(tmp_path: Path) -> None:
+    from terminal.config import parse_terminal_config
+    from terminal.runtime import build_runtime
+    from tests.terminal.conftest import FakeClock, terminal_raw_config
+    from tests.terminal.fakes import ScriptedLink
+
+    config = parse_terminal_config(terminal_raw_config(tmp_path), source="test.toml", base_dir=tmp_path)
+    clock = FakeClock()
+    runtime = build_runtime(config, [], clock, link=ScriptedLink(clock))
+    try:
+        assert runtime.binding is not None
+        assert runtime.binding.load().state == "unbound"
+    finally:
+        runtime.stop()
