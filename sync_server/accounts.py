@@ -77,11 +77,11 @@ class RoleConflictError(AccountError):
 
 
 class AccountExistsError(AccountError):
-    pass
+    """The username is taken."""
 
 
 class UnknownAccountError(AccountError):
-    pass
+    """No account has that username."""
 
 
 class AuthenticationError(AccountError):

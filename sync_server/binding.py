@@ -58,11 +58,11 @@ class BindingError(Exception):
 
 
 class BindingNotFoundError(BindingError):
-    pass
+    """No such application, device or institution."""
 
 
 class BindingConflictError(BindingError):
-    pass
+    """The request contradicts the current state (already decided, device bound, institution not registered)."""
 
 
 @dataclass(frozen=True, slots=True)
