@@ -3,15 +3,7 @@ every refusal keeps its type across the wire, and the network's failures become 
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
 from hardware_sim.evoucher import EVoucherSimulator, Insured, synthetic_insured
 from hardware_sim.evoucher_http import create_app
@@ -34,29 +26,9 @@ from terminal.evoucher import (
 )
 from terminal.evoucher_http import HttpEVoucherPlatform
 from tests.hardware_sim.test_evoucher import StepClock
+from tests.http_serving import serving_url
 
 CTX = TerminalContext(org_code="H32058300001", device_id="term-0001")
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.started
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 @pytest.fixture
@@ -76,7 +48,7 @@ def person() -> Insured:
 
 def test_errors_keep_their_type_across_http(simulator: EVoucherSimulator, clock: StepClock, person: Insured) -> None:
     account = simulator.enrol(person)
-    with serving(create_app(simulator)) as url, HttpEVoucherPlatform(url, timeout_s=5) as platform:
+    with serving_url(create_app(simulator)) as url, HttpEVoucherPlatform(url, timeout_s=5) as platform:
         code = simulator.issue_code(account)
         identity = platform.decode(code, CTX)
         assert (identity.id_number, len(identity.ec_token)) == (person.id_number, 40)
@@ -105,7 +77,7 @@ def test_network_failures_are_the_offline_policy(simulator: EVoucherSimulator, p
     account = simulator.enrol(person)
     events: list[AuditEvent] = []
     app = create_app(simulator)
-    with serving(app) as url, HttpEVoucherPlatform(url, timeout_s=0.5) as platform:
+    with serving_url(app) as url, HttpEVoucherPlatform(url, timeout_s=0.5) as platform:
         service = EVoucherService(platform, CTX, events.append)
         accepted = service.verify(simulator.issue_code(account), source="camera")
         assert isinstance(accepted, EVoucherAccepted)

@@ -23,7 +23,6 @@ from pathlib import Path
 import httpx
 import paho.mqtt.client as mqtt
 import pytest
-import uvicorn
 from fastapi import FastAPI
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from sqlalchemy import Engine, create_engine
@@ -42,6 +41,7 @@ from protocol import (
 )
 from sync_server.db.engine import create_db_engine
 from sync_server.db.migrate import upgrade
+from tests.http_serving import serving_url
 from yibao.broker import MosquittoBroker
 
 T0 = datetime(2026, 3, 1, 8, 0, 0, tzinfo=UTC)
@@ -314,23 +314,7 @@ def seed_fleet(engine: Engine) -> None:
 @contextmanager
 def serving(app: FastAPI, *, admin: bool = True) -> Iterator[httpx.Client]:
     """Run `app` (lifespan included) under uvicorn on a free loopback port in a thread; yield an httpx client
-    (sending `ADMIN_HEADERS` unless `admin=False`).
-
-    Real HTTP instead of starlette's TestClient, whose import warns (it wants the `httpx2` package)."""
-    from sync_server.service import bind_socket
-
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, lifespan="on", log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="test-uvicorn", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started or not thread.is_alive(), what="uvicorn to start")
-        assert server.started, "the app failed to start; see the log"
-        headers = ADMIN_HEADERS if admin else {}
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0, headers=headers) as client:
-            yield client
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    (sending `ADMIN_HEADERS` unless `admin=False`)."""
+    headers = ADMIN_HEADERS if admin else {}
+    with serving_url(app, lifespan="on") as url, httpx.Client(base_url=url, timeout=10.0, headers=headers) as client:
+        yield client

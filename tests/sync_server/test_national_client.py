@@ -8,14 +8,12 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from hardware_sim.national_platform import (
@@ -46,30 +44,10 @@ from sync_server.national import (
     refusal,
 )
 from tests.hardware_sim.test_evoucher import StepClock
+from tests.http_serving import serving_url
 
 CODE = "P32058300001"
 SECRET = "paas-secret-token-0123456789"
-
-
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started and thread.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert server.started
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
 
 
 class Rig:
@@ -115,7 +93,7 @@ def served() -> Iterator[tuple[str, NationalPlatformSimulator, FastAPI, StepCloc
     clock = StepClock()
     sim = NationalPlatformSimulator(clock, people=30)
     app = create_app(sim)
-    with serving(app) as url:
+    with serving_url(app) as url:
         yield url, sim, app, clock
 
 
