@@ -351,7 +351,7 @@ class RuntimeBuyerVerifier:
             decision = self.face.verify(identity.ref)
             check = f"{card}+face_1to1"
         else:
-            decision = self._liveness_only()
+            decision = self.face.check_live()  # quality gate + liveness (+ challenge)
             check = f"{card}+liveness_only"
         if decision.outcome is not FaceOutcome.ACCEPTED:
             return BuyerCheck(None, check, f"face_{decision.outcome.value}")
@@ -371,9 +371,9 @@ class RuntimeBuyerVerifier:
             return AgentCheck(None, "face_1toN", "agent_not_registered")
         return AgentCheck(decision.subject_ref, "face_1toN")
 
-    def _liveness_only(self) -> FaceDecision:
-        assert self.face is not None  # noqa: S101 - checked by the caller
-        return self.face.check_live()  # quality gate + liveness (+ challenge), recorded as 'face_liveness'
+    @staticmethod
+    def _liveness_only(face: FaceVerifier) -> FaceDecision:
+        return face.check_live()  # quality gate + liveness (+ challenge), recorded as 'face_liveness'
 
     def _evoucher(self, cancel: threading.Event) -> BuyerCheck:
         scanner = None if self.devices is None else self.devices.qr_scanner

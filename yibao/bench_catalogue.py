@@ -73,7 +73,8 @@ def run_catalogue_bench(drugs: int = 20_000, queries: int = 400, seed: int = 1) 
     start = time.perf_counter()
     snapshot = decode_catalogue_document(document)
     decode_ms = _ms(start)
-    assert isinstance(snapshot, CatalogueSnapshot)  # noqa: S101 - a bench sanity check on our own document
+    if not isinstance(snapshot, CatalogueSnapshot):
+        raise TypeError("the catalogue snapshot decoded as another document kind")
 
     changed = [e.model_copy(update={"price_fen": (e.price_fen or 0) + 1}) for e in entries[:200]]
     new_entries = changed + entries[250:]
