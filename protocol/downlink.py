@@ -71,6 +71,7 @@ class CommandKind(StrEnum):
     TEMPLATE_UPDATE = "template_update"
     PING = "ping"
     BINDING_DECISION = "binding_decision"
+    PRESCRIPTIONS_PENDING = "prescriptions_pending"
 
 
 MAX_COMMAND_ARGS: Final = 16
@@ -117,11 +118,20 @@ class UnbindArgs(_ClosedArgs):
     contact: str | None = Field(default=None, max_length=64)
 
 
+class PrescriptionsPendingArgs(_ClosedArgs):
+    """`prescriptions_pending`: a notice that HIS registered a prescription at this terminal's institution
+    (docs/prescriptions.md). References only; the terminal fetches its pending list over HTTPS."""
+
+    prescription_id: int = Field(ge=1, description="The server's id of the prescription registered.")
+    rx_no: str = Field(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$", description="医保处方编号.")
+
+
 COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.PING: PingArgs,
     CommandKind.LOG_REQUEST: LogRequestArgs,
     CommandKind.BINDING_DECISION: BindingDecisionArgs,
     CommandKind.UNBIND: UnbindArgs,
+    CommandKind.PRESCRIPTIONS_PENDING: PrescriptionsPendingArgs,
 }
 """The closed argument model of each kind that has one today; the others accept any `CommandArgs` on the wire (their
 terminals answer `rejected` for now)."""
