@@ -21,15 +21,24 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Body, HTTPException, Path, Query, Response, status
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from protocol.envelope import summarise_validation_error
 from protocol.prescription import PendingPrescription, PendingPrescriptions, Prescription, PrescriptionStatus
 from sync_server import prescriptions
-from sync_server.api.deps import ClockDep, Principal, PrincipalDep, RuntimeDep, SessionDep, WriterSessionDep
+from sync_server.api.deps import (
+    ClockDep,
+    DeviceCallerDep,
+    Principal,
+    PrincipalDep,
+    RuntimeDep,
+    SessionDep,
+    WriterSessionDep,
+)
 from sync_server.api.schemas import ErrorOut
 from sync_server.db.models import Institution, PrescriptionReview, PrescriptionRow, PrescriptionState
 
@@ -163,7 +172,13 @@ _HIS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @his_router.post("", response_model=PrescriptionResultOut, status_code=201, responses=_HIS_RESPONSES)
 def register_prescription(
-    body: Prescription,
+    raw: Annotated[
+        Any,
+        Body(
+            description="A `protocol.prescription.Prescription` (docs/prescriptions.md has the fields). Validated "
+            "here so that a refusal names fields, never echoes values (the body carries personal data)."
+        ),
+    ],
     response: Response,
     session: WriterSessionDep,
     clock: ClockDep,
@@ -172,6 +187,10 @@ def register_prescription(
 ) -> PrescriptionResultOut:
     """Register a prescription at the caller's institution (H-06). 201 when new; the same body again is answered
     200 with the stored result; another body for the same 医保处方编号 is 409."""
+    try:
+        body = Prescription.model_validate(raw)
+    except ValidationError as exc:
+        raise HTTPException(status_code=422, detail=f"invalid prescription: {summarise_validation_error(exc)}") from exc
     now = clock.now()
     try:
         with session.begin():
@@ -269,6 +288,15 @@ def pending_document(session: Session, institution: Institution) -> PendingPresc
         for row in rows
     ]
     return PendingPrescriptions(institution_code=institution.code, items=items, total=total)
+
+
+@device_router.get("/pending", response_model=PendingPrescriptions, responses={409: {"model": ErrorOut}})
+def pending_prescriptions(session: SessionDep, caller: DeviceCallerDep) -> PendingPrescriptions:
+    """The caller terminal's institution's pending prescriptions, oldest first (P-03); 409 for an unbound terminal."""
+    institution = None if caller.institution_id is None else session.get(Institution, caller.institution_id)
+    if institution is None:
+        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail="this terminal is not bound to an institution")
+    return pending_document(session, institution)
 
 
 # ------------------------------------------------------------------------------------ operators

@@ -6,18 +6,25 @@ refused and counted, never applied); settlement needs an approval and is idempot
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
 import pytest
+from pydantic import JsonValue
 from sqlalchemy import Engine, select
 
 from protocol import CommandKind, Envelope, PayloadType, SignedRecord, SignedRecordKind
-from protocol.drug_rules import RuleAction, RuleKind
+from protocol.drug_rules import Evaluation, Proposal, RuleAction, RuleKind
 from protocol.evidence import sign_device_record, verify_device_record
 from protocol.gm.sm2 import SM2PrivateKey, SM2PublicKey
 from protocol.prescription import FaceConfirmation, FindingShown, Prescription, ReviewDecisionRecord, ReviewOutcome
 from sync_server import prescriptions
+from sync_server.accounts import Role
+from sync_server.app import create_app
 from sync_server.db.engine import session_factory
 from sync_server.db.models import (
     Device,
@@ -30,9 +37,15 @@ from sync_server.db.models import (
     PrescriptionRow,
     PrescriptionState,
 )
+from sync_server.settings import ServerSettings
 from sync_server.store import register_devices, store_envelopes
+from terminal.review import PENDING_PATH, PrescriptionInbox, ReviewDesk, refresh_inbox
+from terminal.server_api import ServerApi
+from terminal.verification import FaceDecision, FaceOutcome
 from tests.prescription_samples import DOCTOR_NAME, LIQUORICE, prescription_body
-from tests.sync_server.conftest import BOOT, T0
+from tests.sync_server.conftest import BOOT, T0, FakeClock, serving
+from tests.sync_server.signed_requests import DeviceSigner, enrol_with_session, make_his_client, signed
+from tests.sync_server.test_accounts import login, make_account
 
 CODE = "H31011500042"
 OTHER_CODE = "H32010200007"
@@ -137,6 +150,9 @@ class Pharmacy:
             record_type=SignedRecordKind.REVIEW_DECISION,
             record=record,
         )
+        return self.envelope_of(device_id, payload)
+
+    def envelope_of(self, device_id: str, payload: SignedRecord) -> Envelope:
         self.seq[device_id] = self.seq.get(device_id, 0) + 1
         return Envelope(
             device_id=device_id,
@@ -270,3 +286,219 @@ def test_forged_misplaced_stale_and_second_decisions_are_refused(pharmacy: Pharm
     assert (review.device_id, review.decision) == (KIOSK_2, "rejected")
     with pytest.raises(prescriptions.PrescriptionConflictError, match="rejected"):
         pharmacy.settle("JS-0001")
+
+
+# ------------------------------------------------------------------------------------------------ over real HTTP
+
+
+class Served:
+    """The app over real HTTP with the pharmacy's data, HIS clients of both institutions and a clock shared by the
+    signers and the server."""
+
+    def __init__(self, client: httpx.Client, clock: FakeClock, pharmacy: Pharmacy) -> None:
+        self.client = client
+        self.clock = clock
+        self.pharmacy = pharmacy
+        self.his = make_his_client(client, CODE)
+        self.other_his = make_his_client(client, OTHER_CODE)
+
+    def his_call(self, method: str, target: str, body: Any = None, *, other: bool = False) -> httpx.Response:
+        signer = self.other_his if other else self.his
+        return signed(self.client, signer, method, target, clock=self.clock, json_body=body)
+
+
+@pytest.fixture
+def served(engine: Engine, db_url: str, pharmacy: Pharmacy, tmp_path: Path) -> Iterator[Served]:
+    clock = FakeClock(T0)
+    settings = ServerSettings(database_url=db_url, data_dir=tmp_path / "server-data")
+    app = create_app(settings, engine=engine, start_ingest=False, clock=clock)
+    with serving(app) as client:
+        yield Served(client, clock, pharmacy)
+
+
+def test_his_registers_queries_and_settles_only_an_approved_prescription(served: Served) -> None:
+    body = prescription_body()
+    created = served.his_call("POST", "/his/v1/prescriptions", body)
+    assert created.status_code == 201, created.text
+    result = created.json()
+    assert (result["status"], result["may_settle"], result["review"]) == ("pending", False, None)
+    assert result["institution_code"] == CODE
+    replay = served.his_call("POST", "/his/v1/prescriptions", body)
+    assert (replay.status_code, replay.json()) == (200, result)  # the same body: the same result, nothing new
+    changed = served.his_call("POST", "/his/v1/prescriptions", prescription_body(patient_age_years=30))
+    assert changed.status_code == 409
+    bad = served.his_call("POST", "/his/v1/prescriptions", prescription_body(patient_ref="310115196001011234"))
+    assert bad.status_code == 422
+    assert "310115196001011234" not in bad.text
+    assert served.his_call("POST", "/his/v1/prescriptions", prescription_body(unknown_field=1)).status_code == 422
+    # unsigned, or signed by nobody: refused before the handler
+    assert served.client.post("/his/v1/prescriptions", json=body, headers={"Authorization": ""}).status_code == 401
+
+    target = "/his/v1/prescriptions/RX20260301001"
+    assert served.his_call("GET", target).json()["status"] == "pending"
+    settle = served.his_call("POST", f"{target}/settlement", {"settlement_id": "JS-0001"})
+    assert settle.status_code == 409  # F-07: no settlement before an approval
+    # another institution's HIS client cannot see or settle it
+    assert served.his_call("GET", target, other=True).status_code == 404
+    assert served.his_call("POST", f"{target}/settlement", {"settlement_id": "JS-1"}, other=True).status_code == 404
+
+    [row] = served.pharmacy.all(PrescriptionRow)
+    assert served.pharmacy.ingest(served.pharmacy.signed(served.pharmacy.decision(row.id, row.content_digest))) == (
+        1,
+        0,
+    )
+    approved = served.his_call("GET", target).json()
+    assert (approved["status"], approved["may_settle"]) == ("approved", True)
+    review = approved["review"]
+    assert (review["decision"], review["pharmacist_code"], review["face_decision"]) == (
+        "approved",
+        PHARMACIST,
+        "accepted",
+    )
+    assert review["findings"][0]["rule_id"] == "FFGC-1"
+
+    done = served.his_call("POST", f"{target}/settlement", {"settlement_id": "JS-0001"})
+    assert done.status_code == 200, done.text
+    assert (done.json()["status"], done.json()["settlement_id"]) == ("settled", "JS-0001")
+    again = served.his_call("POST", f"{target}/settlement", {"settlement_id": "JS-0001"})
+    assert (again.status_code, again.json()) == (200, done.json())
+    assert served.his_call("POST", f"{target}/settlement", {"settlement_id": "JS-0002"}).status_code == 409
+    assert served.his_call("GET", "/his/v1/prescriptions/RX-NONE").status_code == 404
+
+
+def test_a_terminal_fetches_its_pending_list_reviews_and_his_sees_the_result(
+    served: Served, engine: Engine, tmp_path: Path
+) -> None:
+    """Terminal to server to HIS: the terminal's own client fetches over signed HTTP, the review desk signs with the
+    enrolled identity key, ingest stores the decision, HIS settles."""
+    kiosk = enrol_with_session(served.client, served.clock, "kiosk-rx-http")
+    with session_factory(engine, write_intent=True).begin() as session:
+        device = session.get(Device, kiosk.device_id)
+        assert device is not None
+        device.institution_id = served.pharmacy.institution_id
+    assert served.his_call("POST", "/his/v1/prescriptions", prescription_body()).status_code == 201
+    assert served.his_call("POST", "/his/v1/prescriptions", prescription_body(rx_no="RX2")).status_code == 201
+    other = prescription_body(rx_no="RX-THEIRS")
+    assert served.his_call("POST", "/his/v1/prescriptions", other, other=True).status_code == 201
+    with session_factory(engine)() as session:
+        notices = session.scalars(select(IssuedCommand.device_id).where(IssuedCommand.device_id == kiosk.device_id))
+        assert len(list(notices)) == 2
+
+    api = ServerApi(str(served.client.base_url), kiosk.device_id, lambda: kiosk.session, served.clock)
+    inbox = PrescriptionInbox.open(tmp_path / "terminal" / "prescriptions.db")
+    try:
+        refreshed = refresh_inbox(inbox, api, now=served.clock.now())
+        assert (refreshed.added, refreshed.total_on_server) == (2, 2)  # not the other institution's
+        assert [i.prescription.rx_no for i in inbox.pending()] == ["RX20260301001", "RX2"]
+        assert inbox.pending()[0].prescription.prescriber_name == "王**"
+
+        def record_signed(kind: SignedRecordKind, record: dict[str, JsonValue]) -> Envelope:
+            return served.pharmacy.envelope_of(
+                kiosk.device_id,
+                sign_device_record(
+                    kiosk.identity, device_id=kiosk.device_id, key_epoch=1, record_type=kind, record=record
+                ),
+            )
+
+        desk = ReviewDesk(inbox, NoRules(), Signed(), AcceptingFace(), record_signed, served.clock)
+        review = desk.open(inbox.pending()[0].prescription_id)
+        result = desk.decide(review, ReviewOutcome.APPROVED, [])
+        assert result.envelope is not None
+        assert served.pharmacy.ingest(result.envelope) == (1, 0)
+        assert [i.prescription.rx_no for i in refresh_and_list(inbox, api, served.clock)] == ["RX2"]
+    finally:
+        inbox.close()
+        api.close()
+    status_ = served.his_call("GET", "/his/v1/prescriptions/RX20260301001").json()
+    assert (status_["status"], status_["review"]["device_id"]) == ("approved", kiosk.device_id)
+    # an unbound terminal gets no list
+    with session_factory(engine, write_intent=True).begin() as session:
+        device = session.get(Device, kiosk.device_id)
+        assert device is not None
+        device.institution_id = None
+    unbound = signed(
+        served.client, DeviceSigner(kiosk.device_id, kiosk.session), "GET", PENDING_PATH, clock=served.clock
+    )
+    assert unbound.status_code == 409
+
+
+def refresh_and_list(inbox: PrescriptionInbox, api: ServerApi, clock: FakeClock) -> list[Any]:
+    refresh_inbox(inbox, api, now=clock.now())
+    return inbox.pending()
+
+
+class NoRules:
+    """A terminal holding no catalogue and no rules yet (the review still works; nothing to warn about)."""
+
+    rule_set = None
+
+    def drug(self, code: str) -> None:
+        return None
+
+    def evaluate(self, proposal: Proposal) -> Evaluation:
+        return Evaluation()
+
+
+class Signed:
+    def current(self) -> tuple[str, Any]:
+        return PHARMACIST, np.ones(128, dtype=np.float32)
+
+
+class AcceptingFace:
+    """The face check as accepted (the real models run in tests/terminal/test_review.py)."""
+
+    def verify_template(self, reference: Any, *, subject_ref: str | None = None) -> FaceDecision:
+        return FaceDecision(
+            outcome=FaceOutcome.ACCEPTED,
+            method="face_1to1",
+            subject_ref=subject_ref,
+            similarity=0.82,
+            threshold=0.6,
+            liveness=None,
+            quality_issues=(),
+            model_sha256="0" * 64,
+            template_hash="cd" * 16,
+            frames=4,
+            duration_ms=700.0,
+        )
+
+
+def test_operators_see_their_own_scope_masked(served: Served, engine: Engine) -> None:
+    assert served.his_call("POST", "/his/v1/prescriptions", prescription_body()).status_code == 201
+    assert (
+        served.his_call("POST", "/his/v1/prescriptions", prescription_body(rx_no="RX-NJ"), other=True).status_code
+        == 201
+    )
+    make_account(engine, "rx-regulator-sh", Role.REGULATOR, region_prefix="3101")
+    make_account(engine, "rx-regulator-js", Role.REGULATOR, region_prefix="3201")
+    make_account(engine, "rx-pharmacist", Role.PHARMACIST, institution_id=served.pharmacy.institution_id)
+    make_account(engine, "rx-head-nj", Role.INSTITUTION_HEAD, institution_id=served.pharmacy.other_institution_id)
+
+    def listed(username: str, **params: str) -> dict[str, Any]:
+        resp = served.client.get("/api/v1/prescriptions", params=params, headers=login(served.client, username))
+        assert resp.status_code == 200, resp.text
+        page: dict[str, Any] = resp.json()
+        return page
+
+    shanghai = listed("rx-regulator-sh")
+    assert [i["rx_no"] for i in shanghai["items"]] == ["RX20260301001"]
+    assert shanghai["items"][0]["patient_ref"] == "his-pt-000981"
+    assert [i["rx_no"] for i in listed("rx-regulator-js")["items"]] == ["RX-NJ"]
+    assert [i["rx_no"] for i in listed("rx-head-nj")["items"]] == ["RX-NJ"]
+    assert listed("rx-pharmacist", status="pending")["total"] == 1
+    assert listed("rx-pharmacist", status="approved")["total"] == 0
+    assert listed("rx-pharmacist", since=(T0 + timedelta(seconds=1)).isoformat())["total"] == 0
+    assert listed("rx-pharmacist", until=(T0 + timedelta(seconds=1)).isoformat(), limit="1")["total"] == 1
+
+    pid = shanghai["items"][0]["id"]
+    detail = served.client.get(f"/api/v1/prescriptions/{pid}", headers=login(served.client, "rx-pharmacist"))
+    assert detail.status_code == 200, detail.text
+    assert detail.json()["prescription"]["prescriber_name"] == "王**"
+    assert detail.json()["prescription"]["patient_masked"] == "李*"
+    assert DOCTOR_NAME not in detail.text
+    hidden = served.client.get(f"/api/v1/prescriptions/{pid}", headers=login(served.client, "rx-head-nj"))
+    assert hidden.status_code == 404
+    assert (
+        served.client.get(f"/api/v1/prescriptions/{pid}", headers=login(served.client, "rx-regulator-js")).status_code
+        == 404
+    )
