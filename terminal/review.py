@@ -260,13 +260,23 @@ def refresh_inbox(inbox: PrescriptionInbox, source: PendingSource, *, now: datet
 
 
 class InboxRefresher:
-    """Refreshes the inbox on its own thread when asked, and every `poll_s` in case a notice was missed."""
+    """Refreshes the inbox on its own thread when asked, and every `poll_s` in case a notice was missed (every
+    `retry_s` while refreshing fails)."""
 
-    def __init__(self, inbox: PrescriptionInbox, source: PendingSource, clock: Clock, *, poll_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        inbox: PrescriptionInbox,
+        source: PendingSource,
+        clock: Clock,
+        *,
+        poll_s: float = 600.0,
+        retry_s: float = 30.0,
+    ) -> None:
         self._inbox = inbox
         self._source = source
         self._clock = clock
         self._poll_s = poll_s
+        self._retry_s = retry_s
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -298,7 +308,8 @@ class InboxRefresher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(self._poll_s)
+            # After a failure (no session key yet, server away) try again sooner than the safety-net poll.
+            self._wake.wait(min(self._retry_s, self._poll_s) if self._failing else self._poll_s)
             self._wake.clear()
             if self._stop.is_set():
                 return

@@ -181,6 +181,37 @@ def test_a_notice_wakes_the_refresher_which_fetches_the_pending_list(inbox: Pres
         refresher.stop()
 
 
+class FlakyServer(Server):
+    """Fails the first `failures` calls (no session key yet, server away), then serves."""
+
+    def __init__(self, document: PendingPrescriptions, failures: int) -> None:
+        super().__init__(document)
+        self.failures = failures
+
+    def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            self.calls.append(path)
+            raise ReviewError("server away")
+        return super().get_json(path, params)
+
+
+def test_a_failed_refresh_is_retried_soon_and_logged_once(
+    inbox: PrescriptionInbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = FlakyServer(_served(pending(5, rx_no="RX5")), failures=3)
+    refresher = InboxRefresher(inbox, server, FakeClock(T0), poll_s=3600, retry_s=0.05)
+    with caplog.at_level("INFO", logger="terminal.review"):
+        refresher.start()
+        try:
+            assert wait_until(lambda: len(inbox.pending()) == 1)
+        finally:
+            refresher.stop()
+    assert len(server.calls) == 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == ["prescription inbox refresh failed: ReviewError", "prescription inbox refresh works again"]
+
+
 # ------------------------------------------------------------------------------------------------- the review
 
 
@@ -355,3 +386,21 @@ def test_a_blocking_rule_refuses_approval_and_a_rejection_needs_a_reason(
     [shown] = record.findings
     assert (shown.action, shown.acknowledged) == ("block", False)
     assert [i.decision for i in kiosk.inbox.reviewed()] == ["rejected"]
+
+
+def test_the_runtime_keeps_its_inbox_beside_the_outbox(tmp_path: Path) -> None:
+    from terminal.config import parse_terminal_config
+    from terminal.runtime import build_runtime
+    from tests.terminal.conftest import terminal_raw_config
+    from tests.terminal.fakes import ScriptedLink
+
+    config = parse_terminal_config(terminal_raw_config(tmp_path), source="test.toml", base_dir=tmp_path)
+    clock = FakeClock(T0)
+    runtime = build_runtime(config, [], clock, link=ScriptedLink(clock))
+    try:
+        assert runtime.prescriptions is not None
+        assert runtime.prescriptions.pending() == []
+        assert config.outbox.path.with_name("prescriptions.db").exists()
+        assert runtime.prescription_refresher is None  # not enrolled: no device API to refresh from
+    finally:
+        runtime.stop()
