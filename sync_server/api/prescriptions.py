@@ -18,16 +18,19 @@ pseudonymous data only.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Path, Query, Response, status
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from protocol.envelope import summarise_validation_error
 from protocol.prescription import PendingPrescription, PendingPrescriptions, Prescription, PrescriptionStatus
 from sync_server import prescriptions
 from sync_server.api.deps import (
@@ -42,9 +45,27 @@ from sync_server.api.deps import (
 from sync_server.api.schemas import ErrorOut
 from sync_server.db.models import Institution, PrescriptionReview, PrescriptionRow, PrescriptionState
 
-his_router = APIRouter(prefix="/his/v1/prescriptions", tags=["prescriptions (HIS)"])
-device_router = APIRouter(prefix="/device/v1/prescriptions", tags=["prescriptions (device)"])
-operator_router = APIRouter(prefix="/api/v1/prescriptions", tags=["prescriptions"])
+
+class _NoEchoRoute(APIRoute):
+    """A refused request is answered 422 naming the fields and the rule broken, never echoing the input values
+    (FastAPI's default does): a prescription carries personal data."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+                return JSONResponse(status_code=422, content={"detail": detail})
+
+        return route
+
+
+his_router = APIRouter(prefix="/his/v1/prescriptions", tags=["prescriptions (HIS)"], route_class=_NoEchoRoute)
+device_router = APIRouter(prefix="/device/v1/prescriptions", tags=["prescriptions (device)"], route_class=_NoEchoRoute)
+operator_router = APIRouter(prefix="/api/v1/prescriptions", tags=["prescriptions"], route_class=_NoEchoRoute)
 
 MAX_PAGE = 500
 RxNoPath = Annotated[str, Path(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -172,13 +193,7 @@ _HIS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 @his_router.post("", response_model=PrescriptionResultOut, status_code=201, responses=_HIS_RESPONSES)
 def register_prescription(
-    raw: Annotated[
-        Any,
-        Body(
-            description="A `protocol.prescription.Prescription` (docs/prescriptions.md has the fields). Validated "
-            "here so that a refusal names fields, never echoes values (the body carries personal data)."
-        ),
-    ],
+    body: Prescription,
     response: Response,
     session: WriterSessionDep,
     clock: ClockDep,
@@ -187,10 +202,6 @@ def register_prescription(
 ) -> PrescriptionResultOut:
     """Register a prescription at the caller's institution (H-06). 201 when new; the same body again is answered
     200 with the stored result; another body for the same 医保处方编号 is 409."""
-    try:
-        body = Prescription.model_validate(raw)
-    except ValidationError as exc:
-        raise HTTPException(status_code=422, detail=f"invalid prescription: {summarise_validation_error(exc)}") from exc
     now = clock.now()
     try:
         with session.begin():

@@ -330,6 +330,7 @@ def test_his_registers_queries_and_settles_only_an_approved_prescription(served:
     bad = served.his_call("POST", "/his/v1/prescriptions", prescription_body(patient_ref="310115196001011234"))
     assert bad.status_code == 422
     assert "310115196001011234" not in bad.text
+    assert bad.json()["detail"][0]["loc"] == ["body", "patient_ref"]
     assert served.his_call("POST", "/his/v1/prescriptions", prescription_body(unknown_field=1)).status_code == 422
     # unsigned, or signed by nobody: refused before the handler
     assert served.client.post("/his/v1/prescriptions", json=body, headers={"Authorization": ""}).status_code == 401
