@@ -345,6 +345,7 @@ def list_prescriptions(
     session: SessionDep,
     principal: PrincipalDep,
     status_: Annotated[PrescriptionStatus | None, Query(alias="status")] = None,
+    institution_code: Annotated[str | None, Query(max_length=32, description="Only this institution's.")] = None,
     since: Annotated[AwareDatetime | None, Query(description="Registered at or after this (ISO 8601).")] = None,
     until: Annotated[AwareDatetime | None, Query(description="Registered before this (ISO 8601).")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
@@ -357,11 +358,21 @@ def list_prescriptions(
     scope = _scope(principal)
     if status_ is not None:
         scope.append(PrescriptionRow.status == PrescriptionState(status_.value))
+    if institution_code is not None:
+        scope.append(Institution.code == institution_code)
     if since is not None:
         scope.append(PrescriptionRow.registered_at >= since)
     if until is not None:
         scope.append(PrescriptionRow.registered_at < until)
-    total = session.scalar(select(func.count()).select_from(PrescriptionRow).where(*scope)) or 0
+    total = (
+        session.scalar(
+            select(func.count())
+            .select_from(PrescriptionRow)
+            .join(Institution, Institution.id == PrescriptionRow.institution_id)
+            .where(*scope)
+        )
+        or 0
+    )
     rows = session.execute(
         select(PrescriptionRow, Institution.code)
         .join(Institution, Institution.id == PrescriptionRow.institution_id)

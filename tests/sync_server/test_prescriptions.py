@@ -43,9 +43,11 @@ from terminal.review import PENDING_PATH, PrescriptionInbox, ReviewDesk, refresh
 from terminal.server_api import ServerApi
 from terminal.verification import FaceDecision, FaceOutcome
 from tests.prescription_samples import DOCTOR_NAME, LIQUORICE, prescription_body
-from tests.sync_server.conftest import BOOT, T0, FakeClock, serving
+from tests.sync_server.conftest import BOOT, T0, FakeClock, Publisher, serving
 from tests.sync_server.signed_requests import DeviceSigner, enrol_with_session, make_his_client, signed
 from tests.sync_server.test_accounts import login, make_account
+from tests.sync_server.test_ingest import make_settings, publish_all, running, settled
+from yibao.broker import MosquittoBroker
 
 CODE = "H31011500042"
 OTHER_CODE = "H32010200007"
@@ -288,6 +290,26 @@ def test_forged_misplaced_stale_and_second_decisions_are_refused(pharmacy: Pharm
         pharmacy.settle("JS-0001")
 
 
+def test_the_real_ingest_worker_stores_a_published_decision_once(
+    pharmacy: Pharmacy, broker: MosquittoBroker, publisher: Publisher, engine: Engine, db_url: str
+) -> None:
+    done = pharmacy.register(prescription_body())
+    good = pharmacy.signed(pharmacy.decision(done.row.id, done.row.content_digest))
+    forged = pharmacy.signed(pharmacy.decision(done.row.id, done.row.content_digest), key=SM2PrivateKey.generate())
+    second = pharmacy.signed(
+        pharmacy.decision(done.row.id, done.row.content_digest, ReviewOutcome.REJECTED), device_id=KIOSK_2
+    )
+    with running(make_settings(broker, db_url), engine) as worker:
+        publish_all(publisher, [good, forged, good])  # the good one redelivered
+        settled(worker, received=3)
+        publish_all(publisher, [second])
+        settled(worker, received=4)
+    [review] = pharmacy.all(PrescriptionReview)
+    assert (review.message_id, review.decision) == (good.message_id, "approved")
+    row = pharmacy.row(done.row.id)
+    assert (row.status, row.refused_decisions) == (PrescriptionState.APPROVED, 1)
+
+
 # ------------------------------------------------------------------------------------------------ over real HTTP
 
 
@@ -485,6 +507,8 @@ def test_operators_see_their_own_scope_masked(served: Served, engine: Engine) ->
     assert [i["rx_no"] for i in shanghai["items"]] == ["RX20260301001"]
     assert shanghai["items"][0]["patient_ref"] == "his-pt-000981"
     assert [i["rx_no"] for i in listed("rx-regulator-js")["items"]] == ["RX-NJ"]
+    assert listed("rx-regulator-sh", institution_code=OTHER_CODE)["total"] == 0  # a filter never widens the scope
+    assert listed("rx-regulator-js", institution_code=OTHER_CODE)["total"] == 1
     assert [i["rx_no"] for i in listed("rx-head-nj")["items"]] == ["RX-NJ"]
     assert listed("rx-pharmacist", status="pending")["total"] == 1
     assert listed("rx-pharmacist", status="approved")["total"] == 0
