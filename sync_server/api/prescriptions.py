@@ -203,29 +203,24 @@ def register_prescription(
     """Register a prescription at the caller's institution (H-06). 201 when new; the same body again is answered
     200 with the stored result; another body for the same 医保处方编号 is 409."""
     now = clock.now()
+
+    def attempt() -> tuple[prescriptions.Registered, PrescriptionResultOut]:
+        with session.begin():
+            institution = _his_institution(session, principal)
+            try:
+                done = prescriptions.register(
+                    session, body, institution_id=institution.id, client=principal.name, now=now
+                )
+            except prescriptions.PrescriptionError as exc:
+                raise _http(exc) from exc
+            return done, _result(session, done.row, institution.code)
+
     try:
-        with session.begin():
-            institution = _his_institution(session, principal)
-            try:
-                done = prescriptions.register(
-                    session, body, institution_id=institution.id, client=principal.name, now=now
-                )
-            except prescriptions.PrescriptionError as exc:
-                raise _http(exc) from exc
-            out = _result(session, done.row, institution.code)
-            notices = len(done.notices)
+        done, out = attempt()
     except IntegrityError:
-        # Two registrations of one number raced; the other one won: answer as for a replay (or a conflict).
-        with session.begin():
-            institution = _his_institution(session, principal)
-            try:
-                done = prescriptions.register(
-                    session, body, institution_id=institution.id, client=principal.name, now=now
-                )
-            except prescriptions.PrescriptionError as exc:
-                raise _http(exc) from exc
-            out = _result(session, done.row, institution.code)
-            notices = len(done.notices)
+        # Two registrations of one number raced and the other one won: answer as for a replay (or a conflict).
+        done, out = attempt()
+    notices = len(done.notices)
     if not done.created:
         response.status_code = status.HTTP_200_OK
         return out

@@ -5,8 +5,10 @@ refused and counted, never applied); settlement needs an approval and is idempot
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -387,6 +389,17 @@ def test_his_registers_queries_and_settles_only_an_approved_prescription(served:
     assert (again.status_code, again.json()) == (200, done.json())
     assert served.his_call("POST", f"{target}/settlement", {"settlement_id": "JS-0002"}).status_code == 409
     assert served.his_call("GET", "/his/v1/prescriptions/RX-NONE").status_code == 404
+
+
+def test_concurrent_registrations_of_one_number_store_it_once(served: Served) -> None:
+    """HIS retrying in parallel (a lost answer, two tills): one 201, the rest 200 with the same result, one row."""
+    body = prescription_body()
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(pool.map(lambda _n: served.his_call("POST", "/his/v1/prescriptions", body), range(6)))
+    assert sorted(a.status_code for a in answers) == [200, 200, 200, 200, 200, 201], [a.text for a in answers]
+    assert len({json.dumps(a.json(), sort_keys=True) for a in answers}) == 1
+    assert len(served.pharmacy.all(PrescriptionRow)) == 1
+    assert len(served.pharmacy.all(IssuedCommand)) == 2  # one notice per bound terminal, not per request
 
 
 def test_a_terminal_fetches_its_pending_list_reviews_and_his_sees_the_result(
