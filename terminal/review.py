@@ -73,6 +73,7 @@ _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS prescription (
     prescription_id INTEGER PRIMARY KEY,
     rx_no           TEXT NOT NULL,
+    institution     TEXT NOT NULL,
     body            TEXT NOT NULL,
     fetched_at      TEXT NOT NULL,
     decision        TEXT,
@@ -167,7 +168,7 @@ class PrescriptionInbox:
         another terminal, or withdrawn); ones decided here stay reviewed. Old reviewed rows are pruned."""
         served = {item.prescription_id: item for item in document.items}
         with self._transaction() as tx:
-            rows = tx.execute("SELECT prescription_id, decision FROM prescription").fetchall()
+            rows = tx.execute("SELECT prescription_id, decision, institution FROM prescription").fetchall()
             held_pending = {int(r[0]) for r in rows if r[1] is None}
             held = {int(r[0]) for r in rows}
             gone = held_pending - served.keys()
@@ -175,11 +176,17 @@ class PrescriptionInbox:
                 # A capped page: only drop what is older than the newest served (the rest may be past the cap).
                 newest = max(item.prescription_id for item in document.items)
                 gone = {pid for pid in gone if pid < newest}
+            # The terminal moved to another institution: the old one's pending prescriptions are not its to review.
+            gone |= {int(r[0]) for r in rows if r[1] is None and r[2] != document.institution_code}
             tx.executemany("DELETE FROM prescription WHERE prescription_id = ?", [(pid,) for pid in sorted(gone)])
             added = [item for pid, item in served.items() if pid not in held]
             tx.executemany(
-                "INSERT INTO prescription (prescription_id, rx_no, body, fetched_at) VALUES (?, ?, ?, ?)",
-                [(i.prescription_id, i.prescription.rx_no, i.model_dump_json(), now.isoformat()) for i in added],
+                "INSERT INTO prescription (prescription_id, rx_no, institution, body, fetched_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [
+                    (i.prescription_id, i.prescription.rx_no, i.institution_code, i.model_dump_json(), now.isoformat())
+                    for i in added
+                ],
             )
             cutoff = (now - timedelta(days=REVIEWED_KEEP_DAYS)).isoformat()
             tx.execute("DELETE FROM prescription WHERE decision IS NOT NULL AND decided_at < ?", (cutoff,))

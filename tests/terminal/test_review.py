@@ -139,6 +139,11 @@ def test_the_inbox_holds_what_the_server_serves_and_keeps_decisions_made_here(tm
         # a capped page (total above what is served) does not drop newer prescriptions it could not list
         refresh_inbox(reopened, Server(_served(pending(1), total=5)), now=clock.now())
         assert [i.prescription_id for i in reopened.pending()] == [3]
+        # moved to another institution: the old one's pending prescriptions go, reviewed ones stay viewable
+        moved = PendingPrescriptions(institution_code="H31011509999", items=[pending(9, "H31011509999")], total=1)
+        refresh_inbox(reopened, Server(moved), now=clock.now())
+        assert [i.prescription_id for i in reopened.pending()] == [9]
+        assert [i.prescription_id for i in reopened.reviewed()] == [1]
         # reviewed rows are kept 30 days, then pruned
         refresh_inbox(reopened, Server(_served()), now=T0 + timedelta(days=31))
         assert reopened.reviewed() == []
