@@ -193,6 +193,13 @@ class DeviceDayFigures(_Out):
     devices_reporting: int = Field(description="Devices from which at least one heartbeat was received that day.")
     reporting_rate: float | None = Field(description="devices_reporting / devices_known.")
     heartbeats: int = Field(description="Heartbeats received that day.")
+    online_time_rate: float | None = Field(
+        description="Estimated share of the day the known devices were online: per reporting device, heartbeats x "
+        "its heartbeat interval (at most the day), summed, over devices_known x the day's seconds (up to now)."
+    )
+    devices_added: int = Field(description="Devices first seen that day.")
+    devices_enrolled: int = Field(description="Devices whose current enrolment happened that day.")
+    devices_revoked: int = Field(description="Devices revoked that day (and still revoked).")
     binds: int = Field(description="Bindings approved that day (device_binding_history action 'bind').")
     unbinds: int = Field(description="Devices unbound that day (action 'unbind').")
 
@@ -299,7 +306,7 @@ def device_statistics(session: Session, scope: Scope, days: DayRange, *, now: da
         total=total.figures(scope.region_prefix, 0),
         regions=regions,
         unbound=unbound.figures(None, 0) if unbound is not None and scope.unscoped else None,
-        daily=_device_days(session, scope, days),
+        daily=_device_days(session, scope, days, now),
     )
 
 
@@ -308,47 +315,80 @@ def _region_order(item: tuple[tuple[int, str | None], Any]) -> tuple[str, int]:
     return (code or "", level)
 
 
-def _device_days(session: Session, scope: Scope, days: DayRange) -> list[DeviceDayFigures]:
+@dataclass(frozen=True)
+class _DeviceLife:
+    first_seen_at: datetime
+    enrolled_at: datetime | None
+    revoked_at: datetime | None
+    interval_s: float | None
+    """Heartbeat interval announced by the device's last heartbeat (None: never sent one)."""
+
+
+def _interval_of(heartbeat: Any) -> float | None:
+    value = heartbeat.get("interval_s") if isinstance(heartbeat, dict) else None
+    return float(value) if isinstance(value, int | float) and value > 0 else None
+
+
+def _device_days(session: Session, scope: Scope, days: DayRange, now: datetime) -> list[DeviceDayFigures]:
+    """Per local day: the fleet (from one row per device in scope) and its heartbeats (one GROUP BY per day)."""
     device_scope = _device_scope(scope)
+    lives = {
+        device_id: _DeviceLife(first_seen, enrolled, revoked, _interval_of(heartbeat))
+        for device_id, first_seen, enrolled, revoked, heartbeat in session.execute(
+            select(
+                Device.device_id, Device.first_seen_at, Device.enrolled_at, Device.revoked_at, Device.last_heartbeat
+            ).where(*device_scope)
+        )
+    }
     changes = _binding_changes(session, scope, days)
     out: list[DeviceDayFigures] = []
     for day in days.days():
         start, end = days.start_of(day), days.start_of(day + timedelta(days=1))
-        known = (
-            session.scalar(
-                select(func.count())
-                .select_from(Device)
+        known = [
+            device_id
+            for device_id, life in lives.items()
+            if life.first_seen_at < end and (life.revoked_at is None or life.revoked_at >= start)
+        ]
+        per_device: dict[str, int] = {
+            device_id: int(count)
+            for device_id, count in session.execute(
+                select(Event.device_id, func.count())
+                .join(Device, Device.device_id == Event.device_id)
                 .where(
                     *device_scope,
-                    Device.first_seen_at < end,
-                    or_(Device.revoked_at.is_(None), Device.revoked_at >= start),
+                    Event.payload_type == PayloadType.HEARTBEAT.value,
+                    Event.received_at >= start,
+                    Event.received_at < end,
                 )
+                .group_by(Event.device_id)
             )
-            or 0
-        )
-        reporting, heartbeats = session.execute(
-            select(func.count(func.distinct(Event.device_id)), func.count())
-            .select_from(Event)
-            .join(Device, Device.device_id == Event.device_id)
-            .where(
-                *device_scope,
-                Event.payload_type == PayloadType.HEARTBEAT.value,
-                Event.received_at >= start,
-                Event.received_at < end,
-            )
-        ).one()
+        }
+        observed_s = max(0.0, (min(end, now) - start).total_seconds())
+        online_s = 0.0
+        for device_id, count in per_device.items():
+            interval = lives[device_id].interval_s if device_id in lives else None
+            if interval is not None:
+                online_s += min(int(count) * interval, observed_s)
         out.append(
             DeviceDayFigures(
                 day=day,
-                devices_known=known,
-                devices_reporting=int(reporting or 0),
-                reporting_rate=_rate(int(reporting or 0), known),
-                heartbeats=int(heartbeats or 0),
+                devices_known=len(known),
+                devices_reporting=len(per_device),
+                reporting_rate=_rate(len(per_device), len(known)),
+                heartbeats=sum(int(n) for n in per_device.values()),
+                online_time_rate=round(online_s / (len(known) * observed_s), 4) if known and observed_s else None,
+                devices_added=sum(1 for life in lives.values() if start <= life.first_seen_at < end),
+                devices_enrolled=sum(1 for life in lives.values() if _within(life.enrolled_at, start, end)),
+                devices_revoked=sum(1 for life in lives.values() if _within(life.revoked_at, start, end)),
                 binds=changes[day]["bind"],
                 unbinds=changes[day]["unbind"],
             )
         )
     return out
+
+
+def _within(when: datetime | None, start: datetime, end: datetime) -> bool:
+    return when is not None and start <= when < end
 
 
 def _binding_changes(session: Session, scope: Scope, days: DayRange) -> dict[date, Counter[str]]:

@@ -55,6 +55,7 @@ TZ = ZoneInfo("Asia/Shanghai")
 NOW = datetime(2026, 3, 10, 10, 0, tzinfo=UTC)  # 18:00 in Shanghai on 2026-03-10
 D8, D9, D10 = date(2026, 3, 8), date(2026, 3, 9), date(2026, 3, 10)
 DAYS = DayRange(D8, D10, TZ)
+HOUR = 3600.0
 ADMIN = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
 
 
@@ -84,6 +85,8 @@ def _device(
     online: bool,
     first_seen: datetime,
     revoked_at: datetime | None = None,
+    enrolled_at: datetime | None = None,
+    interval_s: float | None = None,
 ) -> Device:
     return Device(
         device_id=device_id,
@@ -98,6 +101,8 @@ def _device(
         acked_through_seq=0,
         created_at=first_seen,
         revoked_at=revoked_at,
+        enrolled_at=enrolled_at,
+        last_heartbeat=None if interval_s is None else {"type": "heartbeat", "interval_s": interval_s},
     )
 
 
@@ -149,9 +154,21 @@ def seed(engine: Engine) -> Fleet:
             ids[key] = row.id
         session.add_all(
             [
-                _device("k-a1", ids["A"], RegistrationState.ENROLLED, online=True, first_seen=long_ago),
-                _device("k-a2", ids["A"], RegistrationState.ENROLLED, online=False, first_seen=long_ago),
-                _device("k-c1", ids["C"], RegistrationState.ENROLLED, online=True, first_seen=local(D9, 12)),
+                _device(
+                    "k-a1", ids["A"], RegistrationState.ENROLLED, online=True, first_seen=long_ago, interval_s=HOUR
+                ),
+                _device(
+                    "k-a2", ids["A"], RegistrationState.ENROLLED, online=False, first_seen=long_ago, interval_s=HOUR
+                ),
+                _device(
+                    "k-c1",
+                    ids["C"],
+                    RegistrationState.ENROLLED,
+                    online=True,
+                    first_seen=local(D9, 12),
+                    enrolled_at=local(D9, 13),
+                    interval_s=2 * HOUR,
+                ),
                 _device("k-d1", ids["D"], RegistrationState.REGISTERED, online=False, first_seen=long_ago),
                 _device(
                     "k-e1",
@@ -161,7 +178,7 @@ def seed(engine: Engine) -> Fleet:
                     first_seen=long_ago,
                     revoked_at=local(D9, 3),
                 ),
-                _device("k-x1", None, RegistrationState.ENROLLED, online=True, first_seen=long_ago),
+                _device("k-x1", None, RegistrationState.ENROLLED, online=True, first_seen=long_ago, interval_s=HOUR),
             ]
         )
         session.flush()
@@ -276,6 +293,14 @@ def test_device_figures_by_region_and_day(engine: Engine, fleet: Fleet) -> None:
         (D10, 5, 2, 2, 0, 0),  # k-e1 was revoked on 03-09
     ]
     assert [d.reporting_rate for d in stats.daily] == [0.4, 0.3333, 0.4]
+    # heartbeats x interval over known devices x the day: 03-08 (2+1) h of 5 x 24 h; 03-09 (1+3) h of 6 x 24 h;
+    # 03-10 (1 h + 2 h for k-c1's 2-hour interval) of 5 x the 18 h elapsed by now
+    assert [d.online_time_rate for d in stats.daily] == [0.025, 0.0278, 0.0333]
+    assert [(d.devices_added, d.devices_enrolled, d.devices_revoked) for d in stats.daily] == [
+        (0, 0, 0),
+        (1, 1, 1),
+        (0, 0, 0),
+    ]
 
 
 def test_device_figures_of_a_region_and_of_an_institution(engine: Engine, fleet: Fleet) -> None:
@@ -543,7 +568,10 @@ def test_page_shows_the_three_sections(api: tuple[httpx.Client, Fleet]) -> None:
     assert 'style="width: 50.0%"' in row
     assert 'data-figure="attempts">4 ' in _cells(html, 'data-method="face_1to1"')
     assert 'id="prescriptions-unavailable"' in html
-    assert 'data-figure="unbinds">1<' in _cells(html, 'data-day="2026-03-09"')
+    day9 = _cells(html, 'data-day="2026-03-09"')
+    assert 'data-figure="unbinds">1<' in day9
+    assert 'data-figure="revoked">1<' in day9
+    assert 'data-figure="online-time">2.8% ' in day9
     scoped = client.get("/statistics", params={**RANGE, "region": "32"}).text
     assert 'id="kpi-devices">2<' in scoped
     assert 'data-region="310115"' not in scoped
