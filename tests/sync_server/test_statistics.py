@@ -21,6 +21,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, insert
 
+from models.liveness import LivenessDecision
 from protocol import AuditEvent, AuditOutcome
 from sync_server.accounts import Role
 from sync_server.app import create_app
@@ -37,6 +38,7 @@ from sync_server.db.models import (
 from sync_server.db.types import UtcDateTime
 from sync_server.settings import ServerSettings
 from sync_server.statistics import (
+    CARD_METHODS,
     DayRange,
     DeviceFigures,
     OutOfScopeError,
@@ -47,8 +49,12 @@ from sync_server.statistics import (
     prescription_filings,
     verification_statistics,
 )
+from sync_server.store import store_envelopes
+from terminal.evoucher import IdentityMethod, RefusalReason, refusal_event
+from terminal.pos_api import BuyerMethod
+from terminal.verification import FaceDecision, FaceOutcome
 from tests.http_serving import serving_url
-from tests.sync_server.conftest import BOOT, TEST_ADMIN_TOKEN, FakeClock, serving
+from tests.sync_server.conftest import BOOT, TEST_ADMIN_TOKEN, FakeClock, envelope, serving
 from tests.sync_server.test_accounts import login, make_account
 
 TZ = ZoneInfo("Asia/Shanghai")
@@ -405,6 +411,39 @@ def test_what_each_audit_event_counts_for() -> None:
     assert methods_of("pos.verify", {"method": "evoucher", "proxy": True}) == ("pos", "proxy")
     assert methods_of("pos.verify", {"method": "ss_card_face", "proxy": False}) == ("pos", "ss_card")
     assert methods_of("outbox.full", {"method": "face_1to1"}) == ()
+
+
+def test_the_events_the_terminal_code_builds_are_counted_after_real_storage(engine: Engine) -> None:
+    """Guards against drift between the terminal's audit events and what the statistics count: the events are built
+    by terminal/verification.py, terminal/evoucher.py and terminal/pos_api.py themselves and stored by ingest."""
+    face = FaceDecision(
+        outcome=FaceOutcome.NO_MATCH,
+        method="face_1to1",
+        subject_ref="ref-0001",
+        similarity=0.21,
+        threshold=0.5,
+        liveness=LivenessDecision(live=True, scores={"rgb": 0.9}, failed=[], method="rgb+challenge"),
+        quality_issues=(),
+        model_sha256="ab" * 32,
+        template_hash=None,
+        frames=7,
+        duration_ms=812.0,
+    )
+    refused = refusal_event(RefusalReason.OFFLINE, source="scanner", step="decode", latency_ms=3.0)
+    consumed_refusal = refusal_event(RefusalReason.TOKEN_USED, source="camera", step="consume", latency_ms=3.0)
+    events = [face.audit_event(), refused, consumed_refusal]
+    when = local(D9, 10)
+    envelopes = [envelope("k-real", n, e, device_time=when) for n, e in enumerate(events, start=1)]
+    with session_factory(engine, write_intent=True).begin() as session:
+        store_envelopes(session, envelopes, received_at=NOW)
+    with session_factory(engine)() as session:
+        stats = verification_statistics(session, Scope(), DAYS)
+    counted = {m.method: (m.outcome.failure, m.failure_reasons) for m in stats.methods if m.outcome.attempts}
+    assert counted == {"face_1to1": (1, {"no_match": 1}), "evoucher": (1, {"offline": 1})}
+    assert stats.regions[0].region_code is None  # k-real is bound to no institution
+    # every buyer method the POS API offers is counted under a method (e-voucher by its own decode event)
+    assert {m.value for m in BuyerMethod} - set(CARD_METHODS) == {"evoucher"}
+    assert IdentityMethod.SOCIAL_SECURITY_CARD_FACE.value in CARD_METHODS
 
 
 def test_prescription_filings_are_zero_until_the_table_exists_then_counted(engine: Engine, fleet: Fleet) -> None:
