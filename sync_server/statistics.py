@@ -77,6 +77,11 @@ class Scope:
             conditions.append(institution.id == self.institution_id)
         return conditions
 
+    def shows(self, level: int) -> bool:
+        """Is a region roll-up of `level` digits shown? Not the unbound row (0), nor a roll-up broader than the
+        region prefix (it would hold only the scope's part of that region under the broader code)."""
+        return level > 0 and level >= len(self.region_prefix or "")
+
     def narrowed(self, region: str | None) -> Scope:
         """This scope narrowed to a requested region prefix; `OutOfScopeError` if the two do not overlap."""
         if region is None:
@@ -297,7 +302,9 @@ def device_statistics(session: Session, scope: Scope, days: DayRange, *, now: da
         total.add(tally)
         for key in _prefixes(code):
             rolled[key].add(tally)
-    regions = [t.figures(code, level) for (level, code), t in sorted(rolled.items(), key=_region_order) if level]
+    regions = [
+        t.figures(code, level) for (level, code), t in sorted(rolled.items(), key=_region_order) if scope.shows(level)
+    ]
     unbound = rolled.get((0, None))
     return DeviceStatistics(
         as_of=now,
@@ -577,7 +584,7 @@ def verification_statistics(session: Session, scope: Scope, days: DayRange) -> V
         regions=[
             VerificationRegion(region_code=code, level=level, by_method=_by_method(counts))
             for (level, code), counts in sorted(regional.items(), key=_region_order)
-            if level or scope.unscoped
+            if scope.shows(level) or (level == 0 and scope.unscoped)
         ],
     )
 
