@@ -450,7 +450,7 @@ def test_the_events_the_terminal_code_builds_are_counted_after_real_storage(engi
 def test_prescription_filings_are_counted_per_day_status_and_prescriber(engine: Engine, fleet: Fleet) -> None:
     with session_factory(engine)() as session:
         empty = prescription_filings(session, Scope(), DAYS)
-    assert (empty.available, empty.filed, empty.by_status, empty.top_prescribing_institutions) == (True, 0, {}, [])
+    assert (empty.filed, empty.by_status, empty.top_prescribing_institutions) == (0, {}, [])
     assert [(d.day, d.filed) for d in empty.daily] == [(D8, 0), (D9, 0), (D10, 0)]
     ids = fleet.institution_ids
     rows = [
@@ -482,7 +482,7 @@ def test_prescription_filings_are_counted_per_day_status_and_prescriber(engine: 
     with session_factory(engine)() as session:
         filed = prescription_filings(session, Scope(), DAYS)
         shanghai = prescription_filings(session, Scope("3101"), DAYS)
-    assert (filed.available, filed.filed) == (True, 4)
+    assert filed.filed == 4
     assert filed.by_status == {"approved": 2, "pending": 1, "rejected": 1}
     assert [(d.day, d.filed) for d in filed.daily] == [(D8, 1), (D9, 1), (D10, 2)]
     assert [(p.prescribing_institution_code, p.filed) for p in filed.top_prescribing_institutions] == [
@@ -559,7 +559,7 @@ def test_api_scopes_each_role(api: tuple[httpx.Client, Fleet]) -> None:
     head_devices = client.get("/api/v1/statistics/devices", headers=head, params=RANGE).json()
     assert (head_devices["total"]["institutions"], head_devices["total"]["devices"]) == (1, 2)
     rx = client.get("/api/v1/statistics/prescriptions", headers=regulator, params=RANGE).json()
-    assert (rx["available"], rx["filed"], len(rx["daily"])) == (True, 0, 3)
+    assert (rx["filed"], len(rx["daily"])) == (0, 3)
     # device_admin: devices only; other roles: nothing
     assert client.get("/api/v1/statistics/verifications", headers=ADMIN).status_code == 403
     assert client.get("/api/v1/statistics/prescriptions", headers=ADMIN).status_code == 403
