@@ -26,12 +26,14 @@ from protocol import Clock
 from sync_server.api import (
     accounts,
     binding,
+    catalogues,
     commands,
     devices,
     health,
     ingest,
     institutions,
     machine_clients,
+    national,
     provisioning,
 )
 from sync_server.api.deps import authorize
@@ -88,6 +90,8 @@ def create_app(
     app.include_router(accounts.router)
     app.include_router(binding.router)
     app.include_router(machine_clients.router)
+    app.include_router(catalogues.router)
+    app.include_router(national.router)
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)

@@ -122,6 +122,15 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "POST /api/v1/his-clients/{client_id}/revoke": DEVICE_ADMIN,
     "GET /his/v1/ping": HIS_CLIENTS,
     "GET /device/v1/whoami": DEVICE_SESSION,
+    # catalogues and the drug-usage rules (docs/catalogue.md); citizen queries relayed to the national platform
+    "POST /api/v1/catalogues/{kind}/versions": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "GET /api/v1/catalogues": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "GET /api/v1/drug-rules": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "PUT /api/v1/drug-rules": roles(Role.REGULATOR),
+    "GET /device/v1/catalogues": DEVICE_SESSION,
+    "GET /device/v1/catalogues/{kind}": DEVICE_SESSION,
+    "GET /device/v1/drug-rules": DEVICE_SESSION,
+    "POST /device/v1/national/{query}": DEVICE_SESSION,
 }
 
 
