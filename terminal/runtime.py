@@ -41,6 +41,8 @@ from protocol import (
 from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, SignedRecordKind
 from terminal.binding import BindingStore, binding_handlers
+from terminal.catalogue import CatalogueStore
+from terminal.catalogue_sync import CatalogueSync
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
 from terminal.devices import KioskDevices, build_evoucher_service, open_face_verifier
@@ -60,6 +62,8 @@ logger = logging.getLogger(__name__)
 
 BINDING_FILE = "binding.json"
 """The binding status file, in the outbox's folder."""
+CATALOGUE_FILE = "catalogue.sqlite3"
+"""The catalogue store (`terminal.catalogue`), in the outbox's folder."""
 
 START_KEY_WAIT_S: Final = 5.0
 """How long an enrolled terminal waits at start for its first session key before connecting anyway."""
@@ -91,6 +95,10 @@ class TerminalRuntime:
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
     server_api: ServerApi | None = None
     """The server's device API (`terminal.server_api`), signed with the session key; None when not enrolled."""
+    catalogue: CatalogueStore | None = None
+    """The synced catalogues and drug-usage rules (docs/catalogue.md), beside the outbox; None when not enrolled."""
+    catalogue_sync: CatalogueSync | None = None
+    """Fetches catalogue versions over the device API at start and on `catalogue_update` notices."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -102,6 +110,8 @@ class TerminalRuntime:
             # A short wait so the first CONNECT carries a sealed will and 'online'; offline it goes on without.
             self.security.sessions.wait_ready(START_KEY_WAIT_S)
         self.sync.start()
+        if self.catalogue_sync is not None:
+            self.catalogue_sync.start()
         if self.pos_api is not None:
             self.pos_api.start()
         logger.info(
@@ -122,6 +132,10 @@ class TerminalRuntime:
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
+        if self.catalogue_sync is not None:
+            self.catalogue_sync.stop()
+        if self.catalogue is not None:
+            self.catalogue.close()
         if self.server_api is not None:
             self.server_api.close()
         self.outbox.close()
@@ -297,6 +311,7 @@ def _build(
     health = PeripheralWatch(peripherals)
     started = clock.monotonic()
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
+    catalogue: CatalogueStore | None = None
     try:
         if security is not None:
             outbox.ensure_seq_above(security.identity.bundle.seq_floor)
@@ -315,6 +330,16 @@ def _build(
 
         # The binding status the server's decisions set (docs/binding.md), beside the outbox
         binding = BindingStore(config.outbox.path.with_name(BINDING_FILE))
+        server_api = (
+            ServerApi(security.identity.bundle.server_url, config.device_id, security.sessions.current, clock)
+            if security is not None
+            else None
+        )
+        # The synced catalogues and rules (docs/catalogue.md), beside the outbox, fetched over the device API
+        catalogue_sync: CatalogueSync | None = None
+        if server_api is not None:
+            catalogue = CatalogueStore.open(config.outbox.path.with_name(CATALOGUE_FILE))
+            catalogue_sync = CatalogueSync(catalogue, server_api)
         commands = CommandApplier(
             outbox,
             device_id=config.device_id,
@@ -324,7 +349,10 @@ def _build(
                 facts,
                 clock,
                 request_rotation=security.sessions.request_rotation if security is not None else None,
-                extra=binding_handlers(binding, clock.now),
+                extra={
+                    **binding_handlers(binding, clock.now),
+                    **(catalogue_sync.handlers() if catalogue_sync is not None else {}),
+                },
             ),
             on_answered=answered if log is not None else None,
         )
@@ -373,6 +401,8 @@ def _build(
 
         heartbeat = HeartbeatTimer(outbox, compose, interval_s=config.heartbeat.interval_s)
     except BaseException:
+        if catalogue is not None:
+            catalogue.close()
         outbox.close()
         raise
     return TerminalRuntime(
@@ -387,11 +417,9 @@ def _build(
         security=security,
         model_versions=model_versions,
         binding=binding,
-        server_api=(
-            ServerApi(security.identity.bundle.server_url, config.device_id, security.sessions.current, clock)
-            if security is not None
-            else None
-        ),
+        server_api=server_api,
+        catalogue=catalogue,
+        catalogue_sync=catalogue_sync,
     )
 
 

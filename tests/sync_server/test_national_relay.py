@@ -5,20 +5,26 @@ the error the kiosk needs, and an audit chain that names the query and the outco
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from datetime import timedelta
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from pydantic import ValidationError
 from sqlalchemy import Engine
 
+from hardware_sim.evoucher import id_check_digit
 from hardware_sim.national_platform import INSUTYPE_EMPLOYEE, NationalPlatformSimulator, SyntheticPerson, create_app
 from protocol.gm.keystore import save_private_key
 from protocol.national_query import InstitutionsRequest, PersonInfoRequest, RecordsRequest
+from protocol.secure import SessionKey
+from sync_server.app import create_app as create_server_app
 from sync_server.audit import ServerAudit
 from sync_server.errors import ConfigurationError
 from sync_server.national import (
@@ -31,8 +37,20 @@ from sync_server.national import (
 from sync_server.national_relay import NationalRelay, NotConfiguredError, QueryRangeError, QueryRefRejectedError
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
+from terminal.national_queries import (
+    CredentialNotAcceptedError,
+    NationalQueries,
+    PersonNotInsuredError,
+    QueryFailedError,
+    QueryUnavailableError,
+)
+from terminal.server_api import ServerApi
+from terminal.session import ServerRefusedError
 from tests.hardware_sim.test_evoucher import StepClock
 from tests.http_serving import serving_url
+from tests.sync_server.conftest import ADMIN_HEADERS
+from tests.sync_server.signed_requests import enrol_with_session
+from tests.sync_server.test_accounts import audit_events
 from tests.sync_server.test_national_client import Rig
 
 SECRET = b"relay-test-secret-key-0123456789abcdef"
@@ -243,3 +261,110 @@ def test_the_runtime_builds_the_platform_client_from_settings(rig: Rig, tmp_path
     )
     assert unconfigured.national is None
     unconfigured.stop()
+
+
+# ---------------------------------------------------------------- the route, a real terminal client, real HTTP
+
+
+@dataclass
+class Served:
+    url: str
+    client: httpx.Client
+    data_dir: Path
+    apis: list[ServerApi] = field(default_factory=list)
+
+    def api(self, rig: Rig, device_id: str, key: Callable[[], SessionKey | None]) -> ServerApi:
+        api = ServerApi(self.url, device_id, key, rig.clock)
+        self.apis.append(api)
+        return api
+
+    def terminal(self, rig: Rig, device_id: str) -> tuple[NationalQueries, ServerApi]:
+        enrolled = enrol_with_session(self.client, rig.clock, device_id)
+        api = self.api(rig, device_id, lambda: enrolled.session)
+        return NationalQueries(api), api
+
+
+@contextmanager
+def serving_relay(
+    rig: Rig, tmp_path: Path, engine: Engine, db_url: str, *, configured: bool = True
+) -> Iterator[Served]:
+    data_dir = tmp_path / "server-data"
+    extra = platform_settings(rig, tmp_path) if configured else {}
+    settings = ServerSettings(database_url=db_url, data_dir=data_dir, **extra)
+    app = create_server_app(settings, engine=engine, start_ingest=False, clock=rig.clock)
+    with serving_url(app, lifespan="on") as url, httpx.Client(base_url=url, headers=ADMIN_HEADERS) as client:
+        served = Served(url, client, data_dir)
+        try:
+            yield served
+        finally:
+            for api in served.apis:
+                api.close()
+
+
+def test_terminals_ask_through_the_route(rig: Rig, tmp_path: Path, sqlite_engine: Engine, sqlite_url: str) -> None:
+    person = _employee(rig)
+    with serving_relay(rig, tmp_path, sqlite_engine, sqlite_url) as served:
+        kiosk, raw = served.terminal(rig, "kiosk-nat-1")
+        info = kiosk.person_info("02", person.certno)
+        assert info.person.psn_name_masked.startswith(person.psn_name[0])
+        assert info.insurance[0].balance == person.balance
+        settlements = kiosk.settlements(info.query_ref)
+        assert {s.setl_id for s in settlements.records} <= {s.setl_id for s in person.settlements}
+        assert settlements.records
+        assert kiosk.account_credits(info.query_ref).records
+        assert kiosk.contributions(info.query_ref).records
+        assert kiosk.institutions("1").institutions
+        token_info = kiosk.person_info("01", rig.sim.issue_ec_token(person.psn_no))
+        assert token_info.person == info.person
+
+        other, _ = served.terminal(rig, "kiosk-nat-2")
+        with pytest.raises(CredentialNotAcceptedError):
+            other.settlements(info.query_ref)  # another terminal's ref
+        with pytest.raises(CredentialNotAcceptedError):
+            kiosk.person_info("03", person.card_no, card_sn="999999")
+        stranger = "11010519491231002"
+        with pytest.raises(PersonNotInsuredError):
+            kiosk.person_info("02", stranger + id_check_digit(stranger))
+        with pytest.raises(QueryFailedError):  # refused by the client: longer than 366 days
+            kiosk.settlements(info.query_ref, begndate=date(2019, 1, 1), enddate=date(2020, 12, 31))
+        with pytest.raises(QueryFailedError):  # refused by the server (422): the end defaults to today
+            kiosk.settlements(info.query_ref, begndate=date(2020, 1, 1))
+        rig.sim.reachable = False
+        with pytest.raises(QueryUnavailableError):
+            kiosk.settlements(info.query_ref)
+        rig.sim.reachable = True
+
+        # Unsigned, unknown and oversized requests never reach the platform.
+        calls = dict(rig.sim.stats.calls)
+        assert served.client.post("/device/v1/national/person_info", json={}).status_code == 401
+        keyless = served.api(rig, "kiosk-nat-1", lambda: None)
+        with pytest.raises(QueryUnavailableError):
+            NationalQueries(keyless).person_info("02", person.certno)
+        # `raw` is the same signed client, for bodies the typed client never sends
+        with pytest.raises(ServerRefusedError) as invalid:
+            raw.post_json("/device/v1/national/person_info", {"mdtrt_cert_type": "09", "mdtrt_cert_no": "x"})
+        assert invalid.value.status == 422
+        assert "person_info" in str(invalid.value)
+        assert person.certno not in str(invalid.value)
+        with pytest.raises(ServerRefusedError) as unknown:
+            raw.post_json("/device/v1/national/everything", {})
+        assert unknown.value.status == 422
+        with pytest.raises(ServerRefusedError) as huge:
+            raw.post_json("/device/v1/national/person_info", {"mdtrt_cert_type": "02", "mdtrt_cert_no": "1" * 20000})
+        assert huge.value.status == 413
+        assert rig.sim.stats.calls == calls
+
+    events = [e for e in audit_events(served.data_dir) if e["type"] == "national.query"]
+    assert {e["device_id"] for e in events} == {"kiosk-nat-1", "kiosk-nat-2"}
+    assert all(person.certno not in json.dumps(e) and person.psn_no not in json.dumps(e) for e in events)
+
+
+def test_without_a_platform_the_route_says_so(rig: Rig, tmp_path: Path, sqlite_engine: Engine, sqlite_url: str) -> None:
+    with serving_relay(rig, tmp_path, sqlite_engine, sqlite_url, configured=False) as served:
+        kiosk, raw = served.terminal(rig, "kiosk-nat-3")
+        with pytest.raises(QueryUnavailableError):
+            kiosk.person_info("02", rig.sim.people[0].certno)
+        with pytest.raises(ServerRefusedError) as refused:
+            raw.post_json("/device/v1/national/institutions", {})
+        assert refused.value.status == 503
+        assert "not_configured" in str(refused.value)
