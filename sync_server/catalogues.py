@@ -32,6 +32,7 @@ from typing import Any, Final
 
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from protocol import CommandKind
@@ -179,7 +180,7 @@ def publish_catalogue(
         snapshot=_dump(ordered),
     )
     session.add(row)
-    session.flush()
+    _flush(session, f"{kind.value} catalogue v{new_version}")
     notified = notify_terminals(session, kind.value, new_version, digest, now=now)
     logger.info(
         "catalogue %s v%d published: %d entries (%d upserts, %d deletions), %d terminals notified",
@@ -200,6 +201,13 @@ def publish_catalogue(
         deletions=row.deletion_count,
         notified=len(notified),
     )
+
+
+def _flush(session: Session, what: str) -> None:
+    try:
+        session.flush()
+    except IntegrityError as exc:  # the unique (kind, version) key: another publisher took this number first
+        raise CatalogueConflictError(f"{what} was published by another editor at the same time; reload") from exc
 
 
 def _typed(entries: list[AnyEntry]) -> list[DrugEntry] | list[TreatmentItem] | list[DesignatedInstitution]:
@@ -367,7 +375,7 @@ def publish_rules(
             rules=[r.model_dump(mode="json") for r in ordered],
         )
     )
-    session.flush()
+    _flush(session, f"drug rules v{version}")
     notified = notify_terminals(session, DRUG_RULES_KIND, version, digest, now=now)
     logger.info("drug rules v%d published: %d rules, %d terminals notified", version, len(ordered), len(notified))
     published = Published(

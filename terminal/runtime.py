@@ -40,6 +40,7 @@ from protocol import (
 )
 from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, SignedRecordKind
+from protocol.secure import SessionKey
 from terminal.binding import BindingStore, binding_handlers
 from terminal.catalogue import CatalogueStore
 from terminal.catalogue_sync import CatalogueSync
@@ -51,7 +52,7 @@ from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
 from terminal.server_api import ServerApi
-from terminal.session import TerminalSecurity
+from terminal.session import SessionManager, TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 from terminal.verification import FaceVerifier
 
@@ -378,6 +379,8 @@ def _build(
             if security is not None:
                 security.sessions.on_new_key = lambda _key: mqtt_link.announce_online()
             link = mqtt_link
+        if security is not None and catalogue_sync is not None:
+            _wake_on_new_key(security.sessions, catalogue_sync)
         delivery = UplinkDelivery(
             outbox,
             link,
@@ -421,6 +424,18 @@ def _build(
         catalogue=catalogue,
         catalogue_sync=catalogue_sync,
     )
+
+
+def _wake_on_new_key(sessions: SessionManager, catalogue_sync: CatalogueSync) -> None:
+    """A fresh session key is when the device API works again: the catalogue sync tries at once, not at its back-off."""
+    previous = sessions.on_new_key
+
+    def on_new_key(key: SessionKey) -> None:
+        if previous is not None:
+            previous(key)
+        catalogue_sync.wake()
+
+    sessions.on_new_key = on_new_key
 
 
 def run_terminal(

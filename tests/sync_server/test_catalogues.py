@@ -6,6 +6,8 @@ routes over real HTTP (publish, list, the regulator's rule editing with validati
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -39,7 +41,10 @@ from sync_server.db.models import (
 from sync_server.settings import ServerSettings
 from sync_server.store import register_devices
 from terminal.catalogue import CatalogueStore
+from terminal.server_api import ServerApi
+from terminal.session import ServerRefusedError
 from tests.sync_server.conftest import T0, FakeClock, serving
+from tests.sync_server.signed_requests import enrol_with_session
 from tests.sync_server.test_accounts import audit_events, login, make_account
 
 DRUGS = generate_drugs(300, seed=11)
@@ -355,3 +360,79 @@ def test_the_regulator_edits_the_drug_rules(client: httpx.Client, tmp_path: Path
         (2, [], ["FFGC-1"], ["FFGC-30"]),
     ]
     assert {e["admin"] for e in events} == {"account:reg-js"}
+
+
+def test_two_editors_at_once_never_share_a_version_number(engine: Engine) -> None:
+    """PostgreSQL: the second insert of (kind, v2) waits for the first and is refused as a conflict. SQLite: writer
+    sessions take the write lock when they begin, so the second editor simply publishes v3."""
+    _publish(engine, CatalogueKind.DRUG, DRUGS[:50])
+    sessions = session_factory(engine, write_intent=True)
+    first_flushed = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def second_editor() -> None:
+        first_flushed.wait(10)
+        try:
+            with sessions.begin() as session:
+                result = catalogues.publish_catalogue(session, CatalogueKind.DRUG, DRUGS[:70], actor="b", now=T0)
+            outcome["published"] = result.version
+        except catalogues.CatalogueConflictError as exc:
+            outcome["conflict"] = str(exc)
+
+    worker = threading.Thread(target=second_editor)
+    worker.start()
+    with sessions.begin() as session:
+        mine = catalogues.publish_catalogue(session, CatalogueKind.DRUG, DRUGS[:60], actor="a", now=T0)
+        first_flushed.set()
+        time.sleep(2.0)  # the other editor is now waiting on our row (PostgreSQL) or on the write lock (SQLite)
+    worker.join(15)
+    assert mine.version == 2
+    if engine.dialect.name == "postgresql":
+        assert "published by another editor" in str(outcome["conflict"])
+    else:
+        assert outcome == {"published": 3}
+    with session_factory(engine)() as session:
+        versions = session.scalars(select(CatalogueVersion.version).order_by(CatalogueVersion.version)).all()
+    assert versions == ([1, 2] if engine.dialect.name == "postgresql" else [1, 2, 3])
+
+
+def test_the_terminals_routes(client: httpx.Client, engine: Engine) -> None:
+    clock = FakeClock(T0)
+    enrolled = enrol_with_session(client, clock, "kiosk-docs")
+    api = ServerApi(str(client.base_url), "kiosk-docs", lambda: enrolled.session, clock)
+    try:
+        assert api.get_json("/device/v1/catalogues") == {"catalogues": [], "drug_rules": None}
+        for path in ("/device/v1/catalogues/drug", "/device/v1/drug-rules"):
+            with pytest.raises(ServerRefusedError) as nothing:
+                api.get_json(path)
+            assert nothing.value.status == 404
+        published = client.post("/api/v1/catalogues/drug/versions", json={"entries": _wire(DRUGS[:30])}).json()
+        with session_factory(engine, write_intent=True).begin() as session:
+            rules, _ = catalogues.publish_rules(session, _rules(), actor="account:reg", now=T0)
+        index = api.get_json("/device/v1/catalogues")
+        assert index["catalogues"] == [
+            {
+                "schema_version": 1,
+                "type": "catalogue_version",
+                "kind": "drug",
+                "version": 1,
+                "content_hash": published["content_hash"],
+            }
+        ]
+        assert (index["drug_rules"]["version"], index["drug_rules"]["content_hash"]) == (1, rules.content_hash)
+        snapshot = CatalogueSnapshot.model_validate(api.get_json("/device/v1/catalogues/drug"))
+        snapshot.verify_hash()
+        assert len(snapshot.entries) == 30
+        assert api.get_json("/device/v1/catalogues/drug", {"from_version": 1}) is None  # 204: already current
+        for params, status in (({"from_version": 5}, 404), ({"from_version": -1}, 422)):
+            with pytest.raises(ServerRefusedError) as refused:
+                api.get_json("/device/v1/catalogues/drug", params)
+            assert refused.value.status == status
+        with pytest.raises(ServerRefusedError) as unknown:
+            api.get_json("/device/v1/catalogues/herbs")
+        assert unknown.value.status == 422
+        DrugRuleSet.model_validate(api.get_json("/device/v1/drug-rules")).verify_hash()
+        # the operator routes are not the device's, and the device routes are not the operator's
+        assert client.get("/device/v1/catalogues").status_code == 401
+    finally:
+        api.close()

@@ -20,7 +20,16 @@ from sqlalchemy import Engine, select
 from hardware_sim.catalogue_gen import generate_drugs, generate_institutions
 from protocol import CommandOutcome, DeviceCommand
 from protocol.catalogue import CatalogueKind, CatalogueSnapshot, DrugEntry
-from protocol.drug_rules import DrugSelector, MaxQuantityPerPurchase, RuleAction
+from protocol.drug_rules import (
+    DrugSelector,
+    MaxQuantityPerPurchase,
+    PersonFacts,
+    Proposal,
+    ProposedLine,
+    RuleAction,
+    RuleStage,
+    Sex,
+)
 from protocol.secure import SessionKey
 from sync_server import catalogues
 from sync_server.app import create_app
@@ -165,11 +174,23 @@ def test_first_pass_fills_the_store_and_a_notice_brings_a_delta(rig: Rig) -> Non
     # the same notice again (redelivery) is harmless
     assert rig.sync.handle_notice(notice).detail == "drug v2 already held"
 
-    rules_v2 = rig.publish_rules(3)
+    # P-05/P-06: the regulator's quantity rule, synced, decides offline at purchase and at review.
+    three_boxes = Proposal(
+        RuleStage.PURCHASE,
+        rig.clock.now(),
+        PersonFacts(67, Sex.FEMALE),
+        (ProposedLine(DRUGS[0].code, "复方甘草片", 3),),
+        has_prescription=True,
+    )
+    assert rig.store.evaluate(three_boxes).blocked
+    assert rig.store.evaluate(three_boxes).findings[0].message_zh == "【复方甘草片】单次购药数量超过上限 2（禁止）"
+
+    rules_v2 = rig.publish_rules(3)  # the regulator raises the limit
     assert rig.sync.handle_notice(rig.newest_notice("drug_rules")).detail == "drug_rules v2: fetch scheduled"
     assert rig.sync.sync_once().applied == {"drug_rules": 2}
     assert rig.store.rule_set is not None
     assert rig.store.rule_set.content_hash == rules_v2
+    assert not rig.store.evaluate(three_boxes).blocked
 
 
 def test_a_damaged_store_recovers_through_a_snapshot(rig: Rig) -> None:
