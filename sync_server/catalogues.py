@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -33,7 +35,7 @@ from typing import Any, Final
 from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from protocol import CommandKind
 from protocol.catalogue import (
@@ -109,8 +111,10 @@ class Published:
 
 
 def latest_version(session: Session, kind: CatalogueKind) -> CatalogueVersion | None:
+    """The latest version's row; its bodies (`snapshot`, `delta`) load on first access only."""
     return session.scalars(
         select(CatalogueVersion)
+        .options(defer(CatalogueVersion.snapshot), defer(CatalogueVersion.delta))
         .where(CatalogueVersion.kind == kind.value)
         .order_by(CatalogueVersion.version.desc())
         .limit(1)
@@ -223,6 +227,13 @@ def catalogue_document(
 
     `CatalogueNotFoundError` when nothing is published, or `from_version` is ahead of the latest (a terminal that
     holds a version this server never published is told so rather than sent backwards)."""
+    latest = _latest_for(session, kind, from_version)
+    if latest is None:
+        return None
+    return _build_document(session, kind, from_version, latest)
+
+
+def _latest_for(session: Session, kind: CatalogueKind, from_version: int) -> CatalogueVersion | None:
     latest = latest_version(session, kind)
     if latest is None:
         raise CatalogueNotFoundError(f"no {kind.value} catalogue is published yet")
@@ -232,6 +243,12 @@ def catalogue_document(
         raise CatalogueNotFoundError(
             f"{kind.value} catalogue v{from_version} was never published here (latest is v{latest.version})"
         )
+    return latest
+
+
+def _build_document(
+    session: Session, kind: CatalogueKind, from_version: int, latest: CatalogueVersion
+) -> CatalogueSnapshot | CatalogueDelta:
     if from_version >= 1 and latest.version - from_version <= MAX_DELTA_CHAIN:
         delta = _composed_delta(session, kind, from_version, latest)
         if delta is not None:
@@ -245,6 +262,54 @@ def catalogue_document(
         content_hash=latest.content_hash,
         entries=_entries_of(latest.snapshot),
     )
+
+
+class DocumentCache:
+    """Serialised documents, so that the document every terminal fetches after a publish is built once per process
+    (a 20,000-drug snapshot takes about a second to build). Keyed by kind, latest version, its hash and the
+    terminal's from_version; bounded by total bytes, oldest out first; thread-safe."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self._max_bytes = max_bytes
+        self._items: OrderedDict[tuple[str, int, str, int], bytes] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[str, int, str, int]) -> bytes | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: tuple[str, int, str, int], value: bytes) -> None:
+        with self._lock:
+            if key in self._items or len(value) > self._max_bytes:
+                return
+            self._items[key] = value
+            self._bytes += len(value)
+            while self._bytes > self._max_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self._bytes -= len(dropped)
+
+
+def document_bytes(session: Session, kind: CatalogueKind, from_version: int, cache: DocumentCache) -> bytes | None:
+    """`catalogue_document` serialised, through `cache`."""
+    latest = _latest_for(session, kind, from_version)
+    if latest is None:
+        return None
+    key = (kind.value, latest.version, latest.content_hash, from_version)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    raw = _build_document(session, kind, from_version, latest).to_bytes()
+    cache.put(key, raw)
+    return raw
 
 
 def _composed_delta(

@@ -23,6 +23,7 @@ from protocol.gm.errors import CryptoError
 from protocol.gm.keystore import load_private_key
 from sync_server.audit import ServerAudit
 from sync_server.broker_admin import BrokerAdmin, DynsecAdmin, UnmanagedBroker
+from sync_server.catalogues import DocumentCache
 from sync_server.commands import CommandDispatcher
 from sync_server.db.engine import create_db_engine, session_factory
 from sync_server.errors import ConfigurationError
@@ -59,6 +60,8 @@ class ServerRuntime:
     """The ingest worker processes (None when this process ingests uplinks itself)."""
     national: NationalPlatform | None = None
     """The national platform client the citizen-query relay calls (None: not configured, the relay answers 503)."""
+    catalogue_documents: DocumentCache = field(default_factory=DocumentCache)
+    """Serialised catalogue documents served to terminals (each built once per publish and process)."""
     sessions: sessionmaker[Session] = field(init=False)
     writer_sessions: sessionmaker[Session] = field(init=False)
     """For the few requests that write (issuing a command): SQLite takes its write lock when they begin."""

@@ -277,18 +277,19 @@ def catalogue_index(session: SessionDep, caller: DeviceCallerDep) -> CatalogueIn
 def catalogue_document(
     kind: CatalogueKind,
     session: SessionDep,
+    runtime: RuntimeDep,
     caller: DeviceCallerDep,
     from_version: Annotated[int, Query(ge=0, description="The version the terminal holds; 0 for none.")] = 0,
 ) -> Response:
     """The document taking a terminal from `from_version` to the latest version (204: it is already there)."""
     del caller
     try:
-        document = catalogues.catalogue_document(session, kind, from_version)
+        document = catalogues.document_bytes(session, kind, from_version, runtime.catalogue_documents)
     except catalogues.CatalogueError as exc:
         raise _http(exc) from exc
     if document is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    return Response(content=document.to_bytes(), media_type="application/json")
+    return Response(content=document, media_type="application/json")
 
 
 @router.get("/device/v1/drug-rules", responses={200: {"description": "A DrugRuleSet document."}, 404: {}})

@@ -436,3 +436,30 @@ def test_the_terminals_routes(client: httpx.Client, engine: Engine) -> None:
         assert client.get("/device/v1/catalogues").status_code == 401
     finally:
         api.close()
+
+
+def test_served_documents_are_built_once_per_version(engine: Engine) -> None:
+    cache = catalogues.DocumentCache(max_bytes=400_000)
+    _publish(engine, CatalogueKind.DRUG, DRUGS)
+    sessions = session_factory(engine)
+    with sessions() as session:
+        first = catalogues.document_bytes(session, CatalogueKind.DRUG, 0, cache)
+        again = catalogues.document_bytes(session, CatalogueKind.DRUG, 0, cache)
+        assert catalogues.document_bytes(session, CatalogueKind.DRUG, 1, cache) is None  # current: nothing to send
+    assert first is not None
+    assert again is first
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert CatalogueSnapshot.model_validate_json(first).version == 1
+    _publish(engine, CatalogueKind.DRUG, _edit(DRUGS, 1))
+    with sessions() as session:
+        delta = catalogues.document_bytes(session, CatalogueKind.DRUG, 1, cache)
+        snapshot = catalogues.document_bytes(session, CatalogueKind.DRUG, 0, cache)  # a new version: a new key
+    assert delta is not None
+    assert snapshot is not None
+    assert CatalogueDelta.model_validate_json(delta).to_version == 2
+    assert CatalogueSnapshot.model_validate_json(snapshot).version == 2
+    assert cache.misses == 3  # the budget (400 kB) keeps the newest documents only
+    with sessions() as session:
+        assert catalogues.document_bytes(session, CatalogueKind.DRUG, 0, cache) is snapshot
+        catalogues.document_bytes(session, CatalogueKind.DRUG, 1, cache)
+    assert cache.misses == 3
