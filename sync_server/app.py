@@ -35,6 +35,7 @@ from sync_server.api import (
     machine_clients,
     national,
     provisioning,
+    statistics,
 )
 from sync_server.api.deps import authorize
 from sync_server.authz import check_route_policies
@@ -90,6 +91,7 @@ def create_app(
     app.include_router(accounts.router)
     app.include_router(binding.router)
     app.include_router(machine_clients.router)
+    app.include_router(statistics.router)
     app.include_router(catalogues.router)
     app.include_router(national.router)
     app.include_router(pages.router)
