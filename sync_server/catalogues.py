@@ -380,6 +380,14 @@ def latest_versions(session: Session) -> dict[CatalogueKind, tuple[int, str]]:
 # ------------------------------------------------------------------------------------------------------ drug rules
 
 
+def current_rules_version(session: Session) -> tuple[int, str] | None:
+    """(version, content_hash) of the current rule set, without loading the rules."""
+    row = session.execute(
+        select(DrugRuleVersion.version, DrugRuleVersion.content_hash).order_by(DrugRuleVersion.version.desc()).limit(1)
+    ).first()
+    return None if row is None else (int(row[0]), str(row[1]))
+
+
 def current_rules(session: Session) -> DrugRuleSet | None:
     row = session.scalars(select(DrugRuleVersion).order_by(DrugRuleVersion.version.desc()).limit(1)).first()
     if row is None:

@@ -108,6 +108,8 @@ class CatalogueSync:
                 # A kind this software does not know (a newer server) or a malformed entry: the others still sync.
                 report.refused[str(notice.get("kind") if isinstance(notice, dict) else "?")[:32]] = "not understood"
                 continue
+            if notice_args.kind == RULES_KIND:  # the rules have their own field in the index
+                continue
             self._sync_catalogue(CatalogueKind(notice_args.kind), notice_args.version, notice_args.content_hash, report)
         rules = index.get("drug_rules")
         if isinstance(rules, dict):
@@ -161,6 +163,9 @@ class CatalogueSync:
             report.unchanged.append(RULES_KIND)
             return
         raw = self._source.get_json(RULES_PATH)
+        if raw is None:
+            report.refused[RULES_KIND] = "the server sent no rule set"
+            return
         try:
             rule_set = DrugRuleSet.model_validate(raw)
             rule_set.verify_hash()

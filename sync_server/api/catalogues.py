@@ -260,13 +260,13 @@ def catalogue_index(session: SessionDep, caller: DeviceCallerDep) -> CatalogueIn
     """The latest version and hash of every published catalogue and of the rules."""
     del caller  # authenticated by the dependency; every terminal sees the same catalogues
     latest = catalogues.latest_versions(session)
-    rules = catalogues.current_rules(session)
+    rules = catalogues.current_rules_version(session)
     return CatalogueIndexOut(
         catalogues=[
             CatalogueVersionNotice(kind=kind, version=version, content_hash=digest)
             for kind, (version, digest) in sorted(latest.items())
         ],
-        drug_rules=None if rules is None else DrugRulesNotice(version=rules.version, content_hash=rules.content_hash),
+        drug_rules=None if rules is None else DrugRulesNotice(version=rules[0], content_hash=rules[1]),
     )
 
 
