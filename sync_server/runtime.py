@@ -30,7 +30,7 @@ from sync_server.errors import ConfigurationError
 from sync_server.identity import ServerIdentity
 from sync_server.ingest import IngestWorker
 from sync_server.ingest_pool import IngestPool
-from sync_server.national import HttpNationalPlatform, NationalPlatform
+from sync_server.national import HttpNationalPlatform, NationalPlatform, NationalPlatformSettings
 from sync_server.presence import PresenceSweeper
 from sync_server.security import SecurityGate
 from sync_server.settings import ServerSettings
@@ -188,4 +188,19 @@ def _national_platform(settings: ServerSettings, clock: Clock) -> NationalPlatfo
         key = load_private_key(key_file, passphrase.get_secret_value())
     except (OSError, CryptoError) as exc:
         raise ConfigurationError(f"cannot open the national-platform key {key_file}: {exc}") from exc
-    return HttpNationalPlatform(platform, key, clock=clock)
+    return HttpNationalPlatform(_msgid_range(settings, platform), key, clock=clock)
+
+
+def _msgid_range(settings: ServerSettings, platform: NationalPlatformSettings) -> NationalPlatformSettings:
+    """Every HTTP process of this server calls the platform for the same institution: each takes its own share of
+    the msgid sequence (`msgid_worker` of `msgid_workers`, docs/national-platform.md), within the share this server
+    was configured with, so two processes never send the same msgid in the same second."""
+    processes = settings.http_workers + 1
+    if processes == 1:
+        return platform
+    return platform.model_copy(
+        update={
+            "msgid_worker": platform.msgid_worker * processes + settings.http_process_index,
+            "msgid_workers": platform.msgid_workers * processes,
+        }
+    )

@@ -282,6 +282,15 @@ class ServerSettings(BaseSettings):
     national_platform_key_passphrase: SecretStr | None = Field(
         default=None, description="Passphrase of national_platform_key_file; placeholders are refused in prod."
     )
+    http_process_index: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description=(
+            "Set by the server itself, never by hand: 0 in the main process, i + 1 in HTTP worker i. Processes that "
+            "call the national platform for one institution take distinct msgid sequences by it."
+        ),
+    )
     national_query_ref_ttl_s: int = Field(
         default=600,
         ge=30,

@@ -29,6 +29,7 @@ from sync_server.audit import ServerAudit
 from sync_server.errors import ConfigurationError
 from sync_server.national import (
     CHINA_TZ,
+    CertType,
     CredentialRejectedError,
     HttpNationalPlatform,
     PersonNotFoundError,
@@ -368,3 +369,33 @@ def test_without_a_platform_the_route_says_so(rig: Rig, tmp_path: Path, sqlite_e
             raw.post_json("/device/v1/national/institutions", {})
         assert refused.value.status == 503
         assert "not_configured" in str(refused.value)
+
+
+def test_each_http_process_sends_its_own_msgids(rig: Rig, tmp_path: Path, sqlite_engine: Engine) -> None:
+    """The main process and an HTTP worker call for the same institution in the same second: distinct msgid ranges
+    (from `http_process_index`) keep the platform from refusing the second as a replay."""
+    base = ServerSettings(
+        database_url="sqlite://", data_dir=tmp_path / "data", http_workers=1, **platform_settings(rig, tmp_path)
+    )
+    runtimes = [
+        ServerRuntime.build(
+            base.model_copy(update={"http_process_index": index}),
+            engine=sqlite_engine,
+            clock=rig.clock,
+            start_ingest=False,
+        )
+        for index in (0, 1)
+    ]
+    try:
+        for runtime in runtimes:
+            assert runtime.national is not None
+            runtime.national.sign_in()  # the test clock stands still: both in the same second
+        replayed_before = rig.sim.stats.refused.get("MSGID_REPLAYED", 0)
+        person = _employee(rig)
+        for runtime in runtimes:
+            assert runtime.national is not None
+            assert runtime.national.person_info(CertType.ID_CARD, person.certno).baseinfo.psn_no == person.psn_no
+        assert rig.sim.stats.refused.get("MSGID_REPLAYED", 0) == replayed_before
+    finally:
+        for runtime in runtimes:
+            runtime.stop()
