@@ -71,6 +71,7 @@ class CommandKind(StrEnum):
     TEMPLATE_UPDATE = "template_update"
     PING = "ping"
     BINDING_DECISION = "binding_decision"
+    PRESCRIPTIONS_PENDING = "prescriptions_pending"
     CATALOGUE_UPDATE = "catalogue_update"
 
 
@@ -118,6 +119,14 @@ class UnbindArgs(_ClosedArgs):
     contact: str | None = Field(default=None, max_length=64)
 
 
+class PrescriptionsPendingArgs(_ClosedArgs):
+    """`prescriptions_pending`: a notice that HIS registered a prescription at this terminal's institution
+    (docs/prescriptions.md). References only; the terminal fetches its pending list over HTTPS."""
+
+    prescription_id: int = Field(ge=1, description="The server's id of the prescription registered.")
+    rx_no: str = Field(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$", description="医保处方编号.")
+
+
 class CatalogueUpdateArgs(_ClosedArgs):
     """`catalogue_update`: a new version of a catalogue (or of the drug-usage rules) is published (docs/catalogue.md).
     The terminal fetches the document over HTTPS from the version it holds; the command carries only the notice."""
@@ -134,6 +143,7 @@ COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.LOG_REQUEST: LogRequestArgs,
     CommandKind.BINDING_DECISION: BindingDecisionArgs,
     CommandKind.UNBIND: UnbindArgs,
+    CommandKind.PRESCRIPTIONS_PENDING: PrescriptionsPendingArgs,
     CommandKind.CATALOGUE_UPDATE: CatalogueUpdateArgs,
 }
 """The closed argument model of each kind that has one today; the others accept any `CommandArgs` on the wire (their

@@ -34,6 +34,7 @@ from sync_server.api import (
     institutions,
     machine_clients,
     national,
+    prescriptions,
     provisioning,
     statistics,
 )
@@ -92,6 +93,7 @@ def create_app(
     app.include_router(binding.router)
     app.include_router(machine_clients.router)
     app.include_router(statistics.router)
+    app.include_router(prescriptions.router)
     app.include_router(catalogues.router)
     app.include_router(national.router)
     app.include_router(pages.router)

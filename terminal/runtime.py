@@ -51,6 +51,7 @@ from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
+from terminal.review import InboxRefresher, PrescriptionInbox, open_inbox, review_handlers
 from terminal.server_api import ServerApi
 from terminal.session import SessionManager, TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
@@ -96,6 +97,10 @@ class TerminalRuntime:
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
     server_api: ServerApi | None = None
     """The server's device API (`terminal.server_api`), signed with the session key; None when not enrolled."""
+    prescriptions: PrescriptionInbox | None = None
+    """Prescriptions pending review and reviewed here (`terminal.review`, docs/prescriptions.md), beside the outbox."""
+    prescription_refresher: InboxRefresher | None = None
+    """Refreshes `prescriptions` over the device API at start and on `prescriptions_pending`; None when not enrolled."""
     catalogue: CatalogueStore | None = None
     """The synced catalogues and drug-usage rules (docs/catalogue.md), beside the outbox; None when not enrolled."""
     catalogue_sync: CatalogueSync | None = None
@@ -111,6 +116,8 @@ class TerminalRuntime:
             # A short wait so the first CONNECT carries a sealed will and 'online'; offline it goes on without.
             self.security.sessions.wait_ready(START_KEY_WAIT_S)
         self.sync.start()
+        if self.prescription_refresher is not None:
+            self.prescription_refresher.start()
         if self.catalogue_sync is not None:
             self.catalogue_sync.start()
         if self.pos_api is not None:
@@ -130,6 +137,8 @@ class TerminalRuntime:
         the devices and the outbox)."""
         if self.pos_api is not None:
             self.pos_api.stop()
+        if self.prescription_refresher is not None:
+            self.prescription_refresher.stop()
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
@@ -139,6 +148,8 @@ class TerminalRuntime:
             self.catalogue.close()
         if self.server_api is not None:
             self.server_api.close()
+        if self.prescriptions is not None:
+            self.prescriptions.close()
         self.outbox.close()
         if self.face is not None:
             self.face.templates.close()
@@ -312,6 +323,8 @@ def _build(
     health = PeripheralWatch(peripherals)
     started = clock.monotonic()
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
+    server_api: ServerApi | None = None
+    prescriptions: PrescriptionInbox | None = None
     catalogue: CatalogueStore | None = None
     try:
         if security is not None:
@@ -336,6 +349,9 @@ def _build(
             if security is not None
             else None
         )
+        # Prescriptions pending review (docs/prescriptions.md), beside the outbox, refreshed over the device API
+        prescriptions = open_inbox(config.outbox.path)
+        refresher = InboxRefresher(prescriptions, server_api, clock) if server_api is not None else None
         # The synced catalogues and rules (docs/catalogue.md), beside the outbox, fetched over the device API
         catalogue_sync: CatalogueSync | None = None
         if server_api is not None:
@@ -350,10 +366,9 @@ def _build(
                 facts,
                 clock,
                 request_rotation=security.sessions.request_rotation if security is not None else None,
-                extra={
-                    **binding_handlers(binding, clock.now),
-                    **(catalogue_sync.handlers() if catalogue_sync is not None else {}),
-                },
+                extra=binding_handlers(binding, clock.now)
+                | (review_handlers(refresher) if refresher else {})
+                | (catalogue_sync.handlers() if catalogue_sync is not None else {}),
             ),
             on_answered=answered if log is not None else None,
         )
@@ -404,6 +419,10 @@ def _build(
 
         heartbeat = HeartbeatTimer(outbox, compose, interval_s=config.heartbeat.interval_s)
     except BaseException:
+        if prescriptions is not None:
+            prescriptions.close()
+        if server_api is not None:
+            server_api.close()
         if catalogue is not None:
             catalogue.close()
         outbox.close()
@@ -421,6 +440,8 @@ def _build(
         model_versions=model_versions,
         binding=binding,
         server_api=server_api,
+        prescriptions=prescriptions,
+        prescription_refresher=refresher,
         catalogue=catalogue,
         catalogue_sync=catalogue_sync,
     )

@@ -48,6 +48,8 @@ PATH_VALUES = {
     "application_id": "999999",
     "code": "H00000000000",
     "client_id": "his-0000000000000000",
+    "rx_no": "RX-NOBODY-0001",
+    "prescription_id": "999999",
     "kind": "drug",
     "query": "person_info",
 }
