@@ -135,6 +135,15 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /device/v1/prescriptions/pending": DEVICE_SESSION,
     "GET /api/v1/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
     "GET /api/v1/prescriptions/{prescription_id}": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
+    # catalogues and the drug-usage rules (docs/catalogue.md); citizen queries relayed to the national platform
+    "POST /api/v1/catalogues/{kind}/versions": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "GET /api/v1/catalogues": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "GET /api/v1/drug-rules": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "PUT /api/v1/drug-rules": roles(Role.REGULATOR),
+    "GET /device/v1/catalogues": DEVICE_SESSION,
+    "GET /device/v1/catalogues/{kind}": DEVICE_SESSION,
+    "GET /device/v1/drug-rules": DEVICE_SESSION,
+    "POST /device/v1/national/{query}": DEVICE_SESSION,
 }
 
 

@@ -40,7 +40,10 @@ from protocol import (
 )
 from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, SignedRecordKind
+from protocol.secure import SessionKey
 from terminal.binding import BindingStore, binding_handlers
+from terminal.catalogue import CatalogueStore
+from terminal.catalogue_sync import CatalogueSync
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
 from terminal.devices import KioskDevices, build_evoucher_service, open_face_verifier
@@ -50,7 +53,7 @@ from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
 from terminal.review import InboxRefresher, PrescriptionInbox, open_inbox, review_handlers
 from terminal.server_api import ServerApi
-from terminal.session import TerminalSecurity
+from terminal.session import SessionManager, TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 from terminal.verification import FaceVerifier
 
@@ -61,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 BINDING_FILE = "binding.json"
 """The binding status file, in the outbox's folder."""
+CATALOGUE_FILE = "catalogue.sqlite3"
+"""The catalogue store (`terminal.catalogue`), in the outbox's folder."""
 
 START_KEY_WAIT_S: Final = 5.0
 """How long an enrolled terminal waits at start for its first session key before connecting anyway."""
@@ -96,6 +101,10 @@ class TerminalRuntime:
     """Prescriptions pending review and reviewed here (`terminal.review`, docs/prescriptions.md), beside the outbox."""
     prescription_refresher: InboxRefresher | None = None
     """Refreshes `prescriptions` over the device API at start and on `prescriptions_pending`; None when not enrolled."""
+    catalogue: CatalogueStore | None = None
+    """The synced catalogues and drug-usage rules (docs/catalogue.md), beside the outbox; None when not enrolled."""
+    catalogue_sync: CatalogueSync | None = None
+    """Fetches catalogue versions over the device API at start and on `catalogue_update` notices."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -109,6 +118,8 @@ class TerminalRuntime:
         self.sync.start()
         if self.prescription_refresher is not None:
             self.prescription_refresher.start()
+        if self.catalogue_sync is not None:
+            self.catalogue_sync.start()
         if self.pos_api is not None:
             self.pos_api.start()
         logger.info(
@@ -131,6 +142,10 @@ class TerminalRuntime:
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
+        if self.catalogue_sync is not None:
+            self.catalogue_sync.stop()
+        if self.catalogue is not None:
+            self.catalogue.close()
         if self.server_api is not None:
             self.server_api.close()
         if self.prescriptions is not None:
@@ -310,6 +325,7 @@ def _build(
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
     server_api: ServerApi | None = None
     prescriptions: PrescriptionInbox | None = None
+    catalogue: CatalogueStore | None = None
     try:
         if security is not None:
             outbox.ensure_seq_above(security.identity.bundle.seq_floor)
@@ -336,6 +352,11 @@ def _build(
         # Prescriptions pending review (docs/prescriptions.md), beside the outbox, refreshed over the device API
         prescriptions = open_inbox(config.outbox.path)
         refresher = InboxRefresher(prescriptions, server_api, clock) if server_api is not None else None
+        # The synced catalogues and rules (docs/catalogue.md), beside the outbox, fetched over the device API
+        catalogue_sync: CatalogueSync | None = None
+        if server_api is not None:
+            catalogue = CatalogueStore.open(config.outbox.path.with_name(CATALOGUE_FILE))
+            catalogue_sync = CatalogueSync(catalogue, server_api)
         commands = CommandApplier(
             outbox,
             device_id=config.device_id,
@@ -345,7 +366,9 @@ def _build(
                 facts,
                 clock,
                 request_rotation=security.sessions.request_rotation if security is not None else None,
-                extra=binding_handlers(binding, clock.now) | (review_handlers(refresher) if refresher else {}),
+                extra=binding_handlers(binding, clock.now)
+                | (review_handlers(refresher) if refresher else {})
+                | (catalogue_sync.handlers() if catalogue_sync is not None else {}),
             ),
             on_answered=answered if log is not None else None,
         )
@@ -371,6 +394,8 @@ def _build(
             if security is not None:
                 security.sessions.on_new_key = lambda _key: mqtt_link.announce_online()
             link = mqtt_link
+        if security is not None and catalogue_sync is not None:
+            _wake_on_new_key(security.sessions, catalogue_sync)
         delivery = UplinkDelivery(
             outbox,
             link,
@@ -398,6 +423,8 @@ def _build(
             prescriptions.close()
         if server_api is not None:
             server_api.close()
+        if catalogue is not None:
+            catalogue.close()
         outbox.close()
         raise
     return TerminalRuntime(
@@ -415,7 +442,21 @@ def _build(
         server_api=server_api,
         prescriptions=prescriptions,
         prescription_refresher=refresher,
+        catalogue=catalogue,
+        catalogue_sync=catalogue_sync,
     )
+
+
+def _wake_on_new_key(sessions: SessionManager, catalogue_sync: CatalogueSync) -> None:
+    """A fresh session key is when the device API works again: the catalogue sync tries at once, not at its back-off."""
+    previous = sessions.on_new_key
+
+    def on_new_key(key: SessionKey) -> None:
+        if previous is not None:
+            previous(key)
+        catalogue_sync.wake()
+
+    sessions.on_new_key = on_new_key
 
 
 def run_terminal(
