@@ -28,6 +28,7 @@ from typing import Any
 
 import httpx
 from sqlalchemy import func, select
+from terminal.pharmacists import Consent
 
 from drivers.idcard import IdCardData
 from hardware_sim.camera_sim import SimulatedCamera, load_rgb
@@ -45,7 +46,6 @@ from terminal.binding import BindingState, apply_for_binding, binding_applicatio
 from terminal.config import load_terminal_config
 from terminal.devices import open_devices, open_evoucher_platform
 from terminal.identity import SecurityLog
-from terminal.pharmacists import Consent
 from terminal.pos_api import attach_pos_api
 from terminal.review import PharmacistAtScreen, ReviewDesk
 from terminal.runtime import TerminalRuntime, build_runtime
@@ -196,8 +196,9 @@ class Town:
             raise SimError(f"publishing the drug catalogue failed: {resp.status_code} {resp.text[:200]}")
 
     def _kiosk(self, institution_code: str, device_id: str, sessions: Any) -> Kiosk:
-        from models.face import engine_from_store
         from models.store import ModelStore
+
+        from models.face import engine_from_store
 
         directory = self.workdir / device_id
         directory.mkdir(parents=True, exist_ok=True)
@@ -439,6 +440,7 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
         inbox, refresher = runtime.prescriptions, runtime.prescription_refresher
         if inbox is None or refresher is None or kiosk.review is None or kiosk.at_screen is None:
             raise SimError("the kiosk has no prescription inbox or review desk")
+
         def received() -> bool:
             refresher.refresh()  # what the prescriptions_pending notice triggers
             return len(inbox.pending()) >= self.options.prescriptions_per_institution
@@ -457,7 +459,8 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
                 else kiosk.review.decide(session, ReviewOutcome.APPROVED, [])
             )
             if not result.recorded or result.record is None:
-                raise SimError(f"the review of {item.prescription.rx_no} was not recorded (face: {result.face.outcome})")
+                rx = item.prescription.rx_no
+                raise SimError(f"the review of {rx} was not recorded (face: {result.face.outcome})")
             self.ledger.reviews[item.prescription.rx_no] = result.record.decision.value
         for rx_no in his.registered_rx:
             wait_for(
@@ -506,7 +509,7 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
                     kiosk.runtime.proxy_sync.sync()
             else:
                 body = {"method": "evoucher"}
-            code, name, spec, unit, price = DRUGS[n % len(DRUGS)]
+            code, name, _spec, _unit, price = DRUGS[n % len(DRUGS)]
             body["drug_lines"] = [{"drug_code": code, "quantity": 1}]
             account = rig.evoucher.enrol(person)
             started = kiosk.pos(self.pos_http, "POST", "/pos/v1/verifications", body)
