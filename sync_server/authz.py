@@ -128,6 +128,8 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /api/v1/statistics/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/statistics/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /statistics": PUBLIC,
+    # the web sign-in form; the page holds nothing, the script on it calls POST /api/v1/auth/login
+    "GET /login": PUBLIC,
 }
 
 
