@@ -136,9 +136,9 @@ def rows(engine: Engine, model: Any) -> list[Any]:
 
 
 @contextmanager
-def served(engine: Engine, db_url: str, data_dir: Path) -> Iterator[str]:
+def served(engine: Engine, db_url: str, data_dir: Path, clock: FakeClock | None = None) -> Iterator[str]:
     settings = ServerSettings(database_url=db_url, data_dir=data_dir)
-    app = create_app(settings, engine=engine, start_ingest=False, clock=FakeClock(T0))
+    app = create_app(settings, engine=engine, start_ingest=False, clock=clock or FakeClock(T0))
     with serving_url(app, lifespan="on") as url:
         yield url
 
@@ -356,7 +356,8 @@ def test_a_regulator_sees_disabled_buttons_and_a_stale_page_shows_the_servers_co
     app_a, app_b = applications[DEVICE_A], applications[DEVICE_B]
     make_account(sqlite_engine, "reg-sh", Role.REGULATOR, region_prefix="3101")
     make_account(sqlite_engine, ADMIN, Role.DEVICE_ADMIN)
-    with served(sqlite_engine, sqlite_url, tmp_path / "data") as url, browser_page(url) as page:
+    clock = FakeClock(T0)
+    with served(sqlite_engine, sqlite_url, tmp_path / "data", clock) as url, browser_page(url) as page:
         sign_in(page, url, "reg-sh")
         page.wait_for_url(f"{url}/bindings")
         expect(page.locator("#operator-roles")).to_contain_text("监管人员 regulator")
@@ -394,5 +395,15 @@ def test_a_regulator_sees_disabled_buttons_and_a_stale_page_shows_the_servers_co
         # and then it reloads to show the current state
         expect(application_row(page, app_b)).to_have_count(0)
         expect(page.locator("#flash")).to_contain_text("已处理")
-    statuses = {r.device_id: r.status for r in rows(sqlite_engine, BindingApplication)}
+
+        # the session ends on the server (idle for longer than 30 min): the page says so and goes to sign in again
+        clock.advance(31 * 60)
+        row_a = application_row(page, app_a)
+        row_a.get_by_label("审批理由").fill("资料齐全")
+        row_a.get_by_role("button", name="批准").click()
+        expect(row_a.locator(".message")).to_contain_text("登录已失效")
+        page.wait_for_url(f"{url}/login?next=%2Fbindings")
+        expect(page.locator("#sign-in-link")).to_be_visible()
+        assert page.evaluate("sessionStorage.getItem('yibao.operator.session')") is None
+    statuses = {r.device_id: r.status for r in rows(sqlite_engine, BindingApplication)}  # A was never decided
     assert statuses == {DEVICE_A: BindingStatus.PENDING, DEVICE_B: BindingStatus.REJECTED}

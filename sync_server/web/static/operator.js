@@ -305,6 +305,13 @@
       return;
     }
     sayRefusal(message, result);
+    if (result.status === 401) {
+      // the session ended (idle, expired, signed out elsewhere): sign in again and come back here
+      window.setTimeout(function () {
+        window.location.assign("/login?next=" + encodeURIComponent(here()));
+      }, RELOAD_MS * 3);
+      return;
+    }
     var still = loadSession();
     controls.forEach(function (c) {
       c.disabled = !hasRole(still, "device_admin");
