@@ -144,7 +144,7 @@ def served(engine: Engine, db_url: str, data_dir: Path, clock: FakeClock | None 
 
 
 @contextmanager
-def browser_page(base_url: str) -> Iterator[Page]:
+def browser_page(base_url: str, *, javascript: bool = True) -> Iterator[Page]:
     """A fresh headless system Chromium (never a downloaded browser); afterwards, checks that every request the pages
     made went to `base_url` (no CDN, nothing fetched from elsewhere)."""
     chromium = shutil.which("chromium")
@@ -153,7 +153,9 @@ def browser_page(base_url: str) -> Iterator[Page]:
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
         try:
-            context = browser.new_context(locale="zh-CN", viewport={"width": 1400, "height": 1000})
+            context = browser.new_context(
+                locale="zh-CN", viewport={"width": 1400, "height": 1000}, java_script_enabled=javascript
+            )
             context.set_default_timeout(TIMEOUT_MS)
             page = context.new_page()
             page.on("request", lambda request: requested.append(request.url))
@@ -407,3 +409,29 @@ def test_a_regulator_sees_disabled_buttons_and_a_stale_page_shows_the_servers_co
         assert page.evaluate("sessionStorage.getItem('yibao.operator.session')") is None
     statuses = {r.device_id: r.status for r in rows(sqlite_engine, BindingApplication)}  # A was never decided
     assert statuses == {DEVICE_A: BindingStatus.PENDING, DEVICE_B: BindingStatus.REJECTED}
+
+
+def test_without_the_script_the_pages_still_read_and_nothing_can_be_decided(
+    sqlite_engine: Engine, sqlite_url: str, tmp_path: Path
+) -> None:
+    applications = seed(sqlite_engine)
+    with served(sqlite_engine, sqlite_url, tmp_path / "data") as url:
+        with httpx.Client(base_url=url) as http:  # the script is this server's own file, served with the pages
+            script = http.get("/static/operator.js")
+            assert script.status_code == 200
+            assert "javascript" in script.headers["content-type"]
+            assert "sessionStorage" in script.text
+            assert "localStorage.setItem" not in script.text
+            assert "innerHTML" not in script.text
+            assert "script-src 'self'" in http.get("/login").text
+        with browser_page(url, javascript=False) as page:
+            page.goto(f"{url}/bindings")
+            row = application_row(page, applications[DEVICE_A])
+            expect(row).to_contain_text(DEVICE_A)
+            for name in ("批准", "驳回"):
+                expect(row.get_by_role("button", name=name)).to_be_disabled()
+            expect(page.locator("#decide-note")).to_be_visible()
+            page.goto(f"{url}/login")
+            expect(page.locator("noscript")).to_have_count(1)
+            expect(page.get_by_label("用户名")).to_be_visible()
+    assert [r.status for r in rows(sqlite_engine, BindingApplication)] == [BindingStatus.PENDING] * 2
