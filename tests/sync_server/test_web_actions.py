@@ -225,6 +225,7 @@ def test_a_device_admin_approves_rejects_and_unbinds_in_the_browser(
 
         row_b = application_row(page, app_b)
         row_b.get_by_label("审批理由").fill("非本机构负责人")
+        row_b.get_by_label("联系方式").fill("12393")
         row_b.get_by_label("审批理由").press("Enter")  # Enter never decides by default
         expect(row_b.locator(".message")).to_contain_text("请点击")
         row_b.get_by_role("button", name="驳回").focus()
@@ -259,7 +260,9 @@ def test_a_device_admin_approves_rejects_and_unbinds_in_the_browser(
         assert commands[DEVICE_A].kind == CommandKind.BINDING_DECISION.value
         assert (commands[DEVICE_A].args["approved"], commands[DEVICE_A].args["reason"]) == (True, "资料齐全，同意绑定")
         assert commands[DEVICE_A].command_id == bind.command_id
-        assert (commands[DEVICE_B].args["approved"], commands[DEVICE_B].args["reason"]) == (False, "非本机构负责人")
+        rejection = commands[DEVICE_B].args
+        assert (rejection["approved"], rejection["reason"], rejection["contact"]) == (False, "非本机构负责人", "12393")
+        assert commands[DEVICE_A].args["contact"] is None
 
         # unbind from the bound device's page (the unbound one has no such form)
         page.goto(f"{url}/devices/{DEVICE_B}")

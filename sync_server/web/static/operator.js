@@ -295,7 +295,10 @@
       c.disabled = true;
     });
     say(message, "正在提交……", "Sending…", "", "info");
-    var result = await api("POST", request.path, { reason: reason }, session.token);
+    var body = { reason: reason };
+    var contactField = form.querySelector("input[name=contact]");
+    if (contactField && contactField.value.trim()) body.contact = contactField.value.trim();
+    var result = await api("POST", request.path, body, session.token);
     if (result.status === 200) {
       say(message, request.done[0], request.done[1], "", "ok");
       setFlash(request.done[0], request.done[1], "ok");
@@ -332,12 +335,13 @@
         submitAction(form, event.submitter);
       });
       if (form.dataset.action === "decide") {
-        var field = form.querySelector("input[name=reason]");
-        field.addEventListener("keydown", function (event) {
-          if (event.key === "Enter") {
-            event.preventDefault();
-            submitAction(form, null);
-          }
+        form.querySelectorAll("input[type=text]").forEach(function (field) {
+          field.addEventListener("keydown", function (event) {
+            if (event.key === "Enter") {
+              event.preventDefault();
+              submitAction(form, null);
+            }
+          });
         });
       }
     });
