@@ -64,20 +64,24 @@
   }
 
   function setFlash(zh, en, kind) {
-    window.sessionStorage.setItem(FLASH_KEY, JSON.stringify({ zh: zh, en: en, kind: kind }));
+    try {
+      window.sessionStorage.setItem(FLASH_KEY, JSON.stringify({ zh: zh, en: en, kind: kind }));
+    } catch (e) {
+      /* storage disabled: the message was shown before the reload, that is enough */
+    }
   }
 
   function showFlash() {
     var el = document.getElementById("flash");
-    var raw = window.sessionStorage.getItem(FLASH_KEY);
-    if (!el || !raw) return;
-    window.sessionStorage.removeItem(FLASH_KEY);
     try {
+      var raw = window.sessionStorage.getItem(FLASH_KEY);
+      if (!el || !raw) return;
+      window.sessionStorage.removeItem(FLASH_KEY);
       var flash = JSON.parse(raw);
-      say(el, flash.zh, flash.en, "", flash.kind);
+      say(el, String(flash.zh), String(flash.en), "", flash.kind === "ok" || flash.kind === "error" ? flash.kind : "info");
       el.hidden = false;
     } catch (e) {
-      /* a malformed flash is dropped */
+      /* storage disabled or a malformed flash: nothing to show */
     }
   }
 
