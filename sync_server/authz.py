@@ -96,7 +96,7 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "POST /api/v1/devices/{device_id}/unbind": DEVICE_ADMIN,
     "GET /api/v1/binding-history": FLEET_READERS,
     "GET /bindings": PUBLIC,
-    # operator pages: read-only device status, no login page yet (docs/accounts.md "Not yet")
+    # operator pages: public for reading; actions on them call the API with the signed-in operator's token (/login)
     "GET /": PUBLIC,
     "GET /devices/{device_id}": PUBLIC,
     # login sessions
@@ -123,7 +123,7 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /his/v1/ping": HIS_CLIENTS,
     "GET /device/v1/whoami": DEVICE_SESSION,
     # back-office statistics (D-04, docs/statistics.md): scoped to a regulator's region, an institution head's
-    # institution; the page is public like the other operator pages (no login page yet)
+    # institution; the page is public for reading like the other operator pages (docs/accounts.md)
     "GET /api/v1/statistics/devices": roles(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/statistics/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/statistics/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
@@ -144,6 +144,8 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /device/v1/catalogues/{kind}": DEVICE_SESSION,
     "GET /device/v1/drug-rules": DEVICE_SESSION,
     "POST /device/v1/national/{query}": DEVICE_SESSION,
+    # the web sign-in form; the page holds nothing, the script on it calls POST /api/v1/auth/login
+    "GET /login": PUBLIC,
 }
 
 
