@@ -71,6 +71,7 @@ class CommandKind(StrEnum):
     TEMPLATE_UPDATE = "template_update"
     PING = "ping"
     BINDING_DECISION = "binding_decision"
+    PROXY_RELATIONSHIPS = "proxy_relationships"
 
 
 MAX_COMMAND_ARGS: Final = 16
@@ -117,11 +118,19 @@ class UnbindArgs(_ClosedArgs):
     contact: str | None = Field(default=None, max_length=64)
 
 
+class ProxyRelationshipsArgs(_ClosedArgs):
+    """`proxy_relationships`: the proxy-purchase relationships (代购药关系) of this terminal's institution changed; the
+    terminal fetches them again over its device API (docs/purchases.md). A notice only: no person references."""
+
+    changed_at: str | None = Field(default=None, max_length=40, description="Server time of the change (ISO 8601).")
+
+
 COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.PING: PingArgs,
     CommandKind.LOG_REQUEST: LogRequestArgs,
     CommandKind.BINDING_DECISION: BindingDecisionArgs,
     CommandKind.UNBIND: UnbindArgs,
+    CommandKind.PROXY_RELATIONSHIPS: ProxyRelationshipsArgs,
 }
 """The closed argument model of each kind that has one today; the others accept any `CommandArgs` on the wire (their
 terminals answer `rejected` for now)."""

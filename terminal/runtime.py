@@ -31,6 +31,7 @@ from protocol import (
     AuditEvent,
     AuditOutcome,
     Clock,
+    CommandKind,
     CommandOutcome,
     DeviceCommand,
     Envelope,
@@ -39,7 +40,7 @@ from protocol import (
     Topics,
 )
 from protocol.evidence import sign_device_record
-from protocol.payloads import AuditDetailValue, SignedRecordKind
+from protocol.payloads import AuditDetailValue, Payload, SignedRecordKind
 from terminal.binding import BindingStore, binding_handlers
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
@@ -48,6 +49,7 @@ from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
+from terminal.proxy import ProxyRelationshipsHandler, ProxyRelationshipSync, SqliteProxyRegistry
 from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 from terminal.verification import FaceVerifier
@@ -59,6 +61,8 @@ logger = logging.getLogger(__name__)
 
 BINDING_FILE = "binding.json"
 """The binding status file, in the outbox's folder."""
+PROXY_FILE = "proxy_relationships.sqlite3"
+"""The proxy-purchase relationships of this terminal's institution (person references only), beside the outbox."""
 
 START_KEY_WAIT_S: Final = 5.0
 """How long an enrolled terminal waits at start for its first session key before connecting anyway."""
@@ -88,6 +92,11 @@ class TerminalRuntime:
     """This terminal's binding status (bound/unbound/pending, institution, contact), set by the server's commands."""
     model_versions: dict[str, str] = field(default_factory=dict)
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
+    proxy_registry: SqliteProxyRegistry | None = None
+    """The proxy relationships of this terminal's institution (docs/purchases.md), kept by `proxy_sync`."""
+    proxy_sync: ProxyRelationshipSync | None = None
+    """Fetches the relationships from the server at start and on each `proxy_relationships` notice (when the
+    terminal has a device API: `proxy_sync.api`)."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -99,6 +108,8 @@ class TerminalRuntime:
             # A short wait so the first CONNECT carries a sealed will and 'online'; offline it goes on without.
             self.security.sessions.wait_ready(START_KEY_WAIT_S)
         self.sync.start()
+        if self.proxy_sync is not None:
+            self.proxy_sync.start()
         if self.pos_api is not None:
             self.pos_api.start()
         logger.info(
@@ -116,6 +127,9 @@ class TerminalRuntime:
         the devices and the outbox)."""
         if self.pos_api is not None:
             self.pos_api.stop()
+        if self.proxy_sync is not None:
+            self.proxy_sync.stop()
+            self.proxy_sync.registry.close()
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
@@ -167,10 +181,17 @@ class TerminalRuntime:
             raise InvalidRecordError(f"audit event {category}/{action} rejected: {_fields_of(exc)}") from exc
         return self.outbox.enqueue(event)
 
-    def record_signed(self, record_type: SignedRecordKind | str, record: dict[str, JsonValue]) -> Envelope:
+    def record_signed(
+        self,
+        record_type: SignedRecordKind | str,
+        record: dict[str, JsonValue],
+        *,
+        with_records: Sequence[Payload] = (),
+    ) -> Envelope:
         """Sign `record` with the device's SM2 identity key (`protocol.evidence`) and put the `signed_record` into
-        the outbox. Needs an enrolled identity (`TerminalError` otherwise); `InvalidRecordError` if the record breaks
-        the wire contract. `record` must hold no raw personal data (masked ids, hashes, decisions)."""
+        the outbox, in one transaction with `with_records` (e.g. its audit event) when given. Needs an enrolled
+        identity (`TerminalError` otherwise); `InvalidRecordError` if the record breaks the wire contract. `record`
+        must hold no raw personal data (masked ids, hashes, decisions)."""
         if self.security is None:
             raise TerminalError("signed records need an enrolled device identity ([identity] in the config)")
         identity = self.security.identity
@@ -184,6 +205,8 @@ class TerminalRuntime:
             )
         except (ValidationError, ValueError) as exc:
             raise InvalidRecordError(f"signed record {record_type} rejected: {_fields_of(exc)}") from exc
+        if with_records:
+            return self.outbox.enqueue_many([payload, *with_records])[0]
         return self.outbox.enqueue(payload)
 
     def record_audits(self, events: Sequence[AuditEvent]) -> list[Envelope]:
@@ -259,6 +282,8 @@ def build_runtime(
             )
         except BaseException:
             runtime.outbox.close()
+            if runtime.proxy_registry is not None:
+                runtime.proxy_registry.close()
             _release(devices, evoucher_platform)
             raise
     if config.face is not None:
@@ -274,6 +299,8 @@ def build_runtime(
             )
         except BaseException:
             runtime.outbox.close()
+            if runtime.proxy_registry is not None:
+                runtime.proxy_registry.close()
             _release(devices, evoucher_platform)
             raise
         runtime.model_versions.update(runtime.face.model_versions)
@@ -292,6 +319,7 @@ def _build(
     health = PeripheralWatch(peripherals)
     started = clock.monotonic()
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
+    proxy_registry: SqliteProxyRegistry | None = None
     try:
         if security is not None:
             outbox.ensure_seq_above(security.identity.bundle.seq_floor)
@@ -310,6 +338,9 @@ def _build(
 
         # The binding status the server's decisions set (docs/binding.md), beside the outbox
         binding = BindingStore(config.outbox.path.with_name(BINDING_FILE))
+        # The proxy relationships, fetched from the server (docs/purchases.md); the device API is set later
+        proxy_registry = SqliteProxyRegistry(config.outbox.path.with_name(PROXY_FILE))
+        proxy_sync = ProxyRelationshipSync(proxy_registry, None)
         commands = CommandApplier(
             outbox,
             device_id=config.device_id,
@@ -319,7 +350,10 @@ def _build(
                 facts,
                 clock,
                 request_rotation=security.sessions.request_rotation if security is not None else None,
-                extra=binding_handlers(binding, clock.now),
+                extra={
+                    **binding_handlers(binding, clock.now),
+                    CommandKind.PROXY_RELATIONSHIPS: ProxyRelationshipsHandler(proxy_sync),
+                },
             ),
             on_answered=answered if log is not None else None,
         )
@@ -369,6 +403,8 @@ def _build(
         heartbeat = HeartbeatTimer(outbox, compose, interval_s=config.heartbeat.interval_s)
     except BaseException:
         outbox.close()
+        if proxy_registry is not None:
+            proxy_registry.close()
         raise
     return TerminalRuntime(
         config=config,
@@ -382,6 +418,8 @@ def _build(
         security=security,
         model_versions=model_versions,
         binding=binding,
+        proxy_registry=proxy_registry,
+        proxy_sync=proxy_sync,
     )
 
 
