@@ -50,6 +50,7 @@ from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
 from terminal.proxy import ProxyRelationshipsHandler, ProxyRelationshipSync, SqliteProxyRegistry
+from terminal.server_api import ServerApi
 from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 from terminal.verification import FaceVerifier
@@ -97,6 +98,8 @@ class TerminalRuntime:
     proxy_sync: ProxyRelationshipSync | None = None
     """Fetches the relationships from the server at start and on each `proxy_relationships` notice (when the
     terminal has a device API: `proxy_sync.api`)."""
+    server_api: ServerApi | None = None
+    """The server's device API (`terminal.server_api`), signed with the session key; None when not enrolled."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -133,6 +136,8 @@ class TerminalRuntime:
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
+        if self.server_api is not None:
+            self.server_api.close()
         self.outbox.close()
         if self.face is not None:
             self.face.templates.close()
@@ -320,6 +325,7 @@ def _build(
     started = clock.monotonic()
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
     proxy_registry: SqliteProxyRegistry | None = None
+    server_api: ServerApi | None = None
     try:
         if security is not None:
             outbox.ensure_seq_above(security.identity.bundle.seq_floor)
@@ -338,9 +344,14 @@ def _build(
 
         # The binding status the server's decisions set (docs/binding.md), beside the outbox
         binding = BindingStore(config.outbox.path.with_name(BINDING_FILE))
-        # The proxy relationships, fetched from the server (docs/purchases.md); the device API is set later
+        server_api = (
+            ServerApi(security.identity.bundle.server_url, config.device_id, security.sessions.current, clock)
+            if security is not None
+            else None
+        )
+        # The proxy relationships, fetched over the device API (docs/purchases.md), beside the outbox
         proxy_registry = SqliteProxyRegistry(config.outbox.path.with_name(PROXY_FILE))
-        proxy_sync = ProxyRelationshipSync(proxy_registry, None)
+        proxy_sync = ProxyRelationshipSync(proxy_registry, server_api)
         commands = CommandApplier(
             outbox,
             device_id=config.device_id,
@@ -405,6 +416,8 @@ def _build(
         outbox.close()
         if proxy_registry is not None:
             proxy_registry.close()
+        if server_api is not None:
+            server_api.close()
         raise
     return TerminalRuntime(
         config=config,
@@ -420,6 +433,7 @@ def _build(
         binding=binding,
         proxy_registry=proxy_registry,
         proxy_sync=proxy_sync,
+        server_api=server_api,
     )
 
 

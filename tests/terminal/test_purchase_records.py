@@ -35,10 +35,11 @@ from protocol.drug_rules import AgeRange, AnyRule, DrugRuleSet, DrugSelector, Ma
 from protocol.envelope import decode_envelope
 from protocol.evidence import verify_device_record
 from protocol.purchase import AgentKind, VerificationOutcome, parse_pos_verification, person_ref
+from protocol.request_signing import sign_request
 from terminal.catalogue import CatalogueStore
 from terminal.evoucher import EVoucherService, TerminalContext
 from terminal.identity import IdentityStore, SecurityLog
-from terminal.pos_api import BuyerIdentity, build_pos_server, person_facts, runtime_evidence, sign_request
+from terminal.pos_api import BuyerIdentity, build_pos_server, person_facts, runtime_evidence
 from terminal.proxy import (
     ProxyRelationship,
     ProxyRelationshipsHandler,
