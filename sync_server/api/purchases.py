@@ -276,7 +276,7 @@ def _http(exc: purchases.PurchaseError) -> HTTPException:
     if isinstance(exc, purchases.PurchaseInvalidError):
         # The shape of FastAPI's own 422, so a client handles both the same way.
         return HTTPException(
-            status.HTTP_422_UNPROCESSABLE_ENTITY,
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
             detail=[{"loc": ["body", "proxy", "relationship_id"], "msg": str(exc), "type": "value_error"}],
         )
     return HTTPException(status.HTTP_409_CONFLICT, detail=str(exc))

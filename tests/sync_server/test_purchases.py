@@ -11,10 +11,13 @@ operator accounts (isolation between institutions, masking, the region/instituti
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import Engine, select, text
 
@@ -30,6 +33,8 @@ from protocol.purchase import (
     person_ref,
 )
 from sync_server import purchases
+from sync_server.accounts import Role
+from sync_server.app import create_app
 from sync_server.db.engine import session_factory
 from sync_server.db.models import (
     Device,
@@ -38,12 +43,19 @@ from sync_server.db.models import (
     InstitutionKind,
     IssuedCommand,
     PosVerification,
+    ProxyRelation,
     Purchase,
     PurchaseVerificationState,
 )
+from sync_server.identity import create_server_key
 from sync_server.purchases import ProxyRelationshipIn, PurchaseIn
+from sync_server.settings import ServerSettings
 from sync_server.store import register_devices, store_envelopes
-from tests.sync_server.conftest import BOOT, T0
+from terminal.proxy import ProxyRelationshipSync, SqliteProxyRegistry
+from terminal.server_api import ServerApi
+from tests.sync_server.conftest import BOOT, INSTITUTION_CODE, T0, FakeClock, seed_fleet, serving
+from tests.sync_server.signed_requests import Enrolled, HisSigner, enrol_with_session, make_his_client, signed
+from tests.sync_server.test_accounts import audit_events, login, make_account
 
 DEVICE = "kiosk-p01"
 OTHER_DEVICE = "kiosk-p02"
@@ -407,3 +419,188 @@ def test_nothing_stored_holds_a_name_or_an_id_number(world: World) -> None:
             dump = str(conn.execute(text(f"SELECT * FROM {table}")).fetchall())  # noqa: S608 - fixed names
             for secret in (BUYER_ID, AGENT_ID, BUYER_NAME, AGENT_NAME):
                 assert secret not in dump, (table, "personal data stored")
+
+
+# ---------------------------------------------------------------------------------------------------- over HTTP
+
+
+@dataclass
+class Served:
+    client: httpx.Client
+    clock: FakeClock
+    engine: Engine
+    his_a: HisSigner
+    his_b: HisSigner
+    device: Enrolled
+    data_dir: Path
+
+
+@pytest.fixture
+def served(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[Served]:
+    seed_fleet(engine)  # INSTITUTION_CODE in 310115
+    with session_factory(engine, write_intent=True).begin() as session:
+        session.add(
+            Institution(
+                code=CODE_B, name="南京示例药房", kind=InstitutionKind.PHARMACY, region_code="320102", created_at=T0
+            )
+        )
+        session.flush()
+        a = session.scalar(select(Institution.id).where(Institution.code == INSTITUTION_CODE))
+    make_account(engine, "head-a", Role.INSTITUTION_HEAD, institution_id=a)
+    make_account(engine, "reg-sh", Role.REGULATOR, region_prefix="3101")
+    make_account(engine, "reg-js", Role.REGULATOR, region_prefix="3201")
+    make_account(engine, "cashier-a", Role.CASHIER, institution_id=a)
+    settings = ServerSettings(database_url=db_url, data_dir=tmp_path)
+    create_server_key(settings, iterations=1000)
+    clock = FakeClock(T0)
+    app = create_app(settings, engine=engine, clock=clock, start_ingest=False)
+    with serving(app) as client:
+        his_a = make_his_client(client, INSTITUTION_CODE)
+        his_b = make_his_client(client, CODE_B)
+        device = enrol_with_session(client, clock, "kiosk-pos-1")
+        with session_factory(engine, write_intent=True).begin() as session:
+            row = session.get(Device, "kiosk-pos-1")
+            assert row is not None
+            row.institution_id = a
+        yield Served(client, clock, engine, his_a, his_b, device, tmp_path)
+
+
+def _ingest_signed(served: Served, record: PosVerificationRecord) -> purchases.VerificationsRecorded:
+    payload = sign_device_record(
+        served.device.identity,
+        device_id=served.device.device_id,
+        key_epoch=1,
+        record_type=SignedRecordKind.POS_VERIFICATION,
+        record=record.to_record(),
+    )
+    envelope = Envelope(
+        device_id=served.device.device_id,
+        seq=1,
+        message_id=uuid.uuid4(),
+        device_time=T0,
+        boot_id=BOOT,
+        monotonic_ns=1,
+        payload_type=PayloadType.SIGNED_RECORD,
+        payload=payload,
+    )
+    with session_factory(served.engine, write_intent=True).begin() as session:
+        store_envelopes(session, [envelope], received_at=T0)
+        return purchases.record_pos_verifications(session, [envelope], now=T0)
+
+
+def test_his_registers_a_purchase_idempotently_and_sees_only_its_own(served: Served) -> None:
+    client, clock = served.client, served.clock
+    body = purchase_body()
+    created = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=body)
+    assert created.status_code == 201, created.text
+    out = created.json()
+    assert out["verification"] == "pending"
+    assert out["buyer"] == {
+        "person_ref": BUYER_REF,
+        "psn_cert_type": "01",
+        "certno_masked": "110*************2X",
+        "psn_name_masked": "王**",
+    }
+    assert [line["trace_codes"] for line in out["lines"]] == [list(body["lines"][0]["trace_codes"]), []]
+    again = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=body)
+    assert (again.status_code, again.json()["id"]) == (200, out["id"])
+    changed = {**body, "lines": body["lines"][:1]}
+    conflict = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=changed)
+    assert conflict.status_code == 409
+    assert "different content" in conflict.json()["detail"]
+
+    got = signed(client, served.his_a, "GET", "/his/v1/purchases/SETL-0001", clock=clock)
+    assert (got.status_code, got.json()) == (200, out)
+    assert signed(client, served.his_b, "GET", "/his/v1/purchases/SETL-0001", clock=clock).status_code == 404
+    # the other institution's same settlement number is its own purchase
+    other = signed(client, served.his_b, "POST", "/his/v1/purchases", clock=clock, json_body=body)
+    assert (other.status_code, other.json()["institution_code"]) == (201, CODE_B)
+
+    bad = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body={**body, "lines": []})
+    assert bad.status_code == 422
+    unknown_rel = purchase_body("SETL-0002", agent={"kind": "face", "person_ref": AGENT_REF}, relationship_id="77")
+    bad = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=unknown_rel)
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"] == ["body", "proxy", "relationship_id"]
+    events = [e["type"] for e in audit_events(served.data_dir)]
+    assert events.count("purchase.registered") == 2
+
+
+def test_the_kiosks_record_links_the_pending_purchase_and_the_lists_are_scoped_and_masked(served: Served) -> None:
+    client, clock = served.client, served.clock
+    body = purchase_body(agent={"kind": "manual", "certno": AGENT_ID, "psn_name": AGENT_NAME})
+    assert signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=body).status_code == 201
+    done = _ingest_signed(served, verification(TX, agent=AGENT_REF, kind=AgentKind.MANUAL))
+    assert (done.created, done.linked) == (1, 1)
+    got = signed(client, served.his_a, "GET", "/his/v1/purchases/SETL-0001", clock=clock).json()
+    assert got["verification"] == "linked"
+    assert got["verification_detail"]["device_id"] == "kiosk-pos-1"
+    assert got["agent"]["kind"] == "manual"
+
+    head = login(client, "head-a")
+    listed = client.get("/api/v1/purchases", headers=head).json()
+    assert [p["settlement_no"] for p in listed["items"]] == ["SETL-0001"]
+    verifications = client.get("/api/v1/verifications", headers=head).json()
+    assert verifications["total"] == 1
+    assert verifications["items"][0]["transaction_code"] == TX
+    assert verifications["items"][0]["agent_masked_id"] == "1101**********0016"
+    regulator = login(client, "reg-sh")
+    assert client.get("/api/v1/purchases", headers=regulator).json()["total"] == 1
+    assert client.get("/api/v1/verifications", headers=regulator).json()["total"] == 1
+    elsewhere = login(client, "reg-js")
+    assert client.get("/api/v1/purchases", headers=elsewhere).json() == {"items": [], "total": 0}
+    assert client.get("/api/v1/verifications", headers=elsewhere).json() == {"items": [], "total": 0}
+    assert client.get("/api/v1/purchases", headers=login(client, "cashier-a")).status_code == 403
+    filtered = client.get("/api/v1/purchases", headers=regulator, params={"verification": "pending"}).json()
+    assert filtered["total"] == 0
+    page = client.get("/api/v1/purchases", headers=regulator, params={"limit": 1, "offset": 1}).json()
+    assert (page["total"], page["items"]) == (1, [])
+    everything = client.get("/api/v1/purchases", headers=regulator).text
+    everything += client.get("/api/v1/verifications", headers=regulator).text
+    for secret in (BUYER_ID, AGENT_ID, BUYER_NAME, AGENT_NAME):
+        assert secret not in everything
+
+
+def test_relationships_reach_the_institutions_terminal_over_the_device_api(served: Served) -> None:
+    client, clock = served.client, served.clock
+    body = {
+        "beneficiary": {"certno": BUYER_ID, "psn_name": BUYER_NAME},
+        "agent": {"certno": AGENT_ID, "psn_name": AGENT_NAME},
+        "relation": ProxyRelation.CHILD.value,
+    }
+    created = signed(client, served.his_a, "POST", "/his/v1/proxy-relationships", clock=clock, json_body=body)
+    assert created.status_code == 201, created.text
+    rel = created.json()
+    assert rel["beneficiary"]["certno_masked"] == "110*************2X"
+    again = signed(client, served.his_a, "POST", "/his/v1/proxy-relationships", clock=clock, json_body=body)
+    assert (again.status_code, again.json()["relationship_id"]) == (200, rel["relationship_id"])
+    other_terms = {**body, "relation": "spouse"}
+    conflict = signed(client, served.his_a, "POST", "/his/v1/proxy-relationships", clock=clock, json_body=other_terms)
+    assert conflict.status_code == 409
+    with session_factory(served.engine)() as session:
+        notices = list(session.scalars(select(IssuedCommand).where(IssuedCommand.kind == "proxy_relationships")))
+        assert sorted(n.device_id for n in notices) == ["kiosk-001", "kiosk-pos-1"]  # both of institution A
+
+    # the terminal's own client fetches and stores the set
+    device = served.device
+    api = ServerApi(str(client.base_url), device.device_id, lambda: device.session, clock)
+    registry = SqliteProxyRegistry()
+    try:
+        sync = ProxyRelationshipSync(registry, api)
+        assert sync.sync_now() == 1
+        found = registry.agents_of(BUYER_REF, T0)
+        assert [(r.agent_ref, r.relationship_id) for r in found] == [(AGENT_REF, rel["relationship_id"])]
+
+        path = f"/his/v1/proxy-relationships/{rel['relationship_id']}"
+        assert signed(client, served.his_b, "DELETE", path, clock=clock).status_code == 404
+        ended = signed(client, served.his_a, "DELETE", path, clock=clock)
+        assert ended.status_code == 200
+        assert ended.json()["ended_at"] is not None
+        assert signed(client, served.his_a, "DELETE", path, clock=clock).status_code == 200  # idempotent
+        assert sync.sync_now() == 0
+        assert registry.agents_of(BUYER_REF, T0) == []
+    finally:
+        registry.close()
+        api.close()
+    missing = signed(client, served.his_a, "DELETE", "/his/v1/proxy-relationships/424242", clock=clock)
+    assert missing.status_code == 404
