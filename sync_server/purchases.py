@@ -182,8 +182,28 @@ class LineIn(_In):
     )
 
 
+_PURCHASE_EXAMPLE: Final[dict[str, Any]] = {
+    "settlement_no": "SETL-20260301-000001",
+    "transaction_code": "KIOSK-00120260301160000" + "0001",
+    "settled_at": "2026-03-01T08:03:00+00:00",
+    "buyer": {"psn_cert_type": "01", "certno": "11010519491231002X", "psn_name": "王小明"},
+    "proxy": {"agent": {"kind": "manual", "psn_cert_type": "01", "certno": "110105198001010016", "psn_name": "李四"}},
+    "lines": [
+        {
+            "med_list_codg": "XJ01CAA040A001010100534",
+            "drug_name": "阿莫西林胶囊",
+            "cnt": 2,
+            "amount_fen": 2560,
+            "trace_codes": ["81234567890123456789", "81234567890123456790"],
+        }
+    ],
+}
+
+
 class PurchaseIn(_In):
     """A settled purchase (proxy) registration (H-04)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [_PURCHASE_EXAMPLE]})
 
     settlement_no: _Code = Field(description="医保结算ID (setl_id, C64): unique per institution.")
     transaction_code: _Code = Field(description="交易流水号 the kiosk returned with the verification.")
@@ -207,6 +227,22 @@ class PurchaseIn(_In):
 
 class ProxyRelationshipIn(_In):
     """A proxy-purchase relationship (代购药关系) HIS registers for its institution (B-11)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "beneficiary": {"psn_cert_type": "01", "certno": "11010519491231002X", "psn_name": "王小明"},
+                    "agent": {"psn_cert_type": "01", "certno": "110105198001010016", "psn_name": "王小红"},
+                    "relation": "child",
+                    "valid_from": "2026-03-01T00:00:00+00:00",
+                    "valid_until": "2027-03-01T00:00:00+00:00",
+                }
+            ]
+        },
+    )
 
     beneficiary: PersonIn = Field(description="The insured person bought for (elderly, immobile).")
     agent: PersonIn = Field(description="The person allowed to buy for them (an enrolled agent buys by face).")
