@@ -10,6 +10,7 @@ operator accounts (isolation between institutions, masking, the region/instituti
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from protocol.purchase import (
     VerificationOutcome,
     person_ref,
 )
+from protocol.request_signing import sign_request, signing_string
 from sync_server import purchases
 from sync_server.accounts import Role
 from sync_server.app import create_app
@@ -604,3 +606,17 @@ def test_relationships_reach_the_institutions_terminal_over_the_device_api(serve
         api.close()
     missing = signed(client, served.his_a, "DELETE", "/his/v1/proxy-relationships/424242", clock=clock)
     assert missing.status_code == 404
+
+
+def test_the_documented_his_signature_example() -> None:
+    """docs/his-integration.md's worked example is what `protocol.request_signing` computes (and what the server
+    checks), and the Python snippet there signs the same way."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "his-integration.md").read_text(encoding="utf-8")
+    key = bytes.fromhex("5f1c0a9e7b3d2f4a6c8e0b1d3f5a7c9e2b4d6f8a0c1e3a5b7d9f1b3d5f7a9c0e")
+    ts, nonce = "1772352180", "q1w2e3r4t5y6u7i8o9p0a1s2"
+    body = b'{"beneficiary":{"certno":"11010519491231002X"},"agent":{"certno":"110105198001010016"},"relation":"child"}'
+    assert body.decode() in doc
+    assert hashlib.sha256(body).hexdigest() in doc
+    assert signing_string("POST", "/his/v1/proxy-relationships", ts, nonce, body).decode() in doc
+    assert sign_request(key, "POST", "/his/v1/proxy-relationships", ts, nonce, body) in doc
+    assert sign_request(key, "GET", "/his/v1/purchases/SETL-20260301-000001", ts, nonce, b"") in doc
