@@ -34,6 +34,7 @@ from sync_server.api import (
     machine_clients,
     provisioning,
     purchases,
+    statistics,
 )
 from sync_server.api.deps import authorize
 from sync_server.authz import check_route_policies
@@ -90,6 +91,7 @@ def create_app(
     app.include_router(binding.router)
     app.include_router(machine_clients.router)
     app.include_router(purchases.router)
+    app.include_router(statistics.router)
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)

@@ -130,6 +130,12 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /device/v1/proxy-relationships": DEVICE_SESSION,
     "GET /api/v1/purchases": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
+    # back-office statistics (D-04, docs/statistics.md): scoped to a regulator's region, an institution head's
+    # institution; the page is public like the other operator pages (no login page yet)
+    "GET /api/v1/statistics/devices": roles(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),
+    "GET /api/v1/statistics/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
+    "GET /api/v1/statistics/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
+    "GET /statistics": PUBLIC,
 }
 
 
