@@ -520,6 +520,12 @@ def test_his_registers_a_purchase_idempotently_and_sees_only_its_own(served: Ser
 
     bad = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body={**body, "lines": []})
     assert bad.status_code == 422
+    wrong_number = {**body, "buyer": {"certno": BUYER_ID[:-1] + "1", "psn_name": BUYER_NAME}}
+    bad = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=wrong_number)
+    assert bad.status_code == 422
+    assert bad.json()["detail"][0]["loc"][:2] == ["body", "buyer"]
+    assert BUYER_ID[:-1] not in bad.text  # the rejected input is not echoed
+    assert BUYER_NAME not in bad.text
     unknown_rel = purchase_body("SETL-0002", agent={"kind": "face", "person_ref": AGENT_REF}, relationship_id="77")
     bad = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=unknown_rel)
     assert bad.status_code == 422
