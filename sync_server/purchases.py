@@ -62,6 +62,7 @@ from sync_server.db.models import (
     ProxyRelationshipRow,
     Purchase,
     PurchaseLine,
+    PurchaseTraceCode,
     PurchaseVerificationState,
 )
 from sync_server.masking import mask_id_number, mask_name
@@ -72,6 +73,8 @@ NOTICE_TTL_S: Final = 24 * 3600.0
 """A relationship notice waits a day for a terminal that is off; the terminal fetches the whole set at start anyway."""
 MAX_LINES: Final = 200
 MAX_TRACE_CODES: Final = 1000
+TRACE_QUERY_CHUNK: Final = 500
+"""Codes looked up per query (an IN list stays well inside every database's parameter limit)."""
 
 
 class PurchaseError(Exception):
@@ -476,6 +479,7 @@ def register_purchase(
         body_digest=digest,
         verification_state=PurchaseVerificationState.PENDING,
         received_at=now,
+        reused_trace_codes=[],
     )
     purchase.lines = [
         PurchaseLine(
@@ -502,6 +506,7 @@ def register_purchase(
         if raced is None:
             raise
         return _same(raced, digest)
+    _record_trace_codes(session, purchase, body)
     verification = session.scalar(
         select(PosVerification).where(PosVerification.transaction_code == body.transaction_code)
     )
@@ -509,6 +514,28 @@ def register_purchase(
         _link(session, purchase, verification, now=now)
         session.flush()
     return Registered(purchase, True)
+
+
+def _record_trace_codes(session: Session, purchase: Purchase, body: PurchaseIn) -> None:
+    """Index the purchase's 追溯码 and note those an earlier purchase sold already (a package sold twice: returned
+    stock resold, or a code copied onto another box). Registered, not refused: the sale has happened."""
+    sold = [(n, code) for n, line in enumerate(body.lines, start=1) for code in line.trace_codes]
+    if not sold:
+        return
+    codes = [code for _, code in sold]
+    reused: set[str] = set()
+    for start in range(0, len(codes), TRACE_QUERY_CHUNK):
+        chunk = codes[start : start + TRACE_QUERY_CHUNK]
+        reused.update(
+            session.scalars(
+                select(PurchaseTraceCode.code).where(
+                    PurchaseTraceCode.code.in_(chunk), PurchaseTraceCode.purchase_id != purchase.id
+                )
+            )
+        )
+    session.add_all(PurchaseTraceCode(purchase_id=purchase.id, line_no=n, code=code) for n, code in sold)
+    purchase.reused_trace_codes = sorted(reused)
+    session.flush()
 
 
 def _same(existing: Purchase, digest: str) -> Registered:

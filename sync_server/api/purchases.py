@@ -113,6 +113,9 @@ class PurchaseOut(_Out):
     verification_detail: VerificationRef | None
     received_at: datetime
     linked_at: datetime | None
+    reused_trace_codes: list[str] = Field(
+        description="追溯码 of this purchase that an earlier registered purchase sold already (a package sold twice)."
+    )
 
 
 class PurchasePage(_Out):
@@ -236,6 +239,7 @@ def _purchase_out(session: Session, row: Purchase) -> PurchaseOut:
         verification_detail=detail,
         received_at=row.received_at,
         linked_at=row.linked_at,
+        reused_trace_codes=[str(c) for c in row.reused_trace_codes],
     )
 
 

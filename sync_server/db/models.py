@@ -566,6 +566,9 @@ class Purchase(Base):
     pos_verification_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("pos_verifications.id"))
     received_at: Mapped[datetime]
     linked_at: Mapped[datetime | None]
+    reused_trace_codes: Mapped[list[Any]] = mapped_column(
+        JSON, comment="追溯码 of this purchase already sold in an earlier registered purchase (any institution)."
+    )
 
     lines: Mapped[list[PurchaseLine]] = relationship(order_by="PurchaseLine.line_no")
 
@@ -584,3 +587,14 @@ class PurchaseLine(Base):
     quantity: Mapped[float] = mapped_column(Float, comment="数量 in sale units.")
     amount_fen: Mapped[int] = mapped_column(BigInteger, comment="金额 in fen.")
     trace_codes: Mapped[list[Any]] = mapped_column(JSON, comment="药品追溯码 of the packages sold.")
+
+
+class PurchaseTraceCode(Base):
+    """One 药品追溯码 sold, indexed, so a package sold twice (追溯码重复销售) is found across all purchases."""
+
+    __tablename__ = "purchase_trace_codes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    purchase_id: Mapped[int] = mapped_column(BigId, ForeignKey("purchases.id"), index=True)
+    line_no: Mapped[int] = mapped_column(Integer)
+    code: Mapped[str] = mapped_column(String(64), index=True)

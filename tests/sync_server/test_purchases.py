@@ -326,6 +326,21 @@ def test_one_verification_cannot_back_two_settlements(world: World) -> None:
     )
 
 
+def test_a_traceability_code_sold_again_is_flagged_on_the_later_purchase(world: World) -> None:
+    world.register(purchase_body("SETL-0001", trace=("81234567890123456789", "81234567890123456790")))
+    world.register(purchase_body("SETL-0002", trace=("81234567890123456790", "81234567890123459999")))
+    world.register(purchase_body("SETL-0003", trace=("81234567890123450000",)), world.institution_b)
+    world.register(purchase_body("SETL-0004", trace=("81234567890123459999",)), world.institution_b)
+    assert world.purchase("SETL-0001").reused_trace_codes == []
+    assert world.purchase("SETL-0002").reused_trace_codes == ["81234567890123456790"]
+    assert world.purchase("SETL-0003", world.institution_b).reused_trace_codes == []
+    # across institutions too: the same package cannot be sold by two pharmacies
+    assert world.purchase("SETL-0004", world.institution_b).reused_trace_codes == ["81234567890123459999"]
+    # the idempotent repeat of the first registration does not flag it against itself
+    assert not world.register(purchase_body("SETL-0001")).created
+    assert world.purchase("SETL-0001").reused_trace_codes == []
+
+
 def _relationship(**change: Any) -> ProxyRelationshipIn:
     body = {
         "beneficiary": {"certno": BUYER_ID, "psn_name": BUYER_NAME},

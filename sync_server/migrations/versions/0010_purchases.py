@@ -6,7 +6,8 @@ Create Date: 2026-12-01
 
 Adds `pos_verifications` (terminals' signed `pos_verification` records), `proxy_relationships` (代购药关系 registered
 by an institution's HIS), `purchases` (settled purchase (proxy) registrations, unique per institution and settlement
-number) and `purchase_lines` (drug, quantity, amount and 追溯码 per line). Portable SQL only (SQLite and PostgreSQL);
+number), `purchase_lines` (drug, quantity, amount and 追溯码 per line) and `purchase_trace_codes` (every 追溯码 sold,
+indexed, to find a package sold twice). Portable SQL only (SQLite and PostgreSQL);
 checked by tests/sync_server/test_db.py against the ORM metadata.
 """
 
@@ -155,6 +156,12 @@ def upgrade() -> None:
         sa.Column("pos_verification_id", _BigId, nullable=True),
         sa.Column("received_at", _When, nullable=False),
         sa.Column("linked_at", _When, nullable=True),
+        sa.Column(
+            "reused_trace_codes",
+            sa.JSON(),
+            nullable=False,
+            comment="追溯码 of this purchase already sold in an earlier registered purchase (any institution).",
+        ),
         sa.ForeignKeyConstraint(["institution_id"], ["institutions.id"], name=op.f("fk_purchases_institution_id")),
         sa.ForeignKeyConstraint(
             ["relationship_id"], ["proxy_relationships.id"], name=op.f("fk_purchases_relationship_id")
@@ -190,8 +197,25 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_purchase_lines_med_list_codg"), "purchase_lines", ["med_list_codg"], unique=False)
 
+    op.create_table(
+        "purchase_trace_codes",
+        sa.Column("id", _BigId, autoincrement=True, nullable=False),
+        sa.Column("purchase_id", _BigId, nullable=False),
+        sa.Column("line_no", sa.Integer(), nullable=False),
+        sa.Column("code", sa.String(length=64), nullable=False),
+        sa.ForeignKeyConstraint(["purchase_id"], ["purchases.id"], name=op.f("fk_purchase_trace_codes_purchase_id")),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_purchase_trace_codes")),
+    )
+    op.create_index(op.f("ix_purchase_trace_codes_code"), "purchase_trace_codes", ["code"], unique=False)
+    op.create_index(
+        op.f("ix_purchase_trace_codes_purchase_id"), "purchase_trace_codes", ["purchase_id"], unique=False
+    )
+
 
 def downgrade() -> None:
+    op.drop_index(op.f("ix_purchase_trace_codes_purchase_id"), table_name="purchase_trace_codes")
+    op.drop_index(op.f("ix_purchase_trace_codes_code"), table_name="purchase_trace_codes")
+    op.drop_table("purchase_trace_codes")
     op.drop_index(op.f("ix_purchase_lines_med_list_codg"), table_name="purchase_lines")
     op.drop_table("purchase_lines")
     op.drop_index(op.f("ix_purchases_verification_state"), table_name="purchases")
