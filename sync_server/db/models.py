@@ -503,6 +503,8 @@ class ProxyRelation(StrEnum):
     SIBLING = "sibling"
     RELATIVE = "relative"
     CARER = "carer"
+    NEIGHBOUR = "neighbour"
+    """邻居: a neighbour buying for an elderly person living alone."""
     OTHER = "other"
 
 
