@@ -215,7 +215,7 @@ def fetch_relationships(api: DeviceApi) -> list[ProxyRelationship]:
 class ProxyRelationshipSync:
     """Keeps a `SqliteProxyRegistry` equal to the server's set: one daemon thread that fetches at start, whenever
     `request()` is called (the `proxy_relationships` notice) and, after a failure, again after a back-off that doubles
-    from `retry_s` up to `max_retry_s`. `sync_now()` does one fetch in the caller's thread (tests, CLI)."""
+    from `retry_s` up to `max_retry_s`. `sync()` does one fetch in the caller's thread (tests, CLI)."""
 
     def __init__(
         self,
@@ -238,7 +238,7 @@ class ProxyRelationshipSync:
         self.synced = 0
         """Successful fetches since start."""
 
-    def sync_now(self) -> int:
+    def sync(self) -> int:
         """Fetch and store the server's set; the number of relationships stored. Raises `ProxySyncError`."""
         if self.api is None:
             raise ProxySyncError("no device API (the terminal is not enrolled)")
@@ -283,7 +283,7 @@ class ProxyRelationshipSync:
                 return
             self._wake.clear()
             try:
-                self.sync_now()
+                self.sync()
                 delay = self.retry_s
             except ProxySyncError as exc:
                 if not self._failing:

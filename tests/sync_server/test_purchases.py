@@ -610,7 +610,7 @@ def test_relationships_reach_the_institutions_terminal_over_the_device_api(serve
     registry = SqliteProxyRegistry()
     try:
         sync = ProxyRelationshipSync(registry, api)
-        assert sync.sync_now() == 1
+        assert sync.sync() == 1
         found = registry.agents_of(BUYER_REF, T0)
         assert [(r.agent_ref, r.relationship_id) for r in found] == [(AGENT_REF, rel["relationship_id"])]
 
@@ -620,7 +620,7 @@ def test_relationships_reach_the_institutions_terminal_over_the_device_api(serve
         assert ended.status_code == 200
         assert ended.json()["ended_at"] is not None
         assert signed(client, served.his_a, "DELETE", path, clock=clock).status_code == 200  # idempotent
-        assert sync.sync_now() == 0
+        assert sync.sync() == 0
         assert registry.agents_of(BUYER_REF, T0) == []
     finally:
         registry.close()

@@ -287,25 +287,25 @@ def test_the_sync_replaces_the_whole_set_page_by_page_and_keeps_it_offline(monke
     api = PagedApi([_rel(n) for n in range(1, 6)])
     registry = SqliteProxyRegistry()
     sync = ProxyRelationshipSync(registry, api)
-    assert sync.sync_now() == 5
+    assert sync.sync() == 5
     assert [c["offset"] for c in api.calls if c] == [0, 2, 4]
     assert [r.relationship_id for r in registry.agents_of(person_ref("01", "B3"), AT)] == ["3"]
     assert registry.agents_of(person_ref("01", "B3"), AT + timedelta(days=31)) == []  # expired by then
 
     api.relationships = [_rel(1), _rel(5)]  # 2, 3, 4 ended on the server
-    sync.sync_now()
+    sync.sync()
     assert registry.count() == 2
     assert registry.agents_of(person_ref("01", "B3"), AT) == []
 
     api.offline = True
     with pytest.raises(ProxySyncError):
-        sync.sync_now()
+        sync.sync()
     assert registry.count() == 2  # kept
 
     api.offline = False
     api.relationships = [{**_rel(9), "beneficiary_ref": "not-a-ref"}]
     with pytest.raises(ProxySyncError, match="contract"):
-        sync.sync_now()
+        sync.sync()
     assert registry.count() == 2
     registry.close()
 
