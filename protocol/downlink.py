@@ -73,6 +73,7 @@ class CommandKind(StrEnum):
     BINDING_DECISION = "binding_decision"
     PRESCRIPTIONS_PENDING = "prescriptions_pending"
     CATALOGUE_UPDATE = "catalogue_update"
+    PROXY_RELATIONSHIPS = "proxy_relationships"
 
 
 MAX_COMMAND_ARGS: Final = 16
@@ -138,6 +139,13 @@ class CatalogueUpdateArgs(_ClosedArgs):
     content_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="Its content hash (SM3, lowercase hex).")
 
 
+class ProxyRelationshipsArgs(_ClosedArgs):
+    """`proxy_relationships`: the proxy-purchase relationships (代购药关系) of this terminal's institution changed; the
+    terminal fetches them again over its device API (docs/purchases.md). A notice only: no person references."""
+
+    changed_at: str | None = Field(default=None, max_length=40, description="Server time of the change (ISO 8601).")
+
+
 COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.PING: PingArgs,
     CommandKind.LOG_REQUEST: LogRequestArgs,
@@ -145,6 +153,7 @@ COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.UNBIND: UnbindArgs,
     CommandKind.PRESCRIPTIONS_PENDING: PrescriptionsPendingArgs,
     CommandKind.CATALOGUE_UPDATE: CatalogueUpdateArgs,
+    CommandKind.PROXY_RELATIONSHIPS: ProxyRelationshipsArgs,
 }
 """The closed argument model of each kind that has one today; the others accept any `CommandArgs` on the wire (their
 terminals answer `rejected` for now)."""

@@ -153,6 +153,8 @@ class SignedRecordKind(StrEnum):
     """An institution head's application to bind this terminal."""
     SIGN_IN = "sign_in"
     SIGN_OUT = "sign_out"
+    POS_VERIFICATION = "pos_verification"
+    """The outcome of a POS-requested buyer verification (H-03, K-07; `protocol.purchase.PosVerificationRecord`)."""
 
 
 class SignedRecord(_Closed):

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
@@ -36,6 +37,7 @@ from sync_server.api import (
     national,
     prescriptions,
     provisioning,
+    purchases,
     statistics,
 )
 from sync_server.api.deps import authorize
@@ -92,6 +94,7 @@ def create_app(
     app.include_router(accounts.router)
     app.include_router(binding.router)
     app.include_router(machine_clients.router)
+    app.include_router(purchases.router)
     app.include_router(statistics.router)
     app.include_router(prescriptions.router)
     app.include_router(catalogues.router)
@@ -99,7 +102,18 @@ def create_app(
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     return app
+
+
+async def _invalid_request(_request: Request, exc: Exception) -> JSONResponse:
+    # FastAPI's default 422 echoes the rejected input, which can be an ID number or a name (a HIS body): the
+    # location, message and type of each error only (still FastAPI's documented HTTPValidationError shape).
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else []
+    detail = [
+        {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors
+    ]
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:

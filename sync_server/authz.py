@@ -122,6 +122,14 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "POST /api/v1/his-clients/{client_id}/revoke": DEVICE_ADMIN,
     "GET /his/v1/ping": HIS_CLIENTS,
     "GET /device/v1/whoami": DEVICE_SESSION,
+    # purchases and proxy purchase (docs/purchases.md, docs/his-integration.md)
+    "POST /his/v1/purchases": HIS_CLIENTS,
+    "GET /his/v1/purchases/{settlement_no}": HIS_CLIENTS,
+    "POST /his/v1/proxy-relationships": HIS_CLIENTS,
+    "DELETE /his/v1/proxy-relationships/{relationship_id}": HIS_CLIENTS,
+    "GET /device/v1/proxy-relationships": DEVICE_SESSION,
+    "GET /api/v1/purchases": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
+    "GET /api/v1/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     # back-office statistics (D-04, docs/statistics.md): scoped to a regulator's region, an institution head's
     # institution; the page is public for reading like the other operator pages (docs/accounts.md)
     "GET /api/v1/statistics/devices": roles(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),

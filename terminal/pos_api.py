@@ -9,7 +9,10 @@ Owns:
   * the `BuyerVerifier` seam (how the kiosk proves who the buyer is) and `RuntimeBuyerVerifier`, its implementation on
     the runtime's devices (QR scanner + `EVoucherService`, ID/SS card readers, `FaceVerifier`);
   * `PosVerificationService`: one verification at a time (a kiosk serves one customer), proxy purchase (代购) checked
-    against a `terminal.proxy.ProxyRegistry`, the outcome recorded as an audit event (identity / pos.verify);
+    against a `terminal.proxy.ProxyRegistry`, the drug lines evaluated against the held drug-usage rules
+    (`protocol.drug_rules` on `terminal.catalogue.CatalogueStore`: warnings in the answer), the outcome recorded as an
+    audit event (identity / pos.verify) and, on an enrolled terminal, as a signed `pos_verification` record
+    (`protocol.purchase.PosVerificationRecord`, the server's evidence linked to the purchase HIS registers);
   * `build_pos_app` (the FastAPI app), `PosApiServer` (uvicorn in a thread, started/stopped by the runtime) and
     `attach_pos_api`, which the composition root calls after `build_runtime` when `[pos_api] enabled`.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import socket
 import sqlite3
 import stat
@@ -39,11 +43,28 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from drivers.card_reader import CardReaderError, NoCardError, ReaderTimeoutError, id_number_problem
+from drivers.card_reader import (
+    CardReaderError,
+    NoCardError,
+    ReaderTimeoutError,
+    id_birth_date,
+    id_number_problem,
+    id_sex_digit_is_male,
+)
 from drivers.qr_scanner import MalformedScanError, QrScannerError, ScanTimeoutError
-from protocol import AuditEvent, AuditOutcome, Clock
+from protocol import AuditEvent, AuditOutcome, Clock, SignedRecordKind
+from protocol.drug_rules import DrugRuleSet, Evaluation, PersonFacts, Proposal, ProposedLine, RuleStage, Sex
 from protocol.gm.sm3 import mac_equal, sm3_digest
+from protocol.purchase import (
+    AgentKind,
+    PosVerificationRecord,
+    ProxyEvidence,
+    RuleFindingRef,
+    VerificationMethod,
+    VerificationOutcome,
+)
 from protocol.request_signing import RequestAuthError, verify_signed_request
+from terminal.catalogue import CatalogueError
 from terminal.config import PosApiConfig
 from terminal.devices import KioskDevices
 from terminal.errors import TerminalError
@@ -471,7 +492,8 @@ class ProxyRequest(_Model):
 
 class DrugLine(_Model):
     med_list_codg: str = Field(min_length=1, max_length=50, description="医保目录编码 / catalogue code")
-    cnt: float = Field(gt=0, le=100000, description="数量 / quantity")
+    cnt: float = Field(gt=0, le=100000, description="数量 / quantity (sale units; rounded up for the rules)")
+    days_supply: int | None = Field(default=None, ge=1, le=3660, description="用药天数 / days' supply, when known")
 
 
 class VerificationRequest(_Model):
@@ -501,7 +523,12 @@ class VerificationRequest(_Model):
     method: BuyerMethod = Field(description="核验方式 / how the buyer proves identity")
     proxy: ProxyRequest | None = Field(default=None, description="代购 / proxy purchase; absent for the buyer self")
     amount: float | None = Field(default=None, ge=0, le=1_000_000, description="金额 (元), informational")
-    drug_lines: list[DrugLine] = Field(default_factory=list, max_length=200, description="药品明细, informational")
+    drug_lines: list[DrugLine] = Field(
+        default_factory=list,
+        max_length=200,
+        description="药品明细: evaluated against the kiosk's drug-usage rules once the buyer is known (warnings)",
+    )
+    has_prescription: bool = Field(default=False, description="有处方 / the purchase has a prescription (rules)")
 
     @model_validator(mode="after")
     def _proxy_method(self) -> VerificationRequest:
@@ -535,6 +562,21 @@ class AgentOut(_Model):
     certno: str | None = Field(default=None, description="证件号码（脱敏）, manual entry only")
 
 
+class FindingOut(_Model):
+    """One drug-usage rule the purchase's lines hit (docs/catalogue.md): shown to the cashier; `block` means the
+    regulator's rule forbids the sale (the POS must not settle it), `warn` that the cashier may go on."""
+
+    rule_id: str
+    rule_kind: str
+    action: Literal["warn", "block"]
+    drug_codes: list[str]
+    message_zh: str
+    message_en: str
+    limit: int | None = None
+    observed: int | None = None
+    checkable: bool = Field(default=True, description="False: a needed fact (age, days' supply…) was unknown")
+
+
 class VerificationAccepted(_Model):
     verification_id: str
     status: Status
@@ -552,6 +594,12 @@ class VerificationOut(_Model):
     relationship_id: str | None = None
     transaction_code: str | None = Field(default=None, description="交易流水号, set when verified")
     reason: str | None = Field(default=None, description="Why refused/cancelled (machine-readable)")
+    warnings: list[FindingOut] = Field(default_factory=list, description="用药规则提示 / drug-rule findings")
+    blocked: bool = Field(default=False, description="A finding with action block: the sale must not be settled")
+    rules_version: int | None = Field(default=None, description="The drug-rule set evaluated (null: none held)")
+    unknown_drug_codes: list[str] = Field(
+        default_factory=list, description="Drug codes the kiosk's catalogue does not list (not checked by the rules)"
+    )
     created_at: datetime
     finished_at: datetime | None = None
 
@@ -579,6 +627,9 @@ class _Verification:
     transaction_code: str | None = None
     reason: str | None = None
     finished_at: datetime | None = None
+    findings: list[FindingOut] = field(default_factory=list)
+    rules_version: int | None = None
+    unknown_drug_codes: list[str] = field(default_factory=list)
 
     def view(self) -> VerificationOut:
         return VerificationOut(
@@ -592,12 +643,57 @@ class _Verification:
             relationship_id=self.relationship_id,
             transaction_code=self.transaction_code,
             reason=self.reason,
+            warnings=self.findings,
+            blocked=any(f.action == "block" for f in self.findings),
+            rules_version=self.rules_version,
+            unknown_drug_codes=self.unknown_drug_codes,
             created_at=self.created_at,
             finished_at=self.finished_at,
         )
 
 
 AuditSink = Callable[[AuditEvent], object]
+EvidenceSink = Callable[[PosVerificationRecord, AuditEvent], object]
+"""Records the signed evidence and the audit event together (one outbox transaction: `attach_pos_api` signs it with
+`TerminalRuntime.record_signed`). Raising means neither was recorded."""
+
+
+class DrugRules(Protocol):
+    """What the verification needs of the catalogue store (`terminal.catalogue.CatalogueStore`)."""
+
+    @property
+    def rule_set(self) -> DrugRuleSet | None: ...
+
+    def proposed_line(
+        self, drug_code: str, quantity: int, *, days_supply: int | None = None, amount_fen: int | None = None
+    ) -> ProposedLine: ...
+
+    def evaluate(self, proposal: Proposal) -> Evaluation: ...
+
+
+def person_facts(identity: BuyerIdentity, on: datetime) -> PersonFacts:
+    """Age and sex from a resident ID number (type 01); unknown for anything else. Computed in memory only."""
+    if identity.psn_cert_type != "01" or id_number_problem(identity.certno) is not None:
+        return PersonFacts(None, None)
+    born = id_birth_date(identity.certno)
+    today = on.astimezone(BEIJING).date()
+    age = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+    sex = Sex.MALE if id_sex_digit_is_male(identity.certno) else Sex.FEMALE
+    return PersonFacts(max(age, 0), sex)
+
+
+def _finding_out(finding: Any) -> FindingOut:
+    return FindingOut(
+        rule_id=finding.rule_id,
+        rule_kind=finding.rule_kind.value,
+        action=finding.action.value,
+        drug_codes=list(finding.drug_codes),
+        message_zh=finding.message_zh,
+        message_en=finding.message_en,
+        limit=finding.limit,
+        observed=finding.observed,
+        checkable=finding.checkable,
+    )
 
 
 class PosVerificationService:
@@ -610,11 +706,18 @@ class PosVerificationService:
         state: PosState,
         record: AuditSink,
         clock: Clock,
+        *,
+        evidence: EvidenceSink | None = None,
+        rules: DrugRules | None = None,
     ) -> None:
+        """`record` takes the audit event of each outcome; with `evidence` (an enrolled terminal) the signed
+        `pos_verification` record and the audit event go to `evidence` instead. `rules` evaluates drug lines."""
         self.verifier = verifier
         self.registry = registry
         self.state = state
         self.record = record
+        self.evidence = evidence
+        self.rules = rules
         self.clock = clock
         self._lock = threading.Lock()
         self._items: dict[str, _Verification] = {}
@@ -680,6 +783,7 @@ class PosVerificationService:
         if not buyer.verified or buyer.identity is None:
             self._finish(item, Status.REFUSED, check=check, reason=buyer.reason or "not_verified")
             return
+        self._evaluate_rules(item, buyer.identity)
         if proxy is None:
             self._finish(item, Status.VERIFIED, check=check, identity=buyer.identity)
             return
@@ -724,6 +828,36 @@ class PosVerificationService:
             relationship_id=relationship.relationship_id,
         )
 
+    def _evaluate_rules(self, item: _Verification, buyer: BuyerIdentity) -> None:
+        """The drug lines against the held rules, for the person bought for (the beneficiary for proxy). A failure
+        here never blocks the verification: the answer then says no rules were evaluated."""
+        request = item.request
+        if self.rules is None or not request.drug_lines:
+            return
+        try:
+            rule_set = self.rules.rule_set
+            lines: list[ProposedLine] = []
+            unknown: list[str] = []
+            for line in request.drug_lines:
+                try:
+                    lines.append(
+                        self.rules.proposed_line(
+                            line.med_list_codg, math.ceil(line.cnt - 1e-9), days_supply=line.days_supply
+                        )
+                    )
+                except CatalogueError:
+                    unknown.append(line.med_list_codg)
+            now = self.clock.now()
+            evaluation = self.rules.evaluate(
+                Proposal(RuleStage.PURCHASE, now, person_facts(buyer, now), tuple(lines), request.has_prescription)
+            )
+        except Exception:
+            logger.exception("POS verification %s: drug rules not evaluated", item.id[:8])
+            return
+        item.findings = [_finding_out(f) for f in evaluation.findings]
+        item.rules_version = None if rule_set is None else rule_set.version
+        item.unknown_drug_codes = unknown
+
     def _finish(self, item: _Verification, status: Status, **values: Any) -> None:
         with self._lock:
             if item.status is not Status.PENDING:
@@ -741,7 +875,11 @@ class PosVerificationService:
         if self._active is item:
             self._active = None
         try:
-            self.record(self._event(item))
+            event = self._event(item)
+            if self.evidence is not None:
+                self.evidence(self._evidence(item), event)
+            else:
+                self.record(event)
         except Exception:
             # Fail closed (S-09): a verified identity without its audit trace must not reach the POS. The code
             # drawn above is simply never used.
@@ -783,6 +921,40 @@ class PosVerificationService:
             outcome=AuditOutcome.SUCCESS if item.status is Status.VERIFIED else AuditOutcome.FAILURE,
             subject=None if item.identity is None else item.identity.ref,
             detail=detail,
+        )
+
+    def _evidence(self, item: _Verification) -> PosVerificationRecord:
+        proxy_request = item.request.proxy
+        identity = item.identity
+        proxy: ProxyEvidence | None = None
+        if proxy_request is not None and identity is not None:
+            agent = item.agent
+            manual = isinstance(proxy_request.agent, ManualAgent)
+            proxy = ProxyEvidence(
+                beneficiary_ref=identity.ref,
+                agent_kind=AgentKind.MANUAL if manual else AgentKind.FACE,
+                agent_ref=None if agent is None else agent.person_ref,
+                agent_masked_id=None if agent is None or not manual else agent.certno,
+                agent_cert_type=None if agent is None or not manual else agent.psn_cert_type,
+                relationship_id=item.relationship_id,
+            )
+        verified = item.status is Status.VERIFIED
+        return PosVerificationRecord(
+            verification_id=item.id,
+            client_id=item.client_id,
+            transaction_code=item.transaction_code if verified else None,
+            method=VerificationMethod(item.request.method.value),
+            check=item.check,
+            outcome=VerificationOutcome(item.status.value),
+            reason=item.reason,
+            buyer_ref=None if identity is None else identity.ref,
+            buyer_masked_id=None if identity is None else mask_id_number(identity.certno),
+            buyer_cert_type=None if identity is None else identity.psn_cert_type,
+            insuplc_admdvs=None if identity is None else identity.insuplc_admdvs,
+            proxy=proxy,
+            findings=[RuleFindingRef(rule_id=f.rule_id, action=f.action) for f in item.findings],
+            rules_version=item.rules_version,
+            verified_at=item.finished_at or self.clock.now(),
         )
 
     def _forget_old(self) -> None:
@@ -962,15 +1134,17 @@ def build_pos_server(
     record: AuditSink,
     clock: Clock,
     port: int | None = None,
+    evidence: EvidenceSink | None = None,
+    rules: DrugRules | None = None,
 ) -> PosApiServer:
     """Everything the runtime needs from `[pos_api]`: clients loaded, state opened, app built, server (not started).
     `port` overrides the configured one (0: any free port, for tests). Stopping the server cancels running
-    verifications and closes the state file."""
+    verifications and closes the state file. `evidence` and `rules`: see `PosVerificationService`."""
     clients = load_pos_clients(config)
     state = PosState(config.state, device_id)
     if config.state != Path(":memory:"):
         config.state.chmod(0o600)
-    service = PosVerificationService(verifier, registry, state, record, clock)
+    service = PosVerificationService(verifier, registry, state, record, clock, evidence=evidence, rules=rules)
     authenticator = RequestAuthenticator(clients, state, clock, window_s=config.timestamp_window_s)
 
     def closed() -> None:
@@ -985,14 +1159,31 @@ def build_pos_server(
     )
 
 
+def runtime_evidence(runtime: TerminalRuntime) -> EvidenceSink | None:
+    """The evidence sink of an enrolled runtime: the `pos_verification` record signed with the device's identity key
+    and put into the outbox in one transaction with its audit event. None for a terminal without an identity."""
+    if runtime.security is None:
+        return None
+
+    def evidence(record: PosVerificationRecord, event: AuditEvent) -> None:
+        runtime.record_signed(SignedRecordKind.POS_VERIFICATION, record.to_record(), with_records=[event])
+
+    return evidence
+
+
 def attach_pos_api(
-    runtime: TerminalRuntime, *, registry: ProxyRegistry | None = None, show: Show | None = None
+    runtime: TerminalRuntime,
+    *,
+    registry: ProxyRegistry | None = None,
+    show: Show | None = None,
+    rules: DrugRules | None = None,
 ) -> PosApiServer | None:
     """Build the POS API for a built (not yet started) runtime when `[pos_api] enabled`, and set it as
     `runtime.pos_api` so `start()`/`stop()` run it; returns it, or None when disabled. The verifier uses the runtime's
-    devices, e-voucher service and face verifier; outcomes go into its outbox. Without `registry` an empty in-memory
-    one is used: every face_live proxy purchase is then refused (`no_proxy_relationship`) until relationships are
-    provisioned (the server push of B-11 is not built yet)."""
+    devices, e-voucher service and face verifier; outcomes go into its outbox: on an enrolled terminal as a signed
+    `pos_verification` record plus the audit event (one transaction), otherwise as the audit event only. Without
+    `registry` the runtime's own `proxy_registry` is used (kept equal to the server's relationships by
+    `runtime.proxy_sync`). `rules` (the catalogue store) evaluates the drug lines of a request."""
     config = runtime.config.pos_api
     if not config.enabled:
         return None
@@ -1000,9 +1191,11 @@ def attach_pos_api(
         config,
         device_id=runtime.config.device_id,
         verifier=RuntimeBuyerVerifier(runtime.devices, runtime.evoucher, runtime.face, show=show),
-        registry=registry if registry is not None else SqliteProxyRegistry(),
+        registry=registry or runtime.proxy_registry or SqliteProxyRegistry(),
         record=lambda event: runtime.record_audits([event]),
         clock=runtime.clock,
+        evidence=runtime_evidence(runtime),
+        rules=rules,
     )
     runtime.pos_api = server
     return server

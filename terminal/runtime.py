@@ -31,6 +31,7 @@ from protocol import (
     AuditEvent,
     AuditOutcome,
     Clock,
+    CommandKind,
     CommandOutcome,
     DeviceCommand,
     Envelope,
@@ -39,7 +40,7 @@ from protocol import (
     Topics,
 )
 from protocol.evidence import sign_device_record
-from protocol.payloads import AuditDetailValue, SignedRecordKind
+from protocol.payloads import AuditDetailValue, Payload, SignedRecordKind
 from protocol.secure import SessionKey
 from terminal.binding import BindingStore, binding_handlers
 from terminal.catalogue import CatalogueStore
@@ -51,6 +52,7 @@ from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
+from terminal.proxy import ProxyRelationshipsHandler, ProxyRelationshipSync, SqliteProxyRegistry
 from terminal.review import InboxRefresher, PrescriptionInbox, open_inbox, review_handlers
 from terminal.server_api import ServerApi
 from terminal.session import SessionManager, TerminalSecurity
@@ -66,6 +68,8 @@ BINDING_FILE = "binding.json"
 """The binding status file, in the outbox's folder."""
 CATALOGUE_FILE = "catalogue.sqlite3"
 """The catalogue store (`terminal.catalogue`), in the outbox's folder."""
+PROXY_FILE = "proxy_relationships.sqlite3"
+"""The proxy-purchase relationships of this terminal's institution (person references only), beside the outbox."""
 
 START_KEY_WAIT_S: Final = 5.0
 """How long an enrolled terminal waits at start for its first session key before connecting anyway."""
@@ -95,6 +99,11 @@ class TerminalRuntime:
     """This terminal's binding status (bound/unbound/pending, institution, contact), set by the server's commands."""
     model_versions: dict[str, str] = field(default_factory=dict)
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
+    proxy_registry: SqliteProxyRegistry | None = None
+    """The proxy relationships of this terminal's institution (docs/purchases.md), kept by `proxy_sync`."""
+    proxy_sync: ProxyRelationshipSync | None = None
+    """Fetches the relationships from the server at start and on each `proxy_relationships` notice (when the
+    terminal has a device API: `proxy_sync.api`)."""
     server_api: ServerApi | None = None
     """The server's device API (`terminal.server_api`), signed with the session key; None when not enrolled."""
     prescriptions: PrescriptionInbox | None = None
@@ -120,6 +129,8 @@ class TerminalRuntime:
             self.prescription_refresher.start()
         if self.catalogue_sync is not None:
             self.catalogue_sync.start()
+        if self.proxy_sync is not None:
+            self.proxy_sync.start()
         if self.pos_api is not None:
             self.pos_api.start()
         logger.info(
@@ -139,6 +150,9 @@ class TerminalRuntime:
             self.pos_api.stop()
         if self.prescription_refresher is not None:
             self.prescription_refresher.stop()
+        if self.proxy_sync is not None:
+            self.proxy_sync.stop()
+            self.proxy_sync.registry.close()
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
@@ -198,10 +212,17 @@ class TerminalRuntime:
             raise InvalidRecordError(f"audit event {category}/{action} rejected: {_fields_of(exc)}") from exc
         return self.outbox.enqueue(event)
 
-    def record_signed(self, record_type: SignedRecordKind | str, record: dict[str, JsonValue]) -> Envelope:
+    def record_signed(
+        self,
+        record_type: SignedRecordKind | str,
+        record: dict[str, JsonValue],
+        *,
+        with_records: Sequence[Payload] = (),
+    ) -> Envelope:
         """Sign `record` with the device's SM2 identity key (`protocol.evidence`) and put the `signed_record` into
-        the outbox. Needs an enrolled identity (`TerminalError` otherwise); `InvalidRecordError` if the record breaks
-        the wire contract. `record` must hold no raw personal data (masked ids, hashes, decisions)."""
+        the outbox, in one transaction with `with_records` (e.g. its audit event) when given. Needs an enrolled
+        identity (`TerminalError` otherwise); `InvalidRecordError` if the record breaks the wire contract. `record`
+        must hold no raw personal data (masked ids, hashes, decisions)."""
         if self.security is None:
             raise TerminalError("signed records need an enrolled device identity ([identity] in the config)")
         identity = self.security.identity
@@ -215,6 +236,8 @@ class TerminalRuntime:
             )
         except (ValidationError, ValueError) as exc:
             raise InvalidRecordError(f"signed record {record_type} rejected: {_fields_of(exc)}") from exc
+        if with_records:
+            return self.outbox.enqueue_many([payload, *with_records])[0]
         return self.outbox.enqueue(payload)
 
     def record_audits(self, events: Sequence[AuditEvent]) -> list[Envelope]:
@@ -290,6 +313,8 @@ def build_runtime(
             )
         except BaseException:
             runtime.outbox.close()
+            if runtime.proxy_registry is not None:
+                runtime.proxy_registry.close()
             _release(devices, evoucher_platform)
             raise
     if config.face is not None:
@@ -305,6 +330,8 @@ def build_runtime(
             )
         except BaseException:
             runtime.outbox.close()
+            if runtime.proxy_registry is not None:
+                runtime.proxy_registry.close()
             _release(devices, evoucher_platform)
             raise
         runtime.model_versions.update(runtime.face.model_versions)
@@ -326,6 +353,7 @@ def _build(
     server_api: ServerApi | None = None
     prescriptions: PrescriptionInbox | None = None
     catalogue: CatalogueStore | None = None
+    proxy_registry: SqliteProxyRegistry | None = None
     try:
         if security is not None:
             outbox.ensure_seq_above(security.identity.bundle.seq_floor)
@@ -357,6 +385,9 @@ def _build(
         if server_api is not None:
             catalogue = CatalogueStore.open(config.outbox.path.with_name(CATALOGUE_FILE))
             catalogue_sync = CatalogueSync(catalogue, server_api)
+        # The proxy relationships, fetched over the device API (docs/purchases.md), beside the outbox
+        proxy_registry = SqliteProxyRegistry(config.outbox.path.with_name(PROXY_FILE))
+        proxy_sync = ProxyRelationshipSync(proxy_registry, server_api)
         commands = CommandApplier(
             outbox,
             device_id=config.device_id,
@@ -368,7 +399,8 @@ def _build(
                 request_rotation=security.sessions.request_rotation if security is not None else None,
                 extra=binding_handlers(binding, clock.now)
                 | (review_handlers(refresher) if refresher else {})
-                | (catalogue_sync.handlers() if catalogue_sync is not None else {}),
+                | (catalogue_sync.handlers() if catalogue_sync is not None else {})
+                | {CommandKind.PROXY_RELATIONSHIPS: ProxyRelationshipsHandler(proxy_sync)},
             ),
             on_answered=answered if log is not None else None,
         )
@@ -426,6 +458,8 @@ def _build(
         if catalogue is not None:
             catalogue.close()
         outbox.close()
+        if proxy_registry is not None:
+            proxy_registry.close()
         raise
     return TerminalRuntime(
         config=config,
@@ -444,6 +478,8 @@ def _build(
         prescription_refresher=refresher,
         catalogue=catalogue,
         catalogue_sync=catalogue_sync,
+        proxy_registry=proxy_registry,
+        proxy_sync=proxy_sync,
     )
 
 

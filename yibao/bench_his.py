@@ -26,6 +26,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,38 @@ def _ping(_state: _State, _client: Client) -> Request:
 
 MIX: list[tuple[str, float, Callable[[_State, Client], Request]]] = [("ping", 1.0, _ping)]
 """The HIS working day's request mix: (operation, weight, request maker)."""
+
+_ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+
+
+def _synthetic_id_number(n: int) -> str:
+    """A valid (check digit) but synthetic resident identity number, different for each n < 1000 per day of birth."""
+    body = f"{REGION}{1940 + n % 60:04d}{1 + n % 12:02d}{1 + n % 28:02d}{n % 1000:03d}"
+    return body + "10X98765432"[sum(int(d) * w for d, w in zip(body, _ID_WEIGHTS, strict=True)) % 11]
+
+
+def _purchase(state: _State, client: Client) -> Request:
+    """A settled purchase registration (docs/his-integration.md) with two traceability codes; its kiosk verification
+    never arrives in the bench, so it is stored `pending` (the path of a kiosk that is offline)."""
+    n = next(state.counter)
+    body = {
+        "settlement_no": f"SETL{client.institution_code[-6:]}{n:010d}",
+        "transaction_code": f"BENCH{client.institution_code[-6:]}{n:012d}",
+        "settled_at": datetime.now(UTC).isoformat(),
+        "buyer": {"psn_cert_type": "01", "certno": _synthetic_id_number(n)},
+        "lines": [
+            {
+                "med_list_codg": f"XA01ABC{n % 997:03d}A001010101001",
+                "cnt": 1 + n % 3,
+                "amount_fen": 1250 * (1 + n % 3),
+                "trace_codes": [f"8{n:012d}{k:07d}" for k in range(2)],
+            }
+        ],
+    }
+    return ("purchase", "POST", "/his/v1/purchases", body, frozenset({201}))
+
+
+MIX += [("purchase", 2.0, _purchase)]
 
 
 def _sign(client: Client, method: str, target: str, body: bytes) -> dict[str, str]:

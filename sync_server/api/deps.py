@@ -197,8 +197,11 @@ RawBody = Annotated[bytes, Depends(_raw_body)]
 
 
 def _signed_path(request: Request) -> str:
+    # The path as sent (percent-encoding kept), not the decoded one: the client signed the bytes it sent.
+    raw = request.scope.get("raw_path")
+    path = raw.decode("latin-1") if isinstance(raw, bytes) else request.url.path
     query = request.url.query
-    return request.url.path + (f"?{query}" if query else "")
+    return path + (f"?{query}" if query else "")
 
 
 def _signature_refused(exc: RequestAuthError) -> HTTPException:

@@ -563,3 +563,163 @@ class DrugRuleVersion(Base):
     published_at: Mapped[datetime]
     published_by: Mapped[str] = mapped_column(String(64), comment="Audit name of the regulator.")
     rules: Mapped[list[Any]] = mapped_column(JSON, comment="The rules as JSON, in rule-id order.")
+
+
+# ---------------------------------------------------------------- purchases and proxy purchase (docs/purchases.md)
+
+
+class PurchaseVerificationState(StrEnum):
+    """Whether a registered purchase is backed by the kiosk's signed verification of the same transaction code."""
+
+    PENDING = "pending"
+    """The verification has not arrived (the terminal may be offline); linked when it does."""
+    LINKED = "linked"
+    """A verified record of this institution's terminal with the same transaction code and buyer."""
+    MISMATCH = "mismatch"
+    """A record with the code exists but does not back this purchase (`verification_note` says why)."""
+
+
+class PosVerification(Base):
+    """A terminal's signed `pos_verification` record (H-03, K-07, E-09): evidence of who was verified for the POS."""
+
+    __tablename__ = "pos_verifications"
+    __table_args__ = (Index(None, "institution_id", "verified_at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(unique=True, comment="The envelope carrying the signed record.")
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    institution_id: Mapped[int | None] = mapped_column(
+        BigId, ForeignKey("institutions.id"), comment="The device's institution when the record arrived."
+    )
+    verification_id: Mapped[str] = mapped_column(String(64), comment="The kiosk's id of the verification.")
+    client_id: Mapped[str] = mapped_column(String(64), comment="The POS client that asked.")
+    transaction_code: Mapped[str | None] = mapped_column(
+        String(64), unique=True, comment="交易流水号 (医保交易码); set when verified."
+    )
+    method: Mapped[str] = mapped_column(String(16), comment="evoucher | id_card_face | ss_card_face.")
+    check: Mapped[str | None] = mapped_column(String(64), comment="What exactly was verified.")
+    outcome: Mapped[str] = mapped_column(String(16), index=True, comment="verified | refused | cancelled.")
+    reason: Mapped[str | None] = mapped_column(String(64))
+    buyer_ref: Mapped[str | None] = mapped_column(String(32), index=True, comment="person_ref of the buyer.")
+    buyer_masked_id: Mapped[str | None] = mapped_column(String(32), comment="证件号码, masked.")
+    buyer_cert_type: Mapped[str | None] = mapped_column(String(3), comment="证件类型.")
+    insuplc_admdvs: Mapped[str | None] = mapped_column(String(6), comment="参保地医保区划.")
+    proxy: Mapped[bool]
+    agent_kind: Mapped[str | None] = mapped_column(String(8), comment="face | manual (proxy only).")
+    agent_ref: Mapped[str | None] = mapped_column(String(32))
+    agent_masked_id: Mapped[str | None] = mapped_column(String(32))
+    relationship_id: Mapped[str | None] = mapped_column(String(64))
+    findings: Mapped[list[Any]] = mapped_column(JSON, comment="Drug-rule hits: [{rule_id, action}].")
+    rules_version: Mapped[int | None] = mapped_column(Integer)
+    verified_at: Mapped[datetime] = mapped_column(comment="Terminal wall clock, inside the signature.")
+    received_at: Mapped[datetime]
+    key_epoch: Mapped[int] = mapped_column(Integer)
+    signature: Mapped[str] = mapped_column(String(128), comment="SM2 r||s hex; verifiable again later.")
+
+
+class ProxyRelation(StrEnum):
+    """How the agent is related to the beneficiary (代购药关系, E-11)."""
+
+    SPOUSE = "spouse"
+    PARENT = "parent"
+    CHILD = "child"
+    SIBLING = "sibling"
+    RELATIVE = "relative"
+    CARER = "carer"
+    NEIGHBOUR = "neighbour"
+    """邻居: a neighbour buying for an elderly person living alone."""
+    OTHER = "other"
+
+
+class ProxyRelationshipRow(Base):
+    """A proxy-purchase relationship registered by an institution's HIS (B-11, K-05): people by reference only."""
+
+    __tablename__ = "proxy_relationships"
+    __table_args__ = (Index(None, "institution_id", "ended_at"), Index(None, "beneficiary_ref", "agent_ref"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    institution_id: Mapped[int] = mapped_column(BigId, ForeignKey("institutions.id"))
+    beneficiary_ref: Mapped[str] = mapped_column(String(32), comment="person_ref of the insured bought for.")
+    beneficiary_cert_type: Mapped[str] = mapped_column(String(3))
+    beneficiary_masked_id: Mapped[str | None] = mapped_column(String(32))
+    beneficiary_masked_name: Mapped[str | None] = mapped_column(String(50))
+    agent_ref: Mapped[str] = mapped_column(String(32), comment="person_ref of the agent (代购人).")
+    agent_cert_type: Mapped[str] = mapped_column(String(3))
+    agent_masked_id: Mapped[str | None] = mapped_column(String(32))
+    agent_masked_name: Mapped[str | None] = mapped_column(String(50))
+    relation: Mapped[ProxyRelation] = mapped_column(_str_enum(ProxyRelation, 16))
+    valid_from: Mapped[datetime | None]
+    valid_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64), comment="The HIS client that registered it.")
+    ended_at: Mapped[datetime | None]
+    ended_by: Mapped[str | None] = mapped_column(String(64))
+
+
+class Purchase(Base):
+    """A settled purchase (proxy) registration pushed by an institution's HIS (H-02, H-04, E-10)."""
+
+    __tablename__ = "purchases"
+    __table_args__ = (
+        UniqueConstraint("institution_id", "settlement_no"),
+        Index(None, "institution_id", "settled_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    institution_id: Mapped[int] = mapped_column(BigId, ForeignKey("institutions.id"))
+    his_client: Mapped[str] = mapped_column(String(64), comment="The HIS client that registered it.")
+    settlement_no: Mapped[str] = mapped_column(String(64), comment="医保结算ID (setl_id, C64).")
+    transaction_code: Mapped[str] = mapped_column(String(64), index=True, comment="交易流水号 from the kiosk.")
+    settled_at: Mapped[datetime]
+    buyer_ref: Mapped[str] = mapped_column(String(32), index=True, comment="person_ref of the buyer (beneficiary).")
+    buyer_cert_type: Mapped[str] = mapped_column(String(3))
+    buyer_masked_id: Mapped[str | None] = mapped_column(String(32))
+    buyer_masked_name: Mapped[str | None] = mapped_column(String(50))
+    proxy: Mapped[bool]
+    agent_kind: Mapped[str | None] = mapped_column(String(8), comment="face | manual.")
+    agent_ref: Mapped[str | None] = mapped_column(String(32))
+    agent_cert_type: Mapped[str | None] = mapped_column(String(3))
+    agent_masked_id: Mapped[str | None] = mapped_column(String(32))
+    agent_masked_name: Mapped[str | None] = mapped_column(String(50))
+    relationship_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("proxy_relationships.id"))
+    total_amount_fen: Mapped[int] = mapped_column(BigInteger)
+    body_digest: Mapped[str] = mapped_column(String(64), comment="SHA-256 of the canonical request (idempotency).")
+    verification_state: Mapped[PurchaseVerificationState] = mapped_column(
+        _str_enum(PurchaseVerificationState, 16), index=True
+    )
+    verification_note: Mapped[str | None] = mapped_column(String(64), comment="Why mismatch.")
+    pos_verification_id: Mapped[int | None] = mapped_column(BigId, ForeignKey("pos_verifications.id"))
+    received_at: Mapped[datetime]
+    linked_at: Mapped[datetime | None]
+    reused_trace_codes: Mapped[list[Any]] = mapped_column(
+        JSON, comment="追溯码 of this purchase already sold in an earlier registered purchase (any institution)."
+    )
+
+    lines: Mapped[list[PurchaseLine]] = relationship(order_by="PurchaseLine.line_no")
+
+
+class PurchaseLine(Base):
+    """One sale line of a purchase with its drug traceability codes (药品追溯码)."""
+
+    __tablename__ = "purchase_lines"
+    __table_args__ = (UniqueConstraint("purchase_id", "line_no"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    purchase_id: Mapped[int] = mapped_column(BigId, ForeignKey("purchases.id"))
+    line_no: Mapped[int] = mapped_column(Integer)
+    med_list_codg: Mapped[str] = mapped_column(String(50), index=True, comment="医保目录编码.")
+    drug_name: Mapped[str | None] = mapped_column(String(128))
+    quantity: Mapped[float] = mapped_column(Float, comment="数量 in sale units.")
+    amount_fen: Mapped[int] = mapped_column(BigInteger, comment="金额 in fen.")
+    trace_codes: Mapped[list[Any]] = mapped_column(JSON, comment="药品追溯码 of the packages sold.")
+
+
+class PurchaseTraceCode(Base):
+    """One 药品追溯码 sold, indexed, so a package sold twice (追溯码重复销售) is found across all purchases."""
+
+    __tablename__ = "purchase_trace_codes"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    purchase_id: Mapped[int] = mapped_column(BigId, ForeignKey("purchases.id"), index=True)
+    line_no: Mapped[int] = mapped_column(Integer)
+    code: Mapped[str] = mapped_column(String(64), index=True)

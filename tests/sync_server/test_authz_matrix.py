@@ -52,6 +52,8 @@ PATH_VALUES = {
     "prescription_id": "999999",
     "kind": "drug",
     "query": "person_info",
+    "settlement_no": "SETL-NONE",
+    "relationship_id": "999999",
 }
 LAST = "POST /api/v1/auth/logout"
 """Tested after every other route: it ends the session it is called with."""

@@ -1,0 +1,670 @@
+"""Purchases and proxy purchase on the server (H-02…H-04, K-03…K-07, B-11; docs/purchases.md).
+
+Owns, in the caller's transaction:
+
+* `record_pos_verifications`, the ingest hook: a terminal's signed `pos_verification` records
+  (`protocol.purchase.PosVerificationRecord`) become `pos_verifications` rows, once per envelope (`message_id`) and
+  once per transaction code. The signature is verified again here against the device's enrolled key of the record's
+  epoch: an unsigned, forged or malformed record never becomes a row (it is counted and logged without its contents).
+  A purchase already registered with the same transaction code is linked now (the terminal was offline);
+* `register_purchase`: the settled purchase (proxy) registration HIS pushes (H-04), idempotent by (institution,
+  settlement number): the same body again returns the stored purchase, a different one is a `PurchaseConflictError`.
+  It is linked to the verification with the same transaction code when that has arrived (`linked`, or `mismatch` with
+  a reason when the verification does not back it), else it stays `pending` until it does;
+* proxy relationships (代购药关系, B-11): `register_relationship`, `end_relationship`, `active_relationships`; each
+  change queues one `proxy_relationships` notice command to every terminal of the institution that has none pending,
+  so the terminals fetch the new set (`terminal.proxy.ProxyRelationshipSync`);
+* the request contract HIS speaks (`PurchaseIn`, `ProxyRelationshipIn`, `PersonIn`), because the rules above are
+  stated in its terms; the HTTP layer is `sync_server.api.purchases`.
+
+People are stored as `person_ref` (`protocol.purchase.person_ref`, computed here from the certificate number HIS
+sends, or given by HIS as the kiosk returned it), masked number and masked name: never a full ID number or a name.
+It must never commit, publish, audit (the API does that after the commit) or log personal data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Final, Self
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from protocol import CommandKind, ContractError, Envelope
+from protocol.downlink import ProxyRelationshipsArgs
+from protocol.evidence import verify_device_record
+from protocol.gm.errors import CryptoError
+from protocol.gm.records import canonical_json
+from protocol.gm.sm2 import SM2PublicKey
+from protocol.payloads import SignedRecord, SignedRecordKind
+from protocol.purchase import (
+    AgentKind,
+    PersonRef,
+    PosVerificationRecord,
+    VerificationOutcome,
+    parse_pos_verification,
+    person_ref,
+)
+from sync_server.commands import issue_command
+from sync_server.db.models import (
+    CommandState,
+    Device,
+    DeviceKey,
+    IssuedCommand,
+    PosVerification,
+    ProxyRelation,
+    ProxyRelationshipRow,
+    Purchase,
+    PurchaseLine,
+    PurchaseTraceCode,
+    PurchaseVerificationState,
+)
+from sync_server.masking import mask_id_number, mask_name
+
+logger = logging.getLogger(__name__)
+
+NOTICE_TTL_S: Final = 24 * 3600.0
+"""A relationship notice waits a day for a terminal that is off; the terminal fetches the whole set at start anyway."""
+MAX_LINES: Final = 200
+MAX_TRACE_CODES: Final = 1000
+TRACE_QUERY_CHUNK: Final = 500
+"""Codes looked up per query (an IN list stays well inside every database's parameter limit)."""
+
+
+class PurchaseError(Exception):
+    """A purchase or relationship request the rules refuse."""
+
+
+class PurchaseNotFoundError(PurchaseError):
+    """No such purchase or relationship in the caller's institution."""
+
+
+class PurchaseConflictError(PurchaseError):
+    """The request contradicts what is stored (a different body for a settlement number already registered; an
+    active relationship for the same pair with other terms)."""
+
+
+class PurchaseInvalidError(PurchaseError):
+    """The request names something that does not exist for the caller (an unknown relationship id)."""
+
+
+# ---------------------------------------------------------------------------------------------------- the contract
+
+_Code = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z_-]+$")]
+_CertType = Annotated[str, Field(pattern=r"^[0-9]{2,3}$", description="证件类型 (psn_cert_type, C3; 01 = 居民身份证).")]
+_ID_WEIGHTS: Final = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+
+
+def _id_number_ok(number: str) -> bool:
+    """18 characters, 17 digits and the GB 11643 (ISO 7064 MOD 11-2) check character."""
+    if len(number) != 18 or not number[:17].isascii() or not number[:17].isdigit():
+        return False
+    total = sum(int(d) * w for d, w in zip(number[:17], _ID_WEIGHTS, strict=True))
+    return "10X98765432"[total % 11] == number[17]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PersonIn(_In):
+    """A person as HIS knows them. Stored as `person_ref` + masked number + masked name only."""
+
+    psn_cert_type: _CertType = "01"
+    certno: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=20,
+        pattern=r"^[0-9A-Za-z]+$",
+        description="证件号码 (C20); turned into person_ref and a mask, never stored.",
+    )
+    person_ref: PersonRef | None = Field(default=None, description="As the kiosk returned it (instead of certno).")
+    psn_name: str | None = Field(default=None, min_length=1, max_length=50, description="人员姓名; stored masked.")
+
+    @model_validator(mode="after")
+    def _identified(self) -> Self:
+        if self.certno is None and self.person_ref is None:
+            raise ValueError("certno or person_ref is required")
+        if self.certno is not None:
+            if self.psn_cert_type == "01" and not _id_number_ok(self.certno.upper()):
+                raise ValueError("certno is not a valid resident identity number")  # never the number itself
+            if self.person_ref is not None and person_ref(self.psn_cert_type, self.certno) != self.person_ref:
+                raise ValueError("person_ref does not belong to certno")
+        return self
+
+    def ref(self) -> str:
+        if self.certno is not None:
+            return person_ref(self.psn_cert_type, self.certno)
+        if self.person_ref is None:
+            raise ValueError("certno or person_ref is required")  # the validator already refused this
+        return self.person_ref
+
+    def masked_id(self) -> str | None:
+        return None if self.certno is None else mask_id_number(self.certno.upper())
+
+    def masked_name(self) -> str | None:
+        return None if self.psn_name is None else mask_name(self.psn_name)
+
+
+class AgentIn(PersonIn):
+    """The proxy purchase's agent (代购人): `face` (registered, verified by face at the kiosk) or `manual` (a
+    non-insured agent entered by hand, K-04: certno and name required)."""
+
+    kind: AgentKind
+
+    @model_validator(mode="after")
+    def _manual_complete(self) -> Self:
+        if self.kind is AgentKind.MANUAL and (self.certno is None or self.psn_name is None):
+            raise ValueError("a manual agent needs certno and psn_name")
+        return self
+
+
+class ProxyIn(_In):
+    agent: AgentIn
+    relationship_id: str | None = Field(
+        default=None,
+        max_length=20,
+        pattern=r"^[0-9]+$",
+        description="The relationship the kiosk reported (face agents); looked up when absent.",
+    )
+
+
+class LineIn(_In):
+    med_list_codg: str = Field(min_length=1, max_length=50, description="医保目录编码 / national drug code.")
+    drug_name: str | None = Field(default=None, max_length=128, description="药品名称 (informational).")
+    cnt: float = Field(gt=0, le=100000, description="数量 in sale units.")
+    amount_fen: int = Field(ge=0, le=10**10, description="金额 in fen (分).")
+    trace_codes: list[Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9A-Za-z]+$")]] = Field(
+        default_factory=list, max_length=MAX_TRACE_CODES, description="药品追溯码 of the packages sold."
+    )
+
+
+_PURCHASE_EXAMPLE: Final[dict[str, Any]] = {
+    "settlement_no": "SETL-20260301-000001",
+    "transaction_code": "KIOSK-00120260301160000" + "0001",
+    "settled_at": "2026-03-01T08:03:00+00:00",
+    "buyer": {"psn_cert_type": "01", "certno": "11010519491231002X", "psn_name": "王小明"},
+    "proxy": {"agent": {"kind": "manual", "psn_cert_type": "01", "certno": "110105198001010016", "psn_name": "李四"}},
+    "lines": [
+        {
+            "med_list_codg": "XJ01CAA040A001010100534",
+            "drug_name": "阿莫西林胶囊",
+            "cnt": 2,
+            "amount_fen": 2560,
+            "trace_codes": ["81234567890123456789", "81234567890123456790"],
+        }
+    ],
+}
+
+
+class PurchaseIn(_In):
+    """A settled purchase (proxy) registration (H-04)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={"examples": [_PURCHASE_EXAMPLE]})
+
+    settlement_no: _Code = Field(description="医保结算ID (setl_id, C64): unique per institution.")
+    transaction_code: _Code = Field(description="交易流水号 the kiosk returned with the verification.")
+    settled_at: AwareDatetime = Field(description="When the settlement succeeded.")
+    buyer: PersonIn = Field(description="购药人: the insured person (the beneficiary for a proxy purchase).")
+    proxy: ProxyIn | None = Field(default=None, description="代购: absent when the buyer bought in person.")
+    lines: list[LineIn] = Field(min_length=1, max_length=MAX_LINES)
+
+    @model_validator(mode="after")
+    def _distinct_trace_codes(self) -> Self:
+        codes = [c for line in self.lines for c in line.trace_codes]
+        if len(codes) != len(set(codes)):
+            raise ValueError("a traceability code appears twice in one purchase")
+        if self.proxy is not None and self.proxy.agent.ref() == self.buyer.ref():
+            raise ValueError("the agent of a proxy purchase cannot be the buyer")
+        return self
+
+    def digest(self) -> str:
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
+
+
+class ProxyRelationshipIn(_In):
+    """A proxy-purchase relationship (代购药关系) HIS registers for its institution (B-11)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={
+            "examples": [
+                {
+                    "beneficiary": {"psn_cert_type": "01", "certno": "11010519491231002X", "psn_name": "王小明"},
+                    "agent": {"psn_cert_type": "01", "certno": "110105198001010016", "psn_name": "王小红"},
+                    "relation": "child",
+                    "valid_from": "2026-03-01T00:00:00+00:00",
+                    "valid_until": "2027-03-01T00:00:00+00:00",
+                }
+            ]
+        },
+    )
+
+    beneficiary: PersonIn = Field(description="The insured person bought for (elderly, immobile).")
+    agent: PersonIn = Field(description="The person allowed to buy for them (an enrolled agent buys by face).")
+    relation: ProxyRelation
+    valid_from: AwareDatetime | None = None
+    valid_until: AwareDatetime | None = None
+
+    @model_validator(mode="after")
+    def _sane(self) -> Self:
+        if self.beneficiary.ref() == self.agent.ref():
+            raise ValueError("the agent cannot be the beneficiary")
+        if self.valid_from is not None and self.valid_until is not None and self.valid_until <= self.valid_from:
+            raise ValueError("valid_until must be after valid_from")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------- ingest hook
+
+
+@dataclass(frozen=True, slots=True)
+class VerificationsRecorded:
+    created: int
+    refused: int
+    linked: int
+
+
+def _device_key(session: Session, device_id: str, epoch: int) -> SM2PublicKey | None:
+    text = session.scalar(
+        select(DeviceKey.public_key).where(DeviceKey.device_id == device_id, DeviceKey.key_epoch == epoch)
+    )
+    return None if text is None else SM2PublicKey.from_hex(text)
+
+
+def _verified_record(session: Session, envelope: Envelope, payload: SignedRecord) -> PosVerificationRecord:
+    key = _device_key(session, envelope.device_id, payload.key_epoch)
+    if key is None:
+        raise ContractError(f"no enrolled key of epoch {payload.key_epoch}")
+    try:
+        verify_device_record(payload, device_id=envelope.device_id, device_key=key)
+    except CryptoError as exc:
+        raise ContractError("signature does not verify") from exc
+    return parse_pos_verification(dict(payload.record))
+
+
+def record_pos_verifications(
+    session: Session, envelopes: Sequence[Envelope], *, now: datetime
+) -> VerificationsRecorded:
+    """Verification rows for the batch's verified `pos_verification` records (redeliveries ignored), and the
+    pending purchases they back linked."""
+    created = refused = linked = 0
+    for envelope in envelopes:
+        payload = envelope.payload
+        if not isinstance(payload, SignedRecord) or payload.record_type is not SignedRecordKind.POS_VERIFICATION:
+            continue
+        if session.scalar(select(PosVerification.id).where(PosVerification.message_id == envelope.message_id)):
+            continue
+        try:
+            record = _verified_record(session, envelope, payload)
+        except ContractError as exc:
+            refused += 1
+            logger.warning("pos verification %s of %s refused: %s", envelope.message_id, envelope.device_id, exc)
+            continue
+        institution_id = session.scalar(select(Device.institution_id).where(Device.device_id == envelope.device_id))
+        proxy = record.proxy
+        row = PosVerification(
+            message_id=envelope.message_id,
+            device_id=envelope.device_id,
+            institution_id=institution_id,
+            verification_id=record.verification_id,
+            client_id=record.client_id,
+            transaction_code=record.transaction_code,
+            method=record.method.value,
+            check=record.check,
+            outcome=record.outcome.value,
+            reason=record.reason,
+            buyer_ref=record.buyer_ref,
+            buyer_masked_id=record.buyer_masked_id,
+            buyer_cert_type=record.buyer_cert_type,
+            insuplc_admdvs=record.insuplc_admdvs,
+            proxy=proxy is not None,
+            agent_kind=None if proxy is None else proxy.agent_kind.value,
+            agent_ref=None if proxy is None else proxy.agent_ref,
+            agent_masked_id=None if proxy is None else proxy.agent_masked_id,
+            relationship_id=None if proxy is None else proxy.relationship_id,
+            findings=[f.model_dump(mode="json") for f in record.findings],
+            rules_version=record.rules_version,
+            verified_at=record.verified_at,
+            received_at=now,
+            key_epoch=payload.key_epoch,
+            signature=payload.signature,
+        )
+        try:
+            with session.begin_nested():
+                session.add(row)
+                session.flush()
+        except IntegrityError:
+            # Another record already holds this transaction code: a replay under a new message id, or a forgery.
+            refused += 1
+            logger.warning(
+                "pos verification %s of %s refused: its transaction code is already recorded",
+                envelope.message_id,
+                envelope.device_id,
+            )
+            continue
+        created += 1
+        if record.transaction_code is not None:
+            waiting = session.scalars(
+                select(Purchase)
+                .where(
+                    Purchase.transaction_code == record.transaction_code,
+                    Purchase.pos_verification_id.is_(None),
+                )
+                .order_by(Purchase.id)
+                .with_for_update()
+            )
+            for purchase in waiting:
+                _link(session, purchase, row, now=now)
+                linked += 1
+    if created:
+        session.flush()
+    return VerificationsRecorded(created, refused, linked)
+
+
+def _link(session: Session, purchase: Purchase, verification: PosVerification, *, now: datetime) -> None:
+    """Tie `purchase` to `verification` and say whether the evidence backs it."""
+    note: str | None = None
+    if verification.outcome != VerificationOutcome.VERIFIED.value:
+        note = "not_verified"
+    elif verification.institution_id != purchase.institution_id:
+        note = "other_institution"
+    elif verification.buyer_ref != purchase.buyer_ref:
+        note = "buyer_differs"
+    elif verification.proxy != purchase.proxy:
+        note = "proxy_differs"
+    elif purchase.proxy and verification.agent_ref != purchase.agent_ref:
+        note = "agent_differs"
+    else:
+        other = session.scalar(
+            select(Purchase.id).where(
+                Purchase.pos_verification_id == verification.id,
+                Purchase.id != purchase.id,
+                Purchase.verification_state == PurchaseVerificationState.LINKED,
+            )
+        )
+        if other is not None:
+            note = "code_reused"
+    purchase.pos_verification_id = verification.id
+    purchase.linked_at = now
+    purchase.verification_state = (
+        PurchaseVerificationState.LINKED if note is None else PurchaseVerificationState.MISMATCH
+    )
+    purchase.verification_note = note
+
+
+# ---------------------------------------------------------------------------------------------------- purchases
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    purchase: Purchase
+    created: bool
+
+
+def purchase_of(session: Session, institution_id: int, settlement_no: str) -> Purchase:
+    row = session.scalar(
+        select(Purchase).where(Purchase.institution_id == institution_id, Purchase.settlement_no == settlement_no)
+    )
+    if row is None:
+        raise PurchaseNotFoundError(f"no purchase with settlement number {settlement_no} in this institution")
+    return row
+
+
+def _relationship_for(
+    session: Session, institution_id: int, body: PurchaseIn, beneficiary_ref: str
+) -> ProxyRelationshipRow | None:
+    proxy = body.proxy
+    if proxy is None:
+        return None
+    if proxy.relationship_id is not None:
+        row = session.get(ProxyRelationshipRow, int(proxy.relationship_id))
+        if row is None or row.institution_id != institution_id:
+            raise PurchaseInvalidError(f"proxy relationship {proxy.relationship_id} is not known to this institution")
+        return row
+    if proxy.agent.kind is not AgentKind.FACE:
+        return None
+    return session.scalar(
+        select(ProxyRelationshipRow)
+        .where(
+            ProxyRelationshipRow.institution_id == institution_id,
+            ProxyRelationshipRow.beneficiary_ref == beneficiary_ref,
+            ProxyRelationshipRow.agent_ref == proxy.agent.ref(),
+            *_valid_at(body.settled_at),
+        )
+        .order_by(ProxyRelationshipRow.id.desc())
+        .limit(1)
+    )
+
+
+def register_purchase(
+    session: Session, institution_id: int, body: PurchaseIn, *, his_client: str, now: datetime
+) -> Registered:
+    """Store the purchase (created=True) or return the one already registered with the same body (created=False);
+    `PurchaseConflictError` when the settlement number is registered with a different body."""
+    digest = body.digest()
+    existing = session.scalar(
+        select(Purchase).where(Purchase.institution_id == institution_id, Purchase.settlement_no == body.settlement_no)
+    )
+    if existing is not None:
+        return _same(existing, digest)
+    buyer_ref = body.buyer.ref()
+    relationship = _relationship_for(session, institution_id, body, buyer_ref)
+    agent = None if body.proxy is None else body.proxy.agent
+    purchase = Purchase(
+        institution_id=institution_id,
+        his_client=his_client,
+        settlement_no=body.settlement_no,
+        transaction_code=body.transaction_code,
+        settled_at=body.settled_at,
+        buyer_ref=buyer_ref,
+        buyer_cert_type=body.buyer.psn_cert_type,
+        buyer_masked_id=body.buyer.masked_id(),
+        buyer_masked_name=body.buyer.masked_name(),
+        proxy=agent is not None,
+        agent_kind=None if agent is None else agent.kind.value,
+        agent_ref=None if agent is None else agent.ref(),
+        agent_cert_type=None if agent is None else agent.psn_cert_type,
+        agent_masked_id=None if agent is None else agent.masked_id(),
+        agent_masked_name=None if agent is None else agent.masked_name(),
+        relationship_id=None if relationship is None else relationship.id,
+        total_amount_fen=sum(line.amount_fen for line in body.lines),
+        body_digest=digest,
+        verification_state=PurchaseVerificationState.PENDING,
+        received_at=now,
+        reused_trace_codes=[],
+    )
+    purchase.lines = [
+        PurchaseLine(
+            line_no=n,
+            med_list_codg=line.med_list_codg,
+            drug_name=line.drug_name,
+            quantity=line.cnt,
+            amount_fen=line.amount_fen,
+            trace_codes=list(line.trace_codes),
+        )
+        for n, line in enumerate(body.lines, start=1)
+    ]
+    try:
+        with session.begin_nested():
+            session.add(purchase)
+            session.flush()
+    except IntegrityError:
+        # The same settlement registered concurrently by another request: answer as if it had come first.
+        raced = session.scalar(
+            select(Purchase).where(
+                Purchase.institution_id == institution_id, Purchase.settlement_no == body.settlement_no
+            )
+        )
+        if raced is None:
+            raise
+        return _same(raced, digest)
+    _record_trace_codes(session, purchase, body)
+    verification = session.scalar(
+        select(PosVerification).where(PosVerification.transaction_code == body.transaction_code)
+    )
+    if verification is not None:
+        _link(session, purchase, verification, now=now)
+        session.flush()
+    return Registered(purchase, True)
+
+
+def _record_trace_codes(session: Session, purchase: Purchase, body: PurchaseIn) -> None:
+    """Index the purchase's 追溯码 and note those an earlier purchase sold already (a package sold twice: returned
+    stock resold, or a code copied onto another box). Registered, not refused: the sale has happened."""
+    sold = [(n, code) for n, line in enumerate(body.lines, start=1) for code in line.trace_codes]
+    if not sold:
+        return
+    codes = [code for _, code in sold]
+    reused: set[str] = set()
+    for start in range(0, len(codes), TRACE_QUERY_CHUNK):
+        chunk = codes[start : start + TRACE_QUERY_CHUNK]
+        reused.update(
+            session.scalars(
+                select(PurchaseTraceCode.code).where(
+                    PurchaseTraceCode.code.in_(chunk), PurchaseTraceCode.purchase_id != purchase.id
+                )
+            )
+        )
+    session.add_all(PurchaseTraceCode(purchase_id=purchase.id, line_no=n, code=code) for n, code in sold)
+    purchase.reused_trace_codes = sorted(reused)
+    session.flush()
+
+
+def _same(existing: Purchase, digest: str) -> Registered:
+    if existing.body_digest != digest:
+        raise PurchaseConflictError(
+            f"settlement number {existing.settlement_no} is already registered with different content"
+        )
+    return Registered(existing, False)
+
+
+# ---------------------------------------------------------------------------------------------------- relationships
+
+
+def _valid_at(when: datetime) -> list[Any]:
+    return [
+        ProxyRelationshipRow.ended_at.is_(None),
+        or_(ProxyRelationshipRow.valid_from.is_(None), ProxyRelationshipRow.valid_from <= when),
+        or_(ProxyRelationshipRow.valid_until.is_(None), ProxyRelationshipRow.valid_until > when),
+    ]
+
+
+def _notify_institution(session: Session, institution_id: int, *, now: datetime) -> list[IssuedCommand]:
+    """One `proxy_relationships` notice per terminal of the institution, unless one is still on its way."""
+    devices = list(session.scalars(select(Device.device_id).where(Device.institution_id == institution_id)))
+    if not devices:
+        return []
+    waiting = set(
+        session.scalars(
+            select(IssuedCommand.device_id).where(
+                IssuedCommand.device_id.in_(devices),
+                IssuedCommand.kind == CommandKind.PROXY_RELATIONSHIPS.value,
+                IssuedCommand.state.in_([CommandState.QUEUED, CommandState.DELIVERED]),
+                IssuedCommand.expires_at > now,
+            )
+        )
+    )
+    args = ProxyRelationshipsArgs(changed_at=now.isoformat()).model_dump()
+    return [
+        issue_command(
+            session, device_id=d, kind=CommandKind.PROXY_RELATIONSHIPS, args=args, ttl_s=NOTICE_TTL_S, now=now
+        )
+        for d in sorted(set(devices) - waiting)
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class RelationshipChange:
+    relationship: ProxyRelationshipRow
+    changed: bool
+    notices: list[IssuedCommand]
+
+
+def register_relationship(
+    session: Session, institution_id: int, body: ProxyRelationshipIn, *, his_client: str, now: datetime
+) -> RelationshipChange:
+    """Register the relationship (changed=True) or return the identical active one (changed=False);
+    `PurchaseConflictError` when the pair has an active relationship with other terms."""
+    beneficiary_ref, agent_ref = body.beneficiary.ref(), body.agent.ref()
+    active = session.scalar(
+        select(ProxyRelationshipRow)
+        .where(
+            ProxyRelationshipRow.institution_id == institution_id,
+            ProxyRelationshipRow.beneficiary_ref == beneficiary_ref,
+            ProxyRelationshipRow.agent_ref == agent_ref,
+            ProxyRelationshipRow.ended_at.is_(None),
+        )
+        .with_for_update()
+    )
+    if active is not None:
+        same = (active.relation, _utc(active.valid_from), _utc(active.valid_until)) == (
+            body.relation,
+            _utc(body.valid_from),
+            _utc(body.valid_until),
+        )
+        if not same:
+            raise PurchaseConflictError(
+                f"proxy relationship {active.id} of this beneficiary and agent is active with other terms; end it first"
+            )
+        return RelationshipChange(active, False, [])
+    row = ProxyRelationshipRow(
+        institution_id=institution_id,
+        beneficiary_ref=beneficiary_ref,
+        beneficiary_cert_type=body.beneficiary.psn_cert_type,
+        beneficiary_masked_id=body.beneficiary.masked_id(),
+        beneficiary_masked_name=body.beneficiary.masked_name(),
+        agent_ref=agent_ref,
+        agent_cert_type=body.agent.psn_cert_type,
+        agent_masked_id=body.agent.masked_id(),
+        agent_masked_name=body.agent.masked_name(),
+        relation=body.relation,
+        valid_from=body.valid_from,
+        valid_until=body.valid_until,
+        created_at=now,
+        created_by=his_client,
+    )
+    session.add(row)
+    session.flush()
+    return RelationshipChange(row, True, _notify_institution(session, institution_id, now=now))
+
+
+def end_relationship(
+    session: Session, institution_id: int, relationship_id: int, *, his_client: str, now: datetime
+) -> RelationshipChange:
+    """End the relationship (changed=True), or return it unchanged when it has ended already."""
+    row = session.get(ProxyRelationshipRow, relationship_id, with_for_update=True)
+    if row is None or row.institution_id != institution_id:
+        raise PurchaseNotFoundError(f"proxy relationship {relationship_id} is not known to this institution")
+    if row.ended_at is not None:
+        return RelationshipChange(row, False, [])
+    row.ended_at, row.ended_by = now, his_client
+    session.flush()
+    return RelationshipChange(row, True, _notify_institution(session, institution_id, now=now))
+
+
+def active_relationships(
+    session: Session, institution_id: int, *, now: datetime, limit: int, offset: int
+) -> tuple[list[ProxyRelationshipRow], int]:
+    """The institution's relationships not ended and not expired at `now` (future ones included), by id."""
+    scope = and_(
+        ProxyRelationshipRow.institution_id == institution_id,
+        ProxyRelationshipRow.ended_at.is_(None),
+        or_(ProxyRelationshipRow.valid_until.is_(None), ProxyRelationshipRow.valid_until > now),
+    )
+    total = session.scalar(select(func.count()).select_from(ProxyRelationshipRow).where(scope)) or 0
+    rows = session.scalars(
+        select(ProxyRelationshipRow).where(scope).order_by(ProxyRelationshipRow.id).limit(limit).offset(offset)
+    )
+    return list(rows), total
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else value.astimezone(UTC)
