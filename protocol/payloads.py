@@ -153,6 +153,8 @@ class SignedRecordKind(StrEnum):
     """An institution head's application to bind this terminal."""
     SIGN_IN = "sign_in"
     SIGN_OUT = "sign_out"
+    PHARMACIST_ENROLMENT = "pharmacist_enrolment"
+    """A pharmacist's face enrolment: live face matched the ID-card photo, consent recorded (protocol.pharmacist)."""
 
 
 class SignedRecord(_Closed):

@@ -23,7 +23,17 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from protocol import Clock
-from sync_server.api import accounts, binding, commands, devices, health, ingest, institutions, provisioning
+from sync_server.api import (
+    accounts,
+    binding,
+    commands,
+    devices,
+    health,
+    ingest,
+    institutions,
+    pharmacists,
+    provisioning,
+)
 from sync_server.api.deps import authorize
 from sync_server.authz import check_route_policies
 from sync_server.runtime import ServerRuntime
@@ -77,6 +87,7 @@ def create_app(
     app.include_router(institutions.router)
     app.include_router(accounts.router)
     app.include_router(binding.router)
+    app.include_router(pharmacists.router)
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)

@@ -109,6 +109,8 @@ ROUTE_POLICIES: dict[str, Policy] = {
     # personal data and the audit log
     "POST /api/v1/reveal": REVEALERS,
     "GET /api/v1/audit": AUDIT_READERS,
+    # pharmacists and attendance (docs/pharmacists.md)
+    "GET /api/v1/pharmacist-sessions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
 }
 
 

@@ -256,6 +256,15 @@ class ServerSettings(BaseSettings):
         ),
     )
     broker_admin_password: SecretStr | None = Field(default=None, description="Password of broker_admin_username.")
+    pharmacist_close_hour: int = Field(
+        default=24,
+        ge=1,
+        le=24,
+        description=(
+            "Local hour (display_timezone) at which the server closes an attendance session the terminal left open "
+            "(reason 'server_closed'); 24 = midnight. Terminals close theirs at their own [pharmacists] close_hour."
+        ),
+    )
 
     @field_validator("database_url")
     @classmethod
