@@ -49,6 +49,9 @@ class Role(StrEnum):
     """安全管理员: accounts, roles, password resets. Not devices, not business data, not the audit log."""
     AUDITOR = "auditor"
     """审计员: reads the audit log; changes nothing."""
+    HIS_CLIENT = "his_client"
+    """A HIS / POS vendor system of one institution on the /his/v1 interfaces. Machine-only: never an account's
+    role; it authenticates by request signature (`sync_server.signed_requests`)."""
 
 
 TRIAD = frozenset({Role.DEVICE_ADMIN, Role.SECURITY_ADMIN, Role.AUDITOR})
@@ -170,6 +173,10 @@ def check_roles(roles: frozenset[Role], *, institution_id: int | None, region_pr
     """Refuse a role set 三员 separation or the scope rules forbid, with the reason."""
     if not roles:
         raise RoleConflictError("an account needs at least one role")
+    if Role.HIS_CLIENT in roles:
+        raise RoleConflictError(
+            "his_client is the role of a HIS system (`yibao server his-client create`), not of a person"
+        )
     triad = sorted(roles & TRIAD)
     if len(triad) > 1:
         raise RoleConflictError(

@@ -31,6 +31,7 @@ from sync_server.api import (
     health,
     ingest,
     institutions,
+    machine_clients,
     pharmacists,
     provisioning,
 )
@@ -87,6 +88,7 @@ def create_app(
     app.include_router(institutions.router)
     app.include_router(accounts.router)
     app.include_router(binding.router)
+    app.include_router(machine_clients.router)
     app.include_router(pharmacists.router)
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here

@@ -23,7 +23,7 @@ from sync_server.errors import ConfigurationError
 
 @dataclass(frozen=True)
 class Policy:
-    kind: Literal["public", "device", "roles"]
+    kind: Literal["public", "device", "device_session", "roles"]
     roles: frozenset[Role] = frozenset()
     password_change_allowed: bool = False
     """Reachable by an account whose password has expired (it must change it first and can do nothing else)."""
@@ -38,18 +38,25 @@ DEVICE = Policy("device")
 """The terminal authenticates itself in the request (SM2 signature over a claim token or its identity key)."""
 
 
+DEVICE_SESSION = Policy("device_session")
+"""A terminal on the device API (/device/v1): the request is signed with its current MQTT session key
+(`X-Device-*` headers, `sync_server.signed_requests`); checked by `authorize` before the handler runs."""
+
+
 def roles(*allowed: Role, password_change_allowed: bool = False) -> Policy:
     return Policy("roles", frozenset(allowed), password_change_allowed)
 
 
-ANY_ACCOUNT = roles(*Role, password_change_allowed=True)
+ANY_ACCOUNT = roles(*(set(Role) - {Role.HIS_CLIENT}), password_change_allowed=True)
 FLEET_READERS = roles(Role.DEVICE_ADMIN, Role.REGULATOR)
 """Device registry reads; a regulator sees only devices of institutions in its region."""
 DEVICE_ADMIN = roles(Role.DEVICE_ADMIN)
 SECURITY = roles(Role.SECURITY_ADMIN)
 ACCOUNT_READERS = roles(Role.SECURITY_ADMIN, Role.AUDITOR)
 AUDIT_READERS = roles(Role.AUDITOR)
-REVEALERS = roles(*(set(Role) - {Role.AUDITOR, Role.DEVICE_ADMIN}))
+HIS_CLIENTS = roles(Role.HIS_CLIENT)
+"""A HIS system of one institution (`X-HIS-*` signed requests); the handler scopes everything to its institution."""
+REVEALERS = roles(*(set(Role) - {Role.AUDITOR, Role.DEVICE_ADMIN, Role.HIS_CLIENT}))
 """May ask for a reveal at all; each reveal source narrows this down per kind of subject."""
 
 ROUTE_POLICIES: dict[str, Policy] = {
@@ -109,8 +116,18 @@ ROUTE_POLICIES: dict[str, Policy] = {
     # personal data and the audit log
     "POST /api/v1/reveal": REVEALERS,
     "GET /api/v1/audit": AUDIT_READERS,
+    # machine callers: HIS clients (signed X-HIS-* requests) and terminals on the device API (signed X-Device-*)
+    "POST /api/v1/his-clients": DEVICE_ADMIN,
+    "GET /api/v1/his-clients": DEVICE_ADMIN,
+    "POST /api/v1/his-clients/{client_id}/revoke": DEVICE_ADMIN,
+    "GET /his/v1/ping": HIS_CLIENTS,
+    "GET /device/v1/whoami": DEVICE_SESSION,
     # pharmacists and attendance (docs/pharmacists.md)
     "GET /api/v1/pharmacist-sessions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
+    "PUT /his/v1/pharmacists": HIS_CLIENTS,
+    "POST /device/v1/pharmacists/{code}/template": DEVICE_SESSION,
+    "GET /device/v1/pharmacists": DEVICE_SESSION,
+    "GET /device/v1/pharmacist-sessions": DEVICE_SESSION,
 }
 
 
@@ -148,6 +165,7 @@ ROLE_COLUMNS = (
     Role.REGULATOR,
     Role.SECURITY_ADMIN,
     Role.AUDITOR,
+    Role.HIS_CLIENT,
 )
 
 

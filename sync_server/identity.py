@@ -98,6 +98,14 @@ class ServerIdentity:
     def seal_session_key(self, key_id: uuid.UUID, key: bytes) -> bytes:
         return sm4.seal(self._seal_key, key, key_id.bytes)
 
+    def seal_secret(self, purpose: str, ref: str, secret: bytes) -> bytes:
+        """Seal a stored secret (a HIS client's MAC key) at rest; `purpose` and `ref` are bound as associated data."""
+        return sm4.seal(self._seal_key, secret, f"{purpose}|{ref}".encode())
+
+    def open_secret(self, purpose: str, ref: str, sealed: bytes) -> bytes:
+        """`DecryptionFailedError` if the row was altered, moved to another ref, or sealed under another secret_key."""
+        return sm4.open(self._seal_key, sealed, f"{purpose}|{ref}".encode())
+
     def open_session_key(self, key_id: uuid.UUID, sealed: bytes) -> bytes:
         """`DecryptionFailedError` if the row was altered or sealed under another secret_key."""
         return sm4.open(self._seal_key, sealed, key_id.bytes)

@@ -27,6 +27,7 @@ from sync_server.ingest_pool import IngestPool
 from sync_server.presence import PresenceSweeper
 from sync_server.security import SecurityGate
 from sync_server.settings import ServerSettings
+from sync_server.signed_requests import RequestAuthority
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,8 @@ class ServerRuntime:
     sessions: sessionmaker[Session] = field(init=False)
     writer_sessions: sessionmaker[Session] = field(init=False)
     """For the few requests that write (issuing a command): SQLite takes its write lock when they begin."""
+    requests: RequestAuthority = field(init=False)
+    """Authenticates signed machine requests: HIS clients on /his/v1, terminals on /device/v1."""
 
     def __post_init__(self) -> None:
         self.sessions = session_factory(self.engine)
@@ -61,6 +64,7 @@ class ServerRuntime:
         self.audit = ServerAudit(self.settings.data_dir, self.clock)
         self.broker_admin = _broker_admin(self.settings)
         self.security = SecurityGate(self.settings, self.engine, self.identity, clock=self.clock, audit=self.audit)
+        self.requests = RequestAuthority(self.sessions, self.writer_sessions, self.identity, self.security, self.clock)
 
     @classmethod
     def build(

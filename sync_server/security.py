@@ -260,6 +260,17 @@ class SecurityGate:
             self._identity_keys[(device_id, epoch)] = key
         return key
 
+    def request_key(self, device_id: str, key_id: uuid.UUID) -> SessionKey | None:
+        """The session key a device signs its device-API requests with (`sync_server.signed_requests`): the device
+        is enrolled (not revoked) and the key is its own, unrevoked and unexpired; None otherwise. Raises
+        `IngestError` when the database cannot be read."""
+        if self._state(device_id) is not RegistrationState.ENROLLED:
+            return None
+        info = self._session_key(key_id)
+        if info is None or info.revoked or info.device_id != device_id or info.key.expired(self._clock.now()):
+            return None
+        return info.key
+
     # ------------------------------------------------------------------ uplinks
 
     def screen(self, device_id: str, raw: bytes, *, status: bool = False) -> Screened:

@@ -3,7 +3,7 @@ H-02…H-04, K-03…K-07, B-11; docs/pos-api.md).
 
 Owns:
   * request authentication: per-client shared secrets (`load_pos_clients`), the HMAC-SM3 request signature
-    (`sign_request`), the ±window timestamp check and single-use nonces (`RequestAuthenticator`);
+    (`protocol.request_signing`), the ±window timestamp check and single-use nonces (`RequestAuthenticator`);
   * `PosState`, the small SQLite file behind the transaction codes (交易流水号: device id + yyyyMMddHHmmss (Beijing
     time) + 4-digit sequence, never reused, also across restarts) and the used nonces;
   * the `BuyerVerifier` seam (how the kiosk proves who the buyer is) and `RuntimeBuyerVerifier`, its implementation on
@@ -20,16 +20,14 @@ decisions), never answer an unauthenticated request with anything but 401, and n
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
-import re
 import socket
 import sqlite3
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -44,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from drivers.card_reader import CardReaderError, NoCardError, ReaderTimeoutError, id_number_problem
 from drivers.qr_scanner import MalformedScanError, QrScannerError, ScanTimeoutError
 from protocol import AuditEvent, AuditOutcome, Clock
-from protocol.gm.sm3 import hmac_sm3, mac_equal, sm3_digest
+from protocol.gm.sm3 import mac_equal, sm3_digest
+from protocol.request_signing import RequestAuthError, verify_signed_request
 from terminal.config import PosApiConfig
 from terminal.devices import KioskDevices
 from terminal.errors import TerminalError
@@ -56,7 +55,7 @@ from terminal.verification import FaceDecision, FaceOutcome, FaceVerifier
 logger = logging.getLogger(__name__)
 
 BEIJING: Final = timezone(timedelta(hours=8))
-NONCE_PATTERN: Final = re.compile(r"[A-Za-z0-9_-]{16,64}")
+POS_HEADER_PREFIX: Final = "X-POS-"
 MIN_SECRET_CHARS: Final = 32
 MAX_BODY_BYTES: Final = 64 * 1024
 KEEP_FINISHED_S: Final = 3600.0
@@ -124,18 +123,9 @@ def load_pos_clients(config: PosApiConfig) -> list[PosClient]:
     return clients
 
 
-def signing_string(method: str, path: str, timestamp: str, nonce: str, body: bytes) -> bytes:
-    """What is signed: METHOD + path + timestamp + nonce + hex(sha256(body)), concatenated without separators."""
-    return (method.upper() + path + timestamp + nonce + hashlib.sha256(body).hexdigest()).encode()
-
-
-def sign_request(secret: bytes, method: str, path: str, timestamp: str, nonce: str, body: bytes) -> str:
-    """The X-POS-Signature value: lower-case hex of HMAC-SM3(secret, signing_string(...))."""
-    return hmac_sm3(secret, signing_string(method, path, timestamp, nonce, body)).hex()
-
-
 class RequestAuthenticator:
-    """Checks the four X-POS-* headers of a request; thread-safe (nonces are claimed in `PosState`)."""
+    """Checks the four X-POS-* headers of a request (`protocol.request_signing`); thread-safe (nonces are claimed in
+    `PosState`)."""
 
     def __init__(self, clients: Sequence[PosClient], state: PosState, clock: Clock, *, window_s: float = 60.0) -> None:
         self._clients = {c.client_id: c for c in clients}
@@ -143,35 +133,30 @@ class RequestAuthenticator:
         self._clock = clock
         self._window_s = window_s
 
-    def authenticate(self, method: str, path: str, headers: dict[str, str | None], body: bytes) -> str:
-        """Return the authenticated client id or raise `PosAuthError`. Order: shape, client, time, signature,
-        nonce (a nonce is spent only by a correctly signed request, so a forger cannot burn a client's nonces)."""
-        client_id = headers.get("x-pos-client")
-        timestamp = headers.get("x-pos-timestamp")
-        nonce = headers.get("x-pos-nonce")
-        signature = headers.get("x-pos-signature")
-        if not client_id or not timestamp or not nonce or not signature:
-            raise PosAuthError("missing_header", "X-POS-Client, -Timestamp, -Nonce and -Signature are required")
+    def _secret_of(self, client_id: str) -> bytes | None:
         client = self._clients.get(client_id)
-        if client is None:
-            raise PosAuthError("unknown_client", "unknown POS client")
-        if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
-            raise PosAuthError("bad_timestamp", "X-POS-Timestamp must be Unix seconds")
+        return None if client is None else client.secret
+
+    def authenticate(self, method: str, path: str, headers: Mapping[str, str], body: bytes) -> str:
+        """Return the authenticated client id or raise `PosAuthError`. Order: shape, time, client, signature,
+        nonce (a nonce is spent only by a correctly signed request, so a forger cannot burn a client's nonces)."""
         now = self._clock.now().timestamp()
-        if abs(now - int(timestamp)) > self._window_s:
-            raise PosAuthError("stale_timestamp", f"X-POS-Timestamp is more than {self._window_s:.0f} s from now")
-        if NONCE_PATTERN.fullmatch(nonce) is None:
-            raise PosAuthError("bad_nonce", "X-POS-Nonce must be 16..64 characters of [A-Za-z0-9_-]")
         try:
-            given = bytes.fromhex(signature)
-        except ValueError:
-            given = b""
-        expected = hmac_sm3(client.secret, signing_string(method, path, timestamp, nonce, body))
-        if not mac_equal(expected, given):
-            raise PosAuthError("bad_signature", "X-POS-Signature does not verify")
-        if not self._state.use_nonce(client_id, nonce, now=now, keep_s=2 * self._window_s + 1):
+            signed = verify_signed_request(
+                POS_HEADER_PREFIX,
+                headers,
+                method=method,
+                path=path,
+                body=body,
+                secret_of=self._secret_of,
+                now=now,
+                window_s=self._window_s,
+            )
+        except RequestAuthError as exc:
+            raise PosAuthError(exc.code, str(exc)) from exc
+        if not self._state.use_nonce(signed.client_id, signed.nonce, now=now, keep_s=2 * self._window_s + 1):
             raise PosAuthError("replayed_nonce", "X-POS-Nonce was already used")
-        return client_id
+        return signed.client_id
 
 
 # ---------------------------------------------------------------------------------------------------- state
@@ -830,9 +815,8 @@ async def _authenticated(request: Request) -> str:
     body = await request.body()
     if len(body) > MAX_BODY_BYTES:
         raise _error(413, "body_too_large", "request body too large", "请求体过大")
-    headers = {k: request.headers.get(k) for k in ("x-pos-client", "x-pos-timestamp", "x-pos-nonce", "x-pos-signature")}
     try:
-        return authenticator.authenticate(request.method, request.url.path, headers, body)
+        return authenticator.authenticate(request.method, request.url.path, request.headers, body)
     except PosAuthError as exc:
         logger.warning("POS API request refused: %s", exc.code)
         raise HTTPException(401, detail={"code": exc.code, "message": str(exc), "message_zh": "请求认证失败"}) from exc

@@ -48,6 +48,7 @@ from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
+from terminal.server_api import ServerApi
 from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 from terminal.verification import FaceVerifier
@@ -88,6 +89,8 @@ class TerminalRuntime:
     """This terminal's binding status (bound/unbound/pending, institution, contact), set by the server's commands."""
     model_versions: dict[str, str] = field(default_factory=dict)
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
+    server_api: ServerApi | None = None
+    """The server's device API (`terminal.server_api`), signed with the session key; None when not enrolled."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -119,6 +122,8 @@ class TerminalRuntime:
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
+        if self.server_api is not None:
+            self.server_api.close()
         self.outbox.close()
         if self.face is not None:
             self.face.templates.close()
@@ -382,6 +387,11 @@ def _build(
         security=security,
         model_versions=model_versions,
         binding=binding,
+        server_api=(
+            ServerApi(security.identity.bundle.server_url, config.device_id, security.sessions.current, clock)
+            if security is not None
+            else None
+        ),
     )
 
 

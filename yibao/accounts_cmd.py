@@ -68,3 +68,30 @@ def create_account(
     audit.record("account.created", username=username, roles=created.roles, by=CLI_ACTOR)
     audit.close()
     return created
+
+
+def create_his_client(settings: ServerSettings, *, institution_code: str, label: str) -> tuple[str, str]:
+    """Create a HIS client of the institution (migrating first): (client id, secret hex). Raises
+    `sync_server.signed_requests.UnknownInstitutionError`."""
+    from sync_server.identity import ServerIdentity
+    from sync_server.signed_requests import create_his_client as create
+
+    upgrade(settings.database_url)
+    engine = create_db_engine(settings.database_url)
+    clock = SystemClock()
+    try:
+        with session_factory(engine, write_intent=True).begin() as session:
+            view, secret = create(
+                session,
+                ServerIdentity(settings),
+                institution_code=institution_code,
+                label=label,
+                actor=CLI_ACTOR,
+                now=clock.now(),
+            )
+    finally:
+        engine.dispose()
+    audit = ServerAudit(settings.data_dir, clock)
+    audit.record("his_client.created", client_id=view.client_id, institution=institution_code, admin=CLI_ACTOR)
+    audit.close()
+    return view.client_id, secret

@@ -13,6 +13,7 @@ Sub-commands import their heavy dependencies lazily so `yibao --help` stays fast
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -422,6 +423,31 @@ def account_create(
     typer.secho(f"created account {created.username} ({', '.join(created.roles)})", err=True)
     if created.generated_password is not None:
         print(created.generated_password)
+
+
+his_client_app = typer.Typer(help="HIS systems calling /his/v1 (docs/his-integration.md).", no_args_is_help=True)
+server_app.add_typer(his_client_app, name="his-client")
+
+
+@his_client_app.command("create")
+def his_client_create(
+    institution: Annotated[str, typer.Option(help="Institution code (定点机构编码) the HIS system works for.")],
+    label: Annotated[str, typer.Option(help="Vendor / system name, for people.")],
+    database_url: Annotated[
+        str | None, typer.Option(help="SQLAlchemy URL; default from YIBAO_SERVER_DATABASE_URL.")
+    ] = None,
+) -> None:
+    """Create a HIS client. Prints one JSON line {client_id, secret}: the secret is shown this once only."""
+    from sync_server.signed_requests import UnknownInstitutionError
+    from yibao.accounts_cmd import create_his_client
+
+    settings = _server_settings(database_url, None, None, None, None)
+    try:
+        client_id, secret = create_his_client(settings, institution_code=institution, label=label)
+    except UnknownInstitutionError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from exc
+    print(json.dumps({"client_id": client_id, "secret": secret}))
 
 
 def _server_settings(

@@ -6,7 +6,9 @@ database session, which is always closed, and authentication of `Authorization: 
 
 * an operator login session (`ys_...`, `sync_server.accounts`): the account's roles;
 * an unrevoked admin token (SHA-256 in `admin_tokens`) or the configured bootstrap token (compared in constant
-  time): the role `device_admin` only (docs/accounts.md).
+  time): the role `device_admin` only (docs/accounts.md);
+* a HIS client's `X-HIS-*` request signature (`sync_server.signed_requests`): the role `his_client`, scoped to its
+  institution; a terminal's `X-Device-*` signature on `device_session` routes (`DeviceCallerDep`).
 
 `authorize` looks up the matched route's policy in `sync_server.authz` and answers 401 (no or bad credentials), 403
 (a role the policy does not list, or a password that must be changed first) before the handler runs. It must never
@@ -27,6 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from protocol import Clock
+from protocol.request_signing import RequestAuthError
 from sync_server.accounts import (
     SESSION_PREFIX,
     Role,
@@ -37,9 +40,11 @@ from sync_server.accounts import (
 )
 from sync_server.authz import policy_for
 from sync_server.db.models import AdminToken
+from sync_server.errors import IngestError
 from sync_server.identity import token_digest
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
+from sync_server.signed_requests import HIS_PREFIX, DeviceCaller
 
 
 def get_runtime(request: Request) -> ServerRuntime:
@@ -82,6 +87,7 @@ _bearer = HTTPBearer(
 )
 
 BOOTSTRAP_ADMIN = "bootstrap"
+HIS_CLIENT_HEADER = f"{HIS_PREFIX}Client"
 
 
 @dataclass(frozen=True)
@@ -89,7 +95,7 @@ class Principal:
     """Who is calling. `name` is what the audit log records: an admin token's name or `account:<username>`."""
 
     name: str
-    kind: Literal["admin_token", "account"]
+    kind: Literal["admin_token", "account", "his_client"]
     roles: frozenset[Role]
     username: str | None = None
     account_id: int | None = None
@@ -182,16 +188,74 @@ def _cached_principal(
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials) -> None:
-    """The app-wide check of the matched route's policy (`sync_server.authz.ROUTE_POLICIES`)."""
+async def _raw_body(request: Request) -> bytes:
+    """The request body as sent (Starlette caches it, so the handler still gets it): signatures cover it."""
+    return await request.body()
+
+
+RawBody = Annotated[bytes, Depends(_raw_body)]
+
+
+def _signed_path(request: Request) -> str:
+    query = request.url.query
+    return request.url.path + (f"?{query}" if query else "")
+
+
+def _signature_refused(exc: RequestAuthError) -> HTTPException:
+    return HTTPException(
+        status_code=status.HTTP_401_UNAUTHORIZED,
+        detail={"code": exc.code, "message": str(exc)},
+        headers={"WWW-Authenticate": "HMAC-SM3"},
+    )
+
+
+def _his_principal(request: Request, runtime: ServerRuntime, body: bytes) -> Principal:
+    try:
+        caller = runtime.requests.authenticate_his(
+            request.headers, method=request.method, path=_signed_path(request), body=body
+        )
+    except RequestAuthError as exc:
+        raise _signature_refused(exc) from exc
+    return Principal(
+        name=f"his:{caller.client_id}",
+        kind="his_client",
+        roles=frozenset({Role.HIS_CLIENT}),
+        institution_id=caller.institution_id,
+    )
+
+
+def _authenticate_device(request: Request, runtime: ServerRuntime, body: bytes) -> DeviceCaller:
+    try:
+        caller = runtime.requests.authenticate_device(
+            request.headers, method=request.method, path=_signed_path(request), body=body
+        )
+    except RequestAuthError as exc:
+        raise _signature_refused(exc) from exc
+    except IngestError as exc:
+        raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from exc
+    request.state.device_caller = caller
+    return caller
+
+
+def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials, body: RawBody) -> None:
+    """The app-wide check of the matched route's policy (`sync_server.authz.ROUTE_POLICIES`). A request carrying
+    `X-HIS-Client` is authenticated by its signature (a HIS client), any other by its bearer token; a
+    `device_session` route by the terminal's signature."""
     route = request.scope.get("route")
     policy = policy_for(request.method, route.path) if isinstance(route, APIRoute) else None
     if policy is None:
         # create_app refuses to start with an undeclared route; this is the belt to those braces.
         raise _forbidden("this route has no authorisation policy")
+    if policy.kind == "device_session":
+        _authenticate_device(request, runtime, body)
+        return
     if policy.kind != "roles":
         return
-    principal = _cached_principal(request, runtime, credentials)
+    if HIS_CLIENT_HEADER in request.headers:
+        principal = _his_principal(request, runtime, body)
+        request.state.principal = principal
+    else:
+        principal = _cached_principal(request, runtime, credentials)
     if principal.must_change_password and not policy.password_change_allowed:
         raise _forbidden("the password has expired or was set by an administrator: change it first")
     if not policy.allows(principal.roles):
@@ -207,6 +271,17 @@ def require_principal(request: Request, runtime: RuntimeDep, credentials: Creden
 
 
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
+
+
+def require_device_caller(request: Request) -> DeviceCaller:
+    """The terminal that signed this device-API request (authenticated by `authorize`)."""
+    caller = getattr(request.state, "device_caller", None)
+    if not isinstance(caller, DeviceCaller):  # a route outside the device_session policy asked for a device
+        raise _forbidden("this route is not part of the device API")
+    return caller
+
+
+DeviceCallerDep = Annotated[DeviceCaller, Depends(require_device_caller)]
 
 
 def require_admin(request: Request, runtime: RuntimeDep, credentials: Credentials) -> str:

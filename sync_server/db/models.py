@@ -412,6 +412,35 @@ class DeviceBindingHistory(Base):
     command_id: Mapped[uuid.UUID | None]
 
 
+class HisClient(Base):
+    """A HIS / POS vendor system of one institution calling the `/his/v1` interfaces (docs/his-integration.md).
+
+    It signs each request with HMAC-SM3 under a shared secret (`protocol.request_signing`); the secret is shown once
+    at creation and kept sealed (SM4-GCM under a key derived from the server's secret_key), because the server must
+    recompute the MAC."""
+
+    __tablename__ = "his_clients"
+
+    client_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    institution_id: Mapped[int] = mapped_column(BigId, ForeignKey("institutions.id"), index=True)
+    label: Mapped[str] = mapped_column(String(100), comment="Vendor / system name, for people.")
+    sealed_secret: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(64))
+    revoked_at: Mapped[datetime | None]
+
+
+class RequestNonce(Base):
+    """A nonce of a signed HTTP request (HIS client or device API), kept for twice the time window: a replay finds
+    its row and is refused, whichever server process it reaches."""
+
+    __tablename__ = "request_nonces"
+
+    caller: Mapped[str] = mapped_column(String(80), primary_key=True, comment="his:<client_id> | device:<key_id>.")
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(index=True)
+
+
 # ---------------------------------------------------------------- pharmacists (docs/pharmacists.md)
 
 

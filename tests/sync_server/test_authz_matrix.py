@@ -28,7 +28,8 @@ from sync_server.db.models import Institution, InstitutionKind
 from sync_server.errors import ConfigurationError
 from sync_server.provisioning import create_admin_token
 from sync_server.settings import ServerSettings
-from tests.sync_server.conftest import T0, TEST_ADMIN_TOKEN, FakeClock, pg_schema, seed_fleet, serving
+from tests.sync_server.conftest import INSTITUTION_CODE, T0, TEST_ADMIN_TOKEN, FakeClock, pg_schema, seed_fleet, serving
+from tests.sync_server.signed_requests import DeviceSigner, Signer, enrol_with_session, make_his_client, signed
 from tests.sync_server.test_accounts import login, make_account
 
 ROLE_ACCOUNTS = {
@@ -46,6 +47,7 @@ PATH_VALUES = {
     "username": "nobody-here",
     "application_id": "999999",
     "code": "H00000000000",
+    "client_id": "his-0000000000000000",
 }
 LAST = "POST /api/v1/auth/logout"
 """Tested after every other route: it ends the session it is called with."""
@@ -55,8 +57,10 @@ LAST = "POST /api/v1/auth/logout"
 class Caller:
     label: str
     roles: frozenset[Role] | None
-    """None: anonymous."""
+    """None: no role (anonymous, or a terminal, which has no role: it signs device-API requests)."""
     headers: dict[str, str]
+    signer: Signer | None = None
+    """Signs each request (a HIS client, a terminal on the device API)."""
 
 
 @dataclass
@@ -117,20 +121,30 @@ def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         callers += [
             Caller(f"account {role}", frozenset({role}), login(client, name)) for role, name in ROLE_ACCOUNTS.items()
         ]
+        his = make_his_client(client, INSTITUTION_CODE, admin_headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"})
+        callers.append(Caller("HIS client", frozenset({Role.HIS_CLIENT}), {}, his))
+        device = enrol_with_session(
+            client, FakeClock(T0), "kiosk-matrix", admin_headers={"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+        )
+        callers.append(Caller("terminal", None, {}, DeviceSigner(device.device_id, device.session)))
         yield Served(app, client, callers, login(client, "m-regulator-js"))
 
 
-def _request(client: httpx.Client, key: str, headers: dict[str, str]) -> httpx.Response:
+def _request(client: httpx.Client, key: str, caller: Caller) -> httpx.Response:
     method, path = key.split(" ", 1)
+    headers = caller.headers
     if method == "MOUNT":
         return client.get(f"{path}/style.css", headers=headers)
     url = path.format(**PATH_VALUES)
-    if method in {"POST", "PUT", "PATCH"}:
-        return client.request(method, url, headers=headers, json={})
-    return client.request(method, url, headers=headers)
+    body: dict[str, object] | None = {} if method in {"POST", "PUT", "PATCH"} else None
+    if caller.signer is not None:
+        return signed(client, caller.signer, method, url, clock=FakeClock(T0), json_body=body, headers=headers)
+    return client.request(method, url, headers=headers, json=body)
 
 
 def _expected_allowed(policy: authz.Policy, caller: Caller) -> bool:
+    if policy.kind == "device_session":
+        return isinstance(caller.signer, DeviceSigner)
     if policy.kind != "roles":
         return True
     return caller.roles is not None and policy.allows(caller.roles)
@@ -144,14 +158,14 @@ def test_every_route_for_every_role(served: Served) -> None:
     for key in keys:
         policy = authz.ROUTE_POLICIES[key]
         for caller in served.callers:
-            status = _request(served.client, key, caller.headers).status_code
+            status = _request(served.client, key, caller).status_code
             expect_allowed = _expected_allowed(policy, caller)
             if expect_allowed:
                 allowed_cells += 1
                 if status in {401, 403}:
                     wrong.append(f"{key} as {caller.label}: {status}, expected allowed")
             else:
-                expected = 401 if caller.roles is None else 403
+                expected = 401 if caller.roles is None or policy.kind == "device_session" else 403
                 if status != expected:
                     wrong.append(f"{key} as {caller.label}: {status}, expected {expected}")
     assert wrong == []
@@ -177,7 +191,7 @@ def test_regulators_see_only_their_region(served: Served) -> None:
     day = {"day": "2026-03-01"}
     assert client.get("/api/v1/devices/kiosk-001/reconciliation", headers=other, params=day).status_code == 404
     admin = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
-    assert client.get("/api/v1/devices", headers=admin).json()["total"] == 3  # unscoped
+    assert client.get("/api/v1/devices", headers=admin).json()["total"] == 4  # unscoped (+ the matrix terminal)
     assert client.get("/api/v1/institutions", headers=admin).json()["total"] == 2
 
 

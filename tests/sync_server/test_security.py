@@ -9,7 +9,6 @@ import secrets
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -18,19 +17,15 @@ import pytest
 from sqlalchemy import Engine, select
 
 from protocol import Envelope, PayloadType, SignedRecordKind, Topics, UplinkAck, decode_downlink
-from protocol.enrolment import make_enrol_request
 from protocol.evidence import sign_device_record
 from protocol.gm.audit_chain import load_chain_key, verify_chain
-from protocol.gm.sm2 import SM2PrivateKey, SM2PublicKey
+from protocol.gm.sm2 import SM2PrivateKey
 from protocol.secure import (
     Direction,
-    SessionGrant,
     SessionKey,
-    accept_grant,
     open_frame,
     parse_frame,
     seal_frame,
-    start_session,
 )
 from sync_server.app import create_app
 from sync_server.db.engine import session_factory
@@ -39,34 +34,11 @@ from sync_server.identity import create_server_key
 from sync_server.settings import ServerSettings
 from tests.mqtt_probe import Probe
 from tests.sync_server.conftest import BOOT, FakeClock, Publisher, audit, serving, wait_until
+from tests.sync_server.signed_requests import Enrolled, enrol_with_session
 from yibao.broker import MosquittoBroker
 
 TOPICS = Topics()
 A, B = "kiosk-801", "kiosk-802"
-
-
-@dataclass
-class Enrolled:
-    device_id: str
-    identity: SM2PrivateKey
-    session: SessionKey
-
-
-def enrol_with_session(client: httpx.Client, clock: FakeClock, device_id: str) -> Enrolled:
-    claim = client.post("/api/v1/provisioning/devices", json={"device_id": device_id}).json()
-    key = SM2PrivateKey.generate()
-    request = make_enrol_request(
-        key, device_id=device_id, claim_token=claim["claim_token"], hardware_id=f"hw-{device_id}", now=clock.now()
-    )
-    assert client.post("/api/v1/provisioning/enrol", json=request.model_dump(mode="json")).status_code == 200
-    server_key = SM2PublicKey.from_hex(client.get("/api/v1/server-identity").json()["public_key"])
-    handshake, ephemeral = start_session(key, device_id=device_id, key_epoch=1, now=clock.now())
-    resp = client.post(f"/api/v1/devices/{device_id}/sessions", json=handshake.model_dump(mode="json"))
-    assert resp.status_code == 200, resp.text
-    grant = SessionGrant.model_validate(resp.json())
-    return Enrolled(
-        device_id, key, accept_grant(grant, handshake, ephemeral, device_key=key.public_key, server_key=server_key)
-    )
 
 
 def env(device_id: str, seq: int, payload: Any = None) -> Envelope:
