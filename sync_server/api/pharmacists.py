@@ -129,7 +129,7 @@ def _http(exc: pharmacists.PharmacistError) -> HTTPException:
     if isinstance(exc, pharmacists.PharmacistNotFoundError):
         code = status.HTTP_404_NOT_FOUND
     elif isinstance(exc, pharmacists.PharmacistInputError):
-        code = status.HTTP_422_UNPROCESSABLE_ENTITY
+        code = status.HTTP_422_UNPROCESSABLE_CONTENT
     else:
         code = status.HTTP_409_CONFLICT
     return HTTPException(status_code=code, detail=str(exc))

@@ -10,6 +10,8 @@ import datetime as dt
 import json
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -25,6 +27,8 @@ from protocol.evidence import sign_device_record
 from protocol.gm import sm4
 from protocol.gm.sm2 import SM2PrivateKey
 from protocol.pharmacist import (
+    AttendancePage,
+    Roster,
     SignOutReason,
     TemplateDirection,
     TemplateUpload,
@@ -47,9 +51,18 @@ from sync_server.db.models import (
     PharmacistStatus,
     PharmacistTemplate,
 )
+from sync_server.identity import create_server_key
 from sync_server.settings import ServerSettings
 from sync_server.store import register_devices, store_envelopes
 from tests.sync_server.conftest import BOOT, T0, FakeClock, serving
+from tests.sync_server.signed_requests import (
+    DeviceSigner,
+    Enrolled,
+    HisSigner,
+    enrol_with_session,
+    make_his_client,
+    signed,
+)
 from tests.sync_server.test_accounts import login, make_account
 
 SECRET = "test-secret-" + "x" * 40
@@ -460,3 +473,210 @@ def test_attendance_queries_are_scoped_and_masked(world: World, api: httpx.Clien
     head = login(api, "head-a")
     for bad in ({"limit": 0}, {"pharmacist": "a b"}, {"since": "yesterday"}):
         assert api.get("/api/v1/pharmacist-sessions", headers=head, params=bad).status_code == 422
+
+
+# ---------------------------------------------------------------- over real HTTP with signed requests
+
+
+@dataclass
+class Stack:
+    client: httpx.Client
+    clock: FakeClock
+    engine: Engine
+    his_a: HisSigner
+    his_b: HisSigner
+    devices: dict[str, Enrolled]
+
+    def device(self, name: str) -> DeviceSigner:
+        enrolled = self.devices[name]
+        return DeviceSigner(enrolled.device_id, enrolled.session)
+
+    def commands(self) -> list[tuple[str, str, dict[str, Any]]]:
+        with session_factory(self.engine)() as session:
+            rows = session.scalars(select(IssuedCommand).order_by(IssuedCommand.issued_at, IssuedCommand.device_id))
+            return [(r.device_id, r.kind, r.args) for r in rows if r.kind != "binding_decision"]
+
+
+@pytest.fixture
+def stack(engine: Engine, db_url: str, tmp_path: Path) -> Iterator[Stack]:
+    with session_factory(engine, write_intent=True).begin() as session:
+        for code, region in ((A, "320583"), (B, "310115")):
+            data = binding.InstitutionData(name=f"药房{code}", kind=InstitutionKind.PHARMACY, region_code=region)
+            binding.upsert_institution(session, code, data, now=T0)
+    settings = ServerSettings(database_url=db_url, data_dir=tmp_path, secret_key=SecretStr(SECRET))
+    create_server_key(settings, iterations=1000)
+    clock = FakeClock(T0)
+    app = create_app(settings, engine=engine, clock=clock, start_ingest=False)
+    with serving(app) as client:
+        his_a, his_b = make_his_client(client, A), make_his_client(client, B)
+        devices = {name: enrol_with_session(client, clock, name) for name in (A1, A2, B1)}
+        with session_factory(engine, write_intent=True).begin() as session:
+            ids = {c: session.scalars(select(Institution.id).where(Institution.code == c)).one() for c in (A, B)}
+            for name in (A1, A2, B1):
+                device = session.get(Device, name)
+                assert device is not None
+                device.institution_id = ids[B if name == B1 else A]
+        yield Stack(client, clock, engine, his_a, his_b, devices)
+
+
+def _his_body(*people: tuple[str, str, str], **extra: Any) -> dict[str, Any]:
+    return {
+        "pharmacists": [
+            {"dr_code": code, "dr_name": name, "certno": certno, "psn_cert_type": "01", "prac_regn": "320583", **extra}
+            for code, name, certno in people
+        ]
+    }
+
+
+def test_the_his_syncs_its_own_institution_over_signed_http_and_bad_input_changes_nothing(stack: Stack) -> None:
+    c, clock = stack.client, stack.clock
+    resp = signed(
+        c,
+        stack.his_a,
+        "PUT",
+        "/his/v1/pharmacists",
+        clock=clock,
+        json_body=_his_body(("YS0001", "王小明", ID_WANG), ("YS0002", "李四", ID_LI)),
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json() == {
+        "institution_code": A,
+        "created": 2,
+        "updated": 0,
+        "left": 0,
+        "templates_deleted": 0,
+        "commands": 2,
+    }
+    # B's HIS client writes B's roster, never A's (the institution comes from the signature, not the body)
+    resp = signed(
+        c,
+        stack.his_b,
+        "PUT",
+        "/his/v1/pharmacists",
+        clock=clock,
+        json_body=_his_body(("YS0001", "周五", "310115198001011111")),
+    )
+    assert resp.status_code == 200
+    assert resp.json()["institution_code"] == B
+
+    bad_bodies = [
+        _his_body(("YS0009", "赵六", ID_LI), phone="13812345678"),  # minimum necessary: not accepted
+        _his_body(("YS0009", "赵六", ID_LI), prac_regn="3205"),
+        _his_body(("YS 09", "赵六", ID_LI)),
+        _his_body(("YS0009", "赵六", ID_LI), ("YS0009", "赵六", ID_LI)),  # listed twice
+        {"pharmacists": []},
+        {"pharmacists": [{"dr_code": "YS0009"}]},
+        [],
+    ]
+    for body in bad_bodies:
+        resp = signed(c, stack.his_a, "PUT", "/his/v1/pharmacists", clock=clock, json_body=body)
+        assert resp.status_code == 422, (body, resp.text)
+    unsigned = c.put("/his/v1/pharmacists", json=_his_body(("YS0009", "赵六", ID_LI)), headers={"Authorization": ""})
+    assert unsigned.status_code == 401
+    with session_factory(stack.engine)() as session:
+        codes = sorted(session.scalars(select(Pharmacist.code).where(Pharmacist.code == "YS0009")))
+        assert codes == []
+        dumped = json.dumps([r.name_masked + str(r.id_number_masked) for r in session.scalars(select(Pharmacist))])
+    assert "王小明" not in dumped
+    assert ID_WANG not in dumped
+    # a terminal cannot call the HIS route, a HIS client cannot call the device API
+    assert (
+        signed(
+            c, stack.device(A1), "PUT", "/his/v1/pharmacists", clock=clock, json_body={}, headers={"Authorization": ""}
+        ).status_code
+        == 401
+    )
+    assert signed(c, stack.his_a, "GET", "/device/v1/pharmacists", clock=clock).status_code == 401
+
+
+def test_terminals_exchange_templates_only_within_their_institution_and_purge_on_leave(stack: Stack) -> None:
+    c, clock = stack.client, stack.clock
+    body = _his_body(("YS0001", "王小明", ID_WANG), ("YS0002", "李四", ID_LI))
+    assert signed(c, stack.his_a, "PUT", "/his/v1/pharmacists", clock=clock, json_body=body).status_code == 200
+    a1, a2, b1 = stack.devices[A1], stack.devices[A2], stack.devices[B1]
+    vector = _vector(7)
+
+    def upload(device: Enrolled, code: str) -> TemplateUpload:
+        aad = template_aad(TemplateDirection.UPLOAD, device.device_id, code, MODEL)
+        return TemplateUpload(
+            key_id=device.session.key_id,
+            sealed=seal_template(device.session.key, vector, aad),
+            model_sha256=MODEL,
+            dims=128,
+            consent_version="2026-01",
+            consent_at=T0,
+            id_photo_similarity=0.96,
+        )
+
+    path = "/device/v1/pharmacists/YS0001/template"
+    resp = signed(
+        c, stack.device(A1), "POST", path, clock=clock, json_body=upload(a1, "YS0001").model_dump(mode="json")
+    )
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["notified_devices"] == 1
+    # B's terminal cannot enrol A's pharmacist; a template sealed for another device does not open
+    resp = signed(
+        c, stack.device(B1), "POST", path, clock=clock, json_body=upload(b1, "YS0001").model_dump(mode="json")
+    )
+    assert resp.status_code == 404
+    stolen = upload(a1, "YS0001").model_copy(update={"key_id": a2.session.key_id}).model_dump(mode="json")
+    assert signed(c, stack.device(A2), "POST", path, clock=clock, json_body=stolen).status_code == 422
+    garbage = {**upload(a1, "YS0001").model_dump(mode="json"), "dims": 0}
+    assert signed(c, stack.device(A1), "POST", path, clock=clock, json_body=garbage).status_code == 422
+
+    roster = Roster.model_validate(signed(c, stack.device(A2), "GET", "/device/v1/pharmacists", clock=clock).json())
+    assert roster.institution_code == A
+    entries = {e.code: e for e in roster.pharmacists}
+    assert (entries["YS0001"].name_masked, entries["YS0001"].id_number_masked) == ("王**", "320*************34")
+    sealed = entries["YS0001"].template
+    assert sealed is not None
+    assert entries["YS0002"].template is None
+    aad = template_aad(TemplateDirection.DOWNLOAD, A2, "YS0001", MODEL)
+    assert np.allclose(open_template(a2.session.key, sealed.sealed, aad, 128), vector, atol=1e-6)
+    roster_b = signed(c, stack.device(B1), "GET", "/device/v1/pharmacists", clock=clock).json()
+    assert roster_b == {"institution_code": B, "pharmacists": []}
+    assert "王小明" not in json.dumps(roster.model_dump(mode="json"), ensure_ascii=False)
+
+    # the pharmacist leaves: template gone, both of A's terminals told to purge
+    left = _his_body(("YS0001", "王小明", ID_WANG), resign_date="2026-02-28")
+    resp = signed(c, stack.his_a, "PUT", "/his/v1/pharmacists", clock=clock, json_body=left)
+    assert resp.json()["left"] == 1
+    assert resp.json()["templates_deleted"] == 1
+    purges = sorted(d for d, k, a in stack.commands() if k == "template_purge" and a["pharmacist_code"] == "YS0001")
+    assert purges == [A1, A2]
+    roster = Roster.model_validate(signed(c, stack.device(A2), "GET", "/device/v1/pharmacists", clock=clock).json())
+    assert [e.code for e in roster.pharmacists] == ["YS0002"]
+
+    # unbinding a terminal: it gets no roster any more, and its unbind command is queued (it purges on carrying it out)
+    resp = c.post(f"/api/v1/devices/{A2}/unbind", json={"reason": "moved"})
+    assert resp.status_code == 200, resp.text
+    assert signed(c, stack.device(A2), "GET", "/device/v1/pharmacists", clock=clock).status_code == 409
+    assert signed(c, stack.device(A2), "GET", "/device/v1/pharmacist-sessions", clock=clock).status_code == 409
+    assert (A2, "unbind") in [(d, k) for d, k, _ in stack.commands()]
+
+
+def test_a_terminal_reads_its_institutions_attendance(stack: Stack, engine: Engine) -> None:
+    c, clock = stack.client, stack.clock
+    assert (
+        signed(
+            c,
+            stack.his_a,
+            "PUT",
+            "/his/v1/pharmacists",
+            clock=clock,
+            json_body=_his_body(("YS0001", "王小明", ID_WANG), ("YS0002", "李四", ID_LI)),
+        ).status_code
+        == 200
+    )
+    world = World.__new__(World)
+    world.engine, world.keys, world.seq = engine, {A1: stack.devices[A1].identity}, 100
+    start = T0 - dt.timedelta(hours=2)
+    for code in ("YS0001", "YS0002"):
+        world.ingest(world.envelope(A1, SignedRecordKind.SIGN_IN, _sign_in(code, uuid.uuid4(), start)))
+    page = AttendancePage.model_validate(
+        signed(c, stack.device(A2), "GET", "/device/v1/pharmacist-sessions?pharmacist=YS0002", clock=clock).json()
+    )
+    assert [(i.pharmacist_code, i.device_id, i.pharmacist_masked) for i in page.items] == [("YS0002", A1, "李*")]
+    assert signed(c, stack.device(B1), "GET", "/device/v1/pharmacist-sessions", clock=clock).json()["total"] == 0
+    bad = signed(c, stack.device(A2), "GET", "/device/v1/pharmacist-sessions?limit=0", clock=clock)
+    assert bad.status_code == 422
