@@ -82,6 +82,7 @@ from protocol.secure import SessionKey
 from terminal.commands import CommandHandler, HandlerOutcome
 from terminal.config import PharmacistsConfig
 from terminal.errors import TerminalError
+from terminal.face_templates import TemplateStore
 from terminal.verification import FaceDecision, FaceVerifier
 
 logger = logging.getLogger(__name__)
@@ -752,6 +753,38 @@ class PharmacistDesk:
             return AttendancePage.model_validate(raw)
         except ValidationError as exc:
             raise PharmacistError("the server's attendance records are malformed") from exc
+
+
+def open_desk(
+    config: PharmacistsConfig,
+    face: FaceVerifier,
+    template_key: bytes,
+    clock: Clock,
+    **kwargs: Any,
+) -> PharmacistDesk:
+    """A desk on the kiosk's face verifier (same camera, engine, liveness policy and prompts) with the pharmacists'
+    own sealed gallery, and its store opened from `config`."""
+    gallery = TemplateStore(config.gallery, template_key, model_sha256=face.templates.model_sha256)
+    verifier = FaceVerifier(
+        face.camera,
+        face.engine,
+        face.liveness,
+        gallery,
+        clock,
+        rng=face.rng,
+        window_s=face.window_s,
+        challenge_steps=face.challenge_steps,
+        always_challenge=face.always_challenge,
+        challenge_window_s=face.challenge_window_s,
+        prompt=face.prompt,
+        record=face.record,
+    )
+    try:
+        store = PharmacistStore(config.store)
+    except PharmacistError:
+        gallery.close()
+        raise
+    return PharmacistDesk(config, store, verifier, clock, **kwargs)
 
 
 # ---------------------------------------------------------------- commands and the sync thread

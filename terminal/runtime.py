@@ -40,14 +40,15 @@ from protocol import (
 )
 from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, SignedRecordKind
-from terminal.binding import BindingStore, binding_handlers
+from terminal.binding import BindingState, BindingStore, binding_handlers
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
-from terminal.devices import KioskDevices, build_evoucher_service, open_face_verifier
+from terminal.devices import DeviceStartupError, KioskDevices, build_evoucher_service, open_face_verifier
 from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
+from terminal.pharmacists import PharmacistCommands, PharmacistDesk, RosterSyncWorker, open_desk
 from terminal.server_api import ServerApi
 from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
@@ -91,6 +92,12 @@ class TerminalRuntime:
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
     server_api: ServerApi | None = None
     """The server's device API (`terminal.server_api`), signed with the session key; None when not enrolled."""
+    pharmacist_commands: PharmacistCommands = field(default_factory=PharmacistCommands)
+    """`roster_update`, `template_purge` and the `unbind` purge; attached to `pharmacists` once it is built."""
+    pharmacists: PharmacistDesk | None = None
+    """Pharmacist enrolment and sign-in/out when `[pharmacists]` is set (docs/pharmacists.md)."""
+    roster_sync: RosterSyncWorker | None = None
+    """Fetches the pharmacist roster at start, on `roster_update` and every few hours (needs `server_api`)."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -102,6 +109,8 @@ class TerminalRuntime:
             # A short wait so the first CONNECT carries a sealed will and 'online'; offline it goes on without.
             self.security.sessions.wait_ready(START_KEY_WAIT_S)
         self.sync.start()
+        if self.roster_sync is not None:
+            self.roster_sync.start()
         if self.pos_api is not None:
             self.pos_api.start()
         logger.info(
@@ -119,6 +128,8 @@ class TerminalRuntime:
         the devices and the outbox)."""
         if self.pos_api is not None:
             self.pos_api.stop()
+        if self.roster_sync is not None:
+            self.roster_sync.stop()
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
@@ -127,6 +138,8 @@ class TerminalRuntime:
         self.outbox.close()
         if self.face is not None:
             self.face.templates.close()
+        if self.pharmacists is not None:
+            self.pharmacists.close()
         _release(self.devices, self.evoucher_platform)
         logger.info("terminal %s stopped", self.config.device_id)
 
@@ -282,7 +295,43 @@ def build_runtime(
             _release(devices, evoucher_platform)
             raise
         runtime.model_versions.update(runtime.face.model_versions)
+    if config.pharmacists is not None:
+        try:
+            runtime.pharmacists = _pharmacist_desk(runtime, template_key)
+        except BaseException:
+            runtime.outbox.close()
+            _release(devices, evoucher_platform)
+            raise
+        runtime.pharmacist_commands.attach(runtime.pharmacists)
+        if runtime.server_api is not None:
+            runtime.roster_sync = RosterSyncWorker(runtime.pharmacists, runtime.pharmacist_commands.sync_requested)
     return runtime
+
+
+def _pharmacist_desk(runtime: TerminalRuntime, template_key: bytes | None) -> PharmacistDesk:
+    """The desk `[pharmacists]` asks for, on the `[face]` verifier's camera, models and liveness policy."""
+    config = runtime.config.pharmacists
+    if config is None or runtime.face is None or template_key is None:
+        raise DeviceStartupError("pharmacists", None, "[pharmacists] needs [face] and an enrolled identity")
+    security = runtime.security
+    binding = runtime.binding
+
+    def institution() -> str | None:
+        status = binding.load() if binding is not None else None
+        return status.institution_code if status is not None and status.state is BindingState.BOUND else None
+
+    return open_desk(
+        config,
+        runtime.face,
+        template_key,
+        runtime.clock,
+        device_id=runtime.config.device_id,
+        institution=institution,
+        record_signed=runtime.record_signed,
+        record_audit=lambda event: runtime.record_audits([event]),
+        api=runtime.server_api,
+        keys=security.sessions if security is not None else None,
+    )
 
 
 def _build(
@@ -315,6 +364,8 @@ def _build(
 
         # The binding status the server's decisions set (docs/binding.md), beside the outbox
         binding = BindingStore(config.outbox.path.with_name(BINDING_FILE))
+        # Registered now, attached to the pharmacist desk once face verification is built (docs/pharmacists.md)
+        pharmacist_commands = PharmacistCommands()
         commands = CommandApplier(
             outbox,
             device_id=config.device_id,
@@ -324,7 +375,10 @@ def _build(
                 facts,
                 clock,
                 request_rotation=security.sessions.request_rotation if security is not None else None,
-                extra=binding_handlers(binding, clock.now),
+                extra={
+                    **binding_handlers(binding, clock.now, on_unbind=pharmacist_commands.purge_all),
+                    **pharmacist_commands.handlers(),
+                },
             ),
             on_answered=answered if log is not None else None,
         )
@@ -387,6 +441,7 @@ def _build(
         security=security,
         model_versions=model_versions,
         binding=binding,
+        pharmacist_commands=pharmacist_commands,
         server_api=(
             ServerApi(security.identity.bundle.server_url, config.device_id, security.sessions.current, clock)
             if security is not None

@@ -8,11 +8,13 @@ import datetime as dt
 import json
 import random
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import JsonValue
+from pydantic import JsonValue, SecretStr
+from sqlalchemy import select
 
 from drivers.camera import Frame
 from drivers.card_reader import NoCardError
@@ -29,6 +31,17 @@ from protocol.evidence import sign_device_record, verify_device_record
 from protocol.gm.sm2 import SM2PrivateKey
 from protocol.payloads import PeripheralKind, PeripheralStatus, SignedRecordKind
 from protocol.pharmacist import SignOutReason, parse_enrolment, parse_sign_in, parse_sign_out
+from protocol.secure import SessionKey
+from sync_server import binding
+from sync_server.app import create_app
+from sync_server.commands import wire_command
+from sync_server.db.engine import create_db_engine, session_factory
+from sync_server.db.migrate import upgrade
+from sync_server.db.models import Device, Institution, InstitutionKind, IssuedCommand
+from sync_server.identity import create_server_key
+from sync_server.pharmacists import record_pharmacist_sessions
+from sync_server.settings import ServerSettings
+from sync_server.store import store_envelopes
 from terminal.binding import BindingStore, binding_handlers
 from terminal.config import PharmacistsConfig
 from terminal.face_templates import TemplateStore
@@ -40,11 +53,15 @@ from terminal.pharmacists import (
     PharmacistDesk,
     PharmacistError,
     PharmacistStore,
+    SessionKeys,
     TemplateState,
 )
+from terminal.server_api import ServerApi
 from terminal.verification import FaceOutcome, FaceVerifier, Prompt
 from tests.face_data import person_photos
-from tests.terminal.conftest import DEVICE_ID, FakeClock, open_outbox
+from tests.sync_server.conftest import TEST_ADMIN_TOKEN, serving
+from tests.sync_server.signed_requests import enrol_with_session, make_his_client, signed
+from tests.terminal.conftest import DEVICE_ID, FakeClock, outbox_config
 
 KEY = bytes(range(16))
 INSTITUTION = "H32058300001"
@@ -143,8 +160,21 @@ def mask(number: str) -> str:
 class Kiosk:
     """A desk on real parts: camera simulator, face engine, sealed gallery, pharmacist store, real outbox."""
 
-    def __init__(self, engine: FaceEngine, tmp_path: Path, *, face: str = "obama_a", **config: Any) -> None:
-        self.clock = FakeClock(START)
+    def __init__(
+        self,
+        engine: FaceEngine,
+        tmp_path: Path,
+        *,
+        face: str = "obama_a",
+        clock: FakeClock | None = None,
+        device_id: str = DEVICE_ID,
+        key: SM2PrivateKey | None = None,
+        api: ServerApi | None = None,
+        keys: SessionKeys | None = None,
+        **config: Any,
+    ) -> None:
+        self.clock = clock or FakeClock(START)
+        self.device_id = device_id
         self.camera = PacedCamera(engine, self.clock, face)
         self.gallery = TemplateStore(
             tmp_path / "pharmacist_gallery.sqlite3", KEY, model_sha256=engine.embedder.model_sha256
@@ -165,8 +195,14 @@ class Kiosk:
             prompt=prompt,
             record=self.events.append,
         )
-        self.outbox: Outbox = open_outbox(tmp_path / "outbox.sqlite3", self.clock)
-        self.key = SM2PrivateKey.generate()
+        self.outbox = Outbox.open(
+            outbox_config(tmp_path / "outbox.sqlite3"),
+            device_id=device_id,
+            boot_id=uuid.uuid4(),
+            clock=self.clock,
+            jitter=lambda: 0.0,
+        )
+        self.key = key or SM2PrivateKey.generate()
         self.bound: str | None = INSTITUTION
         self.config = PharmacistsConfig(store=tmp_path / "pharmacists.sqlite3", **config)
         self.desk = PharmacistDesk(
@@ -174,15 +210,17 @@ class Kiosk:
             PharmacistStore(self.config.store),
             self.verifier,
             self.clock,
-            device_id=DEVICE_ID,
+            device_id=device_id,
             institution=lambda: self.bound,
             record_signed=self.record_signed,
             record_audit=self.events.append,
+            api=api,
+            keys=keys,
         )
         self.decoder = PhotoDecoder()
 
     def record_signed(self, kind: SignedRecordKind, record: dict[str, JsonValue]) -> Envelope:
-        payload = sign_device_record(self.key, device_id=DEVICE_ID, key_epoch=1, record_type=kind, record=record)
+        payload = sign_device_record(self.key, device_id=self.device_id, key_epoch=1, record_type=kind, record=record)
         return self.outbox.enqueue(payload)
 
     def signed(self) -> list[SignedRecord]:
@@ -192,10 +230,16 @@ class Kiosk:
         for record in claimed:
             payload = record.envelope.payload
             if isinstance(payload, SignedRecord):
-                verify_device_record(payload, device_id=DEVICE_ID, device_key=self.key.public_key)
+                verify_device_record(payload, device_id=self.device_id, device_key=self.key.public_key)
                 out.append(payload)
         self.outbox.mark_sent([c.seq for c in claimed])  # the next call sees only what came after
         return out
+
+    def envelopes(self) -> list[Envelope]:
+        """Every envelope queued since the last call (as the uplink would send them)."""
+        claimed = self.outbox.claim()
+        self.outbox.mark_sent([c.seq for c in claimed])
+        return [c.envelope for c in claimed]
 
     def on_roster(self, code: str, card: IdCardData) -> None:
         self.desk.store.put_member(code, "张**", mask(card.id_number))
@@ -442,3 +486,116 @@ def test_template_purge_and_unbind_remove_templates(kiosk: Kiosk, tmp_path: Path
     assert "1 face template(s) purged" in unbound.detail
     assert kiosk.gallery.subjects() == {}
     assert kiosk.desk.roster() == {}
+
+
+# ---------------------------------------------------------------- with the real server over signed HTTP
+
+
+@dataclass(frozen=True)
+class Keys:
+    """`SessionKeys` over one enrolled device's session key."""
+
+    session: SessionKey
+
+    def current(self) -> SessionKey | None:
+        return self.session
+
+    def key_for(self, key_id: object) -> SessionKey | None:
+        return self.session if key_id == self.session.key_id else None
+
+
+def test_enrolment_on_one_terminal_lets_the_pharmacist_sign_in_on_another_of_the_same_pharmacy(
+    engine: FaceEngine, tmp_path: Path
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'server.sqlite3'}"
+    upgrade(db_url)
+    db = create_db_engine(db_url)
+    clock = FakeClock(START)
+    settings = ServerSettings(
+        database_url=db_url,
+        data_dir=tmp_path / "server",
+        secret_key=SecretStr("s" * 48),
+        bootstrap_admin_token=SecretStr(TEST_ADMIN_TOKEN),
+    )
+    create_server_key(settings, iterations=1000)
+    with session_factory(db, write_intent=True).begin() as session:
+        data = binding.InstitutionData(name="昆山示例药房", kind=InstitutionKind.PHARMACY, region_code="320583")
+        binding.upsert_institution(session, INSTITUTION, data, now=START)
+    app = create_app(settings, engine=db, clock=clock, start_ingest=False)
+    kiosks: list[Kiosk] = []
+    apis: list[ServerApi] = []
+    try:
+        with serving(app) as client:
+            his = make_his_client(client, INSTITUTION)
+            enrolled = [enrol_with_session(client, clock, name) for name in ("kiosk-ks-1", "kiosk-ks-2")]
+            with session_factory(db, write_intent=True).begin() as session:
+                inst_id = session.scalars(select(Institution.id).where(Institution.code == INSTITUTION)).one()
+                for device in enrolled:
+                    row = session.get(Device, device.device_id)
+                    assert row is not None
+                    row.institution_id = inst_id
+            for n, device in enumerate(enrolled):
+                api = ServerApi(str(client.base_url), device.device_id, lambda d=device: d.session, clock)  # type: ignore[misc]
+                apis.append(api)
+                kiosks.append(
+                    Kiosk(
+                        engine,
+                        tmp_path / f"t{n}",
+                        clock=clock,
+                        device_id=device.device_id,
+                        key=device.identity,
+                        api=api,
+                        keys=Keys(device.session),
+                    )
+                )
+            first, second = kiosks
+            card = first.decoder.card_with(11, "obama_c")
+            body = {"pharmacists": [{"dr_code": "YS0001", "dr_name": card.name, "certno": card.id_number}]}
+            assert signed(client, his, "PUT", "/his/v1/pharmacists", clock=clock, json_body=body).status_code == 200
+
+            assert first.desk.sync_roster() == 1
+            member = first.desk.roster()["YS0001"]
+            assert member.template is TemplateState.NONE
+            assert member.id_number_masked is not None
+            assert card.id_number not in member.id_number_masked
+            result = first.enrol("YS0001", card, "obama_a")
+            assert result.enrolled, result
+            assert result.uploaded
+            assert first.desk.roster()["YS0001"].template is TemplateState.SYNCED
+
+            # the other terminal of the pharmacy gets the template and recognises the pharmacist
+            assert second.gallery.subjects() == {}
+            assert second.desk.sync_roster() == 1
+            assert set(second.gallery.subjects()) == {"YS0001"}
+            second.camera.show("obama_b")
+            signed_in = second.desk.sign_in()
+            assert signed_in.ok, signed_in
+
+            # its signed records reach the server's attendance (what ingest does with them in its transaction)
+            envelopes = second.envelopes() + first.envelopes()
+            with session_factory(db, write_intent=True).begin() as session:
+                store_envelopes(session, envelopes, received_at=clock.now())
+                done = record_pharmacist_sessions(session, envelopes, now=clock.now())
+            assert (done.opened, done.enrolments, done.refused) == (1, 1, 0)
+            page = second.desk.server_records("YS0001")
+            assert [i.session_id for i in page.items] == [signed_in.session.session_id if signed_in.session else None]
+
+            # the pharmacist leaves: the server tells both terminals to purge; carrying it out empties the gallery
+            body["pharmacists"][0]["resign_date"] = "2026-01-05"
+            assert signed(client, his, "PUT", "/his/v1/pharmacists", clock=clock, json_body=body).status_code == 200
+            with session_factory(db)() as session:
+                purges = list(session.scalars(select(IssuedCommand).where(IssuedCommand.kind == "template_purge")))
+            assert sorted(p.device_id for p in purges) == ["kiosk-ks-1", "kiosk-ks-2"]
+            commands = PharmacistCommands()
+            commands.attach(second.desk)
+            [mine] = [p for p in purges if p.device_id == "kiosk-ks-2"]
+            assert commands.handlers()[CommandKind.TEMPLATE_PURGE](wire_command(mine)).outcome is CommandOutcome.APPLIED
+            assert second.gallery.subjects() == {}
+            assert first.desk.sync_roster() == 0  # the roster no longer lists them: the first terminal forgets too
+            assert first.gallery.subjects() == {}
+    finally:
+        for kiosk in kiosks:
+            kiosk.close()
+        for api in apis:
+            api.close()
+        db.dispose()
