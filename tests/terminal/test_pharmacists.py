@@ -43,7 +43,8 @@ from sync_server.pharmacists import record_pharmacist_sessions
 from sync_server.settings import ServerSettings
 from sync_server.store import store_envelopes
 from terminal.binding import BindingStore, binding_handlers
-from terminal.config import PharmacistsConfig
+from terminal.config import PharmacistsConfig, parse_terminal_config
+from terminal.errors import ConfigError
 from terminal.face_templates import TemplateStore
 from terminal.outbox import Outbox
 from terminal.pharmacists import (
@@ -61,7 +62,7 @@ from terminal.verification import FaceOutcome, FaceVerifier, Prompt
 from tests.face_data import person_photos
 from tests.sync_server.conftest import TEST_ADMIN_TOKEN, serving
 from tests.sync_server.signed_requests import enrol_with_session, make_his_client, signed
-from tests.terminal.conftest import DEVICE_ID, FakeClock, outbox_config
+from tests.terminal.conftest import DEVICE_ID, FakeClock, outbox_config, terminal_raw_config
 
 KEY = bytes(range(16))
 INSTITUTION = "H32058300001"
@@ -599,3 +600,22 @@ def test_enrolment_on_one_terminal_lets_the_pharmacist_sign_in_on_another_of_the
         for api in apis:
             api.close()
         db.dispose()
+
+
+def test_the_pharmacists_section_is_checked_and_its_paths_follow_the_config_file(tmp_path: Path) -> None:
+    raw = terminal_raw_config(tmp_path)
+    raw["pharmacists"] = {"close_hour": 24, "reverify_every_min": 60}
+    config = parse_terminal_config(raw, source="t.toml", base_dir=tmp_path)
+    assert config.pharmacists is not None
+    assert config.pharmacists.gallery == tmp_path / "pharmacist_gallery.sqlite3"
+    assert config.pharmacists.store == tmp_path / "pharmacists.sqlite3"
+    assert parse_terminal_config(terminal_raw_config(tmp_path), source="t.toml").pharmacists is None
+    for bad, word in (
+        ({"close_hour": 0}, "close_hour"),
+        ({"timezone": "Mars/Olympus"}, "time zone"),
+        ({"reverify_every_min": 1}, "reverify_every_min"),
+        ({"closing": 22}, "closing"),
+    ):
+        raw["pharmacists"] = bad
+        with pytest.raises(ConfigError, match=word):
+            parse_terminal_config(raw, source="t.toml")
