@@ -7,11 +7,13 @@ import dataclasses
 import datetime as dt
 import json
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydantic import JsonValue, SecretStr
 from sqlalchemy import select
@@ -19,6 +21,7 @@ from sqlalchemy import select
 from drivers.camera import Frame
 from drivers.card_reader import NoCardError
 from drivers.idcard import IdCardData
+from hardware_sim import SimulatedPeripheral
 from hardware_sim.camera_sim import SimulatedCamera, load_rgb
 from hardware_sim.idcard_sim import synthetic_card
 from models.dlib_convert import build_dlib_resnet
@@ -26,7 +29,7 @@ from models.face import FaceEngine, engine_from_store
 from models.liveness import LivenessChecker
 from models.manifest import ModelStore
 from models.types import RgbImage
-from protocol import AuditEvent, CommandKind, CommandOutcome, DeviceCommand, Envelope, SignedRecord
+from protocol import AuditEvent, CommandKind, CommandOutcome, DeviceCommand, Envelope, SignedRecord, Topics
 from protocol.evidence import sign_device_record, verify_device_record
 from protocol.gm.sm2 import SM2PrivateKey
 from protocol.payloads import PeripheralKind, PeripheralStatus, SignedRecordKind
@@ -44,6 +47,7 @@ from sync_server.settings import ServerSettings
 from sync_server.store import store_envelopes
 from terminal.binding import BindingStore, binding_handlers
 from terminal.config import PharmacistsConfig, parse_terminal_config
+from terminal.devices import open_devices
 from terminal.errors import ConfigError
 from terminal.face_templates import TemplateStore
 from terminal.outbox import Outbox
@@ -57,12 +61,15 @@ from terminal.pharmacists import (
     SessionKeys,
     TemplateState,
 )
+from terminal.runtime import build_runtime
 from terminal.server_api import ServerApi
 from terminal.verification import FaceOutcome, FaceVerifier, Prompt
-from tests.face_data import person_photos
+from tests.face_data import faces_dir, person_photos
 from tests.sync_server.conftest import TEST_ADMIN_TOKEN, serving
 from tests.sync_server.signed_requests import enrol_with_session, make_his_client, signed
 from tests.terminal.conftest import DEVICE_ID, FakeClock, outbox_config, terminal_raw_config
+from tests.terminal.fakes import ScriptedLink
+from tests.terminal.test_devices import config_with
 
 KEY = bytes(range(16))
 INSTITUTION = "H32058300001"
@@ -619,3 +626,50 @@ def test_the_pharmacists_section_is_checked_and_its_paths_follow_the_config_file
         raw["pharmacists"] = bad
         with pytest.raises(ConfigError, match=word):
             parse_terminal_config(raw, source="t.toml")
+
+
+def test_the_runtime_builds_the_desk_on_its_own_gallery_and_carries_out_purge_commands(tmp_path: Path) -> None:
+    video = faces_dir() / "video" / "short_clip.mp4"
+    toml = (
+        '[face]\ngallery = "gallery.sqlite3"\nwindow_s = 3.0\n'
+        f'[devices.camera]\nbackend = "opencv"\nrgb = "{video}"\nsimulated_peer = true\n'
+        "[pharmacists]\nclose_hour = 23\n"
+    )
+    config = config_with(tmp_path, toml)
+    clock = FakeClock(START)
+    devices = open_devices(config.devices, stand_in=SimulatedPeripheral)
+    runtime = build_runtime(config, devices, clock, link=ScriptedLink(clock), template_key=bytes(range(16)))
+    try:
+        desk = runtime.pharmacists
+        assert desk is not None
+        assert runtime.face is not None
+        assert desk.templates.path == tmp_path / "pharmacist_gallery.sqlite3"
+        assert desk.verifier.engine is runtime.face.engine  # one set of models
+        assert runtime.roster_sync is None  # no enrolled identity, no device API: nothing to sync from
+        assert runtime.pharmacist_commands.desk is desk
+        vector = np.random.default_rng(1).standard_normal(128).astype(np.float32)
+        for code in ("YS0001", "YS0002"):
+            desk.store.put_member(code, "王**", None)
+            desk.templates.enrol(code, vector)
+        runtime.start()
+        downlink = runtime.sync.downlink
+        assert downlink is not None
+        topic = Topics(prefix=config.mqtt.topic_prefix).downlink(config.device_id)
+        purge = _command(CommandKind.TEMPLATE_PURGE, pharmacist_code="YS0001", reason="pharmacist_left")
+        downlink.offer(topic, purge.model_copy(update={"device_id": config.device_id}).to_bytes())
+        wait_for(lambda: set(desk.templates.subjects()) == {"YS0002"}, "the purge")
+        unbind = _command(CommandKind.UNBIND, reason="moved")
+        downlink.offer(topic, unbind.model_copy(update={"device_id": config.device_id}).to_bytes())
+        wait_for(lambda: desk.templates.subjects() == {}, "the unbind purge")
+        assert desk.roster() == {}
+        assert runtime.face.templates.subjects() == {}  # the citizens' gallery is another file, untouched
+    finally:
+        runtime.stop()
+
+
+def wait_for(predicate: Any, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
