@@ -20,7 +20,8 @@ Owns:
   - `purge` / `purge_all`: the `template_purge` command and `unbind` remove templates.
 * `PharmacistCommands`: the `roster_update` and `template_purge` handlers and the `unbind` purge hook, built before
   the desk exists (the command registry is) and attached to it once it does;
-* `RosterSyncWorker`: a thread that runs `sync_roster` at start, on `roster_update`, and every few hours.
+* `RosterSyncWorker`: a thread that runs `sync_roster` at start, on `roster_update`, and every few hours;
+  `ClosingHourWorker`: a thread that runs `close_overdue` once a minute.
 
 It must never log or record a name, an ID number, an ID-card photo or a template, and never keep the card's data
 beyond the enrolment call.
@@ -29,6 +30,7 @@ beyond the enrolment call.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import logging
 import sqlite3
 import threading
@@ -37,7 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -375,6 +377,19 @@ def _id_matches(masked: str | None, number: str) -> bool:
 
 # ---------------------------------------------------------------- the desk
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _serialised(method: _F) -> _F:
+    """Run a desk method under the desk's lock (re-entrant: flows call one another)."""
+
+    @functools.wraps(method)
+    def locked(self: PharmacistDesk, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return cast(_F, locked)
+
 
 class PharmacistDesk:
     """The pharmacist flows at one terminal. Called from the kiosk's worker thread (one flow at a time); the roster
@@ -406,7 +421,9 @@ class PharmacistDesk:
         self.api = api
         self.keys = keys
         self.tz = ZoneInfo(config.timezone)
-        self._sync_lock = threading.Lock()
+        # One flow at a time: a roster sync or a purge must not remove a template an enrolment just captured, and
+        # the closing-hour thread must not close a session a sign-out is closing.
+        self._lock = threading.RLock()
 
     def close(self) -> None:
         self.store.close()
@@ -434,7 +451,7 @@ class PharmacistDesk:
         """Fetch the institution's roster and templates; returns the number of pharmacists listed.
         `PharmacistError` without a server API or session key; the server's errors pass through."""
         api, keys = self._online()
-        with self._sync_lock:
+        with self._lock:
             raw = api.get_json(ROSTER_PATH)
             try:
                 roster = Roster.model_validate(raw)
@@ -482,6 +499,7 @@ class PharmacistDesk:
         self.templates.remove(code)
         self.store.remove_member(code)
 
+    @_serialised
     def purge(self, code: str | None) -> int:
         """Delete one pharmacist's template (they left) or, with None, every pharmacist template and the roster.
         Idempotent; returns the number of templates deleted."""
@@ -492,6 +510,7 @@ class PharmacistDesk:
         logger.info("pharmacist %s: template purged", code)
         return removed
 
+    @_serialised
     def purge_all(self) -> int:
         removed = sum(int(self.templates.remove(ref)) for ref in self.templates.subjects())
         self.store.clear_roster()
@@ -500,6 +519,7 @@ class PharmacistDesk:
 
     # ---------------------------------------------------------------- enrolment
 
+    @_serialised
     def enrol(
         self,
         code: str,
@@ -633,6 +653,7 @@ class PharmacistDesk:
 
     # ---------------------------------------------------------------- attendance
 
+    @_serialised
     def sign_in(self) -> AttendanceResult:
         """Find the pharmacist in front of the camera among the institution's (1:N) and open their session."""
         institution = self._institution()
@@ -660,6 +681,7 @@ class PharmacistDesk:
         logger.info("pharmacist %s signed in (session %s)", code, session.session_id)
         return AttendanceResult(decision, session, envelope)
 
+    @_serialised
     def sign_out(self) -> AttendanceResult:
         """Find the pharmacist in front of the camera (1:N) and close their open session."""
         self._institution()
@@ -699,6 +721,7 @@ class PharmacistDesk:
         )
         return closed, envelope
 
+    @_serialised
     def close_overdue(self) -> list[LocalSession]:
         """Close every open session whose closing hour has passed, at that hour (reason `auto_closed`)."""
         now = self.clock.now()
@@ -717,6 +740,7 @@ class PharmacistDesk:
         now = self.clock.now()
         return [s for s in self.store.open_sessions() if s.last_verified_at + interval <= now]
 
+    @_serialised
     def reverify(self, code: str) -> AttendanceResult:
         """1:1 against `code`'s template: accepted keeps the session (next check one interval later); anything else
         closes it (reason `reverification_failed`), because nobody can say the pharmacist is still there."""
@@ -863,3 +887,35 @@ class RosterSyncWorker:
             if self._failing:
                 logger.info("pharmacist roster sync works again")
             self._failing = False
+
+
+class ClosingHourWorker:
+    """Closes sessions at the configured hour even when nobody touches the kiosk (`PharmacistDesk.close_overdue`
+    once a minute)."""
+
+    def __init__(self, desk: PharmacistDesk, *, every_s: float = 60.0) -> None:
+        self.desk = desk
+        self.every_s = every_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pharmacist-closing-hour", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.wait(self.every_s):
+            try:
+                self.desk.close_overdue()
+            except TerminalError as exc:  # the outbox full, the store unwritable: said once, tried again
+                if not failing:
+                    logger.warning("closing open pharmacist sessions failed: %s", exc)
+                failing = True
+                continue
+            failing = False

@@ -48,7 +48,7 @@ from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
-from terminal.pharmacists import PharmacistCommands, PharmacistDesk, RosterSyncWorker, open_desk
+from terminal.pharmacists import ClosingHourWorker, PharmacistCommands, PharmacistDesk, RosterSyncWorker, open_desk
 from terminal.server_api import ServerApi
 from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
@@ -98,6 +98,8 @@ class TerminalRuntime:
     """Pharmacist enrolment and sign-in/out when `[pharmacists]` is set (docs/pharmacists.md)."""
     roster_sync: RosterSyncWorker | None = None
     """Fetches the pharmacist roster at start, on `roster_update` and every few hours (needs `server_api`)."""
+    closing_hour: ClosingHourWorker | None = None
+    """Closes pharmacist sessions at `[pharmacists] close_hour` while the kiosk is idle."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -111,6 +113,8 @@ class TerminalRuntime:
         self.sync.start()
         if self.roster_sync is not None:
             self.roster_sync.start()
+        if self.closing_hour is not None:
+            self.closing_hour.start()
         if self.pos_api is not None:
             self.pos_api.start()
         logger.info(
@@ -130,6 +134,8 @@ class TerminalRuntime:
             self.pos_api.stop()
         if self.roster_sync is not None:
             self.roster_sync.stop()
+        if self.closing_hour is not None:
+            self.closing_hour.stop()
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
@@ -303,6 +309,7 @@ def build_runtime(
             _release(devices, evoucher_platform)
             raise
         runtime.pharmacist_commands.attach(runtime.pharmacists)
+        runtime.closing_hour = ClosingHourWorker(runtime.pharmacists)
         if runtime.server_api is not None:
             runtime.roster_sync = RosterSyncWorker(runtime.pharmacists, runtime.pharmacist_commands.sync_requested)
     return runtime

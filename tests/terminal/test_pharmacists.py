@@ -52,6 +52,7 @@ from terminal.errors import ConfigError
 from terminal.face_templates import TemplateStore
 from terminal.outbox import Outbox
 from terminal.pharmacists import (
+    ClosingHourWorker,
     Consent,
     EnrolmentOutcome,
     PharmacistCommands,
@@ -417,6 +418,23 @@ def test_an_open_session_closes_at_the_configured_hour(kiosk: Kiosk) -> None:
     assert sign_out.signed_out_at == closed.signed_out_at
 
 
+def test_the_closing_hour_thread_closes_sessions_while_the_kiosk_is_idle(kiosk: Kiosk) -> None:
+    _enrolled(kiosk)
+    kiosk.camera.show("rose_b")
+    assert kiosk.desk.sign_in().ok
+    worker = ClosingHourWorker(kiosk.desk, every_s=0.05)
+    worker.start()
+    try:
+        time.sleep(0.2)
+        assert kiosk.desk.store.open_sessions() != []  # not yet 22:00 in Shanghai
+        kiosk.clock.set_wall(dt.datetime(2026, 1, 5, 14, 30, tzinfo=dt.UTC))
+        wait_for(lambda: kiosk.desk.store.open_sessions() == [], "the closing hour")
+    finally:
+        worker.stop()
+    [_sign_in, sign_out] = kiosk.signed()
+    assert parse_sign_out(dict(sign_out.record)).reason is SignOutReason.AUTO_CLOSED
+
+
 def test_reverification_keeps_the_session_for_the_pharmacist_and_closes_it_for_anyone_else(kiosk: Kiosk) -> None:
     _enrolled(kiosk)
     kiosk.camera.show("obama_b")
@@ -647,6 +665,7 @@ def test_the_runtime_builds_the_desk_on_its_own_gallery_and_carries_out_purge_co
         assert desk.verifier.engine is runtime.face.engine  # one set of models
         assert runtime.roster_sync is None  # no enrolled identity, no device API: nothing to sync from
         assert runtime.pharmacist_commands.desk is desk
+        assert runtime.closing_hour is not None
         vector = np.random.default_rng(1).standard_normal(128).astype(np.float32)
         for code in ("YS0001", "YS0002"):
             desk.store.put_member(code, "王**", None)
