@@ -539,6 +539,17 @@ class SimulatedCamera:
             self._asked = challenge
             self._motion_step = 0
 
+    def present_person(self, sources: Sequence[Path], presentation: Presentation = Presentation.BONA_FIDE) -> None:
+        """Someone else steps in front of the camera: from the next frame on, frames come from `sources` (e.g. the
+        simulated town's next citizen). The open source is closed and replaced; read() keeps working."""
+        with self._lock:
+            self._paths = [Path(p) for p in sources]
+            self._presentation = presentation
+            self._motion_step = 0
+            old, self._source = self._source, (_Source(self._paths, self._frames_per_still) if self._source else None)
+        if old is not None:
+            old.close()
+
     def inject_fault(self, fault: CameraFault) -> None:
         with self._lock:
             self._faults.add(fault)

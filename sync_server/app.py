@@ -34,6 +34,7 @@ from sync_server.api import (
     machine_clients,
     pharmacists,
     provisioning,
+    statistics,
 )
 from sync_server.api.deps import authorize
 from sync_server.authz import check_route_policies
@@ -89,6 +90,7 @@ def create_app(
     app.include_router(accounts.router)
     app.include_router(binding.router)
     app.include_router(machine_clients.router)
+    app.include_router(statistics.router)
     app.include_router(pharmacists.router)
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here

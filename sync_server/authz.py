@@ -122,6 +122,12 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "POST /api/v1/his-clients/{client_id}/revoke": DEVICE_ADMIN,
     "GET /his/v1/ping": HIS_CLIENTS,
     "GET /device/v1/whoami": DEVICE_SESSION,
+    # back-office statistics (D-04, docs/statistics.md): scoped to a regulator's region, an institution head's
+    # institution; the page is public like the other operator pages (no login page yet)
+    "GET /api/v1/statistics/devices": roles(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),
+    "GET /api/v1/statistics/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
+    "GET /api/v1/statistics/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
+    "GET /statistics": PUBLIC,
     # pharmacists and attendance (docs/pharmacists.md)
     "GET /api/v1/pharmacist-sessions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
     "PUT /his/v1/pharmacists": HIS_CLIENTS,

@@ -994,3 +994,28 @@ def bench_catalogue(
     from yibao.bench_catalogue import run_catalogue_bench
 
     print(json.dumps({**run_catalogue_bench(drugs, queries, seed), "machine": _machine()}, ensure_ascii=False))
+
+
+@bench_app.command("his")
+def bench_his(
+    rate: Annotated[float, typer.Option(min=1, help="Requests per second, scheduled open-loop.")] = 200.0,
+    duration_s: Annotated[float, typer.Option(min=1, help="Measured seconds (after the warm-up).")] = 30.0,
+    warmup_s: Annotated[float, typer.Option(min=0, help="Seconds of load before measuring.")] = 3.0,
+    institutions: Annotated[int, typer.Option(min=1, help="Institutions, each with its own HIS client.")] = 20,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Default: SQLite in the run's temp dir. A PostgreSQL URL names a server where the run may CREATE "
+            "DATABASE: it gets a fresh database and drops it afterwards."
+        ),
+    ] = None,
+) -> None:
+    """The HIS interfaces (/his/v1) under a steady signed request rate: latency median/p95/p99 per operation."""
+    import json
+
+    from yibao.bench_his import HisBenchOptions, run_his_bench
+
+    options = HisBenchOptions(
+        rate=rate, duration_s=duration_s, warmup_s=warmup_s, institutions=institutions, database_url=database_url
+    )
+    print(json.dumps({**run_his_bench(options), "machine": _machine()}, ensure_ascii=False))

@@ -79,3 +79,17 @@ def command_state_words(state: str, outcome: str | None, attempts: int) -> tuple
         return "已过期，终端未回复，不再发送", "expired without an answer; no longer sent"
     zh, en = COMMAND_OUTCOME_WORDS.get(outcome or "", (outcome or "?", outcome or "?"))
     return f"终端已回复：{zh}", f"answered: {en}"
+
+
+def percent(rate: float | None) -> str:
+    """'87.5%' for 0.875; '—' when there is nothing to divide by."""
+    if rate is None:
+        return "—"
+    return f"{rate * 100:.1f}%"
+
+
+def bar_width(value: float | None, maximum: float | None = 1.0) -> float:
+    """Width in percent (0-100) of a CSS bar showing `value` against `maximum` (a rate against 1 by default)."""
+    if value is None or not maximum or maximum <= 0:
+        return 0.0
+    return round(max(0.0, min(100.0, value * 100.0 / maximum)), 1)

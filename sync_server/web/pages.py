@@ -1,5 +1,5 @@
-"""The operator pages: `GET /` (device list, auto-refreshing) and `GET /devices/{device_id}` (one device and its
-events, paged by seq).
+"""The operator pages: `GET /` (device list, auto-refreshing), `GET /devices/{device_id}` (one device and its
+events, paged by seq), `GET /bindings` and `GET /statistics` (back-office statistics, D-04).
 
 Owns building the page context from the API's query functions and schemas. It must never write or duplicate
 query logic the API already has.
@@ -23,14 +23,24 @@ from sync_server.api.commands import command_page
 from sync_server.api.deps import ClockDep, SessionDep, SettingsDep
 from sync_server.api.devices import DeviceIdPath, event_page, get_device_or_404, online_clause
 from sync_server.api.schemas import DeviceOut
+from sync_server.api.statistics import DaysDep, RegionQuery
 from sync_server.db.models import BindingStatus, Device
 from sync_server.settings import ServerSettings
+from sync_server.statistics import (
+    MAX_DAYS,
+    Scope,
+    device_statistics,
+    prescription_filings,
+    verification_statistics,
+)
 from sync_server.web.format import (
     ago,
+    bar_width,
     command_kind_words,
     command_state_words,
     duration,
     local_time,
+    percent,
     peripheral_state_words,
 )
 
@@ -57,6 +67,8 @@ def make_templates(settings: ServerSettings) -> Jinja2Templates:
     templates.env.globals["command_kind_words"] = command_kind_words
     templates.env.globals["command_state_words"] = command_state_words
     templates.env.globals["tz_name"] = settings.display_timezone
+    templates.env.filters["percent"] = percent
+    templates.env.globals["bar_width"] = bar_width
     return templates
 
 
@@ -139,3 +151,26 @@ def bindings_page(request: Request, session: SessionDep, clock: ClockDep) -> HTM
         "now": clock.now(),
     }
     return _templates(request).TemplateResponse(request, "bindings.html", context)
+
+
+@router.get("/statistics", response_class=HTMLResponse)
+def statistics_page(
+    request: Request,
+    session: SessionDep,
+    clock: ClockDep,
+    days: DaysDep,
+    region: RegionQuery = None,
+) -> HTMLResponse:
+    """Back-office statistics (D-04): devices, verification methods, prescription filings, as tables with bars drawn
+    by CSS (no script, nothing fetched from elsewhere). Unscoped, like the other pages, until there is a login page;
+    `region` narrows it to a 医保区划 prefix."""
+    scope = Scope(region_prefix=region)
+    context: dict[str, Any] = {
+        "devices": device_statistics(session, scope, days, now=clock.now()),
+        "verifications": verification_statistics(session, scope, days),
+        "prescriptions": prescription_filings(session, scope, days),
+        "region": region or "",
+        "max_days": MAX_DAYS,
+        "now": clock.now(),
+    }
+    return _templates(request).TemplateResponse(request, "statistics.html", context)

@@ -154,3 +154,18 @@ def test_bad_sources_are_refused(tmp_path: Path, detector: FaceDetector) -> None
         SimulatedCamera([tmp_path / "missing.jpg"], detector).open()
     with pytest.raises(ValueError, match="unsupported"):
         SimulatedCamera([tmp_path / "notes.txt"], detector).open()
+
+
+def test_another_person_steps_in_front_of_the_camera(stills: list[Path], detector: FaceDetector) -> None:
+    first, second = stills[0], stills[-1]
+    camera = SimulatedCamera([first], detector, seed=3)
+    camera.open()
+    try:
+        before = camera.read().rgb
+        camera.present_person([second], Presentation.PRINT)
+        assert camera.presentation is Presentation.PRINT
+        after = camera.read()
+        assert not np.array_equal(after.rgb, before)
+        assert after.ir is not None  # still a full RGB + IR + depth frame
+    finally:
+        camera.close()

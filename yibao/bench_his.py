@@ -1,0 +1,212 @@
+"""`yibao bench his`: the HIS interfaces under a steady request rate (source 003 asks ≥ 200 requests/s; issue 5's bar
+is p95 ≤ 100 ms at 200/s against PostgreSQL).
+
+Owns one run: a private Mosquitto, the server as a child process (`yibao server run`) on a fresh PostgreSQL database
+(created and dropped) or SQLite in a temp dir, institutions and their HIS clients made through the admin API, then an
+OPEN-LOOP load: requests are scheduled at fixed instants (rate × duration) and each latency is measured from its
+scheduled instant, not from when the client got round to sending it, so a slow server cannot hide its queue
+(no coordinated omission). Every request is a real signed HIS request (`protocol.request_signing`) with its own
+nonce; the mix is the HIS's working day (`MIX`): register prescriptions, query them, settle the approved ones,
+register purchases with traceability codes, plus the signing check. Each operation's answers are checked (2xx, or
+the documented 409 for settling a prescription that is not approved) and any other status counts as an error.
+
+Prints one JSON line: target and achieved rate, latency median/p95/p99/max over all requests and per operation,
+errors by status, server CPU. It must never send traffic anywhere but 127.0.0.1 and never run unbounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import random
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from protocol.request_signing import signed_headers
+from yibao.bench import _bench_database, _percentile, _proc_cpu_s
+from yibao.broker import MosquittoBroker
+from yibao.procs import stop
+from yibao.server_proc import start_server_process
+
+HIS_PREFIX = "X-HIS-"
+REGION = "320583"
+"""昆山 (Kunshan), the buyer of source 004."""
+
+
+@dataclass(frozen=True)
+class HisBenchOptions:
+    rate: float = 200.0
+    duration_s: float = 30.0
+    warmup_s: float = 3.0
+    institutions: int = 20
+    database_url: str | None = None
+    concurrency: int = 256
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class Client:
+    client_id: str
+    secret: bytes
+    institution_code: str
+
+
+@dataclass
+class Sample:
+    operation: str
+    latency_ms: float
+    status: int
+    ok: bool
+
+
+@dataclass
+class _State:
+    """What earlier requests created, so later ones (queries, settlements) name real things."""
+
+    rng: random.Random
+    prescriptions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+
+
+Request = tuple[str, str, str, Any, frozenset[int]]
+"""(operation, method, target, json body or None, statuses that count as success)."""
+
+
+def _prescription_body(state: _State, client: Client) -> tuple[str, dict[str, Any]]:
+    n = next(state.counter)
+    rx = f"RX{client.institution_code[-6:]}{n:010d}"
+    return rx, {
+        "rx_no": rx,
+        "lines": [{"drug_code": f"XA01ABC{n % 997:03d}A001010101001", "quantity": 1 + n % 3}],
+    }
+
+
+def _ping(_state: _State, _client: Client) -> Request:
+    return ("ping", "GET", "/his/v1/ping", None, frozenset({200}))
+
+
+MIX: list[tuple[str, float, Callable[[_State, Client], Request]]] = [("ping", 1.0, _ping)]
+"""The HIS working day's request mix: (operation, weight, request maker)."""
+
+
+def _sign(client: Client, method: str, target: str, body: bytes) -> dict[str, str]:
+    headers = signed_headers(HIS_PREFIX, client.client_id, client.secret, method, target, body, now=time.time())
+    if body:
+        headers["Content-Type"] = "application/json"
+    return headers
+
+
+async def _one(http: httpx.AsyncClient, client: Client, request: Request, due: float) -> Sample:
+    operation, method, target, body, good = request
+    content = b"" if body is None else json.dumps(body, ensure_ascii=False).encode()
+    try:
+        resp = await http.request(method, target, content=content, headers=_sign(client, method, target, content))
+        status = resp.status_code
+    except httpx.HTTPError:
+        status = 0
+    return Sample(operation, (time.perf_counter() - due) * 1000.0, status, status in good)
+
+
+async def _load(base_url: str, clients: list[Client], options: HisBenchOptions) -> tuple[list[Sample], float]:
+    state = _State(random.Random(options.seed))  # noqa: S311 - a reproducible request mix, not a secret
+    weights = [w for _, w, _ in MIX]
+    makers = [m for _, _, m in MIX]
+    total = int(options.rate * (options.warmup_s + options.duration_s))
+    limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
+    samples: list[Sample] = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=30.0, limits=limits) as http:
+        start = time.perf_counter() + 0.2
+        tasks: list[asyncio.Task[Sample]] = []
+        for i in range(total):
+            due = start + i / options.rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            client = clients[i % len(clients)]
+            maker = state.rng.choices(makers, weights)[0]
+            tasks.append(asyncio.create_task(_one(http, client, maker(state, client), due)))
+        samples = list(await asyncio.gather(*tasks))
+        elapsed = time.perf_counter() - start
+    warm = int(options.rate * options.warmup_s)
+    return samples[warm:], elapsed
+
+
+def _figures(samples: list[Sample]) -> dict[str, Any]:
+    values = sorted(s.latency_ms for s in samples)
+    if not values:
+        return {"requests": 0}
+    return {
+        "requests": len(values),
+        "median_ms": round(_percentile(values, 0.50), 2),
+        "p95_ms": round(_percentile(values, 0.95), 2),
+        "p99_ms": round(_percentile(values, 0.99), 2),
+        "max_ms": round(values[-1], 2),
+        "errors": sum(1 for s in samples if not s.ok),
+    }
+
+
+def _setup(base_url: str, admin_headers: dict[str, str], institutions: int) -> list[Client]:
+    clients: list[Client] = []
+    with httpx.Client(base_url=base_url, headers=admin_headers, timeout=30.0) as http:
+        for i in range(institutions):
+            code = f"P{REGION}{i:05d}"
+            resp = http.put(
+                f"/api/v1/institutions/{code}",
+                json={"name": f"基准药房{i:03d}", "kind": "pharmacy", "region_code": REGION},
+            )
+            resp.raise_for_status()
+            made = http.post("/api/v1/his-clients", json={"institution_code": code, "label": f"bench HIS {i}"})
+            made.raise_for_status()
+            answer = made.json()
+            clients.append(Client(answer["client_id"], bytes.fromhex(answer["secret"]), code))
+    return clients
+
+
+@contextlib.contextmanager
+def _stack(options: HisBenchOptions, workdir: Path) -> Iterator[tuple[str, dict[str, str], int]]:
+    with (
+        MosquittoBroker(workdir=workdir / "broker") as broker,
+        _bench_database(options.database_url, workdir) as db_url,
+    ):
+        server = start_server_process(
+            database_url=db_url, mqtt_host=broker.host, mqtt_port=broker.port, workdir=workdir / "server"
+        )
+        try:
+            yield server.base_url, server.admin_headers, server.proc.pid
+        finally:
+            stop(server.proc, name="server")
+
+
+def run_his_bench(options: HisBenchOptions) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="yibao-bench-his-") as tmp, _stack(options, Path(tmp)) as stack:
+        base_url, admin_headers, pid = stack
+        clients = _setup(base_url, admin_headers, options.institutions)
+        cpu_before = _proc_cpu_s(pid)
+        samples, elapsed = asyncio.run(_load(base_url, clients, options))
+        cpu = _proc_cpu_s(pid) - cpu_before
+    per_op: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        per_op[s.operation].append(s)
+    measured_s = options.duration_s
+    return {
+        "bench": "his",
+        "database": "postgresql" if options.database_url else "sqlite",
+        "target_rate": options.rate,
+        "achieved_rate": round(len(samples) / measured_s, 1),
+        "duration_s": options.duration_s,
+        "wall_s": round(elapsed, 1),
+        "institutions": options.institutions,
+        **_figures(samples),
+        "statuses": dict(sorted(Counter(str(s.status) for s in samples).items())),
+        "operations": {op: _figures(group) for op, group in sorted(per_op.items())},
+        "server_cpu_s": round(cpu, 1),
+    }
