@@ -54,7 +54,7 @@ from sync_server.db.models import (
 from sync_server.identity import create_server_key
 from sync_server.settings import ServerSettings
 from sync_server.store import register_devices, store_envelopes
-from tests.sync_server.conftest import BOOT, T0, FakeClock, serving
+from tests.sync_server.conftest import BOOT, T0, FakeClock, Publisher, serving
 from tests.sync_server.signed_requests import (
     DeviceSigner,
     Enrolled,
@@ -64,6 +64,8 @@ from tests.sync_server.signed_requests import (
     signed,
 )
 from tests.sync_server.test_accounts import login, make_account
+from tests.sync_server.test_ingest import make_settings, publish_all, running, settled
+from yibao.broker import MosquittoBroker
 
 SECRET = "test-secret-" + "x" * 40
 MODEL = "ab" * 32
@@ -680,3 +682,23 @@ def test_a_terminal_reads_its_institutions_attendance(stack: Stack, engine: Engi
     assert signed(c, stack.device(B1), "GET", "/device/v1/pharmacist-sessions", clock=clock).json()["total"] == 0
     bad = signed(c, stack.device(A2), "GET", "/device/v1/pharmacist-sessions?limit=0", clock=clock)
     assert bad.status_code == 422
+
+
+def test_the_real_ingest_worker_turns_published_attendance_records_into_sessions(
+    world: World, broker: MosquittoBroker, publisher: Publisher, db_url: str
+) -> None:
+    world.sync(A, _his("YS0001", "王小明", ID_WANG))
+    sid = uuid.uuid4()
+    start = T0
+    sign_in = world.envelope(A1, SignedRecordKind.SIGN_IN, _sign_in("YS0001", sid, start))
+    forged = world.envelope(
+        A1, SignedRecordKind.SIGN_IN, _sign_in("YS0001", uuid.uuid4(), start), SM2PrivateKey.generate()
+    )
+    sign_out = world.envelope(
+        A1, SignedRecordKind.SIGN_OUT, _sign_out("YS0001", sid, start, start + dt.timedelta(hours=4))
+    )
+    with running(make_settings(broker, db_url), world.engine) as worker:
+        publish_all(publisher, [sign_in, forged, sign_in, sign_out])  # the sign-in redelivered
+        settled(worker, received=4)
+    [row] = world.sessions()
+    assert (row.session_id, row.closed_reason, row.sign_in_message_id) == (sid, "signed_out", sign_in.message_id)
