@@ -7,7 +7,8 @@ Owns:
   (I-02). Written atomically (temp file + rename), so a crash leaves the old or the new status, never half;
 * `BindingDecisionHandler` and `UnbindHandler`, the `CommandHandler`s of `binding_decision` and `unbind`
   (`terminal.commands` calls them once per command id; applying one twice would be harmless anyway: both set a
-  state, they do not toggle one);
+  state, they do not toggle one); `unbind` also runs the `on_unbind` hook, with which the runtime purges the
+  pharmacists' face templates (`terminal.pharmacists`, docs/pharmacists.md);
 * `binding_application_record` and `apply_for_binding`, which build the signed `binding_application` record from the
   institution head's `FaceDecision` and how they were identified, and hand it to `TerminalRuntime.record_signed`.
 
