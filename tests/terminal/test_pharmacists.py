@@ -47,7 +47,7 @@ from sync_server.settings import ServerSettings
 from sync_server.store import store_envelopes
 from terminal.binding import BindingStore, binding_handlers
 from terminal.config import PharmacistsConfig, parse_terminal_config
-from terminal.devices import open_devices
+from terminal.devices import DeviceStartupError, open_devices
 from terminal.errors import ConfigError
 from terminal.face_templates import TemplateStore
 from terminal.outbox import Outbox
@@ -692,3 +692,10 @@ def wait_for(predicate: Any, what: str, timeout_s: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def test_the_pharmacists_section_without_face_verification_stops_start_up(tmp_path: Path) -> None:
+    config = config_with(tmp_path, "[pharmacists]\n")
+    clock = FakeClock(START)
+    with pytest.raises(DeviceStartupError, match=r"\[pharmacists\] needs \[face\]"):
+        build_runtime(config, [], clock, link=ScriptedLink(clock), template_key=bytes(range(16)))
