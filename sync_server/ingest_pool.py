@@ -67,15 +67,31 @@ class _Child:
     started_at: float = field(default_factory=time.monotonic)
 
 
-class IngestPool:
-    """N ingest worker processes, kept running between `start()` and `stop()`."""
+class WorkerPool:
+    """N worker processes (`python -m <module> --index i ...`, settings on stdin, `READY_LINE`-style readiness on
+    stdout), kept running between `start()` and `stop()`; a worker that exits is started again. Subclasses name the
+    child module (`IngestPool`, `sync_server.http_pool.HttpPool`)."""
 
-    def __init__(self, settings: ServerSettings, *, count: int, restart_delay_s: float = 1.0) -> None:
+    kind = "worker"
+    module = ""
+    ready_line = ""
+
+    def __init__(
+        self,
+        settings: ServerSettings,
+        *,
+        count: int,
+        restart_delay_s: float = 1.0,
+        extra_argv: tuple[str, ...] = (),
+        pass_fds: tuple[int, ...] = (),
+    ) -> None:
         if count < 1:
-            raise ValueError("an ingest pool has at least one worker")
+            raise ValueError(f"a {self.kind} pool has at least one worker")
         self._settings = settings
         self._count = count
         self._restart_delay_s = restart_delay_s
+        self._extra_argv = extra_argv
+        self._pass_fds = pass_fds
         self._children: dict[int, _Child] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -102,9 +118,9 @@ class IngestPool:
             return
         self._stop.clear()
         # The children's PR_SET_PDEATHSIG follows the thread that forked them: this one lives until stop().
-        self._thread = threading.Thread(target=self._run, name="yibao-ingest-pool", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"yibao-{self.kind}-pool", daemon=True)
         self._thread.start()
-        logger.info("ingest pool: starting %d worker process(es)", self._count)
+        logger.info("%s pool: starting %d worker process(es)", self.kind, self._count)
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """SIGTERM every worker (each finishes its batch and disconnects, keeping its session), wait, then SIGKILL."""
@@ -122,7 +138,8 @@ class IngestPool:
                     dead = [c for c in self._children.values() if c.proc.poll() is not None]
                 for child in dead:
                     logger.warning(
-                        "ingest worker %d (pid %d) exited with %s; restarting it",
+                        "%s worker %d (pid %d) exited with %s; restarting it",
+                        self.kind,
                         child.index,
                         child.proc.pid,
                         child.proc.returncode,
@@ -139,16 +156,22 @@ class IngestPool:
         argv = [
             sys.executable,
             "-m",
-            "sync_server.ingest_pool",
+            self.module,
             "--index",
             str(index),
             "--parent-pid",
             str(os.getpid()),
             "--log-level",
             str(logging.getLogger().getEffectiveLevel()),
+            *self._extra_argv,
         ]
         proc = subprocess.Popen(  # stderr (the child's log) goes where ours goes
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8"
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            pass_fds=self._pass_fds,
         )
         child = _Child(index=index, proc=proc)
         try:
@@ -156,20 +179,21 @@ class IngestPool:
                 proc.stdin.write(settings_document(self._settings))
                 proc.stdin.close()
         except OSError as exc:
-            logger.warning("ingest worker %d did not take its settings: %s", index, exc)
+            logger.warning("%s worker %d did not take its settings: %s", self.kind, index, exc)
         with self._lock:
             self._children[index] = child
-        watcher = threading.Thread(target=self._watch_output, args=(child,), name=f"ingest-pool-{index}", daemon=True)
+        watcher = threading.Thread(
+            target=self._watch_output, args=(child,), name=f"{self.kind}-pool-{index}", daemon=True
+        )
         watcher.start()
-        logger.info("ingest worker %d started (pid %d)", index, proc.pid)
+        logger.info("%s worker %d started (pid %d)", self.kind, index, proc.pid)
 
-    @staticmethod
-    def _watch_output(child: _Child) -> None:
+    def _watch_output(self, child: _Child) -> None:
         stdout = child.proc.stdout
         if stdout is None:
             return
         for line in stdout:
-            if line.strip() == READY_LINE:
+            if line.strip() == self.ready_line:
                 child.ready.set()
 
     def _terminate_all(self) -> None:
@@ -184,19 +208,27 @@ class IngestPool:
             try:
                 child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                logger.warning("ingest worker %d did not stop in time; killing it", child.index)
+                logger.warning("%s worker %d did not stop in time; killing it", self.kind, child.index)
                 child.proc.kill()
                 child.proc.wait()
             if child.proc.stdout is not None:
                 child.proc.stdout.close()
         if children:
-            logger.info("ingest pool stopped")
+            logger.info("%s pool stopped", self.kind)
+
+
+class IngestPool(WorkerPool):
+    """`ingest_workers` ingest worker processes on the shared uplink subscription."""
+
+    kind = "ingest"
+    module = "sync_server.ingest_pool"
+    ready_line = READY_LINE
 
 
 # ---------------------------------------------------------------------- the child process
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def die_with_parent(parent_pid: int) -> None:
     """Ask the kernel for SIGTERM when the parent dies (Linux); exit now if it already has."""
     libc_name = ctypes.util.find_library("c")
     if libc_name and sys.platform == "linux":
@@ -263,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parent-pid", type=int, required=True)
     parser.add_argument("--log-level", type=int, default=logging.INFO)
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent_pid)
+    die_with_parent(args.parent_pid)
     logging.basicConfig(
         level=args.log_level,
         format=f"%(asctime)s %(levelname)-7s %(name)s[ingest-{args.index}]: %(message)s",

@@ -1,7 +1,8 @@
 """`serve(settings)`: run the sync server in the foreground until SIGINT or SIGTERM (what `yibao server run` calls).
 
 Owns the process-level sequence: migrate the database to head, bind the HTTP socket (so the real URL, also for
-port 0, is logged before serving), run uvicorn with the app from `create_app`, and on SIGINT/SIGTERM let uvicorn
+port 0, is logged before serving), start `http_workers` extra HTTP processes on that socket
+(`sync_server.http_pool`), run uvicorn with the app from `create_app`, and on SIGINT/SIGTERM let uvicorn
 shut down gracefully (the lifespan stops ingest, which keeps its broker session, and disposes the engine), then
 return normally. It must never call `sys.exit` or leave its signal handlers installed after returning.
 """
@@ -24,6 +25,7 @@ import uvicorn
 from sync_server.app import create_app
 from sync_server.db.migrate import upgrade
 from sync_server.errors import ConfigurationError, ServerError
+from sync_server.http_pool import HttpPool, uvicorn_config
 from sync_server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -84,15 +86,8 @@ def serve(settings: ServerSettings, *, ready_file: Path | None = None) -> None:
         except ConfigurationError:
             sock.close()
             raise
-    config = uvicorn.Config(
-        create_app(settings),
-        lifespan="on",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn_config(create_app(settings)))
+    pool = HttpPool(settings, count=settings.http_workers, fd=sock.fileno()) if settings.http_workers > 0 else None
     received: list[int] = []
 
     def _after_shutdown(signum: int, _frame: FrameType | None) -> None:
@@ -103,8 +98,12 @@ def serve(settings: ServerSettings, *, ready_file: Path | None = None) -> None:
     previous = _install(_after_shutdown)
     try:
         logger.info("yibao server listening on %s (environment %s)", _url(sock), settings.environment)
+        if pool is not None:
+            pool.start()
         server.run(sockets=[sock])
     finally:
+        if pool is not None:
+            pool.stop()
         sock.close()
         _restore(previous)
     if not server.started:

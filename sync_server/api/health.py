@@ -6,6 +6,7 @@ It must stay cheap (one `SELECT 1`) and never raise: an unreachable database is 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Literal
 
 from fastapi import APIRouter, Response
@@ -37,4 +38,4 @@ def healthz(runtime: RuntimeDep, response: Response) -> HealthOut:
         status = "degraded"
     else:
         status = "ok"
-    return HealthOut(status=status, database=database, mqtt=mqtt)
+    return HealthOut(status=status, database=database, mqtt=mqtt, pid=os.getpid())

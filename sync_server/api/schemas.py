@@ -46,8 +46,10 @@ class HealthOut(_Out):
     )
     database: Literal["ok", "error"]
     mqtt: MqttState = Field(
-        description="The ingest worker's broker session; 'disabled' when this process runs no ingest."
+        description="The ingest worker's broker session; 'disabled' when this process runs no ingest (an HTTP "
+        "worker process, `http_workers`)."
     )
+    pid: int = Field(description="The server process that answered (the main process or an HTTP worker).")
 
 
 class InstitutionOut(_Out):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -50,7 +51,7 @@ def client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 def test_health_reports_database_and_mqtt(client: httpx.Client) -> None:
     resp = client.get("/healthz")
     assert resp.status_code == 200
-    assert resp.json() == {"status": "ok", "database": "ok", "mqtt": "disabled"}
+    assert resp.json() == {"status": "ok", "database": "ok", "mqtt": "disabled", "pid": os.getpid()}
 
 
 def test_device_list(client: httpx.Client) -> None:
@@ -173,7 +174,7 @@ def test_without_a_database_the_api_answers_503() -> None:
         with serving(app) as client:
             health = client.get("/healthz")
             assert health.status_code == 503
-            assert health.json() == {"status": "error", "database": "error", "mqtt": "disabled"}
+            assert health.json() == {"status": "error", "database": "error", "mqtt": "disabled", "pid": os.getpid()}
             resp = client.get("/api/v1/devices")
             assert resp.status_code == 503
             assert "database is unavailable" in resp.json()["detail"]

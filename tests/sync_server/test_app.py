@@ -3,6 +3,7 @@ and shutdown stops every thread and disposes the engine it created."""
 
 from __future__ import annotations
 
+import os
 import threading
 
 from protocol import DeviceStatusMessage, LinkState, Topics
@@ -31,7 +32,12 @@ def test_the_app_ingests_and_reports_through_the_api(
     topics = Topics()
     with serving(create_app(settings)) as http:  # engine=None: the lifespan creates and disposes it
         wait_until(lambda: http.get("/healthz").json()["mqtt"] == "connected", what="ingest to subscribe")
-        assert http.get("/healthz").json() == {"status": "ok", "database": "ok", "mqtt": "connected"}
+        assert http.get("/healthz").json() == {
+            "status": "ok",
+            "database": "ok",
+            "mqtt": "connected",
+            "pid": os.getpid(),
+        }
         assert sorted(_our_threads()) == ["yibao-commands", "yibao-ingest", "yibao-presence"]
         status = DeviceStatusMessage(device_id="kiosk-100", state=LinkState.ONLINE, boot_id=BOOT)
         publisher.publish(topics.status("kiosk-100"), status.to_bytes(), retain=True)

@@ -8,16 +8,20 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
+from protocol.request_signing import signed_headers
 from sync_server.errors import ConfigurationError
 from sync_server.service import serve
 from sync_server.settings import ServerSettings
 from tests.sync_server.conftest import wait_until
 from yibao.broker import MosquittoBroker, free_port
+from yibao.procs import stop
+from yibao.server_proc import start_server_process
 
 SERVE = (
     "import logging, sys\n"
@@ -82,3 +86,43 @@ def test_serve_refuses_a_port_in_use_with_a_clear_error(tmp_path: Path) -> None:
         with pytest.raises(ConfigurationError, match=re.escape("cannot listen on 127.0.0.1")):
             serve(settings)
         assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_http_workers_share_the_socket_and_answer_signed_his_requests(tmp_path: Path, broker: MosquittoBroker) -> None:
+    """`http_workers`: extra processes accept on the main process's socket; each one authenticates signed requests
+    against the shared database (a nonce spent in one process is refused by the others)."""
+    server = start_server_process(
+        database_url=f"sqlite:///{tmp_path / 'server.sqlite3'}",
+        mqtt_host=broker.host,
+        mqtt_port=broker.port,
+        workdir=tmp_path / "server",
+        env={"YIBAO_SERVER_HTTP_WORKERS": "2"},
+    )
+    try:
+        with httpx.Client(base_url=server.base_url, headers=server.admin_headers, timeout=10) as admin:
+            admin.put(
+                "/api/v1/institutions/H32058300001",
+                json={"name": "昆山示例药房", "kind": "pharmacy", "region_code": "320583"},
+            ).raise_for_status()
+            made = admin.post(
+                "/api/v1/his-clients", json={"institution_code": "H32058300001", "label": "pool test"}
+            ).json()
+        secret = bytes.fromhex(made["secret"])
+        pids: set[int] = set()
+        answered: dict[int, dict[str, str]] = {}
+        deadline = time.monotonic() + 60
+        while len(pids) < 3 and time.monotonic() < deadline:
+            with httpx.Client(base_url=server.base_url, timeout=10) as fresh:  # a new connection each time
+                body = fresh.get("/healthz").json()
+                pids.add(body["pid"])
+                headers = signed_headers(
+                    "X-HIS-", made["client_id"], secret, "GET", "/his/v1/ping", b"", now=time.time()
+                )
+                assert fresh.get("/his/v1/ping", headers=headers).status_code == 200
+                answered.setdefault(body["pid"], headers)
+        assert len(pids) == 3, f"only processes {pids} answered"  # the main process and both workers
+        for headers in answered.values():  # replayed to whichever process: refused
+            with httpx.Client(base_url=server.base_url, timeout=10) as fresh:
+                assert fresh.get("/his/v1/ping", headers=headers).status_code == 401
+    finally:
+        stop(server.proc, name="server")
