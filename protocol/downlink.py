@@ -71,6 +71,7 @@ class CommandKind(StrEnum):
     TEMPLATE_UPDATE = "template_update"
     PING = "ping"
     BINDING_DECISION = "binding_decision"
+    PRESCRIPTIONS_PENDING = "prescriptions_pending"
     TEMPLATE_PURGE = "template_purge"
 
 
@@ -118,6 +119,14 @@ class UnbindArgs(_ClosedArgs):
     contact: str | None = Field(default=None, max_length=64)
 
 
+class PrescriptionsPendingArgs(_ClosedArgs):
+    """`prescriptions_pending`: a notice that HIS registered a prescription at this terminal's institution
+    (docs/prescriptions.md). References only; the terminal fetches its pending list over HTTPS."""
+
+    prescription_id: int = Field(ge=1, description="The server's id of the prescription registered.")
+    rx_no: str = Field(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$", description="医保处方编号.")
+
+
 class RosterUpdateArgs(_ClosedArgs):
     """`roster_update`: the pharmacists of this terminal's institution or their face templates changed; the terminal
     fetches `GET /device/v1/pharmacists` (docs/pharmacists.md). A notice only: the roster never rides on a command."""
@@ -139,6 +148,7 @@ COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.LOG_REQUEST: LogRequestArgs,
     CommandKind.BINDING_DECISION: BindingDecisionArgs,
     CommandKind.UNBIND: UnbindArgs,
+    CommandKind.PRESCRIPTIONS_PENDING: PrescriptionsPendingArgs,
     CommandKind.ROSTER_UPDATE: RosterUpdateArgs,
     CommandKind.TEMPLATE_PURGE: TemplatePurgeArgs,
 }

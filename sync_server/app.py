@@ -33,6 +33,7 @@ from sync_server.api import (
     institutions,
     machine_clients,
     pharmacists,
+    prescriptions,
     provisioning,
     statistics,
 )
@@ -91,6 +92,7 @@ def create_app(
     app.include_router(binding.router)
     app.include_router(machine_clients.router)
     app.include_router(statistics.router)
+    app.include_router(prescriptions.router)
     app.include_router(pharmacists.router)
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here

@@ -128,6 +128,13 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /api/v1/statistics/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/statistics/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /statistics": PUBLIC,
+    # prescriptions and their review (docs/prescriptions.md)
+    "POST /his/v1/prescriptions": HIS_CLIENTS,
+    "GET /his/v1/prescriptions/{rx_no}": HIS_CLIENTS,
+    "POST /his/v1/prescriptions/{rx_no}/settlement": HIS_CLIENTS,
+    "GET /device/v1/prescriptions/pending": DEVICE_SESSION,
+    "GET /api/v1/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
+    "GET /api/v1/prescriptions/{prescription_id}": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
     # pharmacists and attendance (docs/pharmacists.md)
     "GET /api/v1/pharmacist-sessions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
     "PUT /his/v1/pharmacists": HIS_CLIENTS,

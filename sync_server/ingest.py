@@ -76,6 +76,7 @@ from sync_server.commands import ResultsApplied, record_command_results
 from sync_server.db.engine import session_factory
 from sync_server.errors import IngestError
 from sync_server.pharmacists import record_pharmacist_sessions
+from sync_server.prescriptions import record_review_decisions
 from sync_server.security import Refused, SecurityGate, SecurityRefusal
 from sync_server.settings import ServerSettings
 from sync_server.store import (
@@ -558,6 +559,7 @@ class IngestWorker:
                 apply_statuses(session, statuses, received_at=received_at)
                 answered = record_command_results(session, envelopes, now=received_at)
                 record_binding_applications(session, envelopes, now=received_at)
+                record_review_decisions(session, envelopes, now=received_at)
                 record_pharmacist_sessions(session, envelopes, now=received_at)
                 # Coalesced: one ack per device per batch, for stored records and duplicates alike, and for a
                 # device that just came online (it may have missed the last ack while away).

@@ -21,7 +21,7 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy import ColumnElement, and_, case, column, func, inspect, or_, select, table
+from sqlalchemy import ColumnElement, and_, case, func, or_, select
 from sqlalchemy.orm import Session, aliased
 
 from protocol import PayloadType
@@ -31,9 +31,9 @@ from sync_server.db.models import (
     Event,
     Institution,
     LinkStateColumn,
+    PrescriptionRow,
     RegistrationState,
 )
-from sync_server.db.types import UtcDateTime
 
 MAX_DAYS: Final = 31
 """Longest day range one request may ask for: daily figures scan the events of the range."""
@@ -601,16 +601,6 @@ def _top_reasons(counter: Counter[str]) -> dict[str, int]:
 
 # ------------------------------------------------------------------------------------------------- prescriptions
 
-PRESCRIPTIONS_TABLE: Final = "prescriptions"
-_prescriptions = table(
-    PRESCRIPTIONS_TABLE,
-    column("institution_id"),
-    column("status"),
-    column("registered_at", UtcDateTime()),
-    column("prescribing_institution_code"),
-)
-"""The columns of the prescriptions table these figures read (its ORM model lands with the prescriptions work;
-until then the table may not exist and every figure is zero)."""
 MAX_PRESCRIBERS = 20
 
 
@@ -627,7 +617,6 @@ class PrescriptionDay(_Out):
 class PrescriptionStatistics(_Out):
     range: RangeOut
     scope: ScopeOut
-    available: bool = Field(description="False: this server stores no prescriptions yet; every figure is zero.")
     filed: int = Field(description="Prescriptions registered (filed) at institutions in scope within the range.")
     by_status: dict[str, int] = Field(description="Those prescriptions by their current status.")
     daily: list[PrescriptionDay]
@@ -636,34 +625,24 @@ class PrescriptionStatistics(_Out):
     )
 
 
-def has_table(session: Session, name: str) -> bool:
-    """Does the database of `session` have table `name` (in its default schema / search_path)?"""
-    return inspect(session.connection()).has_table(name)
-
-
 def prescription_filings(session: Session, scope: Scope, days: DayRange) -> PrescriptionStatistics:
-    """Prescription filings (R-02, D-04) per day, status and prescribing institution; zeros until the
-    `prescriptions` table exists."""
+    """Prescription filings (R-02, D-04) per day, current status and prescribing institution."""
     daily: Counter[date] = Counter()
     statuses: Counter[str] = Counter()
     prescribers: Counter[str] = Counter()
-    available = has_table(session, PRESCRIPTIONS_TABLE)
-    if available:
-        rx = _prescriptions.c
-        rows = session.execute(
-            select(rx.registered_at, rx.status, rx.prescribing_institution_code)
-            .select_from(_prescriptions)
-            .join(Institution, Institution.id == rx.institution_id)
-            .where(*scope.institutions(), rx.registered_at >= days.start, rx.registered_at < days.end)
-        )
-        for registered_at, status, prescriber in rows:
-            daily[days.day_of(registered_at)] += 1
-            statuses[str(status)] += 1
-            prescribers[str(prescriber)] += 1
+    rx = PrescriptionRow
+    rows = session.execute(
+        select(rx.registered_at, rx.status, rx.prescribing_institution_code)
+        .join(Institution, Institution.id == rx.institution_id)
+        .where(*scope.institutions(), rx.registered_at >= days.start, rx.registered_at < days.end)
+    )
+    for registered_at, status, prescriber in rows:
+        daily[days.day_of(registered_at)] += 1
+        statuses[str(status.value)] += 1
+        prescribers[str(prescriber)] += 1
     return PrescriptionStatistics(
         range=RangeOut.of(days),
         scope=ScopeOut.of(scope),
-        available=available,
         filed=sum(daily.values()),
         by_status=dict(sorted(statuses.items())),
         daily=[PrescriptionDay(day=day, filed=daily[day]) for day in days.days()],

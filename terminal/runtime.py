@@ -49,6 +49,7 @@ from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
 from terminal.pharmacists import ClosingHourWorker, PharmacistCommands, PharmacistDesk, RosterSyncWorker, open_desk
+from terminal.review import InboxRefresher, PrescriptionInbox, open_inbox, review_handlers
 from terminal.server_api import ServerApi
 from terminal.session import TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
@@ -92,6 +93,10 @@ class TerminalRuntime:
     """sha256 prefix of every loaded ML model, by name; heartbeats report it."""
     server_api: ServerApi | None = None
     """The server's device API (`terminal.server_api`), signed with the session key; None when not enrolled."""
+    prescriptions: PrescriptionInbox | None = None
+    """Prescriptions pending review and reviewed here (`terminal.review`, docs/prescriptions.md), beside the outbox."""
+    prescription_refresher: InboxRefresher | None = None
+    """Refreshes `prescriptions` over the device API at start and on `prescriptions_pending`; None when not enrolled."""
     pharmacist_commands: PharmacistCommands = field(default_factory=PharmacistCommands)
     """`roster_update`, `template_purge` and the `unbind` purge; attached to `pharmacists` once it is built."""
     pharmacists: PharmacistDesk | None = None
@@ -111,6 +116,8 @@ class TerminalRuntime:
             # A short wait so the first CONNECT carries a sealed will and 'online'; offline it goes on without.
             self.security.sessions.wait_ready(START_KEY_WAIT_S)
         self.sync.start()
+        if self.prescription_refresher is not None:
+            self.prescription_refresher.start()
         if self.roster_sync is not None:
             self.roster_sync.start()
         if self.closing_hour is not None:
@@ -132,6 +139,8 @@ class TerminalRuntime:
         the devices and the outbox)."""
         if self.pos_api is not None:
             self.pos_api.stop()
+        if self.prescription_refresher is not None:
+            self.prescription_refresher.stop()
         if self.roster_sync is not None:
             self.roster_sync.stop()
         if self.closing_hour is not None:
@@ -141,6 +150,8 @@ class TerminalRuntime:
             self.security.stop()
         if self.server_api is not None:
             self.server_api.close()
+        if self.prescriptions is not None:
+            self.prescriptions.close()
         self.outbox.close()
         if self.face is not None:
             self.face.templates.close()
@@ -353,6 +364,8 @@ def _build(
     health = PeripheralWatch(peripherals)
     started = clock.monotonic()
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
+    server_api: ServerApi | None = None
+    prescriptions: PrescriptionInbox | None = None
     try:
         if security is not None:
             outbox.ensure_seq_above(security.identity.bundle.seq_floor)
@@ -371,6 +384,14 @@ def _build(
 
         # The binding status the server's decisions set (docs/binding.md), beside the outbox
         binding = BindingStore(config.outbox.path.with_name(BINDING_FILE))
+        server_api = (
+            ServerApi(security.identity.bundle.server_url, config.device_id, security.sessions.current, clock)
+            if security is not None
+            else None
+        )
+        # Prescriptions pending review (docs/prescriptions.md), beside the outbox, refreshed over the device API
+        prescriptions = open_inbox(config.outbox.path)
+        refresher = InboxRefresher(prescriptions, server_api, clock) if server_api is not None else None
         # Registered now, attached to the pharmacist desk once face verification is built (docs/pharmacists.md)
         pharmacist_commands = PharmacistCommands()
         commands = CommandApplier(
@@ -385,6 +406,7 @@ def _build(
                 extra={
                     **binding_handlers(binding, clock.now, on_unbind=pharmacist_commands.purge_all),
                     **pharmacist_commands.handlers(),
+                    **(review_handlers(refresher) if refresher else {}),
                 },
             ),
             on_answered=answered if log is not None else None,
@@ -434,6 +456,10 @@ def _build(
 
         heartbeat = HeartbeatTimer(outbox, compose, interval_s=config.heartbeat.interval_s)
     except BaseException:
+        if prescriptions is not None:
+            prescriptions.close()
+        if server_api is not None:
+            server_api.close()
         outbox.close()
         raise
     return TerminalRuntime(
@@ -449,11 +475,9 @@ def _build(
         model_versions=model_versions,
         binding=binding,
         pharmacist_commands=pharmacist_commands,
-        server_api=(
-            ServerApi(security.identity.bundle.server_url, config.device_id, security.sessions.current, clock)
-            if security is not None
-            else None
-        ),
+        server_api=server_api,
+        prescriptions=prescriptions,
+        prescription_refresher=refresher,
     )
 
 

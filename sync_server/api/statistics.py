@@ -91,6 +91,5 @@ def get_verification_statistics(session: SessionDep, scope: ScopeDep, days: Days
 
 @router.get("/prescriptions", response_model=PrescriptionStatistics, responses=_ERRORS)
 def get_prescription_statistics(session: SessionDep, scope: ScopeDep, days: DaysDep) -> PrescriptionStatistics:
-    """Prescription filings per local day, status and prescribing institution (zeros while this server stores no
-    prescriptions: `available` is false)."""
+    """Prescription filings per local day, current status and prescribing institution."""
     return prescription_filings(session, scope, days)

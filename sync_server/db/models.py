@@ -17,6 +17,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Enum,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -439,6 +440,94 @@ class RequestNonce(Base):
     caller: Mapped[str] = mapped_column(String(80), primary_key=True, comment="his:<client_id> | device:<key_id>.")
     nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
     seen_at: Mapped[datetime] = mapped_column(index=True)
+
+
+# ------------------------------------------------------------ prescriptions and their review (docs/prescriptions.md)
+
+
+class PrescriptionState(StrEnum):
+    """Mirror of `protocol.prescription.PrescriptionStatus`, kept here so the schema does not change with the wire."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    RETURNED = "returned"
+    SETTLED = "settled"
+
+
+class PrescriptionRow(Base):
+    """A prescription registered by the HIS of the institution it is filed at (H-06, E-02); masked data only."""
+
+    __tablename__ = "prescriptions"
+    __table_args__ = (
+        UniqueConstraint("institution_id", "rx_no"),
+        Index(None, "institution_id", "status", "registered_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    institution_id: Mapped[int] = mapped_column(BigId, ForeignKey("institutions.id"), comment="Filed at (pharmacy).")
+    rx_no: Mapped[str] = mapped_column(String(20), comment="医保处方编号 (C20).")
+    request_digest: Mapped[str] = mapped_column(
+        String(64), comment="SM3 of the canonical registration body: same body again is a replay, else a conflict."
+    )
+    content_digest: Mapped[str] = mapped_column(String(64), comment="prescription_digest of the served form.")
+    body: Mapped[dict[str, Any]] = mapped_column(comment="The prescription as served (prescriber name masked).")
+    prescribing_institution_code: Mapped[str] = mapped_column(String(20), comment="开方机构编号.")
+    prescriber_code: Mapped[str] = mapped_column(String(20), comment="开方医师代码.")
+    prescribed_at: Mapped[datetime] = mapped_column(comment="开方时间.")
+    patient_ref: Mapped[str] = mapped_column(String(64), comment="Pseudonymous; never an ID number.")
+    status: Mapped[PrescriptionState] = mapped_column(_str_enum(PrescriptionState, 16), comment="处方状态.")
+    registered_at: Mapped[datetime]
+    registered_by: Mapped[str] = mapped_column(String(64), comment="The HIS client that registered it.")
+    reviewed_at: Mapped[datetime | None] = mapped_column(comment="处方审核时间 of the decision stored.")
+    settled_at: Mapped[datetime | None] = mapped_column(comment="When HIS reported the settlement.")
+    settlement_id: Mapped[str | None] = mapped_column(String(64), comment="医保结算ID (C64).")
+    refused_decisions: Mapped[int] = mapped_column(
+        Integer, default=0, server_default="0", comment="Signed decisions refused after the first one (never applied)."
+    )
+
+
+class PrescriptionLineRow(Base):
+    """One drug line of a registered prescription."""
+
+    __tablename__ = "prescription_lines"
+    __table_args__ = (UniqueConstraint("prescription_id", "line_no"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    prescription_id: Mapped[int] = mapped_column(BigId, ForeignKey("prescriptions.id"))
+    line_no: Mapped[int] = mapped_column(Integer)
+    drug_code: Mapped[str] = mapped_column(String(30), index=True, comment="医保药品编码.")
+    drug_name: Mapped[str] = mapped_column(String(128))
+    generic_name: Mapped[str | None] = mapped_column(String(128))
+    specification: Mapped[str | None] = mapped_column(String(128))
+    quantity: Mapped[int] = mapped_column(Integer)
+    unit: Mapped[str] = mapped_column(String(16))
+    dosage: Mapped[str | None] = mapped_column(String(128))
+    days_supply: Mapped[int | None] = mapped_column(Integer)
+    amount_fen: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class PrescriptionReview(Base):
+    """The one review decision stored for a prescription: a terminal's signed `review_decision` record (E-03)."""
+
+    __tablename__ = "prescription_reviews"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    prescription_id: Mapped[int] = mapped_column(BigId, ForeignKey("prescriptions.id"), unique=True)
+    message_id: Mapped[uuid.UUID] = mapped_column(unique=True, comment="The envelope carrying the signed record.")
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"), index=True)
+    pharmacist_code: Mapped[str] = mapped_column(String(20), index=True, comment="审方医保药师代码.")
+    decision: Mapped[str] = mapped_column(String(16), comment="approved | rejected | returned.")
+    reasons: Mapped[list[str]] = mapped_column(JSON, comment="处方审核意见.")
+    findings: Mapped[list[dict[str, Any]]] = mapped_column(JSON, comment="Rule findings shown and acknowledged.")
+    rule_set_version: Mapped[int | None] = mapped_column(Integer)
+    face_decision: Mapped[str] = mapped_column(String(16))
+    face_similarity: Mapped[float | None] = mapped_column(Float)
+    reviewed_at: Mapped[datetime] = mapped_column(comment="Terminal wall clock, inside the signature.")
+    received_at: Mapped[datetime]
+    key_epoch: Mapped[int] = mapped_column(Integer)
+    record: Mapped[dict[str, Any]] = mapped_column(comment="The signed record as received: verifiable again later.")
+    signature: Mapped[str] = mapped_column(String(128), comment="SM2 r||s hex.")
 
 
 # ---------------------------------------------------------------- pharmacists (docs/pharmacists.md)

@@ -48,6 +48,8 @@ PATH_VALUES = {
     "application_id": "999999",
     "code": "H00000000000",
     "client_id": "his-0000000000000000",
+    "rx_no": "RX-NOBODY-0001",
+    "prescription_id": "999999",
 }
 LAST = "POST /api/v1/auth/logout"
 """Tested after every other route: it ends the session it is called with."""

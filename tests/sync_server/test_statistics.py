@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import Column, Engine, Integer, MetaData, String, Table, insert
+from sqlalchemy import Engine
 
 from models.liveness import LivenessDecision
 from protocol import AuditEvent, AuditOutcome
@@ -33,9 +33,10 @@ from sync_server.db.models import (
     Institution,
     InstitutionKind,
     LinkStateColumn,
+    PrescriptionRow,
+    PrescriptionState,
     RegistrationState,
 )
-from sync_server.db.types import UtcDateTime
 from sync_server.settings import ServerSettings
 from sync_server.statistics import (
     CARD_METHODS,
@@ -446,42 +447,42 @@ def test_the_events_the_terminal_code_builds_are_counted_after_real_storage(engi
     assert IdentityMethod.SOCIAL_SECURITY_CARD_FACE.value in CARD_METHODS
 
 
-def test_prescription_filings_are_zero_until_the_table_exists_then_counted(engine: Engine, fleet: Fleet) -> None:
+def test_prescription_filings_are_counted_per_day_status_and_prescriber(engine: Engine, fleet: Fleet) -> None:
     with session_factory(engine)() as session:
         empty = prescription_filings(session, Scope(), DAYS)
-    assert (empty.available, empty.filed, empty.by_status, empty.top_prescribing_institutions) == (False, 0, {}, [])
+    assert (empty.filed, empty.by_status, empty.top_prescribing_institutions) == (0, {}, [])
     assert [(d.day, d.filed) for d in empty.daily] == [(D8, 0), (D9, 0), (D10, 0)]
-    # the columns the prescriptions work defines (its migration lands separately; the lead merges both)
-    rx = Table(
-        "prescriptions",
-        MetaData(),
-        Column("id", Integer, primary_key=True),
-        Column("institution_id", Integer),
-        Column("status", String(16)),
-        Column("registered_at", UtcDateTime()),
-        Column("prescribing_institution_code", String(20)),
-    )
-    rx.create(engine)
     ids = fleet.institution_ids
     rows = [
-        (ids["A"], "approved", local(D8, 9), "H11"),
-        (ids["A"], "pending", local(D10, 9), "H11"),
-        (ids["C"], "rejected", local(D10, 10), "H22"),
-        (ids["D"], "approved", local(D9, 9), "H11"),
-        (ids["A"], "approved", local(D8, 0) - timedelta(seconds=1), "H11"),  # outside
+        (ids["A"], PrescriptionState.APPROVED, local(D8, 9), "H11"),
+        (ids["A"], PrescriptionState.PENDING, local(D10, 9), "H11"),
+        (ids["C"], PrescriptionState.REJECTED, local(D10, 10), "H22"),
+        (ids["D"], PrescriptionState.APPROVED, local(D9, 9), "H11"),
+        (ids["A"], PrescriptionState.APPROVED, local(D8, 0) - timedelta(seconds=1), "H11"),  # outside
     ]
-    with engine.begin() as conn:
-        conn.execute(
-            insert(rx),
-            [
-                {"institution_id": i, "status": s, "registered_at": at, "prescribing_institution_code": code}
-                for i, s, at, code in rows
-            ],
+    with session_factory(engine, write_intent=True).begin() as session:
+        session.add_all(
+            PrescriptionRow(
+                institution_id=i,
+                rx_no=f"RX{n}",
+                request_digest="0" * 64,
+                content_digest="0" * 64,
+                body={},
+                prescribing_institution_code=code,
+                prescriber_code="D1",
+                prescribed_at=at,
+                patient_ref=f"pt-{n}",
+                status=state,
+                registered_at=at,
+                registered_by="his:test",
+                refused_decisions=0,
+            )
+            for n, (i, state, at, code) in enumerate(rows)
         )
     with session_factory(engine)() as session:
         filed = prescription_filings(session, Scope(), DAYS)
         shanghai = prescription_filings(session, Scope("3101"), DAYS)
-    assert (filed.available, filed.filed) == (True, 4)
+    assert filed.filed == 4
     assert filed.by_status == {"approved": 2, "pending": 1, "rejected": 1}
     assert [(d.day, d.filed) for d in filed.daily] == [(D8, 1), (D9, 1), (D10, 2)]
     assert [(p.prescribing_institution_code, p.filed) for p in filed.top_prescribing_institutions] == [
@@ -558,7 +559,7 @@ def test_api_scopes_each_role(api: tuple[httpx.Client, Fleet]) -> None:
     head_devices = client.get("/api/v1/statistics/devices", headers=head, params=RANGE).json()
     assert (head_devices["total"]["institutions"], head_devices["total"]["devices"]) == (1, 2)
     rx = client.get("/api/v1/statistics/prescriptions", headers=regulator, params=RANGE).json()
-    assert (rx["available"], rx["filed"], len(rx["daily"])) == (False, 0, 3)
+    assert (rx["filed"], len(rx["daily"])) == (0, 3)
     # device_admin: devices only; other roles: nothing
     assert client.get("/api/v1/statistics/verifications", headers=ADMIN).status_code == 403
     assert client.get("/api/v1/statistics/prescriptions", headers=ADMIN).status_code == 403
@@ -606,7 +607,7 @@ def test_page_shows_the_three_sections(api: tuple[httpx.Client, Fleet]) -> None:
     assert "50.0%" in row
     assert 'style="width: 50.0%"' in row
     assert 'data-figure="attempts">4 ' in _cells(html, 'data-method="face_1to1"')
-    assert 'id="prescriptions-unavailable"' in html
+    assert 'id="kpi-filed">0<' in html
     day9 = _cells(html, 'data-day="2026-03-09"')
     assert 'data-figure="unbinds">1<' in day9
     assert 'data-figure="revoked">1<' in day9

@@ -1,0 +1,407 @@
+"""Prescriptions over HTTP (H-05…H-07, P-03, I-06, R-02, R-08; docs/prescriptions.md).
+
+Routes (policies in `sync_server.authz`):
+
+* HIS clients of an institution (`Role.HIS_CLIENT`, signed requests): `POST /his/v1/prescriptions` registers
+  (201 created; the same body again 200 with the same result; another body for the number 409),
+  `GET /his/v1/prescriptions/{rx_no}` gives the status and the review result, `POST
+  /his/v1/prescriptions/{rx_no}/settlement` records the settlement (409 unless approved; idempotent);
+* terminals (device-signed): `GET /device/v1/prescriptions/pending`, their institution's pending prescriptions;
+* operators: `GET /api/v1/prescriptions` and `GET /api/v1/prescriptions/{prescription_id}`: a regulator sees its
+  region's institutions, an institution head or pharmacist their own institution; 404 outside the scope.
+
+Registration and settlement are recorded in the server's audit chain after their commit, and a registration wakes
+the dispatcher so the `prescriptions_pending` notices reach online terminals at once. The rules live in
+`sync_server.prescriptions`; this module validates, scopes, translates errors to 404/409 and renders masked or
+pseudonymous data only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Coroutine
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from sqlalchemy import ColumnElement, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from protocol.prescription import PendingPrescription, PendingPrescriptions, Prescription, PrescriptionStatus
+from sync_server import prescriptions
+from sync_server.api.deps import (
+    ClockDep,
+    DeviceCallerDep,
+    Principal,
+    PrincipalDep,
+    RuntimeDep,
+    SessionDep,
+    WriterSessionDep,
+)
+from sync_server.api.schemas import ErrorOut
+from sync_server.db.models import Institution, PrescriptionReview, PrescriptionRow, PrescriptionState
+
+
+class _NoEchoRoute(APIRoute):
+    """A refused request is answered 422 naming the fields and the rule broken, never echoing the input values
+    (FastAPI's default does): a prescription carries personal data."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+                return JSONResponse(status_code=422, content={"detail": detail})
+
+        return route
+
+
+his_router = APIRouter(prefix="/his/v1/prescriptions", tags=["prescriptions (HIS)"], route_class=_NoEchoRoute)
+device_router = APIRouter(prefix="/device/v1/prescriptions", tags=["prescriptions (device)"], route_class=_NoEchoRoute)
+operator_router = APIRouter(prefix="/api/v1/prescriptions", tags=["prescriptions"], route_class=_NoEchoRoute)
+
+MAX_PAGE = 500
+RxNoPath = Annotated[str, Path(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SettlementIn(_In):
+    settlement_id: str = Field(min_length=1, max_length=64, description="医保结算ID (C64).")
+
+
+class ReviewOut(_Out):
+    """处方审核结果 (E-03): the decision, opinion, pharmacist code and time; no names, no ID numbers."""
+
+    decision: str = Field(description="处方审核状态: approved | rejected | returned.")
+    reasons: list[str] = Field(description="处方审核意见.")
+    pharmacist_code: str = Field(description="审方医保药师代码.")
+    reviewed_at: datetime = Field(description="处方审核时间 (terminal clock, signed).")
+    received_at: datetime
+    device_id: str
+    face_decision: str
+    face_similarity: float | None
+    rule_set_version: int | None
+    findings: list[dict[str, Any]] = Field(description="Rule findings shown at review, and whether acknowledged.")
+
+    @classmethod
+    def of(cls, row: PrescriptionReview) -> ReviewOut:
+        return cls(
+            decision=row.decision,
+            reasons=list(row.reasons),
+            pharmacist_code=row.pharmacist_code,
+            reviewed_at=row.reviewed_at,
+            received_at=row.received_at,
+            device_id=row.device_id,
+            face_decision=row.face_decision,
+            face_similarity=row.face_similarity,
+            rule_set_version=row.rule_set_version,
+            findings=list(row.findings),
+        )
+
+
+class PrescriptionResultOut(_Out):
+    """What HIS sees of its prescription: status, review result, settlement."""
+
+    rx_no: str
+    institution_code: str
+    status: PrescriptionStatus
+    may_settle: bool = Field(description="True only when approved and not yet settled (I-06).")
+    registered_at: datetime
+    content_digest: str
+    review: ReviewOut | None
+    settlement_id: str | None
+    settled_at: datetime | None
+
+
+class PrescriptionSummaryOut(_Out):
+    id: int
+    institution_code: str
+    rx_no: str
+    status: PrescriptionStatus
+    registered_at: datetime
+    prescribed_at: datetime
+    prescribing_institution_code: str
+    prescriber_code: str
+    patient_ref: str = Field(description="Pseudonymous; never an ID number.")
+    reviewed_at: datetime | None
+    settled_at: datetime | None
+    refused_decisions: int
+
+
+class PrescriptionPage(_Out):
+    items: list[PrescriptionSummaryOut]
+    total: int
+
+
+class PrescriptionDetailOut(PrescriptionSummaryOut):
+    prescription: Prescription = Field(description="As served to terminals: names masked.")
+    content_digest: str
+    review: ReviewOut | None
+    settlement_id: str | None
+
+
+def _http(exc: prescriptions.PrescriptionError) -> HTTPException:
+    not_found = isinstance(exc, prescriptions.PrescriptionNotFoundError)
+    return HTTPException(
+        status_code=status.HTTP_404_NOT_FOUND if not_found else status.HTTP_409_CONFLICT, detail=str(exc)
+    )
+
+
+def _result(session: Session, row: PrescriptionRow, institution_code: str) -> PrescriptionResultOut:
+    review = prescriptions.review_of(session, row.id)
+    return PrescriptionResultOut(
+        rx_no=row.rx_no,
+        institution_code=institution_code,
+        status=PrescriptionStatus(row.status.value),
+        may_settle=row.status is PrescriptionState.APPROVED,
+        registered_at=row.registered_at,
+        content_digest=row.content_digest,
+        review=None if review is None else ReviewOut.of(review),
+        settlement_id=row.settlement_id,
+        settled_at=row.settled_at,
+    )
+
+
+def _his_institution(session: Session, principal: Principal) -> Institution:
+    institution_id = principal.institution_id
+    institution = None if institution_id is None else session.get(Institution, institution_id)
+    if institution is None:
+        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="this HIS client belongs to no institution")
+    return institution
+
+
+_HIS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorOut},
+    409: {"model": ErrorOut},
+    422: {"model": ErrorOut},
+}
+
+
+@his_router.post("", response_model=PrescriptionResultOut, status_code=201, responses=_HIS_RESPONSES)
+def register_prescription(
+    body: Prescription,
+    response: Response,
+    session: WriterSessionDep,
+    clock: ClockDep,
+    runtime: RuntimeDep,
+    principal: PrincipalDep,
+) -> PrescriptionResultOut:
+    """Register a prescription at the caller's institution (H-06). 201 when new; the same body again is answered
+    200 with the stored result; another body for the same 医保处方编号 is 409."""
+    now = clock.now()
+
+    def attempt() -> tuple[prescriptions.Registered, PrescriptionResultOut]:
+        with session.begin():
+            institution = _his_institution(session, principal)
+            try:
+                done = prescriptions.register(
+                    session, body, institution_id=institution.id, client=principal.name, now=now
+                )
+            except prescriptions.PrescriptionError as exc:
+                raise _http(exc) from exc
+            return done, _result(session, done.row, institution.code)
+
+    try:
+        done, out = attempt()
+    except IntegrityError:
+        # Two registrations of one number raced and the other one won: answer as for a replay (or a conflict).
+        done, out = attempt()
+    notices = len(done.notices)
+    if not done.created:
+        response.status_code = status.HTTP_200_OK
+        return out
+    runtime.audit.record(
+        "prescription.registered",
+        rx_no=out.rx_no,
+        institution_code=out.institution_code,
+        client=principal.name,
+        notices=notices,
+    )
+    if runtime.dispatcher is not None and notices:
+        runtime.dispatcher.wake()
+    return out
+
+
+@his_router.get("/{rx_no}", response_model=PrescriptionResultOut, responses={404: {"model": ErrorOut}})
+def get_prescription_result(rx_no: RxNoPath, session: SessionDep, principal: PrincipalDep) -> PrescriptionResultOut:
+    """The status and review result of one of the caller's institution's prescriptions (H-05, H-07 step 3)."""
+    institution = _his_institution(session, principal)
+    row = prescriptions.find(session, institution.id, rx_no)
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"prescription {rx_no} is not registered at this institution")
+    return _result(session, row, institution.code)
+
+
+@his_router.post("/{rx_no}/settlement", response_model=PrescriptionResultOut, responses=_HIS_RESPONSES)
+def settle_prescription(
+    rx_no: RxNoPath,
+    body: SettlementIn,
+    session: WriterSessionDep,
+    clock: ClockDep,
+    runtime: RuntimeDep,
+    principal: PrincipalDep,
+) -> PrescriptionResultOut:
+    """Record that HIS settled the prescription (I-06): 409 unless it is approved; the same settlement again is
+    answered with the stored result; another settlement of a settled prescription is 409 (F-07)."""
+    with session.begin():
+        institution = _his_institution(session, principal)
+        try:
+            row, first = prescriptions.settle(
+                session,
+                institution_id=institution.id,
+                rx_no=rx_no,
+                settlement_id=body.settlement_id,
+                now=clock.now(),
+            )
+        except prescriptions.PrescriptionError as exc:
+            raise _http(exc) from exc
+        out = _result(session, row, institution.code)
+    if first:
+        runtime.audit.record(
+            "prescription.settled",
+            rx_no=rx_no,
+            institution_code=out.institution_code,
+            settlement_id=body.settlement_id,
+            client=principal.name,
+        )
+    return out
+
+
+def pending_document(session: Session, institution: Institution) -> PendingPrescriptions:
+    rows, total = prescriptions.pending_page(session, institution.id)
+    items = [
+        PendingPrescription(
+            prescription_id=row.id,
+            institution_code=institution.code,
+            registered_at=row.registered_at,
+            content_digest=row.content_digest,
+            prescription=prescriptions.stored_prescription(row),
+        )
+        for row in rows
+    ]
+    return PendingPrescriptions(institution_code=institution.code, items=items, total=total)
+
+
+@device_router.get("/pending", response_model=PendingPrescriptions, responses={409: {"model": ErrorOut}})
+def pending_prescriptions(session: SessionDep, caller: DeviceCallerDep) -> PendingPrescriptions:
+    """The caller terminal's institution's pending prescriptions, oldest first (P-03); 409 for an unbound terminal."""
+    institution = None if caller.institution_id is None else session.get(Institution, caller.institution_id)
+    if institution is None:
+        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail="this terminal is not bound to an institution")
+    return pending_document(session, institution)
+
+
+# ------------------------------------------------------------------------------------ operators
+
+
+def _scope(principal: Principal) -> list[ColumnElement[bool]]:
+    institution_id, region = principal.institution_id, principal.region_prefix
+    if institution_id is not None:
+        return [PrescriptionRow.institution_id == institution_id]
+    if region is not None:
+        in_region = select(Institution.id).where(Institution.region_code.startswith(region))
+        return [PrescriptionRow.institution_id.in_(in_region)]
+    raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="no institution or region scope")
+
+
+def _summary(row: PrescriptionRow, institution_code: str) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "institution_code": institution_code,
+        "rx_no": row.rx_no,
+        "status": PrescriptionStatus(row.status.value),
+        "registered_at": row.registered_at,
+        "prescribed_at": row.prescribed_at,
+        "prescribing_institution_code": row.prescribing_institution_code,
+        "prescriber_code": row.prescriber_code,
+        "patient_ref": row.patient_ref,
+        "reviewed_at": row.reviewed_at,
+        "settled_at": row.settled_at,
+        "refused_decisions": row.refused_decisions,
+    }
+
+
+@operator_router.get("", response_model=PrescriptionPage)
+def list_prescriptions(
+    session: SessionDep,
+    principal: PrincipalDep,
+    status_: Annotated[PrescriptionStatus | None, Query(alias="status")] = None,
+    institution_code: Annotated[str | None, Query(max_length=32, description="Only this institution's.")] = None,
+    since: Annotated[AwareDatetime | None, Query(description="Registered at or after this (ISO 8601).")] = None,
+    until: Annotated[AwareDatetime | None, Query(description="Registered before this (ISO 8601).")] = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> PrescriptionPage:
+    """Prescriptions, newest first (P-03, R-02): a regulator sees its region's, an institution head or pharmacist
+    their own institution's. Patients are pseudonymous references."""
+    if since is not None and until is not None and since >= until:
+        raise HTTPException(status_code=422, detail="'since' must be earlier than 'until'")
+    scope = _scope(principal)
+    if status_ is not None:
+        scope.append(PrescriptionRow.status == PrescriptionState(status_.value))
+    if institution_code is not None:
+        scope.append(Institution.code == institution_code)
+    if since is not None:
+        scope.append(PrescriptionRow.registered_at >= since)
+    if until is not None:
+        scope.append(PrescriptionRow.registered_at < until)
+    total = (
+        session.scalar(
+            select(func.count())
+            .select_from(PrescriptionRow)
+            .join(Institution, Institution.id == PrescriptionRow.institution_id)
+            .where(*scope)
+        )
+        or 0
+    )
+    rows = session.execute(
+        select(PrescriptionRow, Institution.code)
+        .join(Institution, Institution.id == PrescriptionRow.institution_id)
+        .where(*scope)
+        .order_by(PrescriptionRow.registered_at.desc(), PrescriptionRow.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
+    return PrescriptionPage(items=[PrescriptionSummaryOut(**_summary(r, code)) for r, code in rows], total=total)
+
+
+@operator_router.get("/{prescription_id}", response_model=PrescriptionDetailOut, responses={404: {"model": ErrorOut}})
+def get_prescription(prescription_id: int, session: SessionDep, principal: PrincipalDep) -> PrescriptionDetailOut:
+    """One prescription with its lines and review (404 outside the caller's scope)."""
+    found = session.execute(
+        select(PrescriptionRow, Institution.code)
+        .join(Institution, Institution.id == PrescriptionRow.institution_id)
+        .where(PrescriptionRow.id == prescription_id, *_scope(principal))
+    ).first()
+    if found is None:
+        raise HTTPException(status_code=404, detail=f"prescription {prescription_id} is not visible to you")
+    row, code = found
+    review = prescriptions.review_of(session, row.id)
+    return PrescriptionDetailOut(
+        **_summary(row, code),
+        prescription=prescriptions.stored_prescription(row),
+        content_digest=row.content_digest,
+        review=None if review is None else ReviewOut.of(review),
+        settlement_id=row.settlement_id,
+    )
+
+
+router = APIRouter()
+"""Every prescription route, for `create_app`'s one `include_router`."""
+router.include_router(his_router)
+router.include_router(device_router)
+router.include_router(operator_router)

@@ -1,0 +1,328 @@
+"""Prescription registration, review and settlement gate (H-05…H-07, P-03…P-06, I-06, F-07; docs/prescriptions.md).
+
+Owns the prescription rules in the caller's transaction:
+
+* `register` stores a prescription the HIS of its institution registers, once per (institution, 医保处方编号): the
+  same body again is a replay (the stored result, nothing new), a different body is a conflict. The prescriber's
+  name is masked before it is stored; the patient is a pseudonymous reference and a masked name already. Each
+  terminal bound to the institution gets a `prescriptions_pending` notice through `sync_server.commands`;
+* `pending_page` is what a terminal of the institution fetches; `settle` records that HIS settled an approved
+  prescription (idempotent for the same 医保结算ID, refused for any other status or settlement);
+* `record_review_decisions`, the ingest hook, turns stored `review_decision` signed records into the one review of a
+  prescription. The signature is verified again here against the device's enrolled key of the record's epoch; the
+  device must be bound to the prescription's institution; the record must name the content served
+  (`content_digest`); the prescription must be pending. A second decision for a prescription is refused and counted
+  on the prescription (`refused_decisions`), never applied over the first.
+
+Errors are `PrescriptionError` (404-ish `PrescriptionNotFoundError`, 409-ish `PrescriptionConflictError`). It must
+never commit, publish to MQTT, audit (the API does that after the commit), or store or log a name, an ID number or a
+face.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Final
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from protocol import ContractError, Envelope
+from protocol.downlink import CommandKind, PrescriptionsPendingArgs
+from protocol.evidence import verify_device_record
+from protocol.gm.errors import CryptoError
+from protocol.gm.records import canonical_json
+from protocol.gm.sm2 import SM2PublicKey
+from protocol.gm.sm3 import sm3_digest
+from protocol.payloads import SignedRecord, SignedRecordKind
+from protocol.prescription import (
+    MAX_PENDING,
+    Prescription,
+    ReviewDecisionRecord,
+    ReviewOutcome,
+    parse_review_decision,
+    prescription_digest,
+)
+from sync_server.commands import issue_command
+from sync_server.db.models import (
+    Device,
+    DeviceKey,
+    Institution,
+    IssuedCommand,
+    PrescriptionLineRow,
+    PrescriptionReview,
+    PrescriptionRow,
+    PrescriptionState,
+    RegistrationState,
+)
+from sync_server.masking import mask_name
+
+logger = logging.getLogger(__name__)
+
+NOTICE_TTL_S: Final = 24 * 3600.0
+"""A notice waits a day for a terminal that is switched off; the terminal also refreshes its inbox at start."""
+
+_DECIDED: Final = {
+    ReviewOutcome.APPROVED: PrescriptionState.APPROVED,
+    ReviewOutcome.REJECTED: PrescriptionState.REJECTED,
+    ReviewOutcome.RETURNED: PrescriptionState.RETURNED,
+}
+
+
+class PrescriptionError(Exception):
+    """A prescription request the rules refuse."""
+
+
+class PrescriptionNotFoundError(PrescriptionError):
+    """No such prescription at this institution."""
+
+
+class PrescriptionConflictError(PrescriptionError):
+    """The request contradicts the stored state (another body for the number, settling an unapproved one, ...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    row: PrescriptionRow
+    created: bool
+    """False: a replay of the same body; nothing was stored or queued."""
+    notices: tuple[IssuedCommand, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewsRecorded:
+    created: int
+    refused: int
+
+
+def request_digest(prescription: Prescription) -> str:
+    """SM3 of the registration body as HIS sent it (before masking): the idempotency comparison."""
+    return sm3_digest(canonical_json(prescription.model_dump(mode="json"))).hex()
+
+
+def served_form(prescription: Prescription) -> Prescription:
+    """The prescription as it is stored and served: the prescriber's name masked (idempotent on a masked name)."""
+    name = prescription.prescriber_name
+    if name is None or "*" in name:
+        return prescription
+    return prescription.model_copy(update={"prescriber_name": mask_name(name)})
+
+
+def stored_prescription(row: PrescriptionRow) -> Prescription:
+    """The served form back from its row (written by `register` after validation)."""
+    return Prescription.model_validate(row.body)
+
+
+def find(session: Session, institution_id: int, rx_no: str, *, lock: bool = False) -> PrescriptionRow | None:
+    query = select(PrescriptionRow).where(
+        PrescriptionRow.institution_id == institution_id, PrescriptionRow.rx_no == rx_no
+    )
+    if lock:
+        query = query.with_for_update()
+    return session.scalar(query)
+
+
+def register(
+    session: Session, prescription: Prescription, *, institution_id: int, client: str, now: datetime
+) -> Registered:
+    """Store `prescription` for the institution (or recognise a replay) and notify its bound terminals."""
+    digest = request_digest(prescription)
+    existing = find(session, institution_id, prescription.rx_no, lock=True)
+    if existing is not None:
+        if existing.request_digest != digest:
+            raise PrescriptionConflictError(
+                f"prescription {prescription.rx_no} is registered already with different content"
+            )
+        return Registered(existing, created=False)
+    served = served_form(prescription)
+    row = PrescriptionRow(
+        institution_id=institution_id,
+        rx_no=prescription.rx_no,
+        request_digest=digest,
+        content_digest=prescription_digest(served),
+        body=served.model_dump(mode="json"),
+        prescribing_institution_code=served.prescribing_institution_code,
+        prescriber_code=served.prescriber_code,
+        prescribed_at=served.prescribed_at,
+        patient_ref=served.patient_ref,
+        status=PrescriptionState.PENDING,
+        registered_at=now,
+        registered_by=client,
+        refused_decisions=0,
+    )
+    session.add(row)
+    session.flush()
+    session.add_all(
+        PrescriptionLineRow(
+            prescription_id=row.id,
+            line_no=line.line_no,
+            drug_code=line.drug_code,
+            drug_name=line.drug_name,
+            generic_name=line.generic_name,
+            specification=line.specification,
+            quantity=line.quantity,
+            unit=line.unit,
+            dosage=line.dosage,
+            days_supply=line.days_supply,
+            amount_fen=line.amount_fen,
+        )
+        for line in served.lines
+    )
+    terminals = session.scalars(
+        select(Device.device_id)
+        .where(Device.institution_id == institution_id, Device.registration != RegistrationState.REVOKED)
+        .order_by(Device.device_id)
+    ).all()
+    args = PrescriptionsPendingArgs(prescription_id=row.id, rx_no=row.rx_no).model_dump()
+    notices = tuple(
+        issue_command(
+            session, device_id=device_id, kind=CommandKind.PRESCRIPTIONS_PENDING, args=args, ttl_s=NOTICE_TTL_S, now=now
+        )
+        for device_id in terminals
+    )
+    session.flush()
+    return Registered(row, created=True, notices=notices)
+
+
+def review_of(session: Session, prescription_id: int) -> PrescriptionReview | None:
+    return session.scalar(select(PrescriptionReview).where(PrescriptionReview.prescription_id == prescription_id))
+
+
+def lines_of(session: Session, prescription_id: int) -> list[PrescriptionLineRow]:
+    return list(
+        session.scalars(
+            select(PrescriptionLineRow)
+            .where(PrescriptionLineRow.prescription_id == prescription_id)
+            .order_by(PrescriptionLineRow.line_no)
+        )
+    )
+
+
+def settle(
+    session: Session, *, institution_id: int, rx_no: str, settlement_id: str, now: datetime
+) -> tuple[PrescriptionRow, bool]:
+    """Record that HIS settled the approved prescription (I-06); True when this call settled it. The same
+    settlement again is a replay (False); another settlement of a settled prescription, or settling one that is not
+    approved, is a conflict (F-07)."""
+    row = find(session, institution_id, rx_no, lock=True)
+    if row is None:
+        raise PrescriptionNotFoundError(f"prescription {rx_no} is not registered at this institution")
+    if row.status is PrescriptionState.SETTLED:
+        if row.settlement_id == settlement_id:
+            return row, False
+        raise PrescriptionConflictError(f"prescription {rx_no} is settled already under another settlement")
+    if row.status is not PrescriptionState.APPROVED:
+        raise PrescriptionConflictError(
+            f"prescription {rx_no} is {row.status.value}: only an approved prescription may be settled"
+        )
+    row.status, row.settlement_id, row.settled_at = PrescriptionState.SETTLED, settlement_id, now
+    session.flush()
+    return row, True
+
+
+def pending_page(
+    session: Session, institution_id: int, *, limit: int = MAX_PENDING
+) -> tuple[list[PrescriptionRow], int]:
+    """The institution's pending prescriptions, oldest first (at most `limit`), and how many there are."""
+    scope = (PrescriptionRow.institution_id == institution_id, PrescriptionRow.status == PrescriptionState.PENDING)
+    total = session.scalar(select(func.count()).select_from(PrescriptionRow).where(*scope)) or 0
+    rows = session.scalars(
+        select(PrescriptionRow).where(*scope).order_by(PrescriptionRow.registered_at, PrescriptionRow.id).limit(limit)
+    ).all()
+    return list(rows), total
+
+
+# ---------------------------------------------------------------------- ingest of signed review decisions
+
+
+def _device_key(session: Session, device_id: str, epoch: int) -> SM2PublicKey | None:
+    text = session.scalar(
+        select(DeviceKey.public_key).where(DeviceKey.device_id == device_id, DeviceKey.key_epoch == epoch)
+    )
+    return None if text is None else SM2PublicKey.from_hex(text)
+
+
+def _verified_decision(session: Session, envelope: Envelope, payload: SignedRecord) -> ReviewDecisionRecord:
+    key = _device_key(session, envelope.device_id, payload.key_epoch)
+    if key is None:
+        raise ContractError(f"no enrolled key of epoch {payload.key_epoch}")
+    try:
+        verify_device_record(payload, device_id=envelope.device_id, device_key=key)
+    except CryptoError as exc:
+        raise ContractError("signature does not verify") from exc
+    return parse_review_decision(dict(payload.record))
+
+
+def _target(session: Session, envelope: Envelope, record: ReviewDecisionRecord) -> PrescriptionRow:
+    """The prescription the decision is about, locked; the device must be bound to its institution."""
+    institution_id = session.scalar(select(Institution.id).where(Institution.code == record.institution_code))
+    if institution_id is None:
+        raise ContractError("the institution named is not registered")
+    device_institution = session.scalar(select(Device.institution_id).where(Device.device_id == envelope.device_id))
+    if device_institution != institution_id:
+        raise ContractError("the device is not bound to the prescription's institution")
+    row = find(session, institution_id, record.rx_no, lock=True)
+    if row is None or row.id != record.prescription_id:
+        raise ContractError("no such prescription at the institution")
+    if row.content_digest != record.content_digest:
+        raise ContractError("the decision names content other than the prescription registered")
+    return row
+
+
+def record_review_decisions(session: Session, envelopes: Sequence[Envelope], *, now: datetime) -> ReviewsRecorded:
+    """The review of each prescription named by the batch's verified `review_decision` records (redeliveries of a
+    stored record are ignored; refusals are counted and logged without their contents)."""
+    created = refused = 0
+    for envelope in envelopes:
+        payload = envelope.payload
+        if not isinstance(payload, SignedRecord) or payload.record_type is not SignedRecordKind.REVIEW_DECISION:
+            continue
+        exists = session.scalar(
+            select(PrescriptionReview.id).where(PrescriptionReview.message_id == envelope.message_id)
+        )
+        if exists is not None:
+            continue
+        try:
+            record = _verified_decision(session, envelope, payload)
+            row = _target(session, envelope, record)
+        except ContractError as exc:
+            refused += 1
+            logger.warning("review decision %s of %s refused: %s", envelope.message_id, envelope.device_id, exc)
+            continue
+        if row.status is not PrescriptionState.PENDING:
+            refused += 1
+            row.refused_decisions += 1
+            logger.warning(
+                "review decision %s of %s refused: prescription %d is %s already (first decision kept)",
+                envelope.message_id,
+                envelope.device_id,
+                row.id,
+                row.status.value,
+            )
+            continue
+        session.add(
+            PrescriptionReview(
+                prescription_id=row.id,
+                message_id=envelope.message_id,
+                device_id=envelope.device_id,
+                pharmacist_code=record.pharmacist_code,
+                decision=record.decision.value,
+                reasons=list(record.reasons),
+                findings=[f.model_dump(mode="json") for f in record.findings],
+                rule_set_version=record.rule_set_version,
+                face_decision=record.face.decision,
+                face_similarity=record.face.similarity,
+                reviewed_at=record.reviewed_at,
+                received_at=now,
+                key_epoch=payload.key_epoch,
+                record=dict(payload.record),
+                signature=payload.signature,
+            )
+        )
+        row.status, row.reviewed_at = _DECIDED[record.decision], record.reviewed_at
+        created += 1
+        session.flush()
+    return ReviewsRecorded(created, refused)
