@@ -20,6 +20,7 @@ Owns:
   - `purge` / `purge_all`: the `template_purge` command and `unbind` remove templates.
 * `PharmacistCommands`: the `roster_update` and `template_purge` handlers and the `unbind` purge hook, built before
   the desk exists (the command registry is) and attached to it once it does;
+* `OnDuty`: who is signed in here, for the prescription review (`terminal.review.SignedInPharmacist`);
 * `RosterSyncWorker`: a thread that runs `sync_roster` at start, on `roster_update`, and every few hours;
   `ClosingHourWorker`: a thread that runs `close_overdue` once a minute.
 
@@ -777,6 +778,26 @@ class PharmacistDesk:
             return AttendancePage.model_validate(raw)
         except ValidationError as exc:
             raise PharmacistError("the server's attendance records are malformed") from exc
+
+
+class OnDuty:
+    """`terminal.review.SignedInPharmacist` on a desk: the pharmacist who signed in here most recently and whose
+    session is still open, with their template (the review confirms decisions 1:1 against it); None when nobody
+    is signed in or their template is gone (purged)."""
+
+    def __init__(self, desk: PharmacistDesk) -> None:
+        self.desk = desk
+
+    def current(self) -> tuple[str, NDArray[np.float32]] | None:
+        self.desk.close_overdue()
+        sessions = self.desk.store.open_sessions()
+        if not sessions:
+            return None
+        code = max(sessions, key=lambda s: s.signed_in_at).code
+        gallery = self.desk.templates.load_gallery()
+        if code not in gallery.ids:
+            return None
+        return code, gallery.templates[gallery.ids.index(code)]
 
 
 def open_desk(

@@ -55,6 +55,7 @@ from terminal.pharmacists import (
     ClosingHourWorker,
     Consent,
     EnrolmentOutcome,
+    OnDuty,
     PharmacistCommands,
     PharmacistDesk,
     PharmacistError,
@@ -62,6 +63,7 @@ from terminal.pharmacists import (
     SessionKeys,
     TemplateState,
 )
+from terminal.review import SignedInPharmacist
 from terminal.runtime import build_runtime
 from terminal.server_api import ServerApi
 from terminal.verification import FaceOutcome, FaceVerifier, Prompt
@@ -387,6 +389,29 @@ def test_sign_in_and_out_by_face_are_signed_records_and_queryable(kiosk: Kiosk) 
     assert record.session_id == sign_in.session_id
     assert record.signed_out_at == sign_out.signed_out_at
     assert kiosk.desk.records("YS0001") == []
+
+
+def test_on_duty_names_the_pharmacist_signed_in_for_the_prescription_review(kiosk: Kiosk) -> None:
+    _enrolled(kiosk)
+    on_duty: SignedInPharmacist = OnDuty(kiosk.desk)  # what terminal.review asks for
+    assert on_duty.current() is None
+    kiosk.camera.show("obama_b")
+    assert kiosk.desk.sign_in().ok
+    kiosk.clock.advance(60)
+    kiosk.camera.show("rose_b")
+    assert kiosk.desk.sign_in().ok
+    current = on_duty.current()
+    assert current is not None
+    code, template = current
+    assert code == "YS0002"  # the most recent sign-in
+    assert template.shape == (128,)
+    kiosk.camera.show("rose_b")
+    assert kiosk.desk.sign_out().ok
+    current = on_duty.current()
+    assert current is not None
+    assert current[0] == "YS0001"
+    kiosk.desk.purge("YS0001")  # left: their template is gone, so they cannot confirm reviews any more
+    assert on_duty.current() is None
 
 
 def test_a_stranger_cannot_sign_in(kiosk: Kiosk) -> None:
