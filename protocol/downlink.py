@@ -72,6 +72,7 @@ class CommandKind(StrEnum):
     PING = "ping"
     BINDING_DECISION = "binding_decision"
     PRESCRIPTIONS_PENDING = "prescriptions_pending"
+    CATALOGUE_UPDATE = "catalogue_update"
     TEMPLATE_PURGE = "template_purge"
 
 
@@ -127,6 +128,17 @@ class PrescriptionsPendingArgs(_ClosedArgs):
     rx_no: str = Field(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$", description="医保处方编号.")
 
 
+class CatalogueUpdateArgs(_ClosedArgs):
+    """`catalogue_update`: a new version of a catalogue (or of the drug-usage rules) is published (docs/catalogue.md).
+    The terminal fetches the document over HTTPS from the version it holds; the command carries only the notice."""
+
+    kind: Literal["drug", "treatment", "institution", "drug_rules"] = Field(
+        description="A `protocol.catalogue.CatalogueKind` value, or 'drug_rules' for the rule set."
+    )
+    version: int = Field(ge=1, description="The version now published.")
+    content_hash: str = Field(pattern=r"^[0-9a-f]{64}$", description="Its content hash (SM3, lowercase hex).")
+
+
 class RosterUpdateArgs(_ClosedArgs):
     """`roster_update`: the pharmacists of this terminal's institution or their face templates changed; the terminal
     fetches `GET /device/v1/pharmacists` (docs/pharmacists.md). A notice only: the roster never rides on a command."""
@@ -149,6 +161,7 @@ COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.BINDING_DECISION: BindingDecisionArgs,
     CommandKind.UNBIND: UnbindArgs,
     CommandKind.PRESCRIPTIONS_PENDING: PrescriptionsPendingArgs,
+    CommandKind.CATALOGUE_UPDATE: CatalogueUpdateArgs,
     CommandKind.ROSTER_UPDATE: RosterUpdateArgs,
     CommandKind.TEMPLATE_PURGE: TemplatePurgeArgs,
 }

@@ -26,12 +26,14 @@ from protocol import Clock
 from sync_server.api import (
     accounts,
     binding,
+    catalogues,
     commands,
     devices,
     health,
     ingest,
     institutions,
     machine_clients,
+    national,
     pharmacists,
     prescriptions,
     provisioning,
@@ -93,6 +95,8 @@ def create_app(
     app.include_router(machine_clients.router)
     app.include_router(statistics.router)
     app.include_router(prescriptions.router)
+    app.include_router(catalogues.router)
+    app.include_router(national.router)
     app.include_router(pharmacists.router)
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here

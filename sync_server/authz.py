@@ -96,7 +96,7 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "POST /api/v1/devices/{device_id}/unbind": DEVICE_ADMIN,
     "GET /api/v1/binding-history": FLEET_READERS,
     "GET /bindings": PUBLIC,
-    # operator pages: read-only device status, no login page yet (docs/accounts.md "Not yet")
+    # operator pages: public for reading; actions on them call the API with the signed-in operator's token (/login)
     "GET /": PUBLIC,
     "GET /devices/{device_id}": PUBLIC,
     # login sessions
@@ -123,7 +123,7 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /his/v1/ping": HIS_CLIENTS,
     "GET /device/v1/whoami": DEVICE_SESSION,
     # back-office statistics (D-04, docs/statistics.md): scoped to a regulator's region, an institution head's
-    # institution; the page is public like the other operator pages (no login page yet)
+    # institution; the page is public for reading like the other operator pages (docs/accounts.md)
     "GET /api/v1/statistics/devices": roles(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/statistics/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/statistics/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
@@ -135,6 +135,17 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /device/v1/prescriptions/pending": DEVICE_SESSION,
     "GET /api/v1/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
     "GET /api/v1/prescriptions/{prescription_id}": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
+    # catalogues and the drug-usage rules (docs/catalogue.md); citizen queries relayed to the national platform
+    "POST /api/v1/catalogues/{kind}/versions": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "GET /api/v1/catalogues": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "GET /api/v1/drug-rules": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "PUT /api/v1/drug-rules": roles(Role.REGULATOR),
+    "GET /device/v1/catalogues": DEVICE_SESSION,
+    "GET /device/v1/catalogues/{kind}": DEVICE_SESSION,
+    "GET /device/v1/drug-rules": DEVICE_SESSION,
+    "POST /device/v1/national/{query}": DEVICE_SESSION,
+    # the web sign-in form; the page holds nothing, the script on it calls POST /api/v1/auth/login
+    "GET /login": PUBLIC,
     # pharmacists and attendance (docs/pharmacists.md)
     "GET /api/v1/pharmacist-sessions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
     "PUT /his/v1/pharmacists": HIS_CLIENTS,

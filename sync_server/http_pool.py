@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
     )
     settings = ServerSettings.model_validate(json.loads(sys.stdin.read()))
+    settings = settings.model_copy(update={"http_process_index": args.index + 1})  # its own national msgid range
     sys.stdin.close()
     run_http_worker(settings, args.fd)
 

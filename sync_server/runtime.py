@@ -4,7 +4,9 @@
 through `sync_server.api.deps`. It owns the start/stop order (ingest, then the command dispatcher, which publishes
 through ingest's MQTT client, then the sweeper; stopped in reverse; the engine disposed last, and only when this
 runtime created it). With `ingest_workers` > 0 it also owns the `IngestPool` of worker processes that store uplinks,
-and this process's own ingest worker takes device statuses only. It must never be a module-level global.
+and this process's own ingest worker takes device statuses only. When `national_platform` is configured it builds the
+`HttpNationalPlatform` the citizen-query relay calls (its key opened at build: a configured platform whose key cannot
+be opened stops start-up) and closes it at stop. It must never be a module-level global.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from protocol import Clock, SystemClock, Topics
+from protocol.gm.errors import CryptoError
+from protocol.gm.keystore import load_private_key
 from sync_server.audit import ServerAudit
 from sync_server.broker_admin import BrokerAdmin, DynsecAdmin, UnmanagedBroker
+from sync_server.catalogues import DocumentCache
 from sync_server.commands import CommandDispatcher
 from sync_server.db.engine import create_db_engine, session_factory
+from sync_server.errors import ConfigurationError
 from sync_server.identity import ServerIdentity
 from sync_server.ingest import IngestWorker
 from sync_server.ingest_pool import IngestPool
+from sync_server.national import HttpNationalPlatform, NationalPlatform, NationalPlatformSettings
 from sync_server.presence import PresenceSweeper
 from sync_server.security import SecurityGate
 from sync_server.settings import ServerSettings
@@ -51,6 +58,10 @@ class ServerRuntime:
     """Ingest's message-security checks and downlink sealing (shared with the API for cache invalidation)."""
     pool: IngestPool | None = None
     """The ingest worker processes (None when this process ingests uplinks itself)."""
+    national: NationalPlatform | None = None
+    """The national platform client the citizen-query relay calls (None: not configured, the relay answers 503)."""
+    catalogue_documents: DocumentCache = field(default_factory=DocumentCache)
+    """Serialised catalogue documents served to terminals (each built once per publish and process)."""
     sessions: sessionmaker[Session] = field(init=False)
     writer_sessions: sessionmaker[Session] = field(init=False)
     """For the few requests that write (issuing a command): SQLite takes its write lock when they begin."""
@@ -81,6 +92,7 @@ class ServerRuntime:
         the_engine = engine if engine is not None else create_db_engine(settings.database_url)
         the_clock: Clock = clock if clock is not None else SystemClock()
         runtime = cls(settings=settings, engine=the_engine, clock=the_clock, owns_engine=owns_engine)
+        runtime.national = _national_platform(settings, the_clock)
         if start_ingest:
             workers = settings.ingest_workers
             # With worker processes, this process keeps the singletons: statuses, dispatcher, sweeper.
@@ -137,6 +149,8 @@ class ServerRuntime:
         if self.pool is not None:
             self.pool.stop()
         self.audit.close()
+        if self.national is not None:
+            self.national.close()
         if self.owns_engine:
             self.engine.dispose()
 
@@ -159,4 +173,34 @@ def _broker_admin(settings: ServerSettings) -> BrokerAdmin:
         settings.broker_admin_username,
         settings.broker_admin_password.get_secret_value(),
         topics=Topics(prefix=settings.topic_prefix),
+    )
+
+
+def _national_platform(settings: ServerSettings, clock: Clock) -> NationalPlatform | None:
+    """The configured national-platform client; a configured one whose key cannot be opened stops start-up."""
+    platform = settings.national_platform
+    if platform is None:
+        return None
+    key_file, passphrase = settings.national_platform_key_file, settings.national_platform_key_passphrase
+    if key_file is None or passphrase is None:  # the settings validator requires both; kept for the type checker
+        raise ConfigurationError("national_platform needs national_platform_key_file and its passphrase")
+    try:
+        key = load_private_key(key_file, passphrase.get_secret_value())
+    except (OSError, CryptoError) as exc:
+        raise ConfigurationError(f"cannot open the national-platform key {key_file}: {exc}") from exc
+    return HttpNationalPlatform(_msgid_range(settings, platform), key, clock=clock)
+
+
+def _msgid_range(settings: ServerSettings, platform: NationalPlatformSettings) -> NationalPlatformSettings:
+    """Every HTTP process of this server calls the platform for the same institution: each takes its own share of
+    the msgid sequence (`msgid_worker` of `msgid_workers`, docs/national-platform.md), within the share this server
+    was configured with, so two processes never send the same msgid in the same second."""
+    processes = settings.http_workers + 1
+    if processes == 1:
+        return platform
+    return platform.model_copy(
+        update={
+            "msgid_worker": platform.msgid_worker * processes + settings.http_process_index,
+            "msgid_workers": platform.msgid_workers * processes,
+        }
     )

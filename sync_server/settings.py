@@ -18,6 +18,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from sync_server.accounts import PasswordPolicy
+from sync_server.national import NationalPlatformSettings
 
 DEV_SERVER_KEY_PLACEHOLDER = "changeme-server-key"
 """The default passphrase of the server's SM2 key file: fine in dev, refused in prod."""
@@ -266,6 +267,36 @@ class ServerSettings(BaseSettings):
         ),
     )
     broker_admin_password: SecretStr | None = Field(default=None, description="Password of broker_admin_username.")
+    national_platform: NationalPlatformSettings | None = Field(
+        default=None,
+        description=(
+            "How this server reaches the national medical-insurance platform for the citizen queries the terminals "
+            "relay (docs/national-platform.md), as JSON in the environment, e.g. YIBAO_SERVER_NATIONAL_PLATFORM="
+            '\'{"base_url": "https://…", "paasid": …}\'. Unset: the relay answers 503 (not configured).'
+        ),
+    )
+    national_platform_key_file: Path | None = Field(
+        default=None,
+        description="The designated institution's SM2 signing key for the platform (an encrypted key file, mode 0600).",
+    )
+    national_platform_key_passphrase: SecretStr | None = Field(
+        default=None, description="Passphrase of national_platform_key_file; placeholders are refused in prod."
+    )
+    http_process_index: int = Field(
+        default=0,
+        ge=0,
+        le=32,
+        description=(
+            "Set by the server itself, never by hand: 0 in the main process, i + 1 in HTTP worker i. Processes that "
+            "call the national platform for one institution take distinct msgid sequences by it."
+        ),
+    )
+    national_query_ref_ttl_s: int = Field(
+        default=600,
+        ge=30,
+        le=3600,
+        description="How long a person_info answer's query_ref lets the same terminal ask that person's records.",
+    )
     pharmacist_close_hour: int = Field(
         default=24,
         ge=1,
@@ -318,6 +349,17 @@ class ServerSettings(BaseSettings):
             raise ValueError("uplink_security 'optional' is refused in prod: every uplink must be a secure frame")
         if (self.broker_admin_username is None) != (self.broker_admin_password is None):
             raise ValueError("set both broker_admin_username and broker_admin_password, or neither")
+        if self.national_platform is not None and (
+            self.national_platform_key_file is None or self.national_platform_key_passphrase is None
+        ):
+            raise ValueError("national_platform needs national_platform_key_file and national_platform_key_passphrase")
+        if self.environment == "prod" and self.national_platform is not None:
+            if self.national_platform_key_passphrase is not None and _is_placeholder(
+                self.national_platform_key_passphrase
+            ):
+                raise ValueError("national_platform_key_passphrase is a placeholder or too short; refused in prod")
+            if _is_placeholder(self.national_platform.paas_secret):
+                raise ValueError("national_platform.paas_secret is a placeholder or too short; refused in prod")
         return self
 
     @property

@@ -40,7 +40,10 @@ from protocol import (
 )
 from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, SignedRecordKind
+from protocol.secure import SessionKey
 from terminal.binding import BindingState, BindingStore, binding_handlers
+from terminal.catalogue import CatalogueStore
+from terminal.catalogue_sync import CatalogueSync
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
 from terminal.devices import DeviceStartupError, KioskDevices, build_evoucher_service, open_face_verifier
@@ -51,7 +54,7 @@ from terminal.outbox import Outbox
 from terminal.pharmacists import ClosingHourWorker, PharmacistCommands, PharmacistDesk, RosterSyncWorker, open_desk
 from terminal.review import InboxRefresher, PrescriptionInbox, open_inbox, review_handlers
 from terminal.server_api import ServerApi
-from terminal.session import TerminalSecurity
+from terminal.session import SessionManager, TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
 from terminal.verification import FaceVerifier
 
@@ -62,6 +65,8 @@ logger = logging.getLogger(__name__)
 
 BINDING_FILE = "binding.json"
 """The binding status file, in the outbox's folder."""
+CATALOGUE_FILE = "catalogue.sqlite3"
+"""The catalogue store (`terminal.catalogue`), in the outbox's folder."""
 
 START_KEY_WAIT_S: Final = 5.0
 """How long an enrolled terminal waits at start for its first session key before connecting anyway."""
@@ -97,6 +102,10 @@ class TerminalRuntime:
     """Prescriptions pending review and reviewed here (`terminal.review`, docs/prescriptions.md), beside the outbox."""
     prescription_refresher: InboxRefresher | None = None
     """Refreshes `prescriptions` over the device API at start and on `prescriptions_pending`; None when not enrolled."""
+    catalogue: CatalogueStore | None = None
+    """The synced catalogues and drug-usage rules (docs/catalogue.md), beside the outbox; None when not enrolled."""
+    catalogue_sync: CatalogueSync | None = None
+    """Fetches catalogue versions over the device API at start and on `catalogue_update` notices."""
     pharmacist_commands: PharmacistCommands = field(default_factory=PharmacistCommands)
     """`roster_update`, `template_purge` and the `unbind` purge; attached to `pharmacists` once it is built."""
     pharmacists: PharmacistDesk | None = None
@@ -118,6 +127,8 @@ class TerminalRuntime:
         self.sync.start()
         if self.prescription_refresher is not None:
             self.prescription_refresher.start()
+        if self.catalogue_sync is not None:
+            self.catalogue_sync.start()
         if self.roster_sync is not None:
             self.roster_sync.start()
         if self.closing_hour is not None:
@@ -148,6 +159,10 @@ class TerminalRuntime:
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
+        if self.catalogue_sync is not None:
+            self.catalogue_sync.stop()
+        if self.catalogue is not None:
+            self.catalogue.close()
         if self.server_api is not None:
             self.server_api.close()
         if self.prescriptions is not None:
@@ -366,6 +381,7 @@ def _build(
     outbox = Outbox.open(config.outbox, device_id=config.device_id, boot_id=boot_id, clock=clock)
     server_api: ServerApi | None = None
     prescriptions: PrescriptionInbox | None = None
+    catalogue: CatalogueStore | None = None
     try:
         if security is not None:
             outbox.ensure_seq_above(security.identity.bundle.seq_floor)
@@ -392,6 +408,11 @@ def _build(
         # Prescriptions pending review (docs/prescriptions.md), beside the outbox, refreshed over the device API
         prescriptions = open_inbox(config.outbox.path)
         refresher = InboxRefresher(prescriptions, server_api, clock) if server_api is not None else None
+        # The synced catalogues and rules (docs/catalogue.md), beside the outbox, fetched over the device API
+        catalogue_sync: CatalogueSync | None = None
+        if server_api is not None:
+            catalogue = CatalogueStore.open(config.outbox.path.with_name(CATALOGUE_FILE))
+            catalogue_sync = CatalogueSync(catalogue, server_api)
         # Registered now, attached to the pharmacist desk once face verification is built (docs/pharmacists.md)
         pharmacist_commands = PharmacistCommands()
         commands = CommandApplier(
@@ -407,6 +428,7 @@ def _build(
                     **binding_handlers(binding, clock.now, on_unbind=pharmacist_commands.purge_all),
                     **pharmacist_commands.handlers(),
                     **(review_handlers(refresher) if refresher else {}),
+                    **(catalogue_sync.handlers() if catalogue_sync is not None else {}),
                 },
             ),
             on_answered=answered if log is not None else None,
@@ -433,6 +455,8 @@ def _build(
             if security is not None:
                 security.sessions.on_new_key = lambda _key: mqtt_link.announce_online()
             link = mqtt_link
+        if security is not None and catalogue_sync is not None:
+            _wake_on_new_key(security.sessions, catalogue_sync)
         delivery = UplinkDelivery(
             outbox,
             link,
@@ -460,6 +484,8 @@ def _build(
             prescriptions.close()
         if server_api is not None:
             server_api.close()
+        if catalogue is not None:
+            catalogue.close()
         outbox.close()
         raise
     return TerminalRuntime(
@@ -478,7 +504,21 @@ def _build(
         server_api=server_api,
         prescriptions=prescriptions,
         prescription_refresher=refresher,
+        catalogue=catalogue,
+        catalogue_sync=catalogue_sync,
     )
+
+
+def _wake_on_new_key(sessions: SessionManager, catalogue_sync: CatalogueSync) -> None:
+    """A fresh session key is when the device API works again: the catalogue sync tries at once, not at its back-off."""
+    previous = sessions.on_new_key
+
+    def on_new_key(key: SessionKey) -> None:
+        if previous is not None:
+            previous(key)
+        catalogue_sync.wake()
+
+    sessions.on_new_key = on_new_key
 
 
 def run_terminal(

@@ -530,6 +530,41 @@ class PrescriptionReview(Base):
     signature: Mapped[str] = mapped_column(String(128), comment="SM2 r||s hex.")
 
 
+class CatalogueVersion(Base):
+    """One published version of one catalogue (docs/catalogue.md): its hash, the delta from the version before it,
+    and the whole entry list on the latest version only (older bodies are dropped at the next publish)."""
+
+    __tablename__ = "catalogue_versions"
+    __table_args__ = (UniqueConstraint("kind", "version"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16), comment="protocol.catalogue.CatalogueKind value.")
+    version: Mapped[int] = mapped_column(Integer, comment="1, 2, 3 … per kind.")
+    content_hash: Mapped[str] = mapped_column(String(64), comment="protocol.catalogue.content_hash (SM3 hex).")
+    entry_count: Mapped[int] = mapped_column(Integer)
+    upsert_count: Mapped[int] = mapped_column(Integer, comment="Entries new or changed since the version before.")
+    deletion_count: Mapped[int] = mapped_column(Integer, comment="Codes removed since the version before.")
+    published_at: Mapped[datetime]
+    published_by: Mapped[str] = mapped_column(String(64), comment="Audit name of the publisher.")
+    delta: Mapped[dict[str, Any] | None] = mapped_column(
+        comment="{'upserts': [entry…], 'deletions': [code…]} from version - 1; null for version 1."
+    )
+    snapshot: Mapped[list[Any] | None] = mapped_column(JSON, comment="Every entry; kept on the latest version only.")
+
+
+class DrugRuleVersion(Base):
+    """One version of the regulator's drug-usage knowledge base (protocol.drug_rules.DrugRuleSet), kept whole."""
+
+    __tablename__ = "drug_rule_versions"
+
+    version: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    content_hash: Mapped[str] = mapped_column(String(64), comment="protocol.drug_rules.rules_hash (SM3 hex).")
+    rule_count: Mapped[int] = mapped_column(Integer)
+    published_at: Mapped[datetime]
+    published_by: Mapped[str] = mapped_column(String(64), comment="Audit name of the regulator.")
+    rules: Mapped[list[Any]] = mapped_column(JSON, comment="The rules as JSON, in rule-id order.")
+
+
 # ---------------------------------------------------------------- pharmacists (docs/pharmacists.md)
 
 

@@ -1,5 +1,6 @@
 """The operator pages: `GET /` (device list, auto-refreshing), `GET /devices/{device_id}` (one device and its
-events, paged by seq), `GET /bindings` and `GET /statistics` (back-office statistics, D-04).
+events, paged by seq), `GET /bindings` and `GET /statistics` (back-office statistics, D-04), and `GET /login` (the
+sign-in form; static/operator.js signs in through the JSON API and drives the approve / reject / unbind forms).
 
 Owns building the page context from the API's query functions and schemas. It must never write or duplicate
 query logic the API already has.
@@ -143,8 +144,9 @@ PAGE_BINDINGS = 100
 
 @router.get("/bindings", response_class=HTMLResponse)
 def bindings_page(request: Request, session: SessionDep, clock: ClockDep) -> HTMLResponse:
-    """Pending binding applications and the binding history (masked and pseudonymous data only; deciding is done
-    through the API, which needs a device_admin: docs/binding.md)."""
+    """Pending binding applications and the binding history (masked and pseudonymous data only). The decide forms
+    are rendered disabled; static/operator.js enables them for a signed-in device_admin and calls the API
+    (docs/binding.md "Approving in the web UI")."""
     context: dict[str, Any] = {
         "pending": application_page(session, BindingStatus.PENDING, limit=PAGE_BINDINGS),
         "history": history_page(session, limit=PAGE_BINDINGS),
@@ -174,3 +176,11 @@ def statistics_page(
         "now": clock.now(),
     }
     return _templates(request).TemplateResponse(request, "statistics.html", context)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_page(request: Request, clock: ClockDep) -> HTMLResponse:
+    """The sign-in form (and the change-password form an expired password leads to). The page itself holds nothing:
+    static/operator.js calls `POST /api/v1/auth/login` and keeps the token in the tab's sessionStorage
+    (docs/accounts.md "Signing in on the web pages")."""
+    return _templates(request).TemplateResponse(request, "login.html", {"now": clock.now()})

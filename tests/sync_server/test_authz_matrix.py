@@ -50,6 +50,8 @@ PATH_VALUES = {
     "client_id": "his-0000000000000000",
     "rx_no": "RX-NOBODY-0001",
     "prescription_id": "999999",
+    "kind": "drug",
+    "query": "person_info",
 }
 LAST = "POST /api/v1/auth/logout"
 """Tested after every other route: it ends the session it is called with."""

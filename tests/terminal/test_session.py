@@ -258,6 +258,25 @@ def test_an_enrolled_runtime_signs_records_carries_out_rotate_keys_and_chains_it
         assert downlink.stats().commands_answered == 1
         sessions.maintain()
         assert server.handshakes == 2  # the command made the terminal agree a new key
+        # An enrolled runtime keeps the synced catalogues beside its outbox and takes catalogue_update notices.
+        assert runtime.catalogue is not None
+        assert runtime.catalogue_sync is not None
+        notice = DeviceCommand(
+            command_id=uuid.uuid4(),
+            device_id="SIM-0001",
+            kind=CommandKind.CATALOGUE_UPDATE,
+            issued_at=clock.now(),
+            expires_at=clock.now() + timedelta(hours=1),
+            args={"kind": "drug", "version": 1, "content_hash": "0" * 64},
+        )
+        fresh = sessions.current()
+        assert fresh is not None
+        sealed = seal_frame(
+            server.granted[fresh.key_id], "SIM-0001", Direction.DOWNLINK, 1, notice.to_bytes(), sent_at=clock.now()
+        )
+        downlink.process([(Topics().downlink("SIM-0001"), sealed)])
+        assert downlink.stats().commands_answered == 2
+        assert runtime.catalogue_sync.handle_notice(notice).detail == "drug v1: fetch scheduled"
         while runtime.sync.delivery.deliver_batch():
             pass
         assert link.published
@@ -269,6 +288,9 @@ def test_an_enrolled_runtime_signs_records_carries_out_rotate_keys_and_chains_it
     events = [json.loads(line)["event"]["type"] for line in chain.read_text().splitlines()]
     assert "identity.enrolled" not in events  # enrol_device in the fixture ran without a log
     assert {"session.established", "session.rotation_requested", "command.applied"} <= set(events)
+    applied = [json.loads(line)["event"] for line in chain.read_text().splitlines()]
+    notices = [e for e in applied if e["type"] == "command.applied" and e["kind"] == "catalogue_update"]
+    assert [e["outcome"] for e in notices] == ["applied"]
 
 
 def test_signed_records_need_an_identity(tmp_path: Path, clock: FakeClock) -> None:

@@ -1,7 +1,7 @@
 """Pharmacists from the HIS base-info sync, their sealed face templates, and attendance sessions.
 
 Revision ID: 0008
-Revises: 0009 (re-chained after prescriptions; the task named 0007)
+Revises: 0011 (re-chained after prescriptions and catalogues; the task named 0007)
 Create Date: 2026-12-01
 
 Adds `pharmacists` (E-04 fields the platform needs, masked identity only), `pharmacist_templates` (SM4-GCM sealed
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0009"  # main has 0009 (prescriptions, revises 0007): chained after it
+down_revision: str | None = "0011"  # main has 0009 -> 0011 (prescriptions, catalogues): chained after them
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

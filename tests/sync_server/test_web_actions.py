@@ -1,0 +1,440 @@
+"""Operators acting in the browser (issue 5; I-03, D-03, B-01, B-14…B-17): the real system Chromium, driven by
+Playwright, against the real app served over HTTP on SQLite and PostgreSQL.
+
+A device admin signs in on /login (keyboard submit), sees its name and roles in the header, approves one pending
+binding application and rejects another with reasons (the empty reason is refused in the page), and unbinds the
+bound device from its device page; the database, the binding history, the queued commands and the audit chain show
+exactly that. Also: the wrong-password, locked-account and must-change-password paths of the sign-in page, a regulator
+who sees disabled buttons (and the server's 403 when the buttons are forced on), and a stale page that gets the
+server's 409. Every request the page makes goes to this server only. Screenshots land in the test's tmp dir.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Page, expect, sync_playwright
+from sqlalchemy import Engine, select
+
+from protocol import CommandKind, Envelope, PayloadType, SignedRecordKind
+from protocol.binding import ApplicantVerification
+from protocol.evidence import sign_device_record
+from protocol.gm.sm2 import SM2PrivateKey
+from sync_server.accounts import Role
+from sync_server.app import create_app
+from sync_server.binding import record_binding_applications
+from sync_server.db.engine import session_factory
+from sync_server.db.models import (
+    BindingApplication,
+    BindingStatus,
+    Device,
+    DeviceBindingHistory,
+    DeviceKey,
+    Institution,
+    InstitutionKind,
+    IssuedCommand,
+)
+from sync_server.settings import ServerSettings
+from sync_server.store import register_devices, store_envelopes
+from terminal.binding import binding_application_record
+from terminal.verification import FaceDecision, FaceOutcome
+from tests.http_serving import serving_url
+from tests.sync_server.conftest import ADMIN_HEADERS, BOOT, T0, FakeClock
+from tests.sync_server.test_accounts import GOOD, audit_events, make_account
+
+pytestmark = pytest.mark.browser
+
+DEVICE_A = "SIM-WEB-A"
+DEVICE_B = "SIM-WEB-B"
+CODE_A = "H31011500042"
+CODE_B = "H31011500043"
+ADMIN = "dev-wang"
+TIMEOUT_MS = 15_000
+
+
+# ---------------------------------------------------------------- seeding: two devices, one application each
+
+
+def _signed_application(key: SM2PrivateKey, device_id: str, code: str, seq: int) -> Envelope:
+    decision = FaceDecision(
+        outcome=FaceOutcome.ACCEPTED,
+        method="face_1to1",
+        subject_ref=f"head-{device_id.lower()}",
+        similarity=0.81,
+        threshold=0.6,
+        liveness=None,
+        quality_issues=(),
+        model_sha256="0" * 64,
+        template_hash="ab" * 16,
+        frames=5,
+        duration_ms=900.0,
+    )
+    record = binding_application_record(
+        decision,
+        verification=ApplicantVerification.FACE_ID_CARD,
+        institution_code=code,
+        applicant_masked="张**",
+        reason="新设备安装",
+        applied_at=T0,
+    )
+    payload = sign_device_record(
+        key, device_id=device_id, key_epoch=1, record_type=SignedRecordKind.BINDING_APPLICATION, record=record
+    )
+    return Envelope(
+        device_id=device_id,
+        seq=seq,
+        message_id=uuid.uuid4(),
+        device_time=T0,
+        boot_id=BOOT,
+        monotonic_ns=seq,
+        payload_type=PayloadType.SIGNED_RECORD,
+        payload=payload,
+    )
+
+
+def seed(engine: Engine) -> dict[str, int]:
+    """Two registered institutions and two devices with one pending application each; {device_id: application id}."""
+    with session_factory(engine, write_intent=True).begin() as session:
+        for code, name in ((CODE_A, "浦东新区示例大药房"), (CODE_B, "浦东新区示例诊所")):
+            session.add(
+                Institution(code=code, name=name, kind=InstitutionKind.PHARMACY, region_code="310115", created_at=T0)
+            )
+        register_devices(session, {DEVICE_A, DEVICE_B}, now=T0)
+        envelopes = []
+        for device_id, code in ((DEVICE_A, CODE_A), (DEVICE_B, CODE_B)):
+            key = SM2PrivateKey.generate()
+            session.add(
+                DeviceKey(
+                    device_id=device_id,
+                    key_epoch=1,
+                    public_key=key.public_key.hex(),
+                    fingerprint=key.public_key.fingerprint(),
+                    created_at=T0,
+                )
+            )
+            envelopes.append(_signed_application(key, device_id, code, seq=1))
+        session.flush()
+        store_envelopes(session, envelopes, received_at=T0)
+        assert record_binding_applications(session, envelopes, now=T0).created == 2
+    with session_factory(engine)() as session:
+        return {row.device_id: row.id for row in session.scalars(select(BindingApplication))}
+
+
+def rows(engine: Engine, model: Any) -> list[Any]:
+    with session_factory(engine)() as session:
+        return list(session.scalars(select(model).order_by(model.id)))
+
+
+# ---------------------------------------------------------------- the browser
+
+
+@contextmanager
+def served(engine: Engine, db_url: str, data_dir: Path, clock: FakeClock | None = None) -> Iterator[str]:
+    settings = ServerSettings(database_url=db_url, data_dir=data_dir)
+    app = create_app(settings, engine=engine, start_ingest=False, clock=clock or FakeClock(T0))
+    with serving_url(app, lifespan="on") as url:
+        yield url
+
+
+@contextmanager
+def browser_page(base_url: str, *, javascript: bool = True) -> Iterator[Page]:
+    """A fresh headless system Chromium (never a downloaded browser); afterwards, checks that every request the pages
+    made went to `base_url` (no CDN, nothing fetched from elsewhere)."""
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian package 'chromium' is required (scripts/setup.sh --dev installs it)"
+    requested: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            context = browser.new_context(
+                locale="zh-CN", viewport={"width": 1400, "height": 1000}, java_script_enabled=javascript
+            )
+            context.set_default_timeout(TIMEOUT_MS)
+            page = context.new_page()
+            page.on("request", lambda request: requested.append(request.url))
+            yield page
+        finally:
+            browser.close()
+    assert requested
+    assert all(url.startswith(base_url + "/") for url in requested), requested
+
+
+def sign_in(page: Page, base_url: str, username: str, password: str = GOOD, *, next_path: str = "/bindings") -> None:
+    page.goto(f"{base_url}/login?next={next_path}")
+    page.get_by_label("用户名").fill(username)
+    page.locator("#login-password").fill(password)
+    page.locator("#login-password").press("Enter")  # keyboard submit
+
+
+def application_row(page: Page, application_id: int) -> Any:
+    return page.locator(f"#application-{application_id}")
+
+
+# ---------------------------------------------------------------- the device admin's loop
+
+
+def test_a_device_admin_approves_rejects_and_unbinds_in_the_browser(
+    engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    applications = seed(engine)
+    app_a, app_b = applications[DEVICE_A], applications[DEVICE_B]
+    make_account(engine, ADMIN, Role.DEVICE_ADMIN, name="王小明")
+    data_dir = tmp_path / "data"
+    with served(engine, db_url, data_dir) as url, browser_page(url) as page:
+        # anonymous: the page reads, the buttons are off and say why
+        page.goto(f"{url}/bindings")
+        expect(application_row(page, app_a).get_by_role("button", name="批准")).to_be_disabled()
+        expect(page.locator("#decide-note")).to_contain_text("设备管理员")
+
+        page.get_by_role("link", name="登录").first.click()
+        page.wait_for_url(f"{url}/login?next=%2Fbindings")
+        page.get_by_label("用户名").fill(ADMIN)
+        page.locator("#login-password").fill(GOOD)
+        page.locator("#login-password").press("Enter")
+        page.wait_for_url(f"{url}/bindings")
+        expect(page.locator("#operator-name")).to_have_text(f"王小明（{ADMIN}）")
+        expect(page.locator("#operator-roles")).to_contain_text("设备管理员 device_admin")
+        expect(page.locator("#flash")).to_contain_text("登录成功")
+        expect(page.locator("#decide-note")).to_be_hidden()
+        token = page.evaluate("JSON.parse(sessionStorage.getItem('yibao.operator.session')).token")
+        assert token.startswith("ys_")
+        assert page.evaluate("document.cookie") == ""
+        assert page.evaluate("localStorage.length") == 0
+        page.screenshot(path=tmp_path / "bindings-signed-in.png", full_page=True)
+
+        # the reason is mandatory: refused in the page, nothing sent
+        row_a = application_row(page, app_a)
+        row_a.get_by_role("button", name="批准").click()
+        expect(row_a.locator(".message")).to_contain_text("请填写理由")
+        expect(row_a.locator(".message")).to_contain_text("A reason is required")
+        assert [r.status for r in rows(engine, BindingApplication)] == [BindingStatus.PENDING] * 2
+
+        row_a.get_by_label("审批理由").fill("资料齐全，同意绑定")
+        row_a.get_by_role("button", name="批准").click()
+        expect(page.locator("#flash")).to_contain_text(f"已批准申请 {app_a}")  # after the reload
+        expect(application_row(page, app_a)).to_have_count(0)
+        expect(page.locator("#history tr.binding-change")).to_have_count(1)
+        expect(page.locator("#history")).to_contain_text("资料齐全，同意绑定")
+
+        row_b = application_row(page, app_b)
+        row_b.get_by_label("审批理由").fill("非本机构负责人")
+        row_b.get_by_label("联系方式").fill("12393")
+        row_b.get_by_label("审批理由").press("Enter")  # Enter never decides by default
+        expect(row_b.locator(".message")).to_contain_text("请点击")
+        row_b.get_by_role("button", name="驳回").focus()
+        page.keyboard.press("Enter")
+        expect(page.locator("#flash")).to_contain_text(f"已驳回申请 {app_b}")
+        expect(page.locator("#no-pending")).to_be_visible()
+        page.screenshot(path=tmp_path / "bindings-decided.png", full_page=True)
+
+        decided = {r.device_id: r for r in rows(engine, BindingApplication)}
+        assert (decided[DEVICE_A].status, decided[DEVICE_A].decision_reason) == (
+            BindingStatus.APPROVED,
+            "资料齐全，同意绑定",
+        )
+        rejected = decided[DEVICE_B]
+        assert (rejected.status, rejected.decision_reason) == (BindingStatus.REJECTED, "非本机构负责人")
+        assert decided[DEVICE_A].decided_by == decided[DEVICE_B].decided_by == f"account:{ADMIN}"
+        institutions = {i.code: i.id for i in rows(engine, Institution)}
+        with session_factory(engine)() as session:
+            device_a, device_b = session.get(Device, DEVICE_A), session.get(Device, DEVICE_B)
+            assert device_a is not None
+            assert device_b is not None
+            assert (device_a.institution_id, device_b.institution_id) == (institutions[CODE_A], None)
+        [bind] = rows(engine, DeviceBindingHistory)
+        assert (bind.device_id, bind.action, bind.reason, bind.actor) == (
+            DEVICE_A,
+            "bind",
+            "资料齐全，同意绑定",
+            f"account:{ADMIN}",
+        )
+        assert (bind.application_id, bind.to_institution_id) == (app_a, institutions[CODE_A])
+        commands = {c.device_id: c for c in rows(engine, IssuedCommand)}
+        assert commands[DEVICE_A].kind == CommandKind.BINDING_DECISION.value
+        assert (commands[DEVICE_A].args["approved"], commands[DEVICE_A].args["reason"]) == (True, "资料齐全，同意绑定")
+        assert commands[DEVICE_A].command_id == bind.command_id
+        rejection = commands[DEVICE_B].args
+        assert (rejection["approved"], rejection["reason"], rejection["contact"]) == (False, "非本机构负责人", "12393")
+        assert commands[DEVICE_A].args["contact"] is None
+
+        # unbind from the bound device's page (the unbound one has no such form)
+        page.goto(f"{url}/devices/{DEVICE_B}")
+        expect(page.locator("#unbind-form")).to_have_count(0)
+        page.goto(f"{url}/devices/{DEVICE_A}")
+        expect(page.locator("#unbind-note")).to_be_hidden()
+        reason = page.get_by_label("解绑理由")
+        reason.fill("门店搬迁")
+        reason.press("Enter")  # the form's only action: keyboard submit
+        expect(page.locator("#flash")).to_contain_text("已解除绑定")
+        expect(page.locator("#unbind-form")).to_have_count(0)
+        expect(page.locator("dd.institution")).to_contain_text("未绑定")
+        page.screenshot(path=tmp_path / "device-unbound.png", full_page=True)
+
+        history = rows(engine, DeviceBindingHistory)
+        assert [(h.action, h.reason) for h in history] == [("bind", "资料齐全，同意绑定"), ("unbind", "门店搬迁")]
+        unbind_command = rows(engine, IssuedCommand)[-1]
+        assert (unbind_command.kind, unbind_command.device_id, unbind_command.args["reason"]) == (
+            CommandKind.UNBIND.value,
+            DEVICE_A,
+            "门店搬迁",
+        )
+        assert unbind_command.command_id == history[-1].command_id
+
+        # signing out ends the server session and forgets the token
+        page.get_by_role("button", name="退出登录").click()
+        expect(page.locator("#sign-in-link")).to_be_visible()
+        assert page.evaluate("sessionStorage.getItem('yibao.operator.session')") is None
+        me = httpx.get(f"{url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
+        assert me.status_code == 401
+
+    actions = [e["type"] for e in audit_events(data_dir)]
+    for action in ("auth.login", "binding.approved", "binding.rejected", "binding.unbound", "auth.logout"):
+        assert action in actions
+
+
+# ---------------------------------------------------------------- the sign-in page's refusals
+
+
+def test_wrong_password_lockout_and_a_password_that_must_be_changed(
+    sqlite_engine: Engine, sqlite_url: str, tmp_path: Path
+) -> None:
+    make_account(sqlite_engine, ADMIN, Role.DEVICE_ADMIN)
+    make_account(sqlite_engine, "dev-new", Role.DEVICE_ADMIN, must_change=True)
+    with served(sqlite_engine, sqlite_url, tmp_path / "data") as url, browser_page(url) as page:
+        sign_in(page, url, ADMIN, "Wrong-pass-2026")
+        message = page.locator("#login-message")
+        expect(message).to_contain_text("用户名或密码错误")
+        expect(message).to_contain_text("Wrong username or password")
+        assert page.url.endswith("/login?next=/bindings")
+        assert page.evaluate("sessionStorage.getItem('yibao.operator.session')") is None
+        page.screenshot(path=tmp_path / "login-wrong-password.png")
+
+        for _ in range(3):
+            sign_in(page, url, ADMIN, "Wrong-pass-2026")
+            expect(message).to_contain_text("用户名或密码错误")
+        sign_in(page, url, ADMIN, "Wrong-pass-2026")  # the fifth failure locks the account (423)...
+        expect(message).to_contain_text("账户已锁定")
+        sign_in(page, url, ADMIN, GOOD)  # ...even for the right password
+        expect(message).to_contain_text("账户已锁定")
+        expect(message).to_contain_text("The account is locked")
+        assert page.evaluate("sessionStorage.getItem('yibao.operator.session')") is None
+
+        # an initial password: the change form, its own checks, the policy's refusal, then signed in
+        sign_in(page, url, "dev-new")
+        form = page.locator("#password-form")
+        expect(form).to_be_visible()
+        expect(page.locator("#login-form")).to_be_hidden()
+        assert page.evaluate("sessionStorage.getItem('yibao.operator.session')") is None
+        page.get_by_label("当前密码").fill(GOOD)
+        page.locator("#password-new").fill("Newer-pass-2027")
+        page.get_by_label("再次输入新密码").fill("Other-pass-2027")
+        page.get_by_label("再次输入新密码").press("Enter")
+        expect(page.locator("#password-message")).to_contain_text("两次输入的新密码不一致")
+        page.locator("#password-new").fill("weak")
+        page.get_by_label("再次输入新密码").fill("weak")
+        page.get_by_role("button", name="修改密码").click()
+        expect(page.locator("#password-message")).to_contain_text("新密码未被接受")
+        expect(page.locator("#password-message")).to_contain_text("shorter than 10")
+        page.screenshot(path=tmp_path / "login-change-password.png")
+        page.locator("#password-new").fill("Newer-pass-2027")
+        page.get_by_label("再次输入新密码").fill("Newer-pass-2027")
+        page.get_by_role("button", name="修改密码").click()
+        page.wait_for_url(f"{url}/bindings")
+        expect(page.locator("#flash")).to_contain_text("密码已修改")
+        expect(page.locator("#operator-name")).to_have_text("dev-new")
+
+
+# ---------------------------------------------------------------- roles and stale pages
+
+
+def test_a_regulator_sees_disabled_buttons_and_a_stale_page_shows_the_servers_conflict(
+    sqlite_engine: Engine, sqlite_url: str, tmp_path: Path
+) -> None:
+    applications = seed(sqlite_engine)
+    app_a, app_b = applications[DEVICE_A], applications[DEVICE_B]
+    make_account(sqlite_engine, "reg-sh", Role.REGULATOR, region_prefix="3101")
+    make_account(sqlite_engine, ADMIN, Role.DEVICE_ADMIN)
+    clock = FakeClock(T0)
+    with served(sqlite_engine, sqlite_url, tmp_path / "data", clock) as url, browser_page(url) as page:
+        sign_in(page, url, "reg-sh")
+        page.wait_for_url(f"{url}/bindings")
+        expect(page.locator("#operator-roles")).to_contain_text("监管人员 regulator")
+        row_a = application_row(page, app_a)
+        for name in ("批准", "驳回"):
+            expect(row_a.get_by_role("button", name=name)).to_be_disabled()
+        expect(row_a.get_by_label("审批理由")).to_be_disabled()
+        expect(page.locator("#decide-note")).to_contain_text("没有设备管理员权限")
+        page.screenshot(path=tmp_path / "bindings-regulator.png", full_page=True)
+
+        # buttons forced on in the page change nothing: the server says 403 and the page shows it
+        page.evaluate("document.querySelectorAll('form[data-action] *').forEach(c => c.disabled = false)")
+        row_a.get_by_label("审批理由").fill("试图越权")
+        row_a.get_by_role("button", name="批准").click()
+        expect(row_a.locator(".message")).to_contain_text("无权限")
+        expect(row_a.locator(".message")).to_contain_text("device_admin")
+        assert [r.status for r in rows(sqlite_engine, BindingApplication)] == [BindingStatus.PENDING] * 2
+
+        page.get_by_role("button", name="退出登录").click()
+        expect(page.locator("#sign-in-link")).to_be_visible()
+        sign_in(page, url, ADMIN)
+        page.wait_for_url(f"{url}/bindings")
+        row_b = application_row(page, app_b)
+        expect(row_b.get_by_role("button", name="驳回")).to_be_enabled()
+        # meanwhile someone decides it over the API: this page is now stale
+        decided = httpx.post(
+            f"{url}/api/v1/binding-applications/{app_b}/reject", json={"reason": "重复申请"}, headers=ADMIN_HEADERS
+        )
+        assert decided.status_code == 200, decided.text
+        row_b.get_by_label("审批理由").fill("同意")
+        row_b.get_by_role("button", name="批准").click()
+        expect(row_b.locator(".message")).to_contain_text("已处理")
+        expect(row_b.locator(".message")).to_contain_text("Conflict")
+        page.screenshot(path=tmp_path / "bindings-conflict.png", full_page=True)
+        # and then it reloads to show the current state
+        expect(application_row(page, app_b)).to_have_count(0)
+        expect(page.locator("#flash")).to_contain_text("已处理")
+
+        # the session ends on the server (idle for longer than 30 min): the page says so and goes to sign in again
+        clock.advance(31 * 60)
+        row_a = application_row(page, app_a)
+        row_a.get_by_label("审批理由").fill("资料齐全")
+        row_a.get_by_role("button", name="批准").click()
+        expect(row_a.locator(".message")).to_contain_text("登录已失效")
+        page.wait_for_url(f"{url}/login?next=%2Fbindings")
+        expect(page.locator("#sign-in-link")).to_be_visible()
+        assert page.evaluate("sessionStorage.getItem('yibao.operator.session')") is None
+    statuses = {r.device_id: r.status for r in rows(sqlite_engine, BindingApplication)}  # A was never decided
+    assert statuses == {DEVICE_A: BindingStatus.PENDING, DEVICE_B: BindingStatus.REJECTED}
+
+
+def test_without_the_script_the_pages_still_read_and_nothing_can_be_decided(
+    sqlite_engine: Engine, sqlite_url: str, tmp_path: Path
+) -> None:
+    applications = seed(sqlite_engine)
+    with served(sqlite_engine, sqlite_url, tmp_path / "data") as url:
+        with httpx.Client(base_url=url) as http:  # the script is this server's own file, served with the pages
+            script = http.get("/static/operator.js")
+            assert script.status_code == 200
+            assert "javascript" in script.headers["content-type"]
+            assert "sessionStorage" in script.text
+            assert "localStorage.setItem" not in script.text
+            assert "innerHTML" not in script.text
+            assert "script-src 'self'" in http.get("/login").text
+        with browser_page(url, javascript=False) as page:
+            page.goto(f"{url}/bindings")
+            row = application_row(page, applications[DEVICE_A])
+            expect(row).to_contain_text(DEVICE_A)
+            for name in ("批准", "驳回"):
+                expect(row.get_by_role("button", name=name)).to_be_disabled()
+            expect(page.locator("#decide-note")).to_be_visible()
+            page.goto(f"{url}/login")
+            expect(page.locator("noscript")).to_have_count(1)
+            expect(page.get_by_label("用户名")).to_be_visible()
+    assert [r.status for r in rows(sqlite_engine, BindingApplication)] == [BindingStatus.PENDING] * 2
