@@ -74,6 +74,7 @@ class CommandKind(StrEnum):
     PRESCRIPTIONS_PENDING = "prescriptions_pending"
     CATALOGUE_UPDATE = "catalogue_update"
     PROXY_RELATIONSHIPS = "proxy_relationships"
+    TEMPLATE_PURGE = "template_purge"
 
 
 MAX_COMMAND_ARGS: Final = 16
@@ -146,6 +147,22 @@ class ProxyRelationshipsArgs(_ClosedArgs):
     changed_at: str | None = Field(default=None, max_length=40, description="Server time of the change (ISO 8601).")
 
 
+class RosterUpdateArgs(_ClosedArgs):
+    """`roster_update`: the pharmacists of this terminal's institution or their face templates changed; the terminal
+    fetches `GET /device/v1/pharmacists` (docs/pharmacists.md). A notice only: the roster never rides on a command."""
+
+    institution_code: str = Field(min_length=1, max_length=32)
+    reason: str = Field(min_length=1, max_length=64, description="e.g. 'his_sync', 'template_enrolled'.")
+
+
+class TemplatePurgeArgs(_ClosedArgs):
+    """`template_purge`: delete a pharmacist's face template (they left the institution), or every pharmacist
+    template on the terminal when `pharmacist_code` is null (docs/pharmacists.md)."""
+
+    pharmacist_code: str | None = Field(default=None, min_length=1, max_length=20)
+    reason: str = Field(min_length=1, max_length=64, description="e.g. 'pharmacist_left'.")
+
+
 COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.PING: PingArgs,
     CommandKind.LOG_REQUEST: LogRequestArgs,
@@ -154,6 +171,8 @@ COMMAND_ARGS_MODELS: Final[Mapping[CommandKind, type[_ClosedArgs]]] = {
     CommandKind.PRESCRIPTIONS_PENDING: PrescriptionsPendingArgs,
     CommandKind.CATALOGUE_UPDATE: CatalogueUpdateArgs,
     CommandKind.PROXY_RELATIONSHIPS: ProxyRelationshipsArgs,
+    CommandKind.ROSTER_UPDATE: RosterUpdateArgs,
+    CommandKind.TEMPLATE_PURGE: TemplatePurgeArgs,
 }
 """The closed argument model of each kind that has one today; the others accept any `CommandArgs` on the wire (their
 terminals answer `rejected` for now)."""

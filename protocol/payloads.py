@@ -155,6 +155,8 @@ class SignedRecordKind(StrEnum):
     SIGN_OUT = "sign_out"
     POS_VERIFICATION = "pos_verification"
     """The outcome of a POS-requested buyer verification (H-03, K-07; `protocol.purchase.PosVerificationRecord`)."""
+    PHARMACIST_ENROLMENT = "pharmacist_enrolment"
+    """A pharmacist's face enrolment: live face matched the ID-card photo, consent recorded (protocol.pharmacist)."""
 
 
 class SignedRecord(_Closed):

@@ -35,6 +35,7 @@ from sync_server.api import (
     institutions,
     machine_clients,
     national,
+    pharmacists,
     prescriptions,
     provisioning,
     purchases,
@@ -99,6 +100,7 @@ def create_app(
     app.include_router(prescriptions.router)
     app.include_router(catalogues.router)
     app.include_router(national.router)
+    app.include_router(pharmacists.router)
     app.include_router(pages.router)
     check_route_policies(app)  # a route without a declared policy stops the server here
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)

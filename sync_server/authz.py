@@ -154,6 +154,12 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "POST /device/v1/national/{query}": DEVICE_SESSION,
     # the web sign-in form; the page holds nothing, the script on it calls POST /api/v1/auth/login
     "GET /login": PUBLIC,
+    # pharmacists and attendance (docs/pharmacists.md)
+    "GET /api/v1/pharmacist-sessions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
+    "PUT /his/v1/pharmacists": HIS_CLIENTS,
+    "POST /device/v1/pharmacists/{code}/template": DEVICE_SESSION,
+    "GET /device/v1/pharmacists": DEVICE_SESSION,
+    "GET /device/v1/pharmacist-sessions": DEVICE_SESSION,
 }
 
 

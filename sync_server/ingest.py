@@ -75,6 +75,7 @@ from sync_server.binding import record_binding_applications
 from sync_server.commands import ResultsApplied, record_command_results
 from sync_server.db.engine import session_factory
 from sync_server.errors import IngestError
+from sync_server.pharmacists import record_pharmacist_sessions
 from sync_server.prescriptions import record_review_decisions
 from sync_server.purchases import record_pos_verifications
 from sync_server.security import Refused, SecurityGate, SecurityRefusal
@@ -561,6 +562,7 @@ class IngestWorker:
                 record_binding_applications(session, envelopes, now=received_at)
                 record_review_decisions(session, envelopes, now=received_at)
                 record_pos_verifications(session, envelopes, now=received_at)
+                record_pharmacist_sessions(session, envelopes, now=received_at)
                 # Coalesced: one ack per device per batch, for stored records and duplicates alike, and for a
                 # device that just came online (it may have missed the last ack while away).
                 ack_devices = {e.device_id for e in envelopes}

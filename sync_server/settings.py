@@ -297,6 +297,15 @@ class ServerSettings(BaseSettings):
         le=3600,
         description="How long a person_info answer's query_ref lets the same terminal ask that person's records.",
     )
+    pharmacist_close_hour: int = Field(
+        default=24,
+        ge=1,
+        le=24,
+        description=(
+            "Local hour (display_timezone) at which the server closes an attendance session the terminal left open "
+            "(reason 'server_closed'); 24 = midnight. Terminals close theirs at their own [pharmacists] close_hour."
+        ),
+    )
 
     @field_validator("database_url")
     @classmethod

@@ -7,7 +7,8 @@ Owns:
   (I-02). Written atomically (temp file + rename), so a crash leaves the old or the new status, never half;
 * `BindingDecisionHandler` and `UnbindHandler`, the `CommandHandler`s of `binding_decision` and `unbind`
   (`terminal.commands` calls them once per command id; applying one twice would be harmless anyway: both set a
-  state, they do not toggle one);
+  state, they do not toggle one); `unbind` also runs the `on_unbind` hook, with which the runtime purges the
+  pharmacists' face templates (`terminal.pharmacists`, docs/pharmacists.md);
 * `binding_application_record` and `apply_for_binding`, which build the signed `binding_application` record from the
   institution head's `FaceDecision` and how they were identified, and hand it to `TerminalRuntime.record_signed`.
 
@@ -133,10 +134,13 @@ class BindingDecisionHandler:
 
 @dataclass(frozen=True, slots=True)
 class UnbindHandler:
-    """`unbind`: the terminal is no longer bound; staff see the reason and the contact."""
+    """`unbind`: the terminal is no longer bound; staff see the reason and the contact. `on_unbind` then removes
+    what belonged to the institution (the pharmacists' face templates, `terminal.pharmacists`); it returns how many
+    templates it purged and must be idempotent (a crash before the answer is committed repeats it)."""
 
     store: BindingStore
     now: Callable[[], datetime]
+    on_unbind: Callable[[], int] | None = None
 
     def __call__(self, command: DeviceCommand) -> HandlerOutcome:
         args = parse_command_args(command.kind, command.args)
@@ -145,6 +149,9 @@ class UnbindHandler:
         status = BindingStatus(BindingState.UNBOUND, reason=args.reason, contact=args.contact)
         self.store.save(replace(status, updated_at=self.now().isoformat()))
         logger.info("binding status now unbound")
+        if self.on_unbind is not None:
+            purged = self.on_unbind()
+            return HandlerOutcome(CommandOutcome.APPLIED, f"binding unbound; {purged} face template(s) purged")
         return HandlerOutcome(CommandOutcome.APPLIED, "binding unbound")
 
 
@@ -197,9 +204,12 @@ def apply_for_binding(
     return envelope
 
 
-def binding_handlers(store: BindingStore, now: Callable[[], datetime]) -> dict[CommandKind, CommandHandler]:
-    """The handlers to pass to `terminal.commands.default_handlers(..., extra=...)`."""
+def binding_handlers(
+    store: BindingStore, now: Callable[[], datetime], *, on_unbind: Callable[[], int] | None = None
+) -> dict[CommandKind, CommandHandler]:
+    """The handlers to pass to `terminal.commands.default_handlers(..., extra=...)`; `on_unbind` purges what belonged
+    to the institution when `unbind` is carried out."""
     return {
         CommandKind.BINDING_DECISION: BindingDecisionHandler(store, now),
-        CommandKind.UNBIND: UnbindHandler(store, now),
+        CommandKind.UNBIND: UnbindHandler(store, now, on_unbind),
     }

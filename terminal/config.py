@@ -32,8 +32,9 @@ import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from drivers.qr_scanner import QrScannerConfig
 from protocol import DeviceId
@@ -373,6 +374,51 @@ class FaceConfig(_Strict):
     challenge_window_s: float = Field(default=5.0, gt=1, le=20, description="Time allowed for each move.")
 
 
+# ---------------------------------------------------------------- [pharmacists]
+
+
+class PharmacistsConfig(_Strict):
+    """Pharmacist enrolment and sign-in/out at this terminal (`terminal.pharmacists`, docs/pharmacists.md): needs
+    `[face]` (the same camera, models and liveness policy) and an enrolled identity (records are signed)."""
+
+    gallery: Annotated[Path, Field(strict=False)] = Field(
+        default=Path("pharmacist_gallery.sqlite3"),
+        description="The pharmacists' sealed face templates (SQLite); relative paths are relative to the config.",
+    )
+    store: Annotated[Path, Field(strict=False)] = Field(
+        default=Path("pharmacists.sqlite3"),
+        description="Roster, consents and attendance sessions (SQLite); relative to the config file when relative.",
+    )
+    close_hour: int = Field(
+        default=22,
+        ge=1,
+        le=24,
+        description="Local hour at which open sessions are closed (sign-out reason 'auto_closed'); 24 = midnight.",
+    )
+    timezone: str = Field(default="Asia/Shanghai", description="IANA time zone of close_hour.")
+    reverify_every_min: int | None = Field(
+        default=None,
+        ge=5,
+        le=720,
+        description="Re-verify a signed-in pharmacist's face this often (minutes); absent: never.",
+    )
+    consent_version: str = Field(
+        default="2026-01",
+        min_length=1,
+        max_length=32,
+        description="Version of the face-enrolment consent text the kiosk shows; recorded with each enrolment.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone_exists(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+
 # ---------------------------------------------------------------- [pos_api]
 
 
@@ -453,6 +499,9 @@ class TerminalConfig(_Strict):
     )
     pos_api: PosApiConfig = Field(
         default_factory=PosApiConfig, description="Local API for the pharmacy POS; absent: disabled."
+    )
+    pharmacists: PharmacistsConfig | None = Field(
+        default=None, description="Pharmacist enrolment and sign-in/out; absent: not offered on this terminal."
     )
 
 
@@ -573,6 +622,13 @@ def parse_terminal_config(
     if base_dir is not None and config.face is not None and not config.face.gallery.is_absolute():
         face = config.face.model_copy(update={"gallery": base_dir / config.face.gallery})
         config = config.model_copy(update={"face": face})
+    if base_dir is not None and config.pharmacists is not None:
+        ph = config.pharmacists
+        paths = {
+            name: path if path.is_absolute() else base_dir / path
+            for name, path in (("gallery", ph.gallery), ("store", ph.store))
+        }
+        config = config.model_copy(update={"pharmacists": ph.model_copy(update=paths)})
     if base_dir is not None:
         pos = config.pos_api
         clients = [

@@ -42,16 +42,17 @@ from protocol import (
 from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, Payload, SignedRecordKind
 from protocol.secure import SessionKey
-from terminal.binding import BindingStore, binding_handlers
+from terminal.binding import BindingState, BindingStore, binding_handlers
 from terminal.catalogue import CatalogueStore
 from terminal.catalogue_sync import CatalogueSync
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
 from terminal.config import TerminalConfig
-from terminal.devices import KioskDevices, build_evoucher_service, open_face_verifier
+from terminal.devices import DeviceStartupError, KioskDevices, build_evoucher_service, open_face_verifier
 from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
+from terminal.pharmacists import ClosingHourWorker, PharmacistCommands, PharmacistDesk, RosterSyncWorker, open_desk
 from terminal.proxy import ProxyRelationshipsHandler, ProxyRelationshipSync, SqliteProxyRegistry
 from terminal.review import InboxRefresher, PrescriptionInbox, open_inbox, review_handlers
 from terminal.server_api import ServerApi
@@ -114,6 +115,14 @@ class TerminalRuntime:
     """The synced catalogues and drug-usage rules (docs/catalogue.md), beside the outbox; None when not enrolled."""
     catalogue_sync: CatalogueSync | None = None
     """Fetches catalogue versions over the device API at start and on `catalogue_update` notices."""
+    pharmacist_commands: PharmacistCommands = field(default_factory=PharmacistCommands)
+    """`roster_update`, `template_purge` and the `unbind` purge; attached to `pharmacists` once it is built."""
+    pharmacists: PharmacistDesk | None = None
+    """Pharmacist enrolment and sign-in/out when `[pharmacists]` is set (docs/pharmacists.md)."""
+    roster_sync: RosterSyncWorker | None = None
+    """Fetches the pharmacist roster at start, on `roster_update` and every few hours (needs `server_api`)."""
+    closing_hour: ClosingHourWorker | None = None
+    """Closes pharmacist sessions at `[pharmacists] close_hour` while the kiosk is idle."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -131,6 +140,10 @@ class TerminalRuntime:
             self.catalogue_sync.start()
         if self.proxy_sync is not None:
             self.proxy_sync.start()
+        if self.roster_sync is not None:
+            self.roster_sync.start()
+        if self.closing_hour is not None:
+            self.closing_hour.start()
         if self.pos_api is not None:
             self.pos_api.start()
         logger.info(
@@ -153,6 +166,10 @@ class TerminalRuntime:
         if self.proxy_sync is not None:
             self.proxy_sync.stop()
             self.proxy_sync.registry.close()
+        if self.roster_sync is not None:
+            self.roster_sync.stop()
+        if self.closing_hour is not None:
+            self.closing_hour.stop()
         self.sync.stop()
         if self.security is not None:
             self.security.stop()
@@ -167,6 +184,8 @@ class TerminalRuntime:
         self.outbox.close()
         if self.face is not None:
             self.face.templates.close()
+        if self.pharmacists is not None:
+            self.pharmacists.close()
         _release(self.devices, self.evoucher_platform)
         logger.info("terminal %s stopped", self.config.device_id)
 
@@ -335,7 +354,44 @@ def build_runtime(
             _release(devices, evoucher_platform)
             raise
         runtime.model_versions.update(runtime.face.model_versions)
+    if config.pharmacists is not None:
+        try:
+            runtime.pharmacists = _pharmacist_desk(runtime, template_key)
+        except BaseException:
+            runtime.outbox.close()
+            _release(devices, evoucher_platform)
+            raise
+        runtime.pharmacist_commands.attach(runtime.pharmacists)
+        runtime.closing_hour = ClosingHourWorker(runtime.pharmacists)
+        if runtime.server_api is not None:
+            runtime.roster_sync = RosterSyncWorker(runtime.pharmacists, runtime.pharmacist_commands.sync_requested)
     return runtime
+
+
+def _pharmacist_desk(runtime: TerminalRuntime, template_key: bytes | None) -> PharmacistDesk:
+    """The desk `[pharmacists]` asks for, on the `[face]` verifier's camera, models and liveness policy."""
+    config = runtime.config.pharmacists
+    if config is None or runtime.face is None or template_key is None:
+        raise DeviceStartupError("pharmacists", None, "[pharmacists] needs [face] and an enrolled identity")
+    security = runtime.security
+    binding = runtime.binding
+
+    def institution() -> str | None:
+        status = binding.load() if binding is not None else None
+        return status.institution_code if status is not None and status.state is BindingState.BOUND else None
+
+    return open_desk(
+        config,
+        runtime.face,
+        template_key,
+        runtime.clock,
+        device_id=runtime.config.device_id,
+        institution=institution,
+        record_signed=runtime.record_signed,
+        record_audit=lambda event: runtime.record_audits([event]),
+        api=runtime.server_api,
+        keys=security.sessions if security is not None else None,
+    )
 
 
 def _build(
@@ -388,6 +444,8 @@ def _build(
         # The proxy relationships, fetched over the device API (docs/purchases.md), beside the outbox
         proxy_registry = SqliteProxyRegistry(config.outbox.path.with_name(PROXY_FILE))
         proxy_sync = ProxyRelationshipSync(proxy_registry, server_api)
+        # Registered now, attached to the pharmacist desk once face verification is built (docs/pharmacists.md)
+        pharmacist_commands = PharmacistCommands()
         commands = CommandApplier(
             outbox,
             device_id=config.device_id,
@@ -397,10 +455,13 @@ def _build(
                 facts,
                 clock,
                 request_rotation=security.sessions.request_rotation if security is not None else None,
-                extra=binding_handlers(binding, clock.now)
-                | (review_handlers(refresher) if refresher else {})
-                | (catalogue_sync.handlers() if catalogue_sync is not None else {})
-                | {CommandKind.PROXY_RELATIONSHIPS: ProxyRelationshipsHandler(proxy_sync)},
+                extra={
+                    **binding_handlers(binding, clock.now, on_unbind=pharmacist_commands.purge_all),
+                    **pharmacist_commands.handlers(),
+                    **(review_handlers(refresher) if refresher else {}),
+                    **(catalogue_sync.handlers() if catalogue_sync is not None else {}),
+                    CommandKind.PROXY_RELATIONSHIPS: ProxyRelationshipsHandler(proxy_sync),
+                },
             ),
             on_answered=answered if log is not None else None,
         )
@@ -473,6 +534,7 @@ def _build(
         security=security,
         model_versions=model_versions,
         binding=binding,
+        pharmacist_commands=pharmacist_commands,
         server_api=server_api,
         prescriptions=prescriptions,
         prescription_refresher=refresher,

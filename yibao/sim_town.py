@@ -28,7 +28,6 @@ from typing import Any
 
 import httpx
 from sqlalchemy import func, select
-from terminal.pharmacists import Consent
 
 from drivers.idcard import IdCardData
 from hardware_sim.camera_sim import SimulatedCamera, load_rgb
@@ -46,6 +45,7 @@ from terminal.binding import BindingState, apply_for_binding, binding_applicatio
 from terminal.config import load_terminal_config
 from terminal.devices import open_devices, open_evoucher_platform
 from terminal.identity import SecurityLog
+from terminal.pharmacists import Consent
 from terminal.pos_api import attach_pos_api
 from terminal.review import PharmacistAtScreen, ReviewDesk
 from terminal.runtime import TerminalRuntime, build_runtime

@@ -723,3 +723,84 @@ class PurchaseTraceCode(Base):
     purchase_id: Mapped[int] = mapped_column(BigId, ForeignKey("purchases.id"), index=True)
     line_no: Mapped[int] = mapped_column(Integer)
     code: Mapped[str] = mapped_column(String(64), index=True)
+
+
+# ---------------------------------------------------------------- pharmacists (docs/pharmacists.md)
+
+
+class PharmacistStatus(StrEnum):
+    ACTIVE = "active"
+    LEFT = "left"
+    """离职 or 有效标志 = 0 in the HIS sync: the template is deleted and terminals purge it."""
+
+
+class Pharmacist(Base):
+    """A pharmacist of an institution as the HIS base-info sync (H-08, E-04) keeps it: codes, masked identity, the
+    practising-certificate fields. Never a clear name or ID number; `id_number_ref` is a keyed hash that links a
+    pharmacist's own account to their records without keeping the number."""
+
+    __tablename__ = "pharmacists"
+    __table_args__ = (UniqueConstraint("institution_id", "code"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    institution_id: Mapped[int] = mapped_column(BigId, ForeignKey("institutions.id"), index=True)
+    code: Mapped[str] = mapped_column(String(20), comment="医保药师代码 / 医师代码 (C20).")
+    his_person_id: Mapped[str | None] = mapped_column(String(32), comment="医师id in the HIS (C32).")
+    name_masked: Mapped[str] = mapped_column(String(20), comment="医师姓名, masked only.")
+    cert_type: Mapped[str | None] = mapped_column(String(3), comment="证件类型 (psn_cert_type).")
+    id_number_masked: Mapped[str | None] = mapped_column(String(20), comment="证件号码, masked only.")
+    id_number_ref: Mapped[str | None] = mapped_column(String(64), index=True, comment="HMAC-SM3 of the 证件号码.")
+    practising_cert_no: Mapped[str | None] = mapped_column(String(20), comment="执业证书编号 (C20).")
+    practising_type: Mapped[str | None] = mapped_column(String(6), comment="执业类别 (dr_prac_type).")
+    practising_scope: Mapped[str | None] = mapped_column(String(6), comment="执业范围代码 (dr_prac_scp_code).")
+    practising_region: Mapped[str | None] = mapped_column(String(6), comment="执业地区 (C6).")
+    multi_site: Mapped[bool | None] = mapped_column(comment="多点执业标志.")
+    tech_duty: Mapped[str | None] = mapped_column(String(6), comment="专业技术职务 (dr_pro_tech_duty).")
+    psn_role: Mapped[str | None] = mapped_column(String(6), comment="人员角色 (psn_role).")
+    left_on: Mapped[str | None] = mapped_column(String(10), comment="离职时间 (YYYY-MM-DD).")
+    status: Mapped[PharmacistStatus] = mapped_column(_str_enum(PharmacistStatus, 8))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class PharmacistTemplate(Base):
+    """A pharmacist's face template, sealed (SM4-GCM) under a key derived from the server secret, bound to the
+    pharmacist row and the model; kept only to reach the other terminals of the same institution."""
+
+    __tablename__ = "pharmacist_templates"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    pharmacist_id: Mapped[int] = mapped_column(BigId, ForeignKey("pharmacists.id"), unique=True)
+    model_sha256: Mapped[str] = mapped_column(String(64))
+    dims: Mapped[int] = mapped_column(Integer)
+    sealed: Mapped[bytes] = mapped_column(LargeBinary)
+    sha256: Mapped[str] = mapped_column(String(64), comment="Of the sealed bytes: an integrity reference, not a face.")
+    enrolled_device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    enrolled_at: Mapped[datetime]
+    consent_version: Mapped[str] = mapped_column(String(32))
+    consent_at: Mapped[datetime]
+    id_photo_similarity: Mapped[float] = mapped_column(comment="人证比对 score of the enrolment.")
+
+
+class PharmacistSession(Base):
+    """One attendance session (签到/签退, P-01, E-05) from the terminal's signed records."""
+
+    __tablename__ = "pharmacist_sessions"
+    __table_args__ = (Index(None, "institution_id", "signed_in_at"), Index(None, "pharmacist_id", "signed_in_at"))
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    session_id: Mapped[uuid.UUID] = mapped_column(unique=True, comment="Chosen by the terminal at sign-in.")
+    pharmacist_id: Mapped[int] = mapped_column(BigId, ForeignKey("pharmacists.id"))
+    institution_id: Mapped[int] = mapped_column(BigId, ForeignKey("institutions.id"))
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id"))
+    signed_in_at: Mapped[datetime]
+    signed_out_at: Mapped[datetime | None] = mapped_column(index=True)
+    closed_reason: Mapped[str | None] = mapped_column(String(32), comment="protocol.pharmacist.SignOutReason.")
+    sign_in_similarity: Mapped[float | None]
+    sign_out_similarity: Mapped[float | None]
+    face_threshold: Mapped[float | None]
+    sign_in_message_id: Mapped[uuid.UUID | None]
+    sign_out_message_id: Mapped[uuid.UUID | None]
+    key_epoch: Mapped[int | None] = mapped_column(Integer, comment="Of the sign-in signature.")
+    signature: Mapped[str | None] = mapped_column(String(128), comment="Sign-in SM2 r||s hex; verifiable again.")
+    received_at: Mapped[datetime]

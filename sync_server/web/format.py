@@ -54,6 +54,7 @@ COMMAND_KIND_WORDS = {
     "rotate_keys": ("更换密钥", "rotate keys"),
     "roster_update": ("人员名单更新", "roster update"),
     "template_update": ("模板更新", "template update"),
+    "template_purge": ("删除人脸模板", "template purge"),
 }
 
 COMMAND_OUTCOME_WORDS = {

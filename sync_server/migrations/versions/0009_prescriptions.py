@@ -1,7 +1,7 @@
 """Prescriptions registered by HIS, their drug lines, and the review decisions signed on terminals.
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-01
 
 Adds `prescriptions` (one per institution and 医保处方编号, masked data only, with its status), `prescription_lines`
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009"
-down_revision: str | None = "0007"
+down_revision: str | None = "0008"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
