@@ -52,9 +52,16 @@ from terminal.errors import InvalidRecordError, OutboxFullError, TerminalError
 from terminal.evoucher import EVoucherPlatform, EVoucherService
 from terminal.health import PeripheralWatch, compose_heartbeat
 from terminal.outbox import Outbox
-from terminal.pharmacists import ClosingHourWorker, PharmacistCommands, PharmacistDesk, RosterSyncWorker, open_desk
+from terminal.pharmacists import (
+    ClosingHourWorker,
+    OnDuty,
+    PharmacistCommands,
+    PharmacistDesk,
+    RosterSyncWorker,
+    open_desk,
+)
 from terminal.proxy import ProxyRelationshipsHandler, ProxyRelationshipSync, SqliteProxyRegistry
-from terminal.review import InboxRefresher, PrescriptionInbox, open_inbox, review_handlers
+from terminal.review import InboxRefresher, PrescriptionInbox, ReviewDesk, open_inbox, review_handlers
 from terminal.server_api import ServerApi
 from terminal.session import SessionManager, TerminalSecurity
 from terminal.sync import DownlinkReceiver, HeartbeatTimer, MqttUplink, SyncWorker, UplinkDelivery, UplinkLink
@@ -123,6 +130,9 @@ class TerminalRuntime:
     """Fetches the pharmacist roster at start, on `roster_update` and every few hours (needs `server_api`)."""
     closing_hour: ClosingHourWorker | None = None
     """Closes pharmacist sessions at `[pharmacists] close_hour` while the kiosk is idle."""
+    review: ReviewDesk | None = None
+    """Prescription review by the pharmacist on duty (`terminal.review`) when the desk, the inbox and the synced
+    rules are all there."""
     pos_api: PosApiServer | None = None
     """The local POS API (`terminal.pos_api.build_pos_server`) when `[pos_api] enabled`; started by `start()` after
     delivery (its audit events need the outbox), stopped first by `stop()`."""
@@ -331,10 +341,7 @@ def build_runtime(
                 clock=runtime.clock,
             )
         except BaseException:
-            runtime.outbox.close()
-            if runtime.proxy_registry is not None:
-                runtime.proxy_registry.close()
-            _release(devices, evoucher_platform)
+            _abandon(runtime, devices, evoucher_platform)
             raise
     if config.face is not None:
         if template_key is None and security is not None and security.store is not None:
@@ -348,24 +355,39 @@ def build_runtime(
                 clock=runtime.clock,
             )
         except BaseException:
-            runtime.outbox.close()
-            if runtime.proxy_registry is not None:
-                runtime.proxy_registry.close()
-            _release(devices, evoucher_platform)
+            _abandon(runtime, devices, evoucher_platform)
             raise
         runtime.model_versions.update(runtime.face.model_versions)
     if config.pharmacists is not None:
         try:
             runtime.pharmacists = _pharmacist_desk(runtime, template_key)
         except BaseException:
-            runtime.outbox.close()
-            _release(devices, evoucher_platform)
+            _abandon(runtime, devices, evoucher_platform)
             raise
         runtime.pharmacist_commands.attach(runtime.pharmacists)
         runtime.closing_hour = ClosingHourWorker(runtime.pharmacists)
         if runtime.server_api is not None:
             runtime.roster_sync = RosterSyncWorker(runtime.pharmacists, runtime.pharmacist_commands.sync_requested)
+        if runtime.prescriptions is not None and runtime.catalogue is not None:
+            # The review desk (docs/prescriptions.md): the pharmacist on duty here confirms each decision 1:1
+            runtime.review = ReviewDesk(
+                runtime.prescriptions,
+                runtime.catalogue,
+                OnDuty(runtime.pharmacists),
+                runtime.pharmacists.verifier,
+                runtime.record_signed,
+                runtime.clock,
+            )
     return runtime
+
+
+def _abandon(runtime: TerminalRuntime, devices: KioskDevices | None, platform: EVoucherPlatform | None) -> None:
+    """Close what `_build` opened when building the rest of the runtime fails."""
+    for store in (runtime.proxy_registry, runtime.prescriptions, runtime.catalogue, runtime.server_api):
+        if store is not None:
+            store.close()
+    runtime.outbox.close()
+    _release(devices, platform)
 
 
 def _pharmacist_desk(runtime: TerminalRuntime, template_key: bytes | None) -> PharmacistDesk:

@@ -47,7 +47,6 @@ from terminal.devices import open_devices, open_evoucher_platform
 from terminal.identity import SecurityLog
 from terminal.pharmacists import Consent
 from terminal.pos_api import attach_pos_api
-from terminal.review import PharmacistAtScreen, ReviewDesk
 from terminal.runtime import TerminalRuntime, build_runtime
 from terminal.session import TerminalSecurity
 from yibao.sim_day import REGION, HisClient, Ledger, SimDayOptions, SimError, wait_for
@@ -55,12 +54,12 @@ from yibao.sim_day import REGION, HisClient, Ledger, SimDayOptions, SimError, wa
 logger = logging.getLogger(__name__)
 
 DRUGS = (
-    ("XJ01CAA040A001010100534", "阿莫西林胶囊", "0.25g*24粒", "盒", 2560),
-    ("XR05DAF123A001010100001", "复方甘草片", "100片", "瓶", 1200),
-    ("XA10BAA021A001010100112", "二甲双胍片", "0.5g*60片", "盒", 1850),
-    ("XC08CAA001A001010100077", "硝苯地平缓释片", "20mg*30片", "盒", 2290),
+    ("XJ01CAA040A001010100534", "阿莫西林胶囊", "0.25g", "24粒/盒", "盒", 2560, "胶囊剂", "rx"),
+    ("XR05DAF123A001010100001", "复方甘草片", "100片", "100片/瓶", "瓶", 1200, "片剂", "otc_a"),
+    ("XA10BAA021A001010100112", "盐酸二甲双胍片", "0.5g", "60片/盒", "盒", 1850, "片剂", "rx"),
+    ("XC08CAA001A001010100077", "硝苯地平缓释片", "20mg", "30片/盒", "盒", 2290, "片剂", "rx"),
 )
-"""The town pharmacy's shelf: (医保药品编码, name, specification, unit, price in fen)."""
+"""The town pharmacy's shelf: (医保药品编码, name, specification, package, unit, price in fen, form, dispensing)."""
 
 
 def _free_port() -> int:
@@ -109,8 +108,6 @@ class Kiosk:
     pos_secret: bytes
     head: Person
     pharmacists: list[Person] = field(default_factory=list)
-    review: ReviewDesk | None = None
-    at_screen: PharmacistAtScreen | None = None
 
     def show(self, person: Person) -> None:
         """`person` steps in front of the camera."""
@@ -147,6 +144,7 @@ class Town:
         self.started_at = datetime.now(UTC) - timedelta(seconds=1)
         self._photos = _photos(options.faces_dir)
         self._seed = 1000
+        self._face_detector: Any = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -161,6 +159,14 @@ class Town:
             yield town
         finally:
             town.close()
+
+    def _detector(self) -> Any:
+        """One face detector for every simulated camera (it places the synthetic IR and depth on the face)."""
+        if self._face_detector is None:
+            from yibao.pad_harness import make_detector
+
+            self._face_detector = make_detector("mtcnn")
+        return self._face_detector
 
     def _person(self, photo: Path) -> Person:
         self._seed += 1
@@ -188,17 +194,28 @@ class Town:
     def _publish_catalogue(self) -> None:
         """The regulator's drug catalogue and quantity rules, published before the kiosks start (they sync them)."""
         entries = [
-            {"code": code, "name": name, "specification": spec, "unit": unit, "price_fen": price}
-            for code, name, spec, unit, price in DRUGS
+            {
+                "kind": "drug",
+                "code": code,
+                "name": name,
+                "generic_name": name,
+                "dosage_form": form,
+                "specification": spec,
+                "package": package,
+                "unit": unit,
+                "manufacturer": "昆山示例制药有限公司",
+                "approval_number": f"国药准字H{20000000 + i}",
+                "category": "甲",
+                "dispensing": dispensing,
+                "price_fen": price,
+            }
+            for i, (code, name, spec, package, unit, price, form, dispensing) in enumerate(DRUGS)
         ]
         resp = self.admin.post("/api/v1/catalogues/drug/versions", json={"entries": entries})
         if resp.status_code >= 400:
             raise SimError(f"publishing the drug catalogue failed: {resp.status_code} {resp.text[:200]}")
 
     def _kiosk(self, institution_code: str, device_id: str, sessions: Any) -> Kiosk:
-        from models.store import ModelStore
-
-        from models.face import engine_from_store
 
         directory = self.workdir / device_id
         directory.mkdir(parents=True, exist_ok=True)
@@ -246,8 +263,7 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
         config = load_terminal_config(config_path)
         devices = open_devices(config.devices, stand_in=SimulatedPeripheral)
         head = self._person(self._photos[0])
-        engine = engine_from_store(ModelStore())
-        camera = SimulatedCamera([head.photo], engine.detector, seed=len(self.kiosks) + 7)
+        camera = SimulatedCamera([head.photo], self._detector(), seed=len(self.kiosks) + 7)
         camera.open()
         reported = [p for p in devices.peripherals if p.name != camera.name] + [camera]
         devices = dataclasses.replace(devices, camera=camera, peripherals=reported)
@@ -269,7 +285,7 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
                 verifier.prompt = prompt
         attach_pos_api(runtime)
         runtime.start()
-        kiosk = Kiosk(
+        return Kiosk(
             institution_code=institution_code,
             device_id=device_id,
             rig=rig,
@@ -280,17 +296,6 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
             pos_secret=pos_secret,
             head=head,
         )
-        if runtime.pharmacists is not None and runtime.prescriptions is not None and runtime.catalogue is not None:
-            kiosk.at_screen = PharmacistAtScreen(runtime.pharmacists)
-            kiosk.review = ReviewDesk(
-                runtime.prescriptions,
-                runtime.catalogue,
-                kiosk.at_screen,
-                runtime.pharmacists.verifier,
-                runtime.record_signed,
-                runtime.clock,
-            )
-        return kiosk
 
     def close(self) -> None:
         for kiosk in self.kiosks:
@@ -381,7 +386,8 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
                 consent=Consent(desk.config.consent_version, kiosk.runtime.clock.now()),
             )
             if not result.enrolled:
-                raise SimError(f"pharmacist enrolment failed at {kiosk.device_id}: {result.outcome}")
+                why = None if result.decision is None else result.decision.audit_detail()
+                raise SimError(f"pharmacist enrolment failed at {kiosk.device_id}: {result.outcome} {why}")
             signed_in = desk.sign_in()
             if not signed_in.ok:
                 raise SimError(f"pharmacist sign-in failed at {kiosk.device_id}: {signed_in.detail}")
@@ -402,7 +408,7 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
         his = self.his[kiosk.institution_code]
         for n in range(self.options.prescriptions_per_institution):
             rx_no = f"RX{kiosk.institution_code[-5:]}{n + 1:05d}"
-            code, name, spec, unit, _price = DRUGS[n % len(DRUGS)]
+            code, name, spec, _package, unit, _price, _form, _dispensing = DRUGS[n % len(DRUGS)]
             body = {
                 "rx_no": rx_no,
                 "prescribing_institution_code": "H32058300100",
@@ -438,7 +444,8 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
             his.registered_rx.append(rx_no)
         runtime = kiosk.runtime
         inbox, refresher = runtime.prescriptions, runtime.prescription_refresher
-        if inbox is None or refresher is None or kiosk.review is None or kiosk.at_screen is None:
+        review = runtime.review
+        if inbox is None or refresher is None or review is None:
             raise SimError("the kiosk has no prescription inbox or review desk")
 
         def received() -> bool:
@@ -446,27 +453,27 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
             return len(inbox.pending()) >= self.options.prescriptions_per_institution
 
         wait_for(received, f"{kiosk.device_id} to receive its prescriptions", every_s=0.5)
-        pharmacist = kiosk.pharmacists[0]
-        kiosk.at_screen.select(pharmacist.code)
+        pharmacist = kiosk.pharmacists[-1]  # on duty: the one who signed in last (terminal.pharmacists.OnDuty)
         for n, item in enumerate(list(inbox.pending())):
-            session = kiosk.review.open(item.prescription_id)
+            session = review.open(item.prescription_id)
             session.acknowledge_all()
             reject = n == len(his.registered_rx) - 1  # the last one of the day is sent back
             kiosk.show(pharmacist)
             result = (
-                kiosk.review.decide(session, ReviewOutcome.REJECTED, ["用药不适宜 / inappropriate"])
+                review.decide(session, ReviewOutcome.REJECTED, ["用药不适宜 / inappropriate"])
                 if reject or session.blocked
-                else kiosk.review.decide(session, ReviewOutcome.APPROVED, [])
+                else review.decide(session, ReviewOutcome.APPROVED, [])
             )
             if not result.recorded or result.record is None:
                 rx = item.prescription.rx_no
                 raise SimError(f"the review of {rx} was not recorded (face: {result.face.outcome})")
             self.ledger.reviews[item.prescription.rx_no] = result.record.decision.value
         for rx_no in his.registered_rx:
-            wait_for(
-                lambda rx=rx_no: his.call("GET", f"/his/v1/prescriptions/{rx}").json().get("status") != "pending",
-                f"the review of {rx_no} to reach the server",
-            )
+
+            def reviewed(rx: str = rx_no) -> bool:
+                return bool(his.call("GET", f"/his/v1/prescriptions/{rx}").json().get("status") != "pending")
+
+            wait_for(reviewed, f"the review of {rx_no} to reach the server")
             answer = his.call("GET", f"/his/v1/prescriptions/{rx_no}").json()
             if answer.get("status") == "approved":
                 settled = his.call(
@@ -509,8 +516,8 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
                     kiosk.runtime.proxy_sync.sync()
             else:
                 body = {"method": "evoucher"}
-            code, name, _spec, _unit, price = DRUGS[n % len(DRUGS)]
-            body["drug_lines"] = [{"drug_code": code, "quantity": 1}]
+            code, name, _spec, _package, _unit, price, _form, _dispensing = DRUGS[n % len(DRUGS)]
+            body["drug_lines"] = [{"med_list_codg": code, "cnt": 1}]
             account = rig.evoucher.enrol(person)
             started = kiosk.pos(self.pos_http, "POST", "/pos/v1/verifications", body)
             if started.status_code >= 400:
@@ -579,7 +586,11 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
                 self.ledger.sign_outs += 1
         for kiosk in self.kiosks:
             outbox = kiosk.runtime.outbox
-            wait_for(lambda o=outbox: o.stats().depth == 0, f"{kiosk.device_id}'s outbox to drain", 120)
+
+            def drained(o: Any = outbox) -> bool:
+                return bool(o.stats().depth == 0)
+
+            wait_for(drained, f"{kiosk.device_id}'s outbox to drain", 120)
 
     # ------------------------------------------------------------------ reconciliation
 
@@ -589,10 +600,11 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
             Device,
             Event,
             PharmacistSession,
+            PosVerification,
             PrescriptionReview,
             PrescriptionRow,
             Purchase,
-            Verification,
+            PurchaseVerificationState,
         )
 
         problems: list[str] = []
@@ -653,10 +665,14 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
                 server_purchases = count(select(func.count()).select_from(Purchase))
                 if server_purchases != purchases:
                     problems.append(f"purchases: HIS registered {purchases}, server has {server_purchases}")
-                unlinked = count(select(func.count()).select_from(Purchase).where(Purchase.verification_id.is_(None)))
+                unlinked = count(
+                    select(func.count())
+                    .select_from(Purchase)
+                    .where(Purchase.verification_state != PurchaseVerificationState.LINKED)
+                )
                 if unlinked:
                     problems.append(f"{unlinked} purchases without their kiosk verification")
-                verifications = count(select(func.count()).select_from(Verification))
+                verifications = count(select(func.count()).select_from(PosVerification))
                 if verifications != len(self.ledger.verifications):
                     problems.append(
                         f"verifications: kiosks handed out {len(self.ledger.verifications)}, server has {verifications}"
@@ -712,10 +728,19 @@ class _Reader:
 
 
 def _photos(faces_dir: Path | None) -> list[Path]:
-    """One photo per person of the town's development photos (tests/fixtures/faces by default)."""
+    """One photo per person of the development photos (tests/fixtures/faces by default): the first of each person's
+    photos that passes the kiosk's quality gate (a citizen who steps up to the kiosk faces it from close by)."""
+    from hardware_sim.camera_sim import letterbox
+    from models.face import engine_from_store
+    from models.manifest import ModelStore
+
     root = faces_dir or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "faces"
-    people = sorted(p for p in root.iterdir() if p.is_dir() and p.name not in {"video", "group"})
-    photos = [sorted(p.glob("*.jpg"))[0] for p in people if any(p.glob("*.jpg"))]
+    engine = engine_from_store(ModelStore())
+    photos = []
+    for person in sorted(p for p in root.iterdir() if p.is_dir() and p.name not in {"video", "group"}):
+        usable = [p for p in sorted(person.glob("*.jpg")) if engine.analyse(letterbox(load_rgb(p))).quality.ok]
+        if usable:
+            photos.append(usable[0])
     if len(photos) < 3:
-        raise SimError(f"need photos of at least 3 people under {root}")
+        raise SimError(f"need usable photos of at least 3 people under {root}")
     return photos
