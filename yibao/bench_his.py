@@ -76,27 +76,94 @@ class _State:
 
     rng: random.Random
     prescriptions: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    purchases: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
     counter: Iterator[int] = field(default_factory=lambda: itertools.count(1))
 
 
-Request = tuple[str, str, str, Any, frozenset[int]]
-"""(operation, method, target, json body or None, statuses that count as success)."""
+@dataclass(frozen=True)
+class Request:
+    operation: str
+    method: str
+    target: str
+    body: Any
+    good: frozenset[int]
+    """Statuses that count as success."""
+    on_ok: Callable[[], None] | None = None
+    """Called when it succeeded (what later requests may then name)."""
 
 
-def _prescription_body(state: _State, client: Client) -> tuple[str, dict[str, Any]]:
+def _prescription(state: _State, client: Client) -> Request:
+    """HIS registers a prescription (H-06); the bench's terminals never review it, so it stays pending."""
     n = next(state.counter)
     rx = f"RX{client.institution_code[-6:]}{n:010d}"
-    return rx, {
+    body = {
         "rx_no": rx,
-        "lines": [{"drug_code": f"XA01ABC{n % 997:03d}A001010101001", "quantity": 1 + n % 3}],
+        "prescribing_institution_code": "H32058300100",
+        "prescribing_institution_name": "昆山市示例人民医院",
+        "department_code": "A03",
+        "department_name": "内科",
+        "prescriber_code": "D320583000123",
+        "prescriber_name": "周医生",
+        "prescribed_at": datetime.now(UTC).isoformat(),
+        "source": "1",
+        "channel": "2",
+        "patient_ref": f"pt-{n:08d}",
+        "patient_masked": "李*",
+        "patient_age_years": 20 + n % 70,
+        "patient_sex": "1" if n % 2 else "2",
+        "diagnosis_codes": ["J20.900"],
+        "lines": [
+            {
+                "line_no": 1,
+                "drug_code": "XJ01CAA040A001010100534",
+                "drug_name": "阿莫西林胶囊",
+                "specification": "0.25g*24粒",
+                "quantity": 1 + n % 3,
+                "unit": "盒",
+                "dosage": "口服 一次2粒 一日3次",
+                "days_supply": 7,
+            }
+        ],
     }
+    return Request(
+        "prescription",
+        "POST",
+        "/his/v1/prescriptions",
+        body,
+        frozenset({201}),
+        lambda: state.prescriptions[client.client_id].append(rx),
+    )
+
+
+def _review_result(state: _State, client: Client) -> Request:
+    """HIS reads a prescription's review result (H-07) — one it registered earlier (or the signing check)."""
+    mine = state.prescriptions.get(client.client_id)
+    if not mine:
+        return _ping(state, client)
+    rx = mine[state.rng.randrange(len(mine))]
+    return Request("review_result", "GET", f"/his/v1/prescriptions/{rx}", None, frozenset({200}))
+
+
+def _early_settlement(state: _State, client: Client) -> Request:
+    """HIS tries to settle a prescription nobody has reviewed: refused with the documented 409."""
+    mine = state.prescriptions.get(client.client_id)
+    if not mine:
+        return _ping(state, client)
+    rx = mine[state.rng.randrange(len(mine))]
+    body = {"settlement_id": f"SETL-{rx}"}
+    return Request("early_settlement", "POST", f"/his/v1/prescriptions/{rx}/settlement", body, frozenset({409}))
 
 
 def _ping(_state: _State, _client: Client) -> Request:
-    return ("ping", "GET", "/his/v1/ping", None, frozenset({200}))
+    return Request("ping", "GET", "/his/v1/ping", None, frozenset({200}))
 
 
-MIX: list[tuple[str, float, Callable[[_State, Client], Request]]] = [("ping", 1.0, _ping)]
+MIX: list[tuple[str, float, Callable[[_State, Client], Request]]] = [
+    ("ping", 0.5, _ping),
+    ("prescription", 2.0, _prescription),
+    ("review_result", 3.0, _review_result),
+    ("early_settlement", 0.5, _early_settlement),
+]
 """The HIS working day's request mix: (operation, weight, request maker)."""
 
 _ID_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
@@ -126,10 +193,27 @@ def _purchase(state: _State, client: Client) -> Request:
             }
         ],
     }
-    return ("purchase", "POST", "/his/v1/purchases", body, frozenset({201}))
+    number = str(body["settlement_no"])
+    return Request(
+        "purchase",
+        "POST",
+        "/his/v1/purchases",
+        body,
+        frozenset({201}),
+        lambda: state.purchases[client.client_id].append(number),
+    )
 
 
-MIX += [("purchase", 2.0, _purchase)]
+def _purchase_query(state: _State, client: Client) -> Request:
+    """HIS reads back a purchase it registered (and whether the kiosk's verification backs it)."""
+    mine = state.purchases.get(client.client_id)
+    if not mine:
+        return _ping(state, client)
+    number = mine[state.rng.randrange(len(mine))]
+    return Request("purchase_query", "GET", f"/his/v1/purchases/{number}", None, frozenset({200}))
+
+
+MIX += [("purchase", 2.0, _purchase), ("purchase_query", 1.0, _purchase_query)]
 
 
 def _sign(client: Client, method: str, target: str, body: bytes) -> dict[str, str]:
@@ -140,14 +224,17 @@ def _sign(client: Client, method: str, target: str, body: bytes) -> dict[str, st
 
 
 async def _one(http: httpx.AsyncClient, client: Client, request: Request, due: float) -> Sample:
-    operation, method, target, body, good = request
-    content = b"" if body is None else json.dumps(body, ensure_ascii=False).encode()
+    content = b"" if request.body is None else json.dumps(request.body, ensure_ascii=False).encode()
+    method, target = request.method, request.target
     try:
         resp = await http.request(method, target, content=content, headers=_sign(client, method, target, content))
         status = resp.status_code
     except httpx.HTTPError:
         status = 0
-    return Sample(operation, (time.perf_counter() - due) * 1000.0, status, status in good)
+    ok = status in request.good
+    if ok and request.on_ok is not None:
+        request.on_ok()
+    return Sample(request.operation, (time.perf_counter() - due) * 1000.0, status, ok)
 
 
 async def _load(base_url: str, clients: list[Client], options: HisBenchOptions) -> tuple[list[Sample], float]:
