@@ -30,9 +30,6 @@ from sqlalchemy.orm import Session
 from protocol import ContractError, Envelope
 from protocol.binding import BindingApplicationRecord, parse_binding_application
 from protocol.downlink import BindingDecisionArgs, CommandKind, UnbindArgs
-from protocol.evidence import verify_device_record
-from protocol.gm.errors import CryptoError
-from protocol.gm.sm2 import SM2PublicKey
 from protocol.payloads import SignedRecord, SignedRecordKind
 from sync_server.commands import issue_command
 from sync_server.db.models import (
@@ -40,12 +37,12 @@ from sync_server.db.models import (
     BindingStatus,
     Device,
     DeviceBindingHistory,
-    DeviceKey,
     Institution,
     InstitutionKind,
     IssuedCommand,
 )
 from sync_server.masking import mask_name, mask_phone
+from sync_server.signed_records import verify_signed_record
 
 logger = logging.getLogger(__name__)
 
@@ -71,21 +68,8 @@ class ApplicationsRecorded:
     refused: int
 
 
-def _device_key(session: Session, device_id: str, epoch: int) -> SM2PublicKey | None:
-    text = session.scalar(
-        select(DeviceKey.public_key).where(DeviceKey.device_id == device_id, DeviceKey.key_epoch == epoch)
-    )
-    return None if text is None else SM2PublicKey.from_hex(text)
-
-
 def _verified_application(session: Session, envelope: Envelope, payload: SignedRecord) -> BindingApplicationRecord:
-    key = _device_key(session, envelope.device_id, payload.key_epoch)
-    if key is None:
-        raise ContractError(f"no enrolled key of epoch {payload.key_epoch}")
-    try:
-        verify_device_record(payload, device_id=envelope.device_id, device_key=key)
-    except CryptoError as exc:
-        raise ContractError("signature does not verify") from exc
+    verify_signed_record(session, envelope, payload)
     record = parse_binding_application(dict(payload.record))
     if record.face_decision != "accepted":
         raise ContractError("the applicant's face verification was not accepted")

@@ -35,10 +35,8 @@ from sqlalchemy.orm import Session
 
 from protocol import ContractError, Envelope
 from protocol.downlink import CommandKind, RosterUpdateArgs, TemplatePurgeArgs
-from protocol.evidence import verify_device_record
 from protocol.gm import sm4
 from protocol.gm.errors import CryptoError
-from protocol.gm.sm2 import SM2PublicKey
 from protocol.gm.sm3 import hmac_sm3, sm3_kdf
 from protocol.payloads import SignedRecord, SignedRecordKind
 from protocol.pharmacist import (
@@ -60,7 +58,6 @@ from sync_server.commands import issue_command
 from sync_server.db.models import (
     Device,
     DeviceBindingHistory,
-    DeviceKey,
     Institution,
     IssuedCommand,
     Pharmacist,
@@ -69,6 +66,7 @@ from sync_server.db.models import (
     PharmacistTemplate,
 )
 from sync_server.masking import mask_id_number, mask_name
+from sync_server.signed_records import verify_signed_record
 
 logger = logging.getLogger(__name__)
 
@@ -369,21 +367,8 @@ class SessionsRecorded:
     refused: int
 
 
-def _device_key(session: Session, device_id: str, epoch: int) -> SM2PublicKey | None:
-    text = session.scalar(
-        select(DeviceKey.public_key).where(DeviceKey.device_id == device_id, DeviceKey.key_epoch == epoch)
-    )
-    return None if text is None else SM2PublicKey.from_hex(text)
-
-
 def _verify(session: Session, envelope: Envelope, payload: SignedRecord) -> None:
-    key = _device_key(session, envelope.device_id, payload.key_epoch)
-    if key is None:
-        raise ContractError(f"no enrolled key of epoch {payload.key_epoch}")
-    try:
-        verify_device_record(payload, device_id=envelope.device_id, device_key=key)
-    except CryptoError as exc:
-        raise ContractError("signature does not verify") from exc
+    verify_signed_record(session, envelope, payload)
 
 
 def _attendance_subject(session: Session, device_id: str, institution_code: str, code: str) -> Pharmacist:

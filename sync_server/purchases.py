@@ -38,10 +38,7 @@ from sqlalchemy.orm import Session
 
 from protocol import CommandKind, ContractError, Envelope
 from protocol.downlink import ProxyRelationshipsArgs
-from protocol.evidence import verify_device_record
-from protocol.gm.errors import CryptoError
 from protocol.gm.records import canonical_json
-from protocol.gm.sm2 import SM2PublicKey
 from protocol.payloads import SignedRecord, SignedRecordKind
 from protocol.purchase import (
     AgentKind,
@@ -55,7 +52,6 @@ from sync_server.commands import issue_command
 from sync_server.db.models import (
     CommandState,
     Device,
-    DeviceKey,
     IssuedCommand,
     PosVerification,
     ProxyRelation,
@@ -66,6 +62,7 @@ from sync_server.db.models import (
     PurchaseVerificationState,
 )
 from sync_server.masking import mask_id_number, mask_name
+from sync_server.signed_records import verify_signed_record
 
 logger = logging.getLogger(__name__)
 
@@ -272,21 +269,8 @@ class VerificationsRecorded:
     linked: int
 
 
-def _device_key(session: Session, device_id: str, epoch: int) -> SM2PublicKey | None:
-    text = session.scalar(
-        select(DeviceKey.public_key).where(DeviceKey.device_id == device_id, DeviceKey.key_epoch == epoch)
-    )
-    return None if text is None else SM2PublicKey.from_hex(text)
-
-
 def _verified_record(session: Session, envelope: Envelope, payload: SignedRecord) -> PosVerificationRecord:
-    key = _device_key(session, envelope.device_id, payload.key_epoch)
-    if key is None:
-        raise ContractError(f"no enrolled key of epoch {payload.key_epoch}")
-    try:
-        verify_device_record(payload, device_id=envelope.device_id, device_key=key)
-    except CryptoError as exc:
-        raise ContractError("signature does not verify") from exc
+    verify_signed_record(session, envelope, payload)
     return parse_pos_verification(dict(payload.record))
 
 
