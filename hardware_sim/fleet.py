@@ -680,13 +680,17 @@ class Fleet:
             username=None if sessions is None else sessions.identity.bundle.mqtt.username,
         )
         security = None if sessions is None else TerminalSecurity(sessions.identity, sessions, SecurityLog(None))
+        home = o.workdir / device_id
+        home.mkdir(parents=True, exist_ok=True)
         config = TerminalConfig(
             schema_version=1,
             config_version="fleet-1",
             device_id=device_id,
             mqtt=mqtt,
+            # Each terminal has its own folder, as each kiosk has its own disk: the runtime keeps files beside the
+            # outbox (binding status, catalogue store, prescription inbox, proxy relationships).
             # No disk ballast: thousands of simulated terminals share one disk, which the harness does not fill.
-            outbox=OutboxConfig(path=o.workdir / f"{device_id}.sqlite3", batch_size=o.batch_size, disk_reserve_bytes=0),
+            outbox=OutboxConfig(path=home / "outbox.sqlite3", batch_size=o.batch_size, disk_reserve_bytes=0),
             heartbeat=HeartbeatConfig(interval_s=o.heartbeat_interval_s),
         )
         boot_id = uuid.uuid4()
