@@ -60,8 +60,8 @@ class UplinkAck(BaseModel):
 
 
 class CommandKind(StrEnum):
-    """What a `DeviceCommand` asks for. Only `ping` and `log_request` are carried out today; terminals answer the
-    others `rejected` ("not supported yet") until the issues that bring them land."""
+    """What a `DeviceCommand` asks for. Terminals carry out every kind but `config_update` and `template_update`, which
+    they answer `rejected` ("not supported yet"); docs/architecture.md lists the handlers."""
 
     CONFIG_UPDATE = "config_update"
     UNBIND = "unbind"
