@@ -295,6 +295,8 @@ class EVoucherSimulator:
             body = base64.b32decode(code[len(CODE_PREFIX) :], casefold=False)
         except (binascii.Error, ValueError) as exc:
             raise CodeMalformedError("code body is not base32") from exc
+        if len(body) != _BODY.size:  # base32 padding can make a code of the right length decode short
+            raise CodeMalformedError(f"code body decodes to {len(body)} bytes, not {_BODY.size}")
         nonce, issued, tag = _BODY.unpack(body)
         expected = hmac_sm3(self._secret, self._signed_part(nonce, issued))[:_TAG_BYTES]
         if not mac_equal(expected, tag):

@@ -80,7 +80,9 @@ class PrescriptionLine(_Closed):
     unit: str = Field(min_length=1, max_length=16, description="Sale unit, e.g. '盒'.")
     dosage: str | None = Field(default=None, max_length=128, description="用法用量, e.g. '口服 一次2片 一日3次'.")
     days_supply: int | None = Field(default=None, ge=1, le=366, description="用药天数.")
-    amount_fen: int | None = Field(default=None, ge=0, description="Line amount in fen, when HIS knows it.")
+    amount_fen: int | None = Field(
+        default=None, ge=0, le=10**10, description="Line amount in fen, when HIS knows it (at most 1 亿元)."
+    )
 
 
 class Prescription(_Closed):

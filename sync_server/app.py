@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 
 from protocol import Clock
@@ -119,5 +119,8 @@ async def _invalid_request(_request: Request, exc: Exception) -> JSONResponse:
 
 
 async def _database_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    if isinstance(exc, DataError):  # a value the database refuses (out of its range): the request's fault
+        logger.info("request refused by the database: %s", type(exc).__name__)
+        return JSONResponse(status_code=422, content={"detail": "a value is out of the range the server can store"})
     logger.warning("request failed on the database: %s", type(exc).__name__)
     return JSONResponse(status_code=503, content={"detail": "the database is unavailable; try again shortly"})

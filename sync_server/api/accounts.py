@@ -26,7 +26,7 @@ from protocol.gm.errors import CryptoError
 from sync_server import accounts
 from sync_server.accounts import AccountError, PasswordPolicy, Role
 from sync_server.api.deps import ClockDep, PrincipalDep, RuntimeDep, SessionDep, SettingsDep, WriterSessionDep
-from sync_server.api.schemas import ErrorOut
+from sync_server.api.schemas import ErrorOut, UnprocessableOut
 from sync_server.audit import CHAIN_FILE
 from sync_server.db.models import Account
 from sync_server.masking import PersonalField, present, reveal_source
@@ -38,7 +38,7 @@ router = APIRouter(prefix="/api/v1", tags=["accounts"])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut},
     409: {"model": ErrorOut},
-    422: {"model": ErrorOut},
+    422: {"model": UnprocessableOut},
 }
 
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, aliased
 from sync_server import binding
 from sync_server.api.deps import AdminDep, ClockDep, RegionDep, RuntimeDep, SessionDep, WriterSessionDep
 from sync_server.api.devices import DeviceIdPath
-from sync_server.api.schemas import ErrorOut
+from sync_server.api.schemas import ErrorOut, UnprocessableOut
 from sync_server.db.models import BindingApplication, BindingStatus, DeviceBindingHistory, Institution, InstitutionKind
 
 router = APIRouter(prefix="/api/v1", tags=["binding"])
@@ -164,7 +164,7 @@ def _http(exc: binding.BindingError) -> HTTPException:
 @router.put(
     "/institutions/{code}",
     response_model=InstitutionDetailOut,
-    responses={422: {"model": ErrorOut}},
+    responses={422: {"model": UnprocessableOut}},
 )
 def put_institution(
     code: CodePath,
@@ -264,7 +264,7 @@ def _decide(
 _DECISION_RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorOut},
     409: {"model": ErrorOut},
-    422: {"model": ErrorOut},
+    422: {"model": UnprocessableOut},
 }
 
 

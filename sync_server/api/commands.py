@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from protocol import CommandKind, ContractError, parse_command_args
 from sync_server.api.deps import AdminDep, ClockDep, RuntimeDep, SessionDep, SettingsDep, WriterSessionDep
 from sync_server.api.devices import DeviceIdPath, get_device_or_404
-from sync_server.api.schemas import CommandIn, CommandOut, CommandPage, ErrorOut
+from sync_server.api.schemas import CommandIn, CommandOut, CommandPage, ErrorOut, UnprocessableOut
 from sync_server.commands import issue_command
 from sync_server.db.models import IssuedCommand
 
@@ -36,7 +36,7 @@ MAX_PAGE = 500
     "/devices/{device_id}/commands",
     response_model=CommandOut,
     status_code=status.HTTP_201_CREATED,
-    responses={404: {"model": ErrorOut}, 422: {"model": ErrorOut}},
+    responses={404: {"model": ErrorOut}, 422: {"model": UnprocessableOut}},
 )
 def create_command(
     device_id: DeviceIdPath,

@@ -189,8 +189,16 @@ Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
 async def _raw_body(request: Request) -> bytes:
-    """The request body as sent (Starlette caches it, so the handler still gets it): signatures cover it."""
-    return await request.body()
+    """The request body as sent (Starlette caches it, so the handler still gets it): signatures cover it. A body
+    with a NUL character (raw or JSON-escaped) is refused here, for every route: no field of ours may hold one, and
+    PostgreSQL text cannot store one."""
+    body = await request.body()
+    if b"\x00" in body or b"\\u0000" in body:
+        raise HTTPException(
+            status_code=422,
+            detail=[{"loc": ["body"], "msg": "NUL characters are not accepted", "type": "value_error"}],
+        )
+    return body
 
 
 RawBody = Annotated[bytes, Depends(_raw_body)]

@@ -36,7 +36,7 @@ from sync_server.api.deps import (
     SessionDep,
     WriterSessionDep,
 )
-from sync_server.api.schemas import ErrorOut
+from sync_server.api.schemas import ErrorOut, UnprocessableOut
 from sync_server.db.models import Account, Institution, Pharmacist, PharmacistSession
 from sync_server.runtime import ServerRuntime
 
@@ -121,7 +121,7 @@ class TemplateStoredOut(BaseModel):
 _RESPONSES: dict[int | str, dict[str, object]] = {
     404: {"model": ErrorOut},
     409: {"model": ErrorOut},
-    422: {"model": ErrorOut},
+    422: {"model": UnprocessableOut},
 }
 
 

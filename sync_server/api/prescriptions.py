@@ -18,14 +18,10 @@ pseudonymous data only.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response, status
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
+from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
@@ -42,30 +38,12 @@ from sync_server.api.deps import (
     SessionDep,
     WriterSessionDep,
 )
-from sync_server.api.schemas import ErrorOut
+from sync_server.api.schemas import ErrorOut, UnprocessableOut
 from sync_server.db.models import Institution, PrescriptionReview, PrescriptionRow, PrescriptionState
 
-
-class _NoEchoRoute(APIRoute):
-    """A refused request is answered 422 naming the fields and the rule broken, never echoing the input values
-    (FastAPI's default does): a prescription carries personal data."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-                return JSONResponse(status_code=422, content={"detail": detail})
-
-        return route
-
-
-his_router = APIRouter(prefix="/his/v1/prescriptions", tags=["prescriptions (HIS)"], route_class=_NoEchoRoute)
-device_router = APIRouter(prefix="/device/v1/prescriptions", tags=["prescriptions (device)"], route_class=_NoEchoRoute)
-operator_router = APIRouter(prefix="/api/v1/prescriptions", tags=["prescriptions"], route_class=_NoEchoRoute)
+his_router = APIRouter(prefix="/his/v1/prescriptions", tags=["prescriptions (HIS)"])
+device_router = APIRouter(prefix="/device/v1/prescriptions", tags=["prescriptions (device)"])
+operator_router = APIRouter(prefix="/api/v1/prescriptions", tags=["prescriptions"])
 
 MAX_PAGE = 500
 RxNoPath = Annotated[str, Path(min_length=1, max_length=20, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -187,7 +165,7 @@ def _his_institution(session: Session, principal: Principal) -> Institution:
 _HIS_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut},
     409: {"model": ErrorOut},
-    422: {"model": ErrorOut},
+    422: {"model": UnprocessableOut},
 }
 
 

@@ -39,6 +39,19 @@ class ErrorOut(_Out):
     detail: str = Field(description="What went wrong, in words.")
 
 
+class ValidationIssue(_Out):
+    loc: list[str | int] = Field(description="Where: 'body', 'query' or 'path', then the field's path.")
+    msg: str = Field(description="What is wrong with it (never the value sent).")
+    type: str = Field(description="A machine-readable kind, e.g. 'missing', 'string_too_long'.")
+
+
+class UnprocessableOut(_Out):
+    """A 422: the request was understood but refused. Validation names each field and rule (never echoing the
+    values, which may be personal data); a domain rule says what it refuses in words."""
+
+    detail: list[ValidationIssue] | str = Field(description="The fields refused and why, or the rule broken.")
+
+
 class HealthOut(_Out):
     status: Literal["ok", "degraded", "error"] = Field(
         description="'ok'; 'degraded' when the database is fine but ingest lost the broker; 'error' (HTTP 503) "

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, status
 
 from sync_server.accounts import Role
 from sync_server.api.deps import ClockDep, PrincipalDep, SessionDep, SettingsDep
-from sync_server.api.schemas import ErrorOut
+from sync_server.api.schemas import ErrorOut, UnprocessableOut
 from sync_server.statistics import (
     REGION_PATTERN,
     DayRange,
@@ -72,7 +72,7 @@ def day_range(settings: SettingsDep, clock: ClockDep, first_day: FirstDay = None
 
 
 DaysDep = Annotated[DayRange, Depends(day_range)]
-_ERRORS: dict[int | str, dict[str, object]] = {403: {"model": ErrorOut}, 422: {"model": ErrorOut}}
+_ERRORS: dict[int | str, dict[str, object]] = {403: {"model": ErrorOut}, 422: {"model": UnprocessableOut}}
 
 
 @router.get("/devices", response_model=DeviceStatistics, responses=_ERRORS)

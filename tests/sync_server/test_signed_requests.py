@@ -262,3 +262,16 @@ def test_the_cli_creates_a_his_client_whose_secret_the_server_accepts(sqlite_url
             assert resp.json()["institution_code"] == INSTITUTION_CODE
     finally:
         engine.dispose()
+
+
+def test_a_nul_character_is_refused_before_anything_else(stack: Stack) -> None:
+    """No field of ours may hold NUL (PostgreSQL text cannot): refused with 422 on every route, escaped or raw."""
+    json_header = {"Content-Type": "application/json"}
+    escaped = '{"institution_code": "A\\u0000", "label": "x"}'
+    resp = stack.client.post("/api/v1/his-clients", content=escaped.encode(), headers=json_header)
+    assert resp.status_code == 422
+    assert resp.json()["detail"][0]["msg"] == "NUL characters are not accepted"
+    raw = '{"institution_code": "A", "label": "x\x00"}'  # not even JSON: a control character in a string
+    assert stack.client.post("/api/v1/his-clients", content=raw.encode(), headers=json_header).status_code == 422
+    assert stack.client.get("/api/v1/his-clients").json()["items"][0]["client_id"] == stack.his.client_id
+    assert len(stack.client.get("/api/v1/his-clients").json()["items"]) == 1
