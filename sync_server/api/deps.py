@@ -18,7 +18,7 @@ create engines, hold globals or log a token.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -57,14 +57,26 @@ def get_runtime(request: Request) -> ServerRuntime:
 RuntimeDep = Annotated[ServerRuntime, Depends(get_runtime)]
 
 
-def get_session(runtime: RuntimeDep) -> Iterator[Session]:
-    with runtime.sessions() as session:
+async def get_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
+    """The request's database session. An async dependency on purpose: its teardown (closing the session, which
+    hands the connection back to the pool) runs on the event loop, not in the worker-thread pool. A sync generator
+    dependency needs a worker thread to close its session; under load every worker thread can be waiting for a pool
+    connection that only such a close would free, and the server deadlocks until the pool timeout (found by
+    `yibao bench his`). Creating the session does not connect: the handler's thread does, on first use."""
+    session = runtime.sessions()
+    try:
         yield session
+    finally:
+        session.close()
 
 
-def get_writer_session(runtime: RuntimeDep) -> Iterator[Session]:
-    with runtime.writer_sessions() as session:
+async def get_writer_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
+    """As `get_session`, for requests that write (SQLite: the write lock is taken when the transaction begins)."""
+    session = runtime.writer_sessions()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 def get_settings(runtime: RuntimeDep) -> ServerSettings:
