@@ -47,6 +47,7 @@ from sync_server.db.models import (
     PurchaseVerificationState,
 )
 from sync_server.purchases import ProxyRelationshipIn, PurchaseIn
+from sync_server.runtime import ServerRuntime
 
 router = APIRouter(tags=["purchases"])
 
@@ -379,18 +380,23 @@ def register_relationship(
             raise _http(exc) from exc
         out = _relationship_out(session, change.relationship)
     if change.changed:
-        runtime.audit.record(
-            "proxy_relationship.registered",
-            relationship_id=out.relationship_id,
-            institution_code=out.institution_code,
-            his_client=principal.name,
-            notices=len(change.notices),
-        )
-        if change.notices and runtime.dispatcher is not None:
-            runtime.dispatcher.wake()
+        _announce(runtime, "proxy_relationship.registered", out, principal.name, len(change.notices))
     else:
         response.status_code = status.HTTP_200_OK
     return out
+
+
+def _announce(runtime: ServerRuntime, action: str, out: RelationshipOut, his_client: str, notices: int) -> None:
+    """After the commit: the audit entry of a relationship change, and the dispatcher woken for its notices."""
+    runtime.audit.record(
+        action,
+        relationship_id=out.relationship_id,
+        institution_code=out.institution_code,
+        his_client=his_client,
+        notices=notices,
+    )
+    if notices and runtime.dispatcher is not None:
+        runtime.dispatcher.wake()
 
 
 @router.delete(
@@ -417,15 +423,7 @@ def end_relationship(
             raise _http(exc) from exc
         out = _relationship_out(session, change.relationship)
     if change.changed:
-        runtime.audit.record(
-            "proxy_relationship.ended",
-            relationship_id=out.relationship_id,
-            institution_code=out.institution_code,
-            his_client=principal.name,
-            notices=len(change.notices),
-        )
-        if change.notices and runtime.dispatcher is not None:
-            runtime.dispatcher.wake()
+        _announce(runtime, "proxy_relationship.ended", out, principal.name, len(change.notices))
     return out
 
 
