@@ -24,6 +24,7 @@ import threading
 import time
 
 import uvicorn
+from fastapi import FastAPI
 
 from sync_server.ingest_pool import WorkerPool, die_with_parent
 from sync_server.settings import ServerSettings
@@ -44,10 +45,10 @@ class HttpPool(WorkerPool):
         super().__init__(settings, count=count, extra_argv=("--fd", str(fd)), pass_fds=(fd,))
 
 
-def uvicorn_config(app: object) -> uvicorn.Config:
+def uvicorn_config(app: FastAPI) -> uvicorn.Config:
     """How every server process runs uvicorn (the main one and the workers)."""
     return uvicorn.Config(
-        app,  # type: ignore[arg-type]  # an ASGI app (FastAPI); uvicorn's own annotation is narrower than it accepts
+        app,
         lifespan="on",
         log_config=None,
         access_log=False,

@@ -23,7 +23,7 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Final, Literal, TypeVar
@@ -180,82 +180,42 @@ class NationalRelay:
 
     def settlements(self, device_id: str, request: RecordsRequest) -> SettlementsAnswer:
         """5203: the person's settlements (医保支付明细) in the range."""
-        platform = self._require(device_id, NationalQuery.SETTLEMENTS)
-        subject = self._open_ref(device_id, NationalQuery.SETTLEMENTS, request.query_ref)
-        begin, end = self._range(request)
-        rows: list[Settlement] = self._call(
-            device_id, NationalQuery.SETTLEMENTS, subject, lambda: platform.settlements(subject.psn_no, begin, end)
-        )
-        self._record(device_id, NationalQuery.SETTLEMENTS, "ok", subject, records=len(rows))
-        records = [
-            SettlementView(
-                setl_id=s.setl_id,
-                setl_time=s.setl_time,
-                fixmedins_code=s.fixmedins_code,
-                fixmedins_name=s.fixmedins_name,
-                med_type=s.med_type,
-                insutype=s.insutype,
-                medfee_sumamt=s.medfee_sumamt,
-                fund_pay_sumamt=s.fund_pay_sumamt,
-                acct_pay=s.acct_pay,
-                psn_cash_pay=s.psn_cash_pay,
-                balc=s.balc,
-            )
-            for s in rows
-        ]
+        begin, end, rows = self._person_records(device_id, NationalQuery.SETTLEMENTS, request)
+        records = [SettlementView.model_validate(s, from_attributes=True) for s in rows]
         return SettlementsAnswer(begndate=begin, enddate=end, records=records)
 
     def account_credits(self, device_id: str, request: RecordsRequest) -> CreditsAnswer:
         """5207: credits to the person's personal account (个账划入) in the range."""
-        platform = self._require(device_id, NationalQuery.ACCOUNT_CREDITS)
-        subject = self._open_ref(device_id, NationalQuery.ACCOUNT_CREDITS, request.query_ref)
-        begin, end = self._range(request)
-        rows: list[AccountCredit] = self._call(
-            device_id,
-            NationalQuery.ACCOUNT_CREDITS,
-            subject,
-            lambda: platform.account_credits(subject.psn_no, begin, end),
-        )
-        self._record(device_id, NationalQuery.ACCOUNT_CREDITS, "ok", subject, records=len(rows))
-        records = [
-            CreditView(
-                crdt_ym=c.crdt_ym,
-                crdt_date=c.crdt_date,
-                crdt_amt=c.crdt_amt,
-                crdt_type=c.crdt_type,
-                insutype=c.insutype,
-                balc=c.balc,
-            )
-            for c in rows
-        ]
+        begin, end, rows = self._person_records(device_id, NationalQuery.ACCOUNT_CREDITS, request)
+        records = [CreditView.model_validate(c, from_attributes=True) for c in rows]
         return CreditsAnswer(begndate=begin, enddate=end, records=records)
 
     def contributions(self, device_id: str, request: RecordsRequest) -> ContributionsAnswer:
         """5208: the person's contributions (缴费信息) in the range."""
-        platform = self._require(device_id, NationalQuery.CONTRIBUTIONS)
-        subject = self._open_ref(device_id, NationalQuery.CONTRIBUTIONS, request.query_ref)
-        begin, end = self._range(request)
-        rows: list[Contribution] = self._call(
-            device_id,
-            NationalQuery.CONTRIBUTIONS,
-            subject,
-            lambda: platform.contributions(subject.psn_no, begin, end),
-        )
-        self._record(device_id, NationalQuery.CONTRIBUTIONS, "ok", subject, records=len(rows))
-        records = [
-            ContributionView(
-                clct_ym=c.clct_ym,
-                insutype=c.insutype,
-                clct_type=c.clct_type,
-                clct_base=c.clct_base,
-                emp_clct_amt=c.emp_clct_amt,
-                psn_clct_amt=c.psn_clct_amt,
-                arrive_date=c.arrive_date,
-                emp_name=c.emp_name,
-            )
-            for c in rows
-        ]
+        begin, end, rows = self._person_records(device_id, NationalQuery.CONTRIBUTIONS, request)
+        records = [ContributionView.model_validate(c, from_attributes=True) for c in rows]
         return ContributionsAnswer(begndate=begin, enddate=end, records=records)
+
+    def _person_records(
+        self, device_id: str, query: NationalQuery, request: RecordsRequest
+    ) -> tuple[date, date, Sequence[Settlement | AccountCredit | Contribution]]:
+        """One records query about the person behind `request.query_ref`: platform configured, reference opened
+        for this terminal, range settled, the call made and audited with the number of records."""
+        platform = self._require(device_id, query)
+        subject = self._open_ref(device_id, query, request.query_ref)
+        begin, end = self._range(request)
+        fetchers: dict[NationalQuery, Callable[[str, date, date], Sequence[Settlement | AccountCredit | Contribution]]]
+        fetchers = {
+            NationalQuery.SETTLEMENTS: platform.settlements,
+            NationalQuery.ACCOUNT_CREDITS: platform.account_credits,
+            NationalQuery.CONTRIBUTIONS: platform.contributions,
+        }
+        fetch = fetchers[query]
+        rows: Sequence[Settlement | AccountCredit | Contribution] = self._call(
+            device_id, query, subject, lambda: fetch(subject.psn_no, begin, end)
+        )
+        self._record(device_id, query, "ok", subject, records=len(rows))
+        return begin, end, rows
 
     def institutions(self, device_id: str, request: InstitutionsRequest) -> InstitutionsAnswer:
         """1201: designated hospitals and pharmacies (no person involved)."""

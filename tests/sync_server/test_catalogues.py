@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 
@@ -59,9 +59,11 @@ def _enrol(engine: Engine, *device_ids: str, unenrolled: tuple[str, ...] = ()) -
             device.registration = RegistrationState.ENROLLED
 
 
-def _publish(engine: Engine, kind: CatalogueKind, entries: list, **kw: object) -> catalogues.Published:  # type: ignore[type-arg]
+def _publish(
+    engine: Engine, kind: CatalogueKind, entries: Sequence[catalogues.AnyEntry], *, base_version: int | None = None
+) -> catalogues.Published:
     with session_factory(engine, write_intent=True).begin() as session:
-        return catalogues.publish_catalogue(session, kind, entries, actor="test", now=T0, **kw)  # type: ignore[arg-type]
+        return catalogues.publish_catalogue(session, kind, entries, actor="test", now=T0, base_version=base_version)
 
 
 def _document(engine: Engine, kind: CatalogueKind, from_version: int) -> CatalogueSnapshot | CatalogueDelta | None:

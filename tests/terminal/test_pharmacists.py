@@ -9,6 +9,7 @@ import json
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ from terminal.server_api import ServerApi
 from terminal.verification import FaceOutcome, FaceVerifier, Prompt
 from tests.face_data import faces_dir, person_photos
 from tests.sync_server.conftest import TEST_ADMIN_TOKEN, serving
-from tests.sync_server.signed_requests import enrol_with_session, make_his_client, signed
+from tests.sync_server.signed_requests import Enrolled, enrol_with_session, make_his_client, signed
 from tests.terminal.conftest import DEVICE_ID, FakeClock, outbox_config, terminal_raw_config
 from tests.terminal.fakes import ScriptedLink
 from tests.terminal.test_devices import config_with
@@ -555,6 +556,10 @@ class Keys:
         return self.session if key_id == self.session.key_id else None
 
 
+def _key_of(device: Enrolled) -> Callable[[], SessionKey | None]:
+    return lambda: device.session
+
+
 def test_enrolment_on_one_terminal_lets_the_pharmacist_sign_in_on_another_of_the_same_pharmacy(
     engine: FaceEngine, tmp_path: Path
 ) -> None:
@@ -586,7 +591,7 @@ def test_enrolment_on_one_terminal_lets_the_pharmacist_sign_in_on_another_of_the
                     assert row is not None
                     row.institution_id = inst_id
             for n, device in enumerate(enrolled):
-                api = ServerApi(str(client.base_url), device.device_id, lambda d=device: d.session, clock)  # type: ignore[misc]
+                api = ServerApi(str(client.base_url), device.device_id, _key_of(device), clock)
                 apis.append(api)
                 kiosks.append(
                     Kiosk(
