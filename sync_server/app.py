@@ -83,6 +83,9 @@ def create_app(
         lifespan=lifespan,
         # Every route's policy (sync_server.authz.ROUTE_POLICIES) is checked before its handler runs.
         dependencies=[Depends(authorize)],
+        # FastAPI's built-in OpenTelemetry spans, metrics and logs: nothing here exports them (no SDK is installed),
+        # and creating them cost every request CPU the HIS bar at 200 req/s on 2 cores needs (docs/benchmarks.md).
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.templates = pages.make_templates(settings)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")

@@ -75,7 +75,7 @@ class ServerRuntime:
         self.audit = ServerAudit(self.settings.data_dir, self.clock)
         self.broker_admin = _broker_admin(self.settings)
         self.security = SecurityGate(self.settings, self.engine, self.identity, clock=self.clock, audit=self.audit)
-        self.requests = RequestAuthority(self.sessions, self.writer_sessions, self.identity, self.security, self.clock)
+        self.requests = RequestAuthority(self.sessions, self.engine, self.identity, self.security, self.clock)
 
     @classmethod
     def build(

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
-from sqlalchemy import delete, select
+from sqlalchemy import Engine, delete, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,6 +62,7 @@ class UnknownHisClientError(LookupError):
 class HisCaller:
     client_id: str
     institution_id: int
+    institution_code: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,13 +133,22 @@ def _view(session: Session, row: HisClient) -> HisClientView:
     return HisClientView(row.client_id, code, row.label, row.created_at, row.created_by, row.revoked_at)
 
 
+@dataclass(frozen=True, slots=True)
+class _HisClientEntry:
+    """What the cache keeps of an unrevoked HIS client (an institution's code never changes)."""
+
+    secret: bytes
+    institution_id: int
+    institution_code: str
+
+
 class RequestAuthority:
     """Authenticates signed machine requests for one server process. Thread-safe."""
 
     def __init__(
         self,
         sessions: sessionmaker[Session],
-        writer_sessions: sessionmaker[Session],
+        engine: Engine,
         identity: ServerIdentity,
         security: SecurityGate,
         clock: Clock,
@@ -146,31 +156,41 @@ class RequestAuthority:
         window_s: float = DEFAULT_WINDOW_S,
     ) -> None:
         self._sessions = sessions
-        self._writer_sessions = writer_sessions
+        # A nonce is one INSERT on its own: on PostgreSQL in autocommit (one round trip, no BEGIN/COMMIT); SQLite
+        # takes its write lock for the INSERT itself, so a plain transaction there.
+        self._nonce_engine = (
+            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
+        )
         self._identity = identity
         self._security = security
         self._clock = clock
         self._window_s = window_s
         self._lock = threading.Lock()
-        self._his: dict[str, tuple[tuple[bytes, int] | None, float]] = {}
+        self._his: dict[str, tuple[_HisClientEntry | None, float]] = {}
         self._pruned_at = float("-inf")
 
     # ------------------------------------------------------------------ HIS clients
 
-    def _his_client(self, client_id: str) -> tuple[bytes, int] | None:
+    def _his_client(self, client_id: str) -> _HisClientEntry | None:
         now = self._clock.monotonic()
         with self._lock:
             hit = self._his.get(client_id)
         if hit is not None and now - hit[1] < CACHE_TTL_S:
             return hit[0]
         with self._sessions() as session:
-            row = session.get(HisClient, client_id)
-            found: tuple[bytes, int] | None = None
-            if row is not None and row.revoked_at is None:
+            hit_row = session.execute(
+                select(HisClient, Institution.code)
+                .join(Institution, Institution.id == HisClient.institution_id)
+                .where(HisClient.client_id == client_id)
+            ).first()
+            found: _HisClientEntry | None = None
+            if hit_row is not None and hit_row[0].revoked_at is None:
+                row, code = hit_row
                 try:
-                    found = (
+                    found = _HisClientEntry(
                         self._identity.open_secret(HIS_SECRET_PURPOSE, client_id, row.sealed_secret),
                         row.institution_id,
+                        code,
                     )
                 except CryptoError:
                     logger.error("the secret of HIS client %s does not open under this server's secret_key", client_id)
@@ -185,14 +205,14 @@ class RequestAuthority:
             self._his.pop(client_id, None)
 
     def authenticate_his(self, headers: Mapping[str, str], *, method: str, path: str, body: bytes) -> HisCaller:
-        found: dict[str, tuple[bytes, int]] = {}
+        found: dict[str, _HisClientEntry] = {}
 
         def secret_of(client_id: str) -> bytes | None:
             client = self._his_client(client_id)
             if client is None:
                 return None
             found[client_id] = client
-            return client[0]
+            return client.secret
 
         signed = verify_signed_request(
             HIS_PREFIX,
@@ -205,7 +225,8 @@ class RequestAuthority:
             window_s=self._window_s,
         )
         self.claim_nonce(f"his:{signed.client_id}", signed.nonce)
-        return HisCaller(signed.client_id, found[signed.client_id][1])
+        client = found[signed.client_id]
+        return HisCaller(signed.client_id, client.institution_id, client.institution_code)
 
     # ------------------------------------------------------------------ devices
 
@@ -247,8 +268,8 @@ class RequestAuthority:
         """Spend a nonce once; `RequestAuthError("replayed_nonce")` when it was already spent."""
         now = self._clock.now()
         try:
-            with self._writer_sessions.begin() as session:
-                session.add(RequestNonce(caller=caller, nonce=nonce, seen_at=now))
+            with self._nonce_engine.begin() as conn:  # Core, not the ORM: this runs on every signed request
+                conn.execute(insert(RequestNonce), {"caller": caller, "nonce": nonce, "seen_at": now})
         except IntegrityError:
             raise RequestAuthError("replayed_nonce", "the request nonce was already used") from None
         self._prune(now)
@@ -260,5 +281,5 @@ class RequestAuthority:
                 return
             self._pruned_at = tick
         cutoff = now - timedelta(seconds=2 * self._window_s + 1)
-        with self._writer_sessions.begin() as session:
-            session.execute(delete(RequestNonce).where(RequestNonce.seen_at < cutoff))
+        with self._nonce_engine.begin() as conn:
+            conn.execute(delete(RequestNonce).where(RequestNonce.seen_at < cutoff))

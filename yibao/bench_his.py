@@ -30,10 +30,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
+import uvloop
 
 from protocol.request_signing import signed_headers
-from yibao.bench import _bench_database, _child_pids, _percentile, _proc_cpu_s
+from yibao.bench import _bench_database, _child_pids, _percentile, _postgres_cpu_s, _proc_cpu_s
 from yibao.broker import MosquittoBroker
 from yibao.procs import stop
 from yibao.server_proc import start_server_process
@@ -223,13 +225,16 @@ def _sign(client: Client, method: str, target: str, body: bytes) -> dict[str, st
     return headers
 
 
-async def _one(http: httpx.AsyncClient, client: Client, request: Request, due: float) -> Sample:
+async def _one(http: aiohttp.ClientSession, client: Client, request: Request, due: float) -> Sample:
     content = b"" if request.body is None else json.dumps(request.body, ensure_ascii=False).encode()
     method, target = request.method, request.target
     try:
-        resp = await http.request(method, target, content=content, headers=_sign(client, method, target, content))
-        status = resp.status_code
-    except httpx.HTTPError:
+        async with http.request(
+            method, target, data=content or None, headers=_sign(client, method, target, content)
+        ) as resp:
+            await resp.read()
+            status = resp.status
+    except (aiohttp.ClientError, TimeoutError):
         status = 0
     ok = status in request.good
     if ok and request.on_ok is not None:
@@ -242,9 +247,12 @@ async def _load(base_url: str, clients: list[Client], options: HisBenchOptions) 
     weights = [w for _, w, _ in MIX]
     makers = [m for _, _, m in MIX]
     total = int(options.rate * (options.warmup_s + options.duration_s))
-    limits = httpx.Limits(max_connections=options.concurrency, max_keepalive_connections=options.concurrency)
     samples: list[Sample] = []
-    async with httpx.AsyncClient(base_url=base_url, timeout=30.0, limits=limits) as http:
+    # aiohttp, not httpx, for the load: the generator shares the machine's cores with the server it measures, and
+    # its C HTTP parser costs a fraction of httpx's CPU per request (docs/benchmarks.md).
+    connector = aiohttp.TCPConnector(limit=options.concurrency)
+    timeout = aiohttp.ClientTimeout(total=30.0)
+    async with aiohttp.ClientSession(base_url=base_url, connector=connector, timeout=timeout) as http:
         start = time.perf_counter() + 0.2
         tasks: list[asyncio.Task[Sample]] = []
         for i in range(total):
@@ -311,14 +319,36 @@ def _stack(options: HisBenchOptions, workdir: Path) -> Iterator[tuple[str, dict[
             stop(server.proc, name="server")
 
 
+def _await_http_processes(base_url: str, count: int, timeout_s: float = 60.0) -> None:
+    """Return once `count` distinct processes answer /healthz on new connections: the extra HTTP workers start after
+    the main process, and load sent before they accept would stay on the main process's keep-alive connections."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout_s
+    while len(seen) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(seen)} of {count} HTTP processes answered within {timeout_s:.0f} s")
+        with httpx.Client(base_url=base_url, timeout=5.0) as fresh:  # a new connection each time
+            answer = fresh.get("/healthz")
+        if answer.status_code == 200:
+            seen.add(int(answer.json()["pid"]))
+        else:
+            time.sleep(0.1)
+
+
 def run_his_bench(options: HisBenchOptions) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="yibao-bench-his-") as tmp, _stack(options, Path(tmp)) as stack:
         base_url, admin_headers, pid = stack
+        _await_http_processes(base_url, 1 + options.http_workers)
         clients = _setup(base_url, admin_headers, options.institutions)
         pids = [pid, *_child_pids(pid)]
         cpu_before = sum(_proc_cpu_s(p) for p in pids)
-        samples, elapsed = asyncio.run(_load(base_url, clients, options))
+        pg_before = _postgres_cpu_s() if options.database_url else 0.0
+        own_before = time.process_time()
+        samples, elapsed = uvloop.run(_load(base_url, clients, options))
         cpu = sum(_proc_cpu_s(p) for p in pids) - cpu_before
+        pg_cpu = _postgres_cpu_s() - pg_before if options.database_url else 0.0
+        own_cpu = time.process_time() - own_before
+    sent = int(options.rate * (options.warmup_s + options.duration_s))
     per_op: dict[str, list[Sample]] = defaultdict(list)
     for s in samples:
         per_op[s.operation].append(s)
@@ -336,4 +366,7 @@ def run_his_bench(options: HisBenchOptions) -> dict[str, Any]:
         "statuses": dict(sorted(Counter(str(s.status) for s in samples).items())),
         "operations": {op: _figures(group) for op, group in sorted(per_op.items())},
         "server_cpu_s": round(cpu, 1),
+        "server_cpu_ms_per_request": round(cpu * 1000.0 / sent, 2),
+        "postgres_cpu_ms_per_request": round(pg_cpu * 1000.0 / sent, 2),
+        "load_generator_cpu_ms_per_request": round(own_cpu * 1000.0 / sent, 2),
     }

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
@@ -47,7 +48,7 @@ from sync_server.settings import ServerSettings
 from sync_server.signed_requests import HIS_PREFIX, DeviceCaller
 
 
-def get_runtime(request: Request) -> ServerRuntime:
+async def get_runtime(request: Request) -> ServerRuntime:
     runtime = getattr(request.app.state, "runtime", None)
     if not isinstance(runtime, ServerRuntime):
         raise RuntimeError("the server runtime is not started (is the app running inside its lifespan?)")
@@ -79,11 +80,11 @@ async def get_writer_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
         session.close()
 
 
-def get_settings(runtime: RuntimeDep) -> ServerSettings:
+async def get_settings(runtime: RuntimeDep) -> ServerSettings:
     return runtime.settings
 
 
-def get_clock(runtime: RuntimeDep) -> Clock:
+async def get_clock(runtime: RuntimeDep) -> Clock:
     return runtime.clock
 
 
@@ -113,6 +114,8 @@ class Principal:
     account_id: int | None = None
     session_id: int | None = None
     institution_id: int | None = None
+    institution_code: str | None = None
+    """Set for a HIS client (from its cached record): its institution's code, without a query per request."""
     region_prefix: str | None = None
     """A regulator's 医保区划 code prefix: region-scoped data outside it is invisible."""
     must_change_password: bool = False
@@ -200,6 +203,16 @@ def _cached_principal(
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
+async def _principal_off_loop(
+    request: Request, runtime: ServerRuntime, credentials: HTTPAuthorizationCredentials | None
+) -> Principal:
+    """`_cached_principal` from async code: the cached principal at once, a database lookup in a worker thread."""
+    cached = getattr(request.state, "principal", None)
+    if isinstance(cached, Principal):
+        return cached
+    return await run_in_threadpool(_cached_principal, request, runtime, credentials)
+
+
 async def _raw_body(request: Request) -> bytes:
     """The request body as sent (Starlette caches it, so the handler still gets it): signatures cover it. A body
     with a NUL character (raw or JSON-escaped) is refused here, for every route: no field of ours may hold one, and
@@ -244,6 +257,7 @@ def _his_principal(request: Request, runtime: ServerRuntime, body: bytes) -> Pri
         kind="his_client",
         roles=frozenset({Role.HIS_CLIENT}),
         institution_id=caller.institution_id,
+        institution_code=caller.institution_code,
     )
 
 
@@ -288,15 +302,16 @@ def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials, b
         )
 
 
-def require_principal(request: Request, runtime: RuntimeDep, credentials: Credentials) -> Principal:
-    """The authenticated caller (401 otherwise); the route's roles were already checked by `authorize`."""
-    return _cached_principal(request, runtime, credentials)
+async def require_principal(request: Request, runtime: RuntimeDep, credentials: Credentials) -> Principal:
+    """The authenticated caller (401 otherwise); the route's roles were already checked by `authorize`, which
+    cached the principal, so this normally costs no database query (and no worker-thread hop)."""
+    return await _principal_off_loop(request, runtime, credentials)
 
 
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
 
 
-def require_device_caller(request: Request) -> DeviceCaller:
+async def require_device_caller(request: Request) -> DeviceCaller:
     """The terminal that signed this device-API request (authenticated by `authorize`)."""
     caller = getattr(request.state, "device_caller", None)
     if not isinstance(caller, DeviceCaller):  # a route outside the device_session policy asked for a device
@@ -307,9 +322,9 @@ def require_device_caller(request: Request) -> DeviceCaller:
 DeviceCallerDep = Annotated[DeviceCaller, Depends(require_device_caller)]
 
 
-def require_admin(request: Request, runtime: RuntimeDep, credentials: Credentials) -> str:
+async def require_admin(request: Request, runtime: RuntimeDep, credentials: Credentials) -> str:
     """The audit name of a caller holding `device_admin` (an admin token or an account); 401/403 otherwise."""
-    principal = _cached_principal(request, runtime, credentials)
+    principal = await _principal_off_loop(request, runtime, credentials)
     if Role.DEVICE_ADMIN not in principal.roles:
         raise _forbidden("device administration needs the device_admin role")
     return principal.name
@@ -318,7 +333,7 @@ def require_admin(request: Request, runtime: RuntimeDep, credentials: Credential
 AdminDep = Annotated[str, Depends(require_admin)]
 
 
-def region_prefix(principal: PrincipalDep) -> str | None:
+async def region_prefix(principal: PrincipalDep) -> str | None:
     """The caller's region scope (a regulator's 医保区划 prefix), or None for an unscoped caller."""
     return principal.region_prefix
 

@@ -18,6 +18,7 @@ pseudonymous data only.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -154,12 +155,20 @@ def _result(session: Session, row: PrescriptionRow, institution_code: str) -> Pr
     )
 
 
-def _his_institution(session: Session, principal: Principal) -> Institution:
-    institution_id = principal.institution_id
-    institution = None if institution_id is None else session.get(Institution, institution_id)
-    if institution is None:
+@dataclass(frozen=True, slots=True)
+class _HisInstitution:
+    id: int
+    code: str
+
+
+def _his_institution(session: Session, principal: Principal) -> _HisInstitution:
+    """The HIS client's institution: from its principal (cached with the client's record), a query otherwise."""
+    institution_id, code = principal.institution_id, principal.institution_code
+    if institution_id is not None and code is None:
+        code = session.scalar(select(Institution.code).where(Institution.id == institution_id))
+    if institution_id is None or code is None:
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="this HIS client belongs to no institution")
-    return institution
+    return _HisInstitution(institution_id, code)
 
 
 _HIS_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -25,6 +25,7 @@ from sync_server.errors import ConfigurationError
 logger = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
+POSTGRES_POOL_RECYCLE_S = 1800
 WRITE_INTENT_OPTION = "yibao_write_intent"
 """Execution option: on SQLite, begin the transaction with BEGIN IMMEDIATE (take the write lock first)."""
 
@@ -46,7 +47,13 @@ def create_db_engine(database_url: str, **kwargs: Any) -> Engine:
     # Bound parameters are payloads that may reference people: keep them out of exception texts and logs.
     kwargs.setdefault("hide_parameters", True)
     if url.get_backend_name() == "postgresql":
-        kwargs.setdefault("pool_pre_ping", True)
+        # No pre-ping: it costs a round trip on every checkout, and a signed HIS request checks out two connections
+        # (its nonce, its work). A connection the database dropped (a restart) raises a disconnect error instead;
+        # SQLAlchemy then invalidates every pooled connection of that age, so the one request that met it gets a 503
+        # (`database unavailable`, which HIS clients and the ingest retry) and the next ones reconnect. Recycling
+        # stays ahead of idle-connection timeouts in proxies and firewalls (docs/benchmarks.md, HIS under load).
+        kwargs.setdefault("pool_pre_ping", False)
+        kwargs.setdefault("pool_recycle", POSTGRES_POOL_RECYCLE_S)
     try:
         engine = create_engine(url, **kwargs)
     except (NoSuchModuleError, ImportError) as exc:

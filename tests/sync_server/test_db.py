@@ -10,8 +10,8 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect, select, text
-from sqlalchemy.exc import StatementError
+from sqlalchemy import Engine, create_engine, inspect, select, text
+from sqlalchemy.exc import OperationalError, StatementError
 
 from sync_server.db.engine import create_db_engine, session_factory
 from sync_server.db.migrate import alembic_config, current_revision, head_revision, upgrade
@@ -130,3 +130,29 @@ def test_sqlite_directory_is_created(tmp_path: Path) -> None:
     target = tmp_path / "nested" / "dir" / "db.sqlite3"
     upgrade(f"sqlite:///{target}")
     assert target.exists()
+
+
+@pytest.mark.postgres
+def test_postgres_connections_the_server_dropped_cost_one_failed_use_then_the_pool_reconnects(pg_url: str) -> None:
+    # The engine does not pre-ping (a round trip per checkout on every request): a restart of the database must
+    # then fail exactly one use, after which every pooled connection of that age is replaced.
+    eng = create_db_engine(pg_url)
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    try:
+        with eng.connect() as first, eng.connect() as second:  # two pooled connections
+            pids = [c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (first, second)]
+            first.rollback()
+            second.rollback()
+        with admin.connect() as conn:
+            for pid in pids:
+                conn.exec_driver_sql("SELECT pg_terminate_backend(%(pid)s)", {"pid": pid})
+        with pytest.raises(OperationalError) as failed, eng.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        assert failed.value.connection_invalidated
+        with eng.connect() as first, eng.connect() as second:  # both replaced, neither fails
+            assert [c.exec_driver_sql("SELECT 1").scalar() for c in (first, second)] == [1, 1]
+            fresh = {c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (first, second)}
+        assert not fresh & set(pids)
+    finally:
+        admin.dispose()
+        eng.dispose()

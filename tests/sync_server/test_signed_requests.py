@@ -139,10 +139,10 @@ class SteppingClock(FakeClock):
 def test_nonces_are_kept_for_twice_the_window_then_pruned(engine: Engine, tmp_path: Path) -> None:
     clock = SteppingClock()
     settings = ServerSettings(data_dir=tmp_path)
-    sessions, writers = session_factory(engine), session_factory(engine, write_intent=True)
+    sessions = session_factory(engine)
     identity = ServerIdentity(settings)
     gate = SecurityGate(settings, engine, identity, clock=clock, audit=ServerAudit(tmp_path, clock))
-    authority = RequestAuthority(sessions, writers, identity, gate, clock)
+    authority = RequestAuthority(sessions, engine, identity, gate, clock)
 
     def count() -> int:
         with sessions() as session:
