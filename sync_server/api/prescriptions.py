@@ -140,8 +140,11 @@ def _http(exc: prescriptions.PrescriptionError) -> HTTPException:
     )
 
 
-def _result(session: Session, row: PrescriptionRow, institution_code: str) -> PrescriptionResultOut:
-    review = prescriptions.review_of(session, row.id)
+def _result(
+    session: Session, row: PrescriptionRow, institution_code: str, *, fresh: bool = False
+) -> PrescriptionResultOut:
+    """HIS's view of the prescription; `fresh` (registered by this very request) has no review to look up."""
+    review = None if fresh else prescriptions.review_of(session, row.id)
     return PrescriptionResultOut(
         rx_no=row.rx_no,
         institution_code=institution_code,
@@ -200,7 +203,7 @@ def register_prescription(
                 )
             except prescriptions.PrescriptionError as exc:
                 raise _http(exc) from exc
-            return done, _result(session, done.row, institution.code)
+            return done, _result(session, done.row, institution.code, fresh=done.created)
 
     try:
         done, out = attempt()
