@@ -28,7 +28,7 @@ from typing import Annotated, Any, Final, Literal, Self
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protocol.drug_rules import RuleAction, RuleKind, Sex
-from protocol.envelope import ContractError, summarise_validation_error
+from protocol.envelope import ContractError, DeviceId, summarise_validation_error
 from protocol.gm.records import canonical_json
 from protocol.gm.sm3 import sm3_digest
 
@@ -187,6 +187,27 @@ class ReviewOutcome(StrEnum):
     RETURNED = "returned"
 
 
+class ReviewedPrescription(PendingPrescription):
+    """One of the institution's reviewed prescriptions (P-03), with the stored decision: on whichever terminal of
+    the pharmacy it was made."""
+
+    decision: ReviewOutcome
+    reviewed_at: AwareDatetime = Field(description="处方审核时间 (the reviewing terminal's clock, signed).")
+    pharmacist_code: PharmacistCode
+    device_id: DeviceId = Field(description="The terminal the review was made on.")
+
+
+class ReviewedPrescriptions(_Closed):
+    """`GET /device/v1/prescriptions/reviewed`: the caller terminal's institution's prescriptions reviewed since
+    `since`, newest first, at most `MAX_PENDING`; `total` counts all of them."""
+
+    type: Literal["reviewed_prescriptions"] = "reviewed_prescriptions"
+    institution_code: InstitutionCode
+    since: AwareDatetime
+    items: list[ReviewedPrescription] = Field(max_length=MAX_PENDING)
+    total: int = Field(ge=0)
+
+
 class FindingShown(_Closed):
     """A drug-rule finding (`protocol.drug_rules.Finding`) the terminal showed during the review, by reference: the
     message is the rule's own text and is not repeated here."""
@@ -252,6 +273,14 @@ def parse_review_decision(record: dict[str, Any]) -> ReviewDecisionRecord:
         return ReviewDecisionRecord.model_validate(record)
     except ValidationError as exc:
         raise ContractError(f"invalid review decision: {summarise_validation_error(exc)}") from exc
+
+
+def parse_reviewed(raw: Any) -> ReviewedPrescriptions:
+    """The server's reviewed list (decoded JSON), or `ContractError`."""
+    try:
+        return ReviewedPrescriptions.model_validate(raw)
+    except ValidationError as exc:
+        raise ContractError(f"invalid reviewed prescriptions: {summarise_validation_error(exc)}") from exc
 
 
 def parse_pending(raw: Any) -> PendingPrescriptions:

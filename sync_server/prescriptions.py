@@ -232,6 +232,30 @@ def pending_page(
     return list(rows), total
 
 
+def reviewed_page(
+    session: Session, institution_id: int, *, since: datetime, limit: int = MAX_PENDING
+) -> tuple[list[tuple[PrescriptionRow, PrescriptionReview]], int]:
+    """The institution's prescriptions reviewed at or after `since` (the review's signed time), newest first (at
+    most `limit`) with their reviews, and how many there are (P-03: a pharmacy's terminals all list them)."""
+    scope = (PrescriptionRow.institution_id == institution_id, PrescriptionReview.reviewed_at >= since)
+    joined = select(PrescriptionRow, PrescriptionReview).join(
+        PrescriptionReview, PrescriptionReview.prescription_id == PrescriptionRow.id
+    )
+    total = (
+        session.scalar(
+            select(func.count())
+            .select_from(PrescriptionRow)
+            .join(PrescriptionReview, PrescriptionReview.prescription_id == PrescriptionRow.id)
+            .where(*scope)
+        )
+        or 0
+    )
+    rows = session.execute(
+        joined.where(*scope).order_by(PrescriptionReview.reviewed_at.desc(), PrescriptionRow.id.desc()).limit(limit)
+    ).all()
+    return [(row, review) for row, review in rows], total
+
+
 # ---------------------------------------------------------------------- ingest of signed review decisions
 
 

@@ -26,7 +26,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
@@ -54,8 +54,10 @@ from protocol.prescription import (
     PendingPrescriptions,
     Prescription,
     ReviewDecisionRecord,
+    ReviewedPrescriptions,
     ReviewOutcome,
     parse_pending,
+    parse_reviewed,
 )
 from terminal.commands import CommandHandler, HandlerOutcome
 from terminal.errors import TerminalError
@@ -63,7 +65,11 @@ from terminal.verification import FaceDecision
 
 logger = logging.getLogger(__name__)
 
+_PENDING_FIELDS: Final = set(PendingPrescription.model_fields)
+"""A reviewed item's fields that make the pending form the inbox stores."""
+
 PENDING_PATH: Final = "/device/v1/prescriptions/pending"
+REVIEWED_PATH: Final = "/device/v1/prescriptions/reviewed"
 INBOX_FILE: Final = "prescriptions.db"
 """The inbox file, in the outbox's folder."""
 REVIEWED_KEEP_DAYS: Final = 30
@@ -78,15 +84,24 @@ CREATE TABLE IF NOT EXISTS prescription (
     fetched_at      TEXT NOT NULL,
     decision        TEXT,
     decided_at      TEXT,
-    message_id      TEXT
+    message_id      TEXT,
+    reviewed_on     TEXT,
+    pharmacist_code TEXT
 ) STRICT
 """
+_ADDED_COLUMNS: Final = (("reviewed_on", "TEXT"), ("pharmacist_code", "TEXT"))
+"""Columns a file written before they existed lacks (added when it is opened)."""
 _SELECT_PENDING: Final = (
-    "SELECT body, decision, decided_at, message_id FROM prescription WHERE decision IS NULL ORDER BY prescription_id"
+    "SELECT body, decision, decided_at, message_id, reviewed_on, pharmacist_code FROM prescription "
+    "WHERE decision IS NULL ORDER BY prescription_id"
 )
 _SELECT_REVIEWED: Final = (
-    "SELECT body, decision, decided_at, message_id FROM prescription WHERE decision IS NOT NULL "
-    "ORDER BY decided_at DESC, prescription_id"
+    "SELECT body, decision, decided_at, message_id, reviewed_on, pharmacist_code FROM prescription "
+    "WHERE decision IS NOT NULL ORDER BY decided_at DESC, prescription_id"
+)
+_SELECT_ONE: Final = (
+    "SELECT body, decision, decided_at, message_id, reviewed_on, pharmacist_code FROM prescription "
+    "WHERE prescription_id = ?"
 )
 
 
@@ -97,7 +112,8 @@ class ReviewError(TerminalError):
 class InboxState(StrEnum):
     PENDING = "pending"
     REVIEWED = "reviewed"
-    """Decided on this terminal (the decision is in the outbox, or already on the server)."""
+    """Decided on this terminal (the decision is in the outbox, or already on the server), or on another terminal
+    of the pharmacy (`InboxItem.reviewed_on` names it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +123,11 @@ class InboxItem:
     decision: ReviewOutcome | None = None
     decided_at: datetime | None = None
     message_id: str | None = None
+    """The outbox message carrying the decision, when it was made here."""
+    reviewed_on: str | None = None
+    """The terminal the decision was made on, as the server reported it (None: made here, not yet reported)."""
+    pharmacist_code: str | None = None
+    """审方医保药师代码, as the server reported it."""
 
     @property
     def prescription(self) -> Prescription:
@@ -123,6 +144,8 @@ class RefreshResult:
     removed: int
     pending: int
     total_on_server: int
+    reviewed_elsewhere: int = 0
+    """Reviews made on other terminals of the pharmacy that this refresh added to the reviewed list."""
 
 
 class PrescriptionInbox:
@@ -141,6 +164,10 @@ class PrescriptionInbox:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute(_SCHEMA)
+            present = {str(row[1]) for row in conn.execute("PRAGMA table_info(prescription)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in present:
+                    conn.execute(f"ALTER TABLE prescription ADD COLUMN {name} {kind}")
         except sqlite3.Error as exc:
             raise ReviewError(f"cannot open the prescription inbox {path}: {exc}") from exc
         return cls(conn, path)
@@ -193,6 +220,51 @@ class PrescriptionInbox:
             pending = tx.execute("SELECT count(*) FROM prescription WHERE decision IS NULL").fetchone()[0]
         return RefreshResult(len(added), len(gone), int(pending), document.total)
 
+    def merge_reviewed(self, document: ReviewedPrescriptions, *, now: datetime) -> int:
+        """Take in the pharmacy's reviews as the server stores them (P-03): a prescription still pending here that
+        another terminal decided becomes reviewed, one this inbox never held is added as reviewed, and a decision
+        made here gets the server's confirmation of where and by whom. Returns how many reviews made elsewhere were
+        added. Reviews older than `REVIEWED_KEEP_DAYS` are not kept."""
+        cutoff = now - timedelta(days=REVIEWED_KEEP_DAYS)
+        added = 0
+        with self._transaction() as tx:
+            held = {
+                int(r[0]): r[1] for r in tx.execute("SELECT prescription_id, decision FROM prescription").fetchall()
+            }
+            for item in document.items:
+                if item.reviewed_at < cutoff or item.institution_code != document.institution_code:
+                    continue
+                values = (item.decision.value, item.reviewed_at.isoformat(), item.device_id, item.pharmacist_code)
+                if item.prescription_id not in held:
+                    tx.execute(
+                        "INSERT INTO prescription (prescription_id, rx_no, institution, body, fetched_at, decision, "
+                        "decided_at, reviewed_on, pharmacist_code) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (
+                            item.prescription_id,
+                            item.prescription.rx_no,
+                            item.institution_code,
+                            PendingPrescription.model_validate(
+                                item.model_dump(include=_PENDING_FIELDS)
+                            ).model_dump_json(),
+                            now.isoformat(),
+                            *values,
+                        ),
+                    )
+                    added += 1
+                elif held[item.prescription_id] is None:
+                    tx.execute(
+                        "UPDATE prescription SET decision = ?, decided_at = ?, reviewed_on = ?, pharmacist_code = ? "
+                        "WHERE prescription_id = ?",
+                        (*values, item.prescription_id),
+                    )
+                    added += 1
+                else:  # decided here: the server's record says where and by whom (the decision is the same one)
+                    tx.execute(
+                        "UPDATE prescription SET reviewed_on = ?, pharmacist_code = ? WHERE prescription_id = ?",
+                        (item.device_id, item.pharmacist_code, item.prescription_id),
+                    )
+        return added
+
     def _items(self, *, reviewed: bool) -> list[InboxItem]:
         query = _SELECT_REVIEWED if reviewed else _SELECT_PENDING
         with self._lock:
@@ -202,7 +274,15 @@ class PrescriptionInbox:
                 raise ReviewError(f"prescription inbox {self._path}: {exc}") from exc
         return [self._item(*row) for row in rows]
 
-    def _item(self, body: str, decision: str | None, decided_at: str | None, message_id: str | None) -> InboxItem:
+    def _item(
+        self,
+        body: str,
+        decision: str | None,
+        decided_at: str | None,
+        message_id: str | None,
+        reviewed_on: str | None = None,
+        pharmacist_code: str | None = None,
+    ) -> InboxItem:
         try:
             pending = PendingPrescription.model_validate_json(body)
         except ValidationError as exc:  # written by us after validation: only a damaged file gets here
@@ -215,6 +295,8 @@ class PrescriptionInbox:
             ReviewOutcome(decision),
             None if decided_at is None else datetime.fromisoformat(decided_at),
             message_id,
+            reviewed_on,
+            pharmacist_code,
         )
 
     def pending(self) -> list[InboxItem]:
@@ -222,16 +304,14 @@ class PrescriptionInbox:
         return self._items(reviewed=False)
 
     def reviewed(self) -> list[InboxItem]:
-        """Prescriptions reviewed on this terminal in the last `REVIEWED_KEEP_DAYS` days (P-03)."""
+        """Prescriptions of the pharmacy reviewed in the last `REVIEWED_KEEP_DAYS` days, newest first (P-03): here,
+        and on its other terminals as of the last refresh."""
         return self._items(reviewed=True)
 
     def get(self, prescription_id: int) -> InboxItem | None:
         with self._lock:
             try:
-                row = self._db.execute(
-                    "SELECT body, decision, decided_at, message_id FROM prescription WHERE prescription_id = ?",
-                    (prescription_id,),
-                ).fetchone()
+                row = self._db.execute(_SELECT_ONE, (prescription_id,)).fetchone()
             except sqlite3.Error as exc:
                 raise ReviewError(f"prescription inbox {self._path}: {exc}") from exc
         return None if row is None else self._item(*row)
@@ -256,14 +336,16 @@ class PendingSource(Protocol):
 
 
 def refresh_inbox(inbox: PrescriptionInbox, source: PendingSource, *, now: datetime) -> RefreshResult:
-    """Fetch the institution's pending prescriptions and make the inbox hold them (`ReviewError` when the server's
-    answer breaks the contract; the source's own errors pass through)."""
-    raw = source.get_json(PENDING_PATH)
+    """Fetch the institution's pending prescriptions and its recent reviews, and make the inbox hold them
+    (`ReviewError` when an answer breaks the contract; the source's own errors pass through)."""
     try:
-        document = parse_pending(raw)
+        pending = parse_pending(source.get_json(PENDING_PATH))
+        reviewed = parse_reviewed(source.get_json(REVIEWED_PATH, {"days": str(REVIEWED_KEEP_DAYS)}))
     except ContractError as exc:
         raise ReviewError(str(exc)) from exc
-    return inbox.replace_pending(document, now=now)
+    result = inbox.replace_pending(pending, now=now)
+    elsewhere = inbox.merge_reviewed(reviewed, now=now)
+    return replace(result, reviewed_elsewhere=elsewhere)
 
 
 class InboxRefresher:

@@ -19,7 +19,7 @@ pseudonymous data only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
@@ -28,7 +28,15 @@ from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from protocol.prescription import PendingPrescription, PendingPrescriptions, Prescription, PrescriptionStatus
+from protocol.prescription import (
+    PendingPrescription,
+    PendingPrescriptions,
+    Prescription,
+    PrescriptionStatus,
+    ReviewedPrescription,
+    ReviewedPrescriptions,
+    ReviewOutcome,
+)
 from sync_server import prescriptions
 from sync_server.api.deps import (
     ClockDep,
@@ -293,6 +301,41 @@ def pending_prescriptions(session: SessionDep, caller: DeviceCallerDep) -> Pendi
     if institution is None:
         raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail="this terminal is not bound to an institution")
     return pending_document(session, institution)
+
+
+REVIEWED_MAX_DAYS = 30
+"""As far back as a terminal lists reviewed prescriptions (`terminal.review.REVIEWED_KEEP_DAYS`)."""
+
+
+@device_router.get("/reviewed", response_model=ReviewedPrescriptions, responses={409: {"model": ErrorOut}})
+def reviewed_prescriptions(
+    session: SessionDep,
+    caller: DeviceCallerDep,
+    clock: ClockDep,
+    days: Annotated[int, Query(ge=1, le=REVIEWED_MAX_DAYS, description="Reviewed in the last this many days.")] = 30,
+) -> ReviewedPrescriptions:
+    """The caller terminal's institution's prescriptions reviewed in the last `days` days, newest first, on any of
+    its terminals, with the decision (P-03); 409 for an unbound terminal."""
+    institution = None if caller.institution_id is None else session.get(Institution, caller.institution_id)
+    if institution is None:
+        raise HTTPException(status_code=status.HTTP_409_CONFLICT, detail="this terminal is not bound to an institution")
+    since = clock.now() - timedelta(days=days)
+    rows, total = prescriptions.reviewed_page(session, institution.id, since=since)
+    items = [
+        ReviewedPrescription(
+            prescription_id=row.id,
+            institution_code=institution.code,
+            registered_at=row.registered_at,
+            content_digest=row.content_digest,
+            prescription=prescriptions.stored_prescription(row),
+            decision=ReviewOutcome(review.decision),
+            reviewed_at=review.reviewed_at,
+            pharmacist_code=review.pharmacist_code,
+            device_id=review.device_id,
+        )
+        for row, review in rows
+    ]
+    return ReviewedPrescriptions(institution_code=institution.code, since=since, items=items, total=total)
 
 
 # ------------------------------------------------------------------------------------ operators

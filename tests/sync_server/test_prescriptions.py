@@ -41,7 +41,7 @@ from sync_server.db.models import (
 )
 from sync_server.settings import ServerSettings
 from sync_server.store import register_devices, store_envelopes
-from terminal.review import PENDING_PATH, PrescriptionInbox, ReviewDesk, refresh_inbox
+from terminal.review import PENDING_PATH, REVIEWED_PATH, PrescriptionInbox, ReviewDesk, refresh_inbox
 from terminal.server_api import ServerApi
 from terminal.verification import FaceDecision, FaceOutcome
 from tests.prescription_samples import DOCTOR_NAME, LIQUORICE, prescription_body
@@ -442,6 +442,26 @@ def test_a_terminal_fetches_its_pending_list_reviews_and_his_sees_the_result(
         assert result.envelope is not None
         assert served.pharmacy.ingest(result.envelope) == (1, 0)
         assert [i.prescription.rx_no for i in refresh_and_list(inbox, api, served.clock)] == ["RX2"]
+        # the pharmacy's other terminal lists the review as made on the first (P-03)
+        other_kiosk = enrol_with_session(served.client, served.clock, "kiosk-rx-http-2")
+        with session_factory(engine, write_intent=True).begin() as session:
+            device = session.get(Device, other_kiosk.device_id)
+            assert device is not None
+            device.institution_id = served.pharmacy.institution_id
+        other_api = ServerApi(
+            str(served.client.base_url), other_kiosk.device_id, lambda: other_kiosk.session, served.clock
+        )
+        other_inbox = PrescriptionInbox.open(tmp_path / "other" / "prescriptions.db")
+        try:
+            seen = refresh_inbox(other_inbox, other_api, now=served.clock.now())
+            assert (seen.pending, seen.reviewed_elsewhere) == (1, 1)
+            [elsewhere] = other_inbox.reviewed()
+            assert (elsewhere.prescription.rx_no, elsewhere.decision) == ("RX20260301001", "approved")
+            assert (elsewhere.reviewed_on, elsewhere.message_id) == (kiosk.device_id, None)
+            assert elsewhere.prescription.prescriber_name == "王**"
+        finally:
+            other_inbox.close()
+            other_api.close()
     finally:
         inbox.close()
         api.close()
@@ -454,6 +474,10 @@ def test_a_terminal_fetches_its_pending_list_reviews_and_his_sees_the_result(
         device.institution_id = None
     unbound = signed(
         served.client, DeviceSigner(kiosk.device_id, kiosk.session), "GET", PENDING_PATH, clock=served.clock
+    )
+    assert unbound.status_code == 409
+    unbound = signed(
+        served.client, DeviceSigner(kiosk.device_id, kiosk.session), "GET", REVIEWED_PATH, clock=served.clock
     )
     assert unbound.status_code == 409
 

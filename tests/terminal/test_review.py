@@ -7,6 +7,7 @@ with the real models and photos (another face or a printed photo records nothing
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator, Mapping
@@ -26,11 +27,19 @@ from protocol.catalogue import CatalogueKind, CatalogueSnapshot, ChargeCategory,
 from protocol.drug_rules import DrugRuleSet, DrugSelector, MaxQuantityPerPurchase, RuleAction
 from protocol.evidence import sign_device_record, verify_device_record
 from protocol.gm.sm2 import SM2PrivateKey
-from protocol.prescription import PendingPrescriptions, ReviewOutcome, parse_review_decision
+from protocol.prescription import (
+    PendingPrescription,
+    PendingPrescriptions,
+    ReviewedPrescription,
+    ReviewedPrescriptions,
+    ReviewOutcome,
+    parse_review_decision,
+)
 from terminal.catalogue import CatalogueStore
 from terminal.outbox import Outbox
 from terminal.review import (
     PENDING_PATH,
+    REVIEWED_PATH,
     InboxRefresher,
     InboxState,
     PrescriptionInbox,
@@ -105,18 +114,45 @@ def _served(*items: Any, total: int | None = None) -> PendingPrescriptions:
 
 
 class Server:
-    """The pending endpoint as a plain object: serves `document` and counts the calls (a `PendingSource`)."""
+    """The pending and reviewed endpoints as a plain object: serves `document` and `reviewed` (none by default) and
+    counts the calls (a `PendingSource`)."""
 
-    def __init__(self, document: PendingPrescriptions | dict[str, Any]) -> None:
+    def __init__(
+        self,
+        document: PendingPrescriptions | dict[str, Any],
+        reviewed: ReviewedPrescriptions | dict[str, Any] | None = None,
+    ) -> None:
         self.document = document
+        code = document.institution_code if isinstance(document, PendingPrescriptions) else INSTITUTION
+        self.reviewed = reviewed or ReviewedPrescriptions(
+            institution_code=code, since=T0 - timedelta(days=30), items=[], total=0
+        )
         self.calls: list[str] = []
         self.called = threading.Event()
 
     def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         self.calls.append(path)
         self.called.set()
-        doc = self.document
+        doc = self.document if path == PENDING_PATH else self.reviewed
         return doc if isinstance(doc, dict) else json.loads(doc.model_dump_json())
+
+
+def reviewed_elsewhere(
+    item: PendingPrescription, decision: ReviewOutcome = ReviewOutcome.APPROVED, *, device: str = "kiosk-other"
+) -> ReviewedPrescription:
+    return ReviewedPrescription(
+        **item.model_dump(),
+        decision=decision,
+        reviewed_at=T0 + timedelta(minutes=5),
+        pharmacist_code="Y310115000123",
+        device_id=device,
+    )
+
+
+def _reviewed(*items: ReviewedPrescription) -> ReviewedPrescriptions:
+    return ReviewedPrescriptions(
+        institution_code=INSTITUTION, since=T0 - timedelta(days=30), items=list(items), total=len(items)
+    )
 
 
 def test_the_inbox_holds_what_the_server_serves_and_keeps_decisions_made_here(tmp_path: Path) -> None:
@@ -152,6 +188,64 @@ def test_the_inbox_holds_what_the_server_serves_and_keeps_decisions_made_here(tm
         reopened.close()
 
 
+def test_reviews_made_on_the_pharmacys_other_terminals_are_listed_as_reviewed(tmp_path: Path) -> None:
+    box = open_inbox(tmp_path / "outbox.db")
+    try:
+        refresh_inbox(box, Server(_served(pending(1), pending(2, rx_no="RX2"), pending(3, rx_no="RX3"))), now=T0)
+        box.mark_decided(3, ReviewOutcome.REJECTED, decided_at=T0, message_id="m-3")
+        # 2 was decided on another terminal (the server no longer lists it as pending); 4 this inbox never held;
+        # 3 was decided here and the server now confirms where and by whom
+        served = _reviewed(
+            reviewed_elsewhere(pending(2, rx_no="RX2")),
+            reviewed_elsewhere(pending(4, rx_no="RX4"), ReviewOutcome.RETURNED),
+            reviewed_elsewhere(pending(3, rx_no="RX3"), ReviewOutcome.REJECTED, device=DEVICE_ID),
+        )
+        result = refresh_inbox(box, Server(_served(pending(1)), served), now=T0 + timedelta(minutes=10))
+        assert (result.pending, result.reviewed_elsewhere) == (1, 2)
+        assert [i.prescription_id for i in box.pending()] == [1]
+        by_id = {i.prescription_id: i for i in box.reviewed()}
+        assert sorted(by_id) == [2, 3, 4]
+        assert (by_id[2].decision, by_id[2].reviewed_on, by_id[2].message_id) == ("approved", "kiosk-other", None)
+        assert by_id[4].decision == "returned"
+        assert by_id[4].prescription.prescriber_name == "王**"
+        assert (by_id[3].decision, by_id[3].message_id, by_id[3].reviewed_on) == ("rejected", "m-3", DEVICE_ID)
+        assert by_id[3].pharmacist_code == "Y310115000123"
+        # another refresh adds nothing twice
+        again = refresh_inbox(box, Server(_served(pending(1)), served), now=T0 + timedelta(minutes=20))
+        assert again.reviewed_elsewhere == 0
+        assert len(box.reviewed()) == 3
+        # reviews older than the keeping time are not taken in
+        late = refresh_inbox(
+            box, Server(_served(), _reviewed(reviewed_elsewhere(pending(5, rx_no="RX5")))), now=T0 + timedelta(days=40)
+        )
+        assert (late.reviewed_elsewhere, box.reviewed()) == (0, [])
+    finally:
+        box.close()
+
+
+def test_an_inbox_file_from_before_the_reviewed_list_is_upgraded_when_opened(tmp_path: Path) -> None:
+    path = tmp_path / "prescriptions.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE prescription (prescription_id INTEGER PRIMARY KEY, rx_no TEXT NOT NULL, institution TEXT NOT "
+        "NULL, body TEXT NOT NULL, fetched_at TEXT NOT NULL, decision TEXT, decided_at TEXT, message_id TEXT) STRICT"
+    )
+    old.execute(
+        "INSERT INTO prescription VALUES (1, 'RX1', ?, ?, ?, 'approved', ?, 'm-1')",
+        (INSTITUTION, pending(1).model_dump_json(), T0.isoformat(), T0.isoformat()),
+    )
+    old.commit()
+    old.close()
+    box = PrescriptionInbox.open(path)
+    try:
+        [kept] = box.reviewed()
+        assert (kept.prescription_id, kept.message_id, kept.reviewed_on) == (1, "m-1", None)
+        refresh_inbox(box, Server(_served(), _reviewed(reviewed_elsewhere(pending(2, rx_no="RX2")))), now=T0)
+        assert sorted(i.prescription_id for i in box.reviewed()) == [1, 2]
+    finally:
+        box.close()
+
+
 def test_a_malformed_answer_changes_nothing(inbox: PrescriptionInbox) -> None:
     refresh_inbox(inbox, Server(_served(pending(1))), now=T0)
     tampered = json.loads(_served(pending(2, rx_no="RX2")).model_dump_json())
@@ -170,7 +264,7 @@ def test_a_notice_wakes_the_refresher_which_fetches_the_pending_list(inbox: Pres
     refresher.start()
     try:
         assert wait_until(lambda: len(inbox.pending()) == 1)  # refreshed at start
-        assert server.calls == [PENDING_PATH]
+        assert server.calls == [PENDING_PATH, REVIEWED_PATH]
         server.document = _served(pending(7, rx_no="RX7"), pending(8, rx_no="RX8"))
         command = DeviceCommand(
             command_id=uuid.uuid4(),
@@ -212,7 +306,7 @@ def test_a_failed_refresh_is_retried_soon_and_logged_once(
             assert wait_until(lambda: len(inbox.pending()) == 1)
         finally:
             refresher.stop()
-    assert len(server.calls) == 4
+    assert server.calls == [PENDING_PATH] * 4 + [REVIEWED_PATH]  # three failures, then both lists
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["prescription inbox refresh failed: ReviewError", "prescription inbox refresh works again"]
 
