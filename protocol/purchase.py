@@ -18,7 +18,7 @@ This module owns the record's shape, `parse_pos_verification` and `person_ref`. 
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -145,3 +145,38 @@ def parse_pos_verification(record: dict[str, Any]) -> PosVerificationRecord:
         return PosVerificationRecord.model_validate(record)
     except ValidationError as exc:
         raise ContractError(f"invalid pos verification: {summarise_validation_error(exc)}") from exc
+
+
+# ---------------------------------------------------------------------- purchase history (period rules, K-35)
+
+MAX_HISTORY_LINES: Final = 500
+MAX_HISTORY_DAYS: Final = 183
+"""About six months (K-35: the patient's prescription-drug records of the last 6 months)."""
+
+
+class PurchaseHistoryLine(_Closed):
+    """One line of a registered purchase: what was sold, when, in how many sale units."""
+
+    purchase_id: int = Field(ge=1, description="The server's purchase id (lines of one purchase share it).")
+    settled_at: AwareDatetime
+    med_list_codg: str = Field(min_length=1, max_length=50, description="医保目录编码.")
+    quantity: float = Field(ge=0, description="数量 in sale units.")
+
+
+class PurchaseHistory(_Closed):
+    """`GET /device/v1/purchase-history`: a person's registered purchases since `since`, at every institution,
+    newest first. `complete` is false when more lines than `MAX_HISTORY_LINES` exist (the oldest are left out)."""
+
+    type: Literal["purchase_history"] = "purchase_history"
+    person_ref: PersonRef
+    since: AwareDatetime
+    lines: list[PurchaseHistoryLine] = Field(max_length=MAX_HISTORY_LINES)
+    complete: bool
+
+
+def parse_purchase_history(raw: Any) -> PurchaseHistory:
+    """The server's purchase history (decoded JSON), or `ContractError`."""
+    try:
+        return PurchaseHistory.model_validate(raw)
+    except ValidationError as exc:
+        raise ContractError(f"invalid purchase history: {summarise_validation_error(exc)}") from exc

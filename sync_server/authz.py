@@ -142,6 +142,7 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "POST /his/v1/prescriptions/{rx_no}/settlement": HIS_CLIENTS,
     "GET /device/v1/prescriptions/pending": DEVICE_SESSION,
     "GET /device/v1/prescriptions/reviewed": DEVICE_SESSION,
+    "GET /device/v1/purchase-history": DEVICE_SESSION,
     "GET /api/v1/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
     "GET /api/v1/prescriptions/{prescription_id}": roles(Role.REGULATOR, Role.INSTITUTION_HEAD, Role.PHARMACIST),
     # catalogues and the drug-usage rules (docs/catalogue.md); citizen queries relayed to the national platform

@@ -41,6 +41,7 @@ from protocol.downlink import ProxyRelationshipsArgs
 from protocol.gm.records import canonical_json
 from protocol.payloads import SignedRecord, SignedRecordKind
 from protocol.purchase import (
+    MAX_HISTORY_LINES,
     AgentKind,
     PersonRef,
     PosVerificationRecord,
@@ -652,3 +653,19 @@ def active_relationships(
 
 def _utc(value: datetime | None) -> datetime | None:
     return None if value is None else value.astimezone(UTC)
+
+
+def purchase_history(
+    session: Session, person_ref: str, *, since: datetime, limit: int = MAX_HISTORY_LINES
+) -> tuple[list[tuple[int, datetime, str, float]], bool]:
+    """A person's registered purchase lines settled at or after `since`, at every institution, newest first: (purchase
+    id, settled at, 医保目录编码, quantity), at most `limit`, and whether that is all of them (period rules, P-06)."""
+    rows = session.execute(
+        select(Purchase.id, Purchase.settled_at, PurchaseLine.med_list_codg, PurchaseLine.quantity)
+        .join(PurchaseLine, PurchaseLine.purchase_id == Purchase.id)
+        .where(Purchase.buyer_ref == person_ref, Purchase.settled_at >= since)
+        .order_by(Purchase.settled_at.desc(), Purchase.id.desc(), PurchaseLine.line_no)
+        .limit(limit + 1)
+    ).all()
+    lines = [(int(r[0]), r[1], str(r[2]), float(r[3])) for r in rows[:limit]]
+    return lines, len(rows) <= limit

@@ -52,16 +52,29 @@ from drivers.card_reader import (
     id_sex_digit_is_male,
 )
 from drivers.qr_scanner import MalformedScanError, QrScannerError, ScanTimeoutError
-from protocol import AuditEvent, AuditOutcome, Clock, SignedRecordKind
-from protocol.drug_rules import DrugRuleSet, Evaluation, PersonFacts, Proposal, ProposedLine, RuleStage, Sex
+from protocol import AuditEvent, AuditOutcome, Clock, ContractError, SignedRecordKind
+from protocol.catalogue import DrugEntry
+from protocol.drug_rules import (
+    DrugRuleSet,
+    Evaluation,
+    HistoryLine,
+    PersonFacts,
+    Proposal,
+    ProposedLine,
+    RuleKind,
+    RuleStage,
+    Sex,
+)
 from protocol.gm.sm3 import mac_equal, sm3_digest
 from protocol.purchase import (
+    MAX_HISTORY_DAYS,
     AgentKind,
     PosVerificationRecord,
     ProxyEvidence,
     RuleFindingRef,
     VerificationMethod,
     VerificationOutcome,
+    parse_purchase_history,
 )
 from protocol.request_signing import RequestAuthError, verify_signed_request
 from terminal.catalogue import CatalogueError
@@ -600,6 +613,11 @@ class VerificationOut(_Model):
     unknown_drug_codes: list[str] = Field(
         default_factory=list, description="Drug codes the kiosk's catalogue does not list (not checked by the rules)"
     )
+    purchase_history: Literal["server", "unavailable", "not_asked"] = Field(
+        default="not_asked",
+        description="The buyer's earlier registered purchases the period rules counted: 'server' (the platform's "
+        "lookback), 'unavailable' (it could not be reached: period rules saw this purchase only), 'not_asked'",
+    )
     created_at: datetime
     finished_at: datetime | None = None
 
@@ -630,6 +648,7 @@ class _Verification:
     findings: list[FindingOut] = field(default_factory=list)
     rules_version: int | None = None
     unknown_drug_codes: list[str] = field(default_factory=list)
+    purchase_history: Literal["server", "unavailable", "not_asked"] = "not_asked"
 
     def view(self) -> VerificationOut:
         return VerificationOut(
@@ -647,6 +666,7 @@ class _Verification:
             blocked=any(f.action == "block" for f in self.findings),
             rules_version=self.rules_version,
             unknown_drug_codes=self.unknown_drug_codes,
+            purchase_history=self.purchase_history,
             created_at=self.created_at,
             finished_at=self.finished_at,
         )
@@ -671,6 +691,65 @@ class DrugRules(Protocol):
     def evaluate(self, proposal: Proposal) -> Evaluation: ...
 
 
+HISTORY_PATH: Final = "/device/v1/purchase-history"
+
+
+class PurchaseHistorySource(Protocol):
+    """A person's earlier purchases for the period rules (`ServerPurchaseHistory`); None when unavailable."""
+
+    def lines(self, person_ref: str, *, at: datetime) -> tuple[HistoryLine, ...] | None: ...
+
+
+class ServerPurchaseHistory:
+    """The platform's lookback (`GET /device/v1/purchase-history`): every institution's registered purchases of the
+    person in the last `days` days, drug codes resolved to generic names through the catalogue (`drug`), so rules
+    keyed on a generic name count other manufacturers' packs too. A failure is logged (never with the reference)
+    and answered None: the verification goes on, and says the period rules saw this purchase only."""
+
+    def __init__(
+        self,
+        source: JsonSource,
+        drug: Callable[[str], DrugEntry | None],
+        *,
+        days: int = MAX_HISTORY_DAYS,
+    ) -> None:
+        self._source = source
+        self._drug = drug
+        self._days = days
+
+    def lines(self, person_ref: str, *, at: datetime) -> tuple[HistoryLine, ...] | None:
+        try:
+            raw = self._source.get_json(HISTORY_PATH, {"person_ref": person_ref, "days": str(self._days)})
+            history = parse_purchase_history(raw)
+        except (TerminalError, ContractError) as exc:  # the server away or refusing, or a broken answer
+            logger.warning("purchase history lookback failed: %s", type(exc).__name__)
+            return None
+        if history.person_ref != person_ref:
+            logger.warning("purchase history lookback answered for another person: ignored")
+            return None
+        found: list[HistoryLine] = []
+        for line in history.lines:
+            if line.settled_at > at:
+                continue
+            entry = self._drug(line.med_list_codg)
+            found.append(
+                HistoryLine(
+                    purchase_ref=f"server:{line.purchase_id}",
+                    at=line.settled_at,
+                    drug_code=line.med_list_codg,
+                    generic_name="" if entry is None else entry.generic_name,
+                    quantity=math.ceil(line.quantity - 1e-9),
+                )
+            )
+        return tuple(found)
+
+
+class JsonSource(Protocol):
+    """The device-authenticated server API (`terminal.server_api.ServerApi`): a signed GET returning decoded JSON."""
+
+    def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any: ...
+
+
 def person_facts(identity: BuyerIdentity, on: datetime) -> PersonFacts:
     """Age and sex from a resident ID number (type 01); unknown for anything else. Computed in memory only."""
     if identity.psn_cert_type != "01" or id_number_problem(identity.certno) is not None:
@@ -680,6 +759,21 @@ def person_facts(identity: BuyerIdentity, on: datetime) -> PersonFacts:
     age = today.year - born.year - ((today.month, today.day) < (born.month, born.day))
     sex = Sex.MALE if id_sex_digit_is_male(identity.certno) else Sex.FEMALE
     return PersonFacts(max(age, 0), sex)
+
+
+_HISTORY_RULES: Final = frozenset(
+    {
+        RuleKind.MAX_QUANTITY_PER_PERIOD,
+        RuleKind.MAX_DAYS_SUPPLY_PER_PERIOD,
+        RuleKind.MAX_PURCHASES_PER_PERIOD,
+        RuleKind.EARLY_REFILL,
+    }
+)
+
+
+def _needs_history(rule_set: DrugRuleSet) -> bool:
+    """Whether a rule of the set counts earlier purchases (no lookback is made for a set without one)."""
+    return any(RuleKind(rule.kind) in _HISTORY_RULES for rule in rule_set.rules)
 
 
 def _finding_out(finding: Any) -> FindingOut:
@@ -709,15 +803,18 @@ class PosVerificationService:
         *,
         evidence: EvidenceSink | None = None,
         rules: DrugRules | None = None,
+        history: PurchaseHistorySource | None = None,
     ) -> None:
         """`record` takes the audit event of each outcome; with `evidence` (an enrolled terminal) the signed
-        `pos_verification` record and the audit event go to `evidence` instead. `rules` evaluates drug lines."""
+        `pos_verification` record and the audit event go to `evidence` instead. `rules` evaluates drug lines;
+        `history` feeds the period rules the buyer's earlier purchases."""
         self.verifier = verifier
         self.registry = registry
         self.state = state
         self.record = record
         self.evidence = evidence
         self.rules = rules
+        self.history = history
         self.clock = clock
         self._lock = threading.Lock()
         self._items: dict[str, _Verification] = {}
@@ -848,8 +945,20 @@ class PosVerificationService:
                 except CatalogueError:
                     unknown.append(line.med_list_codg)
             now = self.clock.now()
+            earlier: tuple[HistoryLine, ...] = ()
+            if self.history is not None and rule_set is not None and _needs_history(rule_set):
+                found = self.history.lines(buyer.ref, at=now)
+                item.purchase_history = "unavailable" if found is None else "server"
+                earlier = found or ()
             evaluation = self.rules.evaluate(
-                Proposal(RuleStage.PURCHASE, now, person_facts(buyer, now), tuple(lines), request.has_prescription)
+                Proposal(
+                    RuleStage.PURCHASE,
+                    now,
+                    person_facts(buyer, now),
+                    tuple(lines),
+                    request.has_prescription,
+                    history=earlier,
+                )
             )
         except Exception:
             logger.exception("POS verification %s: drug rules not evaluated", item.id[:8])
@@ -1136,6 +1245,7 @@ def build_pos_server(
     port: int | None = None,
     evidence: EvidenceSink | None = None,
     rules: DrugRules | None = None,
+    history: PurchaseHistorySource | None = None,
 ) -> PosApiServer:
     """Everything the runtime needs from `[pos_api]`: clients loaded, state opened, app built, server (not started).
     `port` overrides the configured one (0: any free port, for tests). Stopping the server cancels running
@@ -1144,7 +1254,9 @@ def build_pos_server(
     state = PosState(config.state, device_id)
     if config.state != Path(":memory:"):
         config.state.chmod(0o600)
-    service = PosVerificationService(verifier, registry, state, record, clock, evidence=evidence, rules=rules)
+    service = PosVerificationService(
+        verifier, registry, state, record, clock, evidence=evidence, rules=rules, history=history
+    )
     authenticator = RequestAuthenticator(clients, state, clock, window_s=config.timestamp_window_s)
 
     def closed() -> None:
@@ -1171,6 +1283,12 @@ def runtime_evidence(runtime: TerminalRuntime) -> EvidenceSink | None:
     return evidence
 
 
+def _runtime_history(runtime: TerminalRuntime) -> PurchaseHistorySource | None:
+    if runtime.server_api is None or runtime.catalogue is None:
+        return None
+    return ServerPurchaseHistory(runtime.server_api, runtime.catalogue.drug)
+
+
 def attach_pos_api(
     runtime: TerminalRuntime,
     *,
@@ -1183,7 +1301,9 @@ def attach_pos_api(
     devices, e-voucher service and face verifier; outcomes go into its outbox: on an enrolled terminal as a signed
     `pos_verification` record plus the audit event (one transaction), otherwise as the audit event only. Without
     `registry` the runtime's own `proxy_registry` is used (kept equal to the server's relationships by
-    `runtime.proxy_sync`). `rules` (the catalogue store) evaluates the drug lines of a request."""
+    `runtime.proxy_sync`). `rules` evaluates the drug lines of a request: by default the runtime's catalogue store
+    (the rules the regulator published), with the platform's purchase lookback for the period rules when the
+    terminal has the device API."""
     config = runtime.config.pos_api
     if not config.enabled:
         return None
@@ -1195,7 +1315,8 @@ def attach_pos_api(
         record=lambda event: runtime.record_audits([event]),
         clock=runtime.clock,
         evidence=runtime_evidence(runtime),
-        rules=rules,
+        rules=rules if rules is not None else runtime.catalogue,
+        history=_runtime_history(runtime),
     )
     runtime.pos_api = server
     return server

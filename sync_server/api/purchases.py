@@ -19,7 +19,7 @@ notices were queued. The rules live in `sync_server.purchases`; this module vali
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
@@ -27,6 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, false, func, or_, select
 from sqlalchemy.orm import Session
 
+from protocol.purchase import (
+    MAX_HISTORY_DAYS,
+    PERSON_REF_PATTERN,
+    PurchaseHistory,
+    PurchaseHistoryLine,
+)
 from sync_server import purchases
 from sync_server.accounts import Role
 from sync_server.api.deps import (
@@ -459,6 +465,38 @@ def device_relationships(
         for r in rows
     ]
     return DeviceRelationshipPage(items=items, total=total)
+
+
+@router.get(
+    "/device/v1/purchase-history",
+    response_model=PurchaseHistory,
+    summary="购药记录回溯 / a person's registered purchases, for the period drug rules (P-06, K-35)",
+)
+def device_purchase_history(
+    caller: DeviceCallerDep,
+    session: SessionDep,
+    clock: ClockDep,
+    runtime: RuntimeDep,
+    person_ref: Annotated[str, Query(pattern=PERSON_REF_PATTERN, description="The verified buyer's `person_ref`.")],
+    days: Annotated[int, Query(ge=1, le=MAX_HISTORY_DAYS)] = MAX_HISTORY_DAYS,
+) -> PurchaseHistory:
+    """The person's purchases registered by any institution's HIS in the last `days` days, newest first: drug codes,
+    quantities and times only. A terminal asks while it verifies that very person (it computes the reference from
+    the document it just read); every lookup is written to the audit chain."""
+    since = clock.now() - timedelta(days=days)
+    lines, complete = purchases.purchase_history(session, person_ref, since=since)
+    runtime.audit.record(
+        "purchase_history.read", device_id=caller.device_id, person_ref=person_ref, days=days, lines=len(lines)
+    )
+    return PurchaseHistory(
+        person_ref=person_ref,
+        since=since,
+        lines=[
+            PurchaseHistoryLine(purchase_id=pid, settled_at=at, med_list_codg=code, quantity=qty)
+            for pid, at, code, qty in lines
+        ],
+        complete=complete,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- operators

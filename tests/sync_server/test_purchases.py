@@ -31,6 +31,7 @@ from protocol.purchase import (
     ProxyEvidence,
     VerificationMethod,
     VerificationOutcome,
+    parse_purchase_history,
     person_ref,
 )
 from protocol.request_signing import sign_request, signing_string
@@ -56,7 +57,14 @@ from sync_server.store import register_devices, store_envelopes
 from terminal.proxy import ProxyRelationshipSync, SqliteProxyRegistry
 from terminal.server_api import ServerApi
 from tests.sync_server.conftest import BOOT, INSTITUTION_CODE, T0, FakeClock, seed_fleet, serving
-from tests.sync_server.signed_requests import Enrolled, HisSigner, enrol_with_session, make_his_client, signed
+from tests.sync_server.signed_requests import (
+    DeviceSigner,
+    Enrolled,
+    HisSigner,
+    enrol_with_session,
+    make_his_client,
+    signed,
+)
 from tests.sync_server.test_accounts import audit_events, login, make_account
 
 DEVICE = "kiosk-p01"
@@ -627,6 +635,48 @@ def test_relationships_reach_the_institutions_terminal_over_the_device_api(serve
         api.close()
     missing = signed(client, served.his_a, "DELETE", "/his/v1/proxy-relationships/424242", clock=clock)
     assert missing.status_code == 404
+
+
+def test_a_terminal_looks_back_on_a_buyers_purchases_at_every_institution(served: Served) -> None:
+    client, clock = served.client, served.clock
+    first = {**purchase_body("SETL-0001"), "settled_at": (T0 - timedelta(days=20)).isoformat()}
+    later = {
+        **purchase_body("SETL-0002", "KIOSK-P01202603011600000002"),
+        "settled_at": (T0 - timedelta(days=1)).isoformat(),
+    }
+    for his, body in ((served.his_a, first), (served.his_b, later)):
+        assert signed(client, his, "POST", "/his/v1/purchases", clock=clock, json_body=body).status_code == 201
+    someone_else = {**purchase_body("SETL-0003", "KIOSK-P01202603011600000003"), "buyer": {"certno": AGENT_ID}}
+    assert (
+        signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=someone_else).status_code
+        == 201
+    )
+    device = DeviceSigner(served.device.device_id, served.device.session)
+    path = f"/device/v1/purchase-history?person_ref={BUYER_REF}&days=30"
+    answer = signed(client, device, "GET", path, clock=clock)
+    assert answer.status_code == 200, answer.text
+    history = parse_purchase_history(answer.json())
+    assert history.complete
+    # newest first, both institutions' purchases, nobody else's; codes, quantities and times only
+    assert [(line.med_list_codg, line.quantity) for line in history.lines] == [
+        ("XJ01CAA040A001010100534", 2.0),
+        ("ZA01AAA0001010100001", 1.0),
+    ] * 2
+    assert history.lines[0].settled_at > history.lines[2].settled_at
+    for secret in (BUYER_ID, BUYER_NAME, "王"):
+        assert secret not in answer.text
+    lookups = [e for e in audit_events(served.data_dir) if e["type"] == "purchase_history.read"]
+    assert [(e["device_id"], e["person_ref"], e["lines"]) for e in lookups] == [("kiosk-pos-1", BUYER_REF, 4)]
+    # a shorter window leaves the older purchase out; a malformed reference or window is refused
+    recent = signed(client, device, "GET", path.replace("days=30", "days=10"), clock=clock).json()
+    assert len(recent["lines"]) == 2
+    bad_ref = signed(client, device, "GET", "/device/v1/purchase-history?person_ref=" + BUYER_ID, clock=clock)
+    assert bad_ref.status_code == 422
+    assert BUYER_ID not in bad_ref.text
+    too_long = f"/device/v1/purchase-history?person_ref={BUYER_REF}&days=400"
+    assert signed(client, device, "GET", too_long, clock=clock).status_code == 422
+    # HIS clients and operators do not reach it
+    assert signed(client, served.his_a, "GET", path, clock=clock).status_code == 401
 
 
 def test_the_documented_his_signature_example() -> None:

@@ -18,7 +18,7 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,21 @@ from typing import Any
 import httpx
 import pytest
 
+from drivers.idcard import IdCardData
 from hardware_sim import simulated_peripherals
 from hardware_sim.evoucher import EVoucherSimulator, synthetic_insured
 from hardware_sim.idcard_sim import synthetic_card
 from protocol import CommandKind, CommandOutcome, DeviceCommand, SignedRecord, SignedRecordKind, SystemClock, Topics
 from protocol.catalogue import CatalogueKind, CatalogueSnapshot, ChargeCategory, DispensingClass, DrugEntry
-from protocol.drug_rules import AgeRange, AnyRule, DrugRuleSet, DrugSelector, MaxQuantityPerPurchase, RuleAction
+from protocol.drug_rules import (
+    AgeRange,
+    AnyRule,
+    DrugRuleSet,
+    DrugSelector,
+    MaxQuantityPerPeriod,
+    MaxQuantityPerPurchase,
+    RuleAction,
+)
 from protocol.envelope import decode_envelope
 from protocol.evidence import verify_device_record
 from protocol.purchase import AgentKind, VerificationOutcome, parse_pos_verification, person_ref
@@ -39,7 +48,16 @@ from protocol.request_signing import sign_request
 from terminal.catalogue import CatalogueStore
 from terminal.evoucher import EVoucherService, TerminalContext
 from terminal.identity import IdentityStore, SecurityLog
-from terminal.pos_api import BuyerIdentity, build_pos_server, person_facts, runtime_evidence
+from terminal.pos_api import (
+    AgentCheck,
+    BuyerCheck,
+    BuyerIdentity,
+    BuyerMethod,
+    ServerPurchaseHistory,
+    build_pos_server,
+    person_facts,
+    runtime_evidence,
+)
 from terminal.proxy import (
     ProxyRelationship,
     ProxyRelationshipsHandler,
@@ -48,7 +66,7 @@ from terminal.proxy import (
     SqliteProxyRegistry,
 )
 from terminal.runtime import TerminalRuntime, build_runtime
-from terminal.session import TerminalSecurity
+from terminal.session import ServerUnreachableError, TerminalSecurity
 from tests.terminal.conftest import FakeClock, terminal_config, wait_until
 from tests.terminal.fakes import ScriptedLink
 from tests.terminal.identity_server import PlayedServer
@@ -365,3 +383,102 @@ def test_the_runtime_keeps_the_registry_beside_the_outbox_and_answers_the_notice
     reopened = SqliteProxyRegistry(tmp_path / "proxy_relationships.sqlite3")
     assert reopened.count() == 1  # survives a restart
     reopened.close()
+
+
+class HistoryApi:
+    """The device API's purchase-history endpoint as a plain object (a `JsonSource`): answers `answer` or raises it."""
+
+    def __init__(self, answer: dict[str, Any] | Exception) -> None:
+        self.answer = answer
+        self.asked: list[tuple[str, dict[str, str]]] = []
+
+    def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        self.asked.append((path, dict(params or {})))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class CardOnly:
+    """A `BuyerVerifier` for the card path: the ID card read and the face matched (the verification itself is
+    tested elsewhere; here only what the rules make of the buyer matters)."""
+
+    def __init__(self, card: IdCardData) -> None:
+        self.card = card
+
+    def verify_buyer(self, method: BuyerMethod, cancel: threading.Event, *, with_face: bool = True) -> BuyerCheck:
+        return BuyerCheck(BuyerIdentity(self.card.name, "01", self.card.id_number), "id_card+face_1to1")
+
+    def verify_agent_face(self, candidate_refs: Sequence[str], cancel: threading.Event) -> AgentCheck:
+        return AgentCheck(None, "face_1toN", "agent_not_registered")
+
+
+def _history(ref: str, *lines: tuple[int, datetime, str, float]) -> dict[str, Any]:
+    return {
+        "type": "purchase_history",
+        "person_ref": ref,
+        "since": (datetime.now(UTC) - timedelta(days=183)).isoformat(),
+        "lines": [
+            {"purchase_id": pid, "settled_at": at.isoformat(), "med_list_codg": code, "quantity": qty}
+            for pid, at, code, qty in lines
+        ],
+        "complete": True,
+    }
+
+
+def test_period_rules_count_the_buyers_purchases_the_platform_registered(tmp_path: Path) -> None:
+    now = datetime.now(UTC)
+    card = synthetic_card(5)
+    buyer = person_ref("01", card.id_number)
+    with CatalogueStore.open(tmp_path / "catalogue.db") as held:
+        held.apply_snapshot(CatalogueSnapshot.build(CatalogueKind.DRUG, 1, [_drug(FFGC, "复方甘草片")], now))
+        period: list[AnyRule] = [
+            MaxQuantityPerPeriod(
+                rule_id="FFGC-30D",
+                title="复方甘草片",
+                title_en="compound liquorice tablets",
+                drugs=DrugSelector(generic_names=["复方甘草片"]),
+                action=RuleAction.WARN,
+                max_quantity=4,
+                period_days=30,
+            )
+        ]
+        held.apply_rule_set(DrugRuleSet.build(8, period, now))
+        answers: list[dict[str, Any] | Exception] = [
+            # 3 bottles 10 days ago count; 5 bottles 40 days ago are outside the 30 days
+            _history(buyer, (41, now - timedelta(days=10), FFGC, 3), (12, now - timedelta(days=40), FFGC, 5)),
+            ServerUnreachableError("server away"),
+            _history(person_ref("01", "110105198001010016")),  # an answer about someone else is not used
+        ]
+        results: list[tuple[dict[str, Any], list[tuple[str, dict[str, str]]]]] = []
+        for answer in answers:
+            api = HistoryApi(answer)
+            secret = secrets.token_hex(32).encode()
+            folder = tmp_path / f"pos-{len(results)}"
+            folder.mkdir()
+            pos = build_pos_server(
+                _config(folder, secret),
+                device_id="SIM-0001",
+                verifier=CardOnly(card),
+                registry=SqliteProxyRegistry(),
+                record=lambda _e: None,
+                clock=SystemClock(),
+                rules=held,
+                history=ServerPurchaseHistory(api, held.drug),
+                port=0,
+            )
+            pos.start()
+            try:
+                with httpx.Client(base_url=f"http://127.0.0.1:{pos.bound_port}", timeout=5.0) as http:
+                    body = {"method": "id_card_face", "drug_lines": [{"med_list_codg": FFGC, "cnt": 2}]}
+                    results.append((_verify(http, secret, body), api.asked))
+            finally:
+                pos.stop()
+    (counted, asked), (away, _), (other, _) = results
+    assert asked == [("/device/v1/purchase-history", {"person_ref": buyer, "days": "183"})]
+    assert counted["purchase_history"] == "server"
+    [finding] = counted["warnings"]
+    assert (finding["rule_id"], finding["observed"], finding["limit"]) == ("FFGC-30D", 5, 4)
+    # without the lookback the rule sees this purchase only, and the answer says so
+    assert (away["status"], away["purchase_history"], away["warnings"]) == ("verified", "unavailable", [])
+    assert (other["purchase_history"], other["warnings"]) == ("unavailable", [])
