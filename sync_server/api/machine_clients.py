@@ -17,7 +17,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, HTTPException, Path, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
@@ -31,7 +31,7 @@ from sync_server.api.deps import (
     SessionDep,
     WriterSessionDep,
 )
-from sync_server.api.schemas import ErrorOut
+from sync_server.api.schemas import ErrorOut, model_response
 from sync_server.db.models import Institution
 
 router = APIRouter(tags=["machine clients"])
@@ -142,13 +142,14 @@ def revoke_his_client(
 
 
 @router.get("/his/v1/ping", response_model=HisPingOut)
-def his_ping(principal: PrincipalDep, session: SessionDep, clock: ClockDep) -> HisPingOut:
+def his_ping(principal: PrincipalDep, session: SessionDep, clock: ClockDep) -> Response:
     """Check the request signing: answers who the signature says you are, for which institution, and the server's
     time (a 401 `stale_timestamp` means your clock is off by more than 60 s)."""
     code = principal.institution_code
     if code is None:  # not a HIS client's principal (the route is for HIS clients only; belt and braces)
         code = session.scalar(select(Institution.code).where(Institution.id == principal.institution_id)) or ""
-    return HisPingOut(client_id=principal.name.removeprefix("his:"), institution_code=code, server_time=clock.now())
+    out = HisPingOut(client_id=principal.name.removeprefix("his:"), institution_code=code, server_time=clock.now())
+    return model_response(out)
 
 
 @router.get("/device/v1/whoami", response_model=DeviceWhoamiOut)

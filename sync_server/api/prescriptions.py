@@ -47,7 +47,7 @@ from sync_server.api.deps import (
     SessionDep,
     WriterSessionDep,
 )
-from sync_server.api.schemas import ErrorOut, UnprocessableOut
+from sync_server.api.schemas import ErrorOut, UnprocessableOut, model_response
 from sync_server.db.models import Institution, PrescriptionReview, PrescriptionRow, PrescriptionState
 
 his_router = APIRouter(prefix="/his/v1/prescriptions", tags=["prescriptions (HIS)"])
@@ -192,12 +192,11 @@ _HIS_RESPONSES: dict[int | str, dict[str, Any]] = {
 @his_router.post("", response_model=PrescriptionResultOut, status_code=201, responses=_HIS_RESPONSES)
 def register_prescription(
     body: Prescription,
-    response: Response,
     session: WriterSessionDep,
     clock: ClockDep,
     runtime: RuntimeDep,
     principal: PrincipalDep,
-) -> PrescriptionResultOut:
+) -> Response:
     """Register a prescription at the caller's institution (H-06). 201 when new; the same body again is answered
     200 with the stored result; another body for the same 医保处方编号 is 409."""
     now = clock.now()
@@ -220,8 +219,7 @@ def register_prescription(
         done, out = attempt()
     notices = len(done.notices)
     if not done.created:
-        response.status_code = status.HTTP_200_OK
-        return out
+        return model_response(out)
     runtime.audit.record(
         "prescription.registered",
         rx_no=out.rx_no,
@@ -231,17 +229,17 @@ def register_prescription(
     )
     if runtime.dispatcher is not None and notices:
         runtime.dispatcher.wake()
-    return out
+    return model_response(out, status.HTTP_201_CREATED)
 
 
 @his_router.get("/{rx_no}", response_model=PrescriptionResultOut, responses={404: {"model": ErrorOut}})
-def get_prescription_result(rx_no: RxNoPath, session: SessionDep, principal: PrincipalDep) -> PrescriptionResultOut:
+def get_prescription_result(rx_no: RxNoPath, session: SessionDep, principal: PrincipalDep) -> Response:
     """The status and review result of one of the caller's institution's prescriptions (H-05, H-07 step 3)."""
     institution = _his_institution(session, principal)
     row = prescriptions.find(session, institution.id, rx_no)
     if row is None:
         raise HTTPException(status_code=404, detail=f"prescription {rx_no} is not registered at this institution")
-    return _result(session, row, institution.code)
+    return model_response(_result(session, row, institution.code))
 
 
 @his_router.post("/{rx_no}/settlement", response_model=PrescriptionResultOut, responses=_HIS_RESPONSES)
@@ -252,7 +250,7 @@ def settle_prescription(
     clock: ClockDep,
     runtime: RuntimeDep,
     principal: PrincipalDep,
-) -> PrescriptionResultOut:
+) -> Response:
     """Record that HIS settled the prescription (I-06): 409 unless it is approved; the same settlement again is
     answered with the stored result; another settlement of a settled prescription is 409 (F-07)."""
     with session.begin():
@@ -276,7 +274,7 @@ def settle_prescription(
             settlement_id=body.settlement_id,
             client=principal.name,
         )
-    return out
+    return model_response(out)
 
 
 def pending_document(session: Session, institution: Institution) -> PendingPrescriptions:

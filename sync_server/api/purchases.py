@@ -44,6 +44,7 @@ from sync_server.api.deps import (
     SessionDep,
     WriterSessionDep,
 )
+from sync_server.api.schemas import model_response
 from sync_server.db.models import (
     Institution,
     PosVerification,
@@ -308,12 +309,11 @@ def _http(exc: purchases.PurchaseError) -> HTTPException:
 )
 def register_purchase(
     body: PurchaseIn,
-    response: Response,
     principal: PrincipalDep,
     session: WriterSessionDep,
     clock: ClockDep,
     runtime: RuntimeDep,
-) -> PurchaseOut:
+) -> Response:
     """After a successful settlement, HIS pushes the buyer, the proxy (代购) details and the sale lines with their
     traceability codes (H-04). Idempotent by (institution, settlement_no). A purchase whose kiosk verification has
     not arrived yet is accepted with `verification: pending` and linked when it arrives."""
@@ -335,9 +335,8 @@ def register_purchase(
             verification=out.verification.value,
             his_client=principal.name,
         )
-    else:
-        response.status_code = status.HTTP_200_OK
-    return out
+        return model_response(out, status.HTTP_201_CREATED)
+    return model_response(out)
 
 
 @router.get(
@@ -346,14 +345,14 @@ def register_purchase(
     summary="查询购药登记 / a registered purchase",
     responses={404: {"model": ProblemOut}},
 )
-def get_purchase(settlement_no: SettlementPath, principal: PrincipalDep, session: SessionDep) -> PurchaseOut:
+def get_purchase(settlement_no: SettlementPath, principal: PrincipalDep, session: SessionDep) -> Response:
     """The purchase with this settlement number in the caller's institution, with its verification state."""
     institution_id = _his_institution(principal)
     try:
         row = purchases.purchase_of(session, institution_id, settlement_no)
     except purchases.PurchaseError as exc:
         raise _http(exc) from exc
-    return _purchase_out(session, row)
+    return model_response(_purchase_out(session, row))
 
 
 @router.post(
