@@ -40,6 +40,8 @@ class WidgetFacts:
     visible: bool = True
     on_screen: bool = True
     """Wholly inside the window (a care-mode layout that pushes text off the screen hides it)."""
+    overlaps: bool = False
+    """Its box overlaps another text or touchable widget's (larger care-mode text squeezed into too little room)."""
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,8 @@ def contrast_ratio(foreground: Rgba, background: Rgba) -> float:
 
 def check_widgets(widgets: Iterable[WidgetFacts]) -> list[Violation]:
     """Every care-mode rule broken by a visible widget: font ≥ 36 px, line height ≥ 1.5, contrast ≥ 4.5:1 for
-    text; ≥ 60×60 dp for anything touchable; nothing readable or touchable partly off the screen."""
+    text; ≥ 60×60 dp for anything touchable; nothing readable or touchable partly off the screen
+    or overlapping another."""
     found: list[Violation] = []
     for w in widgets:
         if not w.visible:
@@ -98,6 +101,8 @@ def check_widgets(widgets: Iterable[WidgetFacts]) -> list[Violation]:
                     found.append(Violation(w.path, "contrast", f"{ratio:.2f}:1 < {MIN_CONTRAST}:1"))
         if not w.on_screen and (w.text.strip() or w.touchable):
             found.append(Violation(w.path, "off screen", "partly outside the window"))
+        if w.overlaps and (w.text.strip() or w.touchable):
+            found.append(Violation(w.path, "overlap", "overlaps another text or button"))
         if w.touchable and (w.width_dp < MIN_TARGET_DP or w.height_dp < MIN_TARGET_DP):
             found.append(
                 Violation(w.path, "touch target", f"{w.width_dp:.0f}×{w.height_dp:.0f} dp < {MIN_TARGET_DP:.0f} dp")

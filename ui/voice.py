@@ -83,9 +83,14 @@ class EspeakSpeaker:
             self._stop_locked()
 
     def _stop_locked(self) -> None:
-        if self._current is not None and self._current.poll() is None:
-            self._current.terminate()
-        self._current = None
+        current, self._current = self._current, None
+        if current is not None and current.poll() is None:
+            current.terminate()
+            try:
+                current.wait(1.0)  # reaped here, so no zombie outlives the prompt
+            except subprocess.TimeoutExpired:
+                current.kill()
+                current.wait(1.0)
 
     def synthesize(self, phrase: str, wav: Path, timeout_s: float = 30.0) -> Path:
         """Render `phrase` to a WAV file (blocking): what installers and tests use to check the voice works."""

@@ -92,6 +92,7 @@ class KioskApp(App):
         return root
 
     def on_start(self) -> None:
+        logger.info("kiosk window open (%dx%d)", Window.width, Window.height)
         if self._on_started is not None:
             self._on_started(self)
 

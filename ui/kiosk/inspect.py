@@ -75,8 +75,48 @@ def _on_screen(widget: Widget, window_size: tuple[float, float]) -> bool:
     return bool(x0 >= -slack and y0 >= -slack and x1 <= window_size[0] + slack and y1 <= window_size[1] + slack)
 
 
+OVERLAP_SLACK_PX = 2.0
+
+
+def _rect(widget: Widget) -> tuple[float, float, float, float]:
+    x0, y0 = widget.to_window(widget.x, widget.y)
+    x1, y1 = widget.to_window(widget.right, widget.top)
+    return (float(x0), float(y0), float(x1), float(y1))
+
+
+def _related(a: Widget, b: Widget) -> bool:
+    """Whether one contains the other (a button's own label, a panel's text): overlap there is by design."""
+    for inner, outer in ((a, b), (b, a)):
+        node = inner.parent
+        while isinstance(node, Widget):
+            if node is outer:
+                return True
+            node = node.parent
+    return False
+
+
+def _overlapping(widgets: list[Widget]) -> set[int]:
+    """Indexes of widgets whose box overlaps another's (neither containing the other) by more than the slack."""
+    rects = [_rect(w) for w in widgets]
+    found: set[int] = set()
+    for i, a in enumerate(rects):
+        for j in range(i + 1, len(rects)):
+            b = rects[j]
+            dx = min(a[2], b[2]) - max(a[0], b[0])
+            dy = min(a[3], b[3]) - max(a[1], b[1])
+            if dx > OVERLAP_SLACK_PX and dy > OVERLAP_SLACK_PX and not _related(widgets[i], widgets[j]):
+                found.update((i, j))
+    return found
+
+
 def widget_facts(root: Widget, window_background: Rgba, window_size: tuple[float, float]) -> Iterator[WidgetFacts]:
     """Facts for every widget under (and including) `root`."""
+    shown = [
+        w
+        for w in root.walk(restrict=True)
+        if _visible(w) and (isinstance(w, ButtonBehavior | TextInput) or str(getattr(w, "text", "")))
+    ]
+    overlapping = _overlapping(shown)
     unit = float(dp(1))
     for widget in root.walk(restrict=True):
         touchable = isinstance(widget, ButtonBehavior | TextInput)
@@ -109,4 +149,5 @@ def widget_facts(root: Widget, window_background: Rgba, window_size: tuple[float
             touchable=touchable,
             visible=_visible(widget),
             on_screen=_on_screen(widget, window_size),
+            overlaps=any(widget is shown[i] for i in overlapping),
         )
