@@ -234,7 +234,17 @@ def regenerate_screens(
         try:
             speaker = RecordingSpeaker()
             models = kiosk_models(kiosk.runtime, speaker=speaker, admin_hash=kiosk.admin_hash)
-            report = run_tour(models, kiosk, out_dir).as_json()
+            from terminal.pos_api import BuyerMethod, RuntimeBuyerVerifier
+            from ui.pos_link import KioskBuyerVerifier
+
+            runtime = kiosk.runtime
+            register = KioskBuyerVerifier(
+                RuntimeBuyerVerifier(runtime.devices, runtime.evoucher, runtime.face, show=models.pos.instruct),
+                models.pos,
+            )
+            report = run_tour(
+                models, kiosk, out_dir, pos=lambda: register.verify_buyer(BuyerMethod.EVOUCHER, threading.Event())
+            ).as_json()
             report["spoken"] = list(speaker.phrases)
             report["secrets_shown"] = sorted(
                 {s for shot in report["shots"] for text in shot["texts"] for s in kiosk.secrets if s in text}

@@ -227,3 +227,38 @@ def test_maintenance_needs_the_admin_credential_and_speaks_english() -> None:
     assert "qr_scanner: OK" in state.peripherals
     m.maintenance.sign_out()
     assert (screen(m), m.maintenance.state.signed_in) == (ScreenName.ATTRACT, False)
+
+
+def test_a_register_request_opens_the_pos_screen_then_clears_itself() -> None:
+    clock = FakeClock()
+    speaker = RecordingSpeaker()
+    m = models(clock, speaker=speaker)
+    m.kiosk.set_care_mode(True)
+    m.pos.started()
+    assert screen(m) is ScreenName.POS
+    assert m.pos.state.instruction == text("pos.waiting")
+    m.pos.instruct("请出示医保电子凭证", "Please show your medical-insurance code")
+    m.pos.instruct("请出示医保电子凭证", "Please show your medical-insurance code")
+    assert m.pos.state.instruction == "请出示医保电子凭证"
+    assert speaker.phrases == [text("voice.pos"), "请出示医保电子凭证"]
+    clock.advance(4)
+    m.tick()
+    assert m.pos.state.progress == text("common.elapsed", elapsed=4, eta=15)
+    m.pos.finished(True, "诸**", "1101**********5203", None)
+    assert (m.pos.state.done, m.pos.state.ok, m.pos.state.title) == (True, True, text("pos.ok"))
+    assert "1101**********5203" in m.pos.state.result_lines[1]
+    clock.advance(7)
+    m.tick()
+    assert screen(m) is ScreenName.POS
+    clock.advance(1)
+    m.tick()
+    assert screen(m) is ScreenName.ATTRACT
+    assert m.pos.state.result_lines == ()
+
+
+def test_a_refused_register_request_says_why_in_words() -> None:
+    m = models(FakeClock())
+    m.pos.started()
+    m.pos.finished(False, None, None, "offline")
+    assert m.pos.state.title == text("pos.fail")
+    assert m.pos.state.result_lines == (text("pos.refused", reason="offline"),)

@@ -20,5 +20,6 @@ SCREENS: Final[dict[ScreenName, tuple[str, str]]] = {
     ScreenName.QUERY_LIST: ("ui.kiosk.screens.query_list", "QueryListScreen"),
     ScreenName.MAINTENANCE_LOGIN: ("ui.kiosk.screens.maintenance_login", "MaintenanceLoginScreen"),
     ScreenName.MAINTENANCE: ("ui.kiosk.screens.maintenance", "MaintenanceScreen"),
+    ScreenName.POS: ("ui.kiosk.screens.pos", "PosScreen"),
     ScreenName.ERROR: ("ui.kiosk.screens.error", "ErrorScreen"),
 }

@@ -63,10 +63,8 @@ def run_kiosk_terminal(
     """Run the terminal with its kiosk window until the window closes or SIGINT/SIGTERM."""
     runtime = build_runtime(config, peripherals, security=security, evoucher_platform=evoucher_platform)
     try:
-        if config.pos_api.enabled:
-            from terminal.pos_api import attach_pos_api  # FastAPI/uvicorn load only when the POS API is on
-
-            attach_pos_api(runtime)
+        models = kiosk_models(runtime)
+        attach_kiosk_pos_api(runtime, models)
         runtime.start()
         runtime.record_audit(
             "system",
@@ -76,7 +74,7 @@ def run_kiosk_terminal(
             config_version=config.config_version,
             ui="kiosk",
         )
-        app = KioskApp(kiosk_models(runtime))
+        app = KioskApp(models)
         restore = _stop_app_on_signals(app)
         try:
             app.run()
@@ -84,6 +82,30 @@ def run_kiosk_terminal(
             restore()
     finally:
         runtime.stop()
+
+
+def attach_kiosk_pos_api(runtime: TerminalRuntime, models: KioskModels) -> None:
+    """`terminal.pos_api.attach_pos_api` with the kiosk in the loop: a register's verification request opens the POS
+    screen, which shows the verifier's instructions and the masked outcome. Nothing when `[pos_api]` is off."""
+    config = runtime.config.pos_api
+    if not config.enabled:
+        return
+    # FastAPI/uvicorn load only when the POS API is on
+    from terminal.pos_api import RuntimeBuyerVerifier, build_pos_server, runtime_evidence
+    from terminal.proxy import SqliteProxyRegistry
+    from ui.pos_link import KioskBuyerVerifier
+
+    verifier = RuntimeBuyerVerifier(runtime.devices, runtime.evoucher, runtime.face, show=models.pos.instruct)
+    runtime.pos_api = build_pos_server(
+        config,
+        device_id=runtime.config.device_id,
+        verifier=KioskBuyerVerifier(verifier, models.pos),
+        registry=runtime.proxy_registry or SqliteProxyRegistry(),
+        record=lambda event: runtime.record_audits([event]),
+        clock=runtime.clock,
+        evidence=runtime_evidence(runtime),
+        rules=runtime.catalogue,
+    )
 
 
 def _stop_app_on_signals(app: KioskApp) -> Callable[[], None]:

@@ -23,6 +23,7 @@ from kivy.clock import Clock
 from kivy.core.window import Window
 
 from ui.care import check_widgets
+from ui.i18n import text
 from ui.kiosk.app import KioskApp
 from ui.kiosk.inspect import widget_facts
 from ui.viewmodels.identity import Phase
@@ -89,7 +90,10 @@ class TourReport:
 
 
 class Tour:
-    def __init__(self, app: KioskApp, models: KioskModels, rig: TourRig, out_dir: Path) -> None:
+    def __init__(
+        self, app: KioskApp, models: KioskModels, rig: TourRig, out_dir: Path, pos: Callable[[], object] | None = None
+    ) -> None:
+        self.pos = pos
         self.app = app
         self.models = models
         self.rig = rig
@@ -239,6 +243,19 @@ class Tour:
         self._wait("page 2", lambda: m.queries.state.page == min(1, pages - 1))
         self._flow("query_paging", f"{m.queries.state.page + 1}/{pages}")
 
+        # A verification asked by the cash register (what the POS API's worker runs), the buyer shows a 医保码
+        if self.pos is not None:
+            self._main(m.kiosk.home)
+            self.rig.offer_qr(valid=True, delay_s=1.5)
+            threading.Thread(target=self.pos, name="tour-pos-request", daemon=True).start()
+            self._wait(
+                "the POS instruction", lambda: m.pos.state.active and m.pos.state.instruction != text("pos.waiting")
+            )
+            self.shot("pos", ScreenName.POS)
+            self._wait("the POS outcome", lambda: m.pos.state.done)
+            self._flow("pos", "ok" if m.pos.state.ok else "refused")
+            self.shot("pos_result", ScreenName.POS)
+
         # A crash inside the UI loop: the calm error screen, personal data cleared
         self._main(m.identity.open)
 
@@ -259,13 +276,14 @@ class Tour:
         self._flow(name, "ok" if state.state.ok else "refused")
 
 
-def run_tour(models: KioskModels, rig: TourRig, out_dir: Path) -> TourReport:
-    """Open the kiosk (windowed), run the tour, close; returns the report. Needs a display (Xvfb in CI)."""
+def run_tour(models: KioskModels, rig: TourRig, out_dir: Path, pos: Callable[[], object] | None = None) -> TourReport:
+    """Open the kiosk (windowed), run the tour, close; returns the report. Needs a display (Xvfb in CI). `pos`
+    runs one register-initiated verification (blocking), as the POS API's worker would."""
     report_box: list[TourReport] = []
 
     def started(app: KioskApp) -> None:
         def direct() -> None:
-            tour = Tour(app, models, rig, out_dir)
+            tour = Tour(app, models, rig, out_dir, pos)
             try:
                 report_box.append(tour.run())
             finally:

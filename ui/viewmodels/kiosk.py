@@ -40,6 +40,7 @@ class ScreenName(StrEnum):
     QUERY_LIST = "query_list"
     MAINTENANCE_LOGIN = "maintenance_login"
     MAINTENANCE = "maintenance"
+    POS = "pos"
     ERROR = "error"
 
 

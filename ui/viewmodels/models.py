@@ -14,6 +14,7 @@ from ui.viewmodels.identity import IdentityViewModel
 from ui.viewmodels.kiosk import KioskModel
 from ui.viewmodels.maintenance import MaintenanceViewModel
 from ui.viewmodels.ports import IdentityPort, MaintenancePort, QueryPort
+from ui.viewmodels.pos import PosViewModel
 from ui.viewmodels.queries import QueriesViewModel
 from ui.voice import Speaker
 
@@ -24,11 +25,13 @@ class KioskModels:
     identity: IdentityViewModel
     queries: QueriesViewModel
     maintenance: MaintenanceViewModel
+    pos: PosViewModel
 
     def tick(self) -> None:
         """Once a second from the UI clock: idle timeout, error recovery, progress lines."""
         self.kiosk.tick()
         self.identity.tick()
+        self.pos.tick()
 
 
 def build_models(
@@ -46,4 +49,5 @@ def build_models(
         identity=IdentityViewModel(kiosk, identity, runner),
         queries=QueriesViewModel(kiosk, queries, runner),
         maintenance=MaintenanceViewModel(kiosk, maintenance),
+        pos=PosViewModel(kiosk),
     )

@@ -1,0 +1,38 @@
+"""The kiosk in the loop of the local POS API (`terminal.pos_api`): a register's verification request shows on the
+kiosk's POS screen (`ui.viewmodels.pos`).
+
+Owns `KioskBuyerVerifier`, a `BuyerVerifier` around the runtime's. Kept apart from `ui.services` because importing
+`terminal.pos_api` loads FastAPI/uvicorn, which only terminals with `[pos_api] enabled` need. It must never import
+Kivy or pass an unmasked value to the screen.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+
+from terminal.pos_api import AgentCheck, BuyerCheck, BuyerMethod, BuyerVerifier
+from ui.viewmodels.pos import PosViewModel
+
+
+class KioskBuyerVerifier:
+    """`terminal.pos_api.BuyerVerifier` that shows a POS-initiated verification on the kiosk: the POS screen opens
+    when the register's request starts, follows the verifier's instructions (its `show` is `PosViewModel.instruct`)
+    and shows the masked outcome when it ends."""
+
+    def __init__(self, inner: BuyerVerifier, screen: PosViewModel) -> None:
+        self.inner = inner
+        self.screen = screen
+
+    def verify_buyer(self, method: BuyerMethod, cancel: threading.Event, *, with_face: bool = True) -> BuyerCheck:
+        self.screen.started()
+        check = BuyerCheck(None, method.value, "internal_error")
+        try:
+            check = self.inner.verify_buyer(method, cancel, with_face=with_face)
+        finally:
+            masked = check.identity.masked() if check.identity is not None else {}
+            self.screen.finished(check.verified, masked.get("psn_name"), masked.get("certno"), check.reason)
+        return check
+
+    def verify_agent_face(self, candidate_refs: Sequence[str], cancel: threading.Event) -> AgentCheck:
+        return self.inner.verify_agent_face(candidate_refs, cancel)
