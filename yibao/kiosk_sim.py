@@ -241,9 +241,20 @@ def regenerate_screens(
             register = KioskBuyerVerifier(
                 RuntimeBuyerVerifier(runtime.devices, runtime.evoucher, runtime.face, show=models.pos.instruct),
                 models.pos,
+                face=runtime.face,
             )
+
+            def proxy_purchase() -> None:
+                # What the POS service's worker does for a proxy request: the beneficiary's code, then the agent
+                if register.verify_buyer(BuyerMethod.EVOUCHER, threading.Event(), with_face=False).verified:
+                    register.verify_agent_face([CITIZEN_REF], threading.Event())
+
             report = run_tour(
-                models, kiosk, out_dir, pos=lambda: register.verify_buyer(BuyerMethod.EVOUCHER, threading.Event())
+                models,
+                kiosk,
+                out_dir,
+                pos=lambda: register.verify_buyer(BuyerMethod.EVOUCHER, threading.Event()),
+                proxy=proxy_purchase,
             ).as_json()
             report["spoken"] = list(speaker.phrases)
             report["secrets_shown"] = sorted(

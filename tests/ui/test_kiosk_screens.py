@@ -20,6 +20,7 @@ EXPECTED_FLOWS = {
     "ss_card": "ok",
     "face": "ok",
     "pos": "ok",
+    "proxy": "ok",
     "error": "recovered",
 }
 

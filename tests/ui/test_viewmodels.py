@@ -262,3 +262,16 @@ def test_a_refused_register_request_says_why_in_words() -> None:
     m.pos.finished(False, None, None, "offline")
     assert m.pos.state.title == text("pos.fail")
     assert m.pos.state.result_lines == (text("pos.refused", reason="offline"),)
+
+
+def test_a_register_request_that_never_reports_back_still_leaves_the_screen() -> None:
+    clock = FakeClock()
+    m = models(clock)
+    m.pos.started(proxy=True)
+    assert m.pos.state.step == text("proxy.step_beneficiary")
+    clock.advance(119)
+    m.tick()
+    assert screen(m) is ScreenName.POS
+    clock.advance(1)
+    m.tick()
+    assert screen(m) is ScreenName.ATTRACT

@@ -99,7 +99,7 @@ def attach_kiosk_pos_api(runtime: TerminalRuntime, models: KioskModels) -> None:
     runtime.pos_api = build_pos_server(
         config,
         device_id=runtime.config.device_id,
-        verifier=KioskBuyerVerifier(verifier, models.pos),
+        verifier=KioskBuyerVerifier(verifier, models.pos, face=runtime.face),
         registry=runtime.proxy_registry or SqliteProxyRegistry(),
         record=lambda event: runtime.record_audits([event]),
         clock=runtime.clock,

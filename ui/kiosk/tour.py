@@ -91,9 +91,16 @@ class TourReport:
 
 class Tour:
     def __init__(
-        self, app: KioskApp, models: KioskModels, rig: TourRig, out_dir: Path, pos: Callable[[], object] | None = None
+        self,
+        app: KioskApp,
+        models: KioskModels,
+        rig: TourRig,
+        out_dir: Path,
+        pos: Callable[[], object] | None = None,
+        proxy: Callable[[], object] | None = None,
     ) -> None:
         self.pos = pos
+        self.proxy = proxy
         self.app = app
         self.models = models
         self.rig = rig
@@ -256,6 +263,20 @@ class Tour:
             self._flow("pos", "ok" if m.pos.state.ok else "refused")
             self.shot("pos_result", ScreenName.POS)
 
+        # A proxy purchase (代购) asked by the register: the beneficiary's code, then the agent's live face
+        if self.proxy is not None:
+            self._main(m.kiosk.home)
+            self.rig.offer_qr(valid=True, delay_s=1.0)
+            self.rig.hold_face_at_challenge()
+            threading.Thread(target=self.proxy, name="tour-proxy-request", daemon=True).start()
+            try:
+                self._wait("the proxy purchase's agent step", lambda: "头" in m.pos.state.instruction, timeout_s=90)
+                self.shot("proxy_agent", ScreenName.POS)
+            finally:
+                self.rig.release_face()
+            self._wait("the proxy purchase's outcome", lambda: m.pos.state.done, timeout_s=90)
+            self._flow("proxy", "ok" if m.pos.state.ok else "refused")
+
         # A crash inside the UI loop: the calm error screen, personal data cleared
         self._main(m.identity.open)
 
@@ -276,14 +297,20 @@ class Tour:
         self._flow(name, "ok" if state.state.ok else "refused")
 
 
-def run_tour(models: KioskModels, rig: TourRig, out_dir: Path, pos: Callable[[], object] | None = None) -> TourReport:
+def run_tour(
+    models: KioskModels,
+    rig: TourRig,
+    out_dir: Path,
+    pos: Callable[[], object] | None = None,
+    proxy: Callable[[], object] | None = None,
+) -> TourReport:
     """Open the kiosk (windowed), run the tour, close; returns the report. Needs a display (Xvfb in CI). `pos`
-    runs one register-initiated verification (blocking), as the POS API's worker would."""
+    runs one register-initiated verification (blocking), as the POS API's worker would; `proxy` one proxy purchase."""
     report_box: list[TourReport] = []
 
     def started(app: KioskApp) -> None:
         def direct() -> None:
-            tour = Tour(app, models, rig, out_dir, pos)
+            tour = Tour(app, models, rig, out_dir, pos, proxy)
             try:
                 report_box.append(tour.run())
             finally:

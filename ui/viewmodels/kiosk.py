@@ -46,7 +46,8 @@ class ScreenName(StrEnum):
 
 ENGLISH_SCREENS: Final = frozenset({ScreenName.MAINTENANCE_LOGIN, ScreenName.MAINTENANCE})
 """Screens for maintainers, shown in English (issue 6 point 4)."""
-NO_IDLE_SCREENS: Final = frozenset({ScreenName.ATTRACT, ScreenName.ERROR})
+NO_IDLE_SCREENS: Final = frozenset({ScreenName.ATTRACT, ScreenName.ERROR, ScreenName.POS})
+"""Screens that leave by themselves: the error screen recovers, the POS screen follows the register's request."""
 
 
 class HoldsPersonalData(Protocol):

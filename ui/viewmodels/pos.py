@@ -18,11 +18,17 @@ from ui.viewmodels.kiosk import KioskModel, ScreenName
 
 RESULT_HOLD_S: Final = 8.0
 EXPECTED_S: Final = 15
+MAX_ACTIVE_S: Final = 120.0
+"""Longer than any verifier waits (60 s): a request that never reports back (the register registers a proxy agent
+by hand, no face step follows) still leaves the screen."""
 
 
 @dataclass(frozen=True)
 class PosState:
     active: bool = False
+    proxy: bool = False
+    step: str = ""
+    """Proxy purchase (代购): which of the two people is being checked now."""
     done: bool = False
     ok: bool | None = None
     title: str = text("pos.title")
@@ -41,11 +47,27 @@ class PosViewModel(Observable[PosState]):
 
     # ------------------------------------------------------------------ from the POS worker
 
-    def started(self) -> None:
+    def started(self, *, proxy: bool = False) -> None:
+        """A register's request began; `proxy`: a proxy purchase (the beneficiary's credential, then the agent)."""
         self._started = self.kiosk.clock.monotonic()
-        self._set(PosState(active=True, instruction=text("pos.waiting"), progress=self._progress()))
+        self._set(
+            PosState(
+                active=True,
+                proxy=proxy,
+                title=text("proxy.title" if proxy else "pos.title"),
+                step=text("proxy.step_beneficiary") if proxy else "",
+                instruction=text("pos.waiting"),
+                progress=self._progress(),
+            )
+        )
         self.kiosk.go(ScreenName.POS)
-        self.kiosk.speak("voice.pos")
+        self.kiosk.speak("voice.proxy" if proxy else "voice.pos")
+
+    def agent_step(self, beneficiary_name: str | None) -> None:
+        """Proxy purchase: the beneficiary is verified; now the agent's face (K-05)."""
+        step = text("proxy.step_agent", name=beneficiary_name or "***")
+        self._set(replace(self.state, step=step, instruction=text("pos.waiting")))
+        self.kiosk.speak("voice.proxy_agent")
 
     def instruct(self, zh: str, en: str) -> None:
         """The verifier's instruction (`terminal.pos_api.Show`): shown large and, in care mode, spoken."""
@@ -72,6 +94,7 @@ class PosViewModel(Observable[PosState]):
                 done=True,
                 ok=ok,
                 title=text("pos.ok" if ok else "pos.fail"),
+                step="",
                 instruction="",
                 progress="",
                 result_lines=lines,
@@ -87,6 +110,8 @@ class PosViewModel(Observable[PosState]):
             progress = self._progress()
             if progress != state.progress:
                 self._set(replace(state, progress=progress))
+            if self.kiosk.clock.monotonic() - self._started >= MAX_ACTIVE_S:
+                self.kiosk.home()
         elif state.done and self.kiosk.clock.monotonic() - self._finished >= RESULT_HOLD_S:
             self.kiosk.home()  # the outcome went to the register; nothing personal stays on screen
 
