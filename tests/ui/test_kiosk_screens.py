@@ -100,3 +100,10 @@ def test_voice_prompts_are_spoken_for_key_steps_in_care_mode(tour: TourRun) -> N
     ):
         assert text(key) in spoken, key
     assert any(p.startswith("请慢慢") for p in spoken)  # the face pipeline's challenge, read out
+
+
+def test_docs_screens_hold_a_screenshot_of_every_shot_in_both_modes(tour: TourRun) -> None:
+    # A new screen or shot without `yibao kiosk screens` run again fails here (docs/screens must stay current)
+    docs = Path(__file__).resolve().parents[2] / "docs" / "screens"
+    shots = {Path(s["png"]).name for s in tour.shots()}
+    assert shots == {p.name for p in docs.glob("*.png")}
