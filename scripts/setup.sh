@@ -13,7 +13,10 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 # ---------------------------------------------------------------- Debian packages
 # fonts-noto-cjk: Chinese text on the kiosk and in browser screenshots.
 # libzbar0: the fallback QR decoder (pyzbar).
-apt_pkgs=(python3 python3-venv mosquitto ca-certificates fonts-noto-cjk libzbar0)
+# The Kivy kiosk: libgl1/libegl1 (+ libgl1-mesa-dri for software GL under Xvfb) and libmtdev1 for the SDL2 window of
+# Kivy's wheel; espeak-ng for the care mode's Mandarin voice prompts; xvfb for `yibao kiosk screens` without a screen.
+apt_pkgs=(python3 python3-venv mosquitto ca-certificates fonts-noto-cjk libzbar0
+  libgl1 libegl1 libgl1-mesa-dri libmtdev1 espeak-ng xvfb xauth)
 if [ "$dev" = 1 ]; then
   # PostgreSQL for the server test matrix; Chromium to check the web pages in a real browser.
   apt_pkgs+=(postgresql chromium)

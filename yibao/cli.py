@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -57,6 +58,8 @@ models_app = typer.Typer(help="The kiosk's ML models: build them from installed 
 app.add_typer(models_app, name="models")
 calibrate_app = typer.Typer(help="Calibrate the face pipeline on a folder of face photos.", no_args_is_help=True)
 app.add_typer(calibrate_app, name="calibrate")
+kiosk_app = typer.Typer(help="The kiosk UI (Kivy): screenshots of every screen.", no_args_is_help=True)
+app.add_typer(kiosk_app, name="kiosk")
 
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
@@ -192,9 +195,16 @@ def terminal_run(
         ),
     ] = False,
     emit: Annotated[int, typer.Option(min=0, help="Enqueue this many demo records at start (for tests).")] = 0,
+    ui: Annotated[
+        str,
+        typer.Option(
+            help="kiosk: open the kiosk window (full screen); headless: the core only; auto: the kiosk when a "
+            "display exists (DISPLAY or WAYLAND_DISPLAY), else headless.",
+        ),
+    ] = "auto",
 ) -> None:
-    """Run the terminal core: outbox, MQTT sync, heartbeats, the peripherals [devices] selects and the e-voucher
-    platform [evoucher] selects, until SIGINT/SIGTERM.
+    """Run the terminal: outbox, MQTT sync, heartbeats, the peripherals [devices] selects and the e-voucher
+    platform [evoucher] selects, and the kiosk window (--ui), until SIGINT/SIGTERM or the window closes.
 
     With an [identity] section the signed bundle is verified first; the terminal refuses to start (exit 5) if it
     fails, and then seals every uplink frame under a session key agreed with the server. A device the config selects
@@ -207,9 +217,22 @@ def terminal_run(
     cfg, security = _load_terminal(config)
     if simulated:
         cfg = cfg.model_copy(update={"face": None})  # no camera to verify faces with
+    if ui not in ("auto", "kiosk", "headless"):
+        raise typer.BadParameter("--ui must be auto, kiosk or headless")
+    with_kiosk = ui == "kiosk" or (
+        ui == "auto" and not emit and bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    )
     devices, platform = _open_terminal_devices(cfg, DevicesConfig() if simulated else cfg.devices, security)
     try:
-        run_terminal(cfg, devices, emit_records=emit, security=security, evoucher_platform=platform)
+        if with_kiosk:
+            from ui.kiosk import env
+
+            env.prepare(fullscreen=True)
+            from ui.kiosk.run import run_kiosk_terminal
+
+            run_kiosk_terminal(cfg, devices, security=security, evoucher_platform=platform)
+        else:
+            run_terminal(cfg, devices, emit_records=emit, security=security, evoucher_platform=platform)
     except DeviceStartupError as exc:  # [face] without what it needs (camera, enrolment, models)
         if security is not None:
             security.stop()
@@ -994,6 +1017,39 @@ def calibrate_chip_template(
     from yibao.calibrate import run_chip_template
 
     print(run_chip_template(faces_dir))
+
+
+@kiosk_app.command("screens")
+def kiosk_screens(
+    out: Annotated[Path, typer.Option(help="Where the PNGs go (one per screen and mode).")] = Path("docs/screens"),
+    faces: Annotated[
+        Path, typer.Option(help="Face photos, one folder per person (the face screens need obama/).")
+    ] = Path("tests/fixtures/faces"),
+    report: Annotated[Path | None, typer.Option(help="Also write the tour's JSON report here.")] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Keep the simulated kiosk's files here.")] = None,
+) -> None:
+    """Regenerate the kiosk screenshots: every flow driven on simulated hardware (real drivers, real face
+    pipeline), each screen saved in normal and care mode and checked against the care-mode rules. Starts its own
+    Xvfb when there is no display. Exits 1 if a flow failed or a care-mode screen breaks a rule."""
+    import tempfile
+
+    from yibao.kiosk_sim import regenerate_screens
+
+    with tempfile.TemporaryDirectory(prefix="yibao-kiosk-") as tmp:
+        result = regenerate_screens(out, faces_dir=faces, workdir=workdir or Path(tmp))
+    if report is not None:
+        report.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
+    shots: list[dict[str, Any]] = result["shots"]  # type: ignore[assignment]
+    care_broken = [f"{s['name']}: {v}" for s in shots if s["mode"] == "care" for v in s["violations"]]
+    for line in care_broken:
+        typer.secho(f"care-mode rule broken: {line}", err=True, fg=typer.colors.RED)
+    print(
+        json.dumps(
+            {"screens": len(shots), "flows": result["flows"], "error": result["error"], "seconds": result["seconds"]},
+            ensure_ascii=False,
+        )
+    )
+    raise typer.Exit(1 if result["error"] or care_broken else 0)
 
 
 def main() -> None:

@@ -1,0 +1,25 @@
+"""Where each screen lives: its module and class, imported (with the .kv beside it) the first time it is shown.
+
+To add a screen: add a `ScreenName` member (`ui.viewmodels.kiosk`), a module `ui/kiosk/screens/<name>.py` with a
+`KioskScreen` subclass and `<name>.kv` beside it, and one line here. docs/kiosk.md walks through it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ui.viewmodels.kiosk import ScreenName
+
+SCREENS: Final[dict[ScreenName, tuple[str, str]]] = {
+    ScreenName.ATTRACT: ("ui.kiosk.screens.attract", "AttractScreen"),
+    ScreenName.IDENTITY: ("ui.kiosk.screens.identity", "IdentityScreen"),
+    ScreenName.SCAN: ("ui.kiosk.screens.scan", "ScanScreen"),
+    ScreenName.FACE: ("ui.kiosk.screens.face", "FaceScreen"),
+    ScreenName.RESULT: ("ui.kiosk.screens.result", "ResultScreen"),
+    ScreenName.QUERIES: ("ui.kiosk.screens.queries", "QueriesScreen"),
+    ScreenName.QUERY_LIST: ("ui.kiosk.screens.query_list", "QueryListScreen"),
+    ScreenName.MAINTENANCE_LOGIN: ("ui.kiosk.screens.maintenance_login", "MaintenanceLoginScreen"),
+    ScreenName.MAINTENANCE: ("ui.kiosk.screens.maintenance", "MaintenanceScreen"),
+    ScreenName.POS: ("ui.kiosk.screens.pos", "PosScreen"),
+    ScreenName.ERROR: ("ui.kiosk.screens.error", "ErrorScreen"),
+}
