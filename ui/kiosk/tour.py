@@ -239,6 +239,9 @@ class Tour:
         self._wait("page 2", lambda: m.queries.state.page == min(1, pages - 1))
         self._flow("query_paging", f"{m.queries.state.page + 1}/{pages}")
 
+        # staff screens (pharmacist, review, binding); imported here because tour_staff builds on this module
+        __import__("ui.kiosk.tour_staff").kiosk.tour_staff.visit_staff(self)
+
         # A crash inside the UI loop: the calm error screen, personal data cleared
         self._main(m.identity.open)
 

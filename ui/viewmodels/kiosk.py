@@ -41,6 +41,14 @@ class ScreenName(StrEnum):
     MAINTENANCE_LOGIN = "maintenance_login"
     MAINTENANCE = "maintenance"
     ERROR = "error"
+    # staff screens (pharmacist, review, binding)
+    STAFF = "staff"
+    STAFF_WAIT = "staff_wait"
+    STAFF_RESULT = "staff_result"
+    ATTENDANCE = "attendance"
+    RX_LIST = "rx_list"
+    RX_REVIEW = "rx_review"
+    BINDING = "binding"
 
 
 ENGLISH_SCREENS: Final = frozenset({ScreenName.MAINTENANCE_LOGIN, ScreenName.MAINTENANCE})

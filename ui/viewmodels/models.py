@@ -15,6 +15,9 @@ from ui.viewmodels.kiosk import KioskModel
 from ui.viewmodels.maintenance import MaintenanceViewModel
 from ui.viewmodels.ports import IdentityPort, MaintenancePort, QueryPort
 from ui.viewmodels.queries import QueriesViewModel
+
+# staff screens (pharmacist, review, binding)
+from ui.viewmodels.staff import StaffModels
 from ui.voice import Speaker
 
 
@@ -24,11 +27,16 @@ class KioskModels:
     identity: IdentityViewModel
     queries: QueriesViewModel
     maintenance: MaintenanceViewModel
+    # staff screens (pharmacist, review, binding)
+    staff: StaffModels | None = None
 
     def tick(self) -> None:
         """Once a second from the UI clock: idle timeout, error recovery, progress lines."""
         self.kiosk.tick()
         self.identity.tick()
+        # staff screens (pharmacist, review, binding)
+        if self.staff is not None:
+            self.staff.tick()
 
 
 def build_models(
