@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from kivy.metrics import dp
+from kivy.uix.widget import Widget
 
 from ui.i18n import text
 from ui.kiosk.screens.base import KioskScreen
@@ -36,3 +37,4 @@ class AttendanceScreen(KioskScreen):
             panel.add_widget(HintLabel(text=text(row.note), halign="left"))
             panel.bind(minimum_height=panel.setter("height"))
             rows.add_widget(panel)
+        rows.add_widget(Widget())  # takes the space left, so the rows start at the top

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from kivy.metrics import dp
 from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.widget import Widget
 
 from ui.i18n import text
 from ui.kiosk.screens.base import KioskScreen
@@ -46,8 +47,9 @@ class RxListScreen(KioskScreen):
             words.bind(minimum_height=words.setter("height"))
             panel.add_widget(words)
             if state.tab is RxTab.PENDING:
-                button = KioskButton(text=text("staff.rx.open"), size_hint_x=0.25)
+                button = KioskButton(text=text("staff.rx.open"), size_hint_x=0.25, pos_hint={"center_y": 0.5})
                 button.bind(on_release=lambda _b, pid=rx.prescription_id: staff.review.open_rx(pid))
                 panel.add_widget(button)
             panel.bind(minimum_height=panel.setter("height"))
             rows.add_widget(panel)
+        rows.add_widget(Widget())  # takes the space left, so the rows start at the top

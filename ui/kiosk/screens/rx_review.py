@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from kivy.metrics import dp
 from kivy.uix.boxlayout import BoxLayout
+from kivy.uix.widget import Widget
 
 from ui.i18n import text
 from ui.kiosk.screens.base import KioskScreen
@@ -42,6 +43,7 @@ class RxReviewScreen(KioskScreen):
             self._findings(body, state, review)
         else:
             self._decide(body, state, review)
+        body.add_widget(Widget())  # takes the space left, so the content starts at the top
 
     def _panel(self) -> Panel:
         theme = self._app.theme
@@ -70,7 +72,7 @@ class RxReviewScreen(KioskScreen):
             panel.add_widget(KioskLabel(text=view.label, bold=True))
             row = BoxLayout(orientation="horizontal", size_hint_y=None, spacing=self._app.theme.spacing)
             status = "danger" if view.finding.blocks or not view.acknowledged else "ok"
-            mark = "✔ " if view.acknowledged else "! "
+            mark = "√ " if view.acknowledged else "! "
             row.add_widget(StatusLabel(text=mark + view.status, status=status))
             if not view.finding.blocks and not view.acknowledged:
                 ack = KioskButton(text=text("staff.rx.acknowledge"), size_hint_x=0.35)
@@ -85,7 +87,7 @@ class RxReviewScreen(KioskScreen):
         verdicts = BoxLayout(orientation="horizontal", size_hint_y=None, spacing=spacing)
         for verdict in VERDICTS:
             chosen = state.verdict is verdict
-            label = ("✔ " if chosen else "") + text(f"staff.verdict.{verdict.value}")
+            label = ("√ " if chosen else "") + text(f"staff.verdict.{verdict.value}")
             button = KioskButton(
                 text=label,
                 secondary=not chosen,
@@ -101,7 +103,7 @@ class RxReviewScreen(KioskScreen):
         reasons = BoxLayout(orientation="horizontal", size_hint_y=None, spacing=spacing)
         for key in state.reason_choices:
             chosen = state.reason == key
-            button = KioskButton(text=("✔ " if chosen else "") + text(key), secondary=not chosen)
+            button = KioskButton(text=("√ " if chosen else "") + text(key), secondary=not chosen)
             button.bind(on_release=lambda _b, k=key: review.choose_reason(k))
             reasons.add_widget(button)
         reasons.bind(minimum_height=reasons.setter("height"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ui.kiosk.screens.base import KioskScreen
-from ui.kiosk.widgets import KioskButton
+from ui.kiosk.widgets import KioskButton, SecondaryButton
 from ui.viewmodels.staff_task import StaffTaskState
 
 if TYPE_CHECKING:
@@ -23,6 +23,6 @@ class StaffResultScreen(KioskScreen):
         row = self.ids.actions
         row.clear_widgets()
         for action in state.actions:
-            button = KioskButton(text=action.label, secondary=not action.primary)
+            button = KioskButton(text=action.label) if action.primary else SecondaryButton(text=action.label)
             button.bind(on_release=lambda _b, run=action.run: run())
             row.add_widget(button)
