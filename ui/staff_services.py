@@ -60,6 +60,7 @@ from ui.viewmodels.staff_ports import (
     RxOpened,
     RxSummary,
     StepSink,
+    Unlocked,
     Verdict,
 )
 
@@ -258,6 +259,22 @@ class RuntimeReview:
 
     def available(self) -> bool:
         return self.runtime.review is not None and self.runtime.prescriptions is not None
+
+    def unlock(self, guidance: GuidanceSink) -> Unlocked:
+        desk = self.runtime.pharmacists
+        if desk is None or self.runtime.review is None:
+            return Unlocked(False, "staff.reason.unavailable")
+        try:
+            current = OnDuty(desk).current()
+        except TerminalError as exc:
+            logger.warning("who is on duty cannot be read: %s", type(exc).__name__)
+            return Unlocked(False, "staff.reason.unavailable")
+        if current is None:
+            return Unlocked(False, "staff.reason.no_pharmacist")
+        code, template = current
+        with self._lock, prompting(desk.verifier, guidance):
+            decision = desk.verifier.verify_template(template, subject_ref=code)
+        return Unlocked(True) if decision.accepted else Unlocked(False, face_reason(decision))
 
     def _summary(self, item: InboxItem) -> RxSummary:
         rx = item.prescription

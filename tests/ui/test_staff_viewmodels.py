@@ -32,6 +32,7 @@ from ui.viewmodels.staff_ports import (
     RxOpened,
     RxSummary,
     StepSink,
+    Unlocked,
     Verdict,
 )
 from ui.voice import RecordingSpeaker
@@ -90,12 +91,18 @@ class FakeReview:
     decided: RxDecided = field(default_factory=lambda: RxDecided(True))
     calls: list[tuple[Verdict, tuple[str, ...], frozenset[str]]] = field(default_factory=list)
     closed: int = 0
+    unlocked: Unlocked = field(default_factory=lambda: Unlocked(True))
+    unlocks: int = 0
 
     def available(self) -> bool:
         return True
 
     def pending(self) -> Sequence[RxSummary]:
         return [rx(i) for i in range(1, 8)]
+
+    def unlock(self, guidance: GuidanceSink) -> Unlocked:
+        self.unlocks += 1
+        return self.unlocked
 
     def reviewed(self) -> Sequence[RxSummary]:
         return [rx(99, Verdict.APPROVED)]
@@ -357,6 +364,23 @@ def test_a_face_that_does_not_confirm_the_review_records_nothing_and_keeps_the_r
     assert screen(rig) is ScreenName.RX_REVIEW
     assert review.state.summary is not None
     assert review.state.verdict is Verdict.APPROVED
+
+
+def test_the_prescriptions_are_listed_only_after_the_pharmacist_on_duty_shows_their_face(rig: Rig) -> None:
+    rig.review.unlocked = Unlocked(False, "staff.reason.no_pharmacist")
+    rig.staff.review.open_list(RxTab.PENDING)
+    assert screen(rig) is ScreenName.STAFF_RESULT
+    assert rig.staff.task.state.lines == (text("staff.reason.no_pharmacist"),)
+    assert rig.staff.review.state.rows == ()
+    rig.review.unlocked = Unlocked(True)
+    rig.staff.task.state.actions[0].run()  # try again
+    assert screen(rig) is ScreenName.RX_LIST
+    assert len(current(rig.staff.review).rows) == 3
+    rig.staff.review.open_list(RxTab.REVIEWED)  # once per visit: no second face check
+    assert rig.review.unlocks == 2
+    rig.kiosk.home()
+    rig.staff.review.open_list(RxTab.PENDING)
+    assert rig.review.unlocks == 3
 
 
 def test_a_review_that_cannot_open_says_why_on_the_list(rig: Rig) -> None:

@@ -120,7 +120,8 @@ class _Staff:
         tour.shot("staff_menu_on_duty", ScreenName.STAFF)
 
         # Review: the list, the warning acknowledged in words, approval confirmed by face
-        tour._main(partial(m.review.open_list, RxTab.PENDING))
+        self.face_task(partial(m.review.open_list, RxTab.PENDING))  # the pharmacist on duty shows their face first
+        self.tour._wait("the list", lambda: tour.models.kiosk.state.screen is ScreenName.RX_LIST, FACE_WAIT_S)
         tour._wait("pending prescriptions", lambda: not m.review.state.loading and bool(m.review.state.rows))
         tour.shot("staff_rx_list", ScreenName.RX_LIST)
         first = m.review.state.rows[0].prescription_id

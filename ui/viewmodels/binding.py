@@ -71,7 +71,10 @@ class BindingViewModel(Observable[BindingState]):
     def open(self) -> None:
         self._query += 1
         query = self._query
-        self._set(BindingState(loading=True, message=text("staff.loading")))
+        # The code typed stays (a head coming back after a rejection need not type it again)
+        self._set(
+            BindingState(loading=True, message=text("staff.loading"), institution_code=self.state.institution_code)
+        )
         self.kiosk.go(ScreenName.BINDING)
         self.runner(lambda: self._loaded(query, self.port.status(), self.port.methods()))
 

@@ -19,11 +19,20 @@ from typing import Final
 from ui.i18n import text
 from ui.viewmodels.base import Observable, Runner
 from ui.viewmodels.kiosk import KioskModel, ScreenName
-from ui.viewmodels.staff_ports import ReviewPort, RxDecided, RxFinding, RxLine, RxOpened, RxSummary, Verdict
+from ui.viewmodels.staff_ports import (
+    ReviewPort,
+    RxDecided,
+    RxFinding,
+    RxLine,
+    RxOpened,
+    RxSummary,
+    Unlocked,
+    Verdict,
+)
 from ui.viewmodels.staff_task import Action, StaffTask
 
 LIST_PER_PAGE: Final = 3
-LIST_PER_PAGE_CARE: Final = 1
+LIST_PER_PAGE_CARE: Final = 2
 LINES_PER_PAGE: Final = 3
 LINES_PER_PAGE_CARE: Final = 2
 FINDINGS_PER_PAGE: Final = 2
@@ -106,12 +115,25 @@ class ReviewViewModel(Observable[ReviewState]):
         self._acknowledged: set[str] = set()
         self._detail_page = 0
         self._query = 0
+        self._unlocked = False
         kiosk.holds_personal_data(self)
 
     # ------------------------------------------------------------------ the list
 
     def open_list(self, tab: RxTab | str = RxTab.PENDING) -> None:
+        """The list, once the pharmacist on duty has shown their face (the prescriptions are health data, masked or
+        not: a passer-by at an unattended kiosk must not browse them). Valid until home or the idle timeout."""
         tab = RxTab(tab)
+        if not self._unlocked:
+            self.task.run(
+                text("staff.rx.unlock.title"),
+                text("staff.face.hint"),
+                FACE_ETA_S,
+                lambda guide, _step: self.port.unlock(guide),
+                lambda unlocked: self._after_unlock(unlocked, tab),
+            )
+            self.kiosk.speak("voice.face")
+            return
         self._forget_review()
         self._query += 1
         query = self._query
@@ -207,6 +229,7 @@ class ReviewViewModel(Observable[ReviewState]):
     def clear_personal(self) -> None:
         self._query += 1
         self._all = ()
+        self._unlocked = False
         self._forget_review()
         self._set(ReviewState())
 
@@ -334,6 +357,16 @@ class ReviewViewModel(Observable[ReviewState]):
         else:
             status = text("staff.rx.finding.open")
         return FindingView(finding, acknowledged, label, status)
+
+    def _after_unlock(self, unlocked: Unlocked, tab: RxTab) -> None:
+        if unlocked.ok:
+            self._unlocked = True
+            self.open_list(tab)
+            return
+        retry = Action(text("common.retry"), lambda: self.open_list(tab))
+        back = Action(text("staff.menu.back"), lambda: self.kiosk.go(ScreenName.STAFF), primary=False)
+        reason = text(unlocked.reason or "staff.reason.unavailable")
+        self.task.finish(False, text("staff.rx.unlock.fail"), (reason,), (retry, back))
 
     def _decided(self, verdict: Verdict, decided: RxDecided) -> None:
         to_list = Action(text("staff.rx.back_to_list"), lambda: self.open_list(RxTab.PENDING))

@@ -139,8 +139,19 @@ class RxDecided:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class Unlocked:
+    """The pharmacist on duty showed their face: the prescriptions may be shown. `reason` when not."""
+
+    ok: bool
+    reason: str = ""
+
+
 class ReviewPort(Protocol):
     def available(self) -> bool: ...
+
+    def unlock(self, guidance: GuidanceSink) -> Unlocked:
+        """1:1 face check of the pharmacist on duty before the prescriptions are listed."""
 
     def pending(self) -> Sequence[RxSummary]: ...
 
