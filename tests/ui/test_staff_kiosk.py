@@ -23,6 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 FACES = REPO / "tests" / "fixtures" / "faces"
 STAFF_SCREENS = {"staff", "staff_wait", "staff_result", "attendance", "rx_list", "rx_review", "binding"}
 FLOWS = {
+    "sign_in_unbound": "refused",
+    "rx_nobody_on_duty": "refused",
     "binding_apply_id_card": "ok",
     "binding_apply_qr": "ok",
     "binding": "bound",
@@ -99,3 +101,4 @@ def test_the_screens_say_things_in_words_and_show_only_masked_data(report: dict[
         assert "审核结果：通过" in texts[("staff_rx_done", mode)]
         assert "审核结果：" in texts[("staff_rx_reviewed", mode)]
         assert "无需签退" in texts[("staff_sign_out_refused", mode)]
+        assert "尚未绑定药店" in texts[("staff_sign_in_unbound", mode)]

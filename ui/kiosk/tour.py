@@ -25,6 +25,9 @@ from kivy.core.window import Window
 from ui.care import check_widgets
 from ui.kiosk.app import KioskApp
 from ui.kiosk.inspect import widget_facts
+
+# staff screens (pharmacist, review, binding)
+from ui.kiosk.tour_staff import visit_staff
 from ui.viewmodels.identity import Phase
 from ui.viewmodels.kiosk import ScreenName
 from ui.viewmodels.models import KioskModels
@@ -239,8 +242,8 @@ class Tour:
         self._wait("page 2", lambda: m.queries.state.page == min(1, pages - 1))
         self._flow("query_paging", f"{m.queries.state.page + 1}/{pages}")
 
-        # staff screens (pharmacist, review, binding); imported here because tour_staff builds on this module
-        __import__("ui.kiosk.tour_staff").kiosk.tour_staff.visit_staff(self)
+        # staff screens (pharmacist, review, binding)
+        visit_staff(self)
 
         # A crash inside the UI loop: the calm error screen, personal data cleared
         self._main(m.identity.open)

@@ -15,15 +15,16 @@ import threading
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from ui.kiosk.app import KioskApp
-from ui.kiosk.tour import Tour, TourReport, TourRig
 from ui.viewmodels.kiosk import ScreenName
 from ui.viewmodels.models import KioskModels
 from ui.viewmodels.review import ReviewStep, RxTab
 from ui.viewmodels.staff import StaffModels
 from ui.viewmodels.staff_ports import HeadMethod, Verdict
+
+if TYPE_CHECKING:  # `ui.kiosk.tour` calls `visit_staff`, so this module imports it only where it runs a tour
+    from ui.kiosk.tour import Tour, TourReport, TourRig
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,11 @@ class _Staff:
         tour._wait("staff menu", lambda: not m.menu.state.loading)
         tour.shot("staff_menu", ScreenName.STAFF)
 
+        # Not bound yet: sign-in is refused in words before the camera
+        tour._main(m.pharmacist.sign_in)
+        self.result("sign_in_unbound")
+        tour.shot("staff_sign_in_unbound", ScreenName.STAFF_RESULT)
+
         # Binding: unbound with whom to contact; the head applies with face + ID card (face held for the shot)
         self.binding("staff_binding_unbound")
         tour.rig.remove_cards()
@@ -104,6 +110,10 @@ class _Staff:
         rig.decide_binding(approved=True, reason="核验通过")
         self.binding("staff_binding_bound")
         tour._flow("binding", str(m.binding.state.shown))
+
+        # Nobody on duty: the prescriptions stay closed, said in words
+        tour._main(partial(m.review.open_list, RxTab.PENDING))
+        self.result("rx_nobody_on_duty")
 
         # Pharmacist sign-in by face, then the pharmacist's own records (the result screen's first button)
         self.face_task(m.pharmacist.sign_in)
@@ -190,16 +200,17 @@ def visit_staff(tour: Tour) -> None:
     _Staff(tour, staff, rig).visit()
 
 
-class StaffTour(Tour):
-    """Only the staff screens, in both modes (the Xvfb tests' tour)."""
-
-    def _visit_all(self) -> None:
-        self.shot("attract", ScreenName.ATTRACT)
-        visit_staff(self)
-
-
 def run_staff_tour(models: KioskModels, rig: TourRig, out_dir: Path) -> TourReport:
-    """Open the kiosk (windowed), run the staff tour, close; returns the report. Needs a display."""
+    """Open the kiosk (windowed), run only the staff screens in both modes, close; returns the report (the Xvfb
+    tests' tour). Needs a display."""
+    from ui.kiosk.app import KioskApp
+    from ui.kiosk.tour import Tour, TourReport
+
+    class StaffTour(Tour):
+        def _visit_all(self) -> None:
+            self.shot("attract", ScreenName.ATTRACT)
+            visit_staff(self)
+
     report_box: list[TourReport] = []
 
     def started(app: KioskApp) -> None:
