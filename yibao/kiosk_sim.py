@@ -39,6 +39,9 @@ from terminal.face_templates import TemplateStore
 from terminal.runtime import CATALOGUE_FILE, TerminalRuntime, build_runtime
 from terminal.verification import FaceVerifier, Prompt
 
+# staff screens (pharmacist, review, binding)
+from yibao.kiosk_sim_staff import StaffSim, add_staff, attach_staff
+
 logger = logging.getLogger(__name__)
 
 CITIZEN_REF: Final = "citizen-0000000123"
@@ -79,6 +82,8 @@ class SimulatedKiosk:
     query_needle: str = ""
     _hold: threading.Event = field(default_factory=threading.Event)
     _released: threading.Event = field(default_factory=threading.Event)
+    # staff screens (pharmacist, review, binding)
+    staff: StaffSim | None = None
 
     @property
     def admin_hash(self) -> str:
@@ -155,6 +160,8 @@ def start_simulated_kiosk(workdir: Path, faces_dir: Path | None) -> SimulatedKio
         kiosk.query_needle = _load_catalogue(runtime, workdir)
         if faces_dir is not None and (faces_dir / ENROL_PHOTO).is_file():
             _add_face(kiosk, workdir, faces_dir)
+            # staff screens (pharmacist, review, binding)
+            kiosk.staff = add_staff(runtime, workdir, faces_dir, kiosk.query_needle, kiosk.camera)
     except BaseException:
         kiosk.close()
         raise
@@ -249,6 +256,8 @@ def regenerate_screens(
                 if register.verify_buyer(BuyerMethod.EVOUCHER, threading.Event(), with_face=False).verified:
                     register.verify_agent_face([CITIZEN_REF], threading.Event())
 
+            # staff screens (pharmacist, review, binding)
+            attach_staff(models, kiosk.staff)
             report = run_tour(
                 models,
                 kiosk,

@@ -22,4 +22,12 @@ SCREENS: Final[dict[ScreenName, tuple[str, str]]] = {
     ScreenName.MAINTENANCE: ("ui.kiosk.screens.maintenance", "MaintenanceScreen"),
     ScreenName.POS: ("ui.kiosk.screens.pos", "PosScreen"),
     ScreenName.ERROR: ("ui.kiosk.screens.error", "ErrorScreen"),
+    # staff screens (pharmacist, review, binding)
+    ScreenName.STAFF: ("ui.kiosk.screens.staff_menu", "StaffMenuScreen"),
+    ScreenName.STAFF_WAIT: ("ui.kiosk.screens.staff_wait", "StaffWaitScreen"),
+    ScreenName.STAFF_RESULT: ("ui.kiosk.screens.staff_result", "StaffResultScreen"),
+    ScreenName.ATTENDANCE: ("ui.kiosk.screens.attendance", "AttendanceScreen"),
+    ScreenName.RX_LIST: ("ui.kiosk.screens.rx_list", "RxListScreen"),
+    ScreenName.RX_REVIEW: ("ui.kiosk.screens.rx_review", "RxReviewScreen"),
+    ScreenName.BINDING: ("ui.kiosk.screens.binding", "BindingScreen"),
 }

@@ -23,6 +23,9 @@ from terminal.runtime import TerminalRuntime, build_runtime
 from terminal.session import TerminalSecurity
 from ui.kiosk.app import KioskApp
 from ui.services import RuntimeIdentity, RuntimeMaintenance, RuntimeQueries
+
+# staff screens (pharmacist, review, binding)
+from ui.staff_services import staff_models
 from ui.viewmodels.models import KioskModels, build_models
 from ui.voice import EspeakSpeaker, SilentSpeaker, Speaker
 
@@ -44,13 +47,16 @@ def kiosk_models(
     maintenance = RuntimeMaintenance(runtime)
     if admin_hash is not None:
         maintenance.admin_hash = admin_hash
-    return build_models(
+    models = build_models(
         runtime.clock,
         identity=RuntimeIdentity(runtime),
         queries=RuntimeQueries(runtime),
         maintenance=maintenance,
         speaker=speaker if speaker is not None else default_speaker(),
     )
+    # staff screens (pharmacist, review, binding)
+    models.staff = staff_models(runtime, models.kiosk)
+    return models
 
 
 def run_kiosk_terminal(

@@ -26,6 +26,9 @@ from ui.care import check_widgets
 from ui.i18n import text
 from ui.kiosk.app import KioskApp
 from ui.kiosk.inspect import widget_facts
+
+# staff screens (pharmacist, review, binding)
+from ui.kiosk.tour_staff import visit_staff
 from ui.viewmodels.identity import Phase
 from ui.viewmodels.kiosk import ScreenName
 from ui.viewmodels.models import KioskModels
@@ -276,6 +279,9 @@ class Tour:
                 self.rig.release_face()
             self._wait("the proxy purchase's outcome", lambda: m.pos.state.done, timeout_s=90)
             self._flow("proxy", "ok" if m.pos.state.ok else "refused")
+
+        # staff screens (pharmacist, review, binding)
+        visit_staff(self)
 
         # A crash inside the UI loop: the calm error screen, personal data cleared
         self._main(m.identity.open)

@@ -42,6 +42,14 @@ class ScreenName(StrEnum):
     MAINTENANCE = "maintenance"
     POS = "pos"
     ERROR = "error"
+    # staff screens (pharmacist, review, binding)
+    STAFF = "staff"
+    STAFF_WAIT = "staff_wait"
+    STAFF_RESULT = "staff_result"
+    ATTENDANCE = "attendance"
+    RX_LIST = "rx_list"
+    RX_REVIEW = "rx_review"
+    BINDING = "binding"
 
 
 ENGLISH_SCREENS: Final = frozenset({ScreenName.MAINTENANCE_LOGIN, ScreenName.MAINTENANCE})

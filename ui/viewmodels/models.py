@@ -16,6 +16,9 @@ from ui.viewmodels.maintenance import MaintenanceViewModel
 from ui.viewmodels.ports import IdentityPort, MaintenancePort, QueryPort
 from ui.viewmodels.pos import PosViewModel
 from ui.viewmodels.queries import QueriesViewModel
+
+# staff screens (pharmacist, review, binding)
+from ui.viewmodels.staff import StaffModels
 from ui.voice import Speaker
 
 
@@ -26,12 +29,17 @@ class KioskModels:
     queries: QueriesViewModel
     maintenance: MaintenanceViewModel
     pos: PosViewModel
+    # staff screens (pharmacist, review, binding)
+    staff: StaffModels | None = None
 
     def tick(self) -> None:
         """Once a second from the UI clock: idle timeout, error recovery, progress lines."""
         self.kiosk.tick()
         self.identity.tick()
         self.pos.tick()
+        # staff screens (pharmacist, review, binding)
+        if self.staff is not None:
+            self.staff.tick()
 
 
 def build_models(
