@@ -256,6 +256,21 @@ def test_a_register_request_opens_the_pos_screen_then_clears_itself() -> None:
     assert m.pos.state.result_lines == ()
 
 
+def test_a_register_outcome_left_behind_never_sends_a_later_screen_home() -> None:
+    # Someone moved on from the POS outcome (here the staff menu) before it was cleared: the outcome is forgotten
+    # at the next tick, and what is on screen now is not sent back to the start when the outcome's time runs out.
+    clock = FakeClock()
+    m = models(clock)
+    m.pos.started()
+    m.pos.finished(True, "诸**", "1101**********5203", None)
+    m.kiosk.go(ScreenName.MAINTENANCE_LOGIN)
+    m.tick()
+    assert (m.pos.state.done, m.pos.state.result_lines) == (False, ())
+    clock.advance(30)
+    m.tick()
+    assert screen(m) is ScreenName.MAINTENANCE_LOGIN
+
+
 def test_a_refused_register_request_says_why_in_words() -> None:
     m = models(FakeClock())
     m.pos.started()

@@ -114,10 +114,17 @@ class Tour:
     # ------------------------------------------------------------------ helpers (director thread)
 
     def _main(self, fn: Callable[[], Any]) -> Any:
+        """Run an intent on the main thread as a touch would: the touch restarts the idle clock first (the tour
+        drives intents, not the touch screen, and a long tour must not run into the idle timeout)."""
         main = self.app.main
         if main is None:
             raise TourError("app not built")
-        return main.call(fn)
+
+        def touched() -> Any:
+            self.models.kiosk.touch()
+            return fn()
+
+        return main.call(touched)
 
     def _wait(self, what: str, predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
         deadline = time.monotonic() + timeout_s

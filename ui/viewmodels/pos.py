@@ -106,6 +106,12 @@ class PosViewModel(Observable[PosState]):
 
     def tick(self) -> None:
         state = self.state
+        if (state.active or state.done) and self.kiosk.state.screen is not ScreenName.POS:
+            # The kiosk moved on (a staff member took over, the citizen went home): the outcome is not on screen,
+            # so forget it here rather than sending whatever is showing now back to the start later.
+            if state.done:
+                self._set(PosState())
+            return
         if state.active:
             progress = self._progress()
             if progress != state.progress:
