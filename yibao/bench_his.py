@@ -249,10 +249,20 @@ async def _load(base_url: str, clients: list[Client], options: HisBenchOptions) 
     total = int(options.rate * (options.warmup_s + options.duration_s))
     samples: list[Sample] = []
     # aiohttp, not httpx, for the load: the generator shares the machine's cores with the server it measures, and
-    # its C HTTP parser costs a fraction of httpx's CPU per request (docs/benchmarks.md).
-    connector = aiohttp.TCPConnector(limit=options.concurrency)
+    # its C HTTP parser costs a fraction of httpx's CPU per request (docs/benchmarks.md). Each institution's HIS is
+    # its own client with its own connections, as in a town: 20 systems, not one pool multiplexing all of them
+    # (a single pool keeps the few connections it opened first, all on whichever server process accepted them).
     timeout = aiohttp.ClientTimeout(total=30.0)
-    async with aiohttp.ClientSession(base_url=base_url, connector=connector, timeout=timeout) as http:
+    per_client = max(1, options.concurrency // len(clients))
+    async with contextlib.AsyncExitStack() as stack:
+        sessions = [
+            await stack.enter_async_context(
+                aiohttp.ClientSession(
+                    base_url=base_url, connector=aiohttp.TCPConnector(limit=per_client), timeout=timeout
+                )
+            )
+            for _ in clients
+        ]
         start = time.perf_counter() + 0.2
         tasks: list[asyncio.Task[Sample]] = []
         for i in range(total):
@@ -260,9 +270,10 @@ async def _load(base_url: str, clients: list[Client], options: HisBenchOptions) 
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            client = clients[i % len(clients)]
+            k = i % len(clients)
+            client = clients[k]
             maker = state.rng.choices(makers, weights)[0]
-            tasks.append(asyncio.create_task(_one(http, client, maker(state, client), due)))
+            tasks.append(asyncio.create_task(_one(sessions[k], client, maker(state, client), due)))
         samples = list(await asyncio.gather(*tasks))
         elapsed = time.perf_counter() - start
     warm = int(options.rate * options.warmup_s)
