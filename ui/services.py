@@ -13,6 +13,7 @@ import hmac
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -86,12 +87,27 @@ def _card_reason(exc: CardReaderError) -> str:
     return "reason.device_fault"
 
 
+_FACE_LOCKS: Final[weakref.WeakKeyDictionary[object, threading.Lock]] = weakref.WeakKeyDictionary()
+_FACE_LOCKS_GUARD: Final = threading.Lock()
+
+
+def face_lock(verifier: object) -> threading.Lock:
+    """The one lock serialising every use of `verifier` (a `FaceVerifier` is not thread-safe: one camera, one
+    attempt state, one `prompt` hook). The citizen's face check (`RuntimeIdentity`) and a cash register's request
+    (`ui.pos_link.KioskBuyerVerifier`) run on different threads and may arrive at the same moment; both take this
+    lock, so one waits for the other instead of interleaving frames and prompts."""
+    with _FACE_LOCKS_GUARD:
+        lock = _FACE_LOCKS.get(verifier)
+        if lock is None:
+            lock = _FACE_LOCKS[verifier] = threading.Lock()
+        return lock
+
+
 class RuntimeIdentity:
     """`IdentityPort` over the runtime's devices, e-voucher service and face verifier."""
 
-    def __init__(self, runtime: TerminalRuntime, *, face_lock: threading.Lock | None = None) -> None:
+    def __init__(self, runtime: TerminalRuntime) -> None:
         self.runtime = runtime
-        self._face_lock = face_lock or threading.Lock()  # FaceVerifier is not thread-safe
 
     def available(self) -> frozenset[Method]:
         devices = self.runtime.devices
@@ -152,7 +168,7 @@ class RuntimeIdentity:
         verifier = self.runtime.face
         if verifier is None:
             return IdentityOutcome(False, reason="reason.unavailable")
-        with self._face_lock:
+        with face_lock(verifier):
             previous = verifier.prompt
 
             def prompt(p: Prompt) -> None:
