@@ -22,4 +22,7 @@ SCREENS: Final[dict[ScreenName, tuple[str, str]]] = {
     ScreenName.MAINTENANCE: ("ui.kiosk.screens.maintenance", "MaintenanceScreen"),
     ScreenName.POS: ("ui.kiosk.screens.pos", "PosScreen"),
     ScreenName.ERROR: ("ui.kiosk.screens.error", "ErrorScreen"),
+    # national queries (K-11…K-16)
+    ScreenName.NATIONAL_ID: ("ui.kiosk.screens.national_id", "NationalIdScreen"),
+    ScreenName.NATIONAL_LIST: ("ui.kiosk.screens.national_list", "NationalListScreen"),
 }

@@ -42,6 +42,9 @@ class ScreenName(StrEnum):
     MAINTENANCE = "maintenance"
     POS = "pos"
     ERROR = "error"
+    # national queries (K-11…K-16)
+    NATIONAL_ID = "national_id"
+    NATIONAL_LIST = "national_list"
 
 
 ENGLISH_SCREENS: Final = frozenset({ScreenName.MAINTENANCE_LOGIN, ScreenName.MAINTENANCE})
