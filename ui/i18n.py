@@ -124,7 +124,6 @@ CATALOGUES: Final[dict[Locale, dict[str, str]]] = {
         "maint.refresh": "刷新",
         # national queries (K-11…K-16)
         "queries.personal": "个人医保信息（需验证身份）",
-        "queries.catalogues": "目录查询",
         "national.title": "个人医保查询",
         "national.person": "个人信息 · 参保 · 余额",
         "national.settlements": "结算明细",
@@ -278,7 +277,6 @@ CATALOGUES: Final[dict[Locale, dict[str, str]]] = {
         "maint.refresh": "Refresh",
         # national queries (K-11…K-16)
         "queries.personal": "My insurance (identity needed)",
-        "queries.catalogues": "Catalogues",
         "national.title": "My insurance",
         "national.person": "Personal info · enrolment · balance",
         "national.settlements": "Settlements",
