@@ -40,6 +40,7 @@ from protocol.national_query import (
     ContributionView,
     CreditsAnswer,
     CreditView,
+    InstitutionsAnswer,
     PersonInfoAnswer,
     SettlementsAnswer,
     SettlementView,
@@ -211,12 +212,24 @@ class RuntimeIdentity:
 
 
 class RuntimeQueries:
-    """`QueryPort` over the synced catalogues (work offline, DESIGN.md §3)."""
+    """`QueryPort` over the synced catalogues (work offline, DESIGN.md §3). Designated institutions (K-19) are asked
+    of the national platform first when the relay is there (its list is the current one) and come from the synced
+    catalogue when the platform cannot answer."""
 
-    def __init__(self, runtime: TerminalRuntime) -> None:
+    def __init__(self, runtime: TerminalRuntime, national: NationalClient | None = None) -> None:
         self.runtime = runtime
+        if national is None and runtime.server_api is not None:
+            national = NationalQueries(runtime.server_api)
+        self.national = national
 
     def search(self, kind: QueryKind, needle: str) -> QueryAnswer:
+        if kind is QueryKind.INSTITUTIONS and self.national is not None:
+            try:
+                found = self.national.institutions(None, needle[:100]).institutions
+            except NationalQueryError:
+                pass  # the platform cannot answer now: the synced catalogue still can, offline
+            else:
+                return QueryAnswer(tuple(QueryRow(i.fixmedins_name, i.addr or i.admdvs) for i in found[:QUERY_LIMIT]))
         store = self.runtime.catalogue
         if store is None:
             return QueryAnswer(reason="queries.offline")
@@ -297,6 +310,8 @@ class NationalClient(Protocol):
     def contributions(
         self, query_ref: str, begndate: date | None = None, enddate: date | None = None
     ) -> ContributionsAnswer: ...
+
+    def institutions(self, fixmedins_type: str | None = None, fixmedins_name: str = "") -> InstitutionsAnswer: ...
 
 
 class RuntimeNational:

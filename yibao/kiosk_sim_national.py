@@ -39,6 +39,8 @@ from protocol.gm.sm2 import SM2PrivateKey
 from protocol.national_query import (
     ContributionsAnswer,
     CreditsAnswer,
+    InstitutionsAnswer,
+    InstitutionsRequest,
     PersonInfoAnswer,
     PersonInfoRequest,
     RecordsRequest,
@@ -103,6 +105,15 @@ class InProcessRelay:
     ) -> ContributionsAnswer:
         request = RecordsRequest(query_ref=query_ref, begndate=begndate, enddate=enddate)
         return self._call(lambda: self.relay.contributions(self.device_id, request))
+
+    def institutions(self, fixmedins_type: str | None = None, fixmedins_name: str = "") -> InstitutionsAnswer:
+        try:
+            request = InstitutionsRequest.model_validate(
+                {"fixmedins_type": fixmedins_type, "fixmedins_name": fixmedins_name}
+            )
+        except ValidationError as exc:
+            raise QueryFailedError("the institutions request is not valid") from exc
+        return self._call(lambda: self.relay.institutions(self.device_id, request))
 
     @staticmethod
     def _call(ask: Callable[[], A]) -> A:

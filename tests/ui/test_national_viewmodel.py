@@ -16,6 +16,8 @@ import pytest
 from protocol.national_query import (
     ContributionsAnswer,
     CreditsAnswer,
+    InstitutionsAnswer,
+    InstitutionView,
     InsuranceView,
     PersonInfoAnswer,
     PersonView,
@@ -32,7 +34,7 @@ from terminal.runtime import TerminalRuntime
 from tests.terminal.conftest import FakeClock
 from tests.ui.fakes import FakeIdentity, FakeMaintenance, FakeQueries
 from ui.i18n import text
-from ui.services import RuntimeNational
+from ui.services import RuntimeNational, RuntimeQueries
 from ui.viewmodels.base import inline_runner
 from ui.viewmodels.kiosk import IDLE_TIMEOUT_S, ScreenName
 from ui.viewmodels.models import KioskModels, build_models
@@ -43,6 +45,7 @@ from ui.viewmodels.ports import (
     NationalOutcome,
     NationalPerson,
     QueryAnswer,
+    QueryKind,
     QueryRow,
 )
 from ui.viewmodels.queries import ROWS_PER_PAGE, ROWS_PER_PAGE_CARE
@@ -289,6 +292,15 @@ class FakeRelay:
     ) -> ContributionsAnswer:
         raise CredentialNotAcceptedError("lapsed")
 
+    def institutions(self, fixmedins_type: str | None = None, fixmedins_name: str = "") -> InstitutionsAnswer:
+        self.calls.append(("institutions", fixmedins_name))
+        if self.error is not None:
+            raise self.error
+        pharmacy = InstitutionView(
+            fixmedins_code="P32058300001", fixmedins_name="康民大药房", fixmedins_type="2", addr="昆山市前进中路 1 号"
+        )
+        return InstitutionsAnswer(institutions=[pharmacy])
+
 
 @dataclass
 class IdCardReader:
@@ -333,3 +345,15 @@ def test_the_port_reads_the_credential_and_turns_answers_into_masked_rows() -> N
 def test_the_port_says_each_relay_failure_in_words(error: NationalQueryError, reason: str) -> None:
     assert RuntimeNational(_runtime(), FakeRelay(error=error)).identify(Method.ID_CARD, 5).reason == reason
     assert RuntimeNational(_runtime()).available() == frozenset()  # not enrolled: no relay, nothing offered
+
+
+def test_designated_institutions_come_from_the_platform_and_from_the_catalogue_when_it_cannot_answer() -> None:
+    relay = FakeRelay()
+    runtime = cast(TerminalRuntime, SimpleNamespace(catalogue=None, server_api=None))
+    answer = RuntimeQueries(runtime, relay).search(QueryKind.INSTITUTIONS, "康民")
+    assert answer.rows == (QueryRow("康民大药房", "昆山市前进中路 1 号"),)
+    assert relay.calls == [("institutions", "康民")]
+    relay.error = QueryUnavailableError("down")
+    assert RuntimeQueries(runtime, relay).search(QueryKind.INSTITUTIONS, "康民").reason == "queries.offline"
+    assert RuntimeQueries(runtime, relay).search(QueryKind.DRUGS, "阿莫西林").reason == "queries.offline"
+    assert len(relay.calls) == 2  # drugs never go to the platform

@@ -52,7 +52,7 @@ def kiosk_models(
     return build_models(
         runtime.clock,
         identity=RuntimeIdentity(runtime),
-        queries=RuntimeQueries(runtime),
+        queries=RuntimeQueries(runtime, national),
         maintenance=maintenance,
         speaker=speaker if speaker is not None else default_speaker(),
         # national queries (K-11…K-16)
