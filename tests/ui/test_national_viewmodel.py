@@ -357,3 +357,16 @@ def test_designated_institutions_come_from_the_platform_and_from_the_catalogue_w
     assert RuntimeQueries(runtime, relay).search(QueryKind.INSTITUTIONS, "康民").reason == "queries.offline"
     assert RuntimeQueries(runtime, relay).search(QueryKind.DRUGS, "阿莫西林").reason == "queries.offline"
     assert len(relay.calls) == 2  # drugs never go to the platform
+
+
+def test_a_kiosk_without_the_relay_says_the_query_is_not_possible_now() -> None:
+    m = build_models(
+        FakeClock(), identity=FakeIdentity(), queries=FakeQueries(), maintenance=FakeMaintenance(), runner=inline_runner
+    )
+    m.national.open(NationalKind.CONTRIBUTIONS)
+    state = m.national.state
+    assert screen(m) is ScreenName.NATIONAL_ID
+    assert state.message == "暂时无法查询，请稍后再试"
+    assert not any(c.enabled for c in state.choices)
+    m.national.choose(Method.QR)  # a disabled choice does nothing
+    assert m.national.state.phase is NationalPhase.CHOOSE

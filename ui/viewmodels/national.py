@@ -233,6 +233,8 @@ class NationalViewModel(Observable[NationalState]):
             )
             for m in NATIONAL_METHODS
         )
+        if not available and not message:
+            message = text("national.unavailable")  # not enrolled, or no reader: say so rather than grey buttons only
         return NationalState(
             kind=kind,
             title=text(f"national.{kind.value}"),
