@@ -38,6 +38,7 @@ from terminal.devices import open_devices, open_evoucher_platform
 from terminal.face_templates import TemplateStore
 from terminal.runtime import CATALOGUE_FILE, TerminalRuntime, build_runtime
 from terminal.verification import FaceVerifier, Prompt
+from yibao.kiosk_sim_national import SimulatedNational, start_simulated_national  # national queries (K-11…K-16)
 
 # staff screens (pharmacist, review, binding)
 from yibao.kiosk_sim_staff import StaffSim, add_staff, attach_staff
@@ -84,6 +85,8 @@ class SimulatedKiosk:
     _released: threading.Event = field(default_factory=threading.Event)
     # staff screens (pharmacist, review, binding)
     staff: StaffSim | None = None
+    # national queries (K-11…K-16)
+    national: SimulatedNational | None = None
 
     @property
     def admin_hash(self) -> str:
@@ -92,7 +95,8 @@ class SimulatedKiosk:
     @property
     def secrets(self) -> tuple[str, ...]:
         card, ss_card = synthetic_card(0), synthetic_ss_card(0)
-        return (self.citizen.id_number, self.citizen.name, card.id_number, card.name, ss_card.ss_number)
+        personal = (self.citizen.id_number, self.citizen.name, card.id_number, card.name, ss_card.ss_number)
+        return personal + (self.national.secrets if self.national is not None else ())  # national queries
 
     # ------------------------------------------------------------------ TourRig
 
@@ -135,6 +139,8 @@ class SimulatedKiosk:
 
     def close(self) -> None:
         try:
+            if self.national is not None:  # national queries
+                self.national.close()
             self.runtime.stop()
         finally:
             if self.camera is not None:
@@ -158,6 +164,7 @@ def start_simulated_kiosk(workdir: Path, faces_dir: Path | None) -> SimulatedKio
     kiosk = SimulatedKiosk(runtime, rig, None, citizen, rig.evoucher.enrol(citizen))
     try:
         kiosk.query_needle = _load_catalogue(runtime, workdir)
+        kiosk.national = start_simulated_national(rig, runtime.clock, workdir)  # national queries (K-11…K-16)
         if faces_dir is not None and (faces_dir / ENROL_PHOTO).is_file():
             _add_face(kiosk, workdir, faces_dir)
             # staff screens (pharmacist, review, binding)
@@ -240,7 +247,8 @@ def regenerate_screens(
         kiosk = start_simulated_kiosk(workdir, faces_dir)
         try:
             speaker = RecordingSpeaker()
-            models = kiosk_models(kiosk.runtime, speaker=speaker, admin_hash=kiosk.admin_hash)
+            national = kiosk.national.client if kiosk.national is not None else None  # national queries
+            models = kiosk_models(kiosk.runtime, speaker=speaker, admin_hash=kiosk.admin_hash, national=national)
             from terminal.pos_api import BuyerMethod, RuntimeBuyerVerifier
             from ui.pos_link import KioskBuyerVerifier
 

@@ -30,4 +30,7 @@ SCREENS: Final[dict[ScreenName, tuple[str, str]]] = {
     ScreenName.RX_LIST: ("ui.kiosk.screens.rx_list", "RxListScreen"),
     ScreenName.RX_REVIEW: ("ui.kiosk.screens.rx_review", "RxReviewScreen"),
     ScreenName.BINDING: ("ui.kiosk.screens.binding", "BindingScreen"),
+    # national queries (K-11…K-16)
+    ScreenName.NATIONAL_ID: ("ui.kiosk.screens.national_id", "NationalIdScreen"),
+    ScreenName.NATIONAL_LIST: ("ui.kiosk.screens.national_list", "NationalListScreen"),
 }

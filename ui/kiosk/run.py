@@ -22,7 +22,7 @@ from terminal.evoucher import EVoucherPlatform
 from terminal.runtime import TerminalRuntime, build_runtime
 from terminal.session import TerminalSecurity
 from ui.kiosk.app import KioskApp
-from ui.services import RuntimeIdentity, RuntimeMaintenance, RuntimeQueries
+from ui.services import NationalClient, RuntimeIdentity, RuntimeMaintenance, RuntimeNational, RuntimeQueries
 
 # staff screens (pharmacist, review, binding)
 from ui.staff_services import staff_models
@@ -41,18 +41,25 @@ def default_speaker() -> Speaker:
 
 
 def kiosk_models(
-    runtime: TerminalRuntime, *, speaker: Speaker | None = None, admin_hash: str | None = None
+    runtime: TerminalRuntime,
+    *,
+    speaker: Speaker | None = None,
+    admin_hash: str | None = None,
+    national: NationalClient | None = None,
 ) -> KioskModels:
-    """The view-models over `runtime`. `admin_hash` (argon2) opens maintenance; default `YIBAO_KIOSK_ADMIN_HASH`."""
+    """The view-models over `runtime`. `admin_hash` (argon2) opens maintenance; default `YIBAO_KIOSK_ADMIN_HASH`.
+    `national` replaces the relay client over the runtime's server API (the screen tour's in-process relay)."""
     maintenance = RuntimeMaintenance(runtime)
     if admin_hash is not None:
         maintenance.admin_hash = admin_hash
     models = build_models(
         runtime.clock,
         identity=RuntimeIdentity(runtime),
-        queries=RuntimeQueries(runtime),
+        queries=RuntimeQueries(runtime, national),
         maintenance=maintenance,
         speaker=speaker if speaker is not None else default_speaker(),
+        # national queries (K-11…K-16)
+        national=RuntimeNational(runtime, national),
     )
     # staff screens (pharmacist, review, binding)
     models.staff = staff_models(runtime, models.kiosk)

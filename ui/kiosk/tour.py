@@ -26,6 +26,7 @@ from ui.care import check_widgets
 from ui.i18n import text
 from ui.kiosk.app import KioskApp
 from ui.kiosk.inspect import widget_facts
+from ui.kiosk.tour_national import NationalTourRig, visit_national
 
 # staff screens (pharmacist, review, binding)
 from ui.kiosk.tour_staff import visit_staff
@@ -68,6 +69,11 @@ class TourRig(Protocol):
         """The next liveness challenge waits (the citizen has not moved yet) until `release_face`."""
 
     def release_face(self) -> None: ...
+
+    # national queries (K-11…K-16)
+    @property
+    def national(self) -> NationalTourRig | None:
+        """The simulated national platform and an insured person's cards; None skips the personal queries."""
 
 
 @dataclass
@@ -259,6 +265,9 @@ class Tour:
         self._main(m.queries.next_page)
         self._wait("page 2", lambda: m.queries.state.page == min(1, pages - 1))
         self._flow("query_paging", f"{m.queries.state.page + 1}/{pages}")
+        # national queries (K-11…K-16)
+        if self.rig.national is not None:
+            visit_national(self, self.rig.national)
 
         # A verification asked by the cash register (what the POS API's worker runs), the buyer shows a 医保码
         if self.pos is not None:

@@ -50,6 +50,9 @@ class ScreenName(StrEnum):
     RX_LIST = "rx_list"
     RX_REVIEW = "rx_review"
     BINDING = "binding"
+    # national queries (K-11…K-16)
+    NATIONAL_ID = "national_id"
+    NATIONAL_LIST = "national_list"
 
 
 ENGLISH_SCREENS: Final = frozenset({ScreenName.MAINTENANCE_LOGIN, ScreenName.MAINTENANCE})

@@ -13,7 +13,8 @@ from ui.viewmodels.base import Runner, thread_runner
 from ui.viewmodels.identity import IdentityViewModel
 from ui.viewmodels.kiosk import KioskModel
 from ui.viewmodels.maintenance import MaintenanceViewModel
-from ui.viewmodels.ports import IdentityPort, MaintenancePort, QueryPort
+from ui.viewmodels.national import NationalViewModel, NoNationalQueries
+from ui.viewmodels.ports import IdentityPort, MaintenancePort, NationalPort, QueryPort
 from ui.viewmodels.pos import PosViewModel
 from ui.viewmodels.queries import QueriesViewModel
 
@@ -29,6 +30,8 @@ class KioskModels:
     queries: QueriesViewModel
     maintenance: MaintenanceViewModel
     pos: PosViewModel
+    # national queries (K-11…K-16)
+    national: NationalViewModel
     # staff screens (pharmacist, review, binding)
     staff: StaffModels | None = None
 
@@ -40,6 +43,8 @@ class KioskModels:
         # staff screens (pharmacist, review, binding)
         if self.staff is not None:
             self.staff.tick()
+        # national queries (K-11…K-16)
+        self.national.tick()
 
 
 def build_models(
@@ -50,6 +55,8 @@ def build_models(
     maintenance: MaintenancePort,
     speaker: Speaker | None = None,
     runner: Runner = thread_runner,
+    # national queries (K-11…K-16)
+    national: NationalPort | None = None,
 ) -> KioskModels:
     kiosk = KioskModel(clock, speaker=speaker)
     return KioskModels(
@@ -58,4 +65,6 @@ def build_models(
         queries=QueriesViewModel(kiosk, queries, runner),
         maintenance=MaintenanceViewModel(kiosk, maintenance),
         pos=PosViewModel(kiosk),
+        # national queries (K-11…K-16)
+        national=NationalViewModel(kiosk, national if national is not None else NoNationalQueries(), runner),
     )

@@ -112,3 +112,52 @@ class MaintenancePort(Protocol):
 
     def admin_ok(self, credential: str) -> bool:
         """Whether `credential` opens the maintenance screen (compared in constant time)."""
+
+
+# national queries (K-11…K-16)
+class NationalKind(StrEnum):
+    """The personal queries asked of the national platform through the server's relay."""
+
+    PERSON = "person"
+    """个人信息 / 参保信息 / 账户余额 (K-11, K-12, K-13): the person_info answer itself."""
+    SETTLEMENTS = "settlements"
+    """结算明细 (K-14)."""
+    CREDITS = "credits"
+    """个人账户划入 (K-15)."""
+    CONTRIBUTIONS = "contributions"
+    """缴费记录 (K-16)."""
+
+
+NATIONAL_METHODS = (Method.QR, Method.ID_CARD, Method.SS_CARD)
+"""A query needs the citizen's credential (就诊凭证), not their face."""
+
+
+@dataclass(frozen=True)
+class NationalPerson:
+    """Who the platform found, as the screen may show it. `query_ref` is the platform's opaque, sealed, short-lived
+    reference for this person from this terminal (never an identifier in clear); the view-model forgets it with the
+    rest when the citizen leaves."""
+
+    masked_name: str
+    masked_id: str
+    rows: Sequence[QueryRow]
+    query_ref: str
+
+
+@dataclass(frozen=True)
+class NationalOutcome:
+    """`reason` is an i18n key when no person came back."""
+
+    person: NationalPerson | None = None
+    reason: str = ""
+
+
+class NationalPort(Protocol):
+    def available(self) -> frozenset[Method]:
+        """Credential methods usable now (a device present and the server's relay configured)."""
+
+    def identify(self, method: Method, timeout_s: float) -> NationalOutcome:
+        """Read the citizen's credential with `method` and ask the platform who they are (person_info)."""
+
+    def records(self, kind: NationalKind, query_ref: str) -> QueryAnswer:
+        """One kind of the person's records (the year up to today), newest first, as display rows."""

@@ -1,4 +1,5 @@
-"""The menu of citizen queries (catalogues that work offline), as large buttons."""
+"""The menu of citizen queries as large buttons: the personal items on the national platform first (they ask for
+the credential, `ui.viewmodels.national`), then the catalogues that work offline."""
 
 from __future__ import annotations
 
