@@ -8,13 +8,18 @@ never import Kivy or hold personal data beyond what the state's masked display s
 from __future__ import annotations
 
 import logging
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from ui.i18n import text
 
 logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
+T = TypeVar("T")
 Listener = Callable[[S], None]
 
 
@@ -63,3 +68,23 @@ def thread_runner(job: Callable[[], None]) -> None:
 
 def inline_runner(job: Callable[[], None]) -> None:
     job()
+
+
+@dataclass(frozen=True)
+class Paged(Generic[T]):
+    """One page of a list as a screen shows it: the rows, where it is, and whether there is more either way."""
+
+    rows: tuple[T, ...]
+    page: int
+    pages: int
+    page_label: str
+    has_prev: bool
+    has_next: bool
+
+
+def paged(items: Sequence[T], page: int, per_page: int, *, label_when_empty: bool = True) -> Paged[T]:
+    """Page `page` (clamped into range) of `items`, `per_page` rows each; there is always at least one page."""
+    pages = max(1, math.ceil(len(items) / per_page))
+    page = min(max(page, 0), pages - 1)
+    label = text("common.page", page=page + 1, pages=pages) if items or label_when_empty else ""
+    return Paged(tuple(items[page * per_page : (page + 1) * per_page]), page, pages, label, page > 0, page < pages - 1)

@@ -14,14 +14,13 @@ masked display values and the platform's opaque `query_ref`.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Final, TypeVar
 
 from ui.i18n import text
-from ui.viewmodels.base import Observable, Runner
+from ui.viewmodels.base import Observable, Runner, paged
 from ui.viewmodels.identity import CARD_TIMEOUT_S, EXPECTED_S, SCAN_TIMEOUT_S, VOICE, MethodChoice
 from ui.viewmodels.kiosk import KioskModel, KioskState, ScreenName
 from ui.viewmodels.ports import (
@@ -260,18 +259,16 @@ class NationalViewModel(Observable[NationalState]):
         return ROWS_PER_PAGE_CARE if self.kiosk.care_mode else ROWS_PER_PAGE
 
     def _page(self, page: int) -> None:
-        per = self._per_page()
-        pages = max(1, math.ceil(len(self._all) / per))
-        page = min(max(page, 0), pages - 1)
+        shown = paged(self._all, page, self._per_page(), label_when_empty=False)
         self._set(
             replace(
                 self.state,
-                rows=tuple(self._all[page * per : (page + 1) * per]),
-                page=page,
-                pages=pages,
-                page_label=text("common.page", page=page + 1, pages=pages) if self._all else "",
-                has_prev=page > 0,
-                has_next=page < pages - 1,
+                rows=shown.rows,
+                page=shown.page,
+                pages=shown.pages,
+                page_label=shown.page_label,
+                has_prev=shown.has_prev,
+                has_next=shown.has_next,
             )
         )
 

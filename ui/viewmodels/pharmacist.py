@@ -8,13 +8,12 @@ records" identifies first, so a pharmacist sees only their own. It must never im
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
 from ui.i18n import text
-from ui.viewmodels.base import Observable, Runner
+from ui.viewmodels.base import Observable, Runner, paged
 from ui.viewmodels.kiosk import KioskModel, ScreenName
 from ui.viewmodels.staff_ports import AttendanceOutcome, AttendanceRecords, AttendanceRow, PharmacistPort
 from ui.viewmodels.staff_task import Action, StaffTask
@@ -182,16 +181,15 @@ class PharmacistViewModel(Observable[AttendanceState]):
 
     def _show(self, page: int) -> None:
         per = ROWS_PER_PAGE_CARE if self.kiosk.care_mode else ROWS_PER_PAGE
-        pages = max(1, math.ceil(len(self._all) / per))
-        page = min(max(page, 0), pages - 1)
+        shown = paged(self._all, page, per)
         self._set(
             replace(
                 self.state,
-                rows=tuple(self._all[page * per : (page + 1) * per]),
-                page=page,
-                pages=pages,
-                page_label=text("common.page", page=page + 1, pages=pages),
-                has_prev=page > 0,
-                has_next=page < pages - 1,
+                rows=shown.rows,
+                page=shown.page,
+                pages=shown.pages,
+                page_label=shown.page_label,
+                has_prev=shown.has_prev,
+                has_next=shown.has_next,
             )
         )

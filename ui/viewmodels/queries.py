@@ -7,13 +7,12 @@ import Kivy.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Final
 
 from ui.i18n import text
-from ui.viewmodels.base import Observable, Runner
+from ui.viewmodels.base import Observable, Runner, paged
 from ui.viewmodels.kiosk import KioskModel, ScreenName
 from ui.viewmodels.ports import QueryKind, QueryPort, QueryRow
 
@@ -94,18 +93,15 @@ class QueriesViewModel(Observable[QueryListState]):
         return ROWS_PER_PAGE_CARE if self.kiosk.care_mode else ROWS_PER_PAGE
 
     def _show(self, page: int) -> None:
-        per = self._per_page()
-        pages = max(1, math.ceil(len(self._all) / per))
-        page = min(max(page, 0), pages - 1)
-        rows = tuple(self._all[page * per : (page + 1) * per])
+        shown = paged(self._all, page, self._per_page())
         self._set(
             replace(
                 self.state,
-                rows=rows,
-                page=page,
-                pages=pages,
-                page_label=text("common.page", page=page + 1, pages=pages),
-                has_prev=page > 0,
-                has_next=page < pages - 1,
+                rows=shown.rows,
+                page=shown.page,
+                pages=shown.pages,
+                page_label=shown.page_label,
+                has_prev=shown.has_prev,
+                has_next=shown.has_next,
             )
         )

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Final
 
 from ui.i18n import text
-from ui.viewmodels.base import Observable, Runner
+from ui.viewmodels.base import Observable, Runner, paged
 from ui.viewmodels.kiosk import KioskModel, ScreenName
 from ui.viewmodels.staff_ports import (
     ReviewPort,
@@ -253,17 +253,16 @@ class ReviewViewModel(Observable[ReviewState]):
 
     def _show_list(self, page: int) -> None:
         per = LIST_PER_PAGE_CARE if self.kiosk.care_mode else LIST_PER_PAGE
-        pages = max(1, math.ceil(len(self._all) / per))
-        page = min(max(page, 0), pages - 1)
+        shown = paged(self._all, page, per)
         self._set(
             replace(
                 self.state,
-                rows=tuple(self._all[page * per : (page + 1) * per]),
-                page=page,
-                pages=pages,
-                page_label=text("common.page", page=page + 1, pages=pages),
-                has_prev=page > 0,
-                has_next=page < pages - 1,
+                rows=shown.rows,
+                page=shown.page,
+                pages=shown.pages,
+                page_label=shown.page_label,
+                has_prev=shown.has_prev,
+                has_next=shown.has_next,
             )
         )
 
