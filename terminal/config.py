@@ -471,6 +471,19 @@ class PosApiConfig(_Strict):
         return self
 
 
+class KioskConfig(_Strict):
+    """The kiosk screen (`ui/`, docs/kiosk.md)."""
+
+    admin_password_hash: str | None = Field(
+        default=None,
+        pattern=r"^\$argon2(id|i|d)\$",
+        max_length=512,
+        description="argon2 hash (PHC string) of the maintenance screen's password, never the password itself: "
+        "python -c \"from argon2 import PasswordHasher as H; print(H().hash('…'))\". Absent: the "
+        "YIBAO_KIOSK_ADMIN_HASH environment variable, else the maintenance screen cannot be opened on the kiosk.",
+    )
+
+
 class TerminalConfig(_Strict):
     """Everything a terminal needs to start: identity, versions, broker, outbox bounds, heartbeat, devices and the
     e-voucher platform."""
@@ -503,6 +516,7 @@ class TerminalConfig(_Strict):
     pharmacists: PharmacistsConfig | None = Field(
         default=None, description="Pharmacist enrolment and sign-in/out; absent: not offered on this terminal."
     )
+    kiosk: KioskConfig = Field(default_factory=KioskConfig, description="The kiosk screen.")
 
 
 def migrate(raw: RawConfig, *, source: str, migrations: Mapping[int, Migration] = MIGRATIONS) -> RawConfig:

@@ -123,6 +123,7 @@ def test_every_field_is_described() -> None:
         (lambda raw: raw.update(device_id="ab"), "device_id"),
         (lambda raw: raw["outbox"].update(max_bytes=1024), "outbox.max_bytes"),
         (lambda raw: raw["mqtt"].update(topic_prefix="yibao/#"), "mqtt.topic_prefix"),
+        (lambda raw: raw.update(kiosk={"admin_password_hash": "hunter2hunter2"}), "kiosk.admin_password_hash"),
     ],
     ids=[
         "unknown-key",
@@ -137,6 +138,7 @@ def test_every_field_is_described() -> None:
         "short-device-id",
         "tiny-outbox",
         "wildcard-prefix",
+        "a-password-not-its-hash",
     ],
 )
 def test_invalid_files_name_the_file_and_field(tmp_path: Path, mutate: Any, field: str) -> None:

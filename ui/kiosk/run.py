@@ -47,11 +47,13 @@ def kiosk_models(
     admin_hash: str | None = None,
     national: NationalClient | None = None,
 ) -> KioskModels:
-    """The view-models over `runtime`. `admin_hash` (argon2) opens maintenance; default `YIBAO_KIOSK_ADMIN_HASH`.
+    """The view-models over `runtime`. `admin_hash` (argon2) opens maintenance; by default `[kiosk]
+    admin_password_hash` of the terminal's config, else `YIBAO_KIOSK_ADMIN_HASH`.
     `national` replaces the relay client over the runtime's server API (the screen tour's in-process relay)."""
     maintenance = RuntimeMaintenance(runtime)
-    if admin_hash is not None:
-        maintenance.admin_hash = admin_hash
+    configured = admin_hash if admin_hash is not None else runtime.config.kiosk.admin_password_hash
+    if configured is not None:
+        maintenance.admin_hash = configured
     models = build_models(
         runtime.clock,
         identity=RuntimeIdentity(runtime),
