@@ -1039,7 +1039,7 @@ def kiosk_screens(
         result = regenerate_screens(out, faces_dir=faces, workdir=workdir or Path(tmp))
     if report is not None:
         report.write_text(json.dumps(result, ensure_ascii=False, indent=1), encoding="utf-8")
-    shots: list[dict[str, Any]] = result["shots"]  # type: ignore[assignment]
+    shots: list[dict[str, Any]] = result["shots"]
     care_broken = [f"{s['name']}: {v}" for s in shots if s["mode"] == "care" for v in s["violations"]]
     for line in care_broken:
         typer.secho(f"care-mode rule broken: {line}", err=True, fg=typer.colors.RED)

@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from argon2 import PasswordHasher
 
@@ -225,7 +225,7 @@ def _add_face(kiosk: SimulatedKiosk, workdir: Path, faces_dir: Path) -> None:
 
 def regenerate_screens(
     out_dir: Path, *, faces_dir: Path | None, workdir: Path, fullscreen: bool = False
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Run the screen tour on a simulated kiosk (under a private Xvfb when there is no display) and write one PNG
     per screen and mode into `out_dir`. Returns the tour's report (with the voice prompts spoken in care mode)."""
     import os

@@ -70,4 +70,5 @@ class Panel(BoxLayout):
 
 
 class KioskInput(TextInput):
-    pass
+    """The kiosk's text field: its size, font and colours come from the `<KioskInput>` rule in widgets.kv (a class
+    of its own so that rule styles the kiosk's fields only, not every TextInput)."""
