@@ -41,7 +41,7 @@ from sync_server.api import (
     purchases,
     statistics,
 )
-from sync_server.api.deps import authorize
+from sync_server.api.deps import PageForbiddenError, PageLoginRequiredError, authorize
 from sync_server.authz import check_route_policies
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
@@ -108,6 +108,8 @@ def create_app(
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     check_route_policies(app)  # a route without a declared policy stops the server here
+    app.add_exception_handler(PageLoginRequiredError, pages.login_redirect)
+    app.add_exception_handler(PageForbiddenError, pages.forbidden_page)
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     return app

@@ -27,6 +27,12 @@ class Policy:
     roles: frozenset[Role] = frozenset()
     password_change_allowed: bool = False
     """Reachable by an account whose password has expired (it must change it first and can do nothing else)."""
+    page: bool = False
+    """A server-rendered page: the login session cookie (`PAGE_COOKIE`) is accepted besides a bearer token; without
+    valid credentials the browser is sent to /login (303), a role the policy does not list gets a 403 page."""
+    cookie: bool = False
+    """The login session cookie is accepted (pages, and signing out); every other API route ignores it, so a
+    cookie can never make the browser act for the operator (the actions need the bearer token)."""
 
     def allows(self, roles: frozenset[Role]) -> bool:
         return self.kind != "roles" or bool(self.roles & roles)
@@ -47,7 +53,18 @@ def roles(*allowed: Role, password_change_allowed: bool = False) -> Policy:
     return Policy("roles", frozenset(allowed), password_change_allowed)
 
 
+def page(*allowed: Role) -> Policy:
+    """A server-rendered page readable by `allowed` (the same roles as the API it shows)."""
+    return Policy("roles", frozenset(allowed), page=True, cookie=True)
+
+
+PAGE_COOKIE = "yibao_session"
+"""The login session token as an HttpOnly, SameSite=Strict cookie (set by /api/v1/auth/login, cleared by logout):
+what lets a browser open the read-only pages; docs/accounts.md "Signing in on the web pages"."""
+
 ANY_ACCOUNT = roles(*(set(Role) - {Role.HIS_CLIENT}), password_change_allowed=True)
+ANY_ACCOUNT_COOKIE = Policy("roles", ANY_ACCOUNT.roles, password_change_allowed=True, cookie=True)
+"""Any signed-in operator, by bearer token or the page cookie: who am I, and signing out (harmless if forced)."""
 FLEET_READERS = roles(Role.DEVICE_ADMIN, Role.REGULATOR)
 """Device registry reads; a regulator sees only devices of institutions in its region."""
 DEVICE_ADMIN = roles(Role.DEVICE_ADMIN)
@@ -95,14 +112,15 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "POST /api/v1/binding-applications/{application_id}/reject": DEVICE_ADMIN,
     "POST /api/v1/devices/{device_id}/unbind": DEVICE_ADMIN,
     "GET /api/v1/binding-history": FLEET_READERS,
-    "GET /bindings": PUBLIC,
-    # operator pages: public for reading; actions on them call the API with the signed-in operator's token (/login)
-    "GET /": PUBLIC,
-    "GET /devices/{device_id}": PUBLIC,
+    "GET /bindings": page(Role.DEVICE_ADMIN, Role.REGULATOR),
+    # operator pages: read with the login session cookie (or a bearer token), for the roles of the API they show,
+    # scoped like it; actions on them call the API with the signed-in operator's bearer token (/login)
+    "GET /": page(Role.DEVICE_ADMIN, Role.REGULATOR),
+    "GET /devices/{device_id}": page(Role.DEVICE_ADMIN, Role.REGULATOR),
     # login sessions
     "POST /api/v1/auth/login": PUBLIC,
-    "POST /api/v1/auth/logout": ANY_ACCOUNT,
-    "GET /api/v1/auth/me": ANY_ACCOUNT,
+    "POST /api/v1/auth/logout": ANY_ACCOUNT_COOKIE,
+    "GET /api/v1/auth/me": ANY_ACCOUNT_COOKIE,
     "POST /api/v1/auth/password": ANY_ACCOUNT,
     # accounts (security administration)
     "GET /api/v1/accounts": ACCOUNT_READERS,
@@ -131,11 +149,11 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /api/v1/purchases": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     # back-office statistics (D-04, docs/statistics.md): scoped to a regulator's region, an institution head's
-    # institution; the page is public for reading like the other operator pages (docs/accounts.md)
+    # institution; the page shows what the caller's role may see of them, in the same scope (docs/statistics.md)
     "GET /api/v1/statistics/devices": roles(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/statistics/verifications": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
     "GET /api/v1/statistics/prescriptions": roles(Role.REGULATOR, Role.INSTITUTION_HEAD),
-    "GET /statistics": PUBLIC,
+    "GET /statistics": page(Role.DEVICE_ADMIN, Role.REGULATOR, Role.INSTITUTION_HEAD),
     # prescriptions and their review (docs/prescriptions.md)
     "POST /his/v1/prescriptions": HIS_CLIENTS,
     "GET /his/v1/prescriptions/{rx_no}": HIS_CLIENTS,
@@ -211,7 +229,8 @@ def matrix_markdown() -> str:
     for key in sorted(ROUTE_POLICIES):
         policy = ROUTE_POLICIES[key]
         if policy.kind == "roles":
-            cells = ["—"] + ["✔" if role in policy.roles else "—" for role in ROLE_COLUMNS]
+            anonymous = "→ /login" if policy.page else "—"
+            cells = [anonymous] + ["✔" if role in policy.roles else "—" for role in ROLE_COLUMNS]
         else:
             cells = [policy.kind] * (len(ROLE_COLUMNS) + 1)
         rows.append(f"| `{key}` | " + " | ".join(cells) + " |")

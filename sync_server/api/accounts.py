@@ -16,7 +16,7 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -25,7 +25,16 @@ from protocol.gm.audit_chain import load_chain_key, verify_chain
 from protocol.gm.errors import CryptoError
 from sync_server import accounts
 from sync_server.accounts import AccountError, PasswordPolicy, Role
-from sync_server.api.deps import ClockDep, PrincipalDep, RuntimeDep, SessionDep, SettingsDep, WriterSessionDep
+from sync_server.api.deps import (
+    ClockDep,
+    PrincipalDep,
+    RuntimeDep,
+    SessionDep,
+    SettingsDep,
+    WriterSessionDep,
+    clear_session_cookie,
+    set_session_cookie,
+)
 from sync_server.api.schemas import ErrorOut, UnprocessableOut
 from sync_server.audit import CHAIN_FILE
 from sync_server.db.models import Account
@@ -169,8 +178,17 @@ def _account_or_404(session: Session, username: str) -> Account:
 
 
 @router.post("/auth/login", response_model=LoginOut, responses={401: {"model": ErrorOut}, 423: {"model": ErrorOut}})
-def login(body: LoginIn, session: WriterSessionDep, runtime: RuntimeDep, clock: ClockDep) -> LoginOut:
-    """Exchange a username and password for a session token. Failures count towards the lockout."""
+def login(
+    body: LoginIn,
+    request: Request,
+    response: Response,
+    session: WriterSessionDep,
+    runtime: RuntimeDep,
+    clock: ClockDep,
+) -> LoginOut:
+    """Exchange a username and password for a session token. Failures count towards the lockout. The token also
+    comes as the HttpOnly, SameSite=Strict page cookie, which opens only the read-only operator pages (and signing
+    out): every action needs the token as `Authorization: Bearer`."""
     policy = runtime.settings.account_policy
     now = clock.now()
     failure: accounts.AuthenticationError | None = None
@@ -198,16 +216,22 @@ def login(body: LoginIn, session: WriterSessionDep, runtime: RuntimeDep, clock: 
             status_code=status.HTTP_401_UNAUTHORIZED, detail=str(failure), headers={"WWW-Authenticate": "Bearer"}
         ) from failure
     runtime.audit.record("auth.login", username=body.username)
+    set_session_cookie(response, request, out.token, out.expires_at - now)
     return out
 
 
 @router.post("/auth/logout", status_code=status.HTTP_204_NO_CONTENT)
-def logout(principal: PrincipalDep, session: WriterSessionDep, clock: ClockDep, runtime: RuntimeDep) -> Response:
+def logout(
+    request: Request, principal: PrincipalDep, session: WriterSessionDep, clock: ClockDep, runtime: RuntimeDep
+) -> Response:
+    """End the caller's login session (the bearer token's, or the page cookie's) and clear the page cookie."""
     if principal.session_id is not None:
         with session.begin():
             accounts.end_session(session, principal.session_id, now=clock.now())
         runtime.audit.record("auth.logout", username=principal.username)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    response = Response(status_code=status.HTTP_204_NO_CONTENT)
+    clear_session_cookie(response, request)
+    return response
 
 
 @router.get("/auth/me", response_model=AccountOut, responses={404: {"model": ErrorOut}})

@@ -20,9 +20,10 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Annotated, Literal
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -39,7 +40,7 @@ from sync_server.accounts import (
     resolve_session,
     touch_session,
 )
-from sync_server.authz import policy_for
+from sync_server.authz import PAGE_COOKIE, Policy, policy_for
 from sync_server.db.models import AdminToken
 from sync_server.errors import IngestError
 from sync_server.identity import token_digest
@@ -274,10 +275,71 @@ def _authenticate_device(request: Request, runtime: ServerRuntime, body: bytes) 
     return caller
 
 
+class PageLoginRequiredError(Exception):
+    """A page was asked for without valid credentials: the app answers 303 to /login?next=<the page>."""
+
+    def __init__(self, next_path: str, *, forget_cookie: bool) -> None:
+        super().__init__(next_path)
+        self.next_path = next_path
+        self.forget_cookie = forget_cookie
+
+
+class PageForbiddenError(Exception):
+    """A signed-in operator whose roles may not read this page (or must change the password first)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def set_session_cookie(response: Response, request: Request, token: str, lifetime: timedelta) -> None:
+    """Give the browser the login session as the page cookie: HttpOnly (no script reads it), SameSite=Strict (no
+    other site's page makes the browser send it), Secure over HTTPS, kept no longer than the session lasts (the
+    server ends an idle session sooner, and then the cookie opens nothing)."""
+    response.set_cookie(
+        PAGE_COOKIE,
+        token,
+        max_age=max(0, int(lifetime.total_seconds())),
+        path="/",
+        secure=request.url.scheme == "https",
+        httponly=True,
+        samesite="strict",
+    )
+
+
+def clear_session_cookie(response: Response, request: Request) -> None:
+    response.delete_cookie(
+        PAGE_COOKIE, path="/", secure=request.url.scheme == "https", httponly=True, samesite="strict"
+    )
+
+
+def _page_credentials(
+    request: Request, policy: Policy, credentials: HTTPAuthorizationCredentials | None
+) -> HTTPAuthorizationCredentials | None:
+    """A bearer token if one was sent, else (on a route that accepts it) the login session cookie as one."""
+    if credentials is not None or not policy.cookie:
+        return credentials
+    token = request.cookies.get(PAGE_COOKIE)
+    if not token or not token.startswith(SESSION_PREFIX):  # only a login session is ever put in the cookie
+        return None
+    return HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
+
+
+def _page_principal(
+    request: Request, runtime: ServerRuntime, policy: Policy, credentials: HTTPAuthorizationCredentials | None
+) -> Principal:
+    try:
+        return _cached_principal(request, runtime, credentials)
+    except HTTPException as exc:
+        if not policy.page or exc.status_code != status.HTTP_401_UNAUTHORIZED:
+            raise
+        raise PageLoginRequiredError(_signed_path(request), forget_cookie=PAGE_COOKIE in request.cookies) from exc
+
+
 def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials, body: RawBody) -> None:
     """The app-wide check of the matched route's policy (`sync_server.authz.ROUTE_POLICIES`). A request carrying
-    `X-HIS-Client` is authenticated by its signature (a HIS client), any other by its bearer token; a
-    `device_session` route by the terminal's signature."""
+    `X-HIS-Client` is authenticated by its signature (a HIS client), any other by its bearer token (or, on a page,
+    the login session cookie); a `device_session` route by the terminal's signature."""
     route = request.scope.get("route")
     policy = policy_for(request.method, route.path) if isinstance(route, APIRoute) else None
     if policy is None:
@@ -292,10 +354,14 @@ def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials, b
         principal = _his_principal(request, runtime, body)
         request.state.principal = principal
     else:
-        principal = _cached_principal(request, runtime, credentials)
+        principal = _page_principal(request, runtime, policy, _page_credentials(request, policy, credentials))
     if principal.must_change_password and not policy.password_change_allowed:
+        if policy.page:
+            raise PageLoginRequiredError(_signed_path(request), forget_cookie=False)
         raise _forbidden("the password has expired or was set by an administrator: change it first")
     if not policy.allows(principal.roles):
+        if policy.page:
+            raise PageForbiddenError(", ".join(sorted(principal.roles)))
         raise _forbidden(
             f"not allowed for role(s) {', '.join(sorted(principal.roles))}; "
             f"this route needs one of {', '.join(sorted(policy.roles))}"

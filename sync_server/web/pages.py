@@ -2,34 +2,51 @@
 events, paged by seq), `GET /bindings` and `GET /statistics` (back-office statistics, D-04), and `GET /login` (the
 sign-in form; static/operator.js signs in through the JSON API and drives the approve / reject / unbind forms).
 
+Every page but /login needs a signed-in operator (the login session cookie, or a bearer token) whose role may read
+the API the page shows, and shows what that API would show the same caller: a regulator its region, an institution
+head its institution, a section of an API the role may not read left out (`sync_server.authz`, policies made with
+`page(...)`). Without credentials `login_redirect` sends the browser to /login and back; a role that may not read a
+page gets `forbidden_page`.
+
 Owns building the page context from the API's query functions and schemas. It must never write or duplicate
 query logic the API already has.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
-from sqlalchemy import func, select
-from sqlalchemy.orm import selectinload
 
 from protocol import PayloadType
 from sync_server.api.binding import application_page, history_page
 from sync_server.api.commands import command_page
-from sync_server.api.deps import ClockDep, SessionDep, SettingsDep
-from sync_server.api.devices import DeviceIdPath, event_page, get_device_or_404, online_clause
+from sync_server.api.deps import (
+    ClockDep,
+    PageForbiddenError,
+    PageLoginRequiredError,
+    Principal,
+    PrincipalDep,
+    RegionDep,
+    SessionDep,
+    SettingsDep,
+    clear_session_cookie,
+)
+from sync_server.api.devices import DeviceIdPath, event_page, get_scoped_device_or_404, list_devices
 from sync_server.api.schemas import DeviceOut
-from sync_server.api.statistics import DaysDep, RegionQuery
-from sync_server.db.models import BindingStatus, Device
+from sync_server.api.statistics import DaysDep, RegionQuery, caller_scope
+from sync_server.authz import ROUTE_POLICIES
+from sync_server.db.models import BindingStatus
+from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
 from sync_server.statistics import (
     MAX_DAYS,
-    Scope,
     device_statistics,
     prescription_filings,
     verification_statistics,
@@ -80,30 +97,31 @@ def _templates(request: Request) -> Jinja2Templates:
     return templates
 
 
+def _may_read(principal: Principal, route: str) -> bool:
+    """Does the caller's role let it read the API route `route` ("METHOD /path")? A page shows a section only then:
+    a page never shows more than its API would."""
+    policy = ROUTE_POLICIES[route]
+    return policy.allows(principal.roles)
+
+
 @router.get("/", response_class=HTMLResponse)
 def devices_page(
     request: Request,
     session: SessionDep,
     clock: ClockDep,
+    region: RegionDep,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> HTMLResponse:
-    now = clock.now()
-    total = session.scalar(select(func.count()).select_from(Device)) or 0
-    online_count = session.scalar(select(func.count()).select_from(Device).where(online_clause(now))) or 0
-    rows = session.scalars(
-        select(Device)
-        .options(selectinload(Device.institution))
-        .order_by(Device.device_id)
-        .limit(PAGE_DEVICES)
-        .offset(offset)
-    )
+    """The devices the caller may see (a regulator: its region's), as the device API lists them."""
+    devices = list_devices(session, clock, region, online=None, limit=PAGE_DEVICES, offset=offset)
+    online = list_devices(session, clock, region, online=True, limit=1, offset=0)
     context: dict[str, Any] = {
-        "devices": [DeviceOut.of(row, now=now) for row in rows],
-        "total": total,
-        "online_count": online_count,
+        "devices": devices.items,
+        "total": devices.total,
+        "online_count": online.total,
         "offset": offset,
         "page_size": PAGE_DEVICES,
-        "now": now,
+        "now": clock.now(),
         "refresh": REFRESH_S,
     }
     return _templates(request).TemplateResponse(request, "devices.html", context)
@@ -116,20 +134,32 @@ def device_page(
     session: SessionDep,
     clock: ClockDep,
     settings: SettingsDep,
+    principal: PrincipalDep,
+    region: RegionDep,
     payload_type: Annotated[PayloadType | None, Query()] = None,
     after_seq: Annotated[int, Query(ge=0)] = 0,
 ) -> HTMLResponse:
+    """One device; its commands and events only for a caller who may read them through the API (device admin)."""
     now = clock.now()
     try:
-        device = get_device_or_404(session, device_id)
+        device = get_scoped_device_or_404(session, device_id, region)
     except HTTPException:
         context = {"device_id": device_id, "now": now}
         return _templates(request).TemplateResponse(request, "not_found.html", context, status_code=404)
-    page = event_page(session, device_id, payload_type=payload_type, after_seq=after_seq, limit=PAGE_EVENTS)
+    page = (
+        event_page(session, device_id, payload_type=payload_type, after_seq=after_seq, limit=PAGE_EVENTS)
+        if _may_read(principal, "GET /api/v1/devices/{device_id}/events")
+        else None
+    )
+    commands = (
+        command_page(session, device_id, limit=PAGE_COMMANDS)
+        if _may_read(principal, "GET /api/v1/devices/{device_id}/commands")
+        else None
+    )
     context = {
         "d": DeviceOut.of(device, now=now),
         "page": page,
-        "commands": command_page(session, device_id, limit=PAGE_COMMANDS),
+        "commands": commands,
         "payload_type": payload_type.value if payload_type is not None else None,
         "payload_types": [t.value for t in PayloadType],
         "after_seq": after_seq,
@@ -143,13 +173,13 @@ PAGE_BINDINGS = 100
 
 
 @router.get("/bindings", response_class=HTMLResponse)
-def bindings_page(request: Request, session: SessionDep, clock: ClockDep) -> HTMLResponse:
-    """Pending binding applications and the binding history (masked and pseudonymous data only). The decide forms
-    are rendered disabled; static/operator.js enables them for a signed-in device_admin and calls the API
-    (docs/binding.md "Approving in the web UI")."""
+def bindings_page(request: Request, session: SessionDep, clock: ClockDep, region: RegionDep) -> HTMLResponse:
+    """Pending binding applications and the binding history (masked and pseudonymous data only; a regulator sees
+    its region's). The decide forms are rendered disabled; static/operator.js enables them for a signed-in
+    device_admin and calls the API (docs/binding.md "Approving in the web UI")."""
     context: dict[str, Any] = {
-        "pending": application_page(session, BindingStatus.PENDING, limit=PAGE_BINDINGS),
-        "history": history_page(session, limit=PAGE_BINDINGS),
+        "pending": application_page(session, BindingStatus.PENDING, region=region, limit=PAGE_BINDINGS),
+        "history": history_page(session, region=region, limit=PAGE_BINDINGS),
         "now": clock.now(),
     }
     return _templates(request).TemplateResponse(request, "bindings.html", context)
@@ -160,17 +190,26 @@ def statistics_page(
     request: Request,
     session: SessionDep,
     clock: ClockDep,
+    principal: PrincipalDep,
     days: DaysDep,
     region: RegionQuery = None,
 ) -> HTMLResponse:
     """Back-office statistics (D-04): devices, verification methods, prescription filings, as tables with bars drawn
-    by CSS (no script, nothing fetched from elsewhere). Unscoped, like the other pages, until there is a login page;
-    `region` narrows it to a 医保区划 prefix."""
-    scope = Scope(region_prefix=region)
+    by CSS (no script, nothing fetched from elsewhere), in the caller's scope exactly as the API counts them (a
+    regulator its region, an institution head its institution); `region` narrows it to a 医保区划 prefix inside
+    that. A section whose API the caller may not read is left out."""
+    try:
+        scope = caller_scope(principal, region)
+    except HTTPException as exc:
+        raise PageForbiddenError(str(exc.detail)) from exc
     context: dict[str, Any] = {
         "devices": device_statistics(session, scope, days, now=clock.now()),
-        "verifications": verification_statistics(session, scope, days),
-        "prescriptions": prescription_filings(session, scope, days),
+        "verifications": verification_statistics(session, scope, days)
+        if _may_read(principal, "GET /api/v1/statistics/verifications")
+        else None,
+        "prescriptions": prescription_filings(session, scope, days)
+        if _may_read(principal, "GET /api/v1/statistics/prescriptions")
+        else None,
         "region": region or "",
         "max_days": MAX_DAYS,
         "now": clock.now(),
@@ -183,4 +222,24 @@ def login_page(request: Request, clock: ClockDep) -> HTMLResponse:
     """The sign-in form (and the change-password form an expired password leads to). The page itself holds nothing:
     static/operator.js calls `POST /api/v1/auth/login` and keeps the token in the tab's sessionStorage
     (docs/accounts.md "Signing in on the web pages")."""
-    return _templates(request).TemplateResponse(request, "login.html", {"now": clock.now()})
+    asked = request.query_params.get("next") is not None
+    return _templates(request).TemplateResponse(request, "login.html", {"now": clock.now(), "asked": asked})
+
+
+async def login_redirect(request: Request, exc: Exception) -> Response:
+    """A page asked for without valid credentials: 303 to /login, which comes back here after signing in (and an
+    ended session's cookie is dropped)."""
+    next_path = exc.next_path if isinstance(exc, PageLoginRequiredError) else "/"
+    response = RedirectResponse(f"/login?next={quote(next_path, safe='')}", status_code=303)
+    if isinstance(exc, PageLoginRequiredError) and exc.forget_cookie:
+        clear_session_cookie(response, request)
+    return response
+
+
+async def forbidden_page(request: Request, exc: Exception) -> Response:
+    """A signed-in operator whose role may not read this page: 403, said in words, with a way to sign in as
+    someone else."""
+    runtime = getattr(request.app.state, "runtime", None)
+    now = runtime.clock.now() if isinstance(runtime, ServerRuntime) else datetime.now(UTC)
+    context = {"now": now, "reason": str(exc)}
+    return _templates(request).TemplateResponse(request, "forbidden.html", context, status_code=403)

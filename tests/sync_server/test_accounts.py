@@ -89,6 +89,9 @@ def accounts_app(engine: Engine, clock: FakeClock, data_dir: Path) -> Iterator[h
 def login(client: httpx.Client, username: str, password: str = GOOD) -> dict[str, str]:
     resp = client.post("/api/v1/auth/login", json={"username": username, "password": password})
     assert resp.status_code == 200, resp.text
+    # The page cookie the login set stays out of the client's jar: the callers here say who they are by the header
+    # they send (tests/sync_server/test_web.py tests the cookie).
+    client.cookies.clear()
     return {"Authorization": f"Bearer {resp.json()['token']}"}
 
 

@@ -164,7 +164,10 @@ def test_every_route_for_every_role(served: Served) -> None:
     for key in keys:
         policy = authz.ROUTE_POLICIES[key]
         for caller in served.callers:
-            status = _request(served.client, key, caller).status_code
+            response = _request(served.client, key, caller)
+            status = response.status_code
+            if status == 303:
+                assert response.headers["location"].startswith("/login?next="), key
             expect_allowed = _expected_allowed(policy, caller)
             if expect_allowed:
                 allowed_cells += 1
@@ -172,6 +175,8 @@ def test_every_route_for_every_role(served: Served) -> None:
                     wrong.append(f"{key} as {caller.label}: {status}, expected allowed")
             else:
                 expected = 401 if caller.roles is None or policy.kind == "device_session" else 403
+                if policy.page and caller.roles is None:
+                    expected = 303  # a page sends the browser to /login instead
                 if status != expected:
                     wrong.append(f"{key} as {caller.label}: {status}, expected {expected}")
     assert wrong == []

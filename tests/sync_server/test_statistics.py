@@ -5,9 +5,7 @@ from the query functions, over real HTTP per role and region scope, and the page
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from playwright.sync_api import sync_playwright
 from pydantic import SecretStr
 from sqlalchemy import Engine
 
@@ -56,7 +55,7 @@ from terminal.pos_api import BuyerMethod
 from terminal.verification import FaceDecision, FaceOutcome
 from tests.http_serving import serving_url
 from tests.sync_server.conftest import BOOT, TEST_ADMIN_TOKEN, FakeClock, envelope, serving
-from tests.sync_server.test_accounts import login, make_account
+from tests.sync_server.test_accounts import GOOD, login, make_account
 
 TZ = ZoneInfo("Asia/Shanghai")
 NOW = datetime(2026, 3, 10, 10, 0, tzinfo=UTC)  # 18:00 in Shanghai on 2026-03-10
@@ -595,9 +594,10 @@ def _cells(html: str, marker: str) -> str:
     return html[start : html.index("</tr>", start)]
 
 
-def test_page_shows_the_three_sections(api: tuple[httpx.Client, Fleet]) -> None:
+def test_page_shows_each_role_what_its_api_shows(api: tuple[httpx.Client, Fleet]) -> None:
     client, _ = api
-    resp = client.get("/statistics", params=RANGE)
+    admin = {"Authorization": f"Bearer {TEST_ADMIN_TOKEN}"}
+    resp = client.get("/statistics", params=RANGE, headers=admin)
     assert resp.status_code == 200
     html = resp.text
     assert 'id="kpi-devices">6<' in html
@@ -606,24 +606,45 @@ def test_page_shows_the_three_sections(api: tuple[httpx.Client, Fleet]) -> None:
     row = _cells(html, 'data-region="310115"')
     assert "50.0%" in row
     assert 'style="width: 50.0%"' in row
-    assert 'data-figure="attempts">4 ' in _cells(html, 'data-method="face_1to1"')
-    assert 'id="kpi-filed">0<' in html
     day9 = _cells(html, 'data-day="2026-03-09"')
     assert 'data-figure="unbinds">1<' in day9
     assert 'data-figure="revoked">1<' in day9
     assert 'data-figure="online-time">2.8% ' in day9
-    scoped = client.get("/statistics", params={**RANGE, "region": "32"}).text
+    # a device admin may read the device figures only (as GET /api/v1/statistics/verifications answers it 403)
+    assert 'id="verifications-section"' not in html
+    assert 'id="prescriptions-section"' not in html
+    assert 'id="sections-hidden"' in html
+    scoped = client.get("/statistics", params={**RANGE, "region": "32"}, headers=admin).text
     assert 'id="kpi-devices">2<' in scoped
     assert 'data-region="310115"' not in scoped
-    assert client.get("/statistics", params={"region": "3"}).status_code == 422
-    assert client.get("/statistics", params={"first_day": "2026-03-10", "last_day": "2026-03-01"}).status_code == 422
+    assert client.get("/statistics", params={"region": "3"}, headers=admin).status_code == 422
+    wrong_range = {"first_day": "2026-03-10", "last_day": "2026-03-01"}
+    assert client.get("/statistics", params=wrong_range, headers=admin).status_code == 422
+    # a regulator: its region, all three sections, the same figures as its API
+    regulator = login(client, "st-regulator")
+    page = client.get("/statistics", params=RANGE, headers=regulator).text
+    methods = client.get("/api/v1/statistics/verifications", headers=regulator, params=RANGE).json()["methods"]
+    face = next(m for m in methods if m["method"] == "face_1to1")
+    assert f'data-figure="attempts">{face["outcome"]["attempts"]} ' in _cells(page, 'data-method="face_1to1"')
+    devices = client.get("/api/v1/statistics/devices", headers=regulator, params=RANGE).json()
+    assert f'id="kpi-devices">{devices["total"]["devices"]}<' in page
+    assert 'id="prescriptions-section"' in page
+    assert client.get("/statistics", params={"region": "32"}, headers=regulator).status_code == 403
+    # an institution head: its institution only
+    head = login(client, "st-head")
+    own = client.get("/api/v1/statistics/devices", headers=head, params=RANGE).json()
+    assert f'id="kpi-devices">{own["total"]["devices"]}<' in client.get("/statistics", params=RANGE, headers=head).text
+    assert client.get("/statistics", headers=login(client, "st-pharmacist")).status_code == 403
 
 
 @pytest.mark.browser
 def test_page_renders_in_chromium(sqlite_engine: Engine, sqlite_url: str, tmp_path: Path) -> None:
+    """The page as a signed-in regulator's browser gets it: through the sign-in page (the page cookie), in the
+    system Chromium."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "Debian package 'chromium' is required (scripts/setup.sh --dev installs it)"
     seed(sqlite_engine)
+    make_account(sqlite_engine, "st-chromium", Role.REGULATOR, region_prefix="31", now=NOW)
     app = create_app(
         ServerSettings(database_url=sqlite_url, data_dir=tmp_path / "data"),
         engine=sqlite_engine,
@@ -631,27 +652,22 @@ def test_page_renders_in_chromium(sqlite_engine: Engine, sqlite_url: str, tmp_pa
         clock=FakeClock(NOW),
     )
     shot = tmp_path / "statistics.png"
-    base = [
-        chromium,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'chromium-profile'}",
-        "--window-size=1400,2400",
-    ]
-    env = {**os.environ, "LANG": "zh_CN.UTF-8"}
-    with serving_url(app, lifespan="on") as url:
-        page = f"{url}/statistics?first_day=2026-03-08&last_day=2026-03-10"
-        dom = subprocess.run(
-            [*base, "--dump-dom", page], capture_output=True, text=True, timeout=60, env=env, check=True
-        ).stdout
-        subprocess.run([*base, f"--screenshot={shot}", page], capture_output=True, timeout=60, env=env, check=True)
-    assert 'id="kpi-devices">6<' in dom
+    with serving_url(app, lifespan="on") as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_context(locale="zh-CN", viewport={"width": 1400, "height": 2400}).new_page()
+            target = "/statistics?first_day=2026-03-08&last_day=2026-03-10"
+            page.goto(url + target)
+            assert page.url.startswith(f"{url}/login?next=")  # not signed in: sent to sign in first
+            page.locator("#login-username").fill("st-chromium")
+            page.locator("#login-password").fill(GOOD)
+            page.locator("#login-password").press("Enter")
+            page.wait_for_url(url + target)
+            dom = page.content()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert 'id="kpi-devices">' in dom
     assert 'data-method="proxy"' in dom
     assert all(section in dom for section in ("设备情况", "验证方式", "处方备案"))
     assert shot.stat().st_size > 10_000  # a real rendering, not an empty image

@@ -1,21 +1,28 @@
 """The server-rendered operator pages: device list (words and colours for online/offline, auto-refresh, stable
-hooks for browser tests), device detail with paged events, 404 page, escaping, static CSS."""
+hooks for browser tests), device detail with paged events, 404 page, escaping, static CSS; and who may read them:
+the login session cookie (HttpOnly, SameSite=Strict) opens the pages and nothing that acts, anonymous browsers are
+sent to /login and back, a role that may not read a page gets a 403 page, a regulator sees its region only."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from html.parser import HTMLParser
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from protocol import AuditEvent, AuditOutcome
+from sync_server.accounts import Role
 from sync_server.app import create_app
+from sync_server.authz import PAGE_COOKIE
 from sync_server.db.engine import create_db_engine, session_factory
 from sync_server.db.migrate import upgrade
 from sync_server.settings import ServerSettings
 from sync_server.store import store_envelopes
-from tests.sync_server.conftest import FLEET_NOW, T0, FakeClock, envelope, seed_fleet, serving
+from tests.sync_server.conftest import FLEET_NOW, T0, TEST_ADMIN_TOKEN, FakeClock, envelope, seed_fleet, serving
+from tests.sync_server.test_accounts import GOOD, make_account
 
 XSS = "<script>alert(1)</script>"
 
@@ -49,11 +56,20 @@ def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
     engine = create_db_engine(db_url)
     try:
         seed_fleet(engine)
+        make_account(engine, "web-admin", Role.DEVICE_ADMIN, now=FLEET_NOW)
+        make_account(engine, "web-reg-sh", Role.REGULATOR, region_prefix="3101", now=FLEET_NOW)
+        make_account(engine, "web-reg-js", Role.REGULATOR, region_prefix="3201", now=FLEET_NOW)
+        make_account(engine, "web-pharm", Role.PHARMACIST, institution_id=1, now=FLEET_NOW)
+        make_account(engine, "web-new", Role.DEVICE_ADMIN, must_change=True, now=FLEET_NOW)
         hostile = AuditEvent(category="system", action=XSS, outcome=AuditOutcome.INFO)
         with session_factory(engine, write_intent=True).begin() as session:
             store_envelopes(session, [envelope("kiosk-004", 1, hostile)], received_at=T0)
         app = create_app(
-            ServerSettings(database_url=db_url, data_dir=tmp_path_factory.mktemp("web-data")),
+            ServerSettings(
+                database_url=db_url,
+                data_dir=tmp_path_factory.mktemp("web-data"),
+                bootstrap_admin_token=SecretStr(TEST_ADMIN_TOKEN),
+            ),
             engine=engine,
             start_ingest=False,
             clock=FakeClock(FLEET_NOW),
@@ -125,3 +141,100 @@ def test_static_css_is_served(client: httpx.Client) -> None:
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/css")
     assert ".status-online" in resp.text
+
+
+# ---------------------------------------------------------------------------------------------------- who may read
+
+
+@contextmanager
+def browser(client: httpx.Client, username: str | None) -> Iterator[httpx.Client]:
+    """A client with no admin header, signed in as `username` (through the login API, which sets the page cookie)
+    or anonymous: what a browser holds."""
+    with httpx.Client(base_url=client.base_url, timeout=10.0) as own:
+        if username is not None:
+            resp = own.post("/api/v1/auth/login", json={"username": username, "password": GOOD})
+            assert resp.status_code == 200, resp.text
+        yield own
+
+
+def test_anonymous_browsers_are_sent_to_login_and_back(client: httpx.Client) -> None:
+    with browser(client, None) as anonymous:
+        for path, back in (("/", "%2F"), ("/statistics?region=31", "%2Fstatistics%3Fregion%3D31")):
+            resp = anonymous.get(path)
+            assert resp.status_code == 303
+            assert resp.headers["location"] == f"/login?next={back}"
+        assert anonymous.get("/devices/kiosk-001").status_code == 303
+        assert anonymous.get("/bindings").status_code == 303
+        login_page = anonymous.get("/login", params={"next": "/"})
+        assert login_page.status_code == 200
+        assert parse(login_page.text).find("p", id="login-asked")
+        assert anonymous.get("/static/style.css").status_code == 200
+
+
+def test_the_login_cookie_opens_the_pages_and_nothing_that_acts(client: httpx.Client) -> None:
+    with browser(client, "web-admin") as admin:
+        cookie = next(c for c in admin.cookies.jar if c.name == PAGE_COOKIE)
+        assert cookie.has_nonstandard_attr("HttpOnly")
+        assert str(cookie.get_nonstandard_attr("SameSite")).lower() == "strict"
+        assert cookie.path == "/"
+        assert not cookie.secure  # plain HTTP here; Secure is set over HTTPS
+        assert (cookie.value or "").startswith("ys_")
+        page = admin.get("/")
+        assert page.status_code == 200
+        assert parse(page.text).find("tr", data_device_id="kiosk-001")
+        assert admin.get("/devices/kiosk-003").status_code == 200
+        assert admin.get("/api/v1/auth/me").json()["username"] == "web-admin"
+        # every API route but /auth/me and /auth/logout ignores the cookie: it cannot make the browser act
+        assert admin.get("/api/v1/devices").status_code == 401
+        assert admin.post("/api/v1/devices/kiosk-001/unbind", json={"reason": "x", "contact": "y"}).status_code == 401
+        # signing out with the cookie alone ends the session and deletes the cookie
+        out = admin.post("/api/v1/auth/logout")
+        assert out.status_code == 204
+        assert PAGE_COOKIE in out.headers["set-cookie"]
+        assert PAGE_COOKIE not in admin.cookies
+        assert admin.get("/").status_code == 303
+
+
+def test_an_ended_or_forged_session_cookie_is_dropped(client: httpx.Client) -> None:
+    with browser(client, None) as forged:
+        forged.cookies.set(PAGE_COOKIE, "ys_" + "0" * 43)
+        resp = forged.get("/")
+        assert resp.status_code == 303
+        assert f'{PAGE_COOKIE}=""' in resp.headers["set-cookie"]
+        forged.cookies.clear()
+        forged.cookies.set(PAGE_COOKIE, TEST_ADMIN_TOKEN)  # only a login session is ever taken from the cookie
+        assert forged.get("/").status_code == 303
+
+
+def test_a_role_that_may_not_read_a_page_gets_a_403_page(client: httpx.Client) -> None:
+    with browser(client, "web-pharm") as pharmacist:
+        resp = pharmacist.get("/")
+        assert resp.status_code == 403
+        assert "无权查看此页面" in resp.text
+        assert parse(resp.text).find("a", id="switch-account", href="/login")
+        assert pharmacist.get("/statistics").status_code == 403
+    with browser(client, "web-new") as must_change:  # an initial password: change it first, on /login
+        assert must_change.get("/").headers["location"] == "/login?next=%2F"
+
+
+def test_a_regulator_sees_its_region_only(client: httpx.Client) -> None:
+    with browser(client, "web-reg-sh") as shanghai:
+        page = parse(shanghai.get("/").text)
+        assert [a["data-device-id"] for a in page.find("tr") if "data-device-id" in a] == ["kiosk-001"]
+        device = shanghai.get("/devices/kiosk-001")
+        assert device.status_code == 200
+        assert parse(device.text).find("p", id="events-hidden")  # device events are the device admin's
+        assert not parse(device.text).find("table", id="events")
+        assert shanghai.get("/devices/kiosk-003").status_code == 404  # bound to no institution in its region
+        stats = parse(shanghai.get("/statistics").text)
+        assert stats.find("section", id="verifications-section")
+        assert shanghai.get("/statistics", params={"region": "32"}).status_code == 403
+    with browser(client, "web-reg-js") as jiangsu:
+        page = parse(jiangsu.get("/").text)
+        assert [a for a in page.find("tr") if "data-device-id" in a] == []
+        assert jiangsu.get("/devices/kiosk-001").status_code == 404
+    with browser(client, "web-admin") as admin:
+        stats = parse(admin.get("/statistics").text)
+        assert not stats.find("section", id="verifications-section")  # not a device admin's API
+        assert stats.find("p", id="sections-hidden")
+        assert parse(admin.get("/devices/kiosk-003").text).find("table", id="events")

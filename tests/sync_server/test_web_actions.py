@@ -29,6 +29,7 @@ from protocol.evidence import sign_device_record
 from protocol.gm.sm2 import SM2PrivateKey
 from sync_server.accounts import Role
 from sync_server.app import create_app
+from sync_server.authz import PAGE_COOKIE
 from sync_server.binding import record_binding_applications
 from sync_server.db.engine import session_factory
 from sync_server.db.models import (
@@ -188,13 +189,11 @@ def test_a_device_admin_approves_rejects_and_unbinds_in_the_browser(
     make_account(engine, ADMIN, Role.DEVICE_ADMIN, name="王小明")
     data_dir = tmp_path / "data"
     with served(engine, db_url, data_dir) as url, browser_page(url) as page:
-        # anonymous: the page reads, the buttons are off and say why
+        # anonymous: the page is not shown; the browser is sent to sign in, and back afterwards
         page.goto(f"{url}/bindings")
-        expect(application_row(page, app_a).get_by_role("button", name="批准")).to_be_disabled()
-        expect(page.locator("#decide-note")).to_contain_text("设备管理员")
-
-        page.get_by_role("link", name="登录").first.click()
         page.wait_for_url(f"{url}/login?next=%2Fbindings")
+        expect(page.locator("#login-asked")).to_be_visible()
+        expect(page.locator(f"#application-{app_a}")).to_have_count(0)
         page.get_by_label("用户名").fill(ADMIN)
         page.locator("#login-password").fill(GOOD)
         page.locator("#login-password").press("Enter")
@@ -205,7 +204,10 @@ def test_a_device_admin_approves_rejects_and_unbinds_in_the_browser(
         expect(page.locator("#decide-note")).to_be_hidden()
         token = page.evaluate("JSON.parse(sessionStorage.getItem('yibao.operator.session')).token")
         assert token.startswith("ys_")
-        assert page.evaluate("document.cookie") == ""
+        assert page.evaluate("document.cookie") == ""  # the page cookie is HttpOnly: no script reads it
+        (cookie,) = page.context.cookies()
+        assert (cookie["name"], cookie["httpOnly"], cookie["sameSite"]) == (PAGE_COOKIE, True, "Strict")
+        assert cookie["value"] == token
         assert page.evaluate("localStorage.length") == 0
         page.screenshot(path=tmp_path / "bindings-signed-in.png", full_page=True)
 
@@ -290,7 +292,9 @@ def test_a_device_admin_approves_rejects_and_unbinds_in_the_browser(
         # signing out ends the server session and forgets the token
         page.get_by_role("button", name="退出登录").click()
         expect(page.locator("#sign-in-link")).to_be_visible()
+        page.wait_for_url(f"{url}/login?next=%2Fdevices%2F{DEVICE_A}")  # the page is closed again
         assert page.evaluate("sessionStorage.getItem('yibao.operator.session')") is None
+        assert page.context.cookies() == []
         me = httpx.get(f"{url}/api/v1/auth/me", headers={"Authorization": f"Bearer {token}"})
         assert me.status_code == 401
 
@@ -418,6 +422,7 @@ def test_without_the_script_the_pages_still_read_and_nothing_can_be_decided(
     sqlite_engine: Engine, sqlite_url: str, tmp_path: Path
 ) -> None:
     applications = seed(sqlite_engine)
+    make_account(sqlite_engine, ADMIN, Role.DEVICE_ADMIN)
     with served(sqlite_engine, sqlite_url, tmp_path / "data") as url:
         with httpx.Client(base_url=url) as http:  # the script is this server's own file, served with the pages
             script = http.get("/static/operator.js")
@@ -427,7 +432,23 @@ def test_without_the_script_the_pages_still_read_and_nothing_can_be_decided(
             assert "localStorage.setItem" not in script.text
             assert "innerHTML" not in script.text
             assert "script-src 'self'" in http.get("/login").text
+            signed_in = http.post("/api/v1/auth/login", json={"username": ADMIN, "password": GOOD})
+            assert signed_in.status_code == 200
         with browser_page(url, javascript=False) as page:
+            # a browser holding the page cookie (signed in with the script, then the script turned off)
+            host = url.split("//", 1)[1].split(":", 1)[0]
+            page.context.add_cookies(
+                [
+                    {
+                        "name": PAGE_COOKIE,
+                        "value": signed_in.json()["token"],
+                        "domain": host,
+                        "path": "/",
+                        "httpOnly": True,
+                        "sameSite": "Strict",
+                    }
+                ]
+            )
             page.goto(f"{url}/bindings")
             row = application_row(page, applications[DEVICE_A])
             expect(row).to_contain_text(DEVICE_A)

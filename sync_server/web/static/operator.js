@@ -6,9 +6,13 @@
  * existing JSON API with `Authorization: Bearer <token>`; the server decides (roles, 409, 422), this file only shows
  * the outcome in Chinese with English beside it.
  *
- * The session token lives in this tab's sessionStorage only (gone when the tab closes; never a cookie, so no other
- * site can make the browser send it). It must never be written to localStorage, a cookie, the URL or the console,
- * and nothing is fetched from anywhere but this server. Text from the server is inserted with textContent only.
+ * The session token for actions lives in this tab's sessionStorage only (gone when the tab closes) and is sent as
+ * `Authorization: Bearer`. The login response also sets the server's HttpOnly, SameSite=Strict page cookie, which
+ * this script cannot read: it opens the read-only pages (and /auth/me, and signing out) but no action, so no other
+ * site can make the browser act for the operator. Only login, logout and /auth/me send cookies (credentials
+ * "same-origin"); every other call omits them. The token must never be written to localStorage, a cookie, the URL
+ * or the console, and nothing is fetched from anywhere but this server. Text from the server is inserted with
+ * textContent only.
  */
 (function () {
   "use strict";
@@ -87,9 +91,10 @@
 
   // ------------------------------------------------------------ the API
 
-  async function api(method, path, body, token) {
+  async function api(method, path, body, token, withCookie) {
     var headers = { Accept: "application/json" };
-    var init = { method: method, headers: headers, credentials: "omit", cache: "no-store" };
+    var credentials = withCookie ? "same-origin" : "omit";
+    var init = { method: method, headers: headers, credentials: credentials, cache: "no-store" };
     if (body !== undefined) {
       headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(body);
@@ -220,7 +225,8 @@
   async function signOut() {
     var session = loadSession();
     clearSession();
-    if (session) await api("POST", "/api/v1/auth/logout", undefined, session.token);
+    // The page cookie too: a tab that holds no token (opened after signing in elsewhere) signs out with it.
+    await api("POST", "/api/v1/auth/logout", undefined, session ? session.token : undefined, true);
     setFlash("已退出登录", "Signed out", "info");
     window.location.reload();
   }
@@ -378,7 +384,7 @@
       var button = document.getElementById("login-submit");
       button.disabled = true;
       say(loginMessage, "正在登录……", "Signing in…", "", "info");
-      var result = await api("POST", "/api/v1/auth/login", { username: username, password: password });
+      var result = await api("POST", "/api/v1/auth/login", { username: username, password: password }, undefined, true);
       button.disabled = false;
       loginForm.elements.password.value = "";
       if (result.status === 200 && result.data && result.data.token) {
@@ -466,7 +472,14 @@
     var session = loadSession();
     renderOperator(session, null);
     enableActions(session);
-    if (!session) return;
+    if (!session) {
+      // Signed in in another tab: the page cookie says who, but this tab holds no token, so actions stay off.
+      var viewer = await api("GET", "/api/v1/auth/me", undefined, undefined, true);
+      if (viewer.status === 200 && viewer.data && window.location.pathname !== "/login") {
+        renderOperator({ username: viewer.data.username, roles: viewer.data.roles }, viewer.data);
+      }
+      return;
+    }
     var me = await api("GET", "/api/v1/auth/me", undefined, session.token);
     if (me.status === 200 && me.data) {
       session.roles = me.data.roles; // the server's word, not what was stored at login
