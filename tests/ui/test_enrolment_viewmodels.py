@@ -9,10 +9,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from terminal.pharmacists import EnrolmentOutcome
 from tests.terminal.conftest import FakeClock
 from tests.ui.test_staff_viewmodels import WANG, FakeBinding, FakePharmacists, FakeReview
 from ui.i18n import text
 from ui.viewmodels.base import inline_runner
+from ui.viewmodels.enrolment import OUTCOME_WORDS
 from ui.viewmodels.kiosk import KioskModel, ScreenName
 from ui.viewmodels.ports import Guidance
 from ui.viewmodels.reverify import CHECK_EVERY_S, REPROMPT_S
@@ -308,3 +310,9 @@ def test_nothing_is_prompted_when_the_check_is_not_due(rig: Rig) -> None:
     assert screen(rig) is ScreenName.ATTRACT
     rig.staff.reverify.open()  # the menu's button does nothing when nothing is due
     assert screen(rig) is ScreenName.ATTRACT
+
+
+def test_every_outcome_of_the_terminal_has_a_shown_value_and_words() -> None:
+    # `ui.staff_services.RuntimeEnrolment` maps the desk's outcome by value: a new outcome must get words here
+    assert {o.value for o in EnrolmentOutcome} == {s.value for s in EnrolmentShown}
+    assert set(OUTCOME_WORDS) == set(EnrolmentShown)
