@@ -25,6 +25,7 @@ from numpy.typing import NDArray
 from pydantic import JsonValue
 
 from drivers.card_reader import CardReaderError, NoCardError, ReaderTimeoutError
+from drivers.idcard import IdCardData, IdCardReader
 from drivers.qr_scanner import MalformedScanError, QrScannerError, ScanTimeoutError
 from models.types import RgbImage
 from protocol import Envelope, SignedRecordKind
@@ -34,9 +35,10 @@ from protocol.pharmacist import SignOutReason
 from protocol.prescription import ReviewOutcome
 from protocol.purchase import person_ref
 from terminal.binding import BindingError, BindingState, apply_for_binding, binding_application_record
+from terminal.config import PharmacistsConfig
 from terminal.errors import TerminalError
 from terminal.evoucher import EVoucherAccepted, RefusalReason
-from terminal.pharmacists import AttendanceResult, LocalSession, OnDuty, PharmacistDesk, PharmacistError
+from terminal.pharmacists import AttendanceResult, Consent, LocalSession, OnDuty, PharmacistDesk, PharmacistError
 from terminal.review import InboxItem, InboxState, ReviewError, ReviewSession
 from terminal.runtime import TerminalRuntime
 from terminal.verification import FaceDecision, FaceOutcome, FaceVerifier, Prompt
@@ -51,9 +53,14 @@ from ui.viewmodels.staff_ports import (
     BindingApplied,
     BindingShown,
     BindingView,
+    ConsentGiven,
+    Enrolled,
+    EnrolmentShown,
     GuidanceSink,
     HeadMethod,
     PharmacistSeen,
+    ReverifyDue,
+    RosterEntry,
     RxDecided,
     RxFinding,
     RxLine,
@@ -232,6 +239,12 @@ class RuntimePharmacists:
     ) -> AttendanceRow:
         note = "staff.note.open" if signed_out is None else NOTES.get(reason or SignOutReason.SIGNED_OUT, "")
         return AttendanceRow(self.times.show(signed_in), self.times.show(signed_out), note)
+
+    # pharmacist face enrolment and re-verification
+    @property
+    def face_lock(self) -> threading.Lock:
+        """The lock around the pharmacists' face verifier, for the other ports that use it."""
+        return self._lock
 
 
 # ---------------------------------------------------------------- prescriptions
@@ -540,6 +553,139 @@ class RuntimeBinding:
         return ref, masked, np.asarray(analysis.template, dtype=np.float32)
 
 
+# ---------------------------------------------------------------- pharmacist face enrolment and re-verification
+
+
+class _CardThenFace:
+    """The ID-card reader as `PharmacistDesk.enrol` reads it, telling the screen the next step once the card is
+    read (the desk goes straight on to the face)."""
+
+    def __init__(self, reader: IdCardReader, step: StepSink) -> None:
+        self.reader = reader
+        self.step = step
+
+    def read_card(self, timeout_s: float = 5.0) -> IdCardData:
+        card = self.reader.read_card(timeout_s)
+        self.step("staff.enrol.step.face")
+        return card
+
+
+class RuntimeEnrolment:
+    """`EnrolmentPort` over the runtime's `PharmacistDesk.enrol`: the ID-card reader of the runtime, the WLT photo
+    decoder given (`decode_photo`, the reader vendor's library; without one enrolment is not offered: no 人证比对)."""
+
+    def __init__(
+        self,
+        runtime: TerminalRuntime,
+        *,
+        decode_photo: IdPhotoDecoder | None = None,
+        face_lock: threading.Lock | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.decode_photo = decode_photo
+        self._lock = face_lock or threading.Lock()
+
+    def available(self) -> str:
+        devices = self.runtime.devices
+        if self.runtime.pharmacists is None:
+            return "staff.reason.unavailable"
+        if devices is None or devices.id_card_reader is None:
+            return "staff.reason.no_id_reader"
+        if self.decode_photo is None:
+            return "staff.reason.no_photo_decoder"
+        return ""
+
+    def roster(self) -> Sequence[RosterEntry]:
+        desk = self.runtime.pharmacists
+        if desk is None:
+            return ()
+        try:
+            members = desk.roster()
+            enrolled = set(desk.templates.subjects())
+        except TerminalError as exc:
+            logger.warning("the pharmacist roster cannot be read: %s", type(exc).__name__)
+            return ()
+        return tuple(RosterEntry(m.code, m.name_masked, m.code in enrolled) for m in members.values())
+
+    def consent_version(self) -> str:
+        config = self.runtime.config.pharmacists
+        return config.consent_version if config is not None else PharmacistsConfig().consent_version
+
+    def enrol(self, code: str, consent: ConsentGiven, step: StepSink, guidance: GuidanceSink) -> Enrolled:
+        desk, devices, decode = self.runtime.pharmacists, self.runtime.devices, self.decode_photo
+        if desk is None or devices is None or devices.id_card_reader is None or decode is None:
+            return Enrolled(None, reason=self.available() or "staff.reason.unavailable")
+        try:
+            with self._lock, prompting(desk.verifier, guidance):
+                result = desk.enrol(
+                    code,
+                    card_reader=_CardThenFace(devices.id_card_reader, step),
+                    decode_photo=decode,
+                    consent=Consent(consent.version, consent.agreed_at),
+                    card_timeout_s=CARD_TIMEOUT_S,
+                )
+        except PharmacistError as exc:  # it could not start: not bound, not on the roster (messages hold no data)
+            logger.info("pharmacist enrolment not started: %s", exc)
+            if desk.institution() is None:
+                return Enrolled(None, reason="staff.reason.not_bound")
+            if desk.store.member(code) is None:
+                return Enrolled(None, reason="staff.reason.not_on_roster")
+            return Enrolled(None, reason="staff.reason.unavailable")
+        except TerminalError as exc:  # the outbox or a store failed
+            logger.warning("pharmacist enrolment failed: %s", type(exc).__name__)
+            return Enrolled(None, reason="staff.reason.unavailable")
+        shown = EnrolmentShown(result.outcome.value)
+        reason = ""
+        if shown is EnrolmentShown.FACE_NOT_ACCEPTED and result.decision is not None:
+            reason = face_reason(result.decision)
+        return Enrolled(shown, uploaded=result.uploaded, reason=reason)
+
+
+class RuntimeReverify:
+    """`ReverifyPort` over `PharmacistDesk.reverification_due` / `reverify` for the pharmacist on duty (`OnDuty`)."""
+
+    def __init__(self, runtime: TerminalRuntime, *, face_lock: threading.Lock | None = None) -> None:
+        self.runtime = runtime
+        self._lock = face_lock or threading.Lock()
+        config = runtime.config.pharmacists
+        self.times = _Times(config.timezone if config is not None else DEFAULT_TZ)
+
+    def _seen(self, desk: PharmacistDesk, code: str) -> PharmacistSeen:
+        member = desk.store.member(code)
+        return PharmacistSeen(code, member.name_masked if member is not None else "***")
+
+    def due(self) -> ReverifyDue | None:
+        desk = self.runtime.pharmacists
+        if desk is None:
+            return None
+        try:
+            due = {s.code for s in desk.reverification_due()}
+            current = OnDuty(desk).current() if due else None
+        except TerminalError as exc:
+            logger.warning("re-verification cannot be checked: %s", type(exc).__name__)
+            return None
+        if current is None or current[0] not in due:
+            return None
+        return ReverifyDue(self._seen(desk, current[0]))
+
+    def reverify(self, code: str, guidance: GuidanceSink) -> AttendanceOutcome:
+        desk = self.runtime.pharmacists
+        if desk is None:
+            return AttendanceOutcome(False, reason="staff.reason.unavailable")
+        try:
+            with self._lock, prompting(desk.verifier, guidance):
+                result = desk.reverify(code)
+        except PharmacistError:  # signed out meanwhile (the closing hour, at another counter)
+            return AttendanceOutcome(False, reason="staff.reason.not_signed_in")
+        except TerminalError as exc:
+            logger.warning("re-verification failed: %s", type(exc).__name__)
+            return AttendanceOutcome(False, reason="staff.reason.unavailable")
+        who = self._seen(desk, code)
+        if result.detail or not result.decision.accepted:
+            return AttendanceOutcome(False, who, reason=face_reason(result.decision))
+        return AttendanceOutcome(True, who, at=self.times.show(self.runtime.clock.now()))
+
+
 def staff_ports(
     runtime: TerminalRuntime,
     *,
@@ -564,4 +710,9 @@ def staff_models(
 ) -> StaffModels:
     """The staff view-models over `runtime`, on the kiosk's navigation and idle timeout."""
     pharmacists, review, binding = staff_ports(runtime, record_signed=record_signed, decode_photo=decode_photo)
-    return build_staff_models(kiosk, pharmacists=pharmacists, review=review, binding=binding)
+    # pharmacist face enrolment and re-verification
+    enrolment = RuntimeEnrolment(runtime, decode_photo=decode_photo, face_lock=pharmacists.face_lock)
+    reverify = RuntimeReverify(runtime, face_lock=pharmacists.face_lock)
+    return build_staff_models(
+        kiosk, pharmacists=pharmacists, review=review, binding=binding, enrolment=enrolment, reverify=reverify
+    )

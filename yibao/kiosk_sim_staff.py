@@ -1,5 +1,6 @@
 """The staff side of the simulated kiosk (`yibao.kiosk_sim`): a pharmacy the terminal can be bound to, one
-pharmacist on its roster with a face template and months of attendance, pending prescriptions with a drug-quantity
+pharmacist on its roster with a face template and months of attendance (and one without a template, whose ID card
+is in the reader, for the face enrolment; re-verification every hour), pending prescriptions with a drug-quantity
 warning, the platform's binding decisions — and the handles the staff screen tour pulls on (`StaffTourRig`).
 
 This is a composition root (it may choose simulators and a signing key); everything personal in it is synthetic.
@@ -35,7 +36,7 @@ from terminal.config import PharmacistsConfig
 from terminal.pharmacists import LocalSession, OnDuty, PharmacistDesk, TemplateState, open_desk
 from terminal.review import ReviewDesk
 from terminal.runtime import TerminalRuntime
-from ui.staff_services import RuntimeBinding
+from ui.staff_services import RuntimeBinding, RuntimeEnrolment
 from ui.viewmodels.models import KioskModels
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,11 @@ PAST_DAYS: Final = 40
 RX_PER_ROUND: Final = 5
 HEAD_PHOTO: Final = "obama/obama_a.jpg"
 """The institution head's ID-card photo (the person the simulated camera shows)."""
+# pharmacist face enrolment and re-verification
+ENROL_CODE: Final = "YS3205830002"
+"""A pharmacist on the roster without a face template: the enrolment screens' subject. Their ID card is the
+simulated reader's card (`synthetic_card(0)`), whose photo is the simulated camera's person (`HEAD_PHOTO`)."""
+REVERIFY_EVERY_MIN: Final = 60
 
 
 @dataclass
@@ -99,6 +105,9 @@ class StaffSim:
         now = self.runtime.clock.now()
         for session in self.desk.store.open_sessions():
             self.desk.store.close_session(session.session_id, now, SignOutReason.SIGNED_OUT)
+        # pharmacist face enrolment and re-verification: the enrolment's subject has no template again
+        self.desk.templates.remove(ENROL_CODE)
+        self.desk.store.set_template_state(ENROL_CODE, TemplateState.NONE)
         self._round += 1
         self._prescriptions(self._round)
 
@@ -132,6 +141,23 @@ class StaffSim:
     def on_duty(self) -> str | None:
         current = OnDuty(self.desk).current()
         return None if current is None else current[0]
+
+    # pharmacist face enrolment and re-verification
+    @property
+    def enrol_code(self) -> str:
+        return ENROL_CODE
+
+    def enrolled(self, code: str) -> tuple[bool, str]:
+        """Whether `code` has a face template here, and when their last recorded consent was given ('' if never)."""
+        consents = self.desk.store.consents(code)
+        return code in self.desk.templates.subjects(), consents[-1].agreed_at.isoformat() if consents else ""
+
+    def make_reverification_due(self) -> None:
+        """Time passes: the pharmacist on duty was last verified one interval ago (their face check is due)."""
+        interval = dt.timedelta(minutes=self.desk.config.reverify_every_min or REVERIFY_EVERY_MIN)
+        back = self.runtime.clock.now() - interval - dt.timedelta(seconds=1)
+        for session in self.desk.store.open_sessions():
+            self.desk.store.verified(session.session_id, back)
 
     # ------------------------------------------------------------------ set-up
 
@@ -226,7 +252,11 @@ def add_staff(
     if face is None or catalogue is None or inbox is None:
         raise RuntimeError("the staff screens need the simulated face pipeline, catalogue and inbox")
     key = SM2PrivateKey.generate()
-    config = PharmacistsConfig(gallery=workdir / "pharmacist_gallery.sqlite3", store=workdir / "pharmacists.sqlite3")
+    config = PharmacistsConfig(
+        gallery=workdir / "pharmacist_gallery.sqlite3",
+        store=workdir / "pharmacists.sqlite3",
+        reverify_every_min=REVERIFY_EVERY_MIN,  # pharmacist face enrolment and re-verification
+    )
     binding = runtime.binding
 
     def institution() -> str | None:
@@ -287,6 +317,9 @@ def _pharmacist(sim: StaffSim) -> None:
         raise RuntimeError("the simulated camera's person has no template to copy")
     desk.templates.enrol(PHARMACIST_CODE, gallery.templates[0])
     desk.store.set_template_state(PHARMACIST_CODE, TemplateState.SYNCED)
+    # pharmacist face enrolment and re-verification: a second pharmacist, not enrolled, whose ID card is the reader's
+    card = synthetic_card(0).masked()
+    desk.store.put_member(ENROL_CODE, card["name"], card["id_number"])
     tz = ZoneInfo(desk.config.timezone)
     today = sim.runtime.clock.now().astimezone(tz).date()
     for back in range(PAST_DAYS, 0, -1):
@@ -311,6 +344,10 @@ def attach_staff(models: KioskModels, sim: StaffSim | None) -> None:
     if isinstance(port, RuntimeBinding):
         port.record_signed = sim.record_signed
         port.decode_photo = sim.decode_photo
+    # pharmacist face enrolment and re-verification
+    enrolment = staff.enrolment.port
+    if isinstance(enrolment, RuntimeEnrolment):
+        enrolment.decode_photo = sim.decode_photo
 
 
 def regenerate_staff_screens(out_dir: Path, *, faces_dir: Path, workdir: Path) -> dict[str, object]:

@@ -22,6 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 FACES = REPO / "tests" / "fixtures" / "faces"
 STAFF_SCREENS = {"staff", "staff_wait", "staff_result", "attendance", "rx_list", "rx_review", "binding"}
+STAFF_SCREENS |= {"enrol_list", "enrol_consent", "reverify"}  # pharmacist face enrolment and re-verification
 FLOWS = {
     "sign_in_unbound": "refused",
     "rx_nobody_on_duty": "refused",
@@ -35,6 +36,12 @@ FLOWS = {
     "sign_out": "ok",
     "sign_out_again": "refused",
     "staff_cleared": "cleared",
+    # pharmacist face enrolment and re-verification
+    "reverify_on_menu": "shown",
+    "reverify": "ok",
+    "enrol_declined": "nothing recorded",
+    "enrol": "ok",
+    "enrol_recorded": "template and consent",
 }
 
 
@@ -66,6 +73,7 @@ def test_every_staff_flow_runs_on_the_simulated_kiosk_in_both_modes(report: dict
         assert int(pages.split("/")[1]) >= 10  # months of attendance: a large, paged list
     # what was signed and queued: two applications, sign-in, two review decisions, sign-out — per mode
     kinds = ["binding_application", "binding_application", "sign_in", "review_decision", "review_decision", "sign_out"]
+    kinds.append("pharmacist_enrolment")  # pharmacist face enrolment (a re-verification is audited, not signed)
     assert report["signed"] == kinds * 2
 
 
@@ -102,3 +110,16 @@ def test_the_screens_say_things_in_words_and_show_only_masked_data(report: dict[
         assert "审核结果：" in texts[("staff_rx_reviewed", mode)]
         assert "无需签退" in texts[("staff_sign_out_refused", mode)]
         assert "尚未绑定药店" in texts[("staff_sign_in_unbound", mode)]
+        # pharmacist face enrolment and re-verification
+        assert "请药师刷脸确认在岗" in texts[("staff_reverify_prompt", mode)]
+        assert "需要刷脸确认在岗：王**" in texts[("staff_menu_reverify", mode)]
+        assert "已确认在岗" in texts[("staff_reverify_done", mode)]
+        assert "YS3205830002" in texts[("staff_enrol_list", mode)]
+        assert "尚未采集人脸" in texts[("staff_enrol_list", mode)]
+        consent = texts[("staff_enrol_consent", mode)]
+        assert "版本 2026-01" in consent
+        assert "离职" in consent
+        assert "不同意" in consent
+        assert "头" in texts[("staff_enrol_wait", mode)]
+        assert "人脸与身份证照片比对一致" in texts[("staff_enrol_done", mode)]
+        assert "下次联网同步" in texts[("staff_enrol_done", mode)]

@@ -33,4 +33,8 @@ SCREENS: Final[dict[ScreenName, tuple[str, str]]] = {
     # national queries (K-11…K-16)
     ScreenName.NATIONAL_ID: ("ui.kiosk.screens.national_id", "NationalIdScreen"),
     ScreenName.NATIONAL_LIST: ("ui.kiosk.screens.national_list", "NationalListScreen"),
+    # pharmacist face enrolment and re-verification
+    ScreenName.ENROL_LIST: ("ui.kiosk.screens.enrol_list", "EnrolListScreen"),
+    ScreenName.ENROL_CONSENT: ("ui.kiosk.screens.enrol_consent", "EnrolConsentScreen"),
+    ScreenName.REVERIFY: ("ui.kiosk.screens.reverify", "ReverifyScreen"),
 }

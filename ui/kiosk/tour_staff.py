@@ -1,7 +1,9 @@
 """The staff part of the screen tour: binding (unbound with whom to contact, the head's application by face + ID
 card and by face + 医保码, pending, rejected with the reason, bound), pharmacist sign-in / sign-out by face and the
 paged attendance records, the prescription list, a review with a quantity warning acknowledged in words and the
-decision confirmed by face, a return with a reason — each screen shot in the tour's current mode and measured
+decision confirmed by face, a return with a reason, the periodic re-verification prompt (left for later, then done
+from the staff menu), a pharmacist's face enrolment (consent declined, then accepted: ID card and face) — each
+screen shot in the tour's current mode and measured
 against the care-mode rules by `ui.kiosk.tour.Tour.shot`.
 
 Owns the staff script and `StaffTourRig`, the simulated pharmacy's handles (the binding decisions the platform
@@ -49,6 +51,17 @@ class StaffTourRig(Protocol):
 
     def face_forward(self) -> None:
         """The next person steps up facing the camera."""
+
+    # pharmacist face enrolment and re-verification
+    @property
+    def enrol_code(self) -> str:
+        """A pharmacist on the roster without a face template whose ID card `place_id_card` puts in the reader."""
+
+    def enrolled(self, code: str) -> tuple[bool, str]:
+        """Whether `code` has a face template, and when their last recorded consent was given ('' if never)."""
+
+    def make_reverification_due(self) -> None:
+        """Time passes: the face check of the pharmacist on duty is due."""
 
 
 class _Staff:
@@ -128,6 +141,7 @@ class _Staff:
         tour._main(m.menu.open)
         tour._wait("staff menu", lambda: not m.menu.state.loading)
         tour.shot("staff_menu_on_duty", ScreenName.STAFF)
+        self.reverify()  # pharmacist face enrolment and re-verification
 
         # Review: the list, the warning acknowledged in words, approval confirmed by face
         self.face_task(partial(m.review.open_list, RxTab.PENDING))  # the pharmacist on duty shows their face first
@@ -177,6 +191,10 @@ class _Staff:
         self.result("sign_out_again")
         tour.shot("staff_sign_out_refused", ScreenName.STAFF_RESULT)
 
+        # pharmacist face enrolment and re-verification (after the sign-out: the enrolled face is the same
+        # simulated person as the first pharmacist's, and `reset` takes it away again for the next mode)
+        self.enrol()
+
         # Home (as the idle timeout does): every staff view-model forgets what it showed
         tour._main(tour.models.kiosk.home)
         tour._on(ScreenName.ATTRACT)
@@ -188,6 +206,63 @@ class _Staff:
             and not m.binding.state.lines
         )
         tour._flow("staff_cleared", "cleared" if cleared else "kept")
+
+    # pharmacist face enrolment and re-verification
+
+    def reverify(self) -> None:
+        """The on-duty pharmacist's face check falls due: the prompt over the attract screen, left for later, still
+        on the staff menu, done from there."""
+        tour, m, rig = self.tour, self.m, self.rig
+        rig.make_reverification_due()
+        tour._main(tour.models.kiosk.home)
+        tour._on(ScreenName.ATTRACT)
+        tour._main(m.reverify.check_soon)  # the timer asks at the next tick
+        tour.shot("staff_reverify_prompt", ScreenName.REVERIFY)
+        tour._main(m.reverify.later)
+        tour._on(ScreenName.ATTRACT)
+        tour._main(m.menu.open)
+        tour._wait("staff menu", lambda: not m.menu.state.loading)
+        tour._flow("reverify_on_menu", "shown" if m.menu.state.reverify else "missing")
+        tour.shot("staff_menu_reverify", ScreenName.STAFF)
+        tour._main(m.reverify.open)
+        tour._on(ScreenName.REVERIFY)
+        self.face_task(m.reverify.verify)
+        self.result("reverify")
+        tour.shot("staff_reverify_done", ScreenName.STAFF_RESULT)
+
+    def enrol(self) -> None:
+        """The roster, the consent declined (nothing recorded), then accepted: the ID card, the face, the result."""
+        tour, m, rig = self.tour, self.m, self.rig
+        code = rig.enrol_code
+        tour._main(m.menu.open)
+        tour._wait("staff menu", lambda: not m.menu.state.loading)
+        tour._main(m.enrolment.open)
+        tour._wait("the roster", lambda: not m.enrolment.state.loading and bool(m.enrolment.state.rows))
+        tour.shot("staff_enrol_list", ScreenName.ENROL_LIST)
+        before = rig.enrolled(code)
+        tour._main(partial(m.enrolment.choose, code))
+        tour.shot("staff_enrol_consent", ScreenName.ENROL_CONSENT)
+        tour._main(m.enrolment.decline)
+        tour._on(ScreenName.STAFF)
+        after = rig.enrolled(code)
+        tour._flow("enrol_declined", "nothing recorded" if after == before and not after[0] else "recorded")
+        tour._main(m.enrolment.open)
+        tour._wait("the roster", lambda: not m.enrolment.state.loading and bool(m.enrolment.state.rows))
+        tour._main(partial(m.enrolment.choose, code))
+        tour._on(ScreenName.ENROL_CONSENT)
+        tour.rig.remove_cards()
+        tour.rig.place_id_card()
+        tour.rig.hold_face_at_challenge()
+        self.face_task(m.enrolment.accept)
+        try:
+            tour._wait("the enrolment's face challenge", lambda: "头" in m.task.state.guidance, FACE_WAIT_S)
+            tour.shot("staff_enrol_wait", ScreenName.STAFF_WAIT)
+        finally:
+            tour.rig.release_face()
+        self.result("enrol")
+        tour.shot("staff_enrol_done", ScreenName.STAFF_RESULT)
+        enrolled, consent = rig.enrolled(code)
+        tour._flow("enrol_recorded", "template and consent" if enrolled and consent != before[1] else "missing")
 
 
 def visit_staff(tour: Tour) -> None:

@@ -53,6 +53,10 @@ class ScreenName(StrEnum):
     # national queries (K-11…K-16)
     NATIONAL_ID = "national_id"
     NATIONAL_LIST = "national_list"
+    # pharmacist face enrolment and re-verification
+    ENROL_LIST = "enrol_list"
+    ENROL_CONSENT = "enrol_consent"
+    REVERIFY = "reverify"
 
 
 ENGLISH_SCREENS: Final = frozenset({ScreenName.MAINTENANCE_LOGIN, ScreenName.MAINTENANCE})

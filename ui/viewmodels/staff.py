@@ -7,15 +7,34 @@ Owns `StaffMenuViewModel` and `StaffModels` (pharmacist, review, binding and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from ui.i18n import text
 from ui.viewmodels.base import Observable, Runner, thread_runner
 from ui.viewmodels.binding import BindingViewModel
+
+# pharmacist face enrolment and re-verification
+from ui.viewmodels.enrolment import EnrolmentViewModel
 from ui.viewmodels.kiosk import KioskModel, KioskState, ScreenName
 from ui.viewmodels.pharmacist import PharmacistViewModel
+from ui.viewmodels.reverify import ReverifyViewModel
 from ui.viewmodels.review import ReviewViewModel
-from ui.viewmodels.staff_ports import BindingPort, BindingShown, PharmacistPort, ReviewPort
+from ui.viewmodels.staff_ports import (
+    AttendanceOutcome,
+    BindingPort,
+    BindingShown,
+    ConsentGiven,
+    Enrolled,
+    EnrolmentPort,
+    GuidanceSink,
+    PharmacistPort,
+    ReverifyDue,
+    ReverifyPort,
+    ReviewPort,
+    RosterEntry,
+    StepSink,
+)
 from ui.viewmodels.staff_task import StaffTask
 
 
@@ -27,6 +46,9 @@ class StaffMenuState:
     pharmacists_ok: bool = False
     review_ok: bool = False
     loading: bool = False
+    # pharmacist face enrolment and re-verification
+    reverify: str = ""
+    """'需要刷脸确认在岗：…' while the on-duty pharmacist's periodic face check is due; '' otherwise."""
 
 
 class StaffMenuViewModel(Observable[StaffMenuState]):
@@ -40,6 +62,8 @@ class StaffMenuViewModel(Observable[StaffMenuState]):
         self.binding = binding
         self.runner = runner
         self._query = 0
+        # pharmacist face enrolment and re-verification
+        self.reverify: ReverifyViewModel | None = None
         kiosk.holds_personal_data(self)
 
     def open(self) -> None:
@@ -59,6 +83,8 @@ class StaffMenuViewModel(Observable[StaffMenuState]):
         who = self.pharmacists.on_duty() if pharmacists_ok else None
         status = self.binding.status()
         pending = len(self.review.pending()) if review_ok else 0
+        if self.reverify is not None:  # pharmacist face enrolment and re-verification
+            self.reverify.check_now()
         if query != self._query:
             return
         if not pharmacists_ok:
@@ -77,8 +103,43 @@ class StaffMenuViewModel(Observable[StaffMenuState]):
                 pending=text("staff.menu.pending", count=pending) if review_ok else text("staff.menu.no_review"),
                 pharmacists_ok=pharmacists_ok,
                 review_ok=review_ok,
+                reverify=self.reverify.state.menu_line if self.reverify is not None else "",
             )
         )
+
+    # pharmacist face enrolment and re-verification
+    def reverify_changed(self, line: str) -> None:
+        """The periodic face check became due (or was done) while the menu shows."""
+        state = self.state
+        if state.reverify != line and not state.loading and (state.on_duty or state.binding):
+            self._set(replace(state, reverify=line))
+
+
+# pharmacist face enrolment and re-verification
+class NoEnrolment:
+    """`EnrolmentPort` of a kiosk without one: the screen says so."""
+
+    def available(self) -> str:
+        return "staff.reason.unavailable"
+
+    def roster(self) -> Sequence[RosterEntry]:
+        return ()
+
+    def consent_version(self) -> str:
+        return ""
+
+    def enrol(self, code: str, consent: ConsentGiven, step: StepSink, guidance: GuidanceSink) -> Enrolled:
+        return Enrolled(None, reason="staff.reason.unavailable")
+
+
+class NoReverify:
+    """`ReverifyPort` of a kiosk without periodic re-verification: never due."""
+
+    def due(self) -> ReverifyDue | None:
+        return None
+
+    def reverify(self, code: str, guidance: GuidanceSink) -> AttendanceOutcome:
+        return AttendanceOutcome(False, reason="staff.reason.unavailable")
 
 
 @dataclass
@@ -88,14 +149,19 @@ class StaffModels:
     pharmacist: PharmacistViewModel
     review: ReviewViewModel
     binding: BindingViewModel
+    # pharmacist face enrolment and re-verification
+    enrolment: EnrolmentViewModel = field(kw_only=True)
+    reverify: ReverifyViewModel = field(kw_only=True)
 
     def tick(self) -> None:
         self.task.tick()
+        self.reverify.tick()  # pharmacist face enrolment and re-verification
 
     def repage(self) -> None:
         """The care mode changed: the lists page again with their care-mode page sizes."""
         self.pharmacist.repage()
         self.review.repage()
+        self.enrolment.repage()  # pharmacist face enrolment and re-verification
 
 
 def build_staff_models(
@@ -105,15 +171,34 @@ def build_staff_models(
     review: ReviewPort,
     binding: BindingPort,
     runner: Runner = thread_runner,
+    # pharmacist face enrolment and re-verification
+    enrolment: EnrolmentPort | None = None,
+    reverify: ReverifyPort | None = None,
 ) -> StaffModels:
     task = StaffTask(kiosk, runner)
+    menu = StaffMenuViewModel(kiosk, pharmacists, review, binding, runner)
+    pharmacist = PharmacistViewModel(kiosk, pharmacists, task, runner)
     models = StaffModels(
-        menu=StaffMenuViewModel(kiosk, pharmacists, review, binding, runner),
+        menu=menu,
         task=task,
-        pharmacist=PharmacistViewModel(kiosk, pharmacists, task, runner),
+        pharmacist=pharmacist,
         review=ReviewViewModel(kiosk, review, task, runner),
         binding=BindingViewModel(kiosk, binding, task, runner),
+        # pharmacist face enrolment and re-verification
+        enrolment=EnrolmentViewModel(
+            kiosk,
+            enrolment if enrolment is not None else NoEnrolment(),
+            task,
+            runner,
+            back=menu.open,
+            sign_in=pharmacist.sign_in,
+        ),
+        reverify=ReverifyViewModel(
+            kiosk, reverify if reverify is not None else NoReverify(), task, runner, back=menu.open
+        ),
     )
+    menu.reverify = models.reverify
+    models.reverify.subscribe(lambda state: menu.reverify_changed(state.menu_line))
     care = [kiosk.care_mode]
 
     def on_kiosk(state: KioskState) -> None:

@@ -9,6 +9,7 @@ Reasons are i18n keys (`staff.reason.*`).
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -212,3 +213,74 @@ class BindingPort(Protocol):
     def apply(
         self, institution_code: str, method: HeadMethod, step: StepSink, guidance: GuidanceSink
     ) -> BindingApplied: ...
+
+
+# ---------------------------------------------------------------- pharmacist face enrolment and re-verification
+
+
+@dataclass(frozen=True)
+class RosterEntry:
+    """One pharmacist of the roster as the enrolment list shows them: 医保药师代码 and masked name only."""
+
+    code: str
+    masked_name: str
+    enrolled: bool
+    """This terminal holds a face template for them."""
+
+
+@dataclass(frozen=True)
+class ConsentGiven:
+    """The pharmacist accepted the consent text of `version` at `agreed_at` (the kiosk's wall clock)."""
+
+    version: str
+    agreed_at: dt.datetime
+
+
+class EnrolmentShown(StrEnum):
+    """The enrolment's outcome (values as `terminal.pharmacists.EnrolmentOutcome`)."""
+
+    ENROLLED = "enrolled"
+    CARD_UNREADABLE = "card_unreadable"
+    CARD_NOT_THE_PHARMACISTS = "card_not_the_pharmacists"
+    ID_PHOTO_UNUSABLE = "id_photo_unusable"
+    FACE_NOT_ACCEPTED = "face_not_accepted"
+    ID_PHOTO_MISMATCH = "id_photo_mismatch"
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """`outcome` None: the enrolment could not start (`reason` says why). For `face_not_accepted`, `reason` says
+    what the face pipeline saw (liveness, timeout, camera)."""
+
+    outcome: EnrolmentShown | None
+    uploaded: bool = False
+    """Enrolled and the template is on the server; False: uploaded at the next roster sync."""
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class ReverifyDue:
+    """The on-duty pharmacist whose periodic face check is due."""
+
+    who: PharmacistSeen
+
+
+class EnrolmentPort(Protocol):
+    def available(self) -> str:
+        """'' when enrolment works here; otherwise the reason (an i18n key): no pharmacists, no ID-card reader, no
+        ID-photo decoder."""
+
+    def roster(self) -> Sequence[RosterEntry]: ...
+
+    def consent_version(self) -> str: ...
+
+    def enrol(self, code: str, consent: ConsentGiven, step: StepSink, guidance: GuidanceSink) -> Enrolled:
+        """Read the ID card (`step` says so), then the live face (`step` again), 人证比对, consent and signed record."""
+
+
+class ReverifyPort(Protocol):
+    def due(self) -> ReverifyDue | None:
+        """The pharmacist on duty when their periodic face check is due (None: nobody, not due, or switched off)."""
+
+    def reverify(self, code: str, guidance: GuidanceSink) -> AttendanceOutcome:
+        """1:1 face check of `code`; not accepted closes their session (`reason` says why)."""
