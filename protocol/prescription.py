@@ -31,6 +31,7 @@ from protocol.drug_rules import RuleAction, RuleKind, Sex
 from protocol.envelope import ContractError, DeviceId, summarise_validation_error
 from protocol.gm.records import canonical_json
 from protocol.gm.sm3 import sm3_digest
+from protocol.purchase import PersonRef
 
 MAX_LINES: Final = 50
 MAX_PENDING: Final = 200
@@ -108,6 +109,12 @@ class Prescription(_Closed):
         "number.",
     )
     patient_masked: str | None = Field(default=None, max_length=50, description="Masked patient name, e.g. '李*'.")
+    patient_person_ref: PersonRef | None = Field(
+        default=None,
+        description="The patient's `person_ref` (32 hex digits of HMAC-SM3 over 'psn_cert_type:certno', "
+        "docs/his-integration.md): the same reference the purchases carry, so the drug rules' period limits "
+        "count the patient's earlier purchases at review (K-35, P-05). Never the number itself.",
+    )
     patient_age_years: int | None = Field(default=None, ge=0, le=150, description="For age rules (P-05).")
     patient_sex: Sex | None = Field(default=None, description="性别 (gend 1/2), for sex rules (P-05).")
     diagnosis_codes: list[_Code20] = Field(default_factory=list, max_length=20, description="诊断代码 (ICD-10).")

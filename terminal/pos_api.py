@@ -52,8 +52,7 @@ from drivers.card_reader import (
     id_sex_digit_is_male,
 )
 from drivers.qr_scanner import MalformedScanError, QrScannerError, ScanTimeoutError
-from protocol import AuditEvent, AuditOutcome, Clock, ContractError, SignedRecordKind
-from protocol.catalogue import DrugEntry
+from protocol import AuditEvent, AuditOutcome, Clock, SignedRecordKind
 from protocol.drug_rules import (
     DrugRuleSet,
     Evaluation,
@@ -67,14 +66,12 @@ from protocol.drug_rules import (
 )
 from protocol.gm.sm3 import mac_equal, sm3_digest
 from protocol.purchase import (
-    MAX_HISTORY_DAYS,
     AgentKind,
     PosVerificationRecord,
     ProxyEvidence,
     RuleFindingRef,
     VerificationMethod,
     VerificationOutcome,
-    parse_purchase_history,
 )
 from protocol.request_signing import RequestAuthError, verify_signed_request
 from terminal.catalogue import CatalogueError
@@ -83,6 +80,7 @@ from terminal.devices import KioskDevices
 from terminal.errors import TerminalError
 from terminal.evoucher import EVoucherAccepted, EVoucherService, mask_id_number, mask_name
 from terminal.proxy import ProxyRegistry, SqliteProxyRegistry, person_ref
+from terminal.purchase_history import PurchaseHistorySource, ServerPurchaseHistory
 from terminal.runtime import TerminalRuntime
 from terminal.verification import FaceDecision, FaceOutcome, FaceVerifier
 
@@ -689,65 +687,6 @@ class DrugRules(Protocol):
     ) -> ProposedLine: ...
 
     def evaluate(self, proposal: Proposal) -> Evaluation: ...
-
-
-HISTORY_PATH: Final = "/device/v1/purchase-history"
-
-
-class PurchaseHistorySource(Protocol):
-    """A person's earlier purchases for the period rules (`ServerPurchaseHistory`); None when unavailable."""
-
-    def lines(self, person_ref: str, *, at: datetime) -> tuple[HistoryLine, ...] | None: ...
-
-
-class ServerPurchaseHistory:
-    """The platform's lookback (`GET /device/v1/purchase-history`): every institution's registered purchases of the
-    person in the last `days` days, drug codes resolved to generic names through the catalogue (`drug`), so rules
-    keyed on a generic name count other manufacturers' packs too. A failure is logged (never with the reference)
-    and answered None: the verification goes on, and says the period rules saw this purchase only."""
-
-    def __init__(
-        self,
-        source: JsonSource,
-        drug: Callable[[str], DrugEntry | None],
-        *,
-        days: int = MAX_HISTORY_DAYS,
-    ) -> None:
-        self._source = source
-        self._drug = drug
-        self._days = days
-
-    def lines(self, person_ref: str, *, at: datetime) -> tuple[HistoryLine, ...] | None:
-        try:
-            raw = self._source.get_json(HISTORY_PATH, {"person_ref": person_ref, "days": str(self._days)})
-            history = parse_purchase_history(raw)
-        except (TerminalError, ContractError) as exc:  # the server away or refusing, or a broken answer
-            logger.warning("purchase history lookback failed: %s", type(exc).__name__)
-            return None
-        if history.person_ref != person_ref:
-            logger.warning("purchase history lookback answered for another person: ignored")
-            return None
-        found: list[HistoryLine] = []
-        for line in history.lines:
-            if line.settled_at > at:
-                continue
-            entry = self._drug(line.med_list_codg)
-            found.append(
-                HistoryLine(
-                    purchase_ref=f"server:{line.purchase_id}",
-                    at=line.settled_at,
-                    drug_code=line.med_list_codg,
-                    generic_name="" if entry is None else entry.generic_name,
-                    quantity=math.ceil(line.quantity - 1e-9),
-                )
-            )
-        return tuple(found)
-
-
-class JsonSource(Protocol):
-    """The device-authenticated server API (`terminal.server_api.ServerApi`): a signed GET returning decoded JSON."""
-
-    def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any: ...
 
 
 def person_facts(identity: BuyerIdentity, on: datetime) -> PersonFacts:

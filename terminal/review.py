@@ -41,6 +41,7 @@ from protocol.drug_rules import (
     DrugRuleSet,
     Evaluation,
     Finding,
+    HistoryLine,
     PersonFacts,
     Proposal,
     ProposedLine,
@@ -61,6 +62,7 @@ from protocol.prescription import (
 )
 from terminal.commands import CommandHandler, HandlerOutcome
 from terminal.errors import TerminalError
+from terminal.purchase_history import PurchaseHistorySource
 from terminal.verification import FaceDecision
 
 logger = logging.getLogger(__name__)
@@ -462,6 +464,18 @@ RecordSigned = Callable[[SignedRecordKind, dict[str, JsonValue]], Envelope]
 """`TerminalRuntime.record_signed`."""
 
 
+class HistoryUse(StrEnum):
+    """What the period and refill rules saw of the patient's earlier purchases at this review."""
+
+    SERVER = "server"
+    """The platform's lookback (every institution, the last six months) by the prescription's `patient_person_ref`."""
+    UNAVAILABLE = "unavailable"
+    """The prescription names the patient, but the lookback failed or this terminal has no server: this prescription
+    only."""
+    NOT_IDENTIFIED = "not_identified"
+    """HIS sent no `patient_person_ref`: this prescription only."""
+
+
 @dataclass
 class ReviewSession:
     """One prescription open for review by one pharmacist: the rule findings and which were acknowledged."""
@@ -472,6 +486,8 @@ class ReviewSession:
     evaluation: Evaluation
     unknown_drugs: tuple[str, ...]
     """Drug codes the held catalogue does not list (their generic name is taken from the prescription)."""
+    history: HistoryUse = HistoryUse.NOT_IDENTIFIED
+    """Whether the period rules counted the patient's earlier purchases or this prescription only."""
     acknowledged: set[str] = field(default_factory=set)
 
     @property
@@ -510,7 +526,9 @@ class ReviewResult:
     record: ReviewDecisionRecord | None = None
 
 
-def _proposal(prescription: Prescription, rules: ReviewRules, at: datetime) -> tuple[Proposal, tuple[str, ...]]:
+def _proposal(
+    prescription: Prescription, rules: ReviewRules, at: datetime, history: tuple[HistoryLine, ...]
+) -> tuple[Proposal, tuple[str, ...]]:
     lines: list[ProposedLine] = []
     unknown: list[str] = []
     for line in prescription.lines:
@@ -526,8 +544,8 @@ def _proposal(prescription: Prescription, rules: ReviewRules, at: datetime) -> t
                 amount = drug.price_fen * line.quantity
         lines.append(ProposedLine(line.drug_code, generic, line.quantity, line.days_supply, amount))
     person = PersonFacts(prescription.patient_age_years, prescription.patient_sex)
-    # No purchase history on the terminal yet: period and refill rules see this prescription only (docs gap).
-    return Proposal(RuleStage.REVIEW, at, person, tuple(lines), has_prescription=True), tuple(unknown)
+    proposal = Proposal(RuleStage.REVIEW, at, person, tuple(lines), has_prescription=True, history=history)
+    return proposal, tuple(unknown)
 
 
 def _shown(finding: Finding, acknowledged: set[str]) -> FindingShown:
@@ -567,9 +585,14 @@ class ReviewDesk:
         face: FaceConfirmer,
         record_signed: RecordSigned,
         clock: Clock,
+        *,
+        history: PurchaseHistorySource | None = None,
     ) -> None:
+        """`history`: the platform's purchase lookback (`ServerPurchaseHistory`), asked at `open` for a prescription
+        that names its patient (`patient_person_ref`), so the period rules count the patient's earlier purchases."""
         self._inbox = inbox
         self._rules = rules
+        self._history = history
         self._pharmacist = pharmacist
         self._face = face
         self._record_signed = record_signed
@@ -589,7 +612,9 @@ class ReviewDesk:
             raise ReviewError(f"prescription {prescription_id} is not in this terminal's inbox")
         if item.state is not InboxState.PENDING:
             raise ReviewError(f"prescription {item.prescription.rx_no} is reviewed already")
-        proposal, unknown = _proposal(item.prescription, self._rules, self._clock.now())
+        now = self._clock.now()
+        earlier, used = self._earlier_purchases(item.prescription, now)
+        proposal, unknown = _proposal(item.prescription, self._rules, now, earlier)
         rule_set = self._rules.rule_set
         return ReviewSession(
             item=item.pending,
@@ -597,7 +622,19 @@ class ReviewDesk:
             rule_set_version=None if rule_set is None else rule_set.version,
             evaluation=self._rules.evaluate(proposal),
             unknown_drugs=unknown,
+            history=used,
         )
+
+    def _earlier_purchases(
+        self, prescription: Prescription, at: datetime
+    ) -> tuple[tuple[HistoryLine, ...], HistoryUse]:
+        ref = prescription.patient_person_ref
+        if ref is None:
+            return (), HistoryUse.NOT_IDENTIFIED
+        lines = None if self._history is None else self._history.lines(ref, at=at)
+        if lines is None:
+            return (), HistoryUse.UNAVAILABLE
+        return lines, HistoryUse.SERVER
 
     def decide(self, session: ReviewSession, decision: ReviewOutcome, reasons: list[str]) -> ReviewResult:
         """Confirm `decision` by the pharmacist's face and record it signed (P-04). Refuses (`ReviewError`, nothing

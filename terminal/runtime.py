@@ -61,6 +61,7 @@ from terminal.pharmacists import (
     open_desk,
 )
 from terminal.proxy import ProxyRelationshipsHandler, ProxyRelationshipSync, SqliteProxyRegistry
+from terminal.purchase_history import ServerPurchaseHistory
 from terminal.review import InboxRefresher, PrescriptionInbox, ReviewDesk, open_inbox, review_handlers
 from terminal.server_api import ServerApi
 from terminal.session import SessionManager, TerminalSecurity
@@ -377,6 +378,10 @@ def build_runtime(
                 runtime.pharmacists.verifier,
                 runtime.record_signed,
                 runtime.clock,
+                # the patient's earlier purchases for the period rules, from the platform (K-35)
+                history=None
+                if runtime.server_api is None
+                else ServerPurchaseHistory(runtime.server_api, runtime.catalogue.drug),
             )
     return runtime
 

@@ -366,6 +366,8 @@ CATALOGUES: Final[dict[Locale, dict[str, str]]] = {
         "staff.reverify.closed": "本次在岗已结束（已自动签退），请重新签到。",
         "voice.enrol.consent": "请阅读人脸采集告知，同意后开始采集",
         "voice.reverify": "请药师刷脸确认在岗",
+        # review-stage period rules (the patient's earlier purchases)
+        "staff.rx.notice.no_history": "未查询既往购药记录：期间限量只计本处方",
     },
     Locale.EN: {
         "app.title": "Medical insurance self-service",
@@ -714,6 +716,8 @@ CATALOGUES: Final[dict[Locale, dict[str, str]]] = {
         "staff.reverify.closed": "Your session has ended (signed out); please sign in again.",
         "voice.enrol.consent": "Please read the face enrolment notice",
         "voice.reverify": "Pharmacist, please confirm you are on duty",
+        # review-stage period rules (the patient's earlier purchases)
+        "staff.rx.notice.no_history": "Earlier purchases not looked up: period limits count this prescription only",
     },
 }
 

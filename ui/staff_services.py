@@ -39,7 +39,7 @@ from terminal.config import PharmacistsConfig
 from terminal.errors import TerminalError
 from terminal.evoucher import EVoucherAccepted, RefusalReason
 from terminal.pharmacists import AttendanceResult, Consent, LocalSession, OnDuty, PharmacistDesk, PharmacistError
-from terminal.review import InboxItem, InboxState, ReviewError, ReviewSession
+from terminal.review import HistoryUse, InboxItem, InboxState, ReviewError, ReviewSession
 from terminal.runtime import TerminalRuntime
 from terminal.verification import FaceDecision, FaceOutcome, FaceVerifier, Prompt
 from ui.i18n import text
@@ -366,6 +366,7 @@ class RuntimeReview:
             lines,
             tuple(_finding(f) for f in session.findings),
             len(session.unknown_drugs),
+            history_checked=session.history is HistoryUse.SERVER,
         )
 
     def decide(

@@ -20,7 +20,7 @@ import secrets
 import socket
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,7 +31,7 @@ from sqlalchemy import func, select
 
 from drivers.idcard import IdCardData
 from hardware_sim.camera_sim import SimulatedCamera, load_rgb
-from hardware_sim.evoucher import synthetic_insured
+from hardware_sim.evoucher import Insured, synthetic_insured
 from hardware_sim.fleet import enrol_fleet
 from hardware_sim.idcard_sim import synthetic_card
 from hardware_sim.kiosk_rig import KioskSimulatorRig, start_kiosk_simulators
@@ -40,6 +40,7 @@ from models.types import RgbImage
 from protocol.binding import ApplicantVerification
 from protocol.gm.sm3 import sm3_digest
 from protocol.prescription import ReviewOutcome
+from protocol.purchase import person_ref
 from protocol.request_signing import signed_headers
 from terminal.binding import BindingState, apply_for_binding, binding_application_record
 from terminal.config import load_terminal_config
@@ -47,6 +48,7 @@ from terminal.devices import open_devices, open_evoucher_platform
 from terminal.identity import SecurityLog
 from terminal.pharmacists import Consent
 from terminal.pos_api import attach_pos_api
+from terminal.review import HistoryUse
 from terminal.runtime import TerminalRuntime, build_runtime
 from terminal.session import TerminalSecurity
 from yibao.sim_day import REGION, HisClient, Ledger, SimDayOptions, SimError, wait_for
@@ -397,14 +399,16 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
     # ------------------------------------------------------------------ the day
 
     def day(self) -> None:
-        for kiosk in self.kiosks:
-            self._prescriptions(kiosk)
         citizens = synthetic_insured(self.options.purchases_per_institution * len(self.kiosks), seed=self.options.seed)
+        per = self.options.purchases_per_institution
         for i, kiosk in enumerate(self.kiosks):
-            start = i * self.options.purchases_per_institution
-            self._purchases(kiosk, citizens[start : start + self.options.purchases_per_institution])
+            self._prescriptions(kiosk, citizens[i * per : (i + 1) * per])
+        for i, kiosk in enumerate(self.kiosks):
+            self._purchases(kiosk, citizens[i * per : (i + 1) * per])
 
-    def _prescriptions(self, kiosk: Kiosk) -> None:
+    def _prescriptions(self, kiosk: Kiosk, patients: Sequence[Insured]) -> None:
+        """HIS registers the morning's prescriptions; those of the town's citizens name them by `person_ref`, so
+        the review's period rules ask the platform for their earlier purchases."""
         his = self.his[kiosk.institution_code]
         for n in range(self.options.prescriptions_per_institution):
             rx_no = f"RX{kiosk.institution_code[-5:]}{n + 1:05d}"
@@ -422,6 +426,7 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
                 "channel": "2",
                 "patient_ref": f"pt-{kiosk.institution_code[-4:]}-{n:04d}",
                 "patient_masked": "李*",
+                "patient_person_ref": person_ref("01", patients[n].id_number) if n < len(patients) else None,
                 "patient_age_years": 60 + n,
                 "patient_sex": "2",
                 "diagnosis_codes": ["J20.900"],
@@ -456,6 +461,8 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
         pharmacist = kiosk.pharmacists[-1]  # on duty: the one who signed in last (terminal.pharmacists.OnDuty)
         for n, item in enumerate(list(inbox.pending())):
             session = review.open(item.prescription_id)
+            if item.prescription.patient_person_ref is not None and session.history is not HistoryUse.SERVER:
+                raise SimError(f"the review of {item.prescription.rx_no} could not look up the patient's purchases")
             session.acknowledge_all()
             reject = n == len(his.registered_rx) - 1  # the last one of the day is sent back
             kiosk.show(pharmacist)

@@ -53,7 +53,6 @@ from terminal.pos_api import (
     BuyerCheck,
     BuyerIdentity,
     BuyerMethod,
-    ServerPurchaseHistory,
     build_pos_server,
     person_facts,
     runtime_evidence,
@@ -65,6 +64,7 @@ from terminal.proxy import (
     ProxySyncError,
     SqliteProxyRegistry,
 )
+from terminal.purchase_history import ServerPurchaseHistory
 from terminal.runtime import TerminalRuntime, build_runtime
 from terminal.session import ServerUnreachableError, TerminalSecurity
 from tests.terminal.conftest import FakeClock, terminal_config, wait_until

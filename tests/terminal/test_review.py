@@ -24,7 +24,14 @@ from models.face import FaceEngine
 from models.types import Embedding
 from protocol import CommandKind, DeviceCommand, Envelope, SignedRecord, SignedRecordKind
 from protocol.catalogue import CatalogueKind, CatalogueSnapshot, ChargeCategory, DispensingClass, DrugEntry
-from protocol.drug_rules import DrugRuleSet, DrugSelector, MaxQuantityPerPurchase, RuleAction
+from protocol.drug_rules import (
+    DrugRuleSet,
+    DrugSelector,
+    HistoryLine,
+    MaxQuantityPerPeriod,
+    MaxQuantityPerPurchase,
+    RuleAction,
+)
 from protocol.evidence import sign_device_record, verify_device_record
 from protocol.gm.sm2 import SM2PrivateKey
 from protocol.prescription import (
@@ -35,11 +42,13 @@ from protocol.prescription import (
     ReviewOutcome,
     parse_review_decision,
 )
+from protocol.purchase import person_ref
 from terminal.catalogue import CatalogueStore
 from terminal.outbox import Outbox
 from terminal.review import (
     PENDING_PATH,
     REVIEWED_PATH,
+    HistoryUse,
     InboxRefresher,
     InboxState,
     PrescriptionInbox,
@@ -503,3 +512,78 @@ def test_the_runtime_keeps_its_inbox_beside_the_outbox(tmp_path: Path) -> None:
         assert runtime.prescription_refresher is None  # not enrolled: no device API to refresh from
     finally:
         runtime.stop()
+
+
+# ---------------------------------------------------------------------------------------------------- period rules
+
+
+class Lookback:
+    """The platform's purchase lookback as `ServerPurchaseHistory` answers it: lines per person_ref, or None (the
+    server away)."""
+
+    def __init__(self, lines: dict[str, tuple[HistoryLine, ...]] | None) -> None:
+        self.known = lines
+        self.asked: list[str] = []
+
+    def lines(self, person_ref: str, *, at: Any) -> tuple[HistoryLine, ...] | None:
+        self.asked.append(person_ref)
+        return None if self.known is None else self.known.get(person_ref, ())
+
+
+PATIENT = person_ref("01", "110101195307150025")
+
+
+def test_period_rules_count_the_patients_earlier_purchases_when_the_prescription_names_the_patient(
+    tmp_path: Path,
+) -> None:
+    """HIS names the patient by `patient_person_ref`; the review asks the platform's lookback and the 30-day limit
+    (3 boxes of amoxicillin) counts the 2 boxes bought 10 days ago elsewhere with the 2 prescribed now."""
+    period = MaxQuantityPerPeriod(
+        rule_id="AMX-30D",
+        title="阿莫西林30天限量",
+        title_en="amoxicillin per 30 days",
+        drugs=DrugSelector(generic_names=["阿莫西林胶囊"]),
+        action=RuleAction.WARN,
+        period_days=30,
+        max_quantity=3,
+    )
+    earlier = HistoryLine("server:7", T0 - timedelta(days=10), AMOXICILLIN, "阿莫西林胶囊", 2)
+    with CatalogueStore.open(tmp_path / "catalogue.db") as store:
+        drugs = [_drug(AMOXICILLIN, "阿莫西林胶囊", "盒", 1250), _drug(LIQUORICE, "复方甘草片", "瓶", 800)]
+        store.apply_snapshot(CatalogueSnapshot.build(CatalogueKind.DRUG, 1, drugs, T0))
+        store.apply_rule_set(DrugRuleSet.build(4, [period], T0))
+        box = open_inbox(tmp_path / "outbox.db")
+        try:
+            named = pending(1, patient_person_ref=PATIENT)
+            anonymous = pending(2, rx_no="RX2")
+            refresh_inbox(box, Server(_served(named, anonymous)), now=T0)
+            pharmacist = Pharmacist((PHARMACIST, _dummy()))
+
+            def desk(history: Lookback | None) -> ReviewDesk:
+                return ReviewDesk(box, store, pharmacist, NoFace(), _no_record, FakeClock(T0), history=history)
+
+            lookback = Lookback({PATIENT: (earlier,)})
+            session = desk(lookback).open(1)
+            assert session.history is HistoryUse.SERVER
+            [finding] = session.findings
+            assert (finding.rule_id, finding.observed, finding.limit) == ("AMX-30D", 4, 3)
+            assert lookback.asked == [PATIENT]
+            # no patient_person_ref: this prescription only (2 ≤ 3), and nobody is looked up
+            unnamed = desk(lookback).open(2)
+            assert (unnamed.history, unnamed.findings) == (HistoryUse.NOT_IDENTIFIED, ())
+            assert lookback.asked == [PATIENT]
+            # the lookback failing (or no server): this prescription only, and the session says so
+            away = desk(Lookback(None)).open(1)
+            assert (away.history, away.findings) == (HistoryUse.UNAVAILABLE, ())
+            assert desk(None).open(1).history is HistoryUse.UNAVAILABLE
+        finally:
+            box.close()
+
+
+def _no_record(kind: SignedRecordKind, record: dict[str, JsonValue]) -> Envelope:
+    raise AssertionError("opening a review records nothing")
+
+
+def test_a_patient_person_ref_must_be_a_reference_never_a_number() -> None:
+    with pytest.raises(ValueError, match="pattern"):
+        pending(1, patient_person_ref="110101195307150025")

@@ -347,6 +347,21 @@ def test_a_blocking_rule_cannot_be_approved_and_a_return_needs_a_reason(rig: Rig
     assert rig.review.calls == [(Verdict.RETURNED, ("请医师修改用量",), frozenset({"QTY-1"}))]
 
 
+def test_the_review_says_when_the_patients_earlier_purchases_were_not_looked_up(rig: Rig) -> None:
+    rig.review.findings = ()
+    lines = [RxLine("1. 阿莫西林胶囊 0.25g", "数量 2 盒")]
+    rig.review.opened = RxOpened(True, rx(4), lines, (), history_checked=False)
+    review = rig.staff.review
+    review.open_rx(4)
+    assert review.state.notice == "未发现用药警告。"
+    assert review.state.history_note == ""  # said beside the warnings
+    review.go_step(ReviewStep.FINDINGS)
+    assert review.state.history_note == "未查询既往购药记录：期间限量只计本处方"
+    rig.review.opened = RxOpened(True, rx(5), lines, ())
+    review.open_rx(5)
+    assert review.state.history_note == ""
+
+
 def test_a_face_that_does_not_confirm_the_review_records_nothing_and_keeps_the_review_open(rig: Rig) -> None:
     rig.review.findings = ()
     rig.review.decided = RxDecided(False, "staff.reason.face_no_match")

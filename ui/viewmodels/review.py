@@ -89,6 +89,8 @@ class ReviewState:
     reason_choices: tuple[str, ...] = ()
     reason: str = ""
     notice: str = ""
+    history_note: str = ""
+    """Said when the period rules counted this prescription only (no lookback of the patient's purchases)."""
     can_approve: bool = False
     can_confirm: bool = False
 
@@ -340,6 +342,10 @@ class ReviewViewModel(Observable[ReviewState]):
                 has_prev=page > 0,
                 has_next=page < pages - 1,
                 notice=notice,
+                # beside the warnings it concerns (the other steps have no room for it in care mode)
+                history_note=""
+                if opened.history_checked or state.step is not ReviewStep.FINDINGS
+                else text("staff.rx.notice.no_history"),
                 can_approve=can_approve,
                 can_confirm=can_confirm,
             )

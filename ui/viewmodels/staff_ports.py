@@ -130,6 +130,8 @@ class RxOpened:
     findings: Sequence[RxFinding] = ()
     unknown_drugs: int = 0
     reason: str = ""
+    history_checked: bool = True
+    """False when the period rules counted this prescription only (no lookback of the patient's purchases)."""
 
 
 @dataclass(frozen=True)
