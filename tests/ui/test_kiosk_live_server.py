@@ -8,12 +8,15 @@ view-models are built exactly as `yibao terminal run --ui kiosk` builds them (`u
 runtime: `ui.services` and `ui.staff_services`, threads as runners), without Kivy's window: the screens themselves are
 covered by the tour (tests/ui/test_kiosk_screens.py, test_staff_kiosk.py).
 
-The steps run in order, as a pharmacy's morning would: (a) the head's binding application → the admin approves it
-on the server → the decision comes back as a command → the kiosk says 已绑定; (c) a pharmacist signs in on the kiosk
-and sees the server's attendance records; (b) HIS registers a prescription → the kiosk lists it → the pharmacist on
-duty reviews and confirms by face → HIS reads "approved"; (d) a citizen's national queries go kiosk → server → the
-national platform over HTTP. Each step asserts what the person at the kiosk sees (view-model strings) and what the
-server recorded. A later step needs the earlier ones and says so when one of them failed.
+The steps run in order, as a pharmacy's day would: (a) the head's binding application → the admin approves it on
+the server → the decision comes back as a command → the kiosk says 已绑定 (and the unbound kiosk's inbox never
+warned); (c) a pharmacist signs in on the kiosk and sees the server's attendance records; (b) HIS registers two
+prescriptions → the kiosk lists them → the pharmacist on duty approves one and rejects the other with a reason, each
+confirmed by face → HIS reads "approved" and "rejected" with the reason; (d) a citizen's national queries (K-11…K-16
+by ID card and social-security card, K-19) go kiosk → server → national platform over HTTP, and the drug catalogue
+the regulator published is searched on the kiosk (K-17); (e) the pharmacist signs out and the server's records say
+so. Each step asserts what the person at the kiosk sees (view-model strings) and what the server recorded. A later
+step needs the earlier ones and says so when one of them failed.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ pytestmark = pytest.mark.e2e
 WAIT_S = 30.0
 PHARMACIST_CODE = "Y300000001"
 RX_NO = "RXLIVE0000001"
+RX_REJECTED = "RXLIVE0000002"
 SHANGHAI = ZoneInfo("Asia/Shanghai")
 
 
@@ -246,18 +250,20 @@ def test_c_a_pharmacist_signs_in_on_the_kiosk_and_sees_the_servers_attendance(li
 # ------------------------------------------------------------------------------------------- (b) the review
 
 
-def test_b_his_prescription_is_reviewed_on_the_kiosk_and_his_reads_it_approved(live: Live) -> None:
+def test_b_his_prescriptions_are_reviewed_on_the_kiosk_and_his_reads_the_results(live: Live) -> None:
     live.needs("bound", "signed_in")
     stack, m = live.stack, live.models
     staff = m.staff
     assert staff is not None
-    assert live.pharmacist is not None
+    pharmacist = live.pharmacist
+    assert pharmacist is not None
     stack.register_prescription(RX_NO)
+    stack.register_prescription(RX_REJECTED, drug=2)
     assert stack.his.call("GET", f"/his/v1/prescriptions/{RX_NO}").json()["status"] == "pending"
 
     # The list opens after the pharmacist on duty shows their face
     review = staff.review
-    stack.kiosk.show(live.pharmacist)
+    stack.kiosk.show(pharmacist)
     review.open_list(RxTab.PENDING)
     wait("the unlocked pending list", lambda: m.kiosk.state.screen is ScreenName.RX_LIST)
 
@@ -265,9 +271,9 @@ def test_b_his_prescription_is_reviewed_on_the_kiosk_and_his_reads_it_approved(l
         # The server's prescriptions_pending notice wakes the kiosk's inbox; the pharmacist reopens the list
         review.open_list(RxTab.PENDING)
         wait("the pending list", lambda: not review.state.loading)
-        return any(r.rx_no == RX_NO for r in review.state.rows)
+        return {RX_NO, RX_REJECTED} <= {r.rx_no for r in review.state.rows}
 
-    wait(f"{RX_NO} on the kiosk's pending list", listed, every_s=0.5)
+    wait("both prescriptions on the kiosk's pending list", listed, every_s=0.5)
     state = review.state
     assert state.title == text("staff.rx.pending")
     (row,) = [r for r in state.rows if r.rx_no == RX_NO]
@@ -286,27 +292,61 @@ def test_b_his_prescription_is_reviewed_on_the_kiosk_and_his_reads_it_approved(l
     review.go_step(ReviewStep.DECIDE)
     review.choose(Verdict.APPROVED)
     assert review.state.can_confirm
-    stack.kiosk.show(live.pharmacist)
+    stack.kiosk.show(pharmacist)
     review.confirm()
     ok, title, lines = finished_task(live, "the face confirmation")
     assert (ok, title) == (True, text("staff.rx.done.title")), lines
     assert lines[:2] == (text("staff.rx.done.line", rx_no=RX_NO), text("staff.rx.done.verdict", verdict="通过"))
 
-    # HIS reads the review result over HTTP (the signed decision went kiosk → MQTT → server)
-    def reviewed() -> dict[str, Any]:
-        answer: dict[str, Any] = stack.his.call("GET", f"/his/v1/prescriptions/{RX_NO}").json()
+    # The second one is rejected with a preset reason (back to the list from the result screen)
+    (to_list,) = staff.task.state.actions
+    to_list.run()
+    wait("the pending list again", lambda: not review.state.loading and m.kiosk.state.screen is ScreenName.RX_LIST)
+    assert [r.rx_no for r in review.state.rows] == [RX_REJECTED]
+    review.open_rx(review.state.rows[0].prescription_id)
+    wait("the second review", lambda: not review.state.loading and m.kiosk.state.screen is ScreenName.RX_REVIEW)
+    review.go_step(ReviewStep.DECIDE)
+    review.choose(Verdict.REJECTED)
+    without_reason = review.state.can_confirm
+    review.choose_reason("staff.rx.reason.unsuitable")
+    assert (without_reason, review.state.can_confirm) == (False, True)  # a rejection needs its reason
+    stack.kiosk.show(pharmacist)
+    review.confirm()
+    ok, title, lines = finished_task(live, "the second face confirmation")
+    assert (ok, title) == (True, text("staff.rx.done.title")), lines
+    assert lines[1] == text("staff.rx.done.verdict", verdict=text("staff.verdict.rejected"))
+
+    # HIS reads each review result over HTTP (the signed decisions went kiosk → MQTT → server)
+    def result(rx_no: str) -> dict[str, Any]:
+        answer: dict[str, Any] = stack.his.call("GET", f"/his/v1/prescriptions/{rx_no}").json()
         return answer
 
-    wait("the decision at the server", lambda: reviewed()["status"] != "pending")
-    assert reviewed()["status"] == "approved"
+    def decided() -> bool:
+        return all(result(rx_no)["status"] != "pending" for rx_no in (RX_NO, RX_REJECTED))
 
-    # The kiosk's reviewed list shows it with its verdict in words
+    wait("both decisions at the server", decided)
+    approved, rejected = result(RX_NO), result(RX_REJECTED)
+    assert (approved["status"], approved["may_settle"], approved["review"]["reasons"]) == ("approved", True, [])
+    assert (rejected["status"], rejected["may_settle"]) == ("rejected", False)
+    assert rejected["review"]["reasons"] == [text("staff.rx.reason.unsuitable")]
+    for answer in (approved, rejected):
+        review_out = answer["review"]
+        assert (review_out["pharmacist_code"], review_out["device_id"], review_out["face_decision"]) == (
+            PHARMACIST_CODE,
+            stack.kiosk.device_id,
+            "accepted",
+        )
+
+    # The kiosk's reviewed list shows both with their verdicts in words
     review.open_list(RxTab.REVIEWED)
     wait("the reviewed list", lambda: not review.state.loading and review.state.title == text("staff.rx.reviewed"))
-    (done,) = [r for r in review.state.rows if r.rx_no == RX_NO]
-    assert done.verdict is Verdict.APPROVED
-    assert done.decided_at
-    assert summary_detail(done) == text("staff.rx.row_decided", verdict="通过", at=done.decided_at)
+    verdicts = {r.rx_no: (r.verdict, summary_detail(r)) for r in review.state.rows}
+    assert set(verdicts) == {RX_NO, RX_REJECTED}
+    for rx_no, verdict, word in ((RX_NO, Verdict.APPROVED, "通过"), (RX_REJECTED, Verdict.REJECTED, "不通过")):
+        (done,) = [r for r in review.state.rows if r.rx_no == rx_no]
+        assert done.verdict is verdict
+        assert done.decided_at
+        assert summary_detail(done) == text("staff.rx.row_decided", verdict=word, at=done.decided_at)
     assert live.inbox_warnings.messages == []
     live.done.add("reviewed")
 
@@ -361,6 +401,15 @@ def test_d_a_citizens_national_queries_go_over_http_through_the_servers_relay(li
     assert vm.state.person_line == text("national.person_line", name=name, id=certno)
     vm.finish()
 
+    # K-17: the drug catalogue the regulator published on the server, synced down, searched on the kiosk (offline)
+    def found_drug() -> bool:
+        m.queries.open(QueryKind.DRUGS, "阿莫西林")
+        wait("the drug search", lambda: not m.queries.state.loading)
+        return bool(m.queries.state.rows)
+
+    wait("the synced drug catalogue", found_drug, every_s=0.5)
+    assert [(r.title, r.detail) for r in m.queries.state.rows] == [("阿莫西林胶囊", "0.25g · 24粒/盒 · 甲类")]
+
     # K-19: designated institutions asked of the platform (no institution catalogue was ever published)
     wanted = stack.national.institutions[0]
     m.queries.open(QueryKind.INSTITUTIONS, wanted.fixmedins_name)
@@ -399,6 +448,39 @@ def test_d_a_citizens_national_queries_go_over_http_through_the_servers_relay(li
         assert secret not in str(relayed)
         assert not [s for s in shown if secret in s]
     live.done.add("national")
+
+
+# ------------------------------------------------------------------------------------------- (e) sign-out
+
+
+def test_e_the_pharmacist_signs_out_on_the_kiosk_and_the_server_closes_the_session(live: Live) -> None:
+    live.needs("signed_in")
+    stack, m = live.stack, live.models
+    staff = m.staff
+    assert staff is not None
+    pharmacist = live.pharmacist
+    assert pharmacist is not None
+    m.kiosk.home()
+    stack.kiosk.show(pharmacist)
+    staff.pharmacist.sign_out()
+    ok, title, lines = finished_task(live, "the sign-out")
+    assert (ok, title) == (True, "签退成功"), lines
+
+    def closed() -> list[dict[str, Any]]:
+        return [s for s in stack.sessions_at_server(PHARMACIST_CODE) if s["signed_out_at"] is not None]
+
+    wait("the closed session at the server", lambda: bool(closed()))
+    (session,) = closed()
+    signed_in, signed_out = shown_time(session["signed_in_at"]), shown_time(session["signed_out_at"])
+    assert lines[1] == text("staff.sign_out.at", at=signed_out, since=signed_in)
+    (records,) = [a for a in staff.task.state.actions if a.label == text("staff.records.open")]
+    records.run()
+    attendance = staff.pharmacist
+    wait("the attendance list", lambda: not attendance.state.loading and m.kiosk.state.screen is ScreenName.ATTENDANCE)
+    assert attendance.state.source == text("staff.records.server")
+    assert [(r.signed_in, r.signed_out, r.note) for r in attendance.state.rows] == [
+        (signed_in, signed_out, "staff.note.signed_out")
+    ]
 
 
 def test_the_real_kiosk_wiring_asks_the_server_over_http(live: Live) -> None:
