@@ -8,9 +8,9 @@ view-models are built exactly as `yibao terminal run --ui kiosk` builds them (`u
 runtime: `ui.services` and `ui.staff_services`, threads as runners), without Kivy's window: the screens themselves are
 covered by the tour (tests/ui/test_kiosk_screens.py, test_staff_kiosk.py).
 
-The steps run in order, as a pharmacy's day would: (a) the head's binding application → the admin approves it on
-the server → the decision comes back as a command → the kiosk says 已绑定 (and the unbound kiosk's inbox never
-warned); (c) a pharmacist signs in on the kiosk and sees the server's attendance records; (b) HIS registers two
+The steps run in order, as a pharmacy's day would: (a) the head's binding application → the admin rejects it on
+the server → the kiosk says 申请被驳回 with the reason and whom to contact; applied again → approved → the decision
+comes back as a command → the kiosk says 已绑定 with the institution (and the unbound kiosk's inbox never warned); (c) a pharmacist signs in on the kiosk and sees the server's attendance records; (b) HIS registers two
 prescriptions → the kiosk lists them → the pharmacist on duty approves one and rejects the other with a reason, each
 confirmed by face → HIS reads "approved" and "rejected" with the reason; (d) a citizen's national queries (K-11…K-16
 by ID card and social-security card, K-19) go kiosk → server → national platform over HTTP, and the drug catalogue
@@ -123,7 +123,7 @@ def shown_time(moment: datetime) -> str:
 # ---------------------------------------------------------------------------------------------- (a) binding
 
 
-def test_a_the_heads_binding_application_is_approved_on_the_server_and_the_kiosk_says_bound(live: Live) -> None:
+def test_a_the_heads_binding_applications_are_decided_on_the_server_and_the_kiosk_says_so(live: Live) -> None:
     stack, m = live.stack, live.models
     staff = m.staff
     assert staff is not None
@@ -142,43 +142,61 @@ def test_a_the_heads_binding_application_is_approved_on_the_server_and_the_kiosk
     )
     assert {o.method for o in binding.state.methods if o.enabled} == {HeadMethod.YIBAO_CODE, HeadMethod.ID_CARD}
 
-    # The head types the institution code, places their ID card and faces the camera
-    kiosk.rig.id_card.place(kiosk.head.card)
-    kiosk.show(kiosk.head)
-    binding.set_code(kiosk.institution_code)
-    binding.apply(HeadMethod.ID_CARD)
-    ok, title, lines = finished_task(live, "the binding application")
-    assert (ok, title) == (True, text("staff.binding.applied")), lines
-    assert lines[0] == text("staff.binding.applicant", name=masked_name(kiosk.head.card.name))
-    assert kiosk.head.card.id_number not in " ".join(lines)
-
-    # The signed application reached the server over MQTT: the device admin sees it pending
     admin = stack.admin
 
     def pending() -> list[dict[str, Any]]:
         items = admin.get("/api/v1/binding-applications", params={"status": "pending"}).json()["items"]
         return [a for a in items if a["device_id"] == kiosk.device_id]
 
-    wait("the application at the server", lambda: bool(pending()))
-    application = pending()[0]
-    assert application["institution_code"] == kiosk.institution_code
-    assert application["verification"] == HeadMethod.ID_CARD.value
-    assert application["applicant_masked"] == masked_name(kiosk.head.card.name)
-    binding.open()
-    wait("the status while the platform decides", lambda: not binding.state.loading)
-    assert (binding.state.headline, binding.state.message) == ("审核中", text("staff.binding.pending_note"))
+    def apply_at_the_kiosk() -> dict[str, Any]:
+        """The head types the institution code, places their ID card and faces the camera; the signed application
+        reaches the server over MQTT and the device admin sees it pending."""
+        kiosk.rig.id_card.place(kiosk.head.card)
+        kiosk.show(kiosk.head)
+        binding.set_code(kiosk.institution_code)
+        binding.apply(HeadMethod.ID_CARD)
+        ok, title, lines = finished_task(live, "the binding application")
+        assert (ok, title) == (True, text("staff.binding.applied")), lines
+        assert lines[0] == text("staff.binding.applicant", name=masked_name(kiosk.head.card.name))
+        assert kiosk.head.card.id_number not in " ".join(lines)
+        wait("the application at the server", lambda: bool(pending()))
+        (application,) = pending()
+        assert application["institution_code"] == kiosk.institution_code
+        assert application["verification"] == HeadMethod.ID_CARD.value
+        assert application["applicant_masked"] == masked_name(kiosk.head.card.name)
+        binding.open()
+        wait("the status while the platform decides", lambda: not binding.state.loading)
+        assert (binding.state.headline, binding.state.message) == ("审核中", text("staff.binding.pending_note"))
+        return application
 
-    # The admin approves through the real admin API; the decision comes back as a command
+    def shown_after_decision(shown: BindingShown) -> Callable[[], bool]:
+        def check() -> bool:
+            binding.refresh()
+            wait("the binding status", lambda: not binding.state.loading)
+            return binding.state.shown is shown
+
+        return check
+
+    # A first application is rejected: the kiosk says why and whom to contact, in words, and offers to apply again
+    first = apply_at_the_kiosk()
+    admin.post(
+        f"/api/v1/binding-applications/{first['id']}/reject",
+        json={"reason": "机构编码与申请人不符", "contact": "昆山市医保局 0512-5555-1234"},
+    ).raise_for_status()
+    wait("the kiosk to say 申请被驳回", shown_after_decision(BindingShown.REJECTED), every_s=0.3)
+    state = binding.state
+    assert (state.headline, state.can_apply) == ("申请被驳回", True)
+    assert text("staff.binding.reason", reason="机构编码与申请人不符") in state.lines
+    assert text("staff.binding.contact", contact="昆山市医保局 0512-5555-1234") in state.lines
+
+    # The second one is approved through the real admin API; the decision comes back as a command
+    application = apply_at_the_kiosk()
+    assert application["id"] != first["id"]
     admin.post(
         f"/api/v1/binding-applications/{application['id']}/approve", json={"reason": "核验通过 / checked"}
     ).raise_for_status()
 
-    def says_bound() -> bool:
-        binding.refresh()
-        wait("the binding status", lambda: not binding.state.loading)
-        return binding.state.shown is BindingShown.BOUND
-
-    wait("the kiosk to say 已绑定", says_bound, every_s=0.3)
+    wait("the kiosk to say 已绑定", shown_after_decision(BindingShown.BOUND), every_s=0.3)
     state = binding.state
     assert state.headline == "已绑定"
     institution = f"{kiosk.institution_code} {stack.institution_name}"
