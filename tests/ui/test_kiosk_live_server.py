@@ -8,15 +8,16 @@ view-models are built exactly as `yibao terminal run --ui kiosk` builds them (`u
 runtime: `ui.services` and `ui.staff_services`, threads as runners), without Kivy's window: the screens themselves are
 covered by the tour (tests/ui/test_kiosk_screens.py, test_staff_kiosk.py).
 
-The steps run in order, as a pharmacy's day would: (a) the head's binding application → the admin rejects it on
-the server → the kiosk says 申请被驳回 with the reason and whom to contact; applied again → approved → the decision
-comes back as a command → the kiosk says 已绑定 with the institution (and the unbound kiosk's inbox never warned); (c) a pharmacist signs in on the kiosk and sees the server's attendance records; (b) HIS registers two
-prescriptions → the kiosk lists them → the pharmacist on duty approves one and rejects the other with a reason, each
-confirmed by face → HIS reads "approved" and "rejected" with the reason; (d) a citizen's national queries (K-11…K-16
-by ID card and social-security card, K-19) go kiosk → server → national platform over HTTP, and the drug catalogue
-the regulator published is searched on the kiosk (K-17); (e) the pharmacist signs out and the server's records say
-so. Each step asserts what the person at the kiosk sees (view-model strings) and what the server recorded. A later
-step needs the earlier ones and says so when one of them failed.
+The steps run in order, as a pharmacy's day would: (a) the head's binding application by 医保码 + face → the admin
+rejects it on the server → the kiosk says 申请被驳回 with the reason and whom to contact; applied again by ID card +
+face → approved → the decision comes back as a command → the kiosk says 已绑定 with the institution (and the unbound
+kiosk's inbox never warned); (c) a pharmacist signs in on the kiosk and sees the server's attendance records; (b) HIS
+registers two prescriptions → the kiosk lists them → the pharmacist on duty approves one and rejects the other with a
+reason, each confirmed by face → HIS reads "approved" and "rejected" with the reason; (d) a citizen's national
+queries (K-11…K-16 by ID card and social-security card, K-19) go kiosk → server → national platform over HTTP, and
+the drug catalogue the regulator published is searched on the kiosk (K-17); (e) the pharmacist signs out and the
+server's records say so. Each step asserts what the person at the kiosk sees (view-model strings) and what the server
+recorded. A later step needs the earlier ones and says so when one of them failed.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from hardware_sim.evoucher import Insured
 from hardware_sim.national_platform import SyntheticPerson
 from tests.face_data import faces_dir
 from ui.i18n import text
@@ -45,6 +47,7 @@ from ui.viewmodels.review import ReviewStep, RxTab, summary_detail
 from ui.viewmodels.staff_ports import BindingShown, HeadMethod, Verdict
 from ui.voice import RecordingSpeaker
 from yibao.kiosk_live import LiveStack, live_stack
+from yibao.sim_day import REGION
 from yibao.sim_town import Person
 
 pytestmark = pytest.mark.e2e
@@ -148,13 +151,20 @@ def test_a_the_heads_binding_applications_are_decided_on_the_server_and_the_kios
         items = admin.get("/api/v1/binding-applications", params={"status": "pending"}).json()["items"]
         return [a for a in items if a["device_id"] == kiosk.device_id]
 
-    def apply_at_the_kiosk() -> dict[str, Any]:
-        """The head types the institution code, places their ID card and faces the camera; the signed application
-        reaches the server over MQTT and the device admin sees it pending."""
-        kiosk.rig.id_card.place(kiosk.head.card)
-        kiosk.show(kiosk.head)
+    def apply_at_the_kiosk(method: HeadMethod) -> dict[str, Any]:
+        """The head types the institution code, shows their 医保码 or places their ID card, and faces the camera; the
+        signed application reaches the server over MQTT and the device admin sees it pending."""
+        head, rig = kiosk.head, kiosk.rig
+        kiosk.show(head)
         binding.set_code(kiosk.institution_code)
-        binding.apply(HeadMethod.ID_CARD)
+        if method is HeadMethod.ID_CARD:
+            rig.id_card.place(head.card)
+            binding.apply(method)
+        else:  # the phone's dynamic code, shown to the scanner while the kiosk waits for it
+            account = rig.evoucher.enrol(Insured(head.card.name, head.card.id_number, REGION))
+            binding.apply(method)
+            wait("the kiosk to ask for the code", lambda: m.kiosk.state.screen is ScreenName.STAFF_WAIT)
+            rig.qr_scanner.scan(rig.evoucher.issue_code(account))
         ok, title, lines = finished_task(live, "the binding application")
         assert (ok, title) == (True, text("staff.binding.applied")), lines
         assert lines[0] == text("staff.binding.applicant", name=masked_name(kiosk.head.card.name))
@@ -162,7 +172,7 @@ def test_a_the_heads_binding_applications_are_decided_on_the_server_and_the_kios
         wait("the application at the server", lambda: bool(pending()))
         (application,) = pending()
         assert application["institution_code"] == kiosk.institution_code
-        assert application["verification"] == HeadMethod.ID_CARD.value
+        assert application["verification"] == method.value
         assert application["applicant_masked"] == masked_name(kiosk.head.card.name)
         binding.open()
         wait("the status while the platform decides", lambda: not binding.state.loading)
@@ -178,7 +188,7 @@ def test_a_the_heads_binding_applications_are_decided_on_the_server_and_the_kios
         return check
 
     # A first application is rejected: the kiosk says why and whom to contact, in words, and offers to apply again
-    first = apply_at_the_kiosk()
+    first = apply_at_the_kiosk(HeadMethod.YIBAO_CODE)
     admin.post(
         f"/api/v1/binding-applications/{first['id']}/reject",
         json={"reason": "机构编码与申请人不符", "contact": "昆山市医保局 0512-5555-1234"},
@@ -190,7 +200,7 @@ def test_a_the_heads_binding_applications_are_decided_on_the_server_and_the_kios
     assert text("staff.binding.contact", contact="昆山市医保局 0512-5555-1234") in state.lines
 
     # The second one is approved through the real admin API; the decision comes back as a command
-    application = apply_at_the_kiosk()
+    application = apply_at_the_kiosk(HeadMethod.ID_CARD)
     assert application["id"] != first["id"]
     admin.post(
         f"/api/v1/binding-applications/{application['id']}/approve", json={"reason": "核验通过 / checked"}
