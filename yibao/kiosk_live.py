@@ -8,8 +8,9 @@ admin API. On top of sim_day it configures the server's national-platform relay:
 (`hardware_sim.national_platform`) served over HTTP on loopback, with the institution's SM2 key in an encrypted key
 file, so a citizen's query goes kiosk → server (signed device API) → platform (signed envelopes) and back.
 
-Owns starting and stopping that stack (`live_stack`) and the few steps that have no kiosk screen yet (the HIS
-pharmacist sync and the pharmacist's face enrolment, done at the desk as sim_town does). The kiosk's view-models are
+Owns starting and stopping that stack (`live_stack`) and the steps the live kiosk cannot take on a screen (the HIS
+pharmacist sync, and the pharmacist's face enrolment, which needs a WLT photo decoder: done at the desk as sim_town
+does). The kiosk's view-models are
 built by the caller with `ui.kiosk.run.kiosk_models(stack.runtime)`, exactly as `yibao terminal run --ui kiosk`
 builds them. It must never send traffic anywhere but 127.0.0.1, never log personal data (everyone here is
 synthetic) and never wait without a deadline. Never imported by production code.
@@ -129,8 +130,8 @@ class LiveStack:
 
     def enrol_pharmacist(self, person: Person, code: str) -> None:
         """HIS syncs `person` as the pharmacy's pharmacist `code`; they enrol at the kiosk's desk (ID card on the
-        reader, 人证比对 of the live face against the card photo, consent). The desk, not a screen: the kiosk has no
-        enrolment screen yet (docs/kiosk-staff.md, open points)."""
+        reader, 人证比对 of the live face against the card photo, consent). The desk, not the kiosk's enrolment screen:
+        the kiosk as `kiosk_models` builds it has no WLT photo decoder (docs/kiosk-staff.md, open points)."""
         person.code = code
         body = {
             "pharmacists": [
