@@ -352,7 +352,12 @@ def refresh_inbox(inbox: PrescriptionInbox, source: PendingSource, *, now: datet
 
 class InboxRefresher:
     """Refreshes the inbox on its own thread when asked, and every `poll_s` in case a notice was missed (every
-    `retry_s` while refreshing fails)."""
+    `retry_s` while refreshing fails, or while the terminal is not bound).
+
+    `bound` says whether this terminal is bound to an institution now (the runtime reads its binding status). While
+    it says no, the refresher does not ask: the server answers an unbound terminal 409 (no institution, so no
+    prescriptions), which is the terminal's normal state before its head applies, not a failure to warn about. It
+    is said once at debug level; a refusal while bound, or any other failure, is still a warning."""
 
     def __init__(
         self,
@@ -362,12 +367,15 @@ class InboxRefresher:
         *,
         poll_s: float = 600.0,
         retry_s: float = 30.0,
+        bound: Callable[[], bool] | None = None,
     ) -> None:
         self._inbox = inbox
         self._source = source
         self._clock = clock
         self._poll_s = poll_s
         self._retry_s = retry_s
+        self._bound = bound
+        self._unbound = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -399,11 +407,19 @@ class InboxRefresher:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            # After a failure (no session key yet, server away) try again sooner than the safety-net poll.
-            self._wake.wait(min(self._retry_s, self._poll_s) if self._failing else self._poll_s)
+            # After a failure (no session key yet, server away) or while unbound (the binding decision may come any
+            # moment) try again sooner than the safety-net poll.
+            soon = self._failing or self._unbound
+            self._wake.wait(min(self._retry_s, self._poll_s) if soon else self._poll_s)
             self._wake.clear()
             if self._stop.is_set():
                 return
+            if self._bound is not None and not self._bound():
+                if not self._unbound:
+                    logger.debug("prescription inbox: this terminal is not bound to an institution, nothing to fetch")
+                    self._unbound = True
+                continue
+            self._unbound = False
             try:
                 result = self.refresh()
             except Exception as exc:  # noqa: BLE001 - any failure of the source: logged once, retried later

@@ -42,7 +42,7 @@ from protocol import (
 from protocol.evidence import sign_device_record
 from protocol.payloads import AuditDetailValue, Payload, SignedRecordKind
 from protocol.secure import SessionKey
-from terminal.binding import BindingState, BindingStore, binding_handlers
+from terminal.binding import BindingError, BindingState, BindingStore, binding_handlers
 from terminal.catalogue import CatalogueStore
 from terminal.catalogue_sync import CatalogueSync
 from terminal.commands import CommandApplier, TerminalFacts, default_handlers
@@ -462,7 +462,11 @@ def _build(
         )
         # Prescriptions pending review (docs/prescriptions.md), beside the outbox, refreshed over the device API
         prescriptions = open_inbox(config.outbox.path)
-        refresher = InboxRefresher(prescriptions, server_api, clock) if server_api is not None else None
+        refresher = (
+            InboxRefresher(prescriptions, server_api, clock, bound=lambda: _is_bound(binding))
+            if server_api is not None
+            else None
+        )
         # The synced catalogues and rules (docs/catalogue.md), beside the outbox, fetched over the device API
         catalogue_sync: CatalogueSync | None = None
         if server_api is not None:
@@ -570,6 +574,15 @@ def _build(
         proxy_registry=proxy_registry,
         proxy_sync=proxy_sync,
     )
+
+
+def _is_bound(binding: BindingStore) -> bool:
+    """Whether the server's decisions bound this terminal (the prescription inbox asks only then). An unreadable
+    status file counts as bound: the server's answer then decides, and a refusal is logged as a real failure."""
+    try:
+        return binding.load().state is BindingState.BOUND
+    except BindingError:
+        return True
 
 
 def _wake_on_new_key(sessions: SessionManager, catalogue_sync: CatalogueSync) -> None:

@@ -7,8 +7,10 @@ with the real models and photos (another face or a printed photo records nothing
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Mapping
 from datetime import timedelta
@@ -58,6 +60,7 @@ from terminal.review import (
     refresh_inbox,
     review_handlers,
 )
+from terminal.session import ServerRefusedError
 from terminal.verification import FaceDecision, FaceOutcome
 from tests.prescription_samples import AMOXICILLIN, LIQUORICE, PRESCRIBED_AT, pending
 from tests.terminal.conftest import DEVICE_ID, FakeClock, open_outbox, wait_until
@@ -318,6 +321,60 @@ def test_a_failed_refresh_is_retried_soon_and_logged_once(
     assert server.calls == [PENDING_PATH] * 4 + [REVIEWED_PATH]  # three failures, then both lists
     messages = [r.getMessage() for r in caplog.records]
     assert messages == ["prescription inbox refresh failed: ReviewError", "prescription inbox refresh works again"]
+
+
+class InstitutionServer(Server):
+    """The real server's pending endpoint as an unbound terminal meets it: 409 (no institution) until `bound`."""
+
+    def __init__(self, document: PendingPrescriptions, bound: threading.Event) -> None:
+        super().__init__(document)
+        self.bound = bound
+
+    def get_json(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+        if not self.bound.is_set():
+            self.calls.append(path)
+            raise ServerRefusedError(
+                f"server refused GET {path} (409): this terminal is not bound to an institution", status=409
+            )
+        return super().get_json(path, params)
+
+
+def test_an_unbound_terminal_does_not_ask_nor_warn_and_fetches_once_bound(
+    inbox: PrescriptionInbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    bound = threading.Event()
+    server = InstitutionServer(_served(pending(5, rx_no="RX5")), bound)
+    refresher = InboxRefresher(inbox, server, FakeClock(T0), poll_s=3600, retry_s=0.05, bound=bound.is_set)
+    with caplog.at_level("DEBUG", logger="terminal.review"):
+        refresher.start()
+        try:
+            time.sleep(0.4)  # several retry periods while unbound (the demo's terminal at start)
+            assert server.calls == []
+            bound.set()  # the binding decision arrived: fetched at the next retry, not the 1-hour poll
+            assert wait_until(lambda: len(inbox.pending()) == 1)
+        finally:
+            refresher.stop()
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    unbound = [r for r in caplog.records if "not bound" in r.getMessage()]
+    assert [r.levelno for r in unbound] == [logging.DEBUG]  # said once, quietly, not at every retry
+    assert server.calls == [PENDING_PATH, REVIEWED_PATH]
+
+
+def test_a_refusal_while_the_terminal_believes_it_is_bound_is_still_a_warning(
+    inbox: PrescriptionInbox, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The server says "not bound" while the terminal's status says bound (an unbind whose notice has not come yet)
+    server = InstitutionServer(_served(pending(5, rx_no="RX5")), threading.Event())
+    refresher = InboxRefresher(inbox, server, FakeClock(T0), poll_s=3600, retry_s=0.05, bound=lambda: True)
+    with caplog.at_level("INFO", logger="terminal.review"):
+        refresher.start()
+        try:
+            assert wait_until(lambda: len(server.calls) >= 2)
+        finally:
+            refresher.stop()
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.WARNING, "prescription inbox refresh failed: ServerRefusedError")
+    ]
 
 
 # ------------------------------------------------------------------------------------------------- the review
