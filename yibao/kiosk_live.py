@@ -170,8 +170,11 @@ class LiveStack:
         if not result.enrolled:
             raise SimError(f"pharmacist enrolment failed: {result.outcome}")
 
-    def register_prescription(self, rx_no: str, *, drug: int = 0) -> dict[str, Any]:
-        """HIS registers a prescription for this pharmacy (`POST /his/v1/prescriptions`, signed); the body sent."""
+    def register_prescription(
+        self, rx_no: str, *, drug: int = 0, patient_person_ref: str | None = None
+    ) -> dict[str, Any]:
+        """HIS registers a prescription for this pharmacy (`POST /his/v1/prescriptions`, signed); the body sent.
+        `patient_person_ref` names the patient, so the review looks up their earlier purchases."""
         code, name, spec, _package, unit, _price, _form, _dispensing = DRUGS[drug % len(DRUGS)]
         body: dict[str, Any] = {
             "rx_no": rx_no,
@@ -186,6 +189,7 @@ class LiveStack:
             "channel": "2",
             "patient_ref": f"pt-live-{rx_no}",
             "patient_masked": "李*",
+            "patient_person_ref": patient_person_ref,
             "patient_age_years": 67,
             "patient_sex": "2",
             "diagnosis_codes": ["J20.900"],

@@ -35,6 +35,7 @@ import pytest
 
 from hardware_sim.evoucher import Insured
 from hardware_sim.national_platform import SyntheticPerson
+from protocol.purchase import person_ref
 from tests.face_data import faces_dir
 from ui.i18n import text
 from ui.kiosk.run import kiosk_models
@@ -291,7 +292,7 @@ def test_b_his_prescriptions_are_reviewed_on_the_kiosk_and_his_reads_the_results
     assert staff is not None
     pharmacist = live.pharmacist
     assert pharmacist is not None
-    stack.register_prescription(RX_NO)
+    stack.register_prescription(RX_NO, patient_person_ref=person_ref("01", "11010119530715002X"))
     stack.register_prescription(RX_REJECTED, drug=2)
     assert stack.his.call("GET", f"/his/v1/prescriptions/{RX_NO}").json()["status"] == "pending"
 
@@ -323,6 +324,10 @@ def test_b_his_prescriptions_are_reviewed_on_the_kiosk_and_his_reads_the_results
     assert [line.title for line in state.lines] == [
         text("staff.line.title", no=1, name="阿莫西林胶囊", spec="0.25g"),
     ]
+    # HIS named the patient: the kiosk asked the platform for their earlier purchases (over HTTP), so the warnings
+    # step has no "not looked up" line
+    review.go_step(ReviewStep.FINDINGS)
+    assert review.state.history_note == ""
     review.go_step(ReviewStep.DECIDE)
     review.choose(Verdict.APPROVED)
     assert review.state.can_confirm
@@ -339,6 +344,8 @@ def test_b_his_prescriptions_are_reviewed_on_the_kiosk_and_his_reads_the_results
     assert [r.rx_no for r in review.state.rows] == [RX_REJECTED]
     review.open_rx(review.state.rows[0].prescription_id)
     wait("the second review", lambda: not review.state.loading and m.kiosk.state.screen is ScreenName.RX_REVIEW)
+    review.go_step(ReviewStep.FINDINGS)  # no patient_person_ref from HIS: the pharmacist is told
+    assert review.state.history_note == text("staff.rx.notice.no_history")
     review.go_step(ReviewStep.DECIDE)
     review.choose(Verdict.REJECTED)
     without_reason = review.state.can_confirm
