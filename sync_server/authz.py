@@ -168,6 +168,7 @@ ROUTE_POLICIES: dict[str, Policy] = {
     "GET /api/v1/catalogues": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
     "GET /api/v1/drug-rules": roles(Role.DEVICE_ADMIN, Role.REGULATOR),
     "PUT /api/v1/drug-rules": roles(Role.REGULATOR),
+    "GET /catalogue": page(Role.DEVICE_ADMIN, Role.REGULATOR),
     "GET /device/v1/catalogues": DEVICE_SESSION,
     "GET /device/v1/catalogues/{kind}": DEVICE_SESSION,
     "GET /device/v1/drug-rules": DEVICE_SESSION,

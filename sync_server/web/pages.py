@@ -1,6 +1,8 @@
 """The operator pages: `GET /` (device list, auto-refreshing), `GET /devices/{device_id}` (one device and its
-events, paged by seq), `GET /bindings` and `GET /statistics` (back-office statistics, D-04), and `GET /login` (the
-sign-in form; static/operator.js signs in through the JSON API and drives the approve / reject / unbind forms).
+events, paged by seq), `GET /bindings`, `GET /statistics` (back-office statistics, D-04), `GET /catalogue` (the
+drug-usage rules and the catalogue versions; a regulator publishes the next rule set there), and `GET /login` (the
+sign-in form; static/operator.js signs in through the JSON API and drives the approve / reject / unbind forms and
+the rule-set publishing form).
 
 Every page but /login needs a signed-in operator (the login session cookie, or a bearer token) whose role may read
 the API the page shows, and shows what that API would show the same caller: a regulator its region, an institution
@@ -14,6 +16,7 @@ query logic the API already has.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -25,7 +28,9 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 
 from protocol import PayloadType
+from protocol.drug_rules import DrugRule
 from sync_server.api.binding import application_page, history_page
+from sync_server.api.catalogues import get_drug_rules, list_catalogue_versions
 from sync_server.api.commands import command_page
 from sync_server.api.deps import (
     ClockDep,
@@ -215,6 +220,55 @@ def statistics_page(
         "now": clock.now(),
     }
     return _templates(request).TemplateResponse(request, "statistics.html", context)
+
+
+RULE_KIND_WORDS: dict[str, tuple[str, str]] = {
+    "max_quantity_per_purchase": ("单次限量", "quantity per purchase"),
+    "max_quantity_per_period": ("期间限量", "quantity per period"),
+    "max_days_supply_per_period": ("期间用药天数", "days' supply per period"),
+    "max_purchases_per_period": ("期间购药次数", "purchases per period"),
+    "max_amount_per_purchase": ("单次限额", "amount per purchase"),
+    "age_range": ("年龄限制", "age range"),
+    "sex_restriction": ("性别限制", "sex"),
+    "prescription_required": ("凭处方购买", "prescription required"),
+    "combination_limit": ("联用限制", "combination"),
+    "early_refill": ("提前购药", "early refill"),
+}
+"""Each rule kind of `protocol.drug_rules.RuleKind` in words (a test keeps the two equal)."""
+_COMMON_RULE_FIELDS = frozenset({"rule_id", "title", "title_en", "drugs", "action", "stages", "basis", "kind"})
+
+
+def _rule_view(rule: DrugRule) -> dict[str, Any]:
+    data = rule.model_dump(mode="json")
+    return {
+        "rule_id": rule.rule_id,
+        "title": rule.title,
+        "title_en": rule.title_en,
+        "kind": RULE_KIND_WORDS[rule.kind],
+        "action": rule.action.value,
+        "stages": [stage.value for stage in rule.stages],
+        "drugs": [*rule.drugs.generic_names, *rule.drugs.drug_codes],
+        "limits": {k: v for k, v in data.items() if k not in _COMMON_RULE_FIELDS},
+        "basis": rule.basis,
+    }
+
+
+@router.get("/catalogue", response_class=HTMLResponse)
+def catalogue_page(request: Request, session: SessionDep, clock: ClockDep) -> HTMLResponse:
+    """The drug-usage knowledge base the terminals hold (P-05, R-11) in words, a form for a regulator to publish
+    the next version (prefilled with the current one as JSON; static/operator.js sends it to
+    `PUT /api/v1/drug-rules`), and the published catalogue versions, as `GET /api/v1/drug-rules` and
+    `GET /api/v1/catalogues` answer them."""
+    current = get_drug_rules(session)
+    editable = json.dumps({"rules": [r.model_dump(mode="json") for r in current.rules]}, ensure_ascii=False, indent=2)
+    context: dict[str, Any] = {
+        "rules": current,
+        "rule_views": [_rule_view(r) for r in current.rules],
+        "editable": editable,
+        "catalogues": list_catalogue_versions(session, kind=None, limit=100, offset=0),
+        "now": clock.now(),
+    }
+    return _templates(request).TemplateResponse(request, "catalogue.html", context)
 
 
 @router.get("/login", response_class=HTMLResponse)

@@ -14,6 +14,7 @@ import pytest
 from pydantic import SecretStr
 
 from protocol import AuditEvent, AuditOutcome
+from protocol.drug_rules import RuleKind
 from sync_server.accounts import Role
 from sync_server.app import create_app
 from sync_server.authz import PAGE_COOKIE
@@ -21,6 +22,7 @@ from sync_server.db.engine import create_db_engine, session_factory
 from sync_server.db.migrate import upgrade
 from sync_server.settings import ServerSettings
 from sync_server.store import store_envelopes
+from sync_server.web.pages import RULE_KIND_WORDS
 from tests.sync_server.conftest import FLEET_NOW, T0, TEST_ADMIN_TOKEN, FakeClock, envelope, seed_fleet, serving
 from tests.sync_server.test_accounts import GOOD, make_account
 
@@ -238,3 +240,16 @@ def test_a_regulator_sees_its_region_only(client: httpx.Client) -> None:
         assert not stats.find("section", id="verifications-section")  # not a device admin's API
         assert stats.find("p", id="sections-hidden")
         assert parse(admin.get("/devices/kiosk-003").text).find("table", id="events")
+
+
+def test_the_rules_page_has_words_for_every_rule_kind_and_is_for_fleet_readers(client: httpx.Client) -> None:
+    assert set(RULE_KIND_WORDS) == {kind.value for kind in RuleKind}
+    with browser(client, None) as anonymous:
+        assert anonymous.get("/catalogue").headers["location"] == "/login?next=%2Fcatalogue"
+    with browser(client, "web-reg-sh") as regulator:
+        page = regulator.get("/catalogue")
+        assert page.status_code == 200
+        assert parse(page.text).find("p", id="rules-version", data_version="0")
+        assert parse(page.text).find("form", id="rules-form")
+    with browser(client, "web-pharm") as pharmacist:
+        assert pharmacist.get("/catalogue").status_code == 403

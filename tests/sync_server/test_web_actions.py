@@ -11,6 +11,7 @@ server's 409. Every request the page makes goes to this server only. Screenshots
 
 from __future__ import annotations
 
+import json
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ from sync_server.db.models import (
     Device,
     DeviceBindingHistory,
     DeviceKey,
+    DrugRuleVersion,
     Institution,
     InstitutionKind,
     IssuedCommand,
@@ -459,3 +461,81 @@ def test_without_the_script_the_pages_still_read_and_nothing_can_be_decided(
             expect(page.locator("noscript")).to_have_count(1)
             expect(page.get_by_label("用户名")).to_be_visible()
     assert [r.status for r in rows(sqlite_engine, BindingApplication)] == [BindingStatus.PENDING] * 2
+
+
+# ---------------------------------------------------------------- the regulator's drug-usage rules (/catalogue)
+
+
+def test_a_regulator_publishes_the_next_rule_set_on_the_catalogue_page(
+    sqlite_engine: Engine, sqlite_url: str, tmp_path: Path
+) -> None:
+    make_account(sqlite_engine, "reg-rules", Role.REGULATOR, region_prefix="3101")
+    make_account(sqlite_engine, ADMIN, Role.DEVICE_ADMIN)
+    first = {
+        "rules": [
+            {
+                "kind": "max_quantity_per_purchase",
+                "rule_id": "FFGC-1",
+                "title": "复方甘草片",
+                "title_en": "compound liquorice tablets",
+                "drugs": {"generic_names": ["复方甘草片"]},
+                "action": "block",
+                "max_quantity": 2,
+            }
+        ]
+    }
+    with served(sqlite_engine, sqlite_url, tmp_path / "data") as url, browser_page(url) as page:
+        # a device admin reads the rules, cannot publish
+        sign_in(page, url, ADMIN, next_path="/catalogue")
+        page.wait_for_url(f"{url}/catalogue")
+        expect(page.locator("#rules-version")).to_contain_text("尚未发布用药规则")
+        expect(page.locator("#rules-publish")).to_be_disabled()
+        expect(page.locator("#rules-note")).to_contain_text("没有监管人员权限")
+        page.get_by_role("button", name="退出登录").click()
+        page.wait_for_url(f"{url}/login?next=%2Fcatalogue")
+
+        sign_in(page, url, "reg-rules", next_path="/catalogue")
+        page.wait_for_url(f"{url}/catalogue")
+        expect(page.locator("#rules-note")).to_be_hidden()
+        field = page.locator("#rules-json")
+        expect(field).to_be_enabled()
+        # not JSON: said in words, nothing sent
+        field.fill('{"rules": [')
+        page.locator("#rules-publish").click()
+        expect(page.locator("#rules-message")).to_contain_text("JSON 格式错误")
+        # JSON the server refuses (a limit below 1): its reasons, nothing published
+        broken = json.loads(json.dumps(first))
+        broken["rules"][0]["max_quantity"] = 0
+        field.fill(json.dumps(broken, ensure_ascii=False))
+        page.locator("#rules-publish").click()
+        expect(page.locator("#rules-message")).to_contain_text("规则未通过校验")
+        expect(page.locator("#rules-message")).to_contain_text("max_quantity")
+        # the first version
+        field.fill(json.dumps(first, ensure_ascii=False))
+        page.locator("#rules-publish").click()
+        expect(page.locator("#flash")).to_contain_text("已发布第 1 版（1 条规则），已通知 0 台终端")
+        expect(page.locator("#rules-version")).to_have_attribute("data-version", "1")
+        row = page.locator('tr.rule[data-rule-id="FFGC-1"]')
+        expect(row).to_contain_text("单次限量")
+        expect(row).to_contain_text("max_quantity = 2")
+        expect(row.locator(".rule-action")).to_contain_text("禁止")
+        # the form now holds version 1: edit the limit there and publish version 2
+        edited = json.loads(field.input_value())
+        [rule] = edited["rules"]
+        assert {k: rule[k] for k in first["rules"][0]} == {**first["rules"][0], "drugs": rule["drugs"]}
+        assert rule["drugs"]["generic_names"] == ["复方甘草片"]
+        edited["rules"][0]["max_quantity"] = 3
+        field.fill(json.dumps(edited, ensure_ascii=False))
+        page.locator("#rules-publish").click()
+        expect(page.locator("#flash")).to_contain_text("已发布第 2 版")
+        expect(page.locator('tr.rule[data-rule-id="FFGC-1"]')).to_contain_text("max_quantity = 3")
+        page.screenshot(path=tmp_path / "catalogue-regulator.png", full_page=True)
+        # the same again: nothing new
+        page.locator("#rules-publish").click()
+        expect(page.locator("#flash")).to_contain_text("与当前版本相同")
+        expect(page.locator("#rules-version")).to_have_attribute("data-version", "2")
+    with session_factory(sqlite_engine)() as session:
+        versions = session.scalars(select(DrugRuleVersion.version).order_by(DrugRuleVersion.version)).all()
+    assert versions == [1, 2]
+    published = [e for e in audit_events(tmp_path / "data") if e["type"] == "drug_rules.published"]
+    assert [e["version"] for e in published] == [1, 2]

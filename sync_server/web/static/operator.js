@@ -2,9 +2,9 @@
  * "Approving in the web UI").
  *
  * Owns: the sign-in and change-password forms of /login, the signed-in operator in the page header, and the action
- * forms (approve / reject a binding application on /bindings, unbind on /devices/{id}). Every action is a call to the
- * existing JSON API with `Authorization: Bearer <token>`; the server decides (roles, 409, 422), this file only shows
- * the outcome in Chinese with English beside it.
+ * forms (approve / reject a binding application on /bindings, unbind on /devices/{id}, publish the drug-usage rules
+ * on /catalogue). Every action is a call to the existing JSON API with `Authorization: Bearer <token>`; the server
+ * decides (roles, 409, 422), this file only shows the outcome in Chinese with English beside it.
  *
  * The session token for actions lives in this tab's sessionStorage only (gone when the tab closes) and is sent as
  * `Authorization: Bearer`. The login response also sets the server's HttpOnly, SameSite=Strict page cookie, which
@@ -240,19 +240,102 @@
         control.disabled = !allowed;
       });
     });
+    var rulesForm = document.querySelector("form[data-rules-form]");
+    if (rulesForm) {
+      rulesForm.querySelectorAll("textarea, button").forEach(function (control) {
+        control.disabled = !hasRole(session, "regulator");
+      });
+    }
     document.querySelectorAll("[data-needs-role]").forEach(function (note) {
       if (!session) return; // the server-rendered "sign in first" stays
-      if (allowed) {
+      var role = note.dataset.needsRole;
+      if (hasRole(session, role)) {
         note.hidden = true;
         return;
       }
       say(
         note,
-        "当前账号（" + roleList(session.roles) + "）没有设备管理员权限，按钮不可用",
-        "Your account has no device_admin role; the buttons are disabled",
+        "当前账号（" + roleList(session.roles) + "）没有" + ROLE_WORDS[role] + "权限，按钮不可用",
+        "Your account has no " + role + " role; the buttons are disabled",
         "",
         "info"
       );
+    });
+  }
+
+  // ------------------------------------------------------------ /catalogue: publishing the drug-usage rules
+
+  function publishedWords(data) {
+    if (!data.created) {
+      return ["与当前版本相同，未发布新版本", "Same as the current version; nothing published"];
+    }
+    return [
+      "已发布第 " + data.version + " 版（" + data.count + " 条规则），已通知 " + data.notified + " 台终端",
+      "Version " + data.version + " published (" + data.count + " rules); " + data.notified + " terminal(s) notified",
+    ];
+  }
+
+  async function publishRules(form) {
+    var message = document.getElementById("rules-message");
+    var field = document.getElementById("rules-json");
+    var parsed;
+    try {
+      parsed = JSON.parse(field.value);
+    } catch (e) {
+      say(message, "JSON 格式错误，未发布", "Not valid JSON; nothing published", String(e.message || e), "error");
+      field.setAttribute("aria-invalid", "true");
+      field.focus();
+      return;
+    }
+    var rules = Array.isArray(parsed) ? parsed : parsed && parsed.rules;
+    if (!Array.isArray(rules)) {
+      say(message, "须为 {\"rules\": [...]}，未发布", 'Expected {"rules": [...]}; nothing published', "", "error");
+      field.setAttribute("aria-invalid", "true");
+      return;
+    }
+    field.removeAttribute("aria-invalid");
+    var session = loadSession();
+    if (!session) {
+      sayRefusal(message, { status: 401, data: null });
+      return;
+    }
+    var controls = form.querySelectorAll("textarea, button");
+    controls.forEach(function (c) {
+      c.disabled = true;
+    });
+    say(message, "正在发布……", "Publishing…", "", "info");
+    var body = { rules: rules, base_version: Number(form.dataset.baseVersion) };
+    var result = await api("PUT", "/api/v1/drug-rules", body, session.token);
+    if (result.status === 201 || result.status === 200) {
+      var words = publishedWords(result.data);
+      say(message, words[0], words[1], "", "ok");
+      setFlash(words[0], words[1], "ok");
+      window.setTimeout(function () {
+        window.location.reload();
+      }, RELOAD_MS);
+      return;
+    }
+    if (result.status === 422) {
+      say(message, "规则未通过校验，未发布", "The rules were refused; nothing published", detailOf(result.data), "error");
+    } else {
+      sayRefusal(message, result);
+    }
+    controls.forEach(function (c) {
+      c.disabled = !hasRole(loadSession(), "regulator");
+    });
+    if (result.status === 401) {
+      window.setTimeout(function () {
+        window.location.assign("/login?next=" + encodeURIComponent(here()));
+      }, RELOAD_MS * 3);
+    }
+  }
+
+  function wireRules() {
+    var form = document.querySelector("form[data-rules-form]");
+    if (!form) return;
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      publishRules(form);
     });
   }
 
@@ -467,6 +550,7 @@
     showFlash();
     wireLogin();
     wireActions();
+    wireRules();
     var logout = document.getElementById("logout");
     if (logout) logout.addEventListener("click", signOut);
     var session = loadSession();
