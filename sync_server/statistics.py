@@ -28,6 +28,7 @@ from protocol import PayloadType
 from sync_server.db.models import (
     Device,
     DeviceBindingHistory,
+    DevicePresence,
     Event,
     Institution,
     LinkStateColumn,
@@ -199,8 +200,9 @@ class DeviceDayFigures(_Out):
     reporting_rate: float | None = Field(description="devices_reporting / devices_known.")
     heartbeats: int = Field(description="Heartbeats received that day.")
     online_time_rate: float | None = Field(
-        description="Estimated share of the day the known devices were online: per reporting device, heartbeats x "
-        "its heartbeat interval (at most the day), summed, over devices_known x the day's seconds (up to now)."
+        description="Share of the day the known devices were online: their time online that day from the presence "
+        "history (device_presence: online from a heartbeat or status, offline at a status or at the missed "
+        "heartbeat's deadline), over devices_known x the day's seconds (up to now)."
     )
     devices_added: int = Field(description="Devices first seen that day.")
     devices_enrolled: int = Field(description="Devices whose current enrolment happened that day.")
@@ -327,27 +329,81 @@ class _DeviceLife:
     first_seen_at: datetime
     enrolled_at: datetime | None
     revoked_at: datetime | None
-    interval_s: float | None
-    """Heartbeat interval announced by the device's last heartbeat (None: never sent one)."""
+    heartbeat_expires_at: datetime | None
+    """The deadline of the device's last heartbeat: an 'online' the sweeper has not yet closed ends there."""
 
 
-def _interval_of(heartbeat: Any) -> float | None:
-    value = heartbeat.get("interval_s") if isinstance(heartbeat, dict) else None
-    return float(value) if isinstance(value, int | float) and value > 0 else None
+Interval = tuple[datetime, datetime]
+
+
+def _online_intervals(
+    session: Session,
+    device_scope: list[ColumnElement[bool]],
+    lives: dict[str, _DeviceLife],
+    start: datetime,
+    end: datetime,
+) -> dict[str, list[Interval]]:
+    """Each device's time online within [start, end), from `device_presence`: its state at `start` (its last change
+    before it), then every change up to `end`. Time before a device's first recorded change counts as offline."""
+    presence = DevicePresence
+    last_before = (
+        select(presence.device_id, func.max(presence.at).label("at"))
+        .where(presence.at < start)
+        .group_by(presence.device_id)
+        .subquery()
+    )
+    state: dict[str, bool] = {}
+    for device_id, online in session.execute(
+        select(presence.device_id, presence.online)
+        .join(last_before, and_(presence.device_id == last_before.c.device_id, presence.at == last_before.c.at))
+        .join(Device, Device.device_id == presence.device_id)
+        .where(*device_scope)
+        .order_by(presence.id)
+    ):
+        state[device_id] = bool(online)  # ties on the same instant: the row written last
+    since: dict[str, datetime] = {device_id: start for device_id, online in state.items() if online}
+    out: dict[str, list[Interval]] = defaultdict(list)
+    for device_id, online, at in session.execute(
+        select(presence.device_id, presence.online, presence.at)
+        .join(Device, Device.device_id == presence.device_id)
+        .where(*device_scope, presence.at >= start, presence.at < end)
+        .order_by(presence.device_id, presence.at, presence.id)
+    ):
+        if online and device_id not in since:
+            since[device_id] = at
+        elif not online and device_id in since:
+            out[device_id].append((since.pop(device_id), at))
+    for device_id, opened in since.items():  # still online at `end`, or until its heartbeat's deadline passed
+        life = lives.get(device_id)
+        deadline = None if life is None else life.heartbeat_expires_at
+        closed = end if deadline is None else max(opened, min(end, deadline))
+        out[device_id].append((opened, closed))
+    return out
+
+
+def _overlap(intervals: list[Interval], start: datetime, end: datetime) -> float:
+    return sum(max(0.0, (min(b, end) - max(a, start)).total_seconds()) for a, b in intervals)
 
 
 def _device_days(session: Session, scope: Scope, days: DayRange, now: datetime) -> list[DeviceDayFigures]:
-    """Per local day: the fleet (from one row per device in scope) and its heartbeats (one GROUP BY per day)."""
+    """Per local day: the fleet (from one row per device in scope), its heartbeats (one GROUP BY per day) and its
+    time online (from the presence history, two queries for the whole range)."""
     device_scope = _device_scope(scope)
     lives = {
-        device_id: _DeviceLife(first_seen, enrolled, revoked, _interval_of(heartbeat))
-        for device_id, first_seen, enrolled, revoked, heartbeat in session.execute(
+        device_id: _DeviceLife(first_seen, enrolled, revoked, expires)
+        for device_id, first_seen, enrolled, revoked, expires in session.execute(
             select(
-                Device.device_id, Device.first_seen_at, Device.enrolled_at, Device.revoked_at, Device.last_heartbeat
+                Device.device_id,
+                Device.first_seen_at,
+                Device.enrolled_at,
+                Device.revoked_at,
+                Device.heartbeat_expires_at,
             ).where(*device_scope)
         )
     }
     changes = _binding_changes(session, scope, days)
+    observed_until = min(days.end, now)
+    online = _online_intervals(session, device_scope, lives, days.start, max(days.start, observed_until))
     out: list[DeviceDayFigures] = []
     for day in days.days():
         start, end = days.start_of(day), days.start_of(day + timedelta(days=1))
@@ -371,11 +427,7 @@ def _device_days(session: Session, scope: Scope, days: DayRange, now: datetime) 
             )
         }
         observed_s = max(0.0, (min(end, now) - start).total_seconds())
-        online_s = 0.0
-        for device_id, count in per_device.items():
-            interval = lives[device_id].interval_s if device_id in lives else None
-            if interval is not None:
-                online_s += min(int(count) * interval, observed_s)
+        online_s = sum(_overlap(online.get(device_id, []), start, min(end, now)) for device_id in known)
         out.append(
             DeviceDayFigures(
                 day=day,

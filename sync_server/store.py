@@ -28,7 +28,15 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from protocol import DeviceStatusMessage, Envelope, Heartbeat, LinkState, SystemClock
-from sync_server.db.models import Base, Device, Event, LinkStateColumn, RegistrationState
+from sync_server.db.models import (
+    Base,
+    Device,
+    DevicePresence,
+    Event,
+    LinkStateColumn,
+    PresenceReason,
+    RegistrationState,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +365,7 @@ class _DeviceRow:
 
     device_id: str
     link_state: LinkStateColumn
+    online: bool
     heartbeat_expires_at: datetime | None
     last_seq: int
     last_seen_at: datetime | None
@@ -493,6 +502,7 @@ def record_device_activity(
                 newest_heartbeat[env.device_id] = (env, env.payload)
     plain: list[dict[str, Any]] = []
     with_beat: list[dict[str, Any]] = []
+    moved: list[dict[str, Any]] = []
     for device_id, row in _lock_device_rows(session, max_seq).items():
         row.last_seq = max(row.last_seq, max_seq[device_id])
         if row.last_seen_at is None or row.last_seen_at < received_at:
@@ -513,9 +523,13 @@ def record_device_activity(
                 "boot_id": env.boot_id,
             }
         change["online"] = is_online(row.link_state, row.heartbeat_expires_at, received_at)
+        if change["online"] != row.online:
+            row.online = change["online"]
+            moved.append(_presence(device_id, row.online, received_at, PresenceReason.HEARTBEAT))
         (with_beat if "last_heartbeat" in change else plain).append(change)
     _write_device_rows(session, plain)
     _write_device_rows(session, with_beat)
+    record_presence(session, moved)
 
 
 def apply_statuses(session: Session, statuses: Sequence[DeviceStatusMessage], *, received_at: datetime) -> None:
@@ -524,6 +538,7 @@ def apply_statuses(session: Session, statuses: Sequence[DeviceStatusMessage], *,
     if not statuses:
         return
     devices = _lock_devices(session, {s.device_id for s in statuses})
+    moved: list[dict[str, Any]] = []
     for status in statuses:
         device = devices.get(status.device_id)
         if device is None:
@@ -533,20 +548,29 @@ def apply_statuses(session: Session, statuses: Sequence[DeviceStatusMessage], *,
             logger.debug("device %s link %s -> %s", device.device_id, device.link_state.value, new_state.value)
         device.link_state = new_state
         device.link_state_at = received_at
+        was_online = bool(device.online)
         if status.state is LinkState.OFFLINE:
             device.online = False
         else:
             device.online = is_online(new_state, device.heartbeat_expires_at, received_at)
+        if device.online != was_online:
+            moved.append(_presence(device.device_id, device.online, received_at, PresenceReason.STATUS))
     session.flush()
+    record_presence(session, moved)
     _forget_device_rows(session, devices)
 
 
 def sweep_offline(session: Session, *, now: datetime) -> list[str]:
     """Mark devices offline whose last heartbeat timed out (or who never sent one). Returns their ids."""
     expired = or_(Device.heartbeat_expires_at.is_(None), Device.heartbeat_expires_at <= now)
-    ids = list(
-        session.scalars(select(Device.device_id).where(Device.online.is_(True), expired).order_by(Device.device_id))
+    rows = session.execute(
+        select(Device.device_id, Device.heartbeat_expires_at)
+        .where(Device.online.is_(True), expired)
+        .order_by(Device.device_id)
+        .with_for_update()
     )
+    deadlines: dict[str, datetime | None] = {row.device_id: row.heartbeat_expires_at for row in rows}
+    ids = list(deadlines)
     for chunk in _chunks(ids):
         session.execute(
             update(Device)
@@ -554,7 +578,26 @@ def sweep_offline(session: Session, *, now: datetime) -> list[str]:
             .values(online=False)
             .execution_options(synchronize_session=False)
         )
+    # offline from the deadline that passed (the sweep only notices it later), or now for one never announced
+    record_presence(
+        session,
+        [
+            _presence(device_id, False, now if deadline is None else min(deadline, now), PresenceReason.TIMEOUT)
+            for device_id, deadline in deadlines.items()
+        ],
+    )
     return ids
+
+
+def _presence(device_id: str, online: bool, at: datetime, reason: PresenceReason) -> dict[str, Any]:
+    return {"device_id": device_id, "online": online, "at": at, "reason": reason}
+
+
+def record_presence(session: Session, changes: Sequence[dict[str, Any]]) -> None:
+    """Append changes of devices' `online` flag to `device_presence` (one executemany INSERT), in the caller's
+    transaction: the history the statistics count time online from (docs/statistics.md)."""
+    if changes:
+        session.execute(insert(DevicePresence), list(changes))
 
 
 def device_counts(session: Session, *, now: datetime) -> Mapping[str, int]:

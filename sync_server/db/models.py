@@ -199,6 +199,33 @@ class Event(Base):
     payload: Mapped[dict[str, Any]]
 
 
+class PresenceReason(StrEnum):
+    """What moved a device's presence (`device_presence.reason`)."""
+
+    HEARTBEAT = "heartbeat"
+    """A heartbeat or other uplink arrived while the link was up: online from its arrival."""
+    STATUS = "status"
+    """The retained link status changed ('online' / 'offline', the broker's will on a lost connection)."""
+    TIMEOUT = "timeout"
+    """The last heartbeat's deadline passed with nothing new: offline from that deadline."""
+    HISTORY_START = "history_start"
+    """The presence history began (migration 0012) with the device online: online from then."""
+
+
+class DevicePresence(Base):
+    """One change of a device's `online` flag: the history behind the statistics' time online (docs/statistics.md).
+    Written by ingest and the presence sweeper in the transaction that changes the flag; never updated."""
+
+    __tablename__ = "device_presence"
+    __table_args__ = (Index(None, "device_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), ForeignKey("devices.device_id", ondelete="CASCADE"))
+    online: Mapped[bool]
+    at: Mapped[datetime]
+    reason: Mapped[PresenceReason] = mapped_column(_str_enum(PresenceReason, 16))
+
+
 class CommandState(StrEnum):
     """Where a command issued to a device is (see `sync_server.commands`)."""
 

@@ -28,12 +28,14 @@ from sync_server.db.engine import session_factory
 from sync_server.db.models import (
     Device,
     DeviceBindingHistory,
+    DevicePresence,
     Event,
     Institution,
     InstitutionKind,
     LinkStateColumn,
     PrescriptionRow,
     PrescriptionState,
+    PresenceReason,
     RegistrationState,
 )
 from sync_server.settings import ServerSettings
@@ -199,6 +201,20 @@ def seed(engine: Engine) -> Fleet:
             ev.heartbeat("k-x1", local(D9, 10, minute))
         ev.heartbeat("k-a1", local(D10, 9))
         ev.heartbeat("k-c1", local(D10, 9))
+        # the presence history (what ingest and the sweeper write when a device's online flag changes)
+        for device_id, online, at in (
+            ("k-e1", True, local(D8, 1) - timedelta(days=1)),  # before the range: nothing in it
+            ("k-e1", False, local(D8, 2) - timedelta(days=1)),
+            ("k-a1", True, local(D8, 0) - timedelta(hours=4)),  # online at the range's start
+            ("k-a1", False, local(D8, 6)),
+            ("k-a2", True, local(D8, 23)),  # across midnight: 1 h on each day
+            ("k-a2", False, local(D9, 1)),
+            ("k-a1", True, local(D9, 12)),  # still online now
+            ("k-c1", True, local(D9, 12)),
+            ("k-x1", True, local(D10, 6)),
+            ("k-d1", True, local(D10, 17)),  # its heartbeat deadline (17:55) passed; the sweeper has not run yet
+        ):
+            session.add(DevicePresence(device_id=device_id, online=online, at=at, reason=PresenceReason.STATUS))
         # identity audit events
         ev.audit("k-a1", local(D8, 0) - timedelta(hours=1), "face_1to1", "success", method="face_1to1")  # outside
         ev.audit("k-a1", local(D8, 10), "face_1to1", "success", decision="accepted", method="face_1to1")
@@ -299,9 +315,10 @@ def test_device_figures_by_region_and_day(engine: Engine, fleet: Fleet) -> None:
         (D10, 5, 2, 2, 0, 0),  # k-e1 was revoked on 03-09
     ]
     assert [d.reporting_rate for d in stats.daily] == [0.4, 0.3333, 0.4]
-    # heartbeats x interval over known devices x the day: 03-08 (2+1) h of 5 x 24 h; 03-09 (1+3) h of 6 x 24 h;
-    # 03-10 (1 h + 2 h for k-c1's 2-hour interval) of 5 x the 18 h elapsed by now
-    assert [d.online_time_rate for d in stats.daily] == [0.025, 0.0278, 0.0333]
+    # time online from the presence history over known devices x the day: 03-08 (6 + 1) h of 5 x 24 h; 03-09
+    # (12 + 1 + 12) h of 6 x 24 h; 03-10 (18 + 18 + 12 h + 55 min up to k-d1's missed deadline) of 5 x the 18 h
+    # elapsed by now
+    assert [d.online_time_rate for d in stats.daily] == [0.0583, 0.1736, 0.5435]
     assert [(d.devices_added, d.devices_enrolled, d.devices_revoked) for d in stats.daily] == [
         (0, 0, 0),
         (1, 1, 1),
@@ -609,7 +626,7 @@ def test_page_shows_each_role_what_its_api_shows(api: tuple[httpx.Client, Fleet]
     day9 = _cells(html, 'data-day="2026-03-09"')
     assert 'data-figure="unbinds">1<' in day9
     assert 'data-figure="revoked">1<' in day9
-    assert 'data-figure="online-time">2.8% ' in day9
+    assert 'data-figure="online-time">17.4% ' in day9
     # a device admin may read the device figures only (as GET /api/v1/statistics/verifications answers it 403)
     assert 'id="verifications-section"' not in html
     assert 'id="prescriptions-section"' not in html

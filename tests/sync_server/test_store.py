@@ -18,7 +18,14 @@ from sqlalchemy.orm import Session
 
 from protocol import DeviceStatusMessage, Envelope, LinkState
 from sync_server.db.engine import session_factory
-from sync_server.db.models import Device, Event, LinkStateColumn, RegistrationState
+from sync_server.db.models import (
+    Device,
+    DevicePresence,
+    Event,
+    LinkStateColumn,
+    PresenceReason,
+    RegistrationState,
+)
 from sync_server.store import (
     StoreMethod,
     StoreResult,
@@ -205,6 +212,20 @@ def test_online_needs_the_link_and_a_fresh_heartbeat(engine: Engine) -> None:
         apply_statuses(session, [will], received_at=t2)
         assert _device(session, "dev-p").online is False
         assert _device(session, "dev-p").link_state is LinkStateColumn.OFFLINE
+    # every change of the flag is in the presence history, with what moved it and when (the timeout at the missed
+    # deadline, T0 + 30 s, not when the sweep noticed it)
+    with sessions() as session:
+        history = session.execute(
+            select(DevicePresence.online, DevicePresence.at, DevicePresence.reason)
+            .where(DevicePresence.device_id == "dev-p")
+            .order_by(DevicePresence.id)
+        ).all()
+    assert [tuple(row) for row in history] == [
+        (True, T0, PresenceReason.STATUS),
+        (False, T0 + timedelta(seconds=30), PresenceReason.TIMEOUT),
+        (True, t2, PresenceReason.HEARTBEAT),
+        (False, t2, PresenceReason.STATUS),
+    ]
 
 
 def test_statuses_apply_in_arrival_order(engine: Engine) -> None:
