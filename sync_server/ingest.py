@@ -99,6 +99,8 @@ _new_properties: Callable[[int], Properties] = Properties
 
 MAX_RETRY_DELAY_S = 30.0
 REJECT_LOG_LINES_PER_BATCH = 5
+DISCONNECT_WAIT_S = 5.0
+"""How long `stop()` waits for the broker connection to close cleanly (queued acknowledgements written first)."""
 
 
 class StoreBatch(Protocol):
@@ -225,6 +227,8 @@ class IngestWorker:
         self._counts = IngestStats(started_at=None, connected=False)
         self._counts_lock = threading.Lock()
         self._stop = threading.Event()
+        self._gone = threading.Event()
+        """Set by `_on_disconnect`: the socket is closed (after a clean DISCONNECT, everything queued before it)."""
         self._thread: threading.Thread | None = None
         self._client: mqtt.Client | None = None
         self._generation = 0
@@ -298,7 +302,14 @@ class IngestWorker:
                 logger.warning("ingest thread did not finish within %.1f s; disconnecting anyway", timeout_s)
         client, self._client = self._client, None
         if client is not None:
+            connected = self._connected
+            self._gone.clear()
             client.disconnect()
+            # The acknowledgements of the last batch are queued in paho; stopping its network thread before the
+            # DISCONNECT behind them is written would drop them, and the broker would redeliver messages that are
+            # stored already (found under load by test_ingest's poison-message test).
+            if connected and not self._gone.wait(DISCONNECT_WAIT_S):
+                logger.warning("the MQTT disconnect did not complete within %.1f s", DISCONNECT_WAIT_S)
             client.loop_stop()
         self._connected = False
         self._subscribed = False
@@ -394,6 +405,7 @@ class IngestWorker:
     ) -> None:
         self._connected = False
         self._subscribed = False
+        self._gone.set()
         if not self._stopping and not self._broker_lost:
             logger.warning("lost MQTT broker %s (%s); ingest paused, reconnecting", self._broker, reason_code)
             self._broker_lost = True

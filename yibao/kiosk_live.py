@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -48,7 +48,7 @@ from terminal.pharmacists import Consent
 from terminal.runtime import TerminalRuntime
 from yibao.server_proc import ServerProcess
 from yibao.sim_day import REGION, HisClient, SimDayOptions, SimError
-from yibao.sim_town import DRUGS, Kiosk, Person, Town
+from yibao.sim_town import Kiosk, Person, Town, prescription_body
 
 NATIONAL_PAASID: Final = "paas-kiosk-live"
 INSTITUTION_CODE: Final = f"P{REGION}00000"
@@ -175,37 +175,13 @@ class LiveStack:
     ) -> dict[str, Any]:
         """HIS registers a prescription for this pharmacy (`POST /his/v1/prescriptions`, signed); the body sent.
         `patient_person_ref` names the patient, so the review looks up their earlier purchases."""
-        code, name, spec, _package, unit, _price, _form, _dispensing = DRUGS[drug % len(DRUGS)]
-        body: dict[str, Any] = {
-            "rx_no": rx_no,
-            "prescribing_institution_code": "H32058300100",
-            "prescribing_institution_name": "昆山市示例人民医院",
-            "department_code": "A03",
-            "department_name": "内科",
-            "prescriber_code": "D320583000123",
-            "prescriber_name": "周医生",
-            "prescribed_at": (datetime.now(UTC) - timedelta(hours=1)).isoformat(),
-            "source": "1",
-            "channel": "2",
-            "patient_ref": f"pt-live-{rx_no}",
-            "patient_masked": "李*",
-            "patient_person_ref": patient_person_ref,
-            "patient_age_years": 67,
-            "patient_sex": "2",
-            "diagnosis_codes": ["J20.900"],
-            "lines": [
-                {
-                    "line_no": 1,
-                    "drug_code": code,
-                    "drug_name": name,
-                    "specification": spec,
-                    "quantity": 1,
-                    "unit": unit,
-                    "dosage": "口服 遵医嘱",
-                    "days_supply": 7,
-                }
-            ],
-        }
+        body = prescription_body(
+            rx_no,
+            drug=drug,
+            patient_ref=f"pt-live-{rx_no}",
+            patient_age_years=67,
+            patient_person_ref=patient_person_ref,
+        )
         resp = self.his.call("POST", "/his/v1/prescriptions", body)
         if resp.status_code != 201:
             raise SimError(f"registering {rx_no} failed: {resp.status_code} {resp.text[:300]}")

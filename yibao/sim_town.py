@@ -127,6 +127,44 @@ class Kiosk:
 POS_PREFIX = "X-POS-"
 
 
+def prescription_body(
+    rx_no: str, *, drug: int, patient_ref: str, patient_age_years: int, patient_person_ref: str | None
+) -> dict[str, Any]:
+    """A HIS prescription registration (`POST /his/v1/prescriptions`) of one line of the town's `drug`-th drug,
+    prescribed an hour ago at the town's hospital."""
+    code, name, spec, _package, unit, _price, _form, _dispensing = DRUGS[drug % len(DRUGS)]
+    return {
+        "rx_no": rx_no,
+        "prescribing_institution_code": "H32058300100",
+        "prescribing_institution_name": "昆山市示例人民医院",
+        "department_code": "A03",
+        "department_name": "内科",
+        "prescriber_code": "D320583000123",
+        "prescriber_name": "周医生",
+        "prescribed_at": (datetime.now(UTC) - timedelta(hours=1)).isoformat(),
+        "source": "1",
+        "channel": "2",
+        "patient_ref": patient_ref,
+        "patient_masked": "李*",
+        "patient_person_ref": patient_person_ref,
+        "patient_age_years": patient_age_years,
+        "patient_sex": "2",
+        "diagnosis_codes": ["J20.900"],
+        "lines": [
+            {
+                "line_no": 1,
+                "drug_code": code,
+                "drug_name": name,
+                "specification": spec,
+                "quantity": 1,
+                "unit": unit,
+                "dosage": "口服 遵医嘱",
+                "days_supply": 7,
+            }
+        ],
+    }
+
+
 class Town:
     """The town for one day. Use `Town.open(...)` as a context manager: it stops every kiosk and simulator."""
 
@@ -412,37 +450,13 @@ secret_sm3 = "{sm3_digest(pos_secret).hex()}"
         his = self.his[kiosk.institution_code]
         for n in range(self.options.prescriptions_per_institution):
             rx_no = f"RX{kiosk.institution_code[-5:]}{n + 1:05d}"
-            code, name, spec, _package, unit, _price, _form, _dispensing = DRUGS[n % len(DRUGS)]
-            body = {
-                "rx_no": rx_no,
-                "prescribing_institution_code": "H32058300100",
-                "prescribing_institution_name": "昆山市示例人民医院",
-                "department_code": "A03",
-                "department_name": "内科",
-                "prescriber_code": "D320583000123",
-                "prescriber_name": "周医生",
-                "prescribed_at": (datetime.now(UTC) - timedelta(hours=1)).isoformat(),
-                "source": "1",
-                "channel": "2",
-                "patient_ref": f"pt-{kiosk.institution_code[-4:]}-{n:04d}",
-                "patient_masked": "李*",
-                "patient_person_ref": person_ref("01", patients[n].id_number) if n < len(patients) else None,
-                "patient_age_years": 60 + n,
-                "patient_sex": "2",
-                "diagnosis_codes": ["J20.900"],
-                "lines": [
-                    {
-                        "line_no": 1,
-                        "drug_code": code,
-                        "drug_name": name,
-                        "specification": spec,
-                        "quantity": 1,
-                        "unit": unit,
-                        "dosage": "口服 遵医嘱",
-                        "days_supply": 7,
-                    }
-                ],
-            }
+            body = prescription_body(
+                rx_no,
+                drug=n,
+                patient_ref=f"pt-{kiosk.institution_code[-4:]}-{n:04d}",
+                patient_age_years=60 + n,
+                patient_person_ref=person_ref("01", patients[n].id_number) if n < len(patients) else None,
+            )
             resp = his.call("POST", "/his/v1/prescriptions", body)
             if resp.status_code != 201:
                 raise SimError(f"registering {rx_no} failed: {resp.status_code} {resp.text[:300]}")

@@ -7,13 +7,18 @@ compute contrast (`ui.kiosk.inspect`): keep it that way when adding widgets.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
+from kivy.metrics import dp
 from kivy.properties import BooleanProperty, ColorProperty, OptionProperty
 from kivy.uix.behaviors import ButtonBehavior
 from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.label import Label
 from kivy.uix.textinput import TextInput
+
+if TYPE_CHECKING:
+    from ui.kiosk.theme import KioskTheme
 
 SCALES = ("small", "body", "title", "huge")
 TONES = ("text", "muted", "accent", "inverse")
@@ -67,6 +72,37 @@ class SecondaryButton(KioskButton):
 
 class Panel(BoxLayout):
     bg_color = ColorProperty((0, 0, 0, 0))
+
+
+def list_row(
+    theme: KioskTheme,
+    title: str,
+    detail: str,
+    action: tuple[str, Callable[[], None]] | None = None,
+    *,
+    centred: bool = False,
+) -> Panel:
+    """One row of a paged list: `title` in bold over `detail`, and a large button at the right when `action` is
+    given (its label and what it does); the row is as tall as its words."""
+    panel = Panel(
+        orientation="horizontal",
+        size_hint_y=None,
+        padding=(dp(16), dp(6)),
+        spacing=theme.spacing,
+        bg_color=theme.surface,
+    )
+    words = BoxLayout(orientation="vertical", size_hint_y=None, **({"pos_hint": {"center_y": 0.5}} if centred else {}))
+    words.add_widget(KioskLabel(text=title, bold=True))
+    words.add_widget(HintLabel(text=detail, halign="left"))
+    words.bind(minimum_height=words.setter("height"))
+    panel.add_widget(words)
+    if action is not None:
+        label, run = action
+        button = KioskButton(text=label, size_hint_x=0.25, pos_hint={"center_y": 0.5})
+        button.bind(on_release=lambda _button: run())
+        panel.add_widget(button)
+    panel.bind(minimum_height=panel.setter("height"))
+    return panel
 
 
 class KioskInput(TextInput):

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from kivy.metrics import dp
-from kivy.uix.boxlayout import BoxLayout
 from kivy.uix.widget import Widget
 
 from ui.i18n import text
 from ui.kiosk.screens.base import KioskScreen
-from ui.kiosk.widgets import HintLabel, KioskButton, KioskLabel, Panel
+from ui.kiosk.widgets import list_row
 from ui.viewmodels.enrolment import EnrolmentState
 
 if TYPE_CHECKING:
@@ -34,21 +32,6 @@ class EnrolListScreen(KioskScreen):
         if staff is None:
             return
         for row in state.rows:
-            panel = Panel(
-                orientation="horizontal",
-                size_hint_y=None,
-                padding=(dp(16), dp(6)),
-                spacing=theme.spacing,
-                bg_color=theme.surface,
-            )
-            words = BoxLayout(orientation="vertical", size_hint_y=None, pos_hint={"center_y": 0.5})
-            words.add_widget(KioskLabel(text=row.label, bold=True))
-            words.add_widget(HintLabel(text=row.status, halign="left"))
-            words.bind(minimum_height=words.setter("height"))
-            panel.add_widget(words)
-            button = KioskButton(text=text("staff.enrol.pick"), size_hint_x=0.25, pos_hint={"center_y": 0.5})
-            button.bind(on_release=lambda _b, code=row.code: staff.enrolment.choose(code))
-            panel.add_widget(button)
-            panel.bind(minimum_height=panel.setter("height"))
-            rows.add_widget(panel)
+            pick = (text("staff.enrol.pick"), lambda code=row.code: staff.enrolment.choose(code))
+            rows.add_widget(list_row(theme, row.label, row.status, pick, centred=True))
         rows.add_widget(Widget())  # takes the space left, so the rows start at the top
