@@ -225,6 +225,14 @@ class SerialIdCardReaderConfig(_SerialDevice):
 
     backend: Literal["serial"] = Field(description="'serial': the real SAM-module driver on `port`.")
     baudrate: _Baudrate = Field(default=115200, description="Serial speed (SAM modules ship at 115200 8N1).")
+    photo_decoder: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$",
+        description="'package.module:function' of the reader vendor's WLT photo decoder (1024 WLT bytes → an RGB "
+        "image as a numpy array), installed with the vendor's licensed library. Needed for 人证比对 (the "
+        "pharmacist's face enrolment, the head's binding application); without it the kiosk says those checks "
+        "are not possible here. Imported at start: a missing one stops start-up.",
+    )
 
 
 class SerialSsCardReaderConfig(_SerialDevice):

@@ -18,6 +18,7 @@ bytes or any personal data in a message.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ from terminal.errors import ConfigError, TerminalError
 from terminal.evoucher import EventSink, EVoucherPlatform, EVoucherService, TerminalContext
 from terminal.evoucher_http import HttpEVoucherPlatform
 from terminal.face_templates import TemplateStore
+from terminal.pharmacists import IdPhotoDecoder
 from terminal.verification import FaceVerifier
 
 logger = logging.getLogger(__name__)
@@ -121,6 +123,8 @@ class KioskDevices:
     qr_scanner: QrScanner | None
     camera: Camera | None
     peripherals: list[Peripheral] = field(default_factory=list)
+    id_photo_decoder: IdPhotoDecoder | None = None
+    """The reader vendor's WLT photo decoder (`[devices.id_card_reader] photo_decoder`), for 人证比对."""
 
     def close(self) -> None:
         for driver in (self.id_card_reader, self.ss_card_reader, self.qr_scanner, self.camera):
@@ -157,6 +161,21 @@ def load_ss_layout(config: SerialSsCardReaderConfig) -> SsCardLayout:
             for err in exc.errors(include_url=False, include_input=False)
         )
         raise ConfigError(f"{config.layout}: invalid SS-card layout: {fields}") from exc
+
+
+def load_photo_decoder(spec: str) -> IdPhotoDecoder:
+    """The callable named by 'package.module:function' (the reader vendor's decoder); `DeviceStartupError` when it
+    cannot be imported or is not callable, so a misconfigured kiosk stops at start rather than at the first
+    enrolment."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        decoder = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as exc:
+        raise DeviceStartupError("id_card_reader", spec, f"cannot load the photo decoder ({exc})") from exc
+    if not callable(decoder):
+        raise DeviceStartupError("id_card_reader", spec, "the photo decoder is not callable")
+    checked: IdPhotoDecoder = decoder
+    return checked
 
 
 def open_devices(config: DevicesConfig, *, stand_in: StandInFactory) -> KioskDevices:
@@ -198,6 +217,8 @@ def open_devices(config: DevicesConfig, *, stand_in: StandInFactory) -> KioskDev
             with contextlib.suppress(CardReaderError):
                 id_reader.sam_status()
             id_reported = _reported(id_reader, id_cfg.port, id_cfg.simulated_peer)
+            if id_cfg.photo_decoder is not None:
+                devices.id_photo_decoder = load_photo_decoder(id_cfg.photo_decoder)
         else:
             id_reported = stand_in(ID_CARD_READER_NAME, PeripheralKind.ID_CARD_READER)
 

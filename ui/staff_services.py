@@ -27,7 +27,6 @@ from pydantic import JsonValue
 from drivers.card_reader import CardReaderError, NoCardError, ReaderTimeoutError
 from drivers.idcard import IdCardData, IdCardReader
 from drivers.qr_scanner import MalformedScanError, QrScannerError, ScanTimeoutError
-from models.types import RgbImage
 from protocol import Envelope, SignedRecordKind
 from protocol.binding import ApplicantVerification
 from protocol.drug_rules import Finding, RuleAction
@@ -38,7 +37,15 @@ from terminal.binding import BindingError, BindingState, apply_for_binding, bind
 from terminal.config import PharmacistsConfig
 from terminal.errors import TerminalError
 from terminal.evoucher import EVoucherAccepted, RefusalReason
-from terminal.pharmacists import AttendanceResult, Consent, LocalSession, OnDuty, PharmacistDesk, PharmacistError
+from terminal.pharmacists import (
+    AttendanceResult,
+    Consent,
+    IdPhotoDecoder,
+    LocalSession,
+    OnDuty,
+    PharmacistDesk,
+    PharmacistError,
+)
 from terminal.review import HistoryUse, InboxItem, InboxState, ReviewError, ReviewSession
 from terminal.runtime import TerminalRuntime
 from terminal.verification import FaceDecision, FaceOutcome, FaceVerifier, Prompt
@@ -81,8 +88,6 @@ CARD_TIMEOUT_S: Final = 20.0
 APPLICATION_REASON: Final = "药店负责人在终端申请绑定"
 
 RecordSigned = Callable[[SignedRecordKind, dict[str, JsonValue]], Envelope]
-IdPhotoDecoder = Callable[[bytes], RgbImage]
-"""The ID card's WLT photo -> RGB (the reader vendor's licensed library; `terminal.pharmacists.IdPhotoDecoder`)."""
 
 FACE_REASONS: Final[dict[FaceOutcome, str]] = {
     FaceOutcome.NO_MATCH: "staff.reason.face_no_match",

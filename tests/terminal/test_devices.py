@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from drivers.card_reader import ReaderUnavailableError
@@ -22,6 +23,7 @@ from hardware_sim.idcard_sim import IdCardSimulator, synthetic_card
 from hardware_sim.kiosk_rig import KioskSimulatorRig
 from hardware_sim.pty_device import PtyDevice
 from hardware_sim.sscard_sim import SsCardSimulator, synthetic_ss_card
+from models.types import RgbImage
 from protocol import PeripheralKind, PeripheralState, PeripheralStatus, decode_envelope
 from terminal.config import DevicesConfig, TerminalConfig, parse_terminal_config
 from terminal.devices import (
@@ -399,3 +401,54 @@ def test_face_section_without_camera_or_enrolment_stops_start_up(tmp_path: Path)
         build_runtime(with_camera, devices, clock, link=ScriptedLink(clock))
     assert devices.camera is not None
     assert devices.camera.status().state is PeripheralState.ABSENT  # closed: released on the failed build
+
+
+# ---------------------------------------------------------------- the reader vendor's WLT photo decoder
+
+
+def stub_wlt_decoder(wlt: bytes) -> RgbImage:
+    """Stands in for a vendor's decoder (the real WLT codec is licensed): a grey image whose shade is the first
+    byte, so a test can tell it ran on the card's bytes."""
+    return np.full((126, 102, 3), wlt[0], dtype=np.uint8)
+
+
+def test_the_configured_photo_decoder_is_loaded_at_start_and_reads_the_cards_photo(
+    rig: KioskSimulatorRig, tmp_path: Path
+) -> None:
+    toml = rig.terminal_toml().replace(
+        "[devices.id_card_reader]\n",
+        '[devices.id_card_reader]\nphoto_decoder = "tests.terminal.test_devices:stub_wlt_decoder"\n',
+    )
+    devices = open_devices(config_with(tmp_path, toml).devices, stand_in=SimulatedPeripheral)
+    try:
+        decoder = devices.id_photo_decoder
+        assert decoder is stub_wlt_decoder
+        assert devices.id_card_reader is not None
+        card = devices.id_card_reader.read_card(timeout_s=3)
+        assert decoder(card.photo_wlt)[0, 0, 0] == card.photo_wlt[0]
+    finally:
+        devices.close()
+
+
+@pytest.mark.parametrize(
+    ("spec", "reason"),
+    [
+        ("no_such_package.wlt:decode", "cannot load the photo decoder"),
+        ("json:no_such_function", "cannot load the photo decoder"),
+        ("json:__doc__", "not callable"),
+    ],
+)
+def test_a_photo_decoder_that_cannot_be_loaded_stops_start_up(
+    rig: KioskSimulatorRig, tmp_path: Path, spec: str, reason: str
+) -> None:
+    toml = rig.terminal_toml().replace(
+        "[devices.id_card_reader]\n", f'[devices.id_card_reader]\nphoto_decoder = "{spec}"\n'
+    )
+    with pytest.raises(DeviceStartupError, match=reason):
+        open_devices(config_with(tmp_path, toml).devices, stand_in=SimulatedPeripheral)
+
+
+def test_a_photo_decoder_is_named_as_module_and_function(tmp_path: Path) -> None:
+    raw = {"id_card_reader": {"backend": "serial", "port": "/dev/ttyS9", "photo_decoder": "vendor.wlt; rm -rf /"}}
+    with pytest.raises(ConfigError, match="photo_decoder"):
+        config_with(tmp_path, devices=raw)

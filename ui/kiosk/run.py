@@ -64,7 +64,9 @@ def kiosk_models(
         national=RuntimeNational(runtime, national),
     )
     # staff screens (pharmacist, review, binding)
-    models.staff = staff_models(runtime, models.kiosk)
+    # 人证比对 needs the reader vendor's WLT photo decoder (`[devices.id_card_reader] photo_decoder`)
+    decoder = None if runtime.devices is None else runtime.devices.id_photo_decoder
+    models.staff = staff_models(runtime, models.kiosk, decode_photo=decoder)
     return models
 
 
