@@ -242,6 +242,18 @@ class FaceConfirmation(_Closed):
     model_sha256: str = Field(max_length=16, description="First 16 hex digits of the embedder's sha256.")
 
 
+class HistoryUse(StrEnum):
+    """What the period and refill rules saw of the patient's earlier purchases at this review."""
+
+    SERVER = "server"
+    """The platform's lookback (every institution, the last six months) by the prescription's `patient_person_ref`."""
+    UNAVAILABLE = "unavailable"
+    """The prescription names the patient, but the lookback failed or this terminal has no server: this prescription
+    only."""
+    NOT_IDENTIFIED = "not_identified"
+    """HIS sent no `patient_person_ref`: this prescription only."""
+
+
 class ReviewDecisionRecord(_Closed):
     """The signed content of a `review_decision` record (E-03)."""
 
@@ -254,6 +266,11 @@ class ReviewDecisionRecord(_Closed):
     reasons: list[_Reason] = Field(default_factory=list, max_length=8, description="处方审核意见 (C256 each).")
     rule_set_version: int | None = Field(default=None, ge=1, description="Drug rules held at the review; None: none.")
     findings: list[FindingShown] = Field(default_factory=list, max_length=MAX_FINDINGS)
+    purchase_history: HistoryUse | None = Field(
+        default=None,
+        description="What the period rules counted: the patient's earlier purchases from the platform (`server`), or "
+        "this prescription only (`unavailable`, `not_identified`); None from a terminal before this field.",
+    )
     face: FaceConfirmation
     reviewed_at: AwareDatetime = Field(description="处方审核时间, terminal wall clock.")
 

@@ -51,6 +51,7 @@ from protocol.drug_rules import (
 from protocol.prescription import (
     FaceConfirmation,
     FindingShown,
+    HistoryUse,
     PendingPrescription,
     PendingPrescriptions,
     Prescription,
@@ -480,18 +481,6 @@ RecordSigned = Callable[[SignedRecordKind, dict[str, JsonValue]], Envelope]
 """`TerminalRuntime.record_signed`."""
 
 
-class HistoryUse(StrEnum):
-    """What the period and refill rules saw of the patient's earlier purchases at this review."""
-
-    SERVER = "server"
-    """The platform's lookback (every institution, the last six months) by the prescription's `patient_person_ref`."""
-    UNAVAILABLE = "unavailable"
-    """The prescription names the patient, but the lookback failed or this terminal has no server: this prescription
-    only."""
-    NOT_IDENTIFIED = "not_identified"
-    """HIS sent no `patient_person_ref`: this prescription only."""
-
-
 @dataclass
 class ReviewSession:
     """One prescription open for review by one pharmacist: the rule findings and which were acknowledged."""
@@ -684,6 +673,7 @@ class ReviewDesk:
                 reasons=reasons,
                 rule_set_version=session.rule_set_version,
                 findings=[_shown(f, session.acknowledged) for f in session.findings],
+                purchase_history=session.history,
                 face=_confirmation(face),
                 reviewed_at=now,
             )

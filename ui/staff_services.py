@@ -31,7 +31,7 @@ from protocol import Envelope, SignedRecordKind
 from protocol.binding import ApplicantVerification
 from protocol.drug_rules import Finding, RuleAction
 from protocol.pharmacist import SignOutReason
-from protocol.prescription import ReviewOutcome
+from protocol.prescription import HistoryUse, ReviewOutcome
 from protocol.purchase import person_ref
 from terminal.binding import BindingError, BindingState, apply_for_binding, binding_application_record
 from terminal.config import PharmacistsConfig
@@ -46,7 +46,7 @@ from terminal.pharmacists import (
     PharmacistDesk,
     PharmacistError,
 )
-from terminal.review import HistoryUse, InboxItem, InboxState, ReviewError, ReviewSession
+from terminal.review import InboxItem, InboxState, ReviewError, ReviewSession
 from terminal.runtime import TerminalRuntime
 from terminal.verification import FaceDecision, FaceOutcome, FaceVerifier, Prompt
 from ui.i18n import text

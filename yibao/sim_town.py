@@ -39,7 +39,7 @@ from hardware_sim.peripherals import SimulatedPeripheral
 from models.types import RgbImage
 from protocol.binding import ApplicantVerification
 from protocol.gm.sm3 import sm3_digest
-from protocol.prescription import ReviewOutcome
+from protocol.prescription import HistoryUse, ReviewOutcome
 from protocol.purchase import person_ref
 from protocol.request_signing import signed_headers
 from terminal.binding import BindingState, apply_for_binding, binding_application_record
@@ -48,7 +48,6 @@ from terminal.devices import open_devices, open_evoucher_platform
 from terminal.identity import SecurityLog
 from terminal.pharmacists import Consent
 from terminal.pos_api import attach_pos_api
-from terminal.review import HistoryUse
 from terminal.runtime import TerminalRuntime, build_runtime
 from terminal.session import TerminalSecurity
 from yibao.sim_day import REGION, HisClient, Ledger, SimDayOptions, SimError, wait_for

@@ -83,6 +83,10 @@ class ReviewOut(_Out):
     face_similarity: float | None
     rule_set_version: int | None
     findings: list[dict[str, Any]] = Field(description="Rule findings shown at review, and whether acknowledged.")
+    purchase_history: str | None = Field(
+        description="What the period rules counted at review: `server` (the patient's earlier purchases, by "
+        "`patient_person_ref`), `unavailable` or `not_identified` (this prescription only); null: not recorded."
+    )
 
     @classmethod
     def of(cls, row: PrescriptionReview) -> ReviewOut:
@@ -97,7 +101,12 @@ class ReviewOut(_Out):
             face_similarity=row.face_similarity,
             rule_set_version=row.rule_set_version,
             findings=list(row.findings),
+            purchase_history=_text_or_none(row.record.get("purchase_history")),
         )
+
+
+def _text_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 class PrescriptionResultOut(_Out):

@@ -23,7 +23,14 @@ from protocol import CommandKind, Envelope, PayloadType, SignedRecord, SignedRec
 from protocol.drug_rules import Evaluation, Proposal, RuleAction, RuleKind
 from protocol.evidence import sign_device_record, verify_device_record
 from protocol.gm.sm2 import SM2PrivateKey, SM2PublicKey
-from protocol.prescription import FaceConfirmation, FindingShown, Prescription, ReviewDecisionRecord, ReviewOutcome
+from protocol.prescription import (
+    FaceConfirmation,
+    FindingShown,
+    HistoryUse,
+    Prescription,
+    ReviewDecisionRecord,
+    ReviewOutcome,
+)
 from sync_server import prescriptions
 from sync_server.accounts import Role
 from sync_server.app import create_app
@@ -120,6 +127,7 @@ class Pharmacy:
             "decision": outcome,
             "reasons": [] if outcome is ReviewOutcome.APPROVED else ["剂量超限"],
             "rule_set_version": 3,
+            "purchase_history": HistoryUse.NOT_IDENTIFIED,
             "findings": [
                 FindingShown(
                     rule_id="FFGC-1",
@@ -381,6 +389,7 @@ def test_his_registers_queries_and_settles_only_an_approved_prescription(served:
         "accepted",
     )
     assert review["findings"][0]["rule_id"] == "FFGC-1"
+    assert review["purchase_history"] == "not_identified"  # what the period rules counted, from the signed record
 
     done = served.his_call("POST", f"{target}/settlement", {"settlement_id": "JS-0001"})
     assert done.status_code == 200, done.text

@@ -37,6 +37,7 @@ from protocol.drug_rules import (
 from protocol.evidence import sign_device_record, verify_device_record
 from protocol.gm.sm2 import SM2PrivateKey
 from protocol.prescription import (
+    HistoryUse,
     PendingPrescription,
     PendingPrescriptions,
     ReviewedPrescription,
@@ -50,7 +51,6 @@ from terminal.outbox import Outbox
 from terminal.review import (
     PENDING_PATH,
     REVIEWED_PATH,
-    HistoryUse,
     InboxRefresher,
     InboxState,
     PrescriptionInbox,
@@ -492,6 +492,7 @@ def test_warnings_are_acknowledged_then_the_face_confirms_and_the_signed_decisio
     assert record.content_digest == pending(1).content_digest
     [shown] = record.findings
     assert (shown.rule_id, shown.acknowledged, shown.observed) == ("FFGC-1", True, 3)
+    assert record.purchase_history is HistoryUse.NOT_IDENTIFIED  # the sample prescription names no patient
     assert record.face.decision == "accepted"
     assert record.face.similarity is not None
     assert record.face.similarity >= record.face.threshold

@@ -370,6 +370,11 @@ def test_b_his_prescriptions_are_reviewed_on_the_kiosk_and_his_reads_the_results
     assert (approved["status"], approved["may_settle"], approved["review"]["reasons"]) == ("approved", True, [])
     assert (rejected["status"], rejected["may_settle"]) == ("rejected", False)
     assert rejected["review"]["reasons"] == [text("staff.rx.reason.unsuitable")]
+    # the signed decisions say what the period rules counted: the named patient's purchases, or this prescription
+    assert (approved["review"]["purchase_history"], rejected["review"]["purchase_history"]) == (
+        "server",
+        "not_identified",
+    )
     for answer in (approved, rejected):
         review_out = answer["review"]
         assert (review_out["pharmacist_code"], review_out["device_id"], review_out["face_decision"]) == (
