@@ -592,10 +592,9 @@ def run_interactive(options: DemoOptions, echo: Any) -> int:
             )
         echo(f"Terminal   {options.device_id} is online ({took:.1f} s). Open {stack.base_url}/ in a browser.")
         if stack.operator_password is not None:
-            echo(
-                f"Sign in    as {OPERATOR} (device admin) with the initial password {stack.operator_password} "
-                "(shown once; the page asks you to change it)"
-            )
+            # the password alone at the end of its line: it may end in punctuation
+            echo(f"Sign in    as {OPERATOR} (device admin) with this initial password, shown once (then change it):")
+            echo(f"Password   {stack.operator_password}")
         else:
             echo(f"Sign in    as {OPERATOR} with the password you gave it in an earlier run (the database is kept)")
         echo("Press Ctrl-C to stop everything.")

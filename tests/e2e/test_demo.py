@@ -114,6 +114,10 @@ def test_interactive_demo_prints_the_address_and_ctrl_c_leaves_nothing_running(y
     assert "SIM-0001 registered and enrolled" in out
     assert "device key fingerprint" in out
     assert "traffic encrypted (SM4-GCM)" in out
+    # the operator account for the pages, its generated password alone at the end of its line
+    assert "Sign in    as demo-admin (device admin)" in out
+    [password] = [line.split(None, 1)[1].strip() for line in seen if line.startswith("Password   ")]
+    assert len(password) >= 10
     children = _children_of(proc.pid)
     assert len(children) == 3, f"expected broker, server and terminal, got {children}"
     proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the foreground process
