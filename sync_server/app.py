@@ -67,12 +67,15 @@ def create_app(
         app.state.runtime = runtime
         try:
             runtime.start()
+            await runtime.requests.nonces.open()
         except BaseException:
+            await runtime.requests.nonces.close()
             await run_in_threadpool(runtime.stop)
             raise
         try:
             yield
         finally:
+            await runtime.requests.nonces.close()
             await run_in_threadpool(runtime.stop)
             del app.state.runtime
 

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from protocol import ContractError, Envelope
@@ -82,8 +82,57 @@ class PrescriptionConflictError(PrescriptionError):
 
 
 @dataclass(frozen=True, slots=True)
+class ReviewView:
+    """The stored review as HIS and operators read it: decision, opinion, pharmacist code and times (E-03)."""
+
+    decision: str
+    reasons: list[str]
+    pharmacist_code: str
+    reviewed_at: datetime
+    received_at: datetime
+    device_id: str
+    face_decision: str
+    face_similarity: float | None
+    rule_set_version: int | None
+    findings: list[dict[str, Any]]
+    purchase_history: str | None
+    """What the period rules counted at review (the signed record's `purchase_history`), None when not recorded."""
+
+    @classmethod
+    def of(cls, row: PrescriptionReview) -> ReviewView:
+        history = row.record.get("purchase_history")
+        return cls(
+            row.decision,
+            list(row.reasons),
+            row.pharmacist_code,
+            row.reviewed_at,
+            row.received_at,
+            row.device_id,
+            row.face_decision,
+            row.face_similarity,
+            row.rule_set_version,
+            list(row.findings),
+            history if isinstance(history, str) else None,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HisView:
+    """What HIS reads of one of its prescriptions (H-05, H-07): status, review, settlement."""
+
+    id: int
+    rx_no: str
+    status: PrescriptionState
+    registered_at: datetime
+    content_digest: str
+    settlement_id: str | None
+    settled_at: datetime | None
+    review: ReviewView | None
+
+
+@dataclass(frozen=True, slots=True)
 class Registered:
-    row: PrescriptionRow
+    view: HisView
     created: bool
     """False: a replay of the same body; nothing was stored or queued."""
     notices: tuple[IssuedCommand, ...] = ()
@@ -122,66 +171,169 @@ def find(session: Session, institution_id: int, rx_no: str, *, lock: bool = Fals
     return session.scalar(query)
 
 
+# HIS's calls are the server's bulk traffic (source 003 asks >= 200 requests/s): they run as Core statements on the
+# session's connection, built once here, and load no ORM entities (the stored body is never read back for HIS).
+_HIS_VIEW = (
+    select(
+        PrescriptionRow.id,
+        PrescriptionRow.rx_no,
+        PrescriptionRow.status,
+        PrescriptionRow.registered_at,
+        PrescriptionRow.content_digest,
+        PrescriptionRow.settlement_id,
+        PrescriptionRow.settled_at,
+        PrescriptionReview.id.label("review_id"),
+        PrescriptionReview.decision,
+        PrescriptionReview.reasons,
+        PrescriptionReview.pharmacist_code,
+        PrescriptionReview.reviewed_at,
+        PrescriptionReview.received_at,
+        PrescriptionReview.device_id,
+        PrescriptionReview.face_decision,
+        PrescriptionReview.face_similarity,
+        PrescriptionReview.rule_set_version,
+        PrescriptionReview.findings,
+        PrescriptionReview.record["purchase_history"].as_string().label("purchase_history"),
+    )
+    .outerjoin(PrescriptionReview, PrescriptionReview.prescription_id == PrescriptionRow.id)
+    .where(PrescriptionRow.institution_id == bindparam("institution_id"), PrescriptionRow.rx_no == bindparam("rx_no"))
+)
+_HIS_VIEW_LOCKED = _HIS_VIEW.with_for_update(of=PrescriptionRow)
+_EXISTING = (
+    select(PrescriptionRow.id, PrescriptionRow.request_digest)
+    .where(PrescriptionRow.institution_id == bindparam("institution_id"), PrescriptionRow.rx_no == bindparam("rx_no"))
+    .with_for_update()
+)
+_INSERT_PRESCRIPTION = insert(PrescriptionRow).returning(PrescriptionRow.id)
+_INSERT_LINES = insert(PrescriptionLineRow)
+_BOUND_TERMINALS = (
+    select(Device.device_id)
+    .where(Device.institution_id == bindparam("institution_id"), Device.registration != RegistrationState.REVOKED)
+    .order_by(Device.device_id)
+)
+_SETTLE = (
+    update(PrescriptionRow)
+    .where(PrescriptionRow.id == bindparam("prescription_id"))
+    .values(
+        status=PrescriptionState.SETTLED,
+        settlement_id=bindparam("settlement_id"),
+        settled_at=bindparam("settled_at", type_=PrescriptionRow.settled_at.type),
+    )
+)
+
+
+def his_view(session: Session, institution_id: int, rx_no: str, *, lock: bool = False) -> HisView | None:
+    """The institution's prescription `rx_no` with its review, in one statement; `lock` holds the prescription's
+    row (not its review's) until the transaction ends."""
+    row = (
+        session.connection()
+        .execute(_HIS_VIEW_LOCKED if lock else _HIS_VIEW, {"institution_id": institution_id, "rx_no": rx_no})
+        .one_or_none()
+    )
+    if row is None:
+        return None
+    review = None
+    if row.review_id is not None:
+        review = ReviewView(
+            row.decision,
+            list(row.reasons),
+            row.pharmacist_code,
+            row.reviewed_at,
+            row.received_at,
+            row.device_id,
+            row.face_decision,
+            row.face_similarity,
+            row.rule_set_version,
+            list(row.findings),
+            row.purchase_history,
+        )
+    return HisView(
+        row.id,
+        row.rx_no,
+        row.status,
+        row.registered_at,
+        row.content_digest,
+        row.settlement_id,
+        row.settled_at,
+        review,
+    )
+
+
 def register(
     session: Session, prescription: Prescription, *, institution_id: int, client: str, now: datetime
 ) -> Registered:
     """Store `prescription` for the institution (or recognise a replay) and notify its bound terminals."""
     digest = request_digest(prescription)
-    existing = find(session, institution_id, prescription.rx_no, lock=True)
+    conn = session.connection()
+    existing = conn.execute(_EXISTING, {"institution_id": institution_id, "rx_no": prescription.rx_no}).one_or_none()
     if existing is not None:
         if existing.request_digest != digest:
             raise PrescriptionConflictError(
                 f"prescription {prescription.rx_no} is registered already with different content"
             )
-        return Registered(existing, created=False)
+        view = his_view(session, institution_id, prescription.rx_no)
+        if view is None:  # locked by this transaction since the line above: cannot happen
+            raise PrescriptionNotFoundError(f"prescription {prescription.rx_no} is not registered")
+        return Registered(view, created=False)
     served = served_form(prescription)
-    row = PrescriptionRow(
-        institution_id=institution_id,
-        rx_no=prescription.rx_no,
-        request_digest=digest,
-        content_digest=prescription_digest(served),
-        body=served.model_dump(mode="json"),
-        prescribing_institution_code=served.prescribing_institution_code,
-        prescriber_code=served.prescriber_code,
-        prescribed_at=served.prescribed_at,
-        patient_ref=served.patient_ref,
-        status=PrescriptionState.PENDING,
-        registered_at=now,
-        registered_by=client,
-        refused_decisions=0,
+    content_digest = prescription_digest(served)
+    prescription_id: int = conn.execute(
+        _INSERT_PRESCRIPTION,
+        {
+            "institution_id": institution_id,
+            "rx_no": prescription.rx_no,
+            "request_digest": digest,
+            "content_digest": content_digest,
+            "body": served.model_dump(mode="json"),
+            "prescribing_institution_code": served.prescribing_institution_code,
+            "prescriber_code": served.prescriber_code,
+            "prescribed_at": served.prescribed_at,
+            "patient_ref": served.patient_ref,
+            "status": PrescriptionState.PENDING,
+            "registered_at": now,
+            "registered_by": client,
+            "refused_decisions": 0,
+        },
+    ).scalar_one()
+    conn.execute(
+        _INSERT_LINES,
+        [
+            {
+                "prescription_id": prescription_id,
+                "line_no": line.line_no,
+                "drug_code": line.drug_code,
+                "drug_name": line.drug_name,
+                "generic_name": line.generic_name,
+                "specification": line.specification,
+                "quantity": line.quantity,
+                "unit": line.unit,
+                "dosage": line.dosage,
+                "days_supply": line.days_supply,
+                "amount_fen": line.amount_fen,
+            }
+            for line in served.lines
+        ],
     )
-    session.add(row)
-    session.flush()
-    session.add_all(
-        PrescriptionLineRow(
-            prescription_id=row.id,
-            line_no=line.line_no,
-            drug_code=line.drug_code,
-            drug_name=line.drug_name,
-            generic_name=line.generic_name,
-            specification=line.specification,
-            quantity=line.quantity,
-            unit=line.unit,
-            dosage=line.dosage,
-            days_supply=line.days_supply,
-            amount_fen=line.amount_fen,
+    notices: tuple[IssuedCommand, ...] = ()
+    terminals = conn.execute(_BOUND_TERMINALS, {"institution_id": institution_id}).scalars().all()
+    if terminals:
+        args = PrescriptionsPendingArgs(prescription_id=prescription_id, rx_no=prescription.rx_no).model_dump()
+        notices = tuple(
+            issue_command(
+                session,
+                device_id=device_id,
+                kind=CommandKind.PRESCRIPTIONS_PENDING,
+                args=args,
+                ttl_s=NOTICE_TTL_S,
+                now=now,
+            )
+            for device_id in terminals
         )
-        for line in served.lines
+        session.flush()
+    view = HisView(
+        prescription_id, prescription.rx_no, PrescriptionState.PENDING, now, content_digest, None, None, None
     )
-    terminals = session.scalars(
-        select(Device.device_id)
-        .where(Device.institution_id == institution_id, Device.registration != RegistrationState.REVOKED)
-        .order_by(Device.device_id)
-    ).all()
-    args = PrescriptionsPendingArgs(prescription_id=row.id, rx_no=row.rx_no).model_dump()
-    notices = tuple(
-        issue_command(
-            session, device_id=device_id, kind=CommandKind.PRESCRIPTIONS_PENDING, args=args, ttl_s=NOTICE_TTL_S, now=now
-        )
-        for device_id in terminals
-    )
-    session.flush()
-    return Registered(row, created=True, notices=notices)
+    return Registered(view, created=True, notices=notices)
 
 
 def review_of(session: Session, prescription_id: int) -> PrescriptionReview | None:
@@ -200,24 +352,24 @@ def lines_of(session: Session, prescription_id: int) -> list[PrescriptionLineRow
 
 def settle(
     session: Session, *, institution_id: int, rx_no: str, settlement_id: str, now: datetime
-) -> tuple[PrescriptionRow, bool]:
+) -> tuple[HisView, bool]:
     """Record that HIS settled the approved prescription (I-06); True when this call settled it. The same
     settlement again is a replay (False); another settlement of a settled prescription, or settling one that is not
     approved, is a conflict (F-07)."""
-    row = find(session, institution_id, rx_no, lock=True)
-    if row is None:
+    view = his_view(session, institution_id, rx_no, lock=True)
+    if view is None:
         raise PrescriptionNotFoundError(f"prescription {rx_no} is not registered at this institution")
-    if row.status is PrescriptionState.SETTLED:
-        if row.settlement_id == settlement_id:
-            return row, False
+    if view.status is PrescriptionState.SETTLED:
+        if view.settlement_id == settlement_id:
+            return view, False
         raise PrescriptionConflictError(f"prescription {rx_no} is settled already under another settlement")
-    if row.status is not PrescriptionState.APPROVED:
+    if view.status is not PrescriptionState.APPROVED:
         raise PrescriptionConflictError(
-            f"prescription {rx_no} is {row.status.value}: only an approved prescription may be settled"
+            f"prescription {rx_no} is {view.status.value}: only an approved prescription may be settled"
         )
-    row.status, row.settlement_id, row.settled_at = PrescriptionState.SETTLED, settlement_id, now
-    session.flush()
-    return row, True
+    params = {"prescription_id": view.id, "settlement_id": settlement_id, "settled_at": now}
+    session.connection().execute(_SETTLE, params)
+    return replace(view, status=PrescriptionState.SETTLED, settlement_id=settlement_id, settled_at=now), True
 
 
 def pending_page(

@@ -32,7 +32,8 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -395,12 +396,25 @@ class Registered:
 
 
 def purchase_of(session: Session, institution_id: int, settlement_no: str) -> Purchase:
-    row = session.scalar(
-        select(Purchase).where(Purchase.institution_id == institution_id, Purchase.settlement_no == settlement_no)
-    )
+    """The institution's purchase with this settlement number, with its lines, as a transient `Purchase` (read by
+    two Core statements, not loaded into the session: HIS reads it back often)."""
+    conn = session.connection()
+    row = conn.execute(_PURCHASE_BY_NUMBER, {"institution_id": institution_id, "settlement_no": settlement_no}).first()
     if row is None:
         raise PurchaseNotFoundError(f"no purchase with settlement number {settlement_no} in this institution")
-    return row
+    purchase = Purchase(**row._asdict())
+    purchase.lines = [PurchaseLine(**line._asdict()) for line in conn.execute(_LINES_OF, {"purchase_id": purchase.id})]
+    return purchase
+
+
+_PURCHASE_BY_NUMBER = select(*Purchase.__table__.columns).where(
+    Purchase.institution_id == bindparam("institution_id"), Purchase.settlement_no == bindparam("settlement_no")
+)
+_LINES_OF = (
+    select(*PurchaseLine.__table__.columns)
+    .where(PurchaseLine.purchase_id == bindparam("purchase_id"))
+    .order_by(PurchaseLine.line_no)
+)
 
 
 def _relationship_for(
@@ -433,13 +447,17 @@ def register_purchase(
     session: Session, institution_id: int, body: PurchaseIn, *, his_client: str, now: datetime
 ) -> Registered:
     """Store the purchase (created=True) or return the one already registered with the same body (created=False);
-    `PurchaseConflictError` when the settlement number is registered with a different body."""
+    `PurchaseConflictError` when the settlement number is registered with a different body.
+
+    HIS's bulk traffic: Core statements built once, no ORM unit of work (docs/benchmarks.md, "HIS interfaces under
+    load"). The answer of a new purchase is a transient `Purchase` (not in the session) built from what was stored;
+    only a purchase whose kiosk verification is already here is loaded to be linked."""
     digest = body.digest()
-    existing = session.scalar(
-        select(Purchase).where(Purchase.institution_id == institution_id, Purchase.settlement_no == body.settlement_no)
-    )
+    conn = session.connection()
+    keys = {"institution_id": institution_id, "settlement_no": body.settlement_no}
+    existing = conn.execute(_EXISTING_PURCHASE, keys).one_or_none()
     if existing is not None:
-        return _same(existing, digest)
+        return _same(session, existing.id, existing.body_digest, body, digest)
     buyer_ref = body.buyer.ref()
     relationship = _relationship_for(session, institution_id, body, buyer_ref)
     agent = None if body.proxy is None else body.proxy.agent
@@ -463,11 +481,23 @@ def register_purchase(
         total_amount_fen=sum(line.amount_fen for line in body.lines),
         body_digest=digest,
         verification_state=PurchaseVerificationState.PENDING,
+        verification_note=None,
+        pos_verification_id=None,
         received_at=now,
+        linked_at=None,
         reused_trace_codes=[],
     )
+    values = {column: getattr(purchase, column) for column in _PURCHASE_COLUMNS}
+    # ON CONFLICT DO NOTHING: the same settlement registered concurrently by another request (the unique key) gives
+    # no id, and this request answers as if the other had come first.
+    purchase_id = conn.execute(_insert_purchase(conn.dialect.name), values).scalar_one_or_none()
+    if purchase_id is None:
+        raced = conn.execute(_EXISTING_PURCHASE, keys).one()
+        return _same(session, raced.id, raced.body_digest, body, digest)
+    purchase.id = purchase_id
     purchase.lines = [
         PurchaseLine(
+            purchase_id=purchase_id,
             line_no=n,
             med_list_codg=line.med_list_codg,
             drug_name=line.drug_name,
@@ -477,57 +507,85 @@ def register_purchase(
         )
         for n, line in enumerate(body.lines, start=1)
     ]
-    try:
-        with session.begin_nested():
-            session.add(purchase)
-            session.flush()
-    except IntegrityError:
-        # The same settlement registered concurrently by another request: answer as if it had come first.
-        raced = session.scalar(
-            select(Purchase).where(
-                Purchase.institution_id == institution_id, Purchase.settlement_no == body.settlement_no
-            )
-        )
-        if raced is None:
-            raise
-        return _same(raced, digest)
-    _record_trace_codes(session, purchase, body)
-    verification = session.scalar(
-        select(PosVerification).where(PosVerification.transaction_code == body.transaction_code)
-    )
-    if verification is not None:
-        _link(session, purchase, verification, now=now)
-        session.flush()
-    return Registered(purchase, True)
+    conn.execute(_INSERT_PURCHASE_LINES, [{c: getattr(line, c) for c in _LINE_COLUMNS} for line in purchase.lines])
+    purchase.reused_trace_codes = _record_trace_codes(session, purchase_id, body)
+    verification = conn.execute(_VERIFICATION_OF, {"transaction_code": body.transaction_code}).scalar()
+    if verification is None:
+        return Registered(purchase, True)
+    stored = session.get(Purchase, purchase_id)
+    found = session.get(PosVerification, verification)
+    if stored is None or found is None:  # both were just seen in this transaction
+        raise PurchaseNotFoundError(f"purchase {body.settlement_no} vanished while it was being linked")
+    _link(session, stored, found, now=now)
+    session.flush()
+    return Registered(stored, True)
 
 
-def _record_trace_codes(session: Session, purchase: Purchase, body: PurchaseIn) -> None:
-    """Index the purchase's 追溯码 and note those an earlier purchase sold already (a package sold twice: returned
-    stock resold, or a code copied onto another box). Registered, not refused: the sale has happened."""
+_EXISTING_PURCHASE = select(Purchase.id, Purchase.body_digest).where(
+    Purchase.institution_id == bindparam("institution_id"), Purchase.settlement_no == bindparam("settlement_no")
+)
+_PURCHASE_COLUMNS: Final = tuple(c.key for c in Purchase.__table__.columns if c.key != "id")
+_LINE_COLUMNS: Final = tuple(c.key for c in PurchaseLine.__table__.columns if c.key != "id")
+_INSERT_PURCHASE_LINES = insert(PurchaseLine)
+_INSERT_TRACE_CODES = insert(PurchaseTraceCode)
+_REUSED_TRACE_CODES = select(PurchaseTraceCode.code).where(
+    PurchaseTraceCode.code.in_(bindparam("codes", expanding=True)),
+    PurchaseTraceCode.purchase_id != bindparam("purchase_id"),
+)
+_SET_REUSED = (
+    update(Purchase)
+    .where(Purchase.id == bindparam("purchase_id"))
+    .values(reused_trace_codes=bindparam("reused", type_=Purchase.reused_trace_codes.type))
+)
+_VERIFICATION_OF = (
+    select(PosVerification.id)
+    .where(PosVerification.transaction_code == bindparam("transaction_code"))
+    .order_by(PosVerification.id)
+    .limit(1)
+)
+_INSERT_PURCHASE = {
+    "postgresql": postgresql.insert(Purchase)
+    .on_conflict_do_nothing(index_elements=[Purchase.institution_id, Purchase.settlement_no])
+    .returning(Purchase.id),
+    "sqlite": sqlite.insert(Purchase)
+    .on_conflict_do_nothing(index_elements=[Purchase.institution_id, Purchase.settlement_no])
+    .returning(Purchase.id),
+}
+
+
+def _insert_purchase(dialect: str) -> Any:
+    return _INSERT_PURCHASE[dialect]
+
+
+def _record_trace_codes(session: Session, purchase_id: int, body: PurchaseIn) -> list[str]:
+    """Index the purchase's 追溯码 and return those an earlier purchase sold already (a package sold twice: returned
+    stock resold, or a code copied onto another box), which are also stored on the purchase. Registered, not
+    refused: the sale has happened."""
     sold = [(n, code) for n, line in enumerate(body.lines, start=1) for code in line.trace_codes]
     if not sold:
-        return
+        return []
+    conn = session.connection()
     codes = [code for _, code in sold]
     reused: set[str] = set()
     for start in range(0, len(codes), TRACE_QUERY_CHUNK):
         chunk = codes[start : start + TRACE_QUERY_CHUNK]
-        reused.update(
-            session.scalars(
-                select(PurchaseTraceCode.code).where(
-                    PurchaseTraceCode.code.in_(chunk), PurchaseTraceCode.purchase_id != purchase.id
-                )
-            )
-        )
-    session.add_all(PurchaseTraceCode(purchase_id=purchase.id, line_no=n, code=code) for n, code in sold)
-    purchase.reused_trace_codes = sorted(reused)
-    session.flush()
+        reused.update(conn.execute(_REUSED_TRACE_CODES, {"codes": chunk, "purchase_id": purchase_id}).scalars())
+    conn.execute(_INSERT_TRACE_CODES, [{"purchase_id": purchase_id, "line_no": n, "code": code} for n, code in sold])
+    if not reused:
+        return []
+    listed = sorted(reused)
+    conn.execute(_SET_REUSED, {"purchase_id": purchase_id, "reused": listed})
+    return listed
 
 
-def _same(existing: Purchase, digest: str) -> Registered:
-    if existing.body_digest != digest:
+def _same(session: Session, purchase_id: int, stored_digest: str, body: PurchaseIn, digest: str) -> Registered:
+    if stored_digest != digest:
         raise PurchaseConflictError(
-            f"settlement number {existing.settlement_no} is already registered with different content"
+            f"settlement number {body.settlement_no} is already registered with different content"
         )
+    existing = session.get(Purchase, purchase_id)
+    if existing is None:  # seen a moment ago in this transaction; purchases are never deleted
+        raise PurchaseNotFoundError("the registered purchase vanished")
     return Registered(existing, False)
 
 

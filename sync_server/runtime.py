@@ -65,12 +65,15 @@ class ServerRuntime:
     sessions: sessionmaker[Session] = field(init=False)
     writer_sessions: sessionmaker[Session] = field(init=False)
     """For the few requests that write (issuing a command): SQLite takes its write lock when they begin."""
+    read_sessions: sessionmaker[Session] = field(init=False)
+    """For the busiest requests that only read (HIS queries): no transaction round trips on PostgreSQL."""
     requests: RequestAuthority = field(init=False)
     """Authenticates signed machine requests: HIS clients on /his/v1, terminals on /device/v1."""
 
     def __post_init__(self) -> None:
         self.sessions = session_factory(self.engine)
         self.writer_sessions = session_factory(self.engine, write_intent=True)
+        self.read_sessions = session_factory(self.engine, statement_reads=True)
         self.identity = ServerIdentity(self.settings)
         self.audit = ServerAudit(self.settings.data_dir, self.clock)
         self.broker_admin = _broker_admin(self.settings)

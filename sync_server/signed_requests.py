@@ -8,11 +8,12 @@ Owns:
 
 * `create_his_client` / `revoke_his_client` / `list_his_clients` in the caller's transaction;
 * `RequestAuthority`: per-process lookups (a HIS client's secret and institution cached for `CACHE_TTL_S`, so a
-  revocation is enforced within that time by every process), `authenticate_his` / `authenticate_device`, and
-  `claim_nonce`, which spends a nonce in its own short transaction (a replay finds the row, whichever process it
-  reaches; rows older than twice the window are pruned at most once a minute per process).
+  revocation is enforced within that time by every process), `authenticate_his` / `authenticate_his_async` (on the
+  event loop: the app's path) / `authenticate_device`, and `claim_nonce`; nonces are spent in
+  `sync_server.nonces.NonceStore` (a replay finds the row, whichever process it reaches).
 
-Errors are `RequestAuthError` (401 at the API). It must never log a secret, a signature or a request body.
+Errors are `RequestAuthError` (401 at the API), `NonceStoreUnavailableError` (503). It must never log a secret, a
+signature or a request body.
 """
 
 from __future__ import annotations
@@ -23,30 +24,31 @@ import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Final
 
-from sqlalchemy import Engine, delete, insert, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from protocol import Clock
 from protocol.gm import sm4
 from protocol.gm.errors import CryptoError
-from protocol.request_signing import DEFAULT_WINDOW_S, RequestAuthError, verify_signed_request
-from sync_server.db.models import Device, HisClient, Institution, RequestNonce
+from protocol.request_signing import DEFAULT_WINDOW_S, RequestAuthError, SignedRequest, verify_signed_request
+from sync_server.db.models import Device, HisClient, Institution
 from sync_server.identity import ServerIdentity
+from sync_server.nonces import NonceStore, ReplayedNonceError
 from sync_server.security import SecurityGate
 
 logger = logging.getLogger(__name__)
 
 HIS_PREFIX: Final = "X-HIS-"
+HIS_CLIENT_HEADER: Final = f"{HIS_PREFIX}Client"
 DEVICE_PREFIX: Final = "X-Device-"
 DEVICE_ID_HEADER: Final = "X-Device-Id"
 """The device API signs with the session key id as `X-Device-Client`; this header names the device it belongs to."""
 HIS_SECRET_PURPOSE: Final = "his-client"  # noqa: S105 - a label bound into the seal, not a secret
 CACHE_TTL_S: Final = 5.0
-PRUNE_EVERY_S: Final = 60.0
 SECRET_BYTES: Final = 32
 
 
@@ -156,27 +158,30 @@ class RequestAuthority:
         window_s: float = DEFAULT_WINDOW_S,
     ) -> None:
         self._sessions = sessions
-        # A nonce is one INSERT on its own: on PostgreSQL in autocommit (one round trip, no BEGIN/COMMIT); SQLite
-        # takes its write lock for the INSERT itself, so a plain transaction there.
-        self._nonce_engine = (
-            engine.execution_options(isolation_level="AUTOCOMMIT") if engine.dialect.name == "postgresql" else engine
-        )
+        self._nonces = NonceStore(engine, clock, keep_s=2 * window_s + 1)
         self._identity = identity
         self._security = security
         self._clock = clock
         self._window_s = window_s
         self._lock = threading.Lock()
         self._his: dict[str, tuple[_HisClientEntry | None, float]] = {}
-        self._pruned_at = float("-inf")
 
     # ------------------------------------------------------------------ HIS clients
 
-    def _his_client(self, client_id: str) -> _HisClientEntry | None:
-        now = self._clock.monotonic()
+    def _cached_his_client(self, client_id: str) -> tuple[_HisClientEntry | None] | None:
+        """The cached lookup of `client_id` (a 1-tuple: the entry, or None for an unknown or revoked client), or
+        None when the cache has no fresh answer."""
         with self._lock:
             hit = self._his.get(client_id)
-        if hit is not None and now - hit[1] < CACHE_TTL_S:
-            return hit[0]
+        if hit is not None and self._clock.monotonic() - hit[1] < CACHE_TTL_S:
+            return (hit[0],)
+        return None
+
+    def _his_client(self, client_id: str) -> _HisClientEntry | None:
+        cached = self._cached_his_client(client_id)
+        if cached is not None:
+            return cached[0]
+        now = self._clock.monotonic()
         with self._sessions() as session:
             hit_row = session.execute(
                 select(HisClient, Institution.code)
@@ -205,28 +210,51 @@ class RequestAuthority:
             self._his.pop(client_id, None)
 
     def authenticate_his(self, headers: Mapping[str, str], *, method: str, path: str, body: bytes) -> HisCaller:
-        found: dict[str, _HisClientEntry] = {}
+        """Verify a signed HIS request and spend its nonce (from a worker thread)."""
+        client_id = headers.get(HIS_CLIENT_HEADER)
+        entry = self._his_client(client_id) if client_id else None
+        signed = self._verify_his(headers, entry, method=method, path=path, body=body)
+        self.claim_nonce(f"his:{signed.client_id}", signed.nonce)
+        return self._his_caller(signed, entry)
 
-        def secret_of(client_id: str) -> bytes | None:
-            client = self._his_client(client_id)
-            if client is None:
-                return None
-            found[client_id] = client
-            return client.secret
+    async def authenticate_his_async(
+        self, headers: Mapping[str, str], *, method: str, path: str, body: bytes
+    ) -> HisCaller:
+        """`authenticate_his` on the event loop: a cached client and the nonce claim need no worker thread (only a
+        client not seen for `CACHE_TTL_S` is looked up in one)."""
+        client_id = headers.get(HIS_CLIENT_HEADER)
+        entry: _HisClientEntry | None = None
+        if client_id:
+            hit = self._cached_his_client(client_id)
+            entry = hit[0] if hit is not None else await run_in_threadpool(self._his_client, client_id)
+        signed = self._verify_his(headers, entry, method=method, path=path, body=body)
+        try:
+            await self._nonces.claim_async(f"his:{signed.client_id}", signed.nonce)
+        except ReplayedNonceError:
+            raise RequestAuthError("replayed_nonce", "the request nonce was already used") from None
+        return self._his_caller(signed, entry)
 
-        signed = verify_signed_request(
+    def _verify_his(
+        self, headers: Mapping[str, str], entry: _HisClientEntry | None, *, method: str, path: str, body: bytes
+    ) -> SignedRequest:
+        """The checks that need no database (shape, time, signature) against the client `entry` looked up for the
+        request's client header; the nonce is still unspent."""
+        return verify_signed_request(
             HIS_PREFIX,
             headers,
             method=method,
             path=path,
             body=body,
-            secret_of=secret_of,
+            secret_of=lambda _client_id: None if entry is None else entry.secret,
             now=self._clock.now().timestamp(),
             window_s=self._window_s,
         )
-        self.claim_nonce(f"his:{signed.client_id}", signed.nonce)
-        client = found[signed.client_id]
-        return HisCaller(signed.client_id, client.institution_id, client.institution_code)
+
+    @staticmethod
+    def _his_caller(signed: SignedRequest, entry: _HisClientEntry | None) -> HisCaller:
+        if entry is None:  # verify_signed_request refuses a client without a secret; this is its belt
+            raise RequestAuthError("unknown_client", "unknown HIS client")
+        return HisCaller(signed.client_id, entry.institution_id, entry.institution_code)
 
     # ------------------------------------------------------------------ devices
 
@@ -264,22 +292,13 @@ class RequestAuthority:
 
     # ------------------------------------------------------------------ nonces
 
+    @property
+    def nonces(self) -> NonceStore:
+        return self._nonces
+
     def claim_nonce(self, caller: str, nonce: str) -> None:
         """Spend a nonce once; `RequestAuthError("replayed_nonce")` when it was already spent."""
-        now = self._clock.now()
         try:
-            with self._nonce_engine.begin() as conn:  # Core, not the ORM: this runs on every signed request
-                conn.execute(insert(RequestNonce), {"caller": caller, "nonce": nonce, "seen_at": now})
-        except IntegrityError:
+            self._nonces.claim(caller, nonce)
+        except ReplayedNonceError:
             raise RequestAuthError("replayed_nonce", "the request nonce was already used") from None
-        self._prune(now)
-
-    def _prune(self, now: datetime) -> None:
-        tick = self._clock.monotonic()
-        with self._lock:
-            if tick - self._pruned_at < PRUNE_EVERY_S:
-                return
-            self._pruned_at = tick
-        cutoff = now - timedelta(seconds=2 * self._window_s + 1)
-        with self._nonce_engine.begin() as conn:
-            conn.execute(delete(RequestNonce).where(RequestNonce.seen_at < cutoff))

@@ -1,5 +1,6 @@
-"""`Annotated` dependency aliases for route handlers (`SessionDep`, `WriterSessionDep`, `SettingsDep`, `ClockDep`,
-`RuntimeDep`, `AdminDep`, `PrincipalDep`), `authorize` (the app-wide route-policy check) and `require_admin`.
+"""`Annotated` dependency aliases for route handlers (`SessionDep`, `WriterSessionDep`, `ReadSessionDep`,
+`SettingsDep`, `ClockDep`, `RuntimeDep`, `AdminDep`, `PrincipalDep`), `authorize` (the app-wide route-policy check)
+and `require_admin`.
 
 Owns how a request reaches the process's `ServerRuntime` (set on `app.state` by the lifespan), the per-request
 database session, which is always closed, and authentication of `Authorization: Bearer <token>`:
@@ -44,9 +45,10 @@ from sync_server.authz import PAGE_COOKIE, Policy, policy_for
 from sync_server.db.models import AdminToken
 from sync_server.errors import IngestError
 from sync_server.identity import token_digest
+from sync_server.nonces import NonceStoreUnavailableError
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
-from sync_server.signed_requests import HIS_PREFIX, DeviceCaller
+from sync_server.signed_requests import HIS_CLIENT_HEADER, DeviceCaller
 
 
 async def get_runtime(request: Request) -> ServerRuntime:
@@ -81,6 +83,15 @@ async def get_writer_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
         session.close()
 
 
+async def get_read_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
+    """As `get_session`, for requests that only read (`ServerRuntime.read_sessions`): it must never write."""
+    session = runtime.read_sessions()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 async def get_settings(runtime: RuntimeDep) -> ServerSettings:
     return runtime.settings
 
@@ -91,6 +102,7 @@ async def get_clock(runtime: RuntimeDep) -> Clock:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 WriterSessionDep = Annotated[Session, Depends(get_writer_session)]
+ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 ClockDep = Annotated[Clock, Depends(get_clock)]
 
@@ -101,7 +113,6 @@ _bearer = HTTPBearer(
 )
 
 BOOTSTRAP_ADMIN = "bootstrap"
-HIS_CLIENT_HEADER = f"{HIS_PREFIX}Client"
 
 
 @dataclass(frozen=True)
@@ -246,13 +257,15 @@ def _signature_refused(exc: RequestAuthError) -> HTTPException:
     )
 
 
-def _his_principal(request: Request, runtime: ServerRuntime, body: bytes) -> Principal:
+async def _his_principal(request: Request, runtime: ServerRuntime, body: bytes) -> Principal:
     try:
-        caller = runtime.requests.authenticate_his(
+        caller = await runtime.requests.authenticate_his_async(
             request.headers, method=request.method, path=_signed_path(request), body=body
         )
     except RequestAuthError as exc:
         raise _signature_refused(exc) from exc
+    except NonceStoreUnavailableError as exc:
+        raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from exc
     return Principal(
         name=f"his:{caller.client_id}",
         kind="his_client",
@@ -269,7 +282,7 @@ def _authenticate_device(request: Request, runtime: ServerRuntime, body: bytes) 
         )
     except RequestAuthError as exc:
         raise _signature_refused(exc) from exc
-    except IngestError as exc:
+    except (IngestError, NonceStoreUnavailableError) as exc:
         raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from exc
     request.state.device_caller = caller
     return caller
@@ -336,25 +349,31 @@ def _page_principal(
         raise PageLoginRequiredError(_signed_path(request), forget_cookie=PAGE_COOKIE in request.cookies) from exc
 
 
-def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials, body: RawBody) -> None:
+async def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials, body: RawBody) -> None:
     """The app-wide check of the matched route's policy (`sync_server.authz.ROUTE_POLICIES`). A request carrying
     `X-HIS-Client` is authenticated by its signature (a HIS client), any other by its bearer token (or, on a page,
-    the login session cookie); a `device_session` route by the terminal's signature."""
+    the login session cookie); a `device_session` route by the terminal's signature.
+
+    Async on purpose: a public route, and a HIS request whose client is cached, are decided on the event loop
+    (the nonce is spent on an async connection); only what needs a blocking database lookup (a bearer token or
+    session, a terminal's key) goes to a worker thread."""
     route = request.scope.get("route")
     policy = policy_for(request.method, route.path) if isinstance(route, APIRoute) else None
     if policy is None:
         # create_app refuses to start with an undeclared route; this is the belt to those braces.
         raise _forbidden("this route has no authorisation policy")
     if policy.kind == "device_session":
-        _authenticate_device(request, runtime, body)
+        await run_in_threadpool(_authenticate_device, request, runtime, body)
         return
     if policy.kind != "roles":
         return
     if HIS_CLIENT_HEADER in request.headers:
-        principal = _his_principal(request, runtime, body)
+        principal = await _his_principal(request, runtime, body)
         request.state.principal = principal
     else:
-        principal = _page_principal(request, runtime, policy, _page_credentials(request, policy, credentials))
+        principal = await run_in_threadpool(
+            _page_principal, request, runtime, policy, _page_credentials(request, policy, credentials)
+        )
     if principal.must_change_password and not policy.password_change_allowed:
         if policy.page:
             raise PageLoginRequiredError(_signed_path(request), forget_cookie=False)

@@ -27,6 +27,7 @@ from sync_server.api.deps import (
     ClockDep,
     DeviceCallerDep,
     PrincipalDep,
+    ReadSessionDep,
     RuntimeDep,
     SessionDep,
     WriterSessionDep,
@@ -142,7 +143,7 @@ def revoke_his_client(
 
 
 @router.get("/his/v1/ping", response_model=HisPingOut)
-def his_ping(principal: PrincipalDep, session: SessionDep, clock: ClockDep) -> Response:
+def his_ping(principal: PrincipalDep, session: ReadSessionDep, clock: ClockDep) -> Response:
     """Check the request signing: answers who the signature says you are, for which institution, and the server's
     time (a 401 `stale_timestamp` means your clock is off by more than 60 s)."""
     code = principal.institution_code

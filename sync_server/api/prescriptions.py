@@ -43,12 +43,13 @@ from sync_server.api.deps import (
     DeviceCallerDep,
     Principal,
     PrincipalDep,
+    ReadSessionDep,
     RuntimeDep,
     SessionDep,
     WriterSessionDep,
 )
 from sync_server.api.schemas import ErrorOut, UnprocessableOut, model_response
-from sync_server.db.models import Institution, PrescriptionReview, PrescriptionRow, PrescriptionState
+from sync_server.db.models import Institution, PrescriptionRow, PrescriptionState
 
 his_router = APIRouter(prefix="/his/v1/prescriptions", tags=["prescriptions (HIS)"])
 device_router = APIRouter(prefix="/device/v1/prescriptions", tags=["prescriptions (device)"])
@@ -89,24 +90,20 @@ class ReviewOut(_Out):
     )
 
     @classmethod
-    def of(cls, row: PrescriptionReview) -> ReviewOut:
+    def of(cls, review: prescriptions.ReviewView) -> ReviewOut:
         return cls(
-            decision=row.decision,
-            reasons=list(row.reasons),
-            pharmacist_code=row.pharmacist_code,
-            reviewed_at=row.reviewed_at,
-            received_at=row.received_at,
-            device_id=row.device_id,
-            face_decision=row.face_decision,
-            face_similarity=row.face_similarity,
-            rule_set_version=row.rule_set_version,
-            findings=list(row.findings),
-            purchase_history=_text_or_none(row.record.get("purchase_history")),
+            decision=review.decision,
+            reasons=review.reasons,
+            pharmacist_code=review.pharmacist_code,
+            reviewed_at=review.reviewed_at,
+            received_at=review.received_at,
+            device_id=review.device_id,
+            face_decision=review.face_decision,
+            face_similarity=review.face_similarity,
+            rule_set_version=review.rule_set_version,
+            findings=review.findings,
+            purchase_history=review.purchase_history,
         )
-
-
-def _text_or_none(value: object) -> str | None:
-    return value if isinstance(value, str) else None
 
 
 class PrescriptionResultOut(_Out):
@@ -157,21 +154,18 @@ def _http(exc: prescriptions.PrescriptionError) -> HTTPException:
     )
 
 
-def _result(
-    session: Session, row: PrescriptionRow, institution_code: str, *, fresh: bool = False
-) -> PrescriptionResultOut:
-    """HIS's view of the prescription; `fresh` (registered by this very request) has no review to look up."""
-    review = None if fresh else prescriptions.review_of(session, row.id)
+def _result(view: prescriptions.HisView, institution_code: str) -> PrescriptionResultOut:
+    """HIS's view of the prescription."""
     return PrescriptionResultOut(
-        rx_no=row.rx_no,
+        rx_no=view.rx_no,
         institution_code=institution_code,
-        status=PrescriptionStatus(row.status.value),
-        may_settle=row.status is PrescriptionState.APPROVED,
-        registered_at=row.registered_at,
-        content_digest=row.content_digest,
-        review=None if review is None else ReviewOut.of(review),
-        settlement_id=row.settlement_id,
-        settled_at=row.settled_at,
+        status=PrescriptionStatus(view.status.value),
+        may_settle=view.status is PrescriptionState.APPROVED,
+        registered_at=view.registered_at,
+        content_digest=view.content_digest,
+        review=None if view.review is None else ReviewOut.of(view.review),
+        settlement_id=view.settlement_id,
+        settled_at=view.settled_at,
     )
 
 
@@ -219,7 +213,7 @@ def register_prescription(
                 )
             except prescriptions.PrescriptionError as exc:
                 raise _http(exc) from exc
-            return done, _result(session, done.row, institution.code, fresh=done.created)
+            return done, _result(done.view, institution.code)
 
     try:
         done, out = attempt()
@@ -242,13 +236,13 @@ def register_prescription(
 
 
 @his_router.get("/{rx_no}", response_model=PrescriptionResultOut, responses={404: {"model": ErrorOut}})
-def get_prescription_result(rx_no: RxNoPath, session: SessionDep, principal: PrincipalDep) -> Response:
+def get_prescription_result(rx_no: RxNoPath, session: ReadSessionDep, principal: PrincipalDep) -> Response:
     """The status and review result of one of the caller's institution's prescriptions (H-05, H-07 step 3)."""
     institution = _his_institution(session, principal)
-    row = prescriptions.find(session, institution.id, rx_no)
-    if row is None:
+    view = prescriptions.his_view(session, institution.id, rx_no)
+    if view is None:
         raise HTTPException(status_code=404, detail=f"prescription {rx_no} is not registered at this institution")
-    return model_response(_result(session, row, institution.code))
+    return model_response(_result(view, institution.code))
 
 
 @his_router.post("/{rx_no}/settlement", response_model=PrescriptionResultOut, responses=_HIS_RESPONSES)
@@ -265,7 +259,7 @@ def settle_prescription(
     with session.begin():
         institution = _his_institution(session, principal)
         try:
-            row, first = prescriptions.settle(
+            view, first = prescriptions.settle(
                 session,
                 institution_id=institution.id,
                 rx_no=rx_no,
@@ -274,7 +268,7 @@ def settle_prescription(
             )
         except prescriptions.PrescriptionError as exc:
             raise _http(exc) from exc
-        out = _result(session, row, institution.code)
+        out = _result(view, institution.code)
     if first:
         runtime.audit.record(
             "prescription.settled",
@@ -435,7 +429,7 @@ def get_prescription(prescription_id: int, session: SessionDep, principal: Princ
         **_summary(row, code),
         prescription=prescriptions.stored_prescription(row),
         content_digest=row.content_digest,
-        review=None if review is None else ReviewOut.of(review),
+        review=None if review is None else ReviewOut.of(prescriptions.ReviewView.of(review)),
         settlement_id=row.settlement_id,
     )
 

@@ -40,6 +40,7 @@ from sync_server.api.deps import (
     DeviceCallerDep,
     Principal,
     PrincipalDep,
+    ReadSessionDep,
     RuntimeDep,
     SessionDep,
     WriterSessionDep,
@@ -191,8 +192,11 @@ class VerificationPage(_Out):
 # ---------------------------------------------------------------------------------------------------- rendering
 
 
-def _purchase_out(session: Session, row: Purchase) -> PurchaseOut:
-    code = session.scalar(select(Institution.code).where(Institution.id == row.institution_id)) or ""
+def _purchase_out(session: Session, row: Purchase, institution_code: str | None = None) -> PurchaseOut:
+    """`row` as answered; `institution_code` when the caller knows it already (a HIS client's principal)."""
+    code = institution_code
+    if code is None:
+        code = session.scalar(select(Institution.code).where(Institution.id == row.institution_id)) or ""
     detail: VerificationRef | None = None
     if row.pos_verification_id is not None:
         v = session.get(PosVerification, row.pos_verification_id)
@@ -325,7 +329,7 @@ def register_purchase(
             )
         except purchases.PurchaseError as exc:
             raise _http(exc) from exc
-        out = _purchase_out(session, done.purchase)
+        out = _purchase_out(session, done.purchase, principal.institution_code)
     if done.created:
         runtime.audit.record(
             "purchase.registered",
@@ -345,14 +349,14 @@ def register_purchase(
     summary="查询购药登记 / a registered purchase",
     responses={404: {"model": ProblemOut}},
 )
-def get_purchase(settlement_no: SettlementPath, principal: PrincipalDep, session: SessionDep) -> Response:
+def get_purchase(settlement_no: SettlementPath, principal: PrincipalDep, session: ReadSessionDep) -> Response:
     """The purchase with this settlement number in the caller's institution, with its verification state."""
     institution_id = _his_institution(principal)
     try:
         row = purchases.purchase_of(session, institution_id, settlement_no)
     except purchases.PurchaseError as exc:
         raise _http(exc) from exc
-    return model_response(_purchase_out(session, row))
+    return model_response(_purchase_out(session, row, principal.institution_code))
 
 
 @router.post(

@@ -87,8 +87,19 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN")
 
 
-def session_factory(engine: Engine, *, write_intent: bool = False) -> sessionmaker[Session]:
+def session_factory(
+    engine: Engine, *, write_intent: bool = False, statement_reads: bool = False
+) -> sessionmaker[Session]:
     """Sessions bound to `engine`. With `write_intent`, SQLite transactions take the write lock when they begin, so
-    a read-then-write transaction cannot fail with SQLITE_BUSY halfway when another writer committed meanwhile."""
-    bind = engine.execution_options(**{WRITE_INTENT_OPTION: True}) if write_intent else engine
+    a read-then-write transaction cannot fail with SQLITE_BUSY halfway when another writer committed meanwhile.
+
+    `statement_reads`: for requests that only read. On PostgreSQL each statement runs in autocommit, which spares
+    the BEGIN and the ROLLBACK round trips of a transaction that would change nothing (at READ COMMITTED every
+    statement takes its own snapshot, in a transaction or not); such a session must never write. Elsewhere the same
+    as a plain session."""
+    bind = engine
+    if write_intent:
+        bind = bind.execution_options(**{WRITE_INTENT_OPTION: True})
+    if statement_reads and engine.dialect.name == "postgresql":
+        bind = bind.execution_options(isolation_level="AUTOCOMMIT")
     return sessionmaker(bind=bind, expire_on_commit=False)

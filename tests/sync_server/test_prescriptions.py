@@ -197,13 +197,11 @@ class Pharmacy:
             session.expunge_all()
             return rows
 
-    def settle(self, settlement_id: str, rx_no: str = "RX20260301001") -> tuple[PrescriptionRow, bool]:
+    def settle(self, settlement_id: str, rx_no: str = "RX20260301001") -> tuple[prescriptions.HisView, bool]:
         with self.writer() as session:
-            row, first = prescriptions.settle(
+            return prescriptions.settle(
                 session, institution_id=self.institution_id, rx_no=rx_no, settlement_id=settlement_id, now=T0
             )
-            session.expunge(row)
-            return row, first
 
 
 @pytest.fixture
@@ -217,16 +215,16 @@ def test_registration_is_idempotent_masks_the_prescriber_and_notifies_the_bound_
     assert sorted(c.device_id for c in done.notices) == [KIOSK, KIOSK_2]  # not the other institution's, not unbound
     commands = pharmacy.all(IssuedCommand)
     assert {c.kind for c in commands} == {CommandKind.PRESCRIPTIONS_PENDING.value}
-    assert commands[0].args == {"prescription_id": done.row.id, "rx_no": "RX20260301001"}
+    assert commands[0].args == {"prescription_id": done.view.id, "rx_no": "RX20260301001"}
 
-    row = pharmacy.row(done.row.id)
+    row = pharmacy.row(done.view.id)
     assert (row.status, row.patient_ref, row.refused_decisions) == (PrescriptionState.PENDING, "his-pt-000981", 0)
     assert row.body["prescriber_name"] == "王**"
     assert DOCTOR_NAME not in str(row.body)
     assert [ln.drug_code for ln in pharmacy.all(PrescriptionLineRow)][1] == LIQUORICE
 
     again = pharmacy.register(prescription_body())
-    assert (again.created, again.row.id, again.notices) == (False, done.row.id, ())
+    assert (again.created, again.view.id, again.notices) == (False, done.view.id, ())
     with pytest.raises(prescriptions.PrescriptionConflictError):
         pharmacy.register(prescription_body(patient_age_years=30))
     # the same number at another institution is another prescription
@@ -240,11 +238,11 @@ def test_a_signed_decision_from_a_bound_terminal_is_the_review_and_settlement_fo
     done = pharmacy.register(prescription_body())
     with pytest.raises(prescriptions.PrescriptionConflictError, match="pending"):
         pharmacy.settle("JS-0001")
-    envelope = pharmacy.signed(pharmacy.decision(done.row.id, done.row.content_digest))
+    envelope = pharmacy.signed(pharmacy.decision(done.view.id, done.view.content_digest))
     assert pharmacy.ingest(envelope) == (1, 0)
     assert pharmacy.ingest(envelope) == (0, 0)  # redelivery: already stored, not a second decision
 
-    row = pharmacy.row(done.row.id)
+    row = pharmacy.row(done.view.id)
     assert (row.status, row.reviewed_at) == (PrescriptionState.APPROVED, T0 + timedelta(minutes=5))
     [review] = pharmacy.all(PrescriptionReview)
     assert (review.device_id, review.pharmacist_code, review.decision) == (KIOSK, PHARMACIST, "approved")
@@ -269,7 +267,7 @@ def test_a_signed_decision_from_a_bound_terminal_is_the_review_and_settlement_fo
 
 def test_forged_misplaced_stale_and_second_decisions_are_refused(pharmacy: Pharmacy) -> None:
     done = pharmacy.register(prescription_body())
-    pid, digest = done.row.id, done.row.content_digest
+    pid, digest = done.view.id, done.view.content_digest
     record = pharmacy.decision(pid, digest)
     forged = pharmacy.signed(record, key=SM2PrivateKey.generate())
     other_institution = pharmacy.signed(record, device_id=OTHER_KIOSK)
@@ -304,10 +302,10 @@ def test_the_real_ingest_worker_stores_a_published_decision_once(
     pharmacy: Pharmacy, broker: MosquittoBroker, publisher: Publisher, engine: Engine, db_url: str
 ) -> None:
     done = pharmacy.register(prescription_body())
-    good = pharmacy.signed(pharmacy.decision(done.row.id, done.row.content_digest))
-    forged = pharmacy.signed(pharmacy.decision(done.row.id, done.row.content_digest), key=SM2PrivateKey.generate())
+    good = pharmacy.signed(pharmacy.decision(done.view.id, done.view.content_digest))
+    forged = pharmacy.signed(pharmacy.decision(done.view.id, done.view.content_digest), key=SM2PrivateKey.generate())
     second = pharmacy.signed(
-        pharmacy.decision(done.row.id, done.row.content_digest, ReviewOutcome.REJECTED), device_id=KIOSK_2
+        pharmacy.decision(done.view.id, done.view.content_digest, ReviewOutcome.REJECTED), device_id=KIOSK_2
     )
     with running(make_settings(broker, db_url), engine) as worker:
         publish_all(publisher, [good, forged, good])  # the good one redelivered
@@ -316,7 +314,7 @@ def test_the_real_ingest_worker_stores_a_published_decision_once(
         settled(worker, received=4)
     [review] = pharmacy.all(PrescriptionReview)
     assert (review.message_id, review.decision) == (good.message_id, "approved")
-    row = pharmacy.row(done.row.id)
+    row = pharmacy.row(done.view.id)
     assert (row.status, row.refused_decisions) == (PrescriptionState.APPROVED, 1)
 
 
