@@ -67,15 +67,18 @@ def create_app(
         app.state.runtime = runtime
         try:
             runtime.start()
-            await runtime.requests.nonces.open()
+            if runtime.hot is not None:
+                await runtime.hot.open()
         except BaseException:
-            await runtime.requests.nonces.close()
+            if runtime.hot is not None:
+                await runtime.hot.close()
             await run_in_threadpool(runtime.stop)
             raise
         try:
             yield
         finally:
-            await runtime.requests.nonces.close()
+            if runtime.hot is not None:
+                await runtime.hot.close()
             await run_in_threadpool(runtime.stop)
             del app.state.runtime
 

@@ -22,9 +22,9 @@ face.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Final
 
 from sqlalchemy import bindparam, func, insert, select, update
@@ -44,6 +44,7 @@ from protocol.prescription import (
     prescription_digest,
 )
 from sync_server.commands import issue_command
+from sync_server.db.async_pg import AsyncPostgres
 from sync_server.db.models import (
     Device,
     Institution,
@@ -54,6 +55,7 @@ from sync_server.db.models import (
     PrescriptionState,
     RegistrationState,
 )
+from sync_server.db.statements import InsertIfNew
 from sync_server.masking import mask_name
 from sync_server.signed_records import verify_signed_record
 
@@ -199,12 +201,12 @@ _HIS_VIEW = (
     .where(PrescriptionRow.institution_id == bindparam("institution_id"), PrescriptionRow.rx_no == bindparam("rx_no"))
 )
 _HIS_VIEW_LOCKED = _HIS_VIEW.with_for_update(of=PrescriptionRow)
-_EXISTING = (
-    select(PrescriptionRow.id, PrescriptionRow.request_digest)
-    .where(PrescriptionRow.institution_id == bindparam("institution_id"), PrescriptionRow.rx_no == bindparam("rx_no"))
-    .with_for_update()
+_STORED_DIGEST = select(PrescriptionRow.request_digest).where(
+    PrescriptionRow.institution_id == bindparam("institution_id"), PrescriptionRow.rx_no == bindparam("rx_no")
 )
-_INSERT_PRESCRIPTION = insert(PrescriptionRow).returning(PrescriptionRow.id)
+_INSERT_PRESCRIPTION = InsertIfNew(
+    PrescriptionRow, (PrescriptionRow.institution_id, PrescriptionRow.rx_no), PrescriptionRow.id
+)
 _INSERT_LINES = insert(PrescriptionLineRow)
 _BOUND_TERMINALS = (
     select(Device.device_id)
@@ -230,33 +232,47 @@ def his_view(session: Session, institution_id: int, rx_no: str, *, lock: bool = 
         .execute(_HIS_VIEW_LOCKED if lock else _HIS_VIEW, {"institution_id": institution_id, "rx_no": rx_no})
         .one_or_none()
     )
-    if row is None:
-        return None
+    return None if row is None else _his_view_of(row._mapping)
+
+
+async def his_view_async(hot: AsyncPostgres, institution_id: int, rx_no: str) -> HisView | None:
+    """`his_view` (unlocked) on the event loop: the same statement on PostgreSQL's async pool."""
+    row = await hot.fetch_one(_HIS_VIEW, {"institution_id": institution_id, "rx_no": rx_no})
+    return None if row is None else _his_view_of(row)
+
+
+def _his_view_of(row: Mapping[Any, Any]) -> HisView:
     review = None
-    if row.review_id is not None:
+    if row["review_id"] is not None:
         review = ReviewView(
-            row.decision,
-            list(row.reasons),
-            row.pharmacist_code,
-            row.reviewed_at,
-            row.received_at,
-            row.device_id,
-            row.face_decision,
-            row.face_similarity,
-            row.rule_set_version,
-            list(row.findings),
-            row.purchase_history,
+            row["decision"],
+            list(row["reasons"]),
+            row["pharmacist_code"],
+            _utc(row["reviewed_at"]),
+            _utc(row["received_at"]),
+            row["device_id"],
+            row["face_decision"],
+            row["face_similarity"],
+            row["rule_set_version"],
+            list(row["findings"]),
+            row["purchase_history"],
         )
+    settled_at = row["settled_at"]
     return HisView(
-        row.id,
-        row.rx_no,
-        row.status,
-        row.registered_at,
-        row.content_digest,
-        row.settlement_id,
-        row.settled_at,
+        row["id"],
+        row["rx_no"],
+        PrescriptionState(row["status"]),
+        _utc(row["registered_at"]),
+        row["content_digest"],
+        row["settlement_id"],
+        None if settled_at is None else _utc(settled_at),
         review,
     )
+
+
+def _utc(value: datetime) -> datetime:
+    """A stored instant as UTC (the async driver answers in the connection's time zone)."""
+    return value.astimezone(UTC)
 
 
 def register(
@@ -265,20 +281,12 @@ def register(
     """Store `prescription` for the institution (or recognise a replay) and notify its bound terminals."""
     digest = request_digest(prescription)
     conn = session.connection()
-    existing = conn.execute(_EXISTING, {"institution_id": institution_id, "rx_no": prescription.rx_no}).one_or_none()
-    if existing is not None:
-        if existing.request_digest != digest:
-            raise PrescriptionConflictError(
-                f"prescription {prescription.rx_no} is registered already with different content"
-            )
-        view = his_view(session, institution_id, prescription.rx_no)
-        if view is None:  # locked by this transaction since the line above: cannot happen
-            raise PrescriptionNotFoundError(f"prescription {prescription.rx_no} is not registered")
-        return Registered(view, created=False)
     served = served_form(prescription)
     content_digest = prescription_digest(served)
-    prescription_id: int = conn.execute(
-        _INSERT_PRESCRIPTION,
+    # Inserted first: a number registered already (a replay, or another request a moment earlier: the unique key)
+    # gives no id, and the stored registration decides between a replay and a conflict.
+    prescription_id: int | None = conn.execute(
+        _INSERT_PRESCRIPTION.on(conn.dialect.name),
         {
             "institution_id": institution_id,
             "rx_no": prescription.rx_no,
@@ -294,7 +302,17 @@ def register(
             "registered_by": client,
             "refused_decisions": 0,
         },
-    ).scalar_one()
+    ).scalar_one_or_none()
+    if prescription_id is None:
+        keys = {"institution_id": institution_id, "rx_no": prescription.rx_no}
+        if conn.execute(_STORED_DIGEST, keys).scalar_one() != digest:
+            raise PrescriptionConflictError(
+                f"prescription {prescription.rx_no} is registered already with different content"
+            )
+        view = his_view(session, institution_id, prescription.rx_no)
+        if view is None:  # seen by the statement above; prescriptions are never deleted
+            raise PrescriptionNotFoundError(f"prescription {prescription.rx_no} is not registered")
+        return Registered(view, created=False)
     conn.execute(
         _INSERT_LINES,
         [

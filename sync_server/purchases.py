@@ -33,7 +33,6 @@ from typing import Annotated, Any, Final, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import and_, bindparam, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -51,6 +50,7 @@ from protocol.purchase import (
     person_ref,
 )
 from sync_server.commands import issue_command
+from sync_server.db.async_pg import AsyncPostgres
 from sync_server.db.models import (
     CommandState,
     Device,
@@ -63,6 +63,7 @@ from sync_server.db.models import (
     PurchaseTraceCode,
     PurchaseVerificationState,
 )
+from sync_server.db.statements import InsertIfNew
 from sync_server.masking import mask_id_number, mask_name
 from sync_server.signed_records import verify_signed_record
 
@@ -407,6 +408,35 @@ def purchase_of(session: Session, institution_id: int, settlement_no: str) -> Pu
     return purchase
 
 
+async def purchase_of_async(
+    hot: AsyncPostgres, institution_id: int, settlement_no: str
+) -> tuple[Purchase, PosVerification | None]:
+    """`purchase_of` on the event loop (the same statements on PostgreSQL's async pool), with the kiosk verification
+    the purchase is linked to, if any (transient objects)."""
+    row = await hot.fetch_one(_PURCHASE_BY_NUMBER, {"institution_id": institution_id, "settlement_no": settlement_no})
+    if row is None:
+        raise PurchaseNotFoundError(f"no purchase with settlement number {settlement_no} in this institution")
+    purchase = Purchase(**_utc_values(row, _PURCHASE_INSTANTS))
+    lines = await hot.fetch_all(_LINES_OF, {"purchase_id": purchase.id})
+    purchase.lines = [PurchaseLine(**line) for line in lines]
+    linked = None
+    if purchase.pos_verification_id is not None:
+        found = await hot.fetch_one(_VERIFICATION_BY_ID, {"verification_id": purchase.pos_verification_id})
+        if found is not None:
+            linked = PosVerification(**_utc_values(found, _VERIFICATION_INSTANTS))
+    return purchase, linked
+
+
+def _utc_values(row: dict[str, Any], instants: tuple[str, ...]) -> dict[str, Any]:
+    """A row of the async driver with its instants in UTC (it answers in the connection's time zone)."""
+    return {**row, **{k: row[k].astimezone(UTC) for k in instants if row[k] is not None}}
+
+
+_PURCHASE_INSTANTS: Final = ("settled_at", "received_at", "linked_at")
+_VERIFICATION_INSTANTS: Final = ("verified_at", "received_at")
+_VERIFICATION_BY_ID = select(*PosVerification.__table__.columns).where(
+    PosVerification.id == bindparam("verification_id")
+)
 _PURCHASE_BY_NUMBER = select(*Purchase.__table__.columns).where(
     Purchase.institution_id == bindparam("institution_id"), Purchase.settlement_no == bindparam("settlement_no")
 )
@@ -454,10 +484,6 @@ def register_purchase(
     only a purchase whose kiosk verification is already here is loaded to be linked."""
     digest = body.digest()
     conn = session.connection()
-    keys = {"institution_id": institution_id, "settlement_no": body.settlement_no}
-    existing = conn.execute(_EXISTING_PURCHASE, keys).one_or_none()
-    if existing is not None:
-        return _same(session, existing.id, existing.body_digest, body, digest)
     buyer_ref = body.buyer.ref()
     relationship = _relationship_for(session, institution_id, body, buyer_ref)
     agent = None if body.proxy is None else body.proxy.agent
@@ -488,12 +514,13 @@ def register_purchase(
         reused_trace_codes=[],
     )
     values = {column: getattr(purchase, column) for column in _PURCHASE_COLUMNS}
-    # ON CONFLICT DO NOTHING: the same settlement registered concurrently by another request (the unique key) gives
-    # no id, and this request answers as if the other had come first.
-    purchase_id = conn.execute(_insert_purchase(conn.dialect.name), values).scalar_one_or_none()
+    # Inserted first: a settlement number registered already (a replay, or another request a moment earlier: the
+    # unique key) gives no id, and this request answers with what is stored.
+    purchase_id = conn.execute(_INSERT_PURCHASE.on(conn.dialect.name), values).scalar_one_or_none()
     if purchase_id is None:
-        raced = conn.execute(_EXISTING_PURCHASE, keys).one()
-        return _same(session, raced.id, raced.body_digest, body, digest)
+        keys = {"institution_id": institution_id, "settlement_no": body.settlement_no}
+        existing = conn.execute(_EXISTING_PURCHASE, keys).one()
+        return _same(session, existing.id, existing.body_digest, body, digest)
     purchase.id = purchase_id
     purchase.lines = [
         PurchaseLine(
@@ -543,18 +570,7 @@ _VERIFICATION_OF = (
     .order_by(PosVerification.id)
     .limit(1)
 )
-_INSERT_PURCHASE = {
-    "postgresql": postgresql.insert(Purchase)
-    .on_conflict_do_nothing(index_elements=[Purchase.institution_id, Purchase.settlement_no])
-    .returning(Purchase.id),
-    "sqlite": sqlite.insert(Purchase)
-    .on_conflict_do_nothing(index_elements=[Purchase.institution_id, Purchase.settlement_no])
-    .returning(Purchase.id),
-}
-
-
-def _insert_purchase(dialect: str) -> Any:
-    return _INSERT_PURCHASE[dialect]
+_INSERT_PURCHASE = InsertIfNew(Purchase, (Purchase.institution_id, Purchase.settlement_no), Purchase.id)
 
 
 def _record_trace_codes(session: Session, purchase_id: int, body: PurchaseIn) -> list[str]:

@@ -25,6 +25,7 @@ from sync_server.audit import ServerAudit
 from sync_server.broker_admin import BrokerAdmin, DynsecAdmin, UnmanagedBroker
 from sync_server.catalogues import DocumentCache
 from sync_server.commands import CommandDispatcher
+from sync_server.db.async_pg import AsyncPostgres
 from sync_server.db.engine import create_db_engine, session_factory
 from sync_server.errors import ConfigurationError
 from sync_server.identity import ServerIdentity
@@ -69,6 +70,8 @@ class ServerRuntime:
     """For the busiest requests that only read (HIS queries): no transaction round trips on PostgreSQL."""
     requests: RequestAuthority = field(init=False)
     """Authenticates signed machine requests: HIS clients on /his/v1, terminals on /device/v1."""
+    hot: AsyncPostgres | None = field(init=False)
+    """PostgreSQL only: the async pool for the hottest statements (nonces, HIS reads); opened by the app's lifespan."""
 
     def __post_init__(self) -> None:
         self.sessions = session_factory(self.engine)
@@ -78,7 +81,10 @@ class ServerRuntime:
         self.audit = ServerAudit(self.settings.data_dir, self.clock)
         self.broker_admin = _broker_admin(self.settings)
         self.security = SecurityGate(self.settings, self.engine, self.identity, clock=self.clock, audit=self.audit)
-        self.requests = RequestAuthority(self.sessions, self.engine, self.identity, self.security, self.clock)
+        self.hot = AsyncPostgres.for_engine(self.engine)
+        self.requests = RequestAuthority(
+            self.sessions, self.engine, self.identity, self.security, self.clock, hot=self.hot
+        )
 
     @classmethod
     def build(

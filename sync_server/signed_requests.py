@@ -35,6 +35,7 @@ from protocol import Clock
 from protocol.gm import sm4
 from protocol.gm.errors import CryptoError
 from protocol.request_signing import DEFAULT_WINDOW_S, RequestAuthError, SignedRequest, verify_signed_request
+from sync_server.db.async_pg import AsyncPostgres
 from sync_server.db.models import Device, HisClient, Institution
 from sync_server.identity import ServerIdentity
 from sync_server.nonces import NonceStore, ReplayedNonceError
@@ -156,9 +157,10 @@ class RequestAuthority:
         clock: Clock,
         *,
         window_s: float = DEFAULT_WINDOW_S,
+        hot: AsyncPostgres | None = None,
     ) -> None:
         self._sessions = sessions
-        self._nonces = NonceStore(engine, clock, keep_s=2 * window_s + 1)
+        self._nonces = NonceStore(engine, clock, keep_s=2 * window_s + 1, hot=hot)
         self._identity = identity
         self._security = security
         self._clock = clock
@@ -291,10 +293,6 @@ class RequestAuthority:
         return DeviceCaller(device_id, uuid.UUID(signed.client_id), keys[signed.client_id], institution_id)
 
     # ------------------------------------------------------------------ nonces
-
-    @property
-    def nonces(self) -> NonceStore:
-        return self._nonces
 
     def claim_nonce(self, caller: str, nonce: str) -> None:
         """Spend a nonce once; `RequestAuthError("replayed_nonce")` when it was already spent."""

@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, false, func, or_, select
 from sqlalchemy.orm import Session
@@ -40,12 +41,12 @@ from sync_server.api.deps import (
     DeviceCallerDep,
     Principal,
     PrincipalDep,
-    ReadSessionDep,
     RuntimeDep,
     SessionDep,
     WriterSessionDep,
 )
 from sync_server.api.schemas import model_response
+from sync_server.db.async_pg import AsyncDatabaseError
 from sync_server.db.models import (
     Institution,
     PosVerification,
@@ -197,19 +198,23 @@ def _purchase_out(session: Session, row: Purchase, institution_code: str | None 
     code = institution_code
     if code is None:
         code = session.scalar(select(Institution.code).where(Institution.id == row.institution_id)) or ""
+    linked = None if row.pos_verification_id is None else session.get(PosVerification, row.pos_verification_id)
+    return _purchase_answer(row, code, linked)
+
+
+def _purchase_answer(row: Purchase, code: str, v: PosVerification | None) -> PurchaseOut:
+    """`row` as answered, with its institution's code and the kiosk verification it is linked to (if any)."""
     detail: VerificationRef | None = None
-    if row.pos_verification_id is not None:
-        v = session.get(PosVerification, row.pos_verification_id)
-        if v is not None:
-            detail = VerificationRef(
-                device_id=v.device_id,
-                method=v.method,
-                check=v.check,
-                outcome=v.outcome,
-                verified_at=v.verified_at,
-                proxy=v.proxy,
-                agent_kind=v.agent_kind,
-            )
+    if v is not None:
+        detail = VerificationRef(
+            device_id=v.device_id,
+            method=v.method,
+            check=v.check,
+            outcome=v.outcome,
+            verified_at=v.verified_at,
+            proxy=v.proxy,
+            agent_kind=v.agent_kind,
+        )
     agent = None
     if row.proxy and row.agent_ref is not None:
         agent = AgentOut(
@@ -349,14 +354,25 @@ def register_purchase(
     summary="查询购药登记 / a registered purchase",
     responses={404: {"model": ProblemOut}},
 )
-def get_purchase(settlement_no: SettlementPath, principal: PrincipalDep, session: ReadSessionDep) -> Response:
-    """The purchase with this settlement number in the caller's institution, with its verification state."""
+async def get_purchase(settlement_no: SettlementPath, principal: PrincipalDep, runtime: RuntimeDep) -> Response:
+    """The purchase with this settlement number in the caller's institution, with its verification state. On
+    PostgreSQL it is read on the event loop (`sync_server.db.async_pg`), elsewhere in a worker thread."""
     institution_id = _his_institution(principal)
+    code = principal.institution_code or ""
     try:
-        row = purchases.purchase_of(session, institution_id, settlement_no)
+        if runtime.hot is not None and runtime.hot.is_open:
+            row, linked = await purchases.purchase_of_async(runtime.hot, institution_id, settlement_no)
+            return model_response(_purchase_answer(row, code, linked))
+        return model_response(await run_in_threadpool(_read_purchase, runtime, institution_id, settlement_no, code))
     except purchases.PurchaseError as exc:
         raise _http(exc) from exc
-    return model_response(_purchase_out(session, row, principal.institution_code))
+    except AsyncDatabaseError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from exc
+
+
+def _read_purchase(runtime: ServerRuntime, institution_id: int, settlement_no: str, code: str) -> PurchaseOut:
+    with runtime.read_sessions() as session:
+        return _purchase_out(session, purchases.purchase_of(session, institution_id, settlement_no), code)
 
 
 @router.post(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import Engine, select, text
+from sqlalchemy import Engine, func, select, text
 
 from protocol import CommandKind, Envelope, PayloadType, SignedRecord, SignedRecordKind
 from protocol.evidence import sign_device_record
@@ -48,6 +49,7 @@ from sync_server.db.models import (
     PosVerification,
     ProxyRelation,
     Purchase,
+    PurchaseTraceCode,
     PurchaseVerificationState,
 )
 from sync_server.identity import create_server_key
@@ -281,6 +283,30 @@ def test_same_settlement_is_idempotent_and_a_different_body_conflicts(world: Wor
     assert world.register(purchase_body(), world.institution_b).created
     with session_factory(world.engine)() as session:
         assert len(list(session.scalars(select(Purchase.id).where(Purchase.settlement_no == "SETL-0001")))) == 2
+
+
+def test_concurrent_registrations_of_one_settlement_store_it_once(world: World) -> None:
+    """HIS retrying in parallel (a lost answer, two tills): the INSERT … ON CONFLICT keeps one row and one set of
+    lines and traceability codes; every other request answers with the stored purchase, none fails."""
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        done = list(pool.map(lambda _n: world.register(purchase_body()), range(6)))
+    assert sorted(d.created for d in done) == [False] * 5 + [True]
+    assert len({d.purchase.id for d in done}) == 1
+    with session_factory(world.engine)() as session:
+        assert session.scalar(select(func.count()).select_from(Purchase)) == 1
+        assert session.scalar(select(func.count()).select_from(PurchaseTraceCode)) == 2
+    changed = purchase_body(trace=("81234567890123456789",))
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        errors = list(pool.map(lambda _n: _conflict_of(world, changed), range(3)))
+    assert errors == [True, True, True]
+
+
+def _conflict_of(world: World, body: dict[str, Any]) -> bool:
+    try:
+        world.register(body)
+    except purchases.PurchaseConflictError:
+        return True
+    return False
 
 
 def test_forged_unenrolled_and_replayed_records_never_become_rows(world: World) -> None:
