@@ -12,7 +12,10 @@ Owns the prescription rules in the caller's transaction:
   prescription. The signature is verified again here against the device's enrolled key of the record's epoch; the
   device must be bound to the prescription's institution; the record must name the content served
   (`content_digest`); the prescription must be pending. A second decision for a prescription is refused and counted
-  on the prescription (`refused_decisions`), never applied over the first.
+  on the prescription (`refused_decisions`), never applied over the first;
+* `his_view` / `his_view_async`: what HIS reads of its prescription, in one statement (the async form on
+  PostgreSQL's pool, `sync_server.db.async_pg`). HIS's calls (`register`, `his_view`, `settle`) run as Core
+  statements built once here, with no ORM unit of work: they are the server's bulk traffic.
 
 Errors are `PrescriptionError` (404-ish `PrescriptionNotFoundError`, 409-ish `PrescriptionConflictError`). It must
 never commit, publish to MQTT, audit (the API does that after the commit), or store or log a name, an ID number or a

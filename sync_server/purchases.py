@@ -10,7 +10,9 @@ Owns, in the caller's transaction:
 * `register_purchase`: the settled purchase (proxy) registration HIS pushes (H-04), idempotent by (institution,
   settlement number): the same body again returns the stored purchase, a different one is a `PurchaseConflictError`.
   It is linked to the verification with the same transaction code when that has arrived (`linked`, or `mismatch` with
-  a reason when the verification does not back it), else it stays `pending` until it does;
+  a reason when the verification does not back it), else it stays `pending` until it does. It and `purchase_of` are
+  HIS's bulk traffic: Core statements, no ORM unit of work; `purchase_of_async` runs the read on PostgreSQL's async
+  pool (`sync_server.db.async_pg`);
 * proxy relationships (代购药关系, B-11): `register_relationship`, `end_relationship`, `active_relationships`; each
   change queues one `proxy_relationships` notice command to every terminal of the institution that has none pending,
   so the terminals fetch the new set (`terminal.proxy.ProxyRelationshipSync`);

@@ -129,7 +129,8 @@ class ServerSettings(BaseSettings):
         description=(
             "Extra HTTP worker processes serving the API and pages on the same socket as the main process "
             "(`sync_server.http_pool`); the main process keeps ingest, dispatch and presence. One process answers "
-            "on one core: on a 2-core server 1 extra worker carries the HIS interfaces at 200 requests/s."
+            "on one core: on a 2-core server 1 or 2 extra workers carry the HIS interfaces at 200 requests/s "
+            "(docs/benchmarks.md)."
         ),
     )
     ingest_flush_interval_s: float = Field(

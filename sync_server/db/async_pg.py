@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 POOL_MAX: Final = 4
 """Connections per server process: each statement holds one for a single round trip (well under a millisecond)."""
 POOL_TIMEOUT_S: Final = 10.0
+APPLICATION_NAME: Final = "yibao-hot-statements"
+"""How these connections show in `pg_stat_activity`."""
 
 
 class AsyncDatabaseError(Exception):
@@ -62,7 +64,7 @@ class AsyncPostgres:
             self._conninfo,
             min_size=0,
             max_size=POOL_MAX,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "application_name": APPLICATION_NAME},
             timeout=POOL_TIMEOUT_S,
             open=False,
             name="hot-statements",

@@ -17,7 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from pydantic import JsonValue
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, create_engine, select, text
 
 from protocol import CommandKind, Envelope, PayloadType, SignedRecord, SignedRecordKind
 from protocol.drug_rules import Evaluation, Proposal, RuleAction, RuleKind
@@ -34,6 +34,7 @@ from protocol.prescription import (
 from sync_server import prescriptions
 from sync_server.accounts import Role
 from sync_server.app import create_app
+from sync_server.db.async_pg import APPLICATION_NAME, POOL_MAX
 from sync_server.db.engine import session_factory
 from sync_server.db.models import (
     Device,
@@ -396,6 +397,42 @@ def test_his_registers_queries_and_settles_only_an_approved_prescription(served:
     assert (again.status_code, again.json()) == (200, done.json())
     assert served.his_call("POST", f"{target}/settlement", {"settlement_id": "JS-0002"}).status_code == 409
     assert served.his_call("GET", "/his/v1/prescriptions/RX-NONE").status_code == 404
+
+
+@pytest.mark.parametrize("db_url", [pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_his_reads_on_the_event_loop_survive_a_database_restart_and_refuse_replays(served: Served, db_url: str) -> None:
+    """On PostgreSQL the nonce and HIS's reads run on the async pool (sync_server.db.async_pg; SQLite keeps the sync
+    path): connections the database dropped fail one use each with a clear 503, then the pool reconnects; a replay
+    is refused there too."""
+    assert served.his_call("POST", "/his/v1/prescriptions", prescription_body()).status_code == 201
+    target = "/his/v1/prescriptions/RX20260301001"
+    first = served.his_call("GET", target)
+    assert first.status_code == 200
+    admin = create_engine(db_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:  # what a database restart does to every connection of the pool
+            conn.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :name AND datname = current_database()"
+                ),
+                {"name": APPLICATION_NAME},
+            )
+    finally:
+        admin.dispose()
+    # each pooled connection that was dropped fails one use (no pre-ping: a round trip per request), then is replaced
+    answers = [served.his_call("GET", target) for _ in range(POOL_MAX + 2)]
+    statuses = [a.status_code for a in answers]
+    assert statuses[-2:] == [200, 200], [a.text for a in answers]
+    assert set(statuses) == {200, 503}  # at least one use met a dropped connection
+    assert statuses == sorted(statuses, reverse=True)  # the failures come first, then it recovers for good
+    assert all("unavailable" in a.json()["detail"] for a in answers if a.status_code == 503)
+    assert answers[-1].json() == first.json()
+    # a captured request sent again: refused, even on the loop's path
+    headers = served.his.headers("GET", target, b"", now=served.clock.now().timestamp())
+    assert served.client.get(target, headers=headers).status_code == 200
+    again = served.client.get(target, headers=headers)
+    assert (again.status_code, again.json()["detail"]["code"]) == (401, "replayed_nonce")
 
 
 def test_concurrent_registrations_of_one_number_store_it_once(served: Served) -> None:
