@@ -26,8 +26,9 @@ from sqlalchemy.sql import ClauseElement
 
 logger = logging.getLogger(__name__)
 
-POOL_MAX: Final = 4
-"""Connections per server process: each statement holds one for a single round trip (well under a millisecond)."""
+POOL_MAX: Final = 8
+"""Connections per server process: each statement holds one for a single round trip, and a burst of requests
+waits for one when all are busy."""
 POOL_TIMEOUT_S: Final = 10.0
 APPLICATION_NAME: Final = "yibao-hot-statements"
 """How these connections show in `pg_stat_activity`."""
