@@ -43,6 +43,7 @@ from sync_server.api import (
 )
 from sync_server.api.deps import PageForbiddenError, PageLoginRequiredError, authorize
 from sync_server.authz import check_route_policies
+from sync_server.db.async_pg import AsyncDatabaseError
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
 from sync_server.web import pages
@@ -117,6 +118,7 @@ def create_app(
     app.add_exception_handler(PageLoginRequiredError, pages.login_redirect)
     app.add_exception_handler(PageForbiddenError, pages.forbidden_page)
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)
+    app.add_exception_handler(AsyncDatabaseError, _database_unavailable)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     return app
 
@@ -135,5 +137,6 @@ async def _database_unavailable(_request: Request, exc: Exception) -> JSONRespon
     if isinstance(exc, DataError):  # a value the database refuses (out of its range): the request's fault
         logger.info("request refused by the database: %s", type(exc).__name__)
         return JSONResponse(status_code=422, content={"detail": "a value is out of the range the server can store"})
-    logger.warning("request failed on the database: %s", type(exc).__name__)
+    if not isinstance(exc, AsyncDatabaseError):  # that one was logged where it happened
+        logger.warning("request failed on the database: %s", type(exc).__name__)
     return JSONResponse(status_code=503, content={"detail": "the database is unavailable; try again shortly"})

@@ -8,8 +8,8 @@ Owns:
 
 * `create_his_client` / `revoke_his_client` / `list_his_clients` in the caller's transaction;
 * `RequestAuthority`: per-process lookups (a HIS client's secret and institution cached for `CACHE_TTL_S`, so a
-  revocation is enforced within that time by every process), `authenticate_his` / `authenticate_his_async` (on the
-  event loop: the app's path) / `authenticate_device`, and `claim_nonce`; nonces are spent in
+  revocation is enforced within that time by every process), `authenticate_his_async` (on the event loop) /
+  `authenticate_device`, and `claim_nonce`; nonces are spent in
   `sync_server.nonces.NonceStore` (a replay finds the row, whichever process it reaches).
 
 Errors are `RequestAuthError` (401 at the API), `NonceStoreUnavailableError` (503). It must never log a secret, a
@@ -180,6 +180,7 @@ class RequestAuthority:
         return None
 
     def _his_client(self, client_id: str) -> _HisClientEntry | None:
+        """The client's secret and institution: cached, else looked up (blocking: from a worker thread)."""
         cached = self._cached_his_client(client_id)
         if cached is not None:
             return cached[0]
@@ -211,19 +212,11 @@ class RequestAuthority:
         with self._lock:
             self._his.pop(client_id, None)
 
-    def authenticate_his(self, headers: Mapping[str, str], *, method: str, path: str, body: bytes) -> HisCaller:
-        """Verify a signed HIS request and spend its nonce (from a worker thread)."""
-        client_id = headers.get(HIS_CLIENT_HEADER)
-        entry = self._his_client(client_id) if client_id else None
-        signed = self._verify_his(headers, entry, method=method, path=path, body=body)
-        self.claim_nonce(f"his:{signed.client_id}", signed.nonce)
-        return self._his_caller(signed, entry)
-
     async def authenticate_his_async(
         self, headers: Mapping[str, str], *, method: str, path: str, body: bytes
     ) -> HisCaller:
-        """`authenticate_his` on the event loop: a cached client and the nonce claim need no worker thread (only a
-        client not seen for `CACHE_TTL_S` is looked up in one)."""
+        """Verify a signed HIS request and spend its nonce, on the event loop: a cached client and the nonce claim
+        need no worker thread (only a client not seen for `CACHE_TTL_S` is looked up in one)."""
         client_id = headers.get(HIS_CLIENT_HEADER)
         entry: _HisClientEntry | None = None
         if client_id:

@@ -1,6 +1,5 @@
-"""`Annotated` dependency aliases for route handlers (`SessionDep`, `WriterSessionDep`, `ReadSessionDep`,
-`SettingsDep`, `ClockDep`, `RuntimeDep`, `AdminDep`, `PrincipalDep`), `authorize` (the app-wide route-policy check)
-and `require_admin`.
+"""`Annotated` dependency aliases for route handlers (`SessionDep`, `WriterSessionDep`, `SettingsDep`, `ClockDep`,
+`RuntimeDep`, `AdminDep`, `PrincipalDep`), `authorize` (the app-wide route-policy check) and `require_admin`.
 
 Owns how a request reaches the process's `ServerRuntime` (set on `app.state` by the lifespan), the per-request
 database session, which is always closed, and authentication of `Authorization: Bearer <token>`:
@@ -83,15 +82,6 @@ async def get_writer_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
         session.close()
 
 
-async def get_read_session(runtime: RuntimeDep) -> AsyncIterator[Session]:
-    """As `get_session`, for requests that only read (`ServerRuntime.read_sessions`): it must never write."""
-    session = runtime.read_sessions()
-    try:
-        yield session
-    finally:
-        session.close()
-
-
 async def get_settings(runtime: RuntimeDep) -> ServerSettings:
     return runtime.settings
 
@@ -102,7 +92,6 @@ async def get_clock(runtime: RuntimeDep) -> Clock:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 WriterSessionDep = Annotated[Session, Depends(get_writer_session)]
-ReadSessionDep = Annotated[Session, Depends(get_read_session)]
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
 ClockDep = Annotated[Clock, Depends(get_clock)]
 

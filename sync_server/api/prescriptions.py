@@ -49,7 +49,6 @@ from sync_server.api.deps import (
     WriterSessionDep,
 )
 from sync_server.api.schemas import ErrorOut, UnprocessableOut, model_response
-from sync_server.db.async_pg import AsyncDatabaseError
 from sync_server.db.models import Institution, PrescriptionRow, PrescriptionState
 from sync_server.runtime import ServerRuntime
 
@@ -247,10 +246,7 @@ async def get_prescription_result(rx_no: RxNoPath, runtime: RuntimeDep, principa
     if institution_id is None or code is None:  # a HIS client's principal always has both; belt and braces
         raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="this HIS client belongs to no institution")
     if runtime.hot is not None and runtime.hot.is_open:
-        try:
-            view = await prescriptions.his_view_async(runtime.hot, institution_id, rx_no)
-        except AsyncDatabaseError as exc:
-            raise HTTPException(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from exc
+        view = await prescriptions.his_view_async(runtime.hot, institution_id, rx_no)
     else:
         view = await run_in_threadpool(_read_his_view, runtime, institution_id, rx_no)
     if view is None:

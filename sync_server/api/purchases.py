@@ -46,7 +46,6 @@ from sync_server.api.deps import (
     WriterSessionDep,
 )
 from sync_server.api.schemas import model_response
-from sync_server.db.async_pg import AsyncDatabaseError
 from sync_server.db.models import (
     Institution,
     PosVerification,
@@ -366,8 +365,6 @@ async def get_purchase(settlement_no: SettlementPath, principal: PrincipalDep, r
         return model_response(await run_in_threadpool(_read_purchase, runtime, institution_id, settlement_no, code))
     except purchases.PurchaseError as exc:
         raise _http(exc) from exc
-    except AsyncDatabaseError as exc:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=str(exc)) from exc
 
 
 def _read_purchase(runtime: ServerRuntime, institution_id: int, settlement_no: str, code: str) -> PurchaseOut:

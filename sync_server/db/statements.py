@@ -14,6 +14,8 @@ from sqlalchemy import Insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import InstrumentedAttribute
 
+from sync_server.errors import ConfigurationError
+
 
 class InsertIfNew:
     """`INSERT INTO <model> … ON CONFLICT (<key>) DO NOTHING RETURNING <returning>`, per dialect."""
@@ -30,4 +32,4 @@ class InsertIfNew:
         try:
             return self._by_dialect[dialect]
         except KeyError:
-            raise NotImplementedError(f"no INSERT … ON CONFLICT for the {dialect} dialect") from None
+            raise ConfigurationError(f"the server runs on PostgreSQL or SQLite, not on {dialect}") from None
