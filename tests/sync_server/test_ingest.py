@@ -199,7 +199,15 @@ def test_a_message_the_database_refuses_is_isolated_and_the_rest_are_stored(
     assert [seq for seq, _ in events_of(sqlite_engine, "kiosk-040")] == [11, 12, 14, 15]
     with running(settings, sqlite_engine) as again:
         time.sleep(0.5)
-        assert again.stats().received == 0, "the poison message is acknowledged so it cannot loop"
+        came_back = again.stats().received
+        after = settled(again, received=came_back)
+    # The poison message was acknowledged, so it cannot loop: nothing is rejected again. A stored message may come
+    # back when its PUBACK was still unsent as the first session closed (seen twice in CI under load; the broker
+    # redelivers it to the session): it is a duplicate, stored once (the exactly-once path).
+    assert after.rejected == 0, "the poison message is acknowledged so it cannot loop"
+    assert after.duplicates == came_back
+    assert after.stored == 0
+    assert [seq for seq, _ in events_of(sqlite_engine, "kiosk-040")] == [11, 12, 14, 15]
 
 
 def test_presence_follows_retained_status_and_heartbeat_timeout(
