@@ -46,7 +46,8 @@ class AsyncPostgres:
         self._dialect = engine.dialect
         self._conninfo = make_url(engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
         self._pool: AsyncConnectionPool | None = None
-        self._sql: dict[int, tuple[str, dict[str, Any]]] = {}
+        # Keyed by the statement itself (held here), not by id(): a collected statement's id can be reused.
+        self._sql: dict[ClauseElement, tuple[str, dict[str, Any]]] = {}
 
     @classmethod
     def for_engine(cls, engine: Engine) -> AsyncPostgres | None:
@@ -82,11 +83,11 @@ class AsyncPostgres:
         """`statement` compiled for PostgreSQL with psycopg's `%(name)s` placeholders, and the values of its literal
         parameters (a JSON key, say); cached per statement. Bind processors do not run on this path: callers pass
         values the driver takes as they are (aware datetimes, strings, numbers)."""
-        hit = self._sql.get(id(statement))
+        hit = self._sql.get(statement)
         if hit is None:
             compiled = statement.compile(dialect=self._dialect)
             hit = (str(compiled), {k: v for k, v in compiled.params.items() if v is not None})
-            self._sql[id(statement)] = hit
+            self._sql[statement] = hit
         return hit
 
     async def execute(self, statement: ClauseElement, params: dict[str, Any]) -> None:
