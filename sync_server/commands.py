@@ -32,9 +32,9 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol, cast
+from typing import Any, Final, Protocol, cast
 
-from sqlalchemy import CursorResult, Engine, and_, or_, select, update
+from sqlalchemy import CursorResult, Engine, and_, insert, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -57,20 +57,31 @@ class DownlinkPublisher(Protocol):
 # ---------------------------------------------------------------------- store functions (caller's transaction)
 
 
+INSERT_COMMANDS: Final = insert(IssuedCommand)
+"""Queues commands from `queued_command` rows without the ORM (`sync_server.db.steps`)."""
+
+
+def queued_command(
+    *, device_id: str, kind: CommandKind, args: Mapping[str, Any], ttl_s: float, now: datetime
+) -> dict[str, Any]:
+    """The row of a new command (a fresh `command_id`), for `issue_command` or `INSERT_COMMANDS`."""
+    return {
+        "command_id": uuid.uuid4(),
+        "device_id": device_id,
+        "kind": kind.value,
+        "args": dict(args),
+        "issued_at": now,
+        "expires_at": now + timedelta(seconds=ttl_s),
+        "state": CommandState.QUEUED,
+        "attempts": 0,
+    }
+
+
 def issue_command(
     session: Session, *, device_id: str, kind: CommandKind, args: Mapping[str, Any], ttl_s: float, now: datetime
 ) -> IssuedCommand:
     """Queue a new command (a fresh `command_id`); the dispatcher publishes it."""
-    row = IssuedCommand(
-        command_id=uuid.uuid4(),
-        device_id=device_id,
-        kind=kind.value,
-        args=dict(args),
-        issued_at=now,
-        expires_at=now + timedelta(seconds=ttl_s),
-        state=CommandState.QUEUED,
-        attempts=0,
-    )
+    row = IssuedCommand(**queued_command(device_id=device_id, kind=kind, args=args, ttl_s=ttl_s, now=now))
     session.add(row)
     session.flush()
     return row

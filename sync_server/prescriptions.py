@@ -13,9 +13,10 @@ Owns the prescription rules in the caller's transaction:
   device must be bound to the prescription's institution; the record must name the content served
   (`content_digest`); the prescription must be pending. A second decision for a prescription is refused and counted
   on the prescription (`refused_decisions`), never applied over the first;
-* `his_view` / `his_view_async`: what HIS reads of its prescription, in one statement (the async form on
-  PostgreSQL's pool, `sync_server.db.async_pg`). HIS's calls (`register`, `his_view`, `settle`) run as Core
-  statements built once here, with no ORM unit of work: they are the server's bulk traffic.
+* `his_view`: what HIS reads of its prescription, in one statement. HIS's calls (`register`, `his_view`, `settle`)
+  are written once as steps (`register_steps`, `his_view_steps`, `settle_steps`; `sync_server.db.steps`) of Core
+  statements built once here, with no ORM unit of work: they are the server's bulk traffic, and the API runs them on
+  PostgreSQL's async pool on the event loop (elsewhere in a worker thread).
 
 Errors are `PrescriptionError` (404-ish `PrescriptionNotFoundError`, 409-ish `PrescriptionConflictError`). It must
 never commit, publish to MQTT, audit (the API does that after the commit), or store or log a name, an ID number or a
@@ -27,7 +28,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Final
 
 from sqlalchemy import bindparam, func, insert, select, update
@@ -46,12 +47,11 @@ from protocol.prescription import (
     parse_review_decision,
     prescription_digest,
 )
-from sync_server.commands import issue_command
-from sync_server.db.async_pg import AsyncPostgres
+from sync_server.commands import INSERT_COMMANDS, queued_command
+from sync_server.db import steps
 from sync_server.db.models import (
     Device,
     Institution,
-    IssuedCommand,
     PrescriptionLineRow,
     PrescriptionReview,
     PrescriptionRow,
@@ -59,6 +59,7 @@ from sync_server.db.models import (
     RegistrationState,
 )
 from sync_server.db.statements import InsertIfNew
+from sync_server.db.steps import Steps, run_steps
 from sync_server.masking import mask_name
 from sync_server.signed_records import verify_signed_record
 
@@ -140,7 +141,8 @@ class Registered:
     view: HisView
     created: bool
     """False: a replay of the same body; nothing was stored or queued."""
-    notices: tuple[IssuedCommand, ...] = ()
+    notices: tuple[str, ...] = ()
+    """The terminals a `prescriptions_pending` notice was queued for."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,31 +230,25 @@ _SETTLE = (
 
 
 def his_view(session: Session, institution_id: int, rx_no: str, *, lock: bool = False) -> HisView | None:
+    return run_steps(session.connection(), his_view_steps(institution_id, rx_no, lock=lock))
+
+
+def his_view_steps(institution_id: int, rx_no: str, *, lock: bool = False) -> Steps[HisView | None]:
     """The institution's prescription `rx_no` with its review, in one statement; `lock` holds the prescription's
     row (not its review's) until the transaction ends."""
-    row = (
-        session.connection()
-        .execute(_HIS_VIEW_LOCKED if lock else _HIS_VIEW, {"institution_id": institution_id, "rx_no": rx_no})
-        .one_or_none()
-    )
-    return None if row is None else _his_view_of(row._mapping)
-
-
-async def his_view_async(hot: AsyncPostgres, institution_id: int, rx_no: str) -> HisView | None:
-    """`his_view` (unlocked) on the event loop: the same statement on PostgreSQL's async pool."""
-    row = await hot.fetch_one(_HIS_VIEW, {"institution_id": institution_id, "rx_no": rx_no})
+    row = yield steps.one(_HIS_VIEW_LOCKED if lock else _HIS_VIEW, {"institution_id": institution_id, "rx_no": rx_no})
     return None if row is None else _his_view_of(row)
 
 
-def _his_view_of(row: Mapping[Any, Any]) -> HisView:
+def _his_view_of(row: Mapping[str, Any]) -> HisView:
     review = None
     if row["review_id"] is not None:
         review = ReviewView(
             row["decision"],
             list(row["reasons"]),
             row["pharmacist_code"],
-            _utc(row["reviewed_at"]),
-            _utc(row["received_at"]),
+            row["reviewed_at"],
+            row["received_at"],
             row["device_id"],
             row["face_decision"],
             row["face_similarity"],
@@ -260,36 +256,35 @@ def _his_view_of(row: Mapping[Any, Any]) -> HisView:
             list(row["findings"]),
             row["purchase_history"],
         )
-    settled_at = row["settled_at"]
     return HisView(
         row["id"],
         row["rx_no"],
-        PrescriptionState(row["status"]),
-        _utc(row["registered_at"]),
+        row["status"],
+        row["registered_at"],
         row["content_digest"],
         row["settlement_id"],
-        None if settled_at is None else _utc(settled_at),
+        row["settled_at"],
         review,
     )
-
-
-def _utc(value: datetime) -> datetime:
-    """A stored instant as UTC (the async driver answers in the connection's time zone)."""
-    return value.astimezone(UTC)
 
 
 def register(
     session: Session, prescription: Prescription, *, institution_id: int, client: str, now: datetime
 ) -> Registered:
+    return run_steps(
+        session.connection(), register_steps(prescription, institution_id=institution_id, client=client, now=now)
+    )
+
+
+def register_steps(prescription: Prescription, *, institution_id: int, client: str, now: datetime) -> Steps[Registered]:
     """Store `prescription` for the institution (or recognise a replay) and notify its bound terminals."""
     digest = request_digest(prescription)
-    conn = session.connection()
     served = served_form(prescription)
     content_digest = prescription_digest(served)
     # Inserted first: a number registered already (a replay, or another request a moment earlier: the unique key)
     # gives no id, and the stored registration decides between a replay and a conflict.
-    prescription_id: int | None = conn.execute(
-        _INSERT_PRESCRIPTION.on(conn.dialect.name),
+    prescription_id: int | None = yield steps.scalar(
+        _INSERT_PRESCRIPTION,
         {
             "institution_id": institution_id,
             "rx_no": prescription.rx_no,
@@ -305,18 +300,18 @@ def register(
             "registered_by": client,
             "refused_decisions": 0,
         },
-    ).scalar_one_or_none()
+    )
     if prescription_id is None:
         keys = {"institution_id": institution_id, "rx_no": prescription.rx_no}
-        if conn.execute(_STORED_DIGEST, keys).scalar_one() != digest:
+        if (yield steps.scalar(_STORED_DIGEST, keys)) != digest:
             raise PrescriptionConflictError(
                 f"prescription {prescription.rx_no} is registered already with different content"
             )
-        view = his_view(session, institution_id, prescription.rx_no)
+        view = yield from his_view_steps(institution_id, prescription.rx_no)
         if view is None:  # seen by the statement above; prescriptions are never deleted
             raise PrescriptionNotFoundError(f"prescription {prescription.rx_no} is not registered")
         return Registered(view, created=False)
-    conn.execute(
+    yield steps.execute(
         _INSERT_LINES,
         [
             {
@@ -335,26 +330,27 @@ def register(
             for line in served.lines
         ],
     )
-    notices: tuple[IssuedCommand, ...] = ()
-    terminals = conn.execute(_BOUND_TERMINALS, {"institution_id": institution_id}).scalars().all()
-    if terminals:
+    terminals: list[dict[str, Any]] = yield steps.rows(_BOUND_TERMINALS, {"institution_id": institution_id})
+    notified = tuple(row["device_id"] for row in terminals)
+    if notified:
         args = PrescriptionsPendingArgs(prescription_id=prescription_id, rx_no=prescription.rx_no).model_dump()
-        notices = tuple(
-            issue_command(
-                session,
-                device_id=device_id,
-                kind=CommandKind.PRESCRIPTIONS_PENDING,
-                args=args,
-                ttl_s=NOTICE_TTL_S,
-                now=now,
-            )
-            for device_id in terminals
+        yield steps.execute(
+            INSERT_COMMANDS,
+            [
+                queued_command(
+                    device_id=device_id,
+                    kind=CommandKind.PRESCRIPTIONS_PENDING,
+                    args=args,
+                    ttl_s=NOTICE_TTL_S,
+                    now=now,
+                )
+                for device_id in notified
+            ],
         )
-        session.flush()
     view = HisView(
         prescription_id, prescription.rx_no, PrescriptionState.PENDING, now, content_digest, None, None, None
     )
-    return Registered(view, created=True, notices=notices)
+    return Registered(view, created=True, notices=notified)
 
 
 def review_of(session: Session, prescription_id: int) -> PrescriptionReview | None:
@@ -374,10 +370,17 @@ def lines_of(session: Session, prescription_id: int) -> list[PrescriptionLineRow
 def settle(
     session: Session, *, institution_id: int, rx_no: str, settlement_id: str, now: datetime
 ) -> tuple[HisView, bool]:
+    return run_steps(
+        session.connection(),
+        settle_steps(institution_id=institution_id, rx_no=rx_no, settlement_id=settlement_id, now=now),
+    )
+
+
+def settle_steps(*, institution_id: int, rx_no: str, settlement_id: str, now: datetime) -> Steps[tuple[HisView, bool]]:
     """Record that HIS settled the approved prescription (I-06); True when this call settled it. The same
     settlement again is a replay (False); another settlement of a settled prescription, or settling one that is not
-    approved, is a conflict (F-07)."""
-    view = his_view(session, institution_id, rx_no, lock=True)
+    approved, is a conflict (F-07). Run in a transaction: the prescription's row is locked until it ends."""
+    view = yield from his_view_steps(institution_id, rx_no, lock=True)
     if view is None:
         raise PrescriptionNotFoundError(f"prescription {rx_no} is not registered at this institution")
     if view.status is PrescriptionState.SETTLED:
@@ -389,7 +392,7 @@ def settle(
             f"prescription {rx_no} is {view.status.value}: only an approved prescription may be settled"
         )
     params = {"prescription_id": view.id, "settlement_id": settlement_id, "settled_at": now}
-    session.connection().execute(_SETTLE, params)
+    yield steps.execute(_SETTLE, params)
     return replace(view, status=PrescriptionState.SETTLED, settlement_id=settlement_id, settled_at=now), True
 
 

@@ -11,8 +11,8 @@ Owns, in the caller's transaction:
   settlement number): the same body again returns the stored purchase, a different one is a `PurchaseConflictError`.
   It is linked to the verification with the same transaction code when that has arrived (`linked`, or `mismatch` with
   a reason when the verification does not back it), else it stays `pending` until it does. It and `purchase_of` are
-  HIS's bulk traffic: Core statements, no ORM unit of work; `purchase_of_async` runs the read on PostgreSQL's async
-  pool (`sync_server.db.async_pg`);
+  HIS's bulk traffic, written once as steps of Core statements (`register_purchase_steps`, `purchase_steps`;
+  `sync_server.db.steps`) with no ORM unit of work, which the API runs on PostgreSQL's async pool;
 * proxy relationships (代购药关系, B-11): `register_relationship`, `end_relationship`, `active_relationships`; each
   change queues one `proxy_relationships` notice command to every terminal of the institution that has none pending,
   so the terminals fetch the new set (`terminal.proxy.ProxyRelationshipSync`);
@@ -34,9 +34,9 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
 from protocol import CommandKind, ContractError, Envelope
 from protocol.downlink import ProxyRelationshipsArgs
@@ -52,7 +52,7 @@ from protocol.purchase import (
     person_ref,
 )
 from sync_server.commands import issue_command
-from sync_server.db.async_pg import AsyncPostgres
+from sync_server.db import steps
 from sync_server.db.models import (
     CommandState,
     Device,
@@ -66,6 +66,7 @@ from sync_server.db.models import (
     PurchaseVerificationState,
 )
 from sync_server.db.statements import InsertIfNew
+from sync_server.db.steps import Steps, run_steps
 from sync_server.masking import mask_id_number, mask_name
 from sync_server.signed_records import verify_signed_record
 
@@ -75,8 +76,6 @@ NOTICE_TTL_S: Final = 24 * 3600.0
 """A relationship notice waits a day for a terminal that is off; the terminal fetches the whole set at start anyway."""
 MAX_LINES: Final = 200
 MAX_TRACE_CODES: Final = 1000
-TRACE_QUERY_CHUNK: Final = 500
-"""Codes looked up per query (an IN list stays well inside every database's parameter limit)."""
 
 
 class PurchaseError(Exception):
@@ -359,34 +358,63 @@ def record_pos_verifications(
 
 
 def _link(session: Session, purchase: Purchase, verification: PosVerification, *, now: datetime) -> None:
-    """Tie `purchase` to `verification` and say whether the evidence backs it."""
-    note: str | None = None
+    """Tie `purchase` to `verification` and say whether the evidence backs it (the session's pending links are
+    flushed first, so two purchases in one batch cannot both take one verification)."""
+    note = _mismatch(purchase, verification)
+    if note is None and session.scalar(_LINKED_ELSEWHERE, _linked_elsewhere(purchase, verification)) is not None:
+        note = "code_reused"
+    _set_link(purchase, verification, note, now)
+
+
+def _mismatch(purchase: Purchase, verification: PosVerification) -> str | None:
+    """Why the kiosk's verification does not back the purchase, None when it does."""
     if verification.outcome != VerificationOutcome.VERIFIED.value:
-        note = "not_verified"
-    elif verification.institution_id != purchase.institution_id:
-        note = "other_institution"
-    elif verification.buyer_ref != purchase.buyer_ref:
-        note = "buyer_differs"
-    elif verification.proxy != purchase.proxy:
-        note = "proxy_differs"
-    elif purchase.proxy and verification.agent_ref != purchase.agent_ref:
-        note = "agent_differs"
-    else:
-        other = session.scalar(
-            select(Purchase.id).where(
-                Purchase.pos_verification_id == verification.id,
-                Purchase.id != purchase.id,
-                Purchase.verification_state == PurchaseVerificationState.LINKED,
-            )
-        )
-        if other is not None:
-            note = "code_reused"
+        return "not_verified"
+    if verification.institution_id != purchase.institution_id:
+        return "other_institution"
+    if verification.buyer_ref != purchase.buyer_ref:
+        return "buyer_differs"
+    if verification.proxy != purchase.proxy:
+        return "proxy_differs"
+    if purchase.proxy and verification.agent_ref != purchase.agent_ref:
+        return "agent_differs"
+    return None
+
+
+_LINKED_ELSEWHERE = (
+    select(Purchase.id)
+    .where(
+        Purchase.pos_verification_id == bindparam("verification_id"),
+        Purchase.id != bindparam("purchase_id"),
+        Purchase.verification_state == PurchaseVerificationState.LINKED,
+    )
+    .limit(1)
+)
+
+
+def _linked_elsewhere(purchase: Purchase, verification: PosVerification) -> dict[str, Any]:
+    return {"verification_id": verification.id, "purchase_id": purchase.id}
+
+
+def _set_link(purchase: Purchase, verification: PosVerification, note: str | None, now: datetime) -> None:
     purchase.pos_verification_id = verification.id
     purchase.linked_at = now
     purchase.verification_state = (
         PurchaseVerificationState.LINKED if note is None else PurchaseVerificationState.MISMATCH
     )
     purchase.verification_note = note
+
+
+_SET_LINK = (
+    update(Purchase)
+    .where(Purchase.id == bindparam("purchase_id"))
+    .values(
+        pos_verification_id=bindparam("pos_verification_id"),
+        linked_at=bindparam("linked_at", type_=Purchase.linked_at.type),
+        verification_state=bindparam("verification_state", type_=Purchase.verification_state.type),
+        verification_note=bindparam("verification_note"),
+    )
+)
 
 
 # ---------------------------------------------------------------------------------------------------- purchases
@@ -396,46 +424,30 @@ def _link(session: Session, purchase: Purchase, verification: PosVerification, *
 class Registered:
     purchase: Purchase
     created: bool
+    verification: PosVerification | None = None
+    """The kiosk verification the purchase is linked to (as a transient object), if any."""
 
 
-def purchase_of(session: Session, institution_id: int, settlement_no: str) -> Purchase:
-    """The institution's purchase with this settlement number, with its lines, as a transient `Purchase` (read by
-    two Core statements, not loaded into the session: HIS reads it back often)."""
-    conn = session.connection()
-    row = conn.execute(_PURCHASE_BY_NUMBER, {"institution_id": institution_id, "settlement_no": settlement_no}).first()
+def purchase_of(session: Session, institution_id: int, settlement_no: str) -> tuple[Purchase, PosVerification | None]:
+    return run_steps(session.connection(), purchase_steps(institution_id, settlement_no))
+
+
+def purchase_steps(institution_id: int, settlement_no: str) -> Steps[tuple[Purchase, PosVerification | None]]:
+    """The institution's purchase with this settlement number and its lines, and the kiosk verification it is linked
+    to (if any), as transient objects read by Core statements (not loaded into a session: HIS reads them often)."""
+    row = yield steps.one(_PURCHASE_BY_NUMBER, {"institution_id": institution_id, "settlement_no": settlement_no})
     if row is None:
         raise PurchaseNotFoundError(f"no purchase with settlement number {settlement_no} in this institution")
-    purchase = Purchase(**row._asdict())
-    purchase.lines = [PurchaseLine(**line._asdict()) for line in conn.execute(_LINES_OF, {"purchase_id": purchase.id})]
-    return purchase
-
-
-async def purchase_of_async(
-    hot: AsyncPostgres, institution_id: int, settlement_no: str
-) -> tuple[Purchase, PosVerification | None]:
-    """`purchase_of` on the event loop (the same statements on PostgreSQL's async pool), with the kiosk verification
-    the purchase is linked to, if any (transient objects)."""
-    row = await hot.fetch_one(_PURCHASE_BY_NUMBER, {"institution_id": institution_id, "settlement_no": settlement_no})
-    if row is None:
-        raise PurchaseNotFoundError(f"no purchase with settlement number {settlement_no} in this institution")
-    purchase = Purchase(**_utc_values(row, _PURCHASE_INSTANTS))
-    lines = await hot.fetch_all(_LINES_OF, {"purchase_id": purchase.id})
+    purchase = Purchase(**row)
+    lines: list[dict[str, Any]] = yield steps.rows(_LINES_OF, {"purchase_id": purchase.id})
     purchase.lines = [PurchaseLine(**line) for line in lines]
     linked = None
     if purchase.pos_verification_id is not None:
-        found = await hot.fetch_one(_VERIFICATION_BY_ID, {"verification_id": purchase.pos_verification_id})
-        if found is not None:
-            linked = PosVerification(**_utc_values(found, _VERIFICATION_INSTANTS))
+        found = yield steps.one(_VERIFICATION_BY_ID, {"verification_id": purchase.pos_verification_id})
+        linked = None if found is None else PosVerification(**found)
     return purchase, linked
 
 
-def _utc_values(row: dict[str, Any], instants: tuple[str, ...]) -> dict[str, Any]:
-    """A row of the async driver with its instants in UTC (it answers in the connection's time zone)."""
-    return {**row, **{k: row[k].astimezone(UTC) for k in instants if row[k] is not None}}
-
-
-_PURCHASE_INSTANTS: Final = ("settled_at", "received_at", "linked_at")
-_VERIFICATION_INSTANTS: Final = ("verified_at", "received_at")
 _VERIFICATION_BY_ID = select(*PosVerification.__table__.columns).where(
     PosVerification.id == bindparam("verification_id")
 )
@@ -449,45 +461,73 @@ _LINES_OF = (
 )
 
 
-def _relationship_for(
-    session: Session, institution_id: int, body: PurchaseIn, beneficiary_ref: str
-) -> ProxyRelationshipRow | None:
+def _valid_at(when: datetime | ColumnElement[datetime]) -> list[Any]:
+    return [
+        ProxyRelationshipRow.ended_at.is_(None),
+        or_(ProxyRelationshipRow.valid_from.is_(None), ProxyRelationshipRow.valid_from <= when),
+        or_(ProxyRelationshipRow.valid_until.is_(None), ProxyRelationshipRow.valid_until > when),
+    ]
+
+
+_RELATIONSHIP_INSTITUTION = select(ProxyRelationshipRow.institution_id).where(
+    ProxyRelationshipRow.id == bindparam("relationship_id")
+)
+_FACE_RELATIONSHIP = (
+    select(ProxyRelationshipRow.id)
+    .where(
+        ProxyRelationshipRow.institution_id == bindparam("institution_id"),
+        ProxyRelationshipRow.beneficiary_ref == bindparam("beneficiary_ref"),
+        ProxyRelationshipRow.agent_ref == bindparam("agent_ref"),
+        *_valid_at(bindparam("at", type_=ProxyRelationshipRow.valid_from.type)),
+    )
+    .order_by(ProxyRelationshipRow.id.desc())
+    .limit(1)
+)
+
+
+def _relationship_steps(institution_id: int, body: PurchaseIn, beneficiary_ref: str) -> Steps[int | None]:
+    """The registered proxy relationship the purchase names or (a face-verified agent) falls under, if any."""
     proxy = body.proxy
     if proxy is None:
         return None
     if proxy.relationship_id is not None:
-        row = session.get(ProxyRelationshipRow, int(proxy.relationship_id))
-        if row is None or row.institution_id != institution_id:
+        relationship_id = int(proxy.relationship_id)
+        owner = yield steps.scalar(_RELATIONSHIP_INSTITUTION, {"relationship_id": relationship_id})
+        if owner != institution_id:
             raise PurchaseInvalidError(f"proxy relationship {proxy.relationship_id} is not known to this institution")
-        return row
+        return relationship_id
     if proxy.agent.kind is not AgentKind.FACE:
         return None
-    return session.scalar(
-        select(ProxyRelationshipRow)
-        .where(
-            ProxyRelationshipRow.institution_id == institution_id,
-            ProxyRelationshipRow.beneficiary_ref == beneficiary_ref,
-            ProxyRelationshipRow.agent_ref == proxy.agent.ref(),
-            *_valid_at(body.settled_at),
-        )
-        .order_by(ProxyRelationshipRow.id.desc())
-        .limit(1)
-    )
+    keys = {
+        "institution_id": institution_id,
+        "beneficiary_ref": beneficiary_ref,
+        "agent_ref": proxy.agent.ref(),
+        "at": body.settled_at,
+    }
+    found: int | None = yield steps.scalar(_FACE_RELATIONSHIP, keys)
+    return found
 
 
 def register_purchase(
     session: Session, institution_id: int, body: PurchaseIn, *, his_client: str, now: datetime
 ) -> Registered:
+    return run_steps(
+        session.connection(), register_purchase_steps(institution_id, body, his_client=his_client, now=now)
+    )
+
+
+def register_purchase_steps(
+    institution_id: int, body: PurchaseIn, *, his_client: str, now: datetime
+) -> Steps[Registered]:
     """Store the purchase (created=True) or return the one already registered with the same body (created=False);
-    `PurchaseConflictError` when the settlement number is registered with a different body.
+    `PurchaseConflictError` when the settlement number is registered with a different body. Run in a transaction.
 
     HIS's bulk traffic: Core statements built once, no ORM unit of work (docs/benchmarks.md, "HIS interfaces under
-    load"). The answer of a new purchase is a transient `Purchase` (not in the session) built from what was stored;
-    only a purchase whose kiosk verification is already here is loaded to be linked."""
+    load"). The answer is a transient `Purchase` built from what was stored, with the verification it was linked
+    to."""
     digest = body.digest()
-    conn = session.connection()
     buyer_ref = body.buyer.ref()
-    relationship = _relationship_for(session, institution_id, body, buyer_ref)
+    relationship_id = yield from _relationship_steps(institution_id, body, buyer_ref)
     agent = None if body.proxy is None else body.proxy.agent
     purchase = Purchase(
         institution_id=institution_id,
@@ -505,7 +545,7 @@ def register_purchase(
         agent_cert_type=None if agent is None else agent.psn_cert_type,
         agent_masked_id=None if agent is None else agent.masked_id(),
         agent_masked_name=None if agent is None else agent.masked_name(),
-        relationship_id=None if relationship is None else relationship.id,
+        relationship_id=relationship_id,
         total_amount_fen=sum(line.amount_fen for line in body.lines),
         body_digest=digest,
         verification_state=PurchaseVerificationState.PENDING,
@@ -518,11 +558,15 @@ def register_purchase(
     values = {column: getattr(purchase, column) for column in _PURCHASE_COLUMNS}
     # Inserted first: a settlement number registered already (a replay, or another request a moment earlier: the
     # unique key) gives no id, and this request answers with what is stored.
-    purchase_id = conn.execute(_INSERT_PURCHASE.on(conn.dialect.name), values).scalar_one_or_none()
+    purchase_id: int | None = yield steps.scalar(_INSERT_PURCHASE, values)
     if purchase_id is None:
         keys = {"institution_id": institution_id, "settlement_no": body.settlement_no}
-        existing = conn.execute(_EXISTING_PURCHASE, keys).one()
-        return _same(session, existing.id, existing.body_digest, body, digest)
+        if (yield steps.scalar(_STORED_BODY_DIGEST, keys)) != digest:
+            raise PurchaseConflictError(
+                f"settlement number {body.settlement_no} is already registered with different content"
+            )
+        stored, linked = yield from purchase_steps(institution_id, body.settlement_no)
+        return Registered(stored, False, linked)
     purchase.id = purchase_id
     purchase.lines = [
         PurchaseLine(
@@ -536,30 +580,51 @@ def register_purchase(
         )
         for n, line in enumerate(body.lines, start=1)
     ]
-    conn.execute(_INSERT_PURCHASE_LINES, [{c: getattr(line, c) for c in _LINE_COLUMNS} for line in purchase.lines])
-    purchase.reused_trace_codes = _record_trace_codes(session, purchase_id, body)
-    verification = conn.execute(_VERIFICATION_OF, {"transaction_code": body.transaction_code}).scalar()
-    if verification is None:
+    yield steps.execute(
+        _INSERT_PURCHASE_LINES, [{c: getattr(line, c) for c in _LINE_COLUMNS} for line in purchase.lines]
+    )
+    purchase.reused_trace_codes = yield from _trace_code_steps(purchase_id, body)
+    verification_id = yield steps.scalar(_VERIFICATION_OF, {"transaction_code": body.transaction_code})
+    if verification_id is None:
         return Registered(purchase, True)
-    stored = session.get(Purchase, purchase_id)
-    found = session.get(PosVerification, verification)
-    if stored is None or found is None:  # both were just seen in this transaction
-        raise PurchaseNotFoundError(f"purchase {body.settlement_no} vanished while it was being linked")
-    _link(session, stored, found, now=now)
-    session.flush()
-    return Registered(stored, True)
+    found = yield steps.one(_VERIFICATION_BY_ID, {"verification_id": verification_id})
+    if found is None:  # seen a moment ago in this transaction; verifications are never deleted
+        raise PurchaseNotFoundError(f"the verification of purchase {body.settlement_no} vanished while linking")
+    verification = PosVerification(**found)
+    note = _mismatch(purchase, verification)
+    if note is None and (yield steps.scalar(_LINKED_ELSEWHERE, _linked_elsewhere(purchase, verification))):
+        note = "code_reused"
+    _set_link(purchase, verification, note, now)
+    yield steps.execute(
+        _SET_LINK,
+        {
+            "purchase_id": purchase_id,
+            "pos_verification_id": verification.id,
+            "linked_at": now,
+            "verification_state": purchase.verification_state,
+            "verification_note": note,
+        },
+    )
+    return Registered(purchase, True, verification)
 
 
-_EXISTING_PURCHASE = select(Purchase.id, Purchase.body_digest).where(
+_STORED_BODY_DIGEST = select(Purchase.body_digest).where(
     Purchase.institution_id == bindparam("institution_id"), Purchase.settlement_no == bindparam("settlement_no")
 )
 _PURCHASE_COLUMNS: Final = tuple(c.key for c in Purchase.__table__.columns if c.key != "id")
 _LINE_COLUMNS: Final = tuple(c.key for c in PurchaseLine.__table__.columns if c.key != "id")
 _INSERT_PURCHASE_LINES = insert(PurchaseLine)
 _INSERT_TRACE_CODES = insert(PurchaseTraceCode)
-_REUSED_TRACE_CODES = select(PurchaseTraceCode.code).where(
-    PurchaseTraceCode.code.in_(bindparam("codes", expanding=True)),
-    PurchaseTraceCode.purchase_id != bindparam("purchase_id"),
+_OTHER_SALES = aliased(PurchaseTraceCode)
+_REUSED_TRACE_CODES = (
+    select(PurchaseTraceCode.code)
+    .distinct()
+    .join(
+        _OTHER_SALES,
+        and_(_OTHER_SALES.code == PurchaseTraceCode.code, _OTHER_SALES.purchase_id != PurchaseTraceCode.purchase_id),
+    )
+    .where(PurchaseTraceCode.purchase_id == bindparam("purchase_id"))
+    .order_by(PurchaseTraceCode.code)
 )
 _SET_REUSED = (
     update(Purchase)
@@ -575,47 +640,24 @@ _VERIFICATION_OF = (
 _INSERT_PURCHASE = InsertIfNew(Purchase, (Purchase.institution_id, Purchase.settlement_no), Purchase.id)
 
 
-def _record_trace_codes(session: Session, purchase_id: int, body: PurchaseIn) -> list[str]:
+def _trace_code_steps(purchase_id: int, body: PurchaseIn) -> Steps[list[str]]:
     """Index the purchase's 追溯码 and return those an earlier purchase sold already (a package sold twice: returned
     stock resold, or a code copied onto another box), which are also stored on the purchase. Registered, not
     refused: the sale has happened."""
     sold = [(n, code) for n, line in enumerate(body.lines, start=1) for code in line.trace_codes]
     if not sold:
         return []
-    conn = session.connection()
-    codes = [code for _, code in sold]
-    reused: set[str] = set()
-    for start in range(0, len(codes), TRACE_QUERY_CHUNK):
-        chunk = codes[start : start + TRACE_QUERY_CHUNK]
-        reused.update(conn.execute(_REUSED_TRACE_CODES, {"codes": chunk, "purchase_id": purchase_id}).scalars())
-    conn.execute(_INSERT_TRACE_CODES, [{"purchase_id": purchase_id, "line_no": n, "code": code} for n, code in sold])
-    if not reused:
-        return []
-    listed = sorted(reused)
-    conn.execute(_SET_REUSED, {"purchase_id": purchase_id, "reused": listed})
-    return listed
-
-
-def _same(session: Session, purchase_id: int, stored_digest: str, body: PurchaseIn, digest: str) -> Registered:
-    if stored_digest != digest:
-        raise PurchaseConflictError(
-            f"settlement number {body.settlement_no} is already registered with different content"
-        )
-    existing = session.get(Purchase, purchase_id)
-    if existing is None:  # seen a moment ago in this transaction; purchases are never deleted
-        raise PurchaseNotFoundError("the registered purchase vanished")
-    return Registered(existing, False)
+    yield steps.execute(
+        _INSERT_TRACE_CODES, [{"purchase_id": purchase_id, "line_no": n, "code": code} for n, code in sold]
+    )
+    found: list[dict[str, Any]] = yield steps.rows(_REUSED_TRACE_CODES, {"purchase_id": purchase_id})
+    reused = [row["code"] for row in found]
+    if reused:
+        yield steps.execute(_SET_REUSED, {"purchase_id": purchase_id, "reused": reused})
+    return reused
 
 
 # ---------------------------------------------------------------------------------------------------- relationships
-
-
-def _valid_at(when: datetime) -> list[Any]:
-    return [
-        ProxyRelationshipRow.ended_at.is_(None),
-        or_(ProxyRelationshipRow.valid_from.is_(None), ProxyRelationshipRow.valid_from <= when),
-        or_(ProxyRelationshipRow.valid_until.is_(None), ProxyRelationshipRow.valid_until > when),
-    ]
 
 
 def _notify_institution(session: Session, institution_id: int, *, now: datetime) -> list[IssuedCommand]:

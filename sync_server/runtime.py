@@ -12,9 +12,11 @@ be opened stops start-up) and closes it at stop. It must never be a module-level
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import anyio.to_thread
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +29,7 @@ from sync_server.catalogues import DocumentCache
 from sync_server.commands import CommandDispatcher
 from sync_server.db.async_pg import AsyncPostgres
 from sync_server.db.engine import create_db_engine, session_factory
+from sync_server.db.steps import Steps, T, run_steps
 from sync_server.errors import ConfigurationError
 from sync_server.identity import ServerIdentity
 from sync_server.ingest import IngestWorker
@@ -124,6 +127,21 @@ class ServerRuntime:
                 gap_alarm_after_s=settings.seq_gap_alarm_after_s,
             )
         return runtime
+
+    async def run_steps(self, make: Callable[[], Steps[T]], *, write: bool) -> T:
+        """HIS's database work (`sync_server.db.steps`), from the event loop: on PostgreSQL on the async pool, in one
+        transaction when `write`; on any other database in a worker thread, in a session of its own (a writer's
+        transaction when `write`)."""
+        if self.hot is not None and self.hot.is_open:
+            return await self.hot.run(make(), transaction=write)
+        return await anyio.to_thread.run_sync(self._run_steps_in_session, make, write)
+
+    def _run_steps_in_session(self, make: Callable[[], Steps[T]], write: bool) -> T:
+        if not write:
+            with self.read_sessions() as session:
+                return run_steps(session.connection(), make())
+        with self.writer_sessions() as session, session.begin():
+            return run_steps(session.connection(), make())
 
     def start(self) -> None:
         if self.settings.secret_key_is_placeholder:

@@ -25,7 +25,7 @@ import uvicorn
 from sync_server.app import create_app
 from sync_server.db.migrate import upgrade
 from sync_server.errors import ConfigurationError, ServerError
-from sync_server.http_pool import HttpPool, uvicorn_config
+from sync_server.http_pool import HttpPool, tune_gc, uvicorn_config
 from sync_server.settings import ServerSettings
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ def serve(settings: ServerSettings, *, ready_file: Path | None = None) -> None:
         logger.info("yibao server listening on %s (environment %s)", _url(sock), settings.environment)
         if pool is not None:
             pool.start()
+        tune_gc()
         server.run(sockets=[sock])
     finally:
         if pool is not None:

@@ -1,5 +1,6 @@
 """`Annotated` dependency aliases for route handlers (`SessionDep`, `WriterSessionDep`, `SettingsDep`, `ClockDep`,
-`RuntimeDep`, `AdminDep`, `PrincipalDep`), `authorize` (the app-wide route-policy check) and `require_admin`.
+`RuntimeDep`, `AdminDep`, `PrincipalDep`, and `HisCallDep` for the HIS API), `authorize` (the app-wide route-policy
+check) and `require_admin`.
 
 Owns how a request reaches the process's `ServerRuntime` (set on `app.state` by the lifespan), the per-request
 database session, which is always closed, and authentication of `Authorization: Bearer <token>`:
@@ -20,7 +21,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
 from fastapi import Depends, HTTPException, Request, Response, status
@@ -383,6 +384,38 @@ async def require_principal(request: Request, runtime: RuntimeDep, credentials: 
 
 
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
+
+
+@dataclass(frozen=True, slots=True)
+class HisCall:
+    """A HIS client's request as `authorize` authenticated it, with what its handler needs: one dependency for the
+    server's bulk traffic (each FastAPI dependency costs CPU on every request; docs/benchmarks.md)."""
+
+    runtime: ServerRuntime
+    client: str
+    """The audit name, `his:<client_id>`."""
+    institution_id: int
+    institution_code: str
+
+    @property
+    def client_id(self) -> str:
+        return self.client.removeprefix("his:")
+
+    def now(self) -> datetime:
+        return self.runtime.clock.now()
+
+
+async def require_his_call(request: Request) -> HisCall:
+    """The HIS client `authorize` authenticated by its signature (403 on a route outside the HIS API)."""
+    principal = getattr(request.state, "principal", None)
+    if not isinstance(principal, Principal) or principal.kind != "his_client":
+        raise _forbidden("this route is part of the HIS API: sign the request as a HIS client")
+    if principal.institution_id is None or principal.institution_code is None:  # a HIS client always has both
+        raise _forbidden("this HIS client belongs to no institution")
+    return HisCall(await get_runtime(request), principal.name, principal.institution_id, principal.institution_code)
+
+
+HisCallDep = Annotated[HisCall, Depends(require_his_call)]
 
 
 async def require_device_caller(request: Request) -> DeviceCaller:

@@ -26,7 +26,7 @@ from sync_server.api.deps import (
     AdminDep,
     ClockDep,
     DeviceCallerDep,
-    PrincipalDep,
+    HisCallDep,
     RuntimeDep,
     SessionDep,
     WriterSessionDep,
@@ -142,13 +142,10 @@ def revoke_his_client(
 
 
 @router.get("/his/v1/ping", response_model=HisPingOut)
-async def his_ping(principal: PrincipalDep, clock: ClockDep) -> Response:
+async def his_ping(his: HisCallDep) -> Response:
     """Check the request signing: answers who the signature says you are, for which institution, and the server's
     time (a 401 `stale_timestamp` means your clock is off by more than 60 s)."""
-    code = principal.institution_code
-    if code is None:  # a HIS client's principal always carries its institution's code; belt and braces
-        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="this caller belongs to no institution")
-    out = HisPingOut(client_id=principal.name.removeprefix("his:"), institution_code=code, server_time=clock.now())
+    out = HisPingOut(client_id=his.client_id, institution_code=his.institution_code, server_time=his.now())
     return model_response(out)
 
 

@@ -18,7 +18,6 @@ pseudonymous data only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Any
 
@@ -26,7 +25,6 @@ from fastapi import APIRouter, HTTPException, Path, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, func, select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from protocol.prescription import (
@@ -42,15 +40,13 @@ from sync_server import prescriptions
 from sync_server.api.deps import (
     ClockDep,
     DeviceCallerDep,
+    HisCallDep,
     Principal,
     PrincipalDep,
-    RuntimeDep,
     SessionDep,
-    WriterSessionDep,
 )
 from sync_server.api.schemas import ErrorOut, UnprocessableOut, model_response
 from sync_server.db.models import Institution, PrescriptionRow, PrescriptionState
-from sync_server.runtime import ServerRuntime
 
 his_router = APIRouter(prefix="/his/v1/prescriptions", tags=["prescriptions (HIS)"])
 device_router = APIRouter(prefix="/device/v1/prescriptions", tags=["prescriptions (device)"])
@@ -170,22 +166,6 @@ def _result(view: prescriptions.HisView, institution_code: str) -> PrescriptionR
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _HisInstitution:
-    id: int
-    code: str
-
-
-def _his_institution(session: Session, principal: Principal) -> _HisInstitution:
-    """The HIS client's institution: from its principal (cached with the client's record), a query otherwise."""
-    institution_id, code = principal.institution_id, principal.institution_code
-    if institution_id is not None and code is None:
-        code = session.scalar(select(Institution.code).where(Institution.id == institution_id))
-    if institution_id is None or code is None:
-        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="this HIS client belongs to no institution")
-    return _HisInstitution(institution_id, code)
-
-
 _HIS_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut},
     409: {"model": ErrorOut},
@@ -194,102 +174,65 @@ _HIS_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 @his_router.post("", response_model=PrescriptionResultOut, status_code=201, responses=_HIS_RESPONSES)
-def register_prescription(
-    body: Prescription,
-    session: WriterSessionDep,
-    clock: ClockDep,
-    runtime: RuntimeDep,
-    principal: PrincipalDep,
-) -> Response:
+async def register_prescription(body: Prescription, his: HisCallDep) -> Response:
     """Register a prescription at the caller's institution (H-06). 201 when new; the same body again is answered
     200 with the stored result; another body for the same 医保处方编号 is 409."""
-    now = clock.now()
-
-    def attempt() -> tuple[prescriptions.Registered, PrescriptionResultOut]:
-        with session.begin():
-            institution = _his_institution(session, principal)
-            try:
-                done = prescriptions.register(
-                    session, body, institution_id=institution.id, client=principal.name, now=now
-                )
-            except prescriptions.PrescriptionError as exc:
-                raise _http(exc) from exc
-            return done, _result(done.view, institution.code)
-
+    now = his.now()
     try:
-        done, out = attempt()
-    except IntegrityError:
-        # Two registrations of one number raced and the other one won: answer as for a replay (or a conflict).
-        done, out = attempt()
-    notices = len(done.notices)
+        done = await his.runtime.run_steps(
+            lambda: prescriptions.register_steps(body, institution_id=his.institution_id, client=his.client, now=now),
+            write=True,
+        )
+    except prescriptions.PrescriptionError as exc:
+        raise _http(exc) from exc
+    out = _result(done.view, his.institution_code)
     if not done.created:
         return model_response(out)
-    runtime.audit.record(
+    await run_in_threadpool(
+        his.runtime.audit.record,
         "prescription.registered",
         rx_no=out.rx_no,
         institution_code=out.institution_code,
-        client=principal.name,
-        notices=notices,
+        client=his.client,
+        notices=len(done.notices),
     )
-    if runtime.dispatcher is not None and notices:
-        runtime.dispatcher.wake()
+    if his.runtime.dispatcher is not None and done.notices:
+        his.runtime.dispatcher.wake()
     return model_response(out, status.HTTP_201_CREATED)
 
 
 @his_router.get("/{rx_no}", response_model=PrescriptionResultOut, responses={404: {"model": ErrorOut}})
-async def get_prescription_result(rx_no: RxNoPath, runtime: RuntimeDep, principal: PrincipalDep) -> Response:
-    """The status and review result of one of the caller's institution's prescriptions (H-05, H-07 step 3).
-
-    HIS's most frequent call: on PostgreSQL it is read on the event loop (`sync_server.db.async_pg`), elsewhere in a
-    worker thread."""
-    institution_id, code = principal.institution_id, principal.institution_code
-    if institution_id is None or code is None:  # a HIS client's principal always has both; belt and braces
-        raise HTTPException(status_code=status.HTTP_403_FORBIDDEN, detail="this HIS client belongs to no institution")
-    if runtime.hot is not None and runtime.hot.is_open:
-        view = await prescriptions.his_view_async(runtime.hot, institution_id, rx_no)
-    else:
-        view = await run_in_threadpool(_read_his_view, runtime, institution_id, rx_no)
+async def get_prescription_result(rx_no: RxNoPath, his: HisCallDep) -> Response:
+    """The status and review result of one of the caller's institution's prescriptions (H-05, H-07 step 3)."""
+    view = await his.runtime.run_steps(lambda: prescriptions.his_view_steps(his.institution_id, rx_no), write=False)
     if view is None:
         raise HTTPException(status_code=404, detail=f"prescription {rx_no} is not registered at this institution")
-    return model_response(_result(view, code))
-
-
-def _read_his_view(runtime: ServerRuntime, institution_id: int, rx_no: str) -> prescriptions.HisView | None:
-    with runtime.read_sessions() as session:
-        return prescriptions.his_view(session, institution_id, rx_no)
+    return model_response(_result(view, his.institution_code))
 
 
 @his_router.post("/{rx_no}/settlement", response_model=PrescriptionResultOut, responses=_HIS_RESPONSES)
-def settle_prescription(
-    rx_no: RxNoPath,
-    body: SettlementIn,
-    session: WriterSessionDep,
-    clock: ClockDep,
-    runtime: RuntimeDep,
-    principal: PrincipalDep,
-) -> Response:
+async def settle_prescription(rx_no: RxNoPath, body: SettlementIn, his: HisCallDep) -> Response:
     """Record that HIS settled the prescription (I-06): 409 unless it is approved; the same settlement again is
     answered with the stored result; another settlement of a settled prescription is 409 (F-07)."""
-    with session.begin():
-        institution = _his_institution(session, principal)
-        try:
-            view, first = prescriptions.settle(
-                session,
-                institution_id=institution.id,
-                rx_no=rx_no,
-                settlement_id=body.settlement_id,
-                now=clock.now(),
-            )
-        except prescriptions.PrescriptionError as exc:
-            raise _http(exc) from exc
-        out = _result(view, institution.code)
+    now = his.now()
+    try:
+        view, first = await his.runtime.run_steps(
+            lambda: prescriptions.settle_steps(
+                institution_id=his.institution_id, rx_no=rx_no, settlement_id=body.settlement_id, now=now
+            ),
+            write=True,
+        )
+    except prescriptions.PrescriptionError as exc:
+        raise _http(exc) from exc
+    out = _result(view, his.institution_code)
     if first:
-        runtime.audit.record(
+        await run_in_threadpool(
+            his.runtime.audit.record,
             "prescription.settled",
             rx_no=rx_no,
             institution_code=out.institution_code,
             settlement_id=body.settlement_id,
-            client=principal.name,
+            client=his.client,
         )
     return model_response(out)
 

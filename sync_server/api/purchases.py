@@ -39,6 +39,7 @@ from sync_server.accounts import Role
 from sync_server.api.deps import (
     ClockDep,
     DeviceCallerDep,
+    HisCallDep,
     Principal,
     PrincipalDep,
     RuntimeDep,
@@ -315,36 +316,31 @@ def _http(exc: purchases.PurchaseError) -> HTTPException:
         409: {"model": ProblemOut, "description": "The settlement number is registered with a different body."},
     },
 )
-def register_purchase(
-    body: PurchaseIn,
-    principal: PrincipalDep,
-    session: WriterSessionDep,
-    clock: ClockDep,
-    runtime: RuntimeDep,
-) -> Response:
+async def register_purchase(body: PurchaseIn, his: HisCallDep) -> Response:
     """After a successful settlement, HIS pushes the buyer, the proxy (代购) details and the sale lines with their
     traceability codes (H-04). Idempotent by (institution, settlement_no). A purchase whose kiosk verification has
     not arrived yet is accepted with `verification: pending` and linked when it arrives."""
-    institution_id = _his_institution(principal)
-    with session.begin():
-        try:
-            done = purchases.register_purchase(
-                session, institution_id, body, his_client=principal.name, now=clock.now()
-            )
-        except purchases.PurchaseError as exc:
-            raise _http(exc) from exc
-        out = _purchase_out(session, done.purchase, principal.institution_code)
-    if done.created:
-        runtime.audit.record(
-            "purchase.registered",
-            settlement_no=out.settlement_no,
-            institution_code=out.institution_code,
-            proxy=out.proxy,
-            verification=out.verification.value,
-            his_client=principal.name,
+    now = his.now()
+    try:
+        done = await his.runtime.run_steps(
+            lambda: purchases.register_purchase_steps(his.institution_id, body, his_client=his.client, now=now),
+            write=True,
         )
-        return model_response(out, status.HTTP_201_CREATED)
-    return model_response(out)
+    except purchases.PurchaseError as exc:
+        raise _http(exc) from exc
+    out = _purchase_answer(done.purchase, his.institution_code, done.verification)
+    if not done.created:
+        return model_response(out)
+    await run_in_threadpool(
+        his.runtime.audit.record,
+        "purchase.registered",
+        settlement_no=out.settlement_no,
+        institution_code=out.institution_code,
+        proxy=out.proxy,
+        verification=out.verification.value,
+        his_client=his.client,
+    )
+    return model_response(out, status.HTTP_201_CREATED)
 
 
 @router.get(
@@ -353,23 +349,15 @@ def register_purchase(
     summary="查询购药登记 / a registered purchase",
     responses={404: {"model": ProblemOut}},
 )
-async def get_purchase(settlement_no: SettlementPath, principal: PrincipalDep, runtime: RuntimeDep) -> Response:
-    """The purchase with this settlement number in the caller's institution, with its verification state. On
-    PostgreSQL it is read on the event loop (`sync_server.db.async_pg`), elsewhere in a worker thread."""
-    institution_id = _his_institution(principal)
-    code = principal.institution_code or ""
+async def get_purchase(settlement_no: SettlementPath, his: HisCallDep) -> Response:
+    """The purchase with this settlement number in the caller's institution, with its verification state."""
     try:
-        if runtime.hot is not None and runtime.hot.is_open:
-            row, linked = await purchases.purchase_of_async(runtime.hot, institution_id, settlement_no)
-            return model_response(_purchase_answer(row, code, linked))
-        return model_response(await run_in_threadpool(_read_purchase, runtime, institution_id, settlement_no, code))
+        row, linked = await his.runtime.run_steps(
+            lambda: purchases.purchase_steps(his.institution_id, settlement_no), write=False
+        )
     except purchases.PurchaseError as exc:
         raise _http(exc) from exc
-
-
-def _read_purchase(runtime: ServerRuntime, institution_id: int, settlement_no: str, code: str) -> PurchaseOut:
-    with runtime.read_sessions() as session:
-        return _purchase_out(session, purchases.purchase_of(session, institution_id, settlement_no), code)
+    return model_response(_purchase_answer(row, his.institution_code, linked))
 
 
 @router.post(

@@ -1,12 +1,13 @@
-"""The hottest single statements on the event loop: `AsyncPostgres`, a small per-process pool of psycopg async
-connections in autocommit (PostgreSQL only).
+"""HIS's bulk traffic on the event loop: `AsyncPostgres`, a small per-process pool of psycopg async connections
+(PostgreSQL only).
 
-Which statements: a signed request's nonce (`sync_server.nonces`) and HIS's reads of its prescriptions and purchases
-(`sync_server.prescriptions.his_view_async`, `sync_server.purchases.purchase_of_async`). They are SQLAlchemy Core
-statements defined once next to their sync form and compiled here for PostgreSQL (`sql_of`), so both paths run the
-same SQL. On the loop a request needs no worker-thread hop, no ORM session and no transaction round trips: together
-about half the CPU such a request cost (docs/benchmarks.md, "HIS interfaces under load"). SQLite has no async
-driver here: its callers keep the sync path.
+What runs here: a signed request's nonce (`sync_server.nonces`) and HIS's registrations and reads of prescriptions
+and purchases, written once as steps of SQLAlchemy Core statements (`sync_server.db.steps`) that `run` executes in
+autocommit or in one transaction. Each statement is compiled here for PostgreSQL once (`CompiledStatement`), with
+its parameters and our own result types passed through SQLAlchemy's type processors, so the sync driver
+(`sync_server.db.steps.run_steps`, SQLite) and this one run the same SQL and answer alike. On the loop a request
+needs no worker-thread hop, no ORM session and no SQLAlchemy execution context: together about half the CPU such a
+request cost (docs/benchmarks.md, "HIS interfaces under load").
 
 Errors: `AsyncDatabaseError` when the database cannot be reached (the API answers 503, as for any database
 failure); other psycopg errors (a constraint) propagate to the caller. It must never log a parameter.
@@ -15,14 +16,19 @@ failure); other psycopg errors (a constraint) propagate to the caller. It must n
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Engine
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, Enum, Executable, Insert, TypeDecorator
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
+
+from sync_server.db.steps import Step, Steps, T, execute, statement_for
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +53,7 @@ class AsyncPostgres:
         self._conninfo = make_url(engine.url).set(drivername="postgresql").render_as_string(hide_password=False)
         self._pool: AsyncConnectionPool | None = None
         # Keyed by the statement itself (held here), not by id(): a collected statement's id can be reused.
-        self._sql: dict[ClauseElement, tuple[str, dict[str, Any]]] = {}
+        self._compiled: dict[tuple[Executable, tuple[str, ...] | None], CompiledStatement] = {}
 
     @classmethod
     def for_engine(cls, engine: Engine) -> AsyncPostgres | None:
@@ -79,38 +85,113 @@ class AsyncPostgres:
         if pool is not None:
             await pool.close()
 
-    def sql_of(self, statement: ClauseElement) -> tuple[str, dict[str, Any]]:
-        """`statement` compiled for PostgreSQL with psycopg's `%(name)s` placeholders, and the values of its literal
-        parameters (a JSON key, say); cached per statement. Bind processors do not run on this path: callers pass
-        values the driver takes as they are (aware datetimes, strings, numbers)."""
-        hit = self._sql.get(statement)
+    def compiled(self, statement: Executable, keys: tuple[str, ...] | None = None) -> CompiledStatement:
+        """`statement` compiled for PostgreSQL (an INSERT for the parameter names `keys`), cached per statement."""
+        hit = self._compiled.get((statement, keys))
         if hit is None:
-            compiled = statement.compile(dialect=self._dialect)
-            hit = (str(compiled), {k: v for k, v in compiled.params.items() if v is not None})
-            self._sql[statement] = hit
+            hit = CompiledStatement.of(statement, self._dialect, keys)
+            self._compiled[(statement, keys)] = hit
         return hit
 
-    async def execute(self, statement: ClauseElement, params: dict[str, Any]) -> None:
-        await self._run(statement, params, fetch=False)
+    async def execute(self, statement: Executable, params: dict[str, Any]) -> None:
+        await self.run(_single(execute(statement, params)))
 
-    async def fetch_all(self, statement: ClauseElement, params: dict[str, Any]) -> list[dict[str, Any]]:
-        return await self._run(statement, params, fetch=True)
-
-    async def fetch_one(self, statement: ClauseElement, params: dict[str, Any]) -> dict[str, Any] | None:
-        rows = await self._run(statement, params, fetch=True)
-        return rows[0] if rows else None
-
-    async def _run(self, statement: ClauseElement, params: dict[str, Any], *, fetch: bool) -> list[dict[str, Any]]:
+    async def run(self, steps: Steps[T], *, transaction: bool = False) -> T:
+        """Run `steps` (`sync_server.db.steps`) on one pooled connection: statement by statement in autocommit, or
+        all in one transaction (committed when the steps return; rolled back when anything raises)."""
         pool = self._pool
         if pool is None:
             raise AsyncDatabaseError("the async database pool is not open")
-        sql, literals = self.sql_of(statement)
         try:
-            async with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cursor:
-                await cursor.execute(sql, {**literals, **params} if literals else params)
-                return await cursor.fetchall() if fetch else []
+            async with pool.connection() as conn:
+                if not transaction:
+                    return await self._drive(conn, steps)
+                async with conn.transaction():
+                    return await self._drive(conn, steps)
         except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
             # A connection the database dropped comes back broken and the pool discards it: this request gets a
             # 503, the next one reconnects.
-            logger.warning("statement not run on the async pool: %s", type(exc).__name__)
+            logger.warning("statements not run on the async pool: %s", type(exc).__name__)
             raise AsyncDatabaseError("the database is unavailable; try again shortly") from exc
+
+    async def _drive(self, conn: psycopg.AsyncConnection[Any], steps: Steps[T]) -> T:
+        try:
+            step = next(steps)
+            while True:
+                step = steps.send(await self._step(conn, step))
+        except StopIteration as done:
+            result: T = done.value
+            return result
+
+    async def _step(self, conn: psycopg.AsyncConnection[Any], step: Step) -> Any:
+        statement = statement_for(step, "postgresql")
+        params = step.params
+        async with conn.cursor(row_factory=dict_row) as cursor:
+            if not isinstance(params, Mapping):
+                if step.fetch != "none":
+                    raise ValueError("a statement run once per parameter set answers nothing")
+                if params:
+                    compiled = self.compiled(statement, tuple(params[0]))
+                    await cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
+                return None
+            compiled = self.compiled(statement, tuple(params) if isinstance(statement, Insert) else None)
+            await cursor.execute(compiled.sql, compiled.bind(params))
+            if step.fetch == "none":
+                return None
+            found = await cursor.fetchall()
+        if step.fetch == "scalar":
+            return next(iter(found[0].values())) if found else None
+        if step.fetch == "one":
+            return compiled.result(found[0]) if found else None
+        return [compiled.result(row) for row in found]
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledStatement:
+    """A Core statement as psycopg runs it: its SQL with `%(name)s` placeholders, the values of its literal
+    parameters, and the SQLAlchemy type processors of its parameters and of the result columns of our own types
+    (`UtcDateTime`, `_str_enum`), so both drivers answer alike (`sync_server.db.steps`)."""
+
+    sql: str
+    literals: dict[str, Any]
+    binders: dict[str, Callable[[Any], Any]]
+    results: dict[str, Callable[[Any], Any]]
+
+    @classmethod
+    def of(cls, statement: Executable, dialect: Dialect, keys: tuple[str, ...] | None) -> CompiledStatement:
+        if not isinstance(statement, ClauseElement):
+            raise TypeError(f"not a Core statement: {type(statement).__name__}")
+        compiled = statement.compile(dialect=dialect, column_keys=None if keys is None else list(keys))
+        if not isinstance(compiled, SQLCompiler):
+            raise TypeError(f"not a SQL statement: {type(statement).__name__}")
+        binders: dict[str, Callable[[Any], Any]] = {}
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                binders[name] = process
+        results: dict[str, Callable[[Any], Any]] = {}
+        for column in getattr(statement, "selected_columns", ()):
+            kind = column.type
+            if isinstance(kind, TypeDecorator | Enum) and isinstance(column.name, str):
+                process = kind.dialect_impl(dialect).result_processor(dialect, None)
+                if process is not None:
+                    results[column.name] = process
+        literals = {k: v for k, v in compiled.params.items() if v is not None and k not in (keys or ())}
+        return cls(str(compiled), literals, binders, results)
+
+    def bind(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        bound = {**self.literals, **params} if self.literals else dict(params)
+        for name, process in self.binders.items():
+            if name in bound:
+                bound[name] = process(bound[name])
+        return bound
+
+    def result(self, row: dict[str, Any]) -> dict[str, Any]:
+        for name, process in self.results.items():
+            if name in row:
+                row[name] = process(row[name])
+        return row
+
+
+def _single(step: Step) -> Steps[Any]:
+    return (yield step)

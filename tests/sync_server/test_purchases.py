@@ -143,8 +143,7 @@ class World:
 
     def purchase(self, settlement_no: str, institution_id: int | None = None) -> Purchase:
         with session_factory(self.engine)() as session:
-            row = purchases.purchase_of(session, institution_id or self.institution_a, settlement_no)
-            session.expunge_all()
+            row, _ = purchases.purchase_of(session, institution_id or self.institution_a, settlement_no)
             return row
 
 
