@@ -36,6 +36,9 @@ POOL_MAX: Final = 8
 """Connections per server process: each statement holds one for a single round trip, and a burst of requests
 waits for one when all are busy."""
 POOL_TIMEOUT_S: Final = 10.0
+EXECUTE_EACH_UP_TO: Final = 4
+"""A statement run for up to this many parameter sets is sent once per set: psycopg's `executemany` enters pipeline
+mode, which costs more CPU than a few plain round trips (a sale's lines and traceability codes are mostly few)."""
 APPLICATION_NAME: Final = "yibao-hot-statements"
 """How these connections show in `pg_stat_activity`."""
 
@@ -132,7 +135,11 @@ class AsyncPostgres:
                     raise ValueError("a statement run once per parameter set answers nothing")
                 if params:
                     compiled = self.compiled(statement, tuple(params[0]))
-                    await cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
+                    if len(params) <= EXECUTE_EACH_UP_TO:
+                        for each in params:
+                            await cursor.execute(compiled.sql, compiled.bind(each))
+                    else:
+                        await cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
                 return None
             compiled = self.compiled(statement, tuple(params) if isinstance(statement, Insert) else None)
             await cursor.execute(compiled.sql, compiled.bind(params))
