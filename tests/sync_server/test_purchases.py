@@ -617,6 +617,34 @@ def test_the_kiosks_record_links_the_pending_purchase_and_the_lists_are_scoped_a
         assert secret not in everything
 
 
+def test_a_purchase_registered_after_its_verification_is_linked_and_answered_alike_by_post_and_get(
+    served: Served,
+) -> None:
+    """On PostgreSQL the registration runs on the async pool and the read too: both answers must match what the
+    rules store (linked, reused codes), as on SQLite's sync path."""
+    client, clock = served.client, served.clock
+    assert _ingest_signed(served, verification(TX)).created == 1
+    created = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=purchase_body())
+    assert created.status_code == 201, created.text
+    first = created.json()
+    assert (first["verification"], first["verification_note"], first["reused_trace_codes"]) == ("linked", None, [])
+    assert first["verification_detail"]["device_id"] == "kiosk-pos-1"
+    assert first["settled_at"] == (T0 + timedelta(minutes=3)).isoformat().replace("+00:00", "Z")
+    got = signed(client, served.his_a, "GET", "/his/v1/purchases/SETL-0001", clock=clock)
+    assert got.json() == first
+
+    # the same transaction code and one of the same packages again: registered, flagged, linked to nothing new
+    again = purchase_body("SETL-0002", trace=("81234567890123456790", "81234567890123456791"))
+    second = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=again)
+    assert second.status_code == 201, second.text
+    out = second.json()
+    assert (out["verification"], out["verification_note"]) == ("mismatch", "code_reused")
+    assert out["reused_trace_codes"] == ["81234567890123456790"]
+    assert signed(client, served.his_a, "GET", "/his/v1/purchases/SETL-0002", clock=clock).json() == out
+    replayed = signed(client, served.his_a, "POST", "/his/v1/purchases", clock=clock, json_body=again)
+    assert (replayed.status_code, replayed.json()) == (200, out)
+
+
 def test_relationships_reach_the_institutions_terminal_over_the_device_api(served: Served) -> None:
     client, clock = served.client, served.clock
     body = {
