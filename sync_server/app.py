@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,7 +43,7 @@ from sync_server.api import (
     statistics,
 )
 from sync_server.api.deps import PageForbiddenError, PageLoginRequiredError, authorize
-from sync_server.authz import check_route_policies
+from sync_server.authz import check_route_policies, document_security
 from sync_server.db.async_pg import AsyncDatabaseError
 from sync_server.runtime import ServerRuntime
 from sync_server.settings import ServerSettings
@@ -115,12 +116,25 @@ def create_app(
     app.include_router(pages.router)
     app.mount("/static", StaticFiles(directory=pages.STATIC_DIR), name="static")
     check_route_policies(app)  # a route without a declared policy stops the server here
+    _document_security(app)
     app.add_exception_handler(PageLoginRequiredError, pages.login_redirect)
     app.add_exception_handler(PageForbiddenError, pages.forbidden_page)
     app.add_exception_handler(SQLAlchemyError, _database_unavailable)
     app.add_exception_handler(AsyncDatabaseError, _database_unavailable)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     return app
+
+
+def _document_security(app: FastAPI) -> None:
+    """The OpenAPI document states each operation's security from its route policy (`sync_server.authz`)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = document_security(generate())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to customise the schema
 
 
 async def _invalid_request(_request: Request, exc: Exception) -> JSONResponse:

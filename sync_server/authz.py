@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
@@ -208,6 +208,53 @@ def check_route_policies(app: FastAPI) -> None:
 
 def policy_for(method: str, path: str) -> Policy | None:
     return ROUTE_POLICIES.get(f"{'GET' if method == 'HEAD' else method} {path}")
+
+
+SECURITY_SCHEMES: dict[str, dict[str, Any]] = {
+    "HTTPBearer": {
+        "type": "http",
+        "scheme": "bearer",
+        "description": "A login session token (`POST /api/v1/auth/login`) or an admin token "
+        "(`yibao server admin-token`).",
+    },
+    "HisSignature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-HIS-Client",
+        "description": "A HIS client's HMAC-SM3 request signature: `X-HIS-Client`, `X-HIS-Timestamp`, `X-HIS-Nonce` "
+        "and `X-HIS-Signature` over the method, path, timestamp, nonce and body digest (docs/his-integration.md).",
+    },
+    "DeviceSignature": {
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-Device-Id",
+        "description": "A terminal's request signature with its current MQTT session key (`X-Device-*` headers; "
+        "docs/identity.md).",
+    },
+}
+
+
+def document_security(schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` (the app's OpenAPI document) with each operation's `security` as its route policy has it: a HIS
+    client's signature, a bearer token, a terminal's signature, or none for a public route. Set here from
+    `ROUTE_POLICIES`, not from the handlers' dependencies: `authorize` checks every route itself."""
+    schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+    for path, operations in schema.get("paths", {}).items():
+        for method, operation in operations.items():
+            policy = policy_for(method.upper(), path)
+            needs: list[dict[str, list[str]]] = []
+            if policy is not None and policy.kind == "roles":
+                if Role.HIS_CLIENT in policy.roles:
+                    needs.append({"HisSignature": []})
+                if policy.roles - {Role.HIS_CLIENT}:
+                    needs.append({"HTTPBearer": []})
+            elif policy is not None and policy.kind == "device_session":
+                needs.append({"DeviceSignature": []})
+            if needs:
+                operation["security"] = needs
+            else:
+                operation.pop("security", None)
+    return schema
 
 
 ROLE_COLUMNS = (

@@ -339,14 +339,20 @@ def _page_principal(
         raise PageLoginRequiredError(_signed_path(request), forget_cookie=PAGE_COOKIE in request.cookies) from exc
 
 
-async def authorize(request: Request, runtime: RuntimeDep, credentials: Credentials, body: RawBody) -> None:
+async def authorize(request: Request) -> None:
     """The app-wide check of the matched route's policy (`sync_server.authz.ROUTE_POLICIES`). A request carrying
     `X-HIS-Client` is authenticated by its signature (a HIS client), any other by its bearer token (or, on a page,
     the login session cookie); a `device_session` route by the terminal's signature.
 
     Async on purpose: a public route, and a HIS request whose client is cached, are decided on the event loop
     (the nonce is spent on an async connection); only what needs a blocking database lookup (a bearer token or
-    session, a terminal's key) goes to a worker thread."""
+    session, a terminal's key) goes to a worker thread.
+
+    It takes the request only, and reads the runtime, the body and the bearer credentials itself: FastAPI spends CPU
+    on every sub-dependency of every request (docs/benchmarks.md, "HIS interfaces under load"). The routes that take
+    a bearer token declare it through their own `PrincipalDep` or `AdminDep` (OpenAPI's `HTTPBearer`)."""
+    runtime = await get_runtime(request)
+    body = await _raw_body(request)
     route = request.scope.get("route")
     policy = policy_for(request.method, route.path) if isinstance(route, APIRoute) else None
     if policy is None:
@@ -361,6 +367,7 @@ async def authorize(request: Request, runtime: RuntimeDep, credentials: Credenti
         principal = await _his_principal(request, runtime, body)
         request.state.principal = principal
     else:
+        credentials = await _bearer(request)
         principal = await run_in_threadpool(
             _page_principal, request, runtime, policy, _page_credentials(request, policy, credentials)
         )

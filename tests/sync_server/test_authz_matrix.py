@@ -257,3 +257,26 @@ def test_create_app_refuses_to_start_with_a_stale_policy(monkeypatch: pytest.Mon
 def test_the_documented_matrix_is_the_code() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "accounts.md").read_text(encoding="utf-8")
     assert authz.matrix_markdown() in doc
+
+
+def test_the_openapi_document_states_each_routes_security_from_its_policy(tmp_path: Path) -> None:
+    """HIS operations ask for the HIS signature, device-API ones for the terminal's, operator ones for a bearer
+    token, public ones for nothing: what `authorize` enforces, not what the handlers happen to declare."""
+    document = create_app(ServerSettings(data_dir=tmp_path), start_ingest=False).openapi()
+    schemes = document["components"]["securitySchemes"]
+    assert set(schemes) == {"HTTPBearer", "HisSignature", "DeviceSignature"}
+    security = {
+        f"{method.upper()} {path}": operation.get("security")
+        for path, operations in document["paths"].items()
+        for method, operation in operations.items()
+    }
+    assert security["POST /his/v1/purchases"] == [{"HisSignature": []}]
+    assert security["GET /his/v1/ping"] == [{"HisSignature": []}]
+    assert security["GET /device/v1/whoami"] == [{"DeviceSignature": []}]
+    assert security["GET /api/v1/purchases"] == [{"HTTPBearer": []}]
+    assert security["GET /healthz"] is None
+    assert security["POST /api/v1/auth/login"] is None
+    for key, needs in security.items():
+        policy = authz.policy_for(*key.split(" ", 1))
+        assert policy is not None, key
+        assert (needs is None) == (policy.kind in ("public", "device")), key
