@@ -16,14 +16,14 @@ failure); other psycopg errors (a constraint) propagate to the caller. It must n
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
-from sqlalchemy import Engine, Enum, Executable, Insert, TypeDecorator
+from sqlalchemy import Engine, Enum, Executable, Insert, TypeDecorator, bindparam
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.sql import ClauseElement
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -36,9 +36,11 @@ POOL_MAX: Final = 8
 """Connections per server process: each statement holds one for a single round trip, and a burst of requests
 waits for one when all are busy."""
 POOL_TIMEOUT_S: Final = 10.0
+MULTI_ROW_INSERT_MAX: Final = 100
+"""An INSERT for up to this many rows is sent as one multi-row INSERT (a sale's lines, its traceability codes)."""
 EXECUTE_EACH_UP_TO: Final = 4
-"""A statement run for up to this many parameter sets is sent once per set: psycopg's `executemany` enters pipeline
-mode, which costs more CPU than a few plain round trips (a sale's lines and traceability codes are mostly few)."""
+"""Another statement run for up to this many parameter sets is sent once per set: psycopg's `executemany` enters
+pipeline mode, which costs more CPU than a few plain round trips."""
 APPLICATION_NAME: Final = "yibao-hot-statements"
 """How these connections show in `pg_stat_activity`."""
 
@@ -57,6 +59,7 @@ class AsyncPostgres:
         self._pool: AsyncConnectionPool | None = None
         # Keyed by the statement itself (held here), not by id(): a collected statement's id can be reused.
         self._compiled: dict[tuple[Executable, tuple[str, ...] | None], CompiledStatement] = {}
+        self._multi_rows: dict[tuple[Insert, tuple[str, ...], int], CompiledStatement] = {}
 
     @classmethod
     def for_engine(cls, engine: Engine) -> AsyncPostgres | None:
@@ -134,12 +137,7 @@ class AsyncPostgres:
                 if step.fetch != "none":
                     raise ValueError("a statement run once per parameter set answers nothing")
                 if params:
-                    compiled = self.compiled(statement, tuple(params[0]))
-                    if len(params) <= EXECUTE_EACH_UP_TO:
-                        for each in params:
-                            await cursor.execute(compiled.sql, compiled.bind(each))
-                    else:
-                        await cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
+                    await self._execute_many(cursor, statement, params)
                 return None
             compiled = self.compiled(statement, tuple(params) if isinstance(statement, Insert) else None)
             await cursor.execute(compiled.sql, compiled.bind(params))
@@ -151,6 +149,36 @@ class AsyncPostgres:
         if step.fetch == "one":
             return compiled.result(found[0]) if found else None
         return [compiled.result(row) for row in found]
+
+    async def _execute_many(
+        self, cursor: psycopg.AsyncCursor[Any], statement: Executable, params: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """One statement for every parameter set: an INSERT of up to `MULTI_ROW_INSERT_MAX` rows as one multi-row
+        INSERT (one round trip), anything else once per set up to `EXECUTE_EACH_UP_TO`, beyond that psycopg's
+        `executemany`."""
+        keys = tuple(params[0])
+        if isinstance(statement, Insert) and len(params) <= MULTI_ROW_INSERT_MAX:
+            compiled = self._multi_row(statement, keys, len(params))
+            flat = {f"{key}_{n}": row[key] for n, row in enumerate(params) for key in keys}
+            await cursor.execute(compiled.sql, compiled.bind(flat))
+            return
+        compiled = self.compiled(statement, keys)
+        if len(params) <= EXECUTE_EACH_UP_TO:
+            for each in params:
+                await cursor.execute(compiled.sql, compiled.bind(each))
+        else:
+            await cursor.executemany(compiled.sql, [compiled.bind(p) for p in params])
+
+    def _multi_row(self, statement: Insert, keys: tuple[str, ...], rows: int) -> CompiledStatement:
+        """`INSERT … VALUES (…), (…)` of `statement` for `rows` rows of `keys`, parameters named `<key>_<row>`;
+        built and compiled once per row count."""
+        hit = self._multi_rows.get((statement, keys, rows))
+        if hit is None:
+            columns = statement.table.c
+            values = [{key: bindparam(f"{key}_{n}", type_=columns[key].type) for key in keys} for n in range(rows)]
+            hit = CompiledStatement.of(statement.values(values), self._dialect, None)
+            self._multi_rows[(statement, keys, rows)] = hit
+        return hit
 
 
 @dataclass(frozen=True, slots=True)
