@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -49,10 +50,11 @@ def test_sim_devices_then_terminal_run(yibao_cmd: list[str], tmp_path: Path) -> 
         config.write_text(BASE + described["terminal_toml"], encoding="utf-8")
         run = [*yibao_cmd, "terminal", "run", "--config", str(config)]
         terminal = subprocess.Popen(run, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
+        early = _lines_until(terminal, "terminal SIM-0042 started", timeout_s=60.0)
         assert terminal.poll() is None, "the terminal should run on the simulators' ports"
-        terminal.send_signal(signal.SIGINT)
-        _, err = terminal.communicate(timeout=30)
+        terminal.send_signal(signal.SIGINT)  # after its start: a clean stop (before it, Ctrl-C exits with 130)
+        _, rest = terminal.communicate(timeout=30)
+        err = "".join(early) + rest
         assert terminal.returncode == 0, err[-2000:]
         assert "qr_scanner=serial (simulated peer)" in err
 
@@ -66,3 +68,26 @@ def test_sim_devices_then_terminal_run(yibao_cmd: list[str], tmp_path: Path) -> 
         sim.communicate(timeout=30)
     assert sim.returncode == 0
     assert list(ports.iterdir()) == [], "the port symlinks are removed when the simulators stop"
+
+
+def _lines_until(process: subprocess.Popen[str], marker: str, *, timeout_s: float) -> list[str]:
+    """The process's stderr lines up to the one containing `marker` (a slow start on a loaded machine is waited
+    for, not guessed with a fixed sleep); fails after `timeout_s` or when the process exits first."""
+    assert process.stderr is not None
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if marker in line:
+                seen.set()
+                return
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not seen.wait(0.1):
+        assert process.poll() is None, "".join(lines)[-2000:]
+        assert time.monotonic() < deadline, f"no {marker!r} within {timeout_s:.0f} s: " + "".join(lines)[-2000:]
+    return lines
