@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Annotated, Any, Final, Self
 
@@ -366,7 +366,7 @@ def _link(session: Session, purchase: Purchase, verification: PosVerification, *
     _set_link(purchase, verification, note, now)
 
 
-def _mismatch(purchase: Purchase, verification: PosVerification) -> str | None:
+def _mismatch(purchase: Purchase | PurchaseView, verification: PosVerification | LinkedVerification) -> str | None:
     """Why the kiosk's verification does not back the purchase, None when it does."""
     if verification.outcome != VerificationOutcome.VERIFIED.value:
         return "not_verified"
@@ -392,11 +392,18 @@ _LINKED_ELSEWHERE = (
 )
 
 
-def _linked_elsewhere(purchase: Purchase, verification: PosVerification) -> dict[str, Any]:
+def _linked_elsewhere(
+    purchase: Purchase | PurchaseView, verification: PosVerification | LinkedVerification
+) -> dict[str, Any]:
     return {"verification_id": verification.id, "purchase_id": purchase.id}
 
 
-def _set_link(purchase: Purchase, verification: PosVerification, note: str | None, now: datetime) -> None:
+def _set_link(
+    purchase: Purchase | PurchaseView,
+    verification: PosVerification | LinkedVerification,
+    note: str | None,
+    now: datetime,
+) -> None:
     purchase.pos_verification_id = verification.id
     purchase.linked_at = now
     purchase.verification_state = (
@@ -420,42 +427,113 @@ _SET_LINK = (
 # ---------------------------------------------------------------------------------------------------- purchases
 
 
+@dataclass(slots=True)
+class PurchaseLineView:
+    """A sale line as stored (the columns of `PurchaseLine` but its id)."""
+
+    purchase_id: int
+    line_no: int
+    med_list_codg: str
+    drug_name: str | None
+    quantity: float
+    amount_fen: int
+    trace_codes: list[str]
+
+
+@dataclass(slots=True)
+class PurchaseView:
+    """A purchase as stored: the columns of `Purchase` and its lines. HIS's registrations and reads build and answer
+    these plain objects, not ORM instances (an ORM instance costs about a hundred times more to make; HIS's traffic
+    is the server's bulk)."""
+
+    id: int
+    institution_id: int
+    his_client: str
+    settlement_no: str
+    transaction_code: str
+    settled_at: datetime
+    buyer_ref: str
+    buyer_cert_type: str
+    buyer_masked_id: str | None
+    buyer_masked_name: str | None
+    proxy: bool
+    agent_kind: str | None
+    agent_ref: str | None
+    agent_cert_type: str | None
+    agent_masked_id: str | None
+    agent_masked_name: str | None
+    relationship_id: int | None
+    total_amount_fen: int
+    body_digest: str
+    verification_state: PurchaseVerificationState
+    verification_note: str | None
+    pos_verification_id: int | None
+    received_at: datetime
+    linked_at: datetime | None
+    reused_trace_codes: list[str]
+    lines: list[PurchaseLineView] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkedVerification:
+    """What a purchase's answer shows of the kiosk verification it is linked to, and what linking compares."""
+
+    id: int
+    device_id: str
+    institution_id: int | None
+    method: str
+    check: str | None
+    outcome: str
+    verified_at: datetime
+    proxy: bool
+    agent_kind: str | None
+    buyer_ref: str | None
+    agent_ref: str | None
+
+
 @dataclass(frozen=True, slots=True)
 class Registered:
-    purchase: Purchase
+    purchase: PurchaseView
     created: bool
-    verification: PosVerification | None = None
-    """The kiosk verification the purchase is linked to (as a transient object), if any."""
+    verification: LinkedVerification | None = None
+    """The kiosk verification the purchase is linked to, if any."""
 
 
-def purchase_of(session: Session, institution_id: int, settlement_no: str) -> tuple[Purchase, PosVerification | None]:
+def purchase_of(
+    session: Session, institution_id: int, settlement_no: str
+) -> tuple[PurchaseView, LinkedVerification | None]:
     return run_steps(session.connection(), purchase_steps(institution_id, settlement_no))
 
 
-def purchase_steps(institution_id: int, settlement_no: str) -> Steps[tuple[Purchase, PosVerification | None]]:
+def purchase_steps(institution_id: int, settlement_no: str) -> Steps[tuple[PurchaseView, LinkedVerification | None]]:
     """The institution's purchase with this settlement number and its lines, and the kiosk verification it is linked
-    to (if any), as transient objects read by Core statements (not loaded into a session: HIS reads them often)."""
+    to (if any), read by Core statements (not loaded into a session: HIS reads them often)."""
     row = yield steps.one(_PURCHASE_BY_NUMBER, {"institution_id": institution_id, "settlement_no": settlement_no})
     if row is None:
         raise PurchaseNotFoundError(f"no purchase with settlement number {settlement_no} in this institution")
-    purchase = Purchase(**row)
+    purchase = PurchaseView(**row)
     lines: list[dict[str, Any]] = yield steps.rows(_LINES_OF, {"purchase_id": purchase.id})
-    purchase.lines = [PurchaseLine(**line) for line in lines]
+    purchase.lines = [PurchaseLineView(**line) for line in lines]
     linked = None
     if purchase.pos_verification_id is not None:
         found = yield steps.one(_VERIFICATION_BY_ID, {"verification_id": purchase.pos_verification_id})
-        linked = None if found is None else PosVerification(**found)
+        linked = None if found is None else LinkedVerification(**found)
     return purchase, linked
 
 
-_VERIFICATION_BY_ID = select(*PosVerification.__table__.columns).where(
+def _columns_of(table: Any, view: type[Any]) -> list[Any]:
+    """The columns of `table` that the dataclass `view` holds, in its order."""
+    return [table.c[f.name] for f in fields(view) if f.name in table.c]
+
+
+_VERIFICATION_BY_ID = select(*_columns_of(PosVerification.__table__, LinkedVerification)).where(
     PosVerification.id == bindparam("verification_id")
 )
-_PURCHASE_BY_NUMBER = select(*Purchase.__table__.columns).where(
+_PURCHASE_BY_NUMBER = select(*_columns_of(Purchase.__table__, PurchaseView)).where(
     Purchase.institution_id == bindparam("institution_id"), Purchase.settlement_no == bindparam("settlement_no")
 )
 _LINES_OF = (
-    select(*PurchaseLine.__table__.columns)
+    select(*_columns_of(PurchaseLine.__table__, PurchaseLineView))
     .where(PurchaseLine.purchase_id == bindparam("purchase_id"))
     .order_by(PurchaseLine.line_no)
 )
@@ -523,39 +601,37 @@ def register_purchase_steps(
     `PurchaseConflictError` when the settlement number is registered with a different body. Run in a transaction.
 
     HIS's bulk traffic: Core statements built once, no ORM unit of work (docs/benchmarks.md, "HIS interfaces under
-    load"). The answer is a transient `Purchase` built from what was stored, with the verification it was linked
-    to."""
+    load"). The answer is built from what was stored, with the verification it was linked to."""
     digest = body.digest()
     buyer_ref = body.buyer.ref()
     relationship_id = yield from _relationship_steps(institution_id, body, buyer_ref)
     agent = None if body.proxy is None else body.proxy.agent
-    purchase = Purchase(
-        institution_id=institution_id,
-        his_client=his_client,
-        settlement_no=body.settlement_no,
-        transaction_code=body.transaction_code,
-        settled_at=body.settled_at,
-        buyer_ref=buyer_ref,
-        buyer_cert_type=body.buyer.psn_cert_type,
-        buyer_masked_id=body.buyer.masked_id(),
-        buyer_masked_name=body.buyer.masked_name(),
-        proxy=agent is not None,
-        agent_kind=None if agent is None else agent.kind.value,
-        agent_ref=None if agent is None else agent.ref(),
-        agent_cert_type=None if agent is None else agent.psn_cert_type,
-        agent_masked_id=None if agent is None else agent.masked_id(),
-        agent_masked_name=None if agent is None else agent.masked_name(),
-        relationship_id=relationship_id,
-        total_amount_fen=sum(line.amount_fen for line in body.lines),
-        body_digest=digest,
-        verification_state=PurchaseVerificationState.PENDING,
-        verification_note=None,
-        pos_verification_id=None,
-        received_at=now,
-        linked_at=None,
-        reused_trace_codes=[],
-    )
-    values = {column: getattr(purchase, column) for column in _PURCHASE_COLUMNS}
+    values: dict[str, Any] = {
+        "institution_id": institution_id,
+        "his_client": his_client,
+        "settlement_no": body.settlement_no,
+        "transaction_code": body.transaction_code,
+        "settled_at": body.settled_at,
+        "buyer_ref": buyer_ref,
+        "buyer_cert_type": body.buyer.psn_cert_type,
+        "buyer_masked_id": body.buyer.masked_id(),
+        "buyer_masked_name": body.buyer.masked_name(),
+        "proxy": agent is not None,
+        "agent_kind": None if agent is None else agent.kind.value,
+        "agent_ref": None if agent is None else agent.ref(),
+        "agent_cert_type": None if agent is None else agent.psn_cert_type,
+        "agent_masked_id": None if agent is None else agent.masked_id(),
+        "agent_masked_name": None if agent is None else agent.masked_name(),
+        "relationship_id": relationship_id,
+        "total_amount_fen": sum(line.amount_fen for line in body.lines),
+        "body_digest": digest,
+        "verification_state": PurchaseVerificationState.PENDING,
+        "verification_note": None,
+        "pos_verification_id": None,
+        "received_at": now,
+        "linked_at": None,
+        "reused_trace_codes": [],
+    }
     # Inserted first: a settlement number registered already (a replay, or another request a moment earlier: the
     # unique key) gives no id, and this request answers with what is stored.
     purchase_id: int | None = yield steps.scalar(_INSERT_PURCHASE, values)
@@ -567,9 +643,9 @@ def register_purchase_steps(
             )
         stored, linked = yield from purchase_steps(institution_id, body.settlement_no)
         return Registered(stored, False, linked)
-    purchase.id = purchase_id
+    purchase = PurchaseView(id=purchase_id, **values)
     purchase.lines = [
-        PurchaseLine(
+        PurchaseLineView(
             purchase_id=purchase_id,
             line_no=n,
             med_list_codg=line.med_list_codg,
@@ -590,7 +666,7 @@ def register_purchase_steps(
     found = yield steps.one(_VERIFICATION_BY_ID, {"verification_id": verification_id})
     if found is None:  # seen a moment ago in this transaction; verifications are never deleted
         raise PurchaseNotFoundError(f"the verification of purchase {body.settlement_no} vanished while linking")
-    verification = PosVerification(**found)
+    verification = LinkedVerification(**found)
     note = _mismatch(purchase, verification)
     if note is None and (yield steps.scalar(_LINKED_ELSEWHERE, _linked_elsewhere(purchase, verification))):
         note = "code_reused"
@@ -611,7 +687,6 @@ def register_purchase_steps(
 _STORED_BODY_DIGEST = select(Purchase.body_digest).where(
     Purchase.institution_id == bindparam("institution_id"), Purchase.settlement_no == bindparam("settlement_no")
 )
-_PURCHASE_COLUMNS: Final = tuple(c.key for c in Purchase.__table__.columns if c.key != "id")
 _LINE_COLUMNS: Final = tuple(c.key for c in PurchaseLine.__table__.columns if c.key != "id")
 _INSERT_PURCHASE_LINES = insert(PurchaseLine)
 _INSERT_TRACE_CODES = insert(PurchaseTraceCode)

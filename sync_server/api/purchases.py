@@ -202,7 +202,11 @@ def _purchase_out(session: Session, row: Purchase, institution_code: str | None 
     return _purchase_answer(row, code, linked)
 
 
-def _purchase_answer(row: Purchase, code: str, v: PosVerification | None) -> PurchaseOut:
+def _purchase_answer(
+    row: Purchase | purchases.PurchaseView,
+    code: str,
+    v: PosVerification | purchases.LinkedVerification | None,
+) -> PurchaseOut:
     """`row` as answered, with its institution's code and the kiosk verification it is linked to (if any)."""
     detail: VerificationRef | None = None
     if v is not None:

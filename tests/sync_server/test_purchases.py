@@ -14,7 +14,7 @@ import hashlib
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from sync_server.db.models import (
     PosVerification,
     ProxyRelation,
     Purchase,
+    PurchaseLine,
     PurchaseTraceCode,
     PurchaseVerificationState,
 )
@@ -141,7 +142,7 @@ class World:
             session.expunge_all()
             return done
 
-    def purchase(self, settlement_no: str, institution_id: int | None = None) -> Purchase:
+    def purchase(self, settlement_no: str, institution_id: int | None = None) -> purchases.PurchaseView:
         with session_factory(self.engine)() as session:
             row, _ = purchases.purchase_of(session, institution_id or self.institution_a, settlement_no)
             return row
@@ -247,6 +248,16 @@ def purchase_body(
 
 
 # ---------------------------------------------------------------------------------------------------- the rules
+
+
+def test_the_plain_views_hold_the_columns_they_stand_for() -> None:
+    """HIS's answers are built from plain dataclasses read by Core statements: a column added to the tables must be
+    added to them too (or it would be missing from what HIS reads back)."""
+    purchase_columns = [c.key for c in Purchase.__table__.columns]
+    assert [f.name for f in fields(purchases.PurchaseView) if f.name != "lines"] == purchase_columns
+    line_columns = {c.key for c in PurchaseLine.__table__.columns} - {"id"}
+    assert {f.name for f in fields(purchases.PurchaseLineView)} == line_columns
+    assert {f.name for f in fields(purchases.LinkedVerification)} <= {c.key for c in PosVerification.__table__.columns}
 
 
 def test_verification_first_then_purchase_is_linked(world: World) -> None:
