@@ -11,7 +11,10 @@ register purchases with traceability codes, plus the signing check. Each operati
 the documented 409 for settling a prescription that is not approved) and any other status counts as an error.
 
 Prints one JSON line: target and achieved rate, latency median/p95/p99/max over all requests and per operation,
-errors by status, server CPU. It must never send traffic anywhere but 127.0.0.1 and never run unbounded.
+errors by status, server CPU. With `--per-operation N` it instead sends N requests of each operation one after
+another to a server without extra HTTP workers and prints the server's CPU per operation, also divided by the CPU
+time of a fixed Python loop timed beside it (`_calibration_s`: this machine's speed drifts, the ratio does not).
+It must never send traffic anywhere but 127.0.0.1 and never run unbounded.
 """
 
 from __future__ import annotations
@@ -25,10 +28,10 @@ import tempfile
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import httpx
@@ -380,4 +383,72 @@ def run_his_bench(options: HisBenchOptions) -> dict[str, Any]:
         "server_cpu_ms_per_request": round(cpu * 1000.0 / sent, 2),
         "postgres_cpu_ms_per_request": round(pg_cpu * 1000.0 / sent, 2),
         "load_generator_cpu_ms_per_request": round(own_cpu * 1000.0 / sent, 2),
+    }
+
+
+CALIBRATION_LOOP: Final = 1_000_000
+"""Multiply-adds of the fixed Python loop timed beside each operation (`_calibration_s`)."""
+
+
+def _calibration_s() -> float:
+    """CPU seconds of a fixed Python loop: this machine's speed drifts by a third from minute to minute, and the
+    per-operation figures are also given divided by it, so that runs at different moments compare."""
+    start = time.process_time()
+    x = 0
+    for i in range(CALIBRATION_LOOP):
+        x += i * i
+    return time.process_time() - start
+
+
+async def _one_by_one(
+    base_url: str, clients: list[Client], pid: int, count: int, *, postgres: bool
+) -> dict[str, dict[str, float | int]]:
+    state = _State(random.Random(1))  # noqa: S311 - a reproducible request mix, not a secret
+    figures: dict[str, dict[str, float | int]] = {}
+    async with aiohttp.ClientSession(base_url=base_url, timeout=aiohttp.ClientTimeout(total=30.0)) as http:
+        for operation, _, maker in MIX:
+            for i in range(max(10, count // 10)):  # warm-up: caches, prepared statements, the pool's connections
+                client = clients[i % len(clients)]
+                await _one(http, client, maker(state, client), time.perf_counter())
+            calibration = _calibration_s()
+            cpu_before, pg_before = _proc_cpu_s(pid), _postgres_cpu_s() if postgres else 0.0
+            started, errors = time.perf_counter(), 0
+            for i in range(count):
+                client = clients[i % len(clients)]
+                sample = await _one(http, client, maker(state, client), time.perf_counter())
+                errors += not sample.ok
+            wall = time.perf_counter() - started
+            cpu = _proc_cpu_s(pid) - cpu_before
+            pg = _postgres_cpu_s() - pg_before if postgres else 0.0
+            calibration = (calibration + _calibration_s()) / 2
+            figures[operation] = {
+                "server_cpu_ms": round(cpu * 1000.0 / count, 3),
+                "server_cpu_per_calibration": round(cpu / count / calibration, 4),
+                "postgres_cpu_ms": round(pg * 1000.0 / count, 3),
+                "latency_ms": round(wall * 1000.0 / count, 3),
+                "errors": errors,
+            }
+    return figures
+
+
+def run_his_per_operation(options: HisBenchOptions, count: int) -> dict[str, Any]:
+    """Each operation of `MIX` `count` times in a row against a server with no extra HTTP worker: the server's CPU
+    per operation, and the mix's weighted mean (what the load run pays per request, less the cost of concurrency)."""
+    single = replace(options, http_workers=0)
+    with tempfile.TemporaryDirectory(prefix="yibao-bench-his-") as tmp, _stack(single, Path(tmp)) as stack:
+        base_url, admin_headers, pid = stack
+        _await_http_processes(base_url, 1)
+        clients = _setup(base_url, admin_headers, options.institutions)
+        postgres = options.database_url is not None
+        figures = uvloop.run(_one_by_one(base_url, clients, pid, count, postgres=postgres))
+    weights = {operation: weight for operation, weight, _ in MIX}
+    mean = sum(weights[op] * float(f["server_cpu_ms"]) for op, f in figures.items()) / sum(weights.values())
+    return {
+        "bench": "his_per_operation",
+        "database": "postgresql" if options.database_url else "sqlite",
+        "requests_per_operation": count,
+        "calibration_loop": CALIBRATION_LOOP,
+        "operations": figures,
+        "mix_server_cpu_ms": round(mean, 3),
+        "errors": sum(int(f["errors"]) for f in figures.values()),
     }

@@ -1085,11 +1085,19 @@ def bench_his(
             "DATABASE: it gets a fresh database and drops it afterwards."
         ),
     ] = None,
+    per_operation: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Instead of the load: send this many signed requests of each operation one after another and report "
+            "the server's CPU per operation (no extra HTTP workers; `--rate` and `--duration-s` are ignored).",
+        ),
+    ] = 0,
 ) -> None:
     """The HIS interfaces (/his/v1) under a steady signed request rate: latency median/p95/p99 per operation."""
     import json
 
-    from yibao.bench_his import HisBenchOptions, run_his_bench
+    from yibao.bench_his import HisBenchOptions, run_his_bench, run_his_per_operation
 
     options = HisBenchOptions(
         rate=rate,
@@ -1099,6 +1107,9 @@ def bench_his(
         database_url=database_url,
         http_workers=http_workers,
     )
+    if per_operation:
+        print(json.dumps({**run_his_per_operation(options, per_operation), "machine": _machine()}, ensure_ascii=False))
+        return
     print(json.dumps({**run_his_bench(options), "machine": _machine()}, ensure_ascii=False))
 
 
