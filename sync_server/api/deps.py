@@ -22,7 +22,7 @@ import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -410,6 +410,11 @@ class HisCall:
 
     def now(self) -> datetime:
         return self.runtime.clock.now()
+
+    async def audit(self, event_type: str, **fields: Any) -> None:
+        """Record `event_type` in the server's audit chain, with this client as `his_client`, from a worker thread
+        (the chain is written and synced to disk: never on the event loop)."""
+        await run_in_threadpool(self.runtime.audit.record, event_type, his_client=self.client, **fields)
 
 
 async def require_his_call(request: Request) -> HisCall:

@@ -22,7 +22,6 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from fastapi.concurrency import run_in_threadpool
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.orm import Session
@@ -188,12 +187,10 @@ async def register_prescription(body: Prescription, his: HisCallDep) -> Response
     out = _result(done.view, his.institution_code)
     if not done.created:
         return model_response(out)
-    await run_in_threadpool(
-        his.runtime.audit.record,
+    await his.audit(
         "prescription.registered",
         rx_no=out.rx_no,
         institution_code=out.institution_code,
-        client=his.client,
         notices=len(done.notices),
     )
     if his.runtime.dispatcher is not None and done.notices:
@@ -226,13 +223,11 @@ async def settle_prescription(rx_no: RxNoPath, body: SettlementIn, his: HisCallD
         raise _http(exc) from exc
     out = _result(view, his.institution_code)
     if first:
-        await run_in_threadpool(
-            his.runtime.audit.record,
+        await his.audit(
             "prescription.settled",
             rx_no=rx_no,
             institution_code=out.institution_code,
             settlement_id=body.settlement_id,
-            client=his.client,
         )
     return model_response(out)
 

@@ -23,7 +23,6 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response, status
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import ColumnElement, false, func, or_, select
 from sqlalchemy.orm import Session
@@ -335,14 +334,12 @@ async def register_purchase(body: PurchaseIn, his: HisCallDep) -> Response:
     out = _purchase_answer(done.purchase, his.institution_code, done.verification)
     if not done.created:
         return model_response(out)
-    await run_in_threadpool(
-        his.runtime.audit.record,
+    await his.audit(
         "purchase.registered",
         settlement_no=out.settlement_no,
         institution_code=out.institution_code,
         proxy=out.proxy,
         verification=out.verification.value,
-        his_client=his.client,
     )
     return model_response(out, status.HTTP_201_CREATED)
 
