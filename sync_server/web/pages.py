@@ -1,8 +1,9 @@
 """The operator pages: `GET /` (device list, auto-refreshing), `GET /devices/{device_id}` (one device and its
 events, paged by seq), `GET /bindings`, `GET /statistics` (back-office statistics, D-04), `GET /catalogue` (the
-drug-usage rules and the catalogue versions; a regulator publishes the next rule set there), and `GET /login` (the
-sign-in form; static/operator.js signs in through the JSON API and drives the approve / reject / unbind forms and
-the rule-set publishing form).
+drug-usage rules and the catalogue versions; a regulator publishes the next rule set there, a regulator or device
+admin the next version of a catalogue from a JSON or CSV file), and `GET /login` (the sign-in form;
+static/operator.js signs in through the JSON API and drives the approve / reject / unbind forms and the two
+publishing forms).
 
 Every page but /login needs a signed-in operator (the login session cookie, or a bearer token) whose role may read
 the API the page shows, and shows what that API would show the same caller: a regulator its region, an institution
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -26,9 +28,12 @@ from zoneinfo import ZoneInfo
 from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
+from sqlalchemy.orm import Session
 
 from protocol import PayloadType
+from protocol.catalogue import ENTRY_MODELS, MAX_CATALOGUE_DOCUMENT_BYTES, CatalogueKind
 from protocol.drug_rules import DrugRule
+from sync_server import catalogues
 from sync_server.api.binding import application_page, history_page
 from sync_server.api.catalogues import get_drug_rules, list_catalogue_versions
 from sync_server.api.commands import command_page
@@ -253,12 +258,67 @@ def _rule_view(rule: DrugRule) -> dict[str, Any]:
     }
 
 
+CATALOGUE_KIND_WORDS: dict[str, tuple[str, str]] = {
+    "drug": ("医保药品目录", "drugs"),
+    "treatment": ("诊疗项目目录", "treatment items"),
+    "institution": ("定点医药机构", "designated institutions"),
+}
+"""Each `protocol.catalogue.CatalogueKind` in words (a test keeps the two equal)."""
+
+
+@cache
+def catalogue_columns(kind: CatalogueKind) -> tuple[dict[str, Any], ...]:
+    """The CSV columns of a catalogue kind, read from its entry model (docs/catalogue.md "Publishing on the web"):
+    `name`, `required`, `type` ("text", "int", "bool" or "choice" with its `choices`) and `blank` (a required text
+    column that may be empty, like an institution's `address`: an empty cell is sent as "" instead of left out).
+    static/operator.js checks a file's header against them and turns cells into JSON values; the server validates."""
+    schema = ENTRY_MODELS[kind].model_json_schema()
+    defs = schema.get("$defs", {})
+    required = set(schema.get("required", []))
+    columns: list[dict[str, Any]] = []
+    for name, prop in schema["properties"].items():
+        if name == "kind":
+            continue
+        options = [prop, *prop.get("anyOf", [])]
+        resolved = [defs[o["$ref"].rsplit("/", 1)[-1]] if "$ref" in o else o for o in options]
+        types = {o.get("type") for o in resolved}
+        choices = next((list(o["enum"]) for o in resolved if "enum" in o), [])
+        if choices:
+            kind_of = "choice"
+        elif "integer" in types:
+            kind_of = "int"
+        elif "boolean" in types:
+            kind_of = "bool"
+        else:
+            kind_of = "text"
+        blank = name in required and kind_of == "text" and not prop.get("minLength") and "pattern" not in prop
+        columns.append(
+            {"name": name, "required": name in required, "type": kind_of, "choices": choices, "blank": blank}
+        )
+    return tuple(columns)
+
+
+def _catalogue_kind_views(session: Session) -> list[dict[str, Any]]:
+    latest = catalogues.latest_versions(session)
+    return [
+        {
+            "kind": kind.value,
+            "words": CATALOGUE_KIND_WORDS[kind.value],
+            "version": latest[kind][0] if kind in latest else 0,
+            "columns": list(catalogue_columns(kind)),
+        }
+        for kind in CatalogueKind
+    ]
+
+
 @router.get("/catalogue", response_class=HTMLResponse)
 def catalogue_page(request: Request, session: SessionDep, clock: ClockDep) -> HTMLResponse:
     """The drug-usage knowledge base the terminals hold (P-05, R-11) in words, a form for a regulator to publish
     the next version (prefilled with the current one as JSON; static/operator.js sends it to
-    `PUT /api/v1/drug-rules`), and the published catalogue versions, as `GET /api/v1/drug-rules` and
-    `GET /api/v1/catalogues` answer them."""
+    `PUT /api/v1/drug-rules`), the published catalogue versions, as `GET /api/v1/drug-rules` and
+    `GET /api/v1/catalogues` answer them, and a form to publish the next version of a catalogue from a file (each
+    kind's current version and CSV columns are in its `<option>`; static/operator.js reads the file and sends it to
+    `POST /api/v1/catalogues/{kind}/versions` with that version as `base_version`)."""
     current = get_drug_rules(session)
     editable = json.dumps({"rules": [r.model_dump(mode="json") for r in current.rules]}, ensure_ascii=False, indent=2)
     context: dict[str, Any] = {
@@ -266,6 +326,9 @@ def catalogue_page(request: Request, session: SessionDep, clock: ClockDep) -> HT
         "rule_views": [_rule_view(r) for r in current.rules],
         "editable": editable,
         "catalogues": list_catalogue_versions(session, kind=None, limit=100, offset=0),
+        "catalogue_kinds": _catalogue_kind_views(session),
+        "catalogue_kind_words": CATALOGUE_KIND_WORDS,
+        "catalogue_max_bytes": MAX_CATALOGUE_DOCUMENT_BYTES,
         "now": clock.now(),
     }
     return _templates(request).TemplateResponse(request, "catalogue.html", context)

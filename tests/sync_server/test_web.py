@@ -5,6 +5,7 @@ sent to /login and back, a role that may not read a page gets a 403 page, a regu
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from html.parser import HTMLParser
@@ -14,6 +15,7 @@ import pytest
 from pydantic import SecretStr
 
 from protocol import AuditEvent, AuditOutcome
+from protocol.catalogue import CatalogueKind
 from protocol.drug_rules import RuleKind
 from sync_server.accounts import Role
 from sync_server.app import create_app
@@ -22,7 +24,7 @@ from sync_server.db.engine import create_db_engine, session_factory
 from sync_server.db.migrate import upgrade
 from sync_server.settings import ServerSettings
 from sync_server.store import store_envelopes
-from sync_server.web.pages import RULE_KIND_WORDS
+from sync_server.web.pages import CATALOGUE_KIND_WORDS, RULE_KIND_WORDS, catalogue_columns
 from tests.sync_server.conftest import FLEET_NOW, T0, TEST_ADMIN_TOKEN, FakeClock, envelope, seed_fleet, serving
 from tests.sync_server.test_accounts import GOOD, make_account
 
@@ -251,5 +253,28 @@ def test_the_rules_page_has_words_for_every_rule_kind_and_is_for_fleet_readers(c
         assert page.status_code == 200
         assert parse(page.text).find("p", id="rules-version", data_version="0")
         assert parse(page.text).find("form", id="rules-form")
+        # the catalogue form: every kind with its current version (nothing published here) and its CSV columns
+        assert parse(page.text).find("form", id="catalogue-form")
+        options = [o for o in parse(page.text).find("option") if "data-columns" in o]
+        assert [(o["value"], o["data-version"]) for o in options] == [(k.value, "0") for k in CatalogueKind]
+        assert json.loads(options[0]["data-columns"]) == list(catalogue_columns(CatalogueKind.DRUG))
+        assert parse(page.text).find("input", id="catalogue-file", type="file", accept=".json,.csv")
     with browser(client, "web-pharm") as pharmacist:
         assert pharmacist.get("/catalogue").status_code == 403
+
+
+def test_the_catalogue_form_knows_every_kind_and_its_columns() -> None:
+    assert set(CATALOGUE_KIND_WORDS) == {kind.value for kind in CatalogueKind}
+    drug = {c["name"]: c for c in catalogue_columns(CatalogueKind.DRUG)}
+    assert "kind" not in drug
+    assert (drug["code"]["required"], drug["code"]["type"], drug["code"]["blank"]) == (True, "text", False)
+    assert (drug["price_fen"]["required"], drug["price_fen"]["type"]) == (False, "int")
+    assert (drug["homologous_herb"]["required"], drug["homologous_herb"]["type"]) == (False, "bool")
+    assert (drug["category"]["type"], drug["category"]["choices"]) == ("choice", ["甲", "乙", "丙"])
+    assert (drug["limit_note"]["required"], drug["limit_note"]["blank"]) == (False, False)
+    institution = {c["name"]: c for c in catalogue_columns(CatalogueKind.INSTITUTION)}
+    assert institution["level"]["choices"] == ["3", "2", "1", "0"]
+    assert (institution["address"]["required"], institution["address"]["blank"]) == (True, True)
+    assert institution["region_code"]["blank"] is False
+    treatment = [c["name"] for c in catalogue_columns(CatalogueKind.TREATMENT) if c["required"]]
+    assert treatment == ["code", "name", "unit", "category"]

@@ -6,7 +6,9 @@ binding application and rejects another with reasons (the empty reason is refuse
 bound device from its device page; the database, the binding history, the queued commands and the audit chain show
 exactly that. Also: the wrong-password, locked-account and must-change-password paths of the sign-in page, a regulator
 who sees disabled buttons (and the server's 403 when the buttons are forced on), and a stale page that gets the
-server's 409. Every request the page makes goes to this server only. Screenshots land in the test's tmp dir.
+server's 409. On /catalogue: a regulator publishes the drug-usage rules from JSON and a catalogue version from a CSV
+file (quoted cells, the page's own checks, the server's 422 and 409), and the roles that may not publish see no form
+or disabled controls. Every request the page makes goes to this server only. Screenshots land in the test's tmp dir.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sqlalchemy import Engine, select
 
 from protocol import CommandKind, Envelope, PayloadType, SignedRecordKind
 from protocol.binding import ApplicantVerification
+from protocol.catalogue import DrugEntry
 from protocol.evidence import sign_device_record
 from protocol.gm.sm2 import SM2PrivateKey
 from sync_server.accounts import Role
@@ -36,6 +39,7 @@ from sync_server.db.engine import session_factory
 from sync_server.db.models import (
     BindingApplication,
     BindingStatus,
+    CatalogueVersion,
     Device,
     DeviceBindingHistory,
     DeviceKey,
@@ -539,3 +543,226 @@ def test_a_regulator_publishes_the_next_rule_set_on_the_catalogue_page(
     assert versions == [1, 2]
     published = [e for e in audit_events(tmp_path / "data") if e["type"] == "drug_rules.published"]
     assert [e["version"] for e in published] == [1, 2]
+
+
+# ---------------------------------------------------------------- a catalogue version from a file (/catalogue)
+
+DRUG_COLUMNS = (
+    "code,name,generic_name,dosage_form,specification,package,unit,manufacturer,approval_number,category,dispensing,"
+    "price_fen,limit_note,homologous_herb"
+)
+# Excel's "CSV UTF-8": a byte order mark and CRLF; quoted cells with a comma in Chinese text, doubled quotes and a
+# line break; empty cells (price_fen, limit_note, homologous_herb) left out of the entry.
+DRUGS_CSV = (
+    "\ufeff" + DRUG_COLUMNS + "\r\n"
+    'XJ01CAA040A001010100534,阿莫西林胶囊,阿莫西林,胶囊剂,0.25g,24粒/盒,盒,"上海示例药业有限公司, 浦东分厂",'
+    "国药准字H20003263,甲,rx,1250,,\r\n"
+    'XR05DAF036A001010100001,"复方甘草片（""限量""）",复方甘草片,片剂,100片,100片/瓶,瓶,示例制药厂,国药准字H11020000,'
+    '乙,otc_a,,"限门诊使用\r\n每次不超过 2 瓶",否\r\n'
+)
+DRUGS_PUBLISHED = [
+    {
+        "code": "XJ01CAA040A001010100534",
+        "name": "阿莫西林胶囊",
+        "generic_name": "阿莫西林",
+        "dosage_form": "胶囊剂",
+        "specification": "0.25g",
+        "package": "24粒/盒",
+        "unit": "盒",
+        "manufacturer": "上海示例药业有限公司, 浦东分厂",
+        "approval_number": "国药准字H20003263",
+        "category": "甲",
+        "dispensing": "rx",
+        "price_fen": 1250,
+    },
+    {
+        "code": "XR05DAF036A001010100001",
+        "name": '复方甘草片（"限量"）',
+        "generic_name": "复方甘草片",
+        "dosage_form": "片剂",
+        "specification": "100片",
+        "package": "100片/瓶",
+        "unit": "瓶",
+        "manufacturer": "示例制药厂",
+        "approval_number": "国药准字H11020000",
+        "category": "乙",
+        "dispensing": "otc_a",
+        "limit_note": "限门诊使用\r\n每次不超过 2 瓶",
+        "homologous_herb": False,
+    },
+]
+OLD_DRUG = {**DRUGS_PUBLISHED[0], "code": "XA02BCA010A001010100001", "name": "奥美拉唑肠溶胶囊"}
+
+
+def _publish_over_the_api(url: str, entries: list[dict[str, Any]], base_version: int) -> None:
+    body = {"entries": [{"kind": "drug", **e} for e in entries], "base_version": base_version}
+    published = httpx.post(f"{url}/api/v1/catalogues/drug/versions", json=body, headers=ADMIN_HEADERS)
+    assert published.status_code == 201, published.text
+
+
+def _drug_versions(engine: Engine) -> list[CatalogueVersion]:
+    with session_factory(engine)() as session:
+        return list(
+            session.scalars(
+                select(CatalogueVersion).where(CatalogueVersion.kind == "drug").order_by(CatalogueVersion.version)
+            )
+        )
+
+
+def test_a_regulator_publishes_a_catalogue_version_from_a_csv_file(engine: Engine, db_url: str, tmp_path: Path) -> None:
+    make_account(engine, "reg-cat", Role.REGULATOR, region_prefix="3101")
+    make_account(engine, ADMIN, Role.DEVICE_ADMIN)
+    with session_factory(engine, write_intent=True).begin() as session:
+        pharmacy = Institution(
+            code=CODE_A, name="浦东新区示例大药房", kind=InstitutionKind.PHARMACY, region_code="310115", created_at=T0
+        )
+        session.add(pharmacy)
+        session.flush()
+        pharmacy_id = pharmacy.id
+    make_account(engine, "pharm-cat", Role.PHARMACIST, institution_id=pharmacy_id)
+    files = tmp_path / "files"
+    files.mkdir()
+    good = files / "drugs.csv"
+    good.write_bytes(DRUGS_CSV.encode())
+    no_column = files / "drugs-no-dispensing.csv"  # a required column left out: found in the page
+    no_column.write_text(
+        "code,name,generic_name,dosage_form,specification,package,unit,manufacturer,approval_number,category\n"
+        "XJ01CAA040A001010100534,阿莫西林胶囊,阿莫西林,胶囊剂,0.25g,24粒/盒,盒,示例药业,国药准字H20003263,甲\n",
+        encoding="utf-8",
+    )
+    bad_value = files / "drugs-bad-category.csv"  # 丁 is no 医保目录类别: refused by the server, line 3
+    bad_value.write_text(
+        DRUG_COLUMNS + "\n"
+        "XJ01CAA040A001010100534,阿莫西林胶囊,阿莫西林,胶囊剂,0.25g,24粒/盒,盒,示例药业,国药准字H20003263,甲,rx,,,\n"
+        "XR05DAF036A001010100001,复方甘草片,复方甘草片,片剂,100片,100片/瓶,瓶,示例制药厂,国药准字H11020000,丁,rx,,,\n",
+        encoding="utf-8",
+    )
+    data_dir = tmp_path / "data"
+    with served(engine, db_url, data_dir) as url, browser_page(url) as page:
+        publishes: list[str] = []  # the page's publish requests
+        page.on("request", lambda r: publishes.append(r.url) if "/api/v1/catalogues/" in r.url else None)
+        _publish_over_the_api(url, [OLD_DRUG], base_version=0)  # drug v1, before the page is opened
+
+        sign_in(page, url, "reg-cat", next_path="/catalogue")
+        page.wait_for_url(f"{url}/catalogue")
+        expect(page.locator("#catalogue-note")).to_be_hidden()
+        kind = page.locator("#catalogue-kind")
+        file_field = page.get_by_label("目录文件")
+        expect(kind).to_be_enabled()
+        expect(file_field).to_be_enabled()
+        expect(file_field).to_have_attribute("accept", ".json,.csv")
+        # every catalogue kind, each with its own current version
+        options = kind.locator("option")
+        expect(options).to_have_count(3)
+        assert [options.nth(i).get_attribute("value") for i in range(3)] == ["drug", "treatment", "institution"]
+        assert [options.nth(i).get_attribute("data-version") for i in range(3)] == ["1", "0", "0"]
+        expect(page.locator("#catalogue-message")).to_have_attribute("role", "alert")
+
+        # nothing chosen: said, nothing sent
+        page.locator("#catalogue-publish").click()
+        expect(page.locator("#catalogue-message")).to_contain_text("请选择要发布的目录文件")
+        expect(file_field).to_have_attribute("aria-invalid", "true")
+
+        # the good file: read in the page, counted before anything is sent
+        kind.select_option("drug")
+        file_field.set_input_files(good)
+        expect(page.locator("#catalogue-read")).to_contain_text("已读取 2 条（CSV），将作为医保药品目录第 2 版发布")
+        expect(file_field).not_to_have_attribute("aria-invalid", "true")
+        assert publishes == []
+        page.screenshot(path=tmp_path / "catalogue-file-chosen.png", full_page=True)
+        page.locator("#catalogue-publish").click()
+        expect(page.locator("#flash")).to_contain_text(
+            "已发布医保药品目录第 2 版（2 条；新增或修改 2 条，删除 1 条），已通知 0 台终端"
+        )
+        row = page.locator('tr.catalogue-version[data-kind="drug"][data-version="2"]')
+        expect(row).to_have_count(1)
+        expect(row).to_contain_text("医保药品目录")
+        expect(row).to_contain_text("account:reg-cat")
+        expect(kind.locator('option[value="drug"]')).to_have_attribute("data-version", "2")
+        page.screenshot(path=tmp_path / "catalogue-published.png", full_page=True)
+        versions = _drug_versions(engine)
+        assert [(v.version, v.entry_count, v.upsert_count, v.deletion_count) for v in versions] == [
+            (1, 1, 1, 0),
+            (2, 2, 2, 1),
+        ]
+        expected = [DrugEntry.model_validate(e).model_dump(mode="json") for e in DRUGS_PUBLISHED]
+        assert versions[1].snapshot == expected
+        assert versions[1].published_by == "account:reg-cat"
+
+        # the same file again: nothing new, said so
+        file_field.set_input_files(good)
+        expect(page.locator("#catalogue-read")).to_contain_text("已读取 2 条")
+        page.locator("#catalogue-publish").click()
+        expect(page.locator("#catalogue-message")).to_contain_text("与当前第 2 版完全相同，未发布新版本")
+        expect(page.locator("#catalogue-publish")).to_be_enabled()
+
+        # a required column missing: found in the page, nothing sent
+        sent = len(publishes)
+        file_field.set_input_files(no_column)
+        expect(page.locator("#catalogue-read")).to_contain_text("缺少必填列：dispensing")
+        expect(file_field).to_have_attribute("aria-invalid", "true")
+        page.locator("#catalogue-publish").click()
+        expect(page.locator("#catalogue-message")).to_contain_text("缺少必填列：dispensing，未发布")
+        expect(page.locator("#catalogue-message")).to_contain_text("Required column(s) missing: dispensing")
+        assert len(publishes) == sent
+
+        # an invalid value: the server's 422, said by line and field, without the value
+        file_field.set_input_files(bad_value)
+        expect(page.locator("#catalogue-read")).to_contain_text("已读取 2 条")
+        page.locator("#catalogue-publish").click()
+        message = page.locator("#catalogue-message")
+        expect(message).to_contain_text("目录未通过校验，未发布（共 1 处）")
+        expect(message.locator("li")).to_have_text(["第 3 行（line 3） category：Input should be '甲', '乙' or '丙'"])
+        assert "丁" not in message.inner_text()
+        expect(file_field).to_have_attribute("aria-invalid", "true")
+        page.screenshot(path=tmp_path / "catalogue-refused.png", full_page=True)
+        assert len(publishes) == sent + 1
+        assert [v.version for v in _drug_versions(engine)] == [1, 2]
+
+        # someone publishes meanwhile: this page's base_version is stale, the server says 409
+        _publish_over_the_api(url, [OLD_DRUG, *DRUGS_PUBLISHED], base_version=2)
+        file_field.set_input_files(good)
+        expect(page.locator("#catalogue-read")).to_contain_text("已读取 2 条")
+        page.locator("#catalogue-publish").click()
+        expect(message).to_contain_text("已有人发布了新版本，未发布")
+        expect(message).to_contain_text("Reload the page")
+        expect(message.get_by_role("link", name="刷新页面")).to_be_visible()
+        assert [(v.version, v.entry_count) for v in _drug_versions(engine)] == [(1, 1), (2, 2), (3, 3)]
+
+        # a pharmacist may not even read the page
+        page.get_by_role("button", name="退出登录").click()
+        page.wait_for_url(f"{url}/login?next=%2Fcatalogue")
+        sign_in(page, url, "pharm-cat", next_path="/catalogue")
+        page.wait_for_url(f"{url}/catalogue")
+        expect(page.locator("#forbidden")).to_be_visible()
+        expect(page.locator("#catalogue-form")).to_have_count(0)
+        page.get_by_role("button", name="退出登录").click()
+        page.wait_for_url(f"{url}/login?next=%2Fcatalogue")
+
+        # a device admin publishes catalogues (but not the rules)
+        sign_in(page, url, ADMIN, next_path="/catalogue")
+        page.wait_for_url(f"{url}/catalogue")
+        expect(page.locator("#catalogue-publish")).to_be_enabled()
+        expect(page.locator("#catalogue-note")).to_be_hidden()
+        expect(page.locator("#rules-publish")).to_be_disabled()
+        columns = page.locator("#catalogue-columns")
+        columns.get_by_text("各目录的 CSV 列").click()
+        expect(columns.locator('tr[data-kind="institution"]')).to_contain_text("address may be empty")
+        expect(columns.locator('tr[data-kind="drug"]')).to_contain_text("category (甲 / 乙 / 丙)")
+        page.screenshot(path=tmp_path / "catalogue-device-admin.png", full_page=True)
+        # a second tab signed in by the page cookie only holds no token: every control is off, sign in is offered
+        other = page.context.new_page()
+        other.goto(f"{url}/catalogue")
+        expect(other.locator("#operator-name")).to_contain_text(ADMIN)
+        for control in ("#catalogue-kind", "#catalogue-file", "#catalogue-publish"):
+            expect(other.locator(control)).to_be_disabled()
+        expect(other.locator("#catalogue-note")).to_contain_text("发布需要监管人员或设备管理员账号")
+        other.screenshot(path=tmp_path / "catalogue-no-token.png", full_page=True)
+        other.close()
+    published = [e for e in audit_events(data_dir) if e["type"] == "catalogue.published"]
+    assert [(e["kind"], e["version"], e["admin"]) for e in published] == [
+        ("drug", 1, "bootstrap"),
+        ("drug", 2, "account:reg-cat"),
+        ("drug", 3, "bootstrap"),
+    ]
+    assert (published[1]["entries"], published[1]["upserts"], published[1]["deletions"]) == (2, 2, 1)
