@@ -13,10 +13,10 @@ Owns the prescription rules in the caller's transaction:
   device must be bound to the prescription's institution; the record must name the content served
   (`content_digest`); the prescription must be pending. A second decision for a prescription is refused and counted
   on the prescription (`refused_decisions`), never applied over the first;
-* `his_view`: what HIS reads of its prescription, in one statement. HIS's calls (`register`, `his_view`, `settle`)
-  are written once as steps (`register_steps`, `his_view_steps`, `settle_steps`; `sync_server.db.steps`) of Core
-  statements built once here, with no ORM unit of work: they are the server's bulk traffic, and the API runs them on
-  PostgreSQL's async pool on the event loop (elsewhere in a worker thread).
+* `his_view_steps`: what HIS reads of its prescription, in one statement. HIS's calls are written once as steps
+  (`register_steps`, `his_view_steps`, `settle_steps`; `sync_server.db.steps`) of Core statements built once here,
+  with no ORM unit of work: they are the server's bulk traffic, and the API runs them on PostgreSQL's async pool on
+  the event loop (elsewhere in a worker thread). `register` and `settle` run the same steps in a caller's session.
 
 Errors are `PrescriptionError` (404-ish `PrescriptionNotFoundError`, 409-ish `PrescriptionConflictError`). It must
 never commit, publish to MQTT, audit (the API does that after the commit), or store or log a name, an ID number or a
@@ -227,10 +227,6 @@ _SETTLE = (
         settled_at=bindparam("settled_at", type_=PrescriptionRow.settled_at.type),
     )
 )
-
-
-def his_view(session: Session, institution_id: int, rx_no: str, *, lock: bool = False) -> HisView | None:
-    return run_steps(session.connection(), his_view_steps(institution_id, rx_no, lock=lock))
 
 
 def his_view_steps(institution_id: int, rx_no: str, *, lock: bool = False) -> Steps[HisView | None]:

@@ -195,6 +195,30 @@
     });
   }
 
+  // ------------------------------------------------------------ after a form's request (every action form)
+
+  function doneThenReload(message, words) {
+    say(message, words[0], words[1], "", "ok");
+    setFlash(words[0], words[1], "ok");
+    window.setTimeout(function () {
+      window.location.reload();
+    }, RELOAD_MS);
+  }
+
+  function signInAgainSoon() {
+    // the session ended (idle, expired, signed out elsewhere): sign in again and come back here
+    window.setTimeout(function () {
+      window.location.assign("/login?next=" + encodeURIComponent(here()));
+    }, RELOAD_MS * 3);
+  }
+
+  function enableFor(controls, roles) {
+    var still = loadSession();
+    controls.forEach(function (c) {
+      c.disabled = !hasAnyRole(still, roles);
+    });
+  }
+
   function roleList(roles) {
     return (roles || [])
       .map(function (r) {
@@ -334,12 +358,7 @@
     var body = { rules: rules, base_version: Number(form.dataset.baseVersion) };
     var result = await api("PUT", "/api/v1/drug-rules", body, session.token);
     if (result.status === 201 || result.status === 200) {
-      var words = publishedWords(result.data);
-      say(message, words[0], words[1], "", "ok");
-      setFlash(words[0], words[1], "ok");
-      window.setTimeout(function () {
-        window.location.reload();
-      }, RELOAD_MS);
+      doneThenReload(message, publishedWords(result.data));
       return;
     }
     if (result.status === 422) {
@@ -350,14 +369,8 @@
         "Forbidden: publishing the rules needs the regulator role",
       ]);
     }
-    controls.forEach(function (c) {
-      c.disabled = !hasRole(loadSession(), "regulator");
-    });
-    if (result.status === 401) {
-      window.setTimeout(function () {
-        window.location.assign("/login?next=" + encodeURIComponent(here()));
-      }, RELOAD_MS * 3);
-    }
+    enableFor(controls, ["regulator"]);
+    if (result.status === 401) signInAgainSoon();
   }
 
   function wireRules() {
@@ -771,12 +784,7 @@
     var result = await api("POST", path, body, session.token);
     form.removeAttribute("aria-busy");
     if (result.status === 201 && result.data) {
-      var done = cataloguePublishedWords(option, result.data);
-      say(message, done[0], done[1], "", "ok");
-      setFlash(done[0], done[1], "ok");
-      window.setTimeout(function () {
-        window.location.reload();
-      }, RELOAD_MS);
+      doneThenReload(message, cataloguePublishedWords(option, result.data));
       return;
     }
     if (result.status === 200 && result.data) {
@@ -814,15 +822,8 @@
     } else {
       sayRefusal(message, result, CATALOGUE_FORBIDDEN);
     }
-    var still = loadSession();
-    controls.forEach(function (c) {
-      c.disabled = !hasAnyRole(still, PUBLISHERS);
-    });
-    if (result.status === 401) {
-      window.setTimeout(function () {
-        window.location.assign("/login?next=" + encodeURIComponent(here()));
-      }, RELOAD_MS * 3);
-    }
+    enableFor(controls, PUBLISHERS);
+    if (result.status === 401) signInAgainSoon();
   }
 
   function wireCatalogue() {
@@ -929,25 +930,15 @@
     if (contactField && contactField.value.trim()) body.contact = contactField.value.trim();
     var result = await api("POST", request.path, body, session.token);
     if (result.status === 200) {
-      say(message, request.done[0], request.done[1], "", "ok");
-      setFlash(request.done[0], request.done[1], "ok");
-      window.setTimeout(function () {
-        window.location.reload();
-      }, RELOAD_MS);
+      doneThenReload(message, request.done);
       return;
     }
     sayRefusal(message, result);
     if (result.status === 401) {
-      // the session ended (idle, expired, signed out elsewhere): sign in again and come back here
-      window.setTimeout(function () {
-        window.location.assign("/login?next=" + encodeURIComponent(here()));
-      }, RELOAD_MS * 3);
+      signInAgainSoon();
       return;
     }
-    var still = loadSession();
-    controls.forEach(function (c) {
-      c.disabled = !hasRole(still, "device_admin");
-    });
+    enableFor(controls, ["device_admin"]);
     if (result.status === 409 || result.status === 404) {
       // someone else decided meanwhile: show the current state after the message has been read
       setFlash(refusalWords(result.status)[0], refusalWords(result.status)[1] + " — " + detailOf(result.data), "error");
